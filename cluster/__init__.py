@@ -1,0 +1,3 @@
+"""Getting expert-mesh onto machines: the `mesh` CLI, the embedded local cluster, deployment."""
+
+__all__: list[str] = []

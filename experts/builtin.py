@@ -1,0 +1,101 @@
+"""Small MoE models built from transformers configs with seeded random weights: no download, ever.
+
+`build_model(family)` gives a transformers model of one of the six supported families;
+`save_checkpoint(model, path, fused)` writes it in either checkpoint layout;
+`builtin_model_dir()` is the embedded default (a small Mixtral), built once into a cache folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FAMILIES", "build_model", "builtin_model_dir", "save_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# Each family: (config class name, kwargs). Sizes are deliberately not powers of two where it is free.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", dict(hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                                      num_local_experts=6, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                         shared_expert_intermediate_size=40, num_hidden_layers=3,
+                                         decoder_sparse_step=1, mlp_only_layers=[1], num_experts=6,
+                                         num_experts_per_tok=2, norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                         num_hidden_layers=2, num_experts=6, num_experts_per_tok=3,
+                                         head_dim=12, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,
+                                  num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                             num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+                                             num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3,
+                                             n_group=4, topk_group=2, n_shared_experts=1,
+                                             routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=16,
+                                             qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=12)),
+    "llama4": ("Llama4TextConfig", dict(hidden_size=48, intermediate_size=24, intermediate_size_mlp=40,
+                                        num_hidden_layers=4, num_local_experts=6, num_experts_per_tok=1,
+                                        head_dim=12, interleave_moe_layer_step=2)),
+}
+
+_BUILTIN = ("mixtral", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_local_experts=8,
+                            num_experts_per_tok=2, vocab_size=512))
+_BUILTIN_VERSION = "v2"
+
+
+def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A transformers causal LM of `family` with seeded random weights (fp32, eval mode).
+
+    Router weights and DeepSeek's score-correction bias are randomised too (their defaults are
+    zeros, which would make every token pick the same experts).
+    """
+    import transformers
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    class_name, kwargs = FAMILIES[family]
+    config = getattr(transformers, class_name)(**{**_ATTENTION, **kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight", "gate_up_proj", "down_proj")):
+                param.normal_(0.0, 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.uniform_(-0.1, 0.1)
+    return model
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, fused: bool = False) -> Path:
+    """Write `model` as a safetensors checkpoint: per-expert names (default) or fused."""
+    path = Path(path)
+    if fused:
+        model.save_pretrained(path, save_original_format=False)
+    else:
+        model.save_pretrained(path)
+    return path
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("EXPERT_MESH_CACHE", Path.home() / ".cache" / "expert-mesh"))
+
+
+def builtin_model_dir() -> Path:
+    """The embedded default model (a 4-layer Mixtral, H=256, 8 experts, top-2), built once."""
+    path = _cache_root() / f"builtin-mixtral-{_BUILTIN_VERSION}"
+    if (path / "config.json").exists():
+        return path
+    logger.info("building the built-in model into %s", path)
+    family, overrides = _BUILTIN
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_checkpoint(build_model(family, seed=1234, **overrides), tmp)
+    tmp.rename(path)
+    return path

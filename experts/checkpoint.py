@@ -1,0 +1,226 @@
+"""Reading MoE weights from safetensors checkpoints, only the bytes asked for.
+
+Layouts read (per layer, detected from the tensor names):
+- per-expert ("legacy", what `save_pretrained` writes by default):
+  `<block>.experts.<e>.{gate_proj,up_proj,down_proj}.weight` (Mixtral: `w1, w3, w2`);
+- fused (`save_pretrained(..., save_original_format=False)`, Llama 4 always):
+  `<block>.experts.gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
+  (Llama 4: `[E, H, 2I]` and `[E, I, H]`, transposed).
+Single-file and sharded (`model.safetensors.index.json`) checkpoints. Expert weights come back in
+the canonical layout w_gate_up [n, 2I, H] (gate rows first), w_down [n, H, I].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+
+from experts.errors import CheckpointError
+from experts.spec import MoESpec, load_spec
+
+__all__ = ["CheckpointReader", "ExpertWeights", "GateWeights", "SafetensorsFile", "SharedWeights"]
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One .safetensors file, read with pread: `read(name, rows)` touches only those rows' bytes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.bytes_read = 0
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, header_len, 8))
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            os.close(self._fd)
+            raise CheckpointError(f"{path} is not a safetensors file: {exc}") from exc
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self.entries: dict[str, dict] = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def read(self, name: str, rows: int | None = None) -> tuple[torch.Tensor, bytes]:
+        """Tensor `name` (or its row `rows` along dim 0) and the raw bytes it came from."""
+        entry = self.entries[name]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"tensor {name!r} in {self.path} has unsupported dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        shape = list(entry["shape"])
+        if rows is not None:
+            row_bytes = (end - start) // shape[0]
+            start, end, shape = start + rows * row_bytes, start + (rows + 1) * row_bytes, shape[1:]
+        raw = os.pread(self._fd, end - start, self._data_start + start)
+        if len(raw) != end - start:
+            raise CheckpointError(f"tensor {name!r} in {self.path} is truncated")
+        self.bytes_read += len(raw)
+        tensor = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return tensor.reshape(shape), raw
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclasses.dataclass
+class GateWeights:
+    weight: torch.Tensor                 # [E, H]
+    bias: torch.Tensor | None = None     # [E] float32, DeepSeek-V3 score correction
+
+
+@dataclasses.dataclass
+class SharedWeights:
+    w_gate_up: torch.Tensor              # [2S, H]
+    w_down: torch.Tensor                 # [H, S]
+    gate: torch.Tensor | None = None     # [1, H], Qwen2-MoE shared_expert_gate
+
+
+@dataclasses.dataclass
+class ExpertWeights:
+    experts: list[int]                   # which experts of the layer, in this order
+    w_gate_up: torch.Tensor              # [n, 2I, H]
+    w_down: torch.Tensor                 # [n, H, I]
+    checksums: list[str]                 # sha256 of each expert's source bytes
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file, for a single-file or sharded checkpoint folder."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors file in {path}")
+    names: dict[str, Path] = {}
+    for file in files:
+        reader = SafetensorsFile(file)
+        names.update(dict.fromkeys(reader.entries, file))
+        reader.close()
+    return names
+
+
+class CheckpointReader:
+    """The MoE tensors of one checkpoint folder; reads lazily and only what is asked for."""
+
+    def __init__(self, path: str | Path, spec: MoESpec | None = None):
+        self.path = Path(path)
+        self.spec = spec or load_spec(self.path)
+        self._files = _weight_files(self.path)
+        self._open: dict[Path, SafetensorsFile] = {}
+        self._closed_bytes_read = 0
+        prefixes = {m.group(1) for name in self._files if (m := re.match(r"^(.*?\blayers\.)\d+\.", name))}
+        if len(prefixes) != 1:
+            raise CheckpointError(f"cannot find the decoder layers in {self.path} (prefixes {sorted(prefixes)})")
+        self._layer_prefix = prefixes.pop()
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read so far (headers excluded), across every file opened."""
+        return self._closed_bytes_read + sum(f.bytes_read for f in self._open.values())
+
+    def close(self) -> None:
+        for file in self._open.values():
+            self._closed_bytes_read += file.bytes_read
+            file.close()
+        self._open.clear()
+
+    # -- tensor access ---------------------------------------------------------------------------
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._files:
+            raise CheckpointError(f"checkpoint {self.path} has no tensor {name!r}")
+        path = self._files[name]
+        if path not in self._open:
+            self._open[path] = SafetensorsFile(path)
+        return self._open[path]
+
+    def _read(self, name: str, shape: tuple[int, ...], rows: int | None = None) -> tuple[torch.Tensor, bytes]:
+        file = self._file(name)
+        full = file.shape(name)
+        want = shape if rows is None else (full[0], *shape)
+        if full != want:
+            raise CheckpointError(f"tensor {name!r} has shape {list(full)}, expected {list(want)}")
+        if rows is not None and not 0 <= rows < full[0]:
+            raise CheckpointError(f"tensor {name!r} has {full[0]} experts, asked for expert {rows}")
+        return file.read(name, rows)
+
+    def _block(self, layer: int) -> str:
+        """Name prefix of the MoE block of `layer`, e.g. 'model.layers.3.mlp.'."""
+        self.spec.check_layer(layer)
+        candidates = ["block_sparse_moe", "mlp"] if self.spec.model_type == "mixtral" else [self.spec.block_attr]
+        gate = "router" if self.spec.gate_on_input else "gate"
+        for block in candidates:
+            prefix = f"{self._layer_prefix}{layer}.{block}."
+            if f"{prefix}{gate}.weight" in self._files:
+                return prefix
+        raise CheckpointError(f"checkpoint {self.path} has no tensor "
+                              f"{self._layer_prefix}{layer}.{candidates[-1]}.{gate}.weight (gate of layer {layer})")
+
+    # -- MoE parts -------------------------------------------------------------------------------
+
+    def gate(self, layer: int) -> GateWeights:
+        spec, block = self.spec, self._block(layer)
+        name = f"{block}{'router' if spec.gate_on_input else 'gate'}.weight"
+        weight = self._read(name, (spec.num_experts, spec.hidden_size))[0]
+        bias = None
+        if spec.has_score_bias:
+            bias = self._read(f"{block}gate.e_score_correction_bias", (spec.num_experts,))[0].float()
+        return GateWeights(weight, bias)
+
+    def shared(self, layer: int) -> SharedWeights | None:
+        spec, block = self.spec, self._block(layer)
+        if not spec.shared_intermediate_size:
+            return None
+        hidden, size = spec.hidden_size, spec.shared_intermediate_size
+        mlp = f"{block}{'shared_experts' if spec.model_type == 'deepseek_v3' else 'shared_expert'}."
+        gate_proj = self._read(f"{mlp}gate_proj.weight", (size, hidden))[0]
+        up_proj = self._read(f"{mlp}up_proj.weight", (size, hidden))[0]
+        down = self._read(f"{mlp}down_proj.weight", (hidden, size))[0]
+        gate = self._read(f"{block}shared_expert_gate.weight", (1, hidden))[0] if spec.has_shared_gate else None
+        return SharedWeights(torch.cat([gate_proj, up_proj]), down, gate)
+
+    def experts(self, layer: int, experts: list[int] | None = None) -> ExpertWeights:
+        """Weights of `experts` (default: all) of `layer`, reading only their bytes."""
+        spec, block = self.spec, self._block(layer)
+        experts = list(range(spec.num_experts)) if experts is None else [int(e) for e in experts]
+        bad = [e for e in experts if not 0 <= e < spec.num_experts]
+        if bad:
+            raise ValueError(f"experts {bad} out of range: layer {layer} has {spec.num_experts} experts")
+        read_one = self._fused_expert if f"{block}experts.gate_up_proj" in self._files else self._legacy_expert
+        parts = [read_one(block, e) for e in experts]
+        hidden, inter = spec.hidden_size, spec.intermediate_size
+        w_gate_up = torch.stack([p[0] for p in parts]) if parts else torch.empty(0, 2 * inter, hidden)
+        w_down = torch.stack([p[1] for p in parts]) if parts else torch.empty(0, hidden, inter)
+        return ExpertWeights(experts, w_gate_up, w_down, [p[2] for p in parts])
+
+    def _fused_expert(self, block: str, expert: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
+        if self.spec.gate_on_input:  # Llama 4 stores [E, H, 2I] and [E, I, H]
+            gate_up, raw_gu = self._read(f"{block}experts.gate_up_proj", (hidden, 2 * inter), rows=expert)
+            down, raw_d = self._read(f"{block}experts.down_proj", (inter, hidden), rows=expert)
+            gate_up, down = gate_up.t().contiguous(), down.t().contiguous()
+        else:
+            gate_up, raw_gu = self._read(f"{block}experts.gate_up_proj", (2 * inter, hidden), rows=expert)
+            down, raw_d = self._read(f"{block}experts.down_proj", (hidden, inter), rows=expert)
+        return gate_up, down, hashlib.sha256(raw_gu + raw_d).hexdigest()
+
+    def _legacy_expert(self, block: str, expert: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
+        names = ("w1", "w3", "w2") if self.spec.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        prefix = f"{block}experts.{expert}."
+        gate, raw_g = self._read(f"{prefix}{names[0]}.weight", (inter, hidden))
+        up, raw_u = self._read(f"{prefix}{names[1]}.weight", (inter, hidden))
+        down, raw_d = self._read(f"{prefix}{names[2]}.weight", (hidden, inter))
+        return torch.cat([gate, up]), down, hashlib.sha256(raw_g + raw_u + raw_d).hexdigest()

@@ -1,0 +1,112 @@
+"""ExpertGroup: the expert copies that one process hosts, computing its share of a dispatched batch.
+
+Shapes: N = token copies sent here (sorted by expert), H = hidden, I = expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+
+from experts.checkpoint import CheckpointReader, ExpertWeights
+from experts.spec import MoESpec
+from kernels import grouped_mlp
+
+__all__ = ["ExpertGroup", "LayerExperts"]
+
+
+@dataclasses.dataclass
+class LayerExperts:
+    """The experts of one layer held by a group, in ascending expert id (the dispatch order)."""
+
+    experts: list[int]
+    w_gate_up: torch.Tensor        # [n, 2I, H]
+    w_down: torch.Tensor           # [n, H, I]
+    checksums: list[str]
+    slot: dict[int, int] = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.slot = {e: i for i, e in enumerate(self.experts)}
+
+    @classmethod
+    def from_weights(cls, weights: ExpertWeights, dtype: torch.dtype | None) -> "LayerExperts":
+        order = sorted(range(len(weights.experts)), key=weights.experts.__getitem__)
+        w_gate_up, w_down = weights.w_gate_up[order], weights.w_down[order]
+        if dtype is not None:
+            w_gate_up, w_down = w_gate_up.to(dtype), w_down.to(dtype)
+        return cls([weights.experts[i] for i in order], w_gate_up.contiguous(), w_down.contiguous(),
+                    [weights.checksums[i] for i in order])
+
+
+class ExpertGroup:
+    """Experts of one or several layers held in one process.
+
+    Every expert copy carries a checksum of its source bytes; `version(layer, expert)` is its
+    first 12 hex digits, so two loads of the same bytes have the same version.
+    """
+
+    def __init__(self, spec: MoESpec, layers: dict[int, LayerExperts]):
+        self.spec = spec
+        self.layers = layers
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, assignment: dict[int, list[int]],
+                        dtype: torch.dtype | None = None, reader: CheckpointReader | None = None) -> "ExpertGroup":
+        """Load only the experts in `assignment` ({layer: [expert ids]}) from a checkpoint folder."""
+        reader = reader or CheckpointReader(path)
+        try:
+            layers = {layer: LayerExperts.from_weights(reader.experts(layer, ids), dtype)
+                      for layer, ids in assignment.items()}
+        finally:
+            reader.close()
+        return cls(reader.spec, layers)
+
+    def version(self, layer: int, expert: int) -> str:
+        held = self.layers[layer]
+        return held.checksums[held.slot[expert]][:12]
+
+    def checksum(self) -> str:
+        """One digest over every expert copy held: equal groups have equal checksums."""
+        digest = hashlib.sha256()
+        for layer in sorted(self.layers):
+            for expert, checksum in zip(self.layers[layer].experts, self.layers[layer].checksums):
+                digest.update(f"{layer}/{expert}/{checksum};".encode())
+        return digest.hexdigest()
+
+    def nbytes(self) -> int:
+        return sum(h.w_gate_up.nbytes + h.w_down.nbytes for h in self.layers.values())
+
+    def forward(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int],
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert outputs for a batch sorted by expert.
+
+        x: [N, H] rows of experts[0] first, then experts[1], ... (ascending expert ids, all held
+        here); counts: rows per expert, sum N; scale: [N] gate weights applied to the input
+        (Llama 4) or None. Returns [N, H] in the weights' dtype.
+        """
+        held = self._held(layer, experts)
+        if sum(counts) != x.shape[0] or len(counts) != len(experts):
+            raise ValueError(f"counts {counts} do not match {x.shape[0]} rows for experts {experts}")
+        if x.dim() != 2 or x.shape[1] != self.spec.hidden_size:
+            raise ValueError(f"x must be [N, {self.spec.hidden_size}], got shape {tuple(x.shape)}")
+        x = x.to(held.w_gate_up.dtype)
+        if scale is not None:
+            x = x * scale.to(x.dtype).unsqueeze(1)
+        local_counts = torch.zeros(len(held.experts), dtype=torch.int64)
+        slots = [held.slot[e] for e in experts]
+        if slots != sorted(slots):
+            raise ValueError(f"experts must come in ascending order, got {experts}")
+        local_counts[slots] = torch.tensor(counts, dtype=torch.int64)
+        return grouped_mlp(x, held.w_gate_up, held.w_down, local_counts, self.spec.activation)
+
+    def _held(self, layer: int, experts: list[int]) -> LayerExperts:
+        held = self.layers.get(layer)
+        if held is None:
+            raise ValueError(f"this group holds no expert of layer {layer} (it holds layers {sorted(self.layers)})")
+        missing = [e for e in experts if e not in held.slot]
+        if missing:
+            raise ValueError(f"this group does not hold experts {missing} of layer {layer} (it holds {held.experts})")
+        return held

@@ -1,0 +1,186 @@
+"""MoESpec: what one MoE model's expert layers are, derived from its config.json.
+
+Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3,
+llama4_text (and llama4, whose `text_config` is used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from experts.errors import UnsupportedModelError
+
+__all__ = ["MoESpec", "SUPPORTED_MODEL_TYPES", "load_spec", "spec_from_config"]
+
+Scoring = Literal["softmax", "sigmoid_grouped", "topk_then_sigmoid"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    intermediate_size: int          # per routed expert
+    activation: str
+    scoring: Scoring
+    renormalize: bool
+    num_groups: int = 1             # sigmoid_grouped only
+    topk_groups: int = 1
+    scaling: float = 1.0
+    has_score_bias: bool = False    # DeepSeek-V3 e_score_correction_bias
+    shared_intermediate_size: int = 0   # 0: no shared expert
+    has_shared_gate: bool = False   # Qwen2-MoE: sigmoid(x @ w) scales the shared expert
+    gate_on_input: bool = False     # Llama 4: gate weights scale the expert input
+    block_attr: str = "mlp"         # attribute of the decoder layer holding the MoE block
+
+    def check_layer(self, layer: int) -> None:
+        """Raise ValueError unless `layer` (a decoder-layer index) is an MoE layer."""
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise ValueError(f"layer must be an int, got {layer!r}")
+        if layer not in self.moe_layers:
+            kind = "dense" if 0 <= layer < self.num_layers else "out of range"
+            raise ValueError(f"layer {layer} is {kind}; the MoE layers of this {self.model_type} "
+                             f"model are {list(self.moe_layers)}")
+
+    def config_hash(self) -> str:
+        """sha256 of the spec's fields: two servers agree on the model's MoE layout iff equal."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoESpec":
+        data = dict(data, moe_layers=tuple(data["moe_layers"]))
+        return cls(**data)
+
+
+def _get(config: dict[str, Any], key: str, model_type: str) -> Any:
+    """config[key]; `key` may be "a|b" to accept either name (the hub's and transformers' own)."""
+    for name in key.split("|"):
+        if name in config:
+            return config[name]
+    raise UnsupportedModelError(f"config.json of model_type {model_type!r} lacks the field {key.replace('|', ' or ')!r}")
+
+
+def _common(config: dict[str, Any], model_type: str) -> dict[str, Any]:
+    return dict(
+        model_type=model_type,
+        hidden_size=int(_get(config, "hidden_size", model_type)),
+        num_layers=int(_get(config, "num_hidden_layers", model_type)),
+        top_k=int(_get(config, "num_experts_per_tok", model_type)),
+        activation=str(config.get("hidden_act", "silu")),
+    )
+
+
+def _qwen_moe_layers(config: dict[str, Any], model_type: str) -> tuple[int, ...]:
+    step = int(config.get("decoder_sparse_step", 1))
+    dense = set(config.get("mlp_only_layers") or [])
+    num_layers = int(_get(config, "num_hidden_layers", model_type))
+    return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+
+
+def _mixtral(config: dict[str, Any], mt: str) -> MoESpec:
+    common = _common(config, mt)
+    return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
+                   num_experts=int(_get(config, "num_local_experts", mt)),
+                   intermediate_size=int(_get(config, "intermediate_size", mt)),
+                   scoring="softmax", renormalize=True)
+
+
+def _qwen2_moe(config: dict[str, Any], mt: str) -> MoESpec:
+    shared = int(config.get("shared_expert_intermediate_size") or 0)
+    return MoESpec(**_common(config, mt), moe_layers=_qwen_moe_layers(config, mt),
+                   num_experts=int(_get(config, "num_experts|num_local_experts", mt)),
+                   intermediate_size=int(_get(config, "moe_intermediate_size", mt)),
+                   scoring="softmax", renormalize=bool(config.get("norm_topk_prob", False)),
+                   shared_intermediate_size=shared, has_shared_gate=shared > 0)
+
+
+def _qwen3_moe(config: dict[str, Any], mt: str) -> MoESpec:
+    return MoESpec(**_common(config, mt), moe_layers=_qwen_moe_layers(config, mt),
+                   num_experts=int(_get(config, "num_experts|num_local_experts", mt)),
+                   intermediate_size=int(_get(config, "moe_intermediate_size", mt)),
+                   scoring="softmax", renormalize=bool(config.get("norm_topk_prob", True)))
+
+
+def _olmoe(config: dict[str, Any], mt: str) -> MoESpec:
+    common = _common(config, mt)
+    return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
+                   num_experts=int(_get(config, "num_experts|num_local_experts", mt)),
+                   intermediate_size=int(_get(config, "intermediate_size", mt)),
+                   scoring="softmax", renormalize=bool(config.get("norm_topk_prob", False)))
+
+
+def _deepseek_v3(config: dict[str, Any], mt: str) -> MoESpec:
+    common = _common(config, mt)
+    first_moe = int(config.get("first_k_dense_replace", 0))
+    moe_size = int(_get(config, "moe_intermediate_size", mt))
+    return MoESpec(**common, moe_layers=tuple(range(first_moe, common["num_layers"])),
+                   num_experts=int(_get(config, "n_routed_experts|num_local_experts", mt)),
+                   intermediate_size=moe_size, scoring="sigmoid_grouped",
+                   renormalize=bool(config.get("norm_topk_prob", True)),
+                   num_groups=int(config.get("n_group") or 1), topk_groups=int(config.get("topk_group") or 1),
+                   scaling=float(config.get("routed_scaling_factor", 1.0)), has_score_bias=True,
+                   shared_intermediate_size=moe_size * int(config.get("n_shared_experts") or 0))
+
+
+def _llama4_text(config: dict[str, Any], mt: str) -> MoESpec:
+    common = _common(config, mt)
+    moe_layers = config.get("moe_layers")
+    if moe_layers is None:
+        step = int(config.get("interleave_moe_layer_step", 1))
+        moe_layers = list(range(step - 1, common["num_layers"], step))
+    size = int(_get(config, "intermediate_size", mt))
+    return MoESpec(**common, moe_layers=tuple(int(i) for i in moe_layers),
+                   num_experts=int(_get(config, "num_local_experts", mt)), intermediate_size=size,
+                   scoring="topk_then_sigmoid", renormalize=False, shared_intermediate_size=size,
+                   gate_on_input=True, block_attr="feed_forward")
+
+
+_FAMILIES = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
+    "deepseek_v3": _deepseek_v3,
+    "llama4_text": _llama4_text,
+}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+
+def spec_from_config(config: dict[str, Any]) -> MoESpec:
+    """Derive the MoE spec from a config.json dict; UnsupportedModelError for other architectures."""
+    model_type = config.get("model_type")
+    if model_type == "llama4":
+        config, model_type = config.get("text_config") or {}, "llama4_text"
+    if model_type not in _FAMILIES:
+        raise UnsupportedModelError(f"unsupported model_type {model_type!r} in config.json; "
+                                    f"expert-mesh serves {', '.join(SUPPORTED_MODEL_TYPES)}")
+    spec = _FAMILIES[model_type](config, model_type)
+    if not spec.moe_layers:
+        raise UnsupportedModelError(f"config.json of this {model_type} model has no MoE layer")
+    if not 1 <= spec.top_k <= spec.num_experts:
+        raise UnsupportedModelError(f"num_experts_per_tok={spec.top_k} must be in [1, {spec.num_experts}]")
+    return spec
+
+
+def load_spec(path: str | Path) -> MoESpec:
+    """Read `<path>/config.json` (or `path` itself if it is a file) and derive the spec."""
+    path = Path(path)
+    config_path = path / "config.json" if path.is_dir() else path
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError as exc:
+        raise UnsupportedModelError(f"no config.json at {config_path}") from exc
+    except json.JSONDecodeError as exc:
+        raise UnsupportedModelError(f"config.json at {config_path} is not valid JSON: {exc}") from exc
+    return spec_from_config(config)

@@ -1,0 +1,22 @@
+"""The math of one MoE layer as pure tensor functions.
+
+[gate] -> [align] -> [grouped expert MLP] -> [combine]
+
+Each public function checks its inputs, runs a Triton kernel for CUDA tensors and the torch
+reference (`*_reference`, same signature) otherwise.
+"""
+
+from kernels.align import align_tokens
+from kernels.combine import combine
+from kernels.expert_mlp import ACTIVATIONS, grouped_mlp
+from kernels.gating import topk_sigmoid_grouped, topk_softmax, topk_then_sigmoid
+
+__all__ = [
+    "ACTIVATIONS",
+    "align_tokens",
+    "combine",
+    "grouped_mlp",
+    "topk_sigmoid_grouped",
+    "topk_softmax",
+    "topk_then_sigmoid",
+]

@@ -1,0 +1,130 @@
+"""Top-k gating: which experts each token goes to, and with what weight.
+
+Three scoring rules cover the supported families:
+
+- `topk_softmax`: softmax over all experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE).
+- `topk_sigmoid_grouped`: sigmoid scores, a per-expert score-correction bias used only for the choice,
+  group-limited selection (best `topk_groups` of `num_groups` groups, a group scored by the sum of
+  its two best experts), optional renormalisation, then `scaling` (DeepSeek-V3).
+- `topk_then_sigmoid`: top-k over raw logits, then sigmoid of the chosen logits (Llama 4).
+
+Ties go to the lower expert index in every rule, in the reference and in the Triton kernels.
+
+Shapes: T = tokens, E = experts, k = top_k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["topk_softmax", "topk_sigmoid_grouped", "topk_then_sigmoid"]
+
+
+def _stable_topk(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim, ties broken towards the lower index: ([T, k] values, [T, k] int64)."""
+    values, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :top_k], ids[..., :top_k]
+
+
+def _check_logits(logits: torch.Tensor, top_k: int) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
+    if not 1 <= top_k <= logits.shape[1]:
+        raise ValueError(f"top_k must be in [1, {logits.shape[1]}] (number of experts), got {top_k}")
+
+
+def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k gate.
+
+    logits: [T, E] any float dtype. Returns (weights [T, k] float32, ids [T, k] int64).
+    """
+    _check_logits(logits, top_k)
+    if logits.is_cuda:
+        from kernels.triton_gating import topk_softmax_triton
+
+        return topk_softmax_triton(logits, top_k, renormalize)
+    return topk_softmax_reference(logits, top_k, renormalize)
+
+
+def topk_softmax_reference(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = _stable_topk(probs, top_k)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def topk_sigmoid_grouped(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 gate.
+
+    logits: [T, E] (scored in float32); bias: [E] float32 or None (added for the choice only).
+    Returns (weights [T, k] float32, ids [T, k] int64).
+    """
+    _check_logits(logits, top_k)
+    num_experts = logits.shape[1]
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"num_groups must divide the {num_experts} experts, got {num_groups}")
+    if not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"topk_groups must be in [1, {num_groups}] (num_groups), got {topk_groups}")
+    if top_k > topk_groups * (num_experts // num_groups):
+        raise ValueError(f"top_k={top_k} exceeds the experts of {topk_groups} selected groups")
+    if bias is not None and bias.shape != (num_experts,):
+        raise ValueError(f"bias must be [{num_experts}], got shape {tuple(bias.shape)}")
+    if logits.is_cuda:
+        from kernels.triton_gating import topk_sigmoid_grouped_triton
+
+        return topk_sigmoid_grouped_triton(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
+    return topk_sigmoid_grouped_reference(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
+
+
+def topk_sigmoid_grouped_reference(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = logits.shape
+    # Step 1: scores, and the biased scores that only decide the choice.
+    scores = logits.float().sigmoid()
+    choice = scores if bias is None else scores + bias.float()
+    # Step 2: keep the best `topk_groups` groups, a group scored by the sum of its two best experts.
+    grouped = choice.view(num_tokens, num_groups, num_experts // num_groups)
+    group_scores = _stable_topk(grouped, min(2, grouped.shape[-1]))[0].sum(dim=-1)  # [T, G]
+    group_ids = _stable_topk(group_scores, topk_groups)[1]  # [T, topk_groups]
+    is_kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
+    choice = choice.masked_fill(~is_kept.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))
+    # Step 3: top-k experts among the kept groups; weights are the unbiased scores.
+    ids = _stable_topk(choice, top_k)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+def topk_then_sigmoid(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4 gate: top-k of the raw logits, weights = sigmoid(chosen logits).
+
+    logits: [T, E]. Returns (weights [T, k] in logits.dtype, ids [T, k] int64).
+    """
+    _check_logits(logits, top_k)
+    if logits.is_cuda:
+        from kernels.triton_gating import topk_then_sigmoid_triton
+
+        return topk_then_sigmoid_triton(logits, top_k)
+    return topk_then_sigmoid_reference(logits, top_k)
+
+
+def topk_then_sigmoid_reference(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, ids = _stable_topk(logits, top_k)
+    return values.float().sigmoid().to(logits.dtype), ids

@@ -1,0 +1,50 @@
+"""Checkpoints of the six families, built once per test session (seeded random weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from experts.builtin import FAMILIES, build_model, save_checkpoint
+
+LAYOUTS = ("legacy", "fused")
+
+
+def moe_block(model: torch.nn.Module, layer: int, block_attr: str) -> torch.nn.Module:
+    return getattr(model.model.layers[layer], block_attr)
+
+
+def block_output(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The transformers block's output for x [B, S, H] (Llama 4 returns (flat out, logits))."""
+    with torch.no_grad():
+        out = block(x)
+    return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+
+
+class ModelZoo:
+    """One model per family and its checkpoint in each layout, created lazily."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.models: dict[str, torch.nn.Module] = {}
+
+    def model(self, family: str) -> torch.nn.Module:
+        if family not in self.models:
+            self.models[family] = build_model(family, seed=7)
+        return self.models[family]
+
+    def checkpoint(self, family: str, layout: str = "legacy") -> Path:
+        path = self.root / f"{family}-{layout}"
+        if not (path / "config.json").exists():
+            save_checkpoint(self.model(family), path, fused=layout == "fused")
+        return path
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> ModelZoo:
+    return ModelZoo(tmp_path_factory.mktemp("zoo"))
+
+
+__all__ = ["FAMILIES", "LAYOUTS", "ModelZoo", "block_output", "moe_block", "zoo"]

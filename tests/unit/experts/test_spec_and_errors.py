@@ -1,0 +1,94 @@
+"""MoESpec derivation and the errors for bad checkpoints and bad calls."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from experts import CheckpointError, MoELayer, UnsupportedModelError, load_spec, spec_from_config
+
+SPEC_CASES = [
+    # model_type, config, expected (moe_layers, num_experts, top_k, scoring, shared size)
+    ("mixtral", dict(hidden_size=8, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                     intermediate_size=6), ((0, 1), 4, 2, "softmax", 0)),
+    ("qwen2_moe", dict(hidden_size=8, num_hidden_layers=4, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=6, shared_expert_intermediate_size=10, decoder_sparse_step=2,
+                       mlp_only_layers=[3]), ((1,), 4, 2, "softmax", 10)),
+    ("qwen3_moe", dict(hidden_size=8, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                       moe_intermediate_size=6), ((0, 1), 8, 2, "softmax", 0)),
+    ("olmoe", dict(hidden_size=8, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                   intermediate_size=6), ((0, 1, 2), 8, 2, "softmax", 0)),
+    ("deepseek_v3", dict(hidden_size=8, num_hidden_layers=4, n_routed_experts=16, num_experts_per_tok=4,
+                         moe_intermediate_size=6, first_k_dense_replace=3, n_shared_experts=2, n_group=4,
+                         topk_group=2), ((3,), 16, 4, "sigmoid_grouped", 12)),
+    ("llama4", dict(text_config=dict(model_type="llama4_text", hidden_size=8, num_hidden_layers=4,
+                                     num_local_experts=16, num_experts_per_tok=1, intermediate_size=6,
+                                     moe_layers=[1, 3])), ((1, 3), 16, 1, "topk_then_sigmoid", 6)),
+]
+
+
+@pytest.mark.parametrize("model_type,config,expected", SPEC_CASES)
+def test_spec_from_config(model_type, config, expected):
+    spec = spec_from_config(dict(config, model_type=model_type))
+    assert (spec.moe_layers, spec.num_experts, spec.top_k, spec.scoring, spec.shared_intermediate_size) == expected
+
+
+def test_unsupported_architecture_names_the_model_type():
+    with pytest.raises(UnsupportedModelError, match="'llama'.*mixtral"):
+        spec_from_config({"model_type": "llama", "hidden_size": 8})
+
+
+def test_missing_config_field_is_named():
+    with pytest.raises(UnsupportedModelError, match="num_local_experts"):
+        spec_from_config({"model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 2,
+                          "num_experts_per_tok": 2, "intermediate_size": 4})
+
+
+def test_malformed_config_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UnsupportedModelError, match="not valid JSON"):
+        load_spec(tmp_path)
+
+
+def test_dense_layer_is_refused_with_moe_layers_listed(zoo):
+    path = zoo.checkpoint("deepseek_v3")
+    with pytest.raises(ValueError, match=r"layer 0 is dense.*\[1, 2\]"):
+        MoELayer.from_pretrained(path, layer=0)
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
+        MoELayer.from_pretrained(path, layer=9)
+
+
+def _rewrite(src, dst, edit):
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_tensor_is_named(zoo, tmp_path):
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    path = _rewrite(zoo.checkpoint("mixtral"), tmp_path / "ckpt", lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        MoELayer.from_pretrained(path, layer=1)
+
+
+def test_wrong_shape_is_named_with_both_shapes(zoo, tmp_path):
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+
+    def shrink(tensors):
+        tensors[name] = tensors[name][:, :-1].contiguous()
+
+    path = _rewrite(zoo.checkpoint("qwen3_moe", "fused"), tmp_path / "ckpt", shrink)
+    with pytest.raises(CheckpointError, match=rf"{name.replace('.', '[.]')}.*\[6, 47, 48\].*\[6, 48, 48\]"):
+        MoELayer.from_pretrained(path, layer=0)
+
+
+def test_wrong_hidden_size_input_is_refused(zoo):
+    layer = MoELayer.from_pretrained(zoo.checkpoint("olmoe"), layer=0)
+    with pytest.raises(ValueError, match=r"hidden must be \[T, 48\]"):
+        layer(torch.randn(4, 47))
