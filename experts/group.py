@@ -13,7 +13,7 @@ import torch
 
 from experts.checkpoint import CheckpointReader, ExpertWeights
 from experts.spec import MoESpec
-from kernels import grouped_mlp
+from kernels import cpu_packed, grouped_mlp
 
 __all__ = ["ExpertGroup", "LayerExperts"]
 
@@ -27,9 +27,19 @@ class LayerExperts:
     w_down: torch.Tensor           # [n, H, I]
     checksums: list[str]
     slot: dict[int, int] = dataclasses.field(init=False)
+    packed: cpu_packed.PackedExperts | None = dataclasses.field(init=False, default=None)
 
     def __post_init__(self):
         self.slot = {e: i for i, e in enumerate(self.experts)}
+        if not self.w_gate_up.is_cuda and self.w_gate_up.dtype in (torch.float32, torch.bfloat16) \
+                and cpu_packed.is_available():
+            self.packed = cpu_packed.PackedExperts(self.w_gate_up, self.w_down)
+
+    def mlp(self, x: torch.Tensor, counts: torch.Tensor, activation: str) -> torch.Tensor:
+        """Grouped MLP of x [N, H] sorted by slot, counts [n] rows per held expert."""
+        if self.packed is not None:
+            return cpu_packed.grouped_mlp_packed(x, self.packed, counts, activation)
+        return grouped_mlp(x, self.w_gate_up, self.w_down, counts, activation)
 
     @classmethod
     def from_weights(cls, weights: ExpertWeights, dtype: torch.dtype | None) -> "LayerExperts":
@@ -77,7 +87,8 @@ class ExpertGroup:
         return digest.hexdigest()
 
     def nbytes(self) -> int:
-        return sum(h.w_gate_up.nbytes + h.w_down.nbytes for h in self.layers.values())
+        """Bytes of expert weights held, counting the packed copy that the CPU path keeps."""
+        return sum((h.w_gate_up.nbytes + h.w_down.nbytes) * (2 if h.packed else 1) for h in self.layers.values())
 
     def forward(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int],
                 scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,7 +111,7 @@ class ExpertGroup:
         if slots != sorted(slots):
             raise ValueError(f"experts must come in ascending order, got {experts}")
         local_counts[slots] = torch.tensor(counts, dtype=torch.int64)
-        return grouped_mlp(x, held.w_gate_up, held.w_down, local_counts, self.spec.activation)
+        return held.mlp(x, local_counts, self.spec.activation)
 
     def _held(self, layer: int, experts: list[int]) -> LayerExperts:
         held = self.layers.get(layer)

@@ -1,0 +1,191 @@
+"""Triton kernels for `kernels.expert_mlp.grouped_mlp`: a grouped GEMM over rows sorted by expert.
+
+[x sorted by expert] -> [gate_up GEMM + act(gate) * up] -> h -> [down GEMM] -> out
+
+The rows of expert e are x[offsets[e]:offsets[e+1]]. They are cut into BLOCK_M-row blocks that never
+straddle two experts (the `moe_align_block_size` idea, without padding the rows): block m of the grid
+finds its expert and row range from `counts` (`_expert_rows`), then computes a [BLOCK_M, BLOCK_N] tile
+of that expert's GEMM. The grid is sized for the worst case, ceil(N / BLOCK_M) + min(E, N) blocks;
+blocks past the last expert's rows return at once. Two kernels: gate_up with the activation fused
+(h [N, I] kept in x.dtype, as the reference's intermediate), then down.
+
+Shapes: N = token copies, H = hidden, I = expert intermediate size, E = experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.expert_mlp import ACTIVATIONS
+from kernels.triton_common import check_device, is_interpreted, tile
+
+__all__ = ["grouped_mlp_triton"]
+
+KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")  # the branches of `_activate`
+
+
+@triton.jit
+def _activate(x, ACTIVATION: tl.constexpr):
+    """The activations of `kernels.expert_mlp.ACTIVATIONS`, in float32."""
+    if ACTIVATION == "silu":
+        y = x * tl.sigmoid(x)
+    elif ACTIVATION == "gelu":
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "gelu_pytorch_tanh":
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(u) = 2 sigmoid(2u) - 1
+    else:
+        tl.static_assert(ACTIVATION == "relu")
+        y = tl.maximum(x, 0.0)
+    return y
+
+
+@triton.jit
+def _expert_rows(counts_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row, end row) of this program's row block; expert == num_experts past the last block."""
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0).to(tl.int64)  # [BE]
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M  # [BE] row blocks of each expert
+    block = tl.program_id(0)
+    expert = tl.sum((tl.cumsum(blocks, axis=0) <= block).to(tl.int64), axis=0)  # experts wholly before block
+    is_before = experts < expert
+    row_start = tl.sum(tl.where(is_before, counts, 0), axis=0)
+    row_end = row_start + tl.sum(tl.where(experts == expert, counts, 0), axis=0)
+    row_start += (block - tl.sum(tl.where(is_before, blocks, 0), axis=0)) * BLOCK_M
+    return expert, row_start, row_end
+
+
+@triton.jit
+def _gemm_tile(a_ptr, stride_am, stride_ak, rows, is_row, b_ptr, stride_bn, stride_bk, cols, is_col, size_k,
+               UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """a[rows, :] @ b[cols, :].T in float32: a tile [BM, BN] of a GEMM whose operands are both K-major."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, size_k, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        is_k = ks < size_k
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=is_row[:, None] & is_k[None, :], other=0.0)  # [BM, BK]
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=is_k[:, None] & is_col[None, :], other=0.0)  # [BK, BN]
+        if UPCAST_DOT:  # the interpreter multiplies bfloat16 as raw bits; products of 16-bit floats are exact in fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w_ptr, h_ptr, counts_ptr, num_experts, hidden, inter,
+    stride_xm, stride_xh, stride_we, stride_wn, stride_wh, stride_hm, stride_hi,
+    ACTIVATION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """h[rows, cols] = act(x[rows] @ w_gate[e, cols].T) * (x[rows] @ w_up[e, cols].T), cols of I."""
+    expert, row_start, row_end = _expert_rows(counts_ptr, num_experts, BLOCK_M, BLOCK_E)
+    if expert >= num_experts:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)  # [BM] int64
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    is_row = rows < row_end
+    is_col = cols < inter
+    w_gate = w_ptr + expert * stride_we  # [2I, H]: gate rows, then up rows
+    w_up = w_gate + inter * stride_wn
+    gate = _gemm_tile(x_ptr, stride_xm, stride_xh, rows, is_row, w_gate, stride_wn, stride_wh, cols, is_col, hidden,
+                      UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    up = _gemm_tile(x_ptr, stride_xm, stride_xh, rows, is_row, w_up, stride_wn, stride_wh, cols, is_col, hidden,
+                    UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    h = _activate(gate, ACTIVATION) * up
+    tl.store(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hi, h.to(h_ptr.dtype.element_ty),
+             mask=is_row[:, None] & is_col[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w_ptr, out_ptr, counts_ptr, num_experts, hidden, inter,
+    stride_hm, stride_hi, stride_we, stride_wn, stride_wi, stride_om, stride_oh,
+    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """out[rows, cols] = h[rows] @ w_down[e, cols].T, cols of H."""
+    expert, row_start, row_end = _expert_rows(counts_ptr, num_experts, BLOCK_M, BLOCK_E)
+    if expert >= num_experts:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)  # [BM] int64
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    is_row = rows < row_end
+    is_col = cols < hidden
+    out = _gemm_tile(h_ptr, stride_hm, stride_hi, rows, is_row, w_ptr + expert * stride_we, stride_wn, stride_wi,
+                     cols, is_col, inter, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_oh, out.to(out_ptr.dtype.element_ty),
+             mask=is_row[:, None] & is_col[None, :])
+
+
+def _check(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
+           activation: str) -> None:
+    if activation not in ACTIVATIONS or activation not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(KERNEL_ACTIVATIONS)}, got {activation!r}")
+    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError(f"expected x [N, H], w_gate_up [E, 2I, H], w_down [E, H, I]; got "
+                         f"{tuple(x.shape)}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
+    num_experts, two_i, hidden = w_gate_up.shape
+    if x.shape[1] != hidden or w_down.shape != (num_experts, hidden, two_i // 2) or two_i % 2:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)}, "
+                         f"w_down {tuple(w_down.shape)} (want [N, H], [E, 2I, H], [E, H, I])")
+    if counts.shape != (num_experts,) or counts.is_floating_point():
+        raise ValueError(f"counts must be [{num_experts}] integers, got {counts.dtype} of shape {tuple(counts.shape)}")
+    if not x.dtype == w_gate_up.dtype == w_down.dtype or not x.is_floating_point():
+        raise ValueError(f"x, w_gate_up, w_down must share one float dtype, got "
+                         f"{x.dtype}, {w_gate_up.dtype}, {w_down.dtype}")
+
+
+def _check_counts(counts: torch.Tensor, num_rows: int) -> None:
+    """Rows per expert must be >= 0 and sum to N (one host sync when counts live on the GPU)."""
+    if not counts.numel():
+        total, least = 0, 0
+    else:
+        total, least = torch.stack([counts.sum(), counts.min()]).tolist()
+    if least < 0:
+        raise ValueError(f"counts must be >= 0, got {counts.tolist()}")
+    if total != num_rows:
+        raise ValueError(f"counts sum to {total} but x has {num_rows} rows")
+
+
+def grouped_mlp_triton(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor, activation: str = "silu"
+) -> torch.Tensor:
+    """Gated MLP of each expert over its contiguous rows.
+
+    x: [N, H] sorted by expert; w_gate_up: [E, 2I, H]; w_down: [E, H, I] (one float dtype);
+    counts: [E] integers, sum == N, on any device. Returns [N, H] in x.dtype.
+    """
+    _check(x, w_gate_up, w_down, counts, activation)
+    check_device(_gate_up_kernel, x=x, w_gate_up=w_gate_up, w_down=w_down)
+    _check_counts(counts, x.shape[0])
+    num_rows, hidden = x.shape
+    num_experts, inter = w_down.shape[0], w_down.shape[2]
+    out = torch.empty_like(x)
+    if not num_rows or not hidden:
+        return out
+    counts = counts.to(device=x.device)
+    h = torch.empty(num_rows, inter, dtype=x.dtype, device=x.device)  # [N, I]
+    # Row blocks near the mean rows per expert: small for decode (few rows each), 64 for prefill.
+    block_m = tile(num_rows // num_experts, 16, 64)
+    num_blocks = triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
+    common = dict(UPCAST_DOT=is_interpreted(_gate_up_kernel), BLOCK_M=block_m,
+                  BLOCK_E=triton.next_power_of_2(num_experts))
+    block_n, block_k = tile(inter, 16, 64), tile(hidden, 16, 64)
+    _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
+        x, w_gate_up, h, counts, num_experts, hidden, inter,
+        *x.stride(), *w_gate_up.stride(), *h.stride(),
+        ACTIVATION=activation, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+    )
+    block_n, block_k = tile(hidden, 16, 64), tile(inter, 16, 64)
+    _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
+        h, w_down, out, counts, num_experts, hidden, inter,
+        *h.stride(), *w_down.stride(), *out.stride(),
+        BLOCK_N=block_n, BLOCK_K=block_k, **common,
+    )
+    return out

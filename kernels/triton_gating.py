@@ -1,0 +1,243 @@
+"""Triton kernels for the top-k gates of `kernels.gating` (same signatures and results as the references).
+
+[logits] -> [scores] -> [group mask (DeepSeek-V3)] -> [top-k, ties to the lower expert] -> (weights, ids)
+
+One program gates BLOCK_T tokens held as a [BLOCK_T, BLOCK_E] tile. The top-k (`_topk`) takes k rounds
+of "row maximum, the lowest expert id among the lanes equal to it, mark that lane taken": the first k
+entries of the references' stable descending sort, ties included.
+
+Shapes: T = tokens, E = experts, k = top_k, G = groups, S = E // G experts per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import check_device, tile
+
+__all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_triton", "topk_then_sigmoid_triton"]
+
+_NO_EXPERT = tl.constexpr(2**30)  # id of padding lanes: larger than any expert id, so never the lowest
+_MAX_TILE = 4096  # elements of one program's logits tile
+
+
+@triton.jit
+def _topk(keys, payload, expert_ids, is_valid, top_k, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Top-k of each row of keys [BT, BE] among the lanes is_valid [BT, BE], ties to the lower expert id.
+
+    Returns (payload at the chosen lanes [BT, BLOCK_K], their expert ids [BT, BLOCK_K] int32,
+    chosen-lane mask [BT, BE]); slots >= top_k hold zeros.
+    """
+    slots = tl.arange(0, BLOCK_K)[None, :]
+    chosen_payload = tl.zeros((BLOCK_T, BLOCK_K), payload.dtype)
+    chosen_ids = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
+    is_free = is_valid
+    for j in range(top_k):
+        best = tl.max(tl.where(is_free, keys, float("-inf")), axis=1)  # [BT]
+        best_id = tl.min(tl.where(is_free & (keys == best[:, None]), expert_ids, _NO_EXPERT), axis=1)  # [BT]
+        is_pick = is_free & (expert_ids == best_id[:, None])  # [BT, BE], one lane per row
+        picked = tl.sum(tl.where(is_pick, payload, 0.0), axis=1)  # [BT]
+        chosen_payload = tl.where(slots == j, picked[:, None], chosen_payload)
+        chosen_ids = tl.where(slots == j, best_id[:, None], chosen_ids)
+        is_free = is_free & ~is_pick
+    return chosen_payload, chosen_ids, is_valid & ~is_free
+
+
+@triton.jit
+def _store_topk(weights_ptr, ids_ptr, rows, is_row, weights, ids, top_k, BLOCK_K: tl.constexpr):
+    """Write weights [BT, BLOCK_K] and ids [BT, BLOCK_K] to rows of the [T, k] outputs."""
+    slots = tl.arange(0, BLOCK_K)[None, :]
+    offsets = rows[:, None] * top_k + slots
+    is_out = is_row[:, None] & (slots < top_k)
+    tl.store(weights_ptr + offsets, weights.to(weights_ptr.dtype.element_ty), mask=is_out)
+    tl.store(ids_ptr + offsets, ids.to(tl.int64), mask=is_out)
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k,
+    RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    experts = tl.arange(0, BLOCK_E)[None, :]  # [1, BE]
+    is_row = rows < num_tokens
+    is_valid = tl.broadcast_to(experts < num_experts, (BLOCK_T, BLOCK_E))  # padding rows are gated too, not stored
+    logits = tl.load(logits_ptr + rows[:, None] * num_experts + experts, mask=is_row[:, None] & is_valid,
+                     other=float("-inf"))
+    logits = tl.where(is_row[:, None], logits.to(tl.float32), 0.0)  # padding rows stay finite
+    # Step 1: softmax in float32.
+    exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = exps / tl.sum(exps, axis=1)[:, None]  # [BT, BE]
+    # Step 2: top-k of the probabilities, as the reference sorts them (equal probabilities tie).
+    expert_ids = tl.where(is_valid, experts, _NO_EXPERT)
+    weights, ids, _ = _topk(probs, probs, expert_ids, is_valid, top_k, BLOCK_T, BLOCK_K)
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, axis=1)[:, None]
+    _store_topk(weights_ptr, ids_ptr, rows, is_row, weights, ids, top_k, BLOCK_K)
+
+
+@triton.jit
+def _topk_sigmoid_grouped_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k, num_groups, topk_groups, scaling,
+    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
+):
+    # The tile is [BT, BG, BS]: lane (g, s) holds expert g * S + s.
+    group_size = num_experts // num_groups
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    groups = tl.arange(0, BLOCK_G)[None, :, None]  # [1, BG, 1]
+    slots = tl.arange(0, BLOCK_S)[None, None, :]  # [1, 1, BS]
+    experts = groups * group_size + slots  # [1, BG, BS]
+    is_expert = (groups < num_groups) & (slots < group_size)
+    is_row = rows < num_tokens
+    is_valid = tl.broadcast_to(is_expert, (BLOCK_T, BLOCK_G, BLOCK_S))  # padding rows are gated too, not stored
+    logits = tl.load(logits_ptr + rows[:, None, None] * num_experts + experts, mask=is_row[:, None, None] & is_valid,
+                     other=0.0)
+    # Step 1: scores, and the biased scores that only decide the choice.
+    scores = tl.sigmoid(logits.to(tl.float32))
+    choice = scores
+    if HAS_BIAS:
+        choice += tl.load(bias_ptr + experts, mask=is_expert, other=0.0).to(tl.float32)
+    choice = tl.where(is_valid, choice, float("-inf"))
+    # Step 2: keep the best `topk_groups` groups, a group scored by the sum of its two best experts.
+    best = tl.max(choice, axis=2)  # [BT, BG]
+    first = tl.min(tl.where(choice == best[:, :, None], slots, BLOCK_S), axis=2)  # [BT, BG]
+    second = tl.max(tl.where(slots == first[:, :, None], float("-inf"), choice), axis=2)  # [BT, BG]
+    group_scores = tl.where(group_size > 1, best + second, best)
+    group_ids = tl.broadcast_to(tl.arange(0, BLOCK_G)[None, :], (BLOCK_T, BLOCK_G))
+    is_group = group_ids < num_groups
+    _, _, is_kept = _topk(group_scores, group_scores, group_ids, is_group, topk_groups, BLOCK_T, BLOCK_KG)
+    choice = tl.where(is_kept[:, :, None], choice, float("-inf"))
+    # Step 3: top-k experts among the kept groups (a dropped group's experts stay candidates at -inf,
+    # as in the reference); weights are the unbiased scores.
+    flat = (BLOCK_T, BLOCK_G * BLOCK_S)
+    expert_ids = tl.where(is_valid, experts, _NO_EXPERT)
+    weights, ids, _ = _topk(tl.reshape(choice, flat), tl.reshape(scores, flat), tl.reshape(expert_ids, flat),
+                            tl.reshape(is_valid, flat), top_k, BLOCK_T, BLOCK_K)
+    if RENORMALIZE:
+        weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
+    _store_topk(weights_ptr, ids_ptr, rows, is_row, weights * scaling, ids, top_k, BLOCK_K)
+
+
+@triton.jit
+def _topk_then_sigmoid_kernel(
+    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k,
+    IS_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    experts = tl.arange(0, BLOCK_E)[None, :]  # [1, BE]
+    is_row = rows < num_tokens
+    is_valid = tl.broadcast_to(experts < num_experts, (BLOCK_T, BLOCK_E))  # padding rows are gated too, not stored
+    logits = tl.load(logits_ptr + rows[:, None] * num_experts + experts, mask=is_row[:, None] & is_valid,
+                     other=float("-inf"))
+    # Compare in a dtype that holds logits.dtype exactly, so the order (and ties) are the reference's.
+    if IS_FP64:
+        logits = logits.to(tl.float64)
+    else:
+        logits = logits.to(tl.float32)
+    expert_ids = tl.where(is_valid, experts, _NO_EXPERT)
+    values, ids, _ = _topk(logits, logits, expert_ids, is_valid, top_k, BLOCK_T, BLOCK_K)
+    _store_topk(weights_ptr, ids_ptr, rows, is_row, tl.sigmoid(values.to(tl.float32)), ids, top_k, BLOCK_K)
+
+
+def _check_logits(logits: torch.Tensor, top_k: int) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
+    if not 1 <= top_k <= logits.shape[1]:
+        raise ValueError(f"top_k must be in [1, {logits.shape[1]}] (number of experts), got {top_k}")
+
+
+def _outputs(logits: torch.Tensor, top_k: int, weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens = logits.shape[0]
+    weights = torch.empty(num_tokens, top_k, dtype=weight_dtype, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    return weights, ids
+
+
+def _rows_per_program(num_tokens: int, lanes_per_row: int) -> int:
+    return tile(num_tokens, 1, max(1, _MAX_TILE // lanes_per_row))
+
+
+def topk_softmax_triton(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k gate. logits: [T, E] any float dtype. Returns (weights [T, k] float32, ids [T, k] int64)."""
+    _check_logits(logits, top_k)
+    check_device(_topk_softmax_kernel, logits=logits)
+    num_tokens, num_experts = logits.shape
+    weights, ids = _outputs(logits, top_k, torch.float32)
+    if num_tokens:
+        block_e = triton.next_power_of_2(num_experts)
+        block_t = _rows_per_program(num_tokens, block_e)
+        _topk_softmax_kernel[(triton.cdiv(num_tokens, block_t),)](
+            logits.contiguous(), weights, ids, num_tokens, num_experts, top_k,
+            RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        )
+    return weights, ids
+
+
+def _check_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
+                   topk_groups: int) -> None:
+    _check_logits(logits, top_k)
+    num_experts = logits.shape[1]
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"num_groups must divide the {num_experts} experts, got {num_groups}")
+    if not 1 <= topk_groups <= num_groups:
+        raise ValueError(f"topk_groups must be in [1, {num_groups}] (num_groups), got {topk_groups}")
+    if top_k > topk_groups * (num_experts // num_groups):
+        raise ValueError(f"top_k={top_k} exceeds the experts of {topk_groups} selected groups")
+    if bias is not None and bias.shape != (num_experts,):
+        raise ValueError(f"bias must be [{num_experts}], got shape {tuple(bias.shape)}")
+
+
+def topk_sigmoid_grouped_triton(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    num_groups: int,
+    topk_groups: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 gate.
+
+    logits: [T, E] (scored in float32); bias: [E] float or None (added for the choice only).
+    Returns (weights [T, k] float32, ids [T, k] int64).
+    """
+    _check_grouped(logits, bias, top_k, num_groups, topk_groups)
+    check_device(_topk_sigmoid_grouped_kernel, logits=logits, bias=bias)
+    num_tokens, num_experts = logits.shape
+    weights, ids = _outputs(logits, top_k, torch.float32)
+    if num_tokens:
+        block_g = triton.next_power_of_2(num_groups)
+        block_s = triton.next_power_of_2(num_experts // num_groups)
+        block_t = _rows_per_program(num_tokens, block_g * block_s)
+        _topk_sigmoid_grouped_kernel[(triton.cdiv(num_tokens, block_t),)](
+            logits.contiguous(), logits if bias is None else bias.contiguous(), weights, ids,
+            num_tokens, num_experts, top_k, num_groups, topk_groups, float(scaling),
+            HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_G=block_g,
+            BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_KG=triton.next_power_of_2(topk_groups),
+        )
+    return weights, ids
+
+
+def topk_then_sigmoid_triton(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4 gate: top-k of the raw logits, weights = sigmoid(chosen logits).
+
+    logits: [T, E]. Returns (weights [T, k] in logits.dtype, ids [T, k] int64).
+    """
+    _check_logits(logits, top_k)
+    check_device(_topk_then_sigmoid_kernel, logits=logits)
+    num_tokens, num_experts = logits.shape
+    weights, ids = _outputs(logits, top_k, logits.dtype)
+    if num_tokens:
+        block_e = triton.next_power_of_2(num_experts)
+        block_t = _rows_per_program(num_tokens, block_e)
+        _topk_then_sigmoid_kernel[(triton.cdiv(num_tokens, block_t),)](
+            logits.contiguous(), weights, ids, num_tokens, num_experts, top_k,
+            IS_FP64=logits.dtype == torch.float64, BLOCK_T=block_t, BLOCK_E=block_e,
+            BLOCK_K=triton.next_power_of_2(top_k),
+        )
+    return weights, ids

@@ -1,0 +1,107 @@
+"""Grouped expert MLP: the Triton grouped GEMM (interpreted) against the torch reference and a dense loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import expert_mlp
+from kernels.expert_mlp import ACTIVATIONS
+from tests.unit.kernels.numerics import relative_error
+
+# max |got - ref| / max |ref|. In bfloat16 the reference rounds gate_up and the activation to bfloat16
+# while the kernel keeps them in float32 until h, and the interpreter rounds toward zero.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def make_mlp(counts: list[int], hidden: int, inter: int, dtype=torch.float32, seed: int = 0):
+    """(x [N, H], w_gate_up [E, 2I, H], w_down [E, H, I], counts [E]) with O(1) outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    num_experts = len(counts)
+    x = torch.randn(sum(counts), hidden, generator=gen)
+    w_gate_up = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5
+    w_down = torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5
+    return x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype), torch.tensor(counts)
+
+
+MLP_CASES = [
+    # counts per expert, H, I, activation, dtype
+    ([3, 0, 2, 5, 0, 1], 24, 20, "silu", torch.float32),  # experts without rows
+    ([3, 0, 2, 5, 0, 1], 24, 20, "silu", torch.bfloat16),
+    ([20, 3], 24, 20, "gelu", torch.float32),  # expert 0 spans two row blocks of 16
+    ([0, 0, 4], 72, 36, "gelu_pytorch_tanh", torch.float32),  # two K tiles of 64 over H
+    ([1], 16, 16, "relu", torch.float32),
+    ([2, 2], 24, 20, "relu", torch.bfloat16),
+    ([2, 3], 24, 20, "gelu", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("counts,hidden,inter,activation,dtype", MLP_CASES)
+def test_grouped_mlp_triton_matches_reference(triton_expert_mlp, counts, hidden, inter, activation, dtype):
+    args = (*make_mlp(counts, hidden, inter, dtype), activation)
+    got = triton_expert_mlp.grouped_mlp_triton(*args)
+    ref = expert_mlp.grouped_mlp_reference(*args)
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert relative_error(got, ref) <= TOL[dtype]
+
+
+def test_strided_input_and_int32_counts(triton_expert_mlp):
+    x, w_gate_up, w_down, counts = make_mlp([2, 0, 3], 24, 20)
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1])
+    wide[:, ::2] = x
+    got = triton_expert_mlp.grouped_mlp_triton(wide[:, ::2], w_gate_up, w_down, counts.int(), "silu")
+    assert relative_error(got, expert_mlp.grouped_mlp_reference(x, w_gate_up, w_down, counts)) <= 1e-5
+
+
+def test_every_activation_has_a_kernel(triton_expert_mlp):
+    assert sorted(triton_expert_mlp.KERNEL_ACTIVATIONS) == sorted(ACTIVATIONS)
+
+
+def test_no_rows(triton_expert_mlp):
+    x, w_gate_up, w_down, counts = make_mlp([0, 0], 24, 20)
+    assert triton_expert_mlp.grouped_mlp_triton(x, w_gate_up, w_down, counts).shape == (0, 24)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_reference_matches_a_dense_loop_over_rows(activation):
+    counts = [2, 0, 3]
+    x, w_gate_up, w_down, counts_t = make_mlp(counts, 12, 10)
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+    act = ACTIVATIONS[activation]
+    dense = torch.stack([
+        w_down[e].double() @ (act(w_gate_up[e, :10].double() @ row.double()) * (w_gate_up[e, 10:].double() @ row.double()))
+        for row, e in zip(x, expert_of_row.tolist())
+    ])
+    got = expert_mlp.grouped_mlp_reference(x, w_gate_up, w_down, counts_t, activation)
+    assert relative_error(got.double(), dense) <= 1e-5
+
+
+ERROR_CASES = [
+    # change to the valid arguments (x [5, 24], w_gate_up [3, 40, 24], w_down [3, 24, 20], counts [2, 0, 3]), message
+    (dict(activation="swish"), "activation must be one of"),
+    (dict(x=torch.zeros(5, 23)), r"shape mismatch: x \(5, 23\)"),
+    (dict(w_down=torch.zeros(3, 24, 19)), r"w_down \(3, 24, 19\)"),
+    (dict(w_gate_up=torch.zeros(40, 24)), r"expected x \[N, H\], w_gate_up \[E, 2I, H\]"),
+    (dict(counts=torch.tensor([2, 3])), r"counts must be \[3\]"),
+    (dict(counts=torch.tensor([2, 0, 2])), "counts sum to 4 but x has 5 rows"),
+]
+
+
+@pytest.mark.parametrize("change,message", ERROR_CASES)
+def test_bad_arguments_raise_value_error(triton_expert_mlp, change, message):
+    x, w_gate_up, w_down, counts = make_mlp([2, 0, 3], 24, 20)
+    args = dict(x=x, w_gate_up=w_gate_up, w_down=w_down, counts=counts, activation="silu") | change
+    for function in (expert_mlp.grouped_mlp, triton_expert_mlp.grouped_mlp_triton):
+        with pytest.raises(ValueError, match=message):
+            function(**args)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(counts=torch.tensor([3, -1, 3])), "counts must be >= 0"),
+    (dict(w_down=torch.zeros(3, 24, 20, dtype=torch.float64)), "must share one float dtype"),
+])
+def test_launcher_rejects_what_the_reference_does_not_check(triton_expert_mlp, change, message):
+    x, w_gate_up, w_down, counts = make_mlp([2, 0, 3], 24, 20)
+    args = dict(x=x, w_gate_up=w_gate_up, w_down=w_down, counts=counts, activation="silu") | change
+    with pytest.raises(ValueError, match=message):
+        triton_expert_mlp.grouped_mlp_triton(**args)

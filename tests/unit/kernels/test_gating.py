@@ -1,0 +1,164 @@
+"""Top-k gates: the Triton kernels (interpreted) against the torch references, and the references' rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import gating
+from tests.unit.kernels.numerics import relative_error
+
+# max |got - ref| / max |ref|. bfloat16 outputs may differ by one ulp (2^-8 relative): the interpreter
+# rounds float32 -> bfloat16 toward zero, and its sigmoid is not torch's to the last bit.
+TOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def make_logits(num_tokens: int, num_experts: int, dtype=torch.float32, ties: bool = False, seed: int = 0):
+    """[T, E] logits; with ties, row 0 is constant and every other row's maximum appears twice."""
+    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(seed))
+    if ties:
+        logits[0] = 0.25
+        logits[1:, -1] = logits[1:].max(dim=1).values  # the best expert ties with the last one
+        logits[1:, num_experts // 2] = logits[1:, 0]
+    return logits.to(dtype)
+
+
+def assert_gate_matches(got, ref, dtype):
+    (weights, ids), (ref_weights, ref_ids) = got, ref
+    assert torch.equal(ids, ref_ids), f"ids differ:\n{ids}\n{ref_ids}"
+    assert relative_error(weights, ref_weights) <= TOL[dtype]
+
+
+SOFTMAX_CASES = [
+    # T, E, k, renormalize, dtype, ties
+    (5, 6, 2, True, torch.float32, False),
+    (5, 6, 2, False, torch.float32, True),
+    (3, 8, 8, True, torch.float32, True),  # k == E
+    (1, 3, 1, False, torch.float32, False),
+    (7, 20, 4, True, torch.bfloat16, True),
+    (9, 6, 1, False, torch.bfloat16, False),
+    (1100, 6, 2, True, torch.float32, True),  # three programs of 512 tokens
+]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,renormalize,dtype,ties", SOFTMAX_CASES)
+def test_topk_softmax_triton_matches_reference(triton_gating, num_tokens, num_experts, top_k, renormalize, dtype, ties):
+    logits = make_logits(num_tokens, num_experts, dtype, ties)
+    got = triton_gating.topk_softmax_triton(logits, top_k, renormalize)
+    ref = gating.topk_softmax_reference(logits, top_k, renormalize)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
+    assert_gate_matches(got, ref, torch.float32)
+
+
+GROUPED_CASES = [
+    # T, E, k, groups, topk_groups, bias, renormalize, scaling, ties
+    (5, 6, 2, 2, 1, False, True, 1.0, False),  # 3 experts per group
+    (5, 6, 3, 3, 2, True, False, 2.5, True),
+    (4, 16, 4, 4, 2, True, True, 2.5, False),  # DeepSeek-V3 shaped
+    (4, 16, 4, 4, 2, False, True, 2.5, True),
+    (3, 8, 3, 8, 3, False, True, 1.0, False),  # one expert per group
+    (2, 12, 5, 3, 2, True, False, 1.0, True),
+    (6, 8, 2, 1, 1, False, True, 1.0, True),  # one group: plain sigmoid top-k
+]
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k,num_groups,topk_groups,has_bias,renormalize,scaling,ties", GROUPED_CASES
+)
+def test_topk_sigmoid_grouped_triton_matches_reference(
+    triton_gating, num_tokens, num_experts, top_k, num_groups, topk_groups, has_bias, renormalize, scaling, ties
+):
+    logits = make_logits(num_tokens, num_experts, ties=ties)
+    bias = 0.1 * torch.randn(num_experts, generator=torch.Generator().manual_seed(1)) if has_bias else None
+    args = (logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
+    got = triton_gating.topk_sigmoid_grouped_triton(*args)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
+    assert_gate_matches(got, gating.topk_sigmoid_grouped_reference(*args), torch.float32)
+
+
+THEN_SIGMOID_CASES = [
+    # T, E, k, dtype, ties
+    (5, 6, 1, torch.float32, True),
+    (5, 6, 2, torch.float32, False),
+    (4, 16, 3, torch.bfloat16, True),
+    (3, 5, 5, torch.float16, False),
+    (3, 7, 2, torch.float64, True),
+]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,dtype,ties", THEN_SIGMOID_CASES)
+def test_topk_then_sigmoid_triton_matches_reference(triton_gating, num_tokens, num_experts, top_k, dtype, ties):
+    logits = make_logits(num_tokens, num_experts, dtype, ties)
+    got = triton_gating.topk_then_sigmoid_triton(logits, top_k)
+    assert got[0].dtype == dtype and got[1].dtype == torch.int64
+    assert_gate_matches(got, gating.topk_then_sigmoid_reference(logits, top_k), dtype)
+
+
+def test_no_tokens_gives_empty_gates(triton_gating):
+    logits = torch.empty(0, 6)
+    for weights, ids in (triton_gating.topk_softmax_triton(logits, 2, True),
+                         triton_gating.topk_sigmoid_grouped_triton(logits, None, 2, 2, 1, True, 1.0),
+                         triton_gating.topk_then_sigmoid_triton(logits, 2)):
+        assert weights.shape == ids.shape == (0, 2) and ids.dtype == torch.int64
+
+
+# The references' own rules, on hand-checked inputs.
+
+
+def test_softmax_ties_go_to_the_lower_expert():
+    weights, ids = gating.topk_softmax_reference(torch.zeros(1, 5), 3, renormalize=False)
+    assert ids.tolist() == [[0, 1, 2]]
+    assert torch.allclose(weights, torch.full((1, 3), 0.2))
+    weights, _ = gating.topk_softmax_reference(torch.zeros(1, 5), 3, renormalize=True)
+    assert torch.allclose(weights, torch.full((1, 3), 1 / 3))
+
+
+def test_grouped_gate_keeps_the_group_with_the_best_two():
+    # Group 0 holds the single best expert (3.0) but group 1 has the larger sum of two (2 * sigmoid(1)).
+    logits = torch.tensor([[3.0, -3.0, 1.0, 1.0]])
+    weights, ids = gating.topk_sigmoid_grouped_reference(logits, None, 1, 2, 1, renormalize=False, scaling=2.0)
+    assert ids.tolist() == [[2]]  # experts 2 and 3 tie: the lower wins
+    assert torch.allclose(weights, 2.0 * torch.sigmoid(torch.tensor([[1.0]])))
+
+
+def test_grouped_gate_bias_steers_the_choice_not_the_weight():
+    logits = torch.tensor([[0.0, 0.5, 0.0, 0.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    weights, ids = gating.topk_sigmoid_grouped_reference(logits, bias, 1, 1, 1, renormalize=False, scaling=1.0)
+    assert ids.tolist() == [[3]] and weights.item() == pytest.approx(0.5)
+
+
+def test_then_sigmoid_weights_are_sigmoid_of_the_top_logits():
+    logits = torch.tensor([[0.5, 2.0, -1.0, 2.0]], dtype=torch.bfloat16)
+    weights, ids = gating.topk_then_sigmoid_reference(logits, 2)
+    assert ids.tolist() == [[1, 3]] and weights.dtype == torch.bfloat16
+    assert torch.equal(weights, torch.sigmoid(torch.tensor([[2.0, 2.0]])).bfloat16())
+
+
+ERROR_CASES = [
+    # scoring rule, arguments after logits [4, 6], message
+    ("softmax", (0, True), r"top_k must be in \[1, 6\]"),
+    ("softmax", (7, True), r"top_k must be in \[1, 6\]"),
+    ("then_sigmoid", (7,), r"top_k must be in \[1, 6\]"),
+    ("grouped", (None, 2, 4, 1, True, 1.0), "num_groups must divide the 6 experts"),
+    ("grouped", (None, 2, 3, 4, True, 1.0), r"topk_groups must be in \[1, 3\]"),
+    ("grouped", (None, 5, 3, 2, True, 1.0), "top_k=5 exceeds the experts of 2 selected groups"),
+    ("grouped", (torch.zeros(5), 2, 3, 2, True, 1.0), r"bias must be \[6\]"),
+]
+FUNCTIONS = {"softmax": "topk_softmax", "grouped": "topk_sigmoid_grouped", "then_sigmoid": "topk_then_sigmoid"}
+
+
+@pytest.mark.parametrize("scoring,args,message", ERROR_CASES)
+def test_bad_arguments_raise_value_error(triton_gating, scoring, args, message):
+    name = FUNCTIONS[scoring]
+    for function in (getattr(gating, name), getattr(triton_gating, f"{name}_triton")):
+        with pytest.raises(ValueError, match=message):
+            function(torch.zeros(4, 6), *args)
+
+
+@pytest.mark.parametrize("name,args", [("topk_softmax", (1, True)), ("topk_then_sigmoid", (1,)),
+                                       ("topk_sigmoid_grouped", (None, 1, 1, 1, True, 1.0))])
+def test_logits_must_be_two_dimensional(triton_gating, name, args):
+    for function in (getattr(gating, name), getattr(triton_gating, f"{name}_triton")):
+        with pytest.raises(ValueError, match=r"logits must be \[T, E\], got shape \(6,\)"):
+            function(torch.zeros(6), *args)
