@@ -27,8 +27,8 @@ def _block_one_hot(ids_ptr, num_copies, BLOCK_N: tl.constexpr, BLOCK_E: tl.const
     """Copies of this program's block and their one-hot experts: ([BN] copy index, [BN] valid, [BN, BE] int32)."""
     copies = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     is_copy = copies < num_copies
-    ids = tl.load(ids_ptr + copies, mask=is_copy, other=-1).to(tl.int32)  # -1 matches no expert
-    one_hot = (ids[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)
+    ids = tl.load(ids_ptr + copies, mask=is_copy, other=0).to(tl.int32)
+    one_hot = ((ids[:, None] == tl.arange(0, BLOCK_E)[None, :]) & is_copy[:, None]).to(tl.int32)
     return copies, is_copy, one_hot
 
 

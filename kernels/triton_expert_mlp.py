@@ -18,12 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.expert_mlp import ACTIVATIONS
 from kernels.triton_common import check_device, is_interpreted, tile
 
 __all__ = ["grouped_mlp_triton"]
 
-KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")  # the branches of `_activate`
+KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")  # `_activate`; = kernels.expert_mlp.ACTIVATIONS
 
 
 @triton.jit
@@ -125,7 +124,7 @@ def _down_kernel(
 
 def _check(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
            activation: str) -> None:
-    if activation not in ACTIVATIONS or activation not in KERNEL_ACTIVATIONS:
+    if activation not in KERNEL_ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(KERNEL_ACTIVATIONS)}, got {activation!r}")
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError(f"expected x [N, H], w_gate_up [E, 2I, H], w_down [E, H, I]; got "

@@ -112,10 +112,11 @@ def _topk_sigmoid_grouped_kernel(
     choice = tl.where(is_kept[:, :, None], choice, float("-inf"))
     # Step 3: top-k experts among the kept groups (a dropped group's experts stay candidates at -inf,
     # as in the reference); weights are the unbiased scores.
-    flat = (BLOCK_T, BLOCK_G * BLOCK_S)
+    BLOCK_GS: tl.constexpr = BLOCK_G * BLOCK_S
     expert_ids = tl.where(is_valid, experts, _NO_EXPERT)
-    weights, ids, _ = _topk(tl.reshape(choice, flat), tl.reshape(scores, flat), tl.reshape(expert_ids, flat),
-                            tl.reshape(is_valid, flat), top_k, BLOCK_T, BLOCK_K)
+    weights, ids, _ = _topk(tl.reshape(choice, (BLOCK_T, BLOCK_GS)), tl.reshape(scores, (BLOCK_T, BLOCK_GS)),
+                            tl.reshape(expert_ids, (BLOCK_T, BLOCK_GS)), tl.reshape(is_valid, (BLOCK_T, BLOCK_GS)),
+                            top_k, BLOCK_T, BLOCK_K)
     if RENORMALIZE:
         weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
     _store_topk(weights_ptr, ids_ptr, rows, is_row, weights * scaling, ids, top_k, BLOCK_K)

@@ -1,3 +1,12 @@
 """The data plane: gRPC router, batcher, dispatch and transports, client library."""
 
-__all__: list[str] = []
+from router_service.client import AsyncMeshClient, MeshClient, MeshClientError, MeshInfo, RemoteMoE, patch_model
+
+__all__: list[str] = [
+    "AsyncMeshClient",
+    "MeshClient",
+    "MeshClientError",
+    "MeshInfo",
+    "RemoteMoE",
+    "patch_model",
+]

@@ -1,0 +1,115 @@
+"""The expert-group Ray actor: hosts an ExpertGroup on one node and serves it over gRPC
+(`ExpertWorker`, the default fast path) and as a Ray method (`compute`, the `ray` transport).
+
+Shapes: N = token copies sent to this group (sorted by expert), H = hidden.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+
+import grpc
+import torch
+
+from experts.group import ExpertGroup
+from protos import expert_mesh_pb2 as pb
+from protos import expert_mesh_pb2_grpc as pb_grpc
+from protos.wire import DTYPES, from_proto, to_proto
+
+__all__ = ["ExpertGroupActor", "ExpertGroupServer"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_MESSAGE = 1 << 30
+
+
+class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
+    """Serves one ExpertGroup; the compute runs in a thread so the event loop keeps receiving."""
+
+    def __init__(self, name: str, group: ExpertGroup):
+        self.name = name
+        self.group = group
+        self.tokens_served: collections.Counter[tuple[int, int]] = collections.Counter()
+        self.compute_s = 0.0
+
+    def compute_sync(self, layer: int, rows: torch.Tensor, experts: list[int], counts: list[int],
+                     scale: torch.Tensor | None) -> torch.Tensor:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.group.forward(layer, rows, experts, counts, scale)
+        self.compute_s += time.perf_counter() - start
+        for expert, count in zip(experts, counts):
+            self.tokens_served[(layer, expert)] += count
+        return out
+
+    async def compute(self, layer, rows, experts, counts, scale) -> torch.Tensor:
+        return await asyncio.to_thread(self.compute_sync, layer, rows, experts, counts, scale)
+
+    async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
+        try:
+            rows = from_proto(request.hidden, "ExpertBatch.hidden")
+            scale = from_proto(request.scale, "ExpertBatch.scale") if request.scale.dtype else None
+            out = await self.compute(request.layer, rows, list(request.experts), list(request.counts), scale)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group {self.name}: {exc}")
+        reply = pb.ExpertResult()
+        to_proto(out, reply.hidden)
+        return reply
+
+    async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
+        return pb.PingReply(payload=request.payload, group=self.name)
+
+
+class ExpertGroupActor:
+    """Ray actor body (wrapped with ray.remote by the controller, which sets placement and name)."""
+
+    def __init__(self, name: str, model_path: str, assignment: dict[int, list[int]], dtype: str = "float32",
+                 torch_threads: int = 0):
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.name = name
+        group = ExpertGroup.from_checkpoint(model_path, assignment, DTYPES[dtype])
+        self.server_impl = ExpertGroupServer(name, group)
+        self._server: grpc.aio.Server | None = None
+        self.endpoint = ""
+        logger.info("group %s holds %s", name, {k: v.experts for k, v in group.layers.items()})
+
+    async def start(self, host: str = "") -> str:
+        """Start the ExpertWorker server on this node; returns its "ip:port"."""
+        import ray
+
+        host = host or ray.util.get_node_ip_address()
+        options = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
+        self._server = grpc.aio.server(options=options)
+        pb_grpc.add_ExpertWorkerServicer_to_server(self.server_impl, self._server)
+        port = self._server.add_insecure_port(f"{host}:0")
+        await self._server.start()
+        self.endpoint = f"{host}:{port}"
+        return self.endpoint
+
+    async def compute(self, layer: int, rows: torch.Tensor, experts: list[int], counts: list[int],
+                      scale: torch.Tensor | None = None) -> torch.Tensor:
+        return await self.server_impl.compute(layer, rows, experts, counts, scale)
+
+    def ping(self) -> str:
+        return self.name
+
+    def info(self) -> dict:
+        import ray
+
+        group = self.server_impl.group
+        return {
+            "name": self.name,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "endpoint": self.endpoint,
+            "pid": os.getpid(),
+            "experts": {layer: held.experts for layer, held in group.layers.items()},
+            "versions": {layer: [group.version(layer, e) for e in held.experts] for layer, held in group.layers.items()},
+            "nbytes": group.nbytes(),
+            "tokens_served": [[layer, expert, n] for (layer, expert), n in self.server_impl.tokens_served.items()],
+            "compute_s": self.server_impl.compute_s,
+        }

@@ -1,0 +1,65 @@
+"""The mesh's configuration: pydantic models loaded from YAML (`mesh up --config FILE`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from experts.errors import MeshError
+from router_service.config import RouterConfig
+
+__all__ = ["ConfigError", "GroupsConfig", "MeshConfig", "load_config"]
+
+
+class ConfigError(MeshError, ValueError):
+    """A config file that cannot be used; the message names the field."""
+
+
+class GroupsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_groups: int | None = Field(None, ge=1, description="Expert groups (actors); default: one per node.")
+    replicas: int = Field(1, ge=1, description="Copies of every expert, on distinct groups.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype experts compute in.")
+    torch_threads: int = Field(0, ge=0, description="torch threads per group actor (0: torch's default).")
+    num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per group actor.")
+    memory_fraction: float = Field(0.8, gt=0, le=1, description=(
+        "Share of a node's Ray memory that its groups' expert weights may take."))
+
+
+class MeshConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("mesh", pattern=r"^[A-Za-z0-9_.-]+$", description="Mesh name; actors are <name>/...")
+    model: str | None = Field(None, description="Checkpoint folder; default: the built-in model.")
+    groups: GroupsConfig = Field(default_factory=GroupsConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    router_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype of gates and shared experts.")
+    health_period_s: float = Field(1.0, gt=0, description="How often the controller pings groups.")
+
+
+def load_config(path: str | Path | None, **overrides) -> MeshConfig:
+    """Config from YAML (or defaults), with non-None `overrides` of top-level fields applied."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping, got {type(data).__name__}")
+    for key, value in overrides.items():
+        if value is not None:
+            section, _, field = key.partition(".")
+            if field:
+                data.setdefault(section, {})[field] = value
+            else:
+                data[key] = value
+    try:
+        return MeshConfig(**data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}: {problems}") from exc

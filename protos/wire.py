@@ -1,0 +1,50 @@
+"""Tensors on the wire: raw row-major bytes + dtype name + shape, never element by element."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from protos import expert_mesh_pb2 as pb
+
+__all__ = ["DTYPES", "WireError", "from_proto", "to_proto"]
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A tensor message that cannot be decoded; the message names the field."""
+
+
+def to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode a CPU tensor of a supported dtype (one copy into the message's bytes)."""
+    if tensor.dtype not in _NAMES:
+        raise WireError(f"dtype {tensor.dtype} cannot be sent; supported: {', '.join(DTYPES)}")
+    out = pb.Tensor() if out is None else out
+    raw = tensor.detach().contiguous().cpu()
+    # bytes through a uint8 view: works for bf16, which numpy cannot represent
+    out.data = raw.view(torch.uint8).numpy().tobytes() if raw.numel() else b""
+    out.dtype = _NAMES[tensor.dtype]
+    out.shape[:] = list(tensor.shape)
+    return out
+
+
+def from_proto(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
+    """Decode; WireError naming `field` if dtype, shape or byte count are wrong."""
+    dtype = DTYPES.get(message.dtype)
+    if dtype is None:
+        raise WireError(f"{field}.dtype must be one of {', '.join(DTYPES)}, got {message.dtype!r}")
+    shape = tuple(message.shape)
+    if any(d < 0 for d in shape):
+        raise WireError(f"{field}.shape must be non-negative, got {list(shape)}")
+    numel = math.prod(shape)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    if len(message.data) != numel * itemsize:
+        raise WireError(f"{field}.data has {len(message.data)} bytes, expected {numel * itemsize} "
+                        f"for shape {list(shape)} {message.dtype}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(message.data), dtype=dtype)
+    return flat.reshape(shape)

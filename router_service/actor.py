@@ -1,0 +1,78 @@
+"""The router as a Ray actor: a Router and its gRPC server on the node it runs on.
+
+The controller pushes routing tables with `set_table`; `load_report` gives tokens per expert
+(msgpack) for the controller's status and, later, its replication policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgpack
+import torch
+
+from protos.wire import DTYPES
+from router_service.config import RouterConfig
+from router_service.routing import RoutingTable
+from router_service.router import Router
+from router_service.server import RouterServer
+from router_service.transport import make_transport
+
+__all__ = ["RouterActor"]
+
+logger = logging.getLogger(__name__)
+
+
+class RouterActor:
+    """Ray actor body (the controller or the CLI wraps it with ray.remote, name and placement)."""
+
+    def __init__(self, mesh: str, model_path: str, config: dict, namespace: str, dtype: str = "float32",
+                 controller: str | None = None, torch_threads: int = 0):
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.mesh = mesh
+        self.model_path = model_path
+        self.config = RouterConfig(**config)
+        self.namespace = namespace
+        self.dtype = DTYPES[dtype]
+        self.controller = controller
+        self.server: RouterServer | None = None
+
+    async def start(self) -> str:
+        """Bind the gRPC port; returns "host:port"."""
+        from router_service.metrics import RouterMetrics
+
+        metrics = RouterMetrics(self.mesh)
+        transport = make_transport(self.config.transport, self.namespace, self.config.expert_timeout_s)
+        router = Router(self.model_path, self.config, transport, self.dtype, metrics)
+        self.server = RouterServer(router, self._controller_status if self.controller else None, metrics)
+        port = await self.server.start()
+        return f"{self.config.host}:{port}"
+
+    async def _controller_status(self) -> bytes:
+        import ray
+
+        handle = ray.get_actor(self.controller, namespace=self.namespace)
+        return await handle.snapshot.remote()
+
+    async def set_table(self, blob: bytes) -> bool:
+        """Install a routing table; warm every layer up if not yet serving. Returns is_serving."""
+        self.server.router.set_table(RoutingTable.decode(blob))
+        if not self.server.is_serving():
+            await self.server.warm_up()
+        await self.server.refresh_health()
+        return self.server.is_serving()
+
+    def is_serving(self) -> bool:
+        return self.server is not None and self.server.is_serving()
+
+    def load_report(self) -> bytes:
+        """msgpack {"tokens": [[layer, expert, count], ...]} since start."""
+        tokens = [[layer, expert, n] for (layer, expert), n in self.server.router.tokens_per_expert.items()]
+        return msgpack.packb({"tokens": tokens})
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            await asyncio.sleep(0)

@@ -1,0 +1,145 @@
+"""Dynamic batching: merge concurrent requests for one layer into batches.
+
+[callers] -> submit() -> queue -> (take_batch policy) -> run_batch(x [T, H]) -> split -> [callers]
+
+A request larger than `max_batch_tokens` is cut into chunks that travel as separate entries.
+When the router is idle a batch leaves at once (no added latency); requests that arrive while
+`max_inflight_batches` batches are in flight wait and form the next batch, which is where
+cross-request batching pays. `max_wait_ms` > 0 additionally holds a batch open for stragglers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import deque
+from typing import Awaitable, Callable
+
+import torch
+
+from experts.errors import MeshError
+from router_service.config import BatchingConfig
+
+__all__ = ["LayerBatcher", "QueueFullError", "take_batch"]
+
+
+class QueueFullError(MeshError):
+    """The router holds more queued tokens than allowed; the caller should back off."""
+
+
+def take_batch(queued_tokens: list[int], max_batch_tokens: int) -> int:
+    """How many queued entries (from the head) form the next batch: at least one, then as many as
+    fit in `max_batch_tokens`. Pure policy: queued_tokens are the entries' token counts in order."""
+    taken, total = 0, 0
+    for num_tokens in queued_tokens:
+        if taken and total + num_tokens > max_batch_tokens:
+            break
+        taken, total = taken + 1, total + num_tokens
+    return taken
+
+
+@dataclasses.dataclass
+class _Entry:
+    x: torch.Tensor                 # [t, H]
+    future: asyncio.Future
+
+
+RunBatch = Callable[[torch.Tensor, list[slice]], Awaitable[list[torch.Tensor | BaseException]]]
+
+
+class LayerBatcher:
+    """Batches for one layer. `run_batch(x [T, H], parts)` returns one result (or exception) per part."""
+
+    def __init__(self, run_batch: RunBatch, config: BatchingConfig, max_queue_tokens: int,
+                 on_batch: Callable[[int, int], None] | None = None):
+        self._run_batch = run_batch
+        self._config = config
+        self._max_queue_tokens = max_queue_tokens
+        self._on_batch = on_batch or (lambda num_tokens, num_requests: None)
+        self._queue: deque[_Entry] = deque()
+        self._queued_tokens = 0
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.max_inflight_batches if config.enabled else 1 << 30)
+        self._worker = asyncio.get_running_loop().create_task(self._loop())
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    async def submit(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]. Returns the layer's output [T, H]; raises what the batch raised for it."""
+        if self._queued_tokens + x.shape[0] > self._max_queue_tokens:
+            raise QueueFullError(f"router queue full: {self._queued_tokens} tokens queued, "
+                                 f"max_queue_tokens={self._max_queue_tokens}")
+        loop = asyncio.get_running_loop()
+        step = self._config.max_batch_tokens
+        entries = [_Entry(chunk, loop.create_future()) for chunk in torch.split(x, step)]
+        self._queue.extend(entries)
+        self._queued_tokens += x.shape[0]
+        self._wakeup.set()
+        try:
+            results = await asyncio.gather(*(e.future for e in entries))
+        finally:
+            for e in entries:
+                e.future.cancel()  # a no-op for done futures; marks abandoned chunks to be skipped
+        return results[0] if len(results) == 1 else torch.cat(results)
+
+    async def close(self) -> None:
+        self._worker.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._slots.acquire()
+            if self._config.enabled and self._config.max_wait_ms > 0:
+                await self._hold_open()
+            batch = self._pop_batch()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _hold_open(self) -> None:
+        deadline = time.monotonic() + self._config.max_wait_ms / 1e3
+        while self._queued_tokens < self._config.max_batch_tokens and (left := deadline - time.monotonic()) > 0:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except asyncio.TimeoutError:
+                break
+
+    def _pop_batch(self) -> list[_Entry]:
+        limit = self._config.max_batch_tokens if self._config.enabled else 0
+        count = take_batch([e.x.shape[0] for e in self._queue], limit)
+        batch = [self._queue.popleft() for _ in range(count)]
+        self._queued_tokens -= sum(e.x.shape[0] for e in batch)
+        return [e for e in batch if not e.future.done()]  # callers gone (cancelled, deadline) are skipped
+
+    async def _run(self, batch: list[_Entry]) -> None:
+        try:
+            sizes = [e.x.shape[0] for e in batch]
+            x = batch[0].x if len(batch) == 1 else torch.cat([e.x for e in batch])
+            bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+            parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+            self._on_batch(x.shape[0], len(batch))
+            try:
+                results = await self._run_batch(x, parts)
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+                results = [exc] * len(batch)
+            for entry, result in zip(batch, results):
+                if entry.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    entry.future.set_exception(result)
+                else:
+                    entry.future.set_result(result)
+        finally:
+            self._slots.release()

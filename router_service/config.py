@@ -1,0 +1,44 @@
+"""Router settings (pydantic, validated; part of the mesh's YAML config)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["BatchingConfig", "RouterConfig"]
+
+
+class BatchingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_tokens: int = Field(2048, ge=1, description="Most tokens merged into one batch of one layer.")
+    max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description=(
+        "How long a batch waits for more requests once started. 0: take what is queued; requests that "
+        "arrive while a batch is in flight form the next batch, so batching happens under load anyway."))
+    max_inflight_batches: int = Field(2, ge=1, description="Batches of one layer in flight at once.")
+    enabled: bool = Field(True, description="False: every request is its own batch (for benchmarks).")
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address the router's gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="Router gRPC port (0: any free port).")
+    transport: Literal["grpc", "ray"] = Field("grpc", description="How token batches reach expert groups.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    max_request_tokens: int = Field(8192, ge=1, description="Most tokens in one Forward request.")
+    max_queue_tokens: int = Field(65536, ge=1, description=(
+        "Tokens waiting in the router at most; beyond it callers get RESOURCE_EXHAUSTED."))
+    expert_timeout_s: float = Field(30.0, gt=0, description="Deadline of one call to an expert group.")
+
+    @model_validator(mode="after")
+    def _queue_fits_a_request(self) -> "RouterConfig":
+        if self.max_queue_tokens < self.max_request_tokens:
+            raise ValueError(f"max_queue_tokens ({self.max_queue_tokens}) must be >= "
+                             f"max_request_tokens ({self.max_request_tokens})")
+        return self
+
+    def max_message_bytes(self, hidden_size: int) -> int:
+        """gRPC message limit fitting the largest request (fp32) plus headroom."""
+        return self.max_request_tokens * hidden_size * 4 + (1 << 20)

@@ -1,0 +1,153 @@
+"""The router's data plane for one model: batch, gate, plan, scatter, gather, combine.
+
+[callers] -> [LayerBatcher] -> [Gate] -> [dispatch: sort by expert] -> [plan per group]
+          -> [Transport: scatter/gather] -> [combine] (+ shared experts, computed meanwhile) -> [callers]
+
+Shape legend: T = tokens of a batch, H = hidden, k = experts per token, N = T * k copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from pathlib import Path
+
+import torch
+
+from experts import CheckpointReader, Gate, MoESpec, SharedExpert, dispatch
+from experts.errors import MeshError
+from router_service.batcher import LayerBatcher
+from router_service.config import RouterConfig
+from router_service.routing import RoutingTable, plan_dispatch
+from router_service.transport import ExpertUnavailableError, Transport
+
+__all__ = ["NoRoutingTableError", "Router"]
+
+logger = logging.getLogger(__name__)
+
+
+class NoRoutingTableError(MeshError):
+    """The router has not received a routing table yet (or every copy of an expert is gone)."""
+
+
+class Router:
+    """Holds the gates and shared experts of every MoE layer; the experts live elsewhere."""
+
+    def __init__(self, model_path: str | Path, config: RouterConfig, transport: Transport,
+                 dtype: torch.dtype = torch.float32, metrics=None):
+        reader = CheckpointReader(model_path)
+        try:
+            self.spec: MoESpec = reader.spec
+            self.gates = {layer: Gate(self.spec, reader.gate(layer), dtype) for layer in self.spec.moe_layers}
+            shared = {layer: reader.shared(layer) for layer in self.spec.moe_layers}
+        finally:
+            reader.close()
+        self.shared = {layer: SharedExpert(self.spec, w, dtype) for layer, w in shared.items() if w is not None}
+        self.dtype = dtype
+        self.config = config
+        self.transport = transport
+        self.metrics = metrics
+        self.table: RoutingTable | None = None
+        self.tokens_per_expert: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._batchers: dict[int, LayerBatcher] = {}
+        self._turn = 0
+
+    def set_table(self, table: RoutingTable) -> None:
+        if self.table is None or table.epoch >= self.table.epoch:
+            self.table = table
+            logger.info("routing table epoch %d", table.epoch)
+
+    async def forward(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """x: [T, H] (already validated). Returns (output [T, H] in x.dtype, epoch of the table)."""
+        batcher = self._batchers.get(layer)
+        if batcher is None:
+            batcher = self._batchers[layer] = LayerBatcher(
+                lambda xb, parts, layer=layer: self._run_batch(layer, xb, parts),
+                self.config.batching, self.config.max_queue_tokens, self._observe_batch)
+        out = await batcher.submit(x.to(self.dtype))
+        return out.to(x.dtype), self.table.epoch if self.table else 0
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()
+        await self.transport.close()
+
+    def _observe_batch(self, num_tokens: int, num_requests: int) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_batch(num_tokens, num_requests)
+
+    async def _run_batch(self, layer: int, x: torch.Tensor, parts: list[slice]) -> list[torch.Tensor | BaseException]:
+        table = self.table  # one table for the whole batch
+        if table is None:
+            raise NoRoutingTableError("router has no routing table yet")
+        # Step 1: shared experts start at once, in a thread, while the routed tokens travel.
+        shared = self.shared.get(layer)
+        shared_task = asyncio.get_running_loop().run_in_executor(None, shared, x) if shared else None
+        # Step 2: gate and sort the token copies by expert.
+        weights, ids = self.gates[layer](x)  # [T, k], [T, k]
+        tokens = dispatch(self.spec, x, weights, ids)
+        self._count_tokens(layer, tokens.counts)
+        # Step 3: scatter one contiguous message per group, gather the outputs.
+        y, failed_rows = await self._scatter_gather(table, layer, tokens)
+        out = tokens.combine(y)  # [T, H]
+        if shared_task is not None:
+            out = out + await shared_task
+        # Step 4: split back per caller; callers whose tokens hit a failed group get its error.
+        return self._split(out, parts, tokens, failed_rows)
+
+    def _count_tokens(self, layer: int, counts: list[int]) -> None:
+        for expert, count in enumerate(counts):
+            if count:
+                self.tokens_per_expert[(layer, expert)] += count
+        if self.metrics is not None:
+            self.metrics.observe_tokens(layer, counts)
+
+    async def _scatter_gather(self, table: RoutingTable, layer: int, tokens) -> tuple[torch.Tensor, dict]:
+        try:
+            plan = plan_dispatch(tokens.counts, table.layers[layer], self._turn)
+        except LookupError as exc:
+            raise ExpertUnavailableError(f"layer {layer}: {exc}") from exc
+        self._turn += 1
+        groups = list(plan.segments)
+        calls = [self._call_group(table, layer, group, plan.endpoints[group], plan.segments[group], tokens)
+                 for group in groups]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        y = torch.empty_like(tokens.rows)
+        failed: dict[slice, BaseException] = {}
+        for group, result in zip(groups, results):
+            for expert, start, size in plan.segments[group]:
+                rows = slice(start, start + size)
+                if isinstance(result, BaseException):
+                    failed[rows] = result
+                    y[rows] = 0
+            if not isinstance(result, BaseException):
+                self._place(y, plan.segments[group], result)
+        return y, failed
+
+    async def _call_group(self, table, layer, group, endpoint, segments, tokens) -> torch.Tensor:
+        slices = [slice(start, start + size) for _, start, size in segments]
+        rows = tokens.rows[slices[0]] if len(slices) == 1 else torch.cat([tokens.rows[s] for s in slices])
+        scale = None
+        if tokens.scale is not None:
+            scale = tokens.scale[slices[0]] if len(slices) == 1 else torch.cat([tokens.scale[s] for s in slices])
+        experts = [expert for expert, _, _ in segments]
+        counts = [size for _, _, size in segments]
+        return await self.transport.compute(group, endpoint, layer, rows, experts, counts, scale, table.epoch)
+
+    @staticmethod
+    def _place(y: torch.Tensor, segments: list[tuple[int, int, int]], result: torch.Tensor) -> None:
+        offset = 0
+        for _, start, size in segments:
+            y[start:start + size] = result[offset:offset + size]
+            offset += size
+
+    @staticmethod
+    def _split(out: torch.Tensor, parts: list[slice], tokens, failed_rows: dict) -> list:
+        if not failed_rows:
+            return [out[p] for p in parts]
+        is_failed = torch.zeros(tokens.num_tokens, dtype=torch.bool)
+        for rows in failed_rows:
+            is_failed[tokens.order[rows] // tokens.top_k] = True
+        error = next(iter(failed_rows.values()))
+        return [error if is_failed[p].any() else out[p] for p in parts]

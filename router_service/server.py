@@ -1,0 +1,189 @@
+"""The router's gRPC server: `ExpertMesh` (Forward, GetInfo), `MeshAdmin`, grpc.health.v1 and
+server reflection, all on one grpc.aio port.
+
+Bad client input gets INVALID_ARGUMENT naming the field and what was expected; a full queue gets
+RESOURCE_EXHAUSTED; a failed expert group gives UNAVAILABLE to the callers whose tokens it held.
+The server keeps serving through all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Awaitable, Callable
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from protos import expert_mesh_pb2 as pb
+from protos import expert_mesh_pb2_grpc as pb_grpc
+from protos.wire import DTYPES, WireError, from_proto, to_proto
+from router_service.batcher import QueueFullError
+from router_service.router import NoRoutingTableError, Router
+from router_service.transport import ExpertUnavailableError
+
+__all__ = ["InvalidRequestError", "RouterServer", "validate_forward"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["ExpertMesh"].full_name,
+    pb.DESCRIPTOR.services_by_name["MeshAdmin"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+class InvalidRequestError(ValueError):
+    """A Forward request that cannot be served as sent; the message names the field."""
+
+
+def validate_forward(request: pb.ForwardRequest, moe_layers: tuple[int, ...], hidden_size: int,
+                     max_request_tokens: int) -> torch.Tensor:
+    """Decode and check a ForwardRequest; returns hidden as [T, H]. Raises InvalidRequestError."""
+    if request.layer not in moe_layers:
+        raise InvalidRequestError(f"layer {request.layer} is not an MoE layer; the MoE layers are {list(moe_layers)}")
+    shape = list(request.hidden.shape)
+    if len(shape) not in (2, 3):
+        raise InvalidRequestError(f"hidden.shape must be [T, {hidden_size}] or [B, S, {hidden_size}], got {shape}")
+    if shape[-1] != hidden_size:
+        raise InvalidRequestError(f"hidden.shape[-1] must be the hidden size {hidden_size}, got {shape[-1]}")
+    try:
+        hidden = from_proto(request.hidden, "hidden")
+    except WireError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+    x = hidden.reshape(-1, hidden_size)
+    if x.shape[0] == 0:
+        raise InvalidRequestError(f"hidden holds no token (shape {shape})")
+    if x.shape[0] > max_request_tokens:
+        raise InvalidRequestError(f"hidden holds {x.shape[0]} tokens, more than max_request_tokens={max_request_tokens}")
+    if not torch.isfinite(x).all():
+        raise InvalidRequestError("hidden contains NaN or Inf")
+    return x
+
+
+StatusProvider = Callable[[], Awaitable[bytes]]
+
+
+class _ExpertMeshService(pb_grpc.ExpertMeshServicer):
+    def __init__(self, server: "RouterServer"):
+        self.server = server
+
+    async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
+        return await self.server.forward(request, context)
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.InfoResponse:
+        return self.server.info()
+
+
+class _AdminService(pb_grpc.MeshAdminServicer):
+    def __init__(self, server: "RouterServer"):
+        self.server = server
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
+        if self.server.status_provider is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this router has no controller attached")
+        return pb.StatusReply(snapshot=await self.server.status_provider())
+
+
+class RouterServer:
+    """One grpc.aio server in front of a Router."""
+
+    def __init__(self, router: Router, status_provider: StatusProvider | None = None, metrics=None):
+        self.router = router
+        self.status_provider = status_provider
+        self.metrics = metrics
+        self.health = HealthServicer()
+        self.layers_ok: set[int] = set()
+        self.port = 0
+        spec, config = router.spec, router.config
+        limit = config.max_message_bytes(spec.hidden_size)
+        self._server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
+                                                ("grpc.max_receive_message_length", limit)])
+        pb_grpc.add_ExpertMeshServicer_to_server(_ExpertMeshService(self), self._server)
+        pb_grpc.add_MeshAdminServicer_to_server(_AdminService(self), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(SERVICE_NAMES, self._server)
+
+    async def start(self) -> int:
+        config = self.router.config
+        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind the router to {config.host}:{config.port}")
+        await self._server.start()
+        await self.refresh_health()
+        return self.port
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+        await self.router.close()
+
+    # -- health --------------------------------------------------------------------------------
+
+    def is_serving(self) -> bool:
+        table = self.router.table
+        return (table is not None and not table.missing_experts()
+                and self.layers_ok >= set(self.router.spec.moe_layers))
+
+    async def refresh_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if self.is_serving() else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES[:2]):
+            await self.health.set(name, status)
+
+    async def warm_up(self, num_tokens: int = 4) -> None:
+        """One Forward per MoE layer through the real path; health turns SERVING when all pass."""
+        generator = torch.Generator().manual_seed(0)
+        for layer in self.router.spec.moe_layers:
+            x = torch.randn(num_tokens, self.router.spec.hidden_size, generator=generator)
+            try:
+                await self.router.forward(layer, x)
+                self.layers_ok.add(layer)
+            except Exception as exc:  # noqa: BLE001 - reported through health, retried on the next table
+                logger.warning("warm-up of layer %d failed: %s", layer, exc)
+                self.layers_ok.discard(layer)
+        await self.refresh_health()
+
+    # -- RPCs ----------------------------------------------------------------------------------
+
+    async def forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            spec, config = self.router.spec, self.router.config
+            x = validate_forward(request, spec.moe_layers, spec.hidden_size, config.max_request_tokens)
+            out, epoch = await self.router.forward(request.layer, x)
+            reply = pb.ForwardResponse(epoch=epoch)
+            to_proto(out.reshape(tuple(request.hidden.shape)), reply.hidden)
+            self.layers_ok.add(request.layer)
+            return reply
+        except InvalidRequestError as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except QueueFullError as exc:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        except (ExpertUnavailableError, NoRoutingTableError) as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
+            logger.exception("Forward failed")
+            code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_request(request.layer, code.name, (time.perf_counter() - start) * 1e3)
+        await context.abort(code, message)
+
+    def info(self) -> pb.InfoResponse:
+        spec, table = self.router.spec, self.router.table
+        versions = {}
+        if table is not None:
+            for layer, experts in table.layers.items():
+                for expert, copies in enumerate(experts):
+                    if copies:
+                        versions[f"{layer}/{expert}"] = copies[0].version
+        return pb.InfoResponse(model_type=spec.model_type, config_hash=spec.config_hash(),
+                               moe_layers=list(spec.moe_layers), hidden_size=spec.hidden_size,
+                               dtypes=list(DTYPES), weight_versions=versions,
+                               max_request_tokens=self.router.config.max_request_tokens,
+                               epoch=table.epoch if table else 0)

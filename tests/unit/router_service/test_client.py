@@ -1,0 +1,315 @@
+"""MeshClient, AsyncMeshClient, RemoteMoE and patch_model against real gRPC servers on 127.0.0.1
+that serve a zoo checkpoint with the in-process MoELayer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from experts import MoELayer, load_spec
+from protos import expert_mesh_pb2 as pb
+from protos import expert_mesh_pb2_grpc as pb_grpc
+from protos.wire import DTYPES, WireError, from_proto, to_proto
+from router_service import AsyncMeshClient, MeshClient, MeshClientError, MeshInfo, RemoteMoE, patch_model
+from router_service.client import CHANNEL_OPTIONS
+from tests.checkpoints import FAMILIES, moe_block
+
+PROMPT = [[1, 17, 42, 99, 5, 63, 8, 120, 33]]
+NUM_NEW_TOKENS = 20
+
+
+class InProcessExpertMesh(pb_grpc.ExpertMeshServicer):
+    """ExpertMesh served by MoELayer in this process; can inject a status code or a delay."""
+
+    def __init__(self, path: Path, fail_with: grpc.StatusCode | None = None, delay_s: float = 0.0):
+        self.spec = load_spec(path)
+        self.layers = {i: MoELayer.from_pretrained(path, layer=i) for i in self.spec.moe_layers}
+        self.fail_with, self.delay_s = fail_with, delay_s
+        self.info_overrides: dict = {}
+        self.num_forwards = 0
+
+    def Forward(self, request, context):
+        self.num_forwards += 1
+        if self.fail_with is not None:
+            context.abort(self.fail_with, "injected failure")
+        time.sleep(self.delay_s)
+        if request.layer not in self.layers:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"layer {request.layer} is not an MoE layer; they are {list(self.layers)}")
+        try:
+            hidden = from_proto(request.hidden, field="hidden")
+        except WireError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.ForwardResponse(hidden=to_proto(self.layers[request.layer](hidden)), epoch=1)
+
+    def GetInfo(self, request, context):
+        fields = dict(model_type=self.spec.model_type, config_hash=self.spec.config_hash(),
+                      moe_layers=list(self.spec.moe_layers), hidden_size=self.spec.hidden_size,
+                      dtypes=list(DTYPES), max_request_tokens=4096, epoch=1)
+        return pb.InfoResponse(**{**fields, **self.info_overrides})
+
+
+@contextlib.contextmanager
+def serving(servicer: InProcessExpertMesh) -> Iterator[tuple[str, grpc.Server]]:
+    """A real gRPC server on 127.0.0.1 (port 0 -> the bound port)."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
+    pb_grpc.add_ExpertMeshServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", server
+    finally:
+        server.stop(grace=None).wait()
+
+
+def dead_address() -> str:
+    """An address on 127.0.0.1 where nothing listens any more."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    server.stop(grace=None).wait()
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def mixtral(zoo) -> Path:
+    return zoo.checkpoint("mixtral")
+
+
+@pytest.fixture
+def mesh(mixtral) -> Iterator[tuple[str, InProcessExpertMesh]]:
+    servicer = InProcessExpertMesh(mixtral)
+    with serving(servicer) as (address, _):
+        yield address, servicer
+
+
+# ---- Forward and GetInfo ----
+
+SHAPES = {"[T, H]": (7,), "[B, S, H]": (2, 5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_forward_equals_moe_layer(mesh, dtype, shape):
+    address, servicer = mesh
+    layer = servicer.spec.moe_layers[-1]
+    x = torch.randn(*SHAPES[shape], servicer.spec.hidden_size, generator=torch.Generator().manual_seed(3)).to(dtype)
+    with MeshClient(address) as client:
+        out = client.forward(layer, x)
+    ref = servicer.layers[layer](x)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert torch.equal(out, ref)
+    assert out.abs().max() > 0
+
+
+def test_info_describes_the_served_model(mesh):
+    address, servicer = mesh
+    with MeshClient(address) as client:
+        info = client.info()
+    assert isinstance(info, MeshInfo)
+    assert (info.model_type, info.config_hash, info.moe_layers, info.hidden_size) == (
+        "mixtral", servicer.spec.config_hash(), servicer.spec.moe_layers, 48)
+    assert info.dtypes == tuple(DTYPES) and info.max_request_tokens == 4096
+
+
+# ---- errors ----
+
+BAD_CALLS = [
+    # name, layer, make hidden (H -> tensor), expected code, words in the details
+    ("dense or missing layer", 99, lambda h: torch.randn(3, h), grpc.StatusCode.INVALID_ARGUMENT, "layer 99"),
+    ("int tensor", 0, lambda h: torch.ones(3, h, dtype=torch.int64), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+    ("1-D tensor", 0, lambda h: torch.randn(h), grpc.StatusCode.INVALID_ARGUMENT, "[T, H]"),
+    ("layer not an int", "0", lambda h: torch.randn(3, h), grpc.StatusCode.INVALID_ARGUMENT, "layer must be an int"),
+]
+
+
+@pytest.mark.parametrize("name,layer,make,code,words", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_calls_raise_invalid_argument(mesh, name, layer, make, code, words):
+    address, servicer = mesh
+    with MeshClient(address) as client:
+        with pytest.raises(MeshClientError) as caught:
+            client.forward(layer, make(servicer.spec.hidden_size))
+    assert caught.value.code == code and words in caught.value.details
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
+                                  grpc.StatusCode.FAILED_PRECONDITION])
+def test_server_errors_carry_their_status_code(mixtral, code):
+    servicer = InProcessExpertMesh(mixtral, fail_with=code)
+    with serving(servicer) as (address, _), MeshClient(address) as client:
+        with pytest.raises(MeshClientError) as caught:
+            client.forward(0, torch.randn(2, 48))
+    assert caught.value.code == code and caught.value.details == "injected failure"
+    assert caught.value.address == address and servicer.num_forwards == 1
+
+
+def test_timeout_gives_deadline_exceeded(mixtral):
+    servicer = InProcessExpertMesh(mixtral, delay_s=1.0)
+    with serving(servicer) as (address, _), MeshClient(address, timeout_s=0.2) as client:
+        start = time.monotonic()
+        with pytest.raises(MeshClientError) as caught:
+            client.forward(0, torch.randn(2, 48))
+        elapsed_s = time.monotonic() - start
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.15 <= elapsed_s < 0.9
+
+
+def test_closed_client_refuses_calls(mesh):
+    client = MeshClient(mesh[0])
+    client.close()
+    with pytest.raises(MeshClientError) as caught:
+        client.info()
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("addresses", ["", [], "no-port", ["127.0.0.1:1", 5]])
+def test_bad_addresses_are_refused(addresses):
+    with pytest.raises(MeshClientError) as caught:
+        MeshClient(addresses)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- failover ----
+
+def test_failover_to_second_address_when_first_server_stops(mixtral):
+    first, second = InProcessExpertMesh(mixtral), InProcessExpertMesh(mixtral)
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(5))
+    with serving(second) as (address_2, _), serving(first) as (address_1, server_1):
+        with MeshClient([address_1, address_2]) as client:
+            assert torch.equal(client.forward(1, x), first.layers[1](x))
+            assert (first.num_forwards, second.num_forwards, client.address) == (1, 0, address_1)
+            server_1.stop(grace=None).wait()
+            assert torch.equal(client.forward(1, x), second.layers[1](x))
+            assert client.forward(0, x).shape == x.shape
+            assert (first.num_forwards, second.num_forwards, client.address) == (1, 2, address_2)
+
+
+def test_connection_failure_fails_over_and_all_down_is_unavailable(mesh):
+    address, servicer = mesh
+    down = dead_address()
+    with MeshClient([down, address]) as client:
+        assert client.info().model_type == "mixtral" and client.address == address
+    with MeshClient([down, dead_address()]) as client:
+        with pytest.raises(MeshClientError) as caught:
+            client.forward(0, torch.randn(2, 48))
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_invalid_argument_is_not_retried_elsewhere(mixtral):
+    first = InProcessExpertMesh(mixtral, fail_with=grpc.StatusCode.INVALID_ARGUMENT)
+    second = InProcessExpertMesh(mixtral)
+    with serving(first) as (address_1, _), serving(second) as (address_2, _):
+        with MeshClient([address_1, address_2]) as client:
+            with pytest.raises(MeshClientError) as caught:
+                client.forward(0, torch.randn(2, 48))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (first.num_forwards, second.num_forwards) == (1, 0)
+
+
+# ---- async client ----
+
+def test_async_client_forward_info_and_failover(mixtral):
+    servicer = InProcessExpertMesh(mixtral)
+    x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+
+    async def calls(address: str) -> tuple[torch.Tensor, MeshInfo, str, grpc.StatusCode]:
+        async with AsyncMeshClient([dead_address(), address]) as client:
+            out, info = await client.forward(1, x), await client.info()
+            try:
+                await client.forward(7, x)
+            except MeshClientError as exc:
+                code = exc.code
+            return out, info, client.address, code
+
+    with serving(servicer) as (address, _):
+        out, info, used, code = asyncio.run(calls(address))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, servicer.layers[1](x))
+    assert info.config_hash == servicer.spec.config_hash()
+    assert used == address and code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- transformers models ----
+
+def _generate(model: torch.nn.Module) -> list[int]:
+    input_ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NUM_NEW_TOKENS,
+                             do_sample=False)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_model_generates_the_same_tokens(zoo, family):
+    servicer = InProcessExpertMesh(zoo.checkpoint(family))
+    spec = servicer.spec
+    reference = zoo.model(family)
+    patched = copy.deepcopy(reference)
+    with serving(servicer) as (address, _), MeshClient(address) as client:
+        assert patch_model(patched, client) == len(spec.moe_layers)
+        tokens = _generate(patched)
+    layers = patched.model.layers
+    for i in range(spec.num_layers):
+        block = getattr(layers[i], spec.block_attr)
+        if i in spec.moe_layers:
+            assert isinstance(block, RemoteMoE) and sum(p.numel() for p in block.parameters()) == 0
+        else:
+            assert type(block) is type(getattr(reference.model.layers[i], spec.block_attr))
+    assert servicer.num_forwards == len(spec.moe_layers) * NUM_NEW_TOKENS  # prefill + 19 decode steps
+    assert len(tokens) == NUM_NEW_TOKENS
+    assert tokens == _generate(reference)
+
+
+def test_llama4_feed_forward_keeps_the_block_tuple(zoo):
+    """Llama 4's decoder layer unpacks feed_forward's (out [T, H], router_logits) and drops the
+    logits; with keep_router the logits are the original router's, and output_router_logits works."""
+    servicer = InProcessExpertMesh(zoo.checkpoint("llama4"))
+    spec, reference = servicer.spec, zoo.model("llama4")
+    patched, with_router = copy.deepcopy(reference), copy.deepcopy(reference)
+    layer = spec.moe_layers[0]
+    x = torch.randn(2, 5, spec.hidden_size, generator=torch.Generator().manual_seed(8))
+    input_ids = torch.tensor(PROMPT)
+    with serving(servicer) as (address, _), MeshClient(address) as client:
+        patch_model(patched, client)
+        patch_model(with_router, client, keep_router=True)
+        with torch.no_grad():
+            ref_out, ref_logits = moe_block(reference, layer, spec.block_attr)(x)
+            out, logits = moe_block(patched, layer, spec.block_attr)(x)
+            out_kept, logits_kept = moe_block(with_router, layer, spec.block_attr)(x)
+            recorded = with_router(input_ids, output_router_logits=True).router_logits
+            ref_recorded = reference(input_ids, output_router_logits=True).router_logits
+    assert out.shape == ref_out.shape == (10, spec.hidden_size) and logits is None
+    assert torch.allclose(out, ref_out, rtol=0, atol=1e-5 * ref_out.abs().max().item())
+    assert torch.equal(out_kept, out) and torch.equal(logits_kept, ref_logits)
+    assert len(recorded) == len(ref_recorded) == len(spec.moe_layers)
+    assert all(torch.equal(a, b) for a, b in zip(recorded, ref_recorded))
+
+
+def test_patch_model_refuses_a_mesh_serving_another_model(zoo):
+    model = copy.deepcopy(zoo.model("mixtral"))
+    other = InProcessExpertMesh(zoo.checkpoint("qwen3_moe"))
+    with serving(other) as (address, _), MeshClient(address) as client:
+        with pytest.raises(MeshClientError) as caught:
+            patch_model(model, client)
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model_type 'mixtral' here, 'qwen3_moe' on the mesh" in caught.value.details
+    assert not any(isinstance(m, RemoteMoE) for m in model.modules())
+
+
+def test_patch_model_refuses_other_moe_layers(zoo, mixtral):
+    model = copy.deepcopy(zoo.model("mixtral"))
+    servicer = InProcessExpertMesh(mixtral)
+    servicer.info_overrides = dict(moe_layers=[1])
+    with serving(servicer) as (address, _), MeshClient(address) as client:
+        with pytest.raises(MeshClientError) as caught:
+            patch_model(model, client)
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "moe_layers [0, 1] here, [1] on the mesh" in caught.value.details
