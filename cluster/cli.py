@@ -1,10 +1,24 @@
-"""The `mesh` command line."""
+"""The `mesh` command line.
+
+    mesh up [--model DIR] [--config FILE] [--nodes N] [--port P] [--address ADDR] [--name NAME]
+    mesh status [--json] [--name NAME]
+    mesh down [--name NAME] [--address ADDR]
+    mesh check [--model DIR]
+    mesh serve-config [--model DIR] [--config FILE] [-o FILE]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import signal
 import sys
+import threading
+import time
+
+from cluster import state
 
 __all__ = ["main"]
 
@@ -24,10 +38,154 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _load_config(args: argparse.Namespace):
+    from mesh.config import load_config
+
+    return load_config(args.config, model=args.model, name=args.name, **{"router.port": getattr(args, "port", None)})
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    import ray
+
+    from cluster.local import start_local_cluster, start_mesh
+    from experts.builtin import builtin_model_dir
+    from mesh.controller import NAMESPACE
+
+    config = _load_config(args)
+    running = state.read(config.name)
+    if running and state.is_alive(running["pid"]):
+        print(f"mesh {config.name!r} is already running (pid {running['pid']}, {running['router']}); "
+              f"`mesh down --name {config.name}` first", file=sys.stderr)
+        return 1
+    model = config.model or str(builtin_model_dir())
+    cluster = None
+    if args.address:
+        address = args.address
+    else:
+        print(f"starting a local Ray cluster of {args.nodes} nodes")
+        cluster = start_local_cluster(args.nodes, dashboard=args.dashboard)
+        address = cluster.address
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    mesh = None
+    try:
+        mesh = start_mesh(config, model, progress=print)
+        state.write(config.name, {"pid": os.getpid(), "router": mesh.address, "ray_address": address,
+                                  "model": model, "started": time.time()})
+        print(f"expert-mesh ready at {mesh.address}", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("stopping expert-mesh")
+    finally:
+        start = time.perf_counter()
+        if mesh is not None:
+            mesh.stop()
+            print(f"mesh actors stopped ({time.perf_counter() - start:.1f} s)", flush=True)
+        state.remove(config.name)
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+            print(f"local Ray cluster stopped ({time.perf_counter() - start:.1f} s)", flush=True)
+    return 0
+
+
+def _snapshot(args: argparse.Namespace) -> dict | None:
+    import grpc
+    import msgpack
+
+    from protos import expert_mesh_pb2 as pb
+    from protos import expert_mesh_pb2_grpc as pb_grpc
+
+    running = state.read(args.name)
+    if running is None:
+        return None
+    with grpc.insecure_channel(running["router"]) as channel:
+        reply = pb_grpc.MeshAdminStub(channel).Status(pb.StatusRequest(), timeout=10)
+    return msgpack.unpackb(reply.snapshot, strict_map_key=False)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    snapshot = _snapshot(args)
+    if snapshot is None:
+        print(f"no running mesh named {args.name!r} (no state file {state.path(args.name)})", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+        return 0
+    print(f"mesh {snapshot['mesh']}: {snapshot['model_type']} from {snapshot['model']}, epoch {snapshot['epoch']}, "
+          f"up {snapshot['uptime_s']:.0f} s, routers {', '.join(snapshot['routers'])}")
+    for group in snapshot["groups"]:
+        experts = " ".join(f"L{layer}:{','.join(map(str, e))}" for layer, e in group["experts"].items())
+        print(f"  {group['name']:<16} {'live' if group['alive'] else 'DEAD':<5} node {group['node'][:12]} "
+              f"{group['endpoint']:<21} {experts}")
+    tokens = snapshot["tokens_per_expert"]
+    print(f"  tokens routed since start: {sum(tokens.values())} over {len(tokens)} (layer, expert) pairs")
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    running = state.read(args.name)
+    if running is not None and state.is_alive(running["pid"]):
+        os.kill(running["pid"], signal.SIGTERM)
+        deadline = time.time() + 60
+        while state.is_alive(running["pid"]) and time.time() < deadline:
+            time.sleep(0.2)
+        if state.is_alive(running["pid"]):
+            print(f"mesh {args.name!r} (pid {running['pid']}) did not stop within 60 s", file=sys.stderr)
+            return 1
+        print(f"stopped mesh {args.name!r}")
+        return 0
+    if args.address:
+        return _down_by_address(args)
+    state.remove(args.name)
+    print(f"nothing to stop: no running mesh named {args.name!r}", file=sys.stderr)
+    return 1
+
+
+def _down_by_address(args: argparse.Namespace) -> int:
+    import ray
+
+    from mesh.controller import NAMESPACE
+
+    ray.init(address=args.address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    try:
+        controller = ray.get_actor(f"{args.name}/controller", namespace=NAMESPACE)
+    except ValueError:
+        print(f"nothing to stop: no mesh {args.name!r} on the cluster at {args.address}", file=sys.stderr)
+        return 1
+    ray.get(controller.shutdown.remote())
+    ray.kill(controller)
+    print(f"stopped mesh {args.name!r} on {args.address}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description="expert-mesh: serve MoE expert layers on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start a mesh and serve until Ctrl-C or `mesh down`")
+    up.add_argument("--model", help="checkpoint folder (default: the built-in model)")
+    up.add_argument("--config", help="YAML config (see README)")
+    up.add_argument("--nodes", type=int, default=2, help="emulated nodes of the local cluster (default 2)")
+    up.add_argument("--port", type=int, help="router port (default 50051)")
+    up.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    up.add_argument("--name", help="mesh name (default: mesh)")
+    up.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the local cluster")
+    up.set_defaults(func=_cmd_up)
+
+    status = commands.add_parser("status", help="groups, routers and tokens per expert of a running mesh")
+    status.add_argument("--json", action="store_true", help="print the full snapshot as JSON")
+    status.add_argument("--name", default="mesh")
+    status.set_defaults(func=_cmd_status)
+
+    down = commands.add_parser("down", help="stop a mesh started by `mesh up`")
+    down.add_argument("--name", default="mesh")
+    down.add_argument("--address", help="Ray cluster address, when the mesh was not started from this machine")
+    down.set_defaults(func=_cmd_down)
+
     check = commands.add_parser("check", help="run every MoE layer in-process and compare with transformers")
     check.add_argument("--model", help="checkpoint folder (default: the built-in model)")
     check.add_argument("--tokens", type=int, default=32, help="tokens per check (default 32)")
@@ -36,10 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.local import RAY_ENV
+
+    for key, value in RAY_ENV.items():  # before Ray is imported: it reads them at import time
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return args.func(args)
+    from experts.errors import MeshError
+
+    try:
+        return args.func(args)
+    except MeshError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

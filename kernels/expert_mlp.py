@@ -32,6 +32,8 @@ def _check(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, count
                          f"w_down {tuple(w_down.shape)} (want [N, H], [E, 2I, H], [E, H, I])")
     if counts.shape != (num_experts,):
         raise ValueError(f"counts must be [{num_experts}], got shape {tuple(counts.shape)}")
+    if counts.numel() and int(counts.min()) < 0:
+        raise ValueError(f"counts must be >= 0, got {counts.tolist()}")
 
 
 def grouped_mlp(

@@ -57,22 +57,23 @@ def _expert_rows(counts_ptr, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.con
 
 
 @triton.jit
-def _gemm_tile(a_ptr, stride_am, stride_ak, rows, is_row, b_ptr, stride_bn, stride_bk, cols, is_col, size_k,
-               UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """a[rows, :] @ b[cols, :].T in float32: a tile [BM, BN] of a GEMM whose operands are both K-major."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, size_k, BLOCK_K):
-        ks = k + tl.arange(0, BLOCK_K)
-        is_k = ks < size_k
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=is_row[:, None] & is_k[None, :], other=0.0)  # [BM, BK]
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=is_k[:, None] & is_col[None, :], other=0.0)  # [BK, BN]
-        if UPCAST_DOT:  # the interpreter multiplies bfloat16 as raw bits; products of 16-bit floats are exact in fp32
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
+def _load_a(ptr, stride_m, stride_k, rows, is_row, ks, is_k, UPCAST_DOT: tl.constexpr):
+    """The [BM, BK] tile a[rows, ks] of a row-major operand."""
+    a = tl.load(ptr + rows[:, None] * stride_m + ks[None, :] * stride_k, mask=is_row[:, None] & is_k[None, :],
+                other=0.0)
+    if UPCAST_DOT:  # the interpreter multiplies bfloat16 as raw bits; 16-bit products are exact in float32
+        a = a.to(tl.float32)
+    return a
+
+
+@triton.jit
+def _load_b(ptr, stride_n, stride_k, cols, is_col, ks, is_k, UPCAST_DOT: tl.constexpr):
+    """The [BK, BN] tile w[cols, ks].T of a weight stored [N, K] (torch Linear layout)."""
+    b = tl.load(ptr + ks[:, None] * stride_k + cols[None, :] * stride_n, mask=is_k[:, None] & is_col[None, :],
+                other=0.0)
+    if UPCAST_DOT:
+        b = b.to(tl.float32)
+    return b
 
 
 @triton.jit
@@ -92,10 +93,16 @@ def _gate_up_kernel(
     is_col = cols < inter
     w_gate = w_ptr + expert * stride_we  # [2I, H]: gate rows, then up rows
     w_up = w_gate + inter * stride_wn
-    gate = _gemm_tile(x_ptr, stride_xm, stride_xh, rows, is_row, w_gate, stride_wn, stride_wh, cols, is_col, hidden,
-                      UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
-    up = _gemm_tile(x_ptr, stride_xm, stride_xh, rows, is_row, w_up, stride_wn, stride_wh, cols, is_col, hidden,
-                    UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, hidden, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        is_k = ks < hidden
+        x = _load_a(x_ptr, stride_xm, stride_xh, rows, is_row, ks, is_k, UPCAST_DOT)  # [BM, BK]
+        gate = tl.dot(x, _load_b(w_gate, stride_wn, stride_wh, cols, is_col, ks, is_k, UPCAST_DOT), gate,
+                      input_precision="ieee")
+        up = tl.dot(x, _load_b(w_up, stride_wn, stride_wh, cols, is_col, ks, is_k, UPCAST_DOT), up,
+                    input_precision="ieee")
     h = _activate(gate, ACTIVATION) * up
     tl.store(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hi, h.to(h_ptr.dtype.element_ty),
              mask=is_row[:, None] & is_col[None, :])
@@ -116,8 +123,14 @@ def _down_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     is_row = rows < row_end
     is_col = cols < hidden
-    out = _gemm_tile(h_ptr, stride_hm, stride_hi, rows, is_row, w_ptr + expert * stride_we, stride_wn, stride_wi,
-                     cols, is_col, inter, UPCAST_DOT, BLOCK_M, BLOCK_N, BLOCK_K)
+    w_down = w_ptr + expert * stride_we  # [H, I]
+    out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k in range(0, inter, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        is_k = ks < inter
+        h = _load_a(h_ptr, stride_hm, stride_hi, rows, is_row, ks, is_k, UPCAST_DOT)  # [BM, BK]
+        out = tl.dot(h, _load_b(w_down, stride_wn, stride_wi, cols, is_col, ks, is_k, UPCAST_DOT), out,
+                     input_precision="ieee")
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_oh, out.to(out_ptr.dtype.element_ty),
              mask=is_row[:, None] & is_col[None, :])
 
@@ -175,13 +188,14 @@ def grouped_mlp_triton(
     num_blocks = triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
     common = dict(UPCAST_DOT=is_interpreted(_gate_up_kernel), BLOCK_M=block_m,
                   BLOCK_E=triton.next_power_of_2(num_experts))
-    block_n, block_k = tile(inter, 16, 64), tile(hidden, 16, 64)
+    max_k = 64 if x.element_size() <= 2 else 32  # keeps the pipelined float32 tiles within shared memory
+    block_n, block_k = tile(inter, 16, 64), tile(hidden, 16, max_k)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
         x, w_gate_up, h, counts, num_experts, hidden, inter,
         *x.stride(), *w_gate_up.stride(), *h.stride(),
         ACTIVATION=activation, BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )
-    block_n, block_k = tile(hidden, 16, 64), tile(inter, 16, 64)
+    block_n, block_k = tile(hidden, 16, 64), tile(inter, 16, max_k)
     _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
         h, w_down, out, counts, num_experts, hidden, inter,
         *h.stride(), *w_down.stride(), *out.stride(),

@@ -4,7 +4,9 @@
 
 One program gates BLOCK_T tokens held as a [BLOCK_T, BLOCK_E] tile. The top-k (`_topk`) takes k rounds
 of "row maximum, the lowest expert id among the lanes equal to it, mark that lane taken": the first k
-entries of the references' stable descending sort, ties included.
+entries of the references' stable descending sort, ties included. Scores are float32 as in the
+references, so exact ties (equal logits) break the same way; two scores within one rounding error of
+each other may still be ordered differently, where Triton's exp/sigmoid differ from torch's in the last bit.
 
 Shapes: T = tokens, E = experts, k = top_k, G = groups, S = E // G experts per group.
 """

@@ -79,30 +79,32 @@ class MeshInfo:
 
 # ---- request / response helpers shared by the sync and async clients ----
 
+def _invalid(message: str) -> MeshClientError:
+    return MeshClientError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 def _parse_addresses(addresses: str | Sequence[str]) -> list[str]:
     found = [addresses] if isinstance(addresses, str) else list(addresses)
     if not found or not all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in found):
-        raise MeshClientError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"addresses must be a 'host:port' string or a non-empty list of them, got {addresses!r}")
+        raise _invalid(f"addresses must be a 'host:port' string or a non-empty list of them, got {addresses!r}")
     return found
 
 
 def _check_timeout(timeout_s: float) -> float:
     if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
-        raise MeshClientError(grpc.StatusCode.INVALID_ARGUMENT, f"timeout_s must be a positive number, got {timeout_s!r}")
+        raise _invalid(f"timeout_s must be a positive number, got {timeout_s!r}")
     return float(timeout_s)
 
 
 def _forward_request(layer: int, hidden: torch.Tensor) -> pb.ForwardRequest:
     """Validate and encode; hidden: [T, H] or [B, S, H] float32/bfloat16/float16."""
     if not isinstance(layer, int) or isinstance(layer, bool):
-        raise MeshClientError(grpc.StatusCode.INVALID_ARGUMENT, f"layer must be an int, got {layer!r}")
+        raise _invalid(f"layer must be an int, got {layer!r}")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
         shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise MeshClientError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden must be a [T, H] or [B, S, H] tensor, got {shape}")
+        raise _invalid(f"hidden must be a [T, H] or [B, S, H] tensor, got {shape}")
     if hidden.dtype not in DTYPES.values():
-        raise MeshClientError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"hidden.dtype must be one of {', '.join(DTYPES)}, got {hidden.dtype}")
+        raise _invalid(f"hidden.dtype must be one of {', '.join(DTYPES)}, got {hidden.dtype}")
     request = pb.ForwardRequest(layer=layer)
     to_proto(hidden, out=request.hidden)
     return request
@@ -335,7 +337,7 @@ def patch_model(model: torch.nn.Module, client: MeshClient, keep_router: bool = 
     """Replace every sparse MoE block of `model` (in place) with a RemoteMoE calling `client`.
 
     Checks first, through GetInfo, that the mesh serves this model (same MoE spec hash and MoE
-    layers); MeshClientError FAILED_PRECONDITION naming the difference otherwise. `keep_router`
+    layers) and accepts its dtype; MeshClientError FAILED_PRECONDITION naming the difference otherwise. `keep_router`
     keeps each block's router module (see RemoteMoE). Returns the number of blocks replaced.
     """
     config = model.config.to_dict()
@@ -343,7 +345,11 @@ def patch_model(model: torch.nn.Module, client: MeshClient, keep_router: bool = 
         spec = spec_from_config(config)
     except MeshError as exc:
         raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, f"this model cannot be patched: {exc}") from exc
-    difference = _mismatch(spec, client.info())
+    info = client.info()
+    difference = _mismatch(spec, info)
+    dtype_name = str(getattr(model, "dtype", "")).removeprefix("torch.")
+    if difference is None and info.dtypes and dtype_name not in info.dtypes:
+        difference = f"the model is {dtype_name}; the mesh accepts {', '.join(info.dtypes)}"
     if difference is not None:
         raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, difference, client.address)
     layers = _decoder_layers(model)

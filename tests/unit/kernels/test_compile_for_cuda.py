@@ -41,7 +41,7 @@ KERNELS = [
     (m._gate_up_kernel, pointers(x_ptr="bf16", w_ptr="bf16", h_ptr="bf16", counts_ptr="i64"),
      dict(ACTIVATION="silu", UPCAST_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=256)),
     (m._down_kernel, pointers(h_ptr="fp32", w_ptr="fp32", out_ptr="fp32", counts_ptr="i64"),
-     dict(UPCAST_DOT=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_E=8)),
+     dict(UPCAST_DOT=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, BLOCK_E=8)),
     (c._invert_kernel, pointers(order_ptr="i64", rows_ptr="i64"), dict(BLOCK=1024)),
     (c._combine_kernel, pointers(y_ptr="bf16", rows_ptr="i64", weights_ptr="fp32", out_ptr="bf16"),
      dict(HAS_WEIGHTS=True, BLOCK_H=1024)),

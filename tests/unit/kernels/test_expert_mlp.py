@@ -29,7 +29,7 @@ MLP_CASES = [
     ([3, 0, 2, 5, 0, 1], 24, 20, "silu", torch.float32),  # experts without rows
     ([3, 0, 2, 5, 0, 1], 24, 20, "silu", torch.bfloat16),
     ([20, 3], 24, 20, "gelu", torch.float32),  # expert 0 spans two row blocks of 16
-    ([0, 0, 4], 72, 36, "gelu_pytorch_tanh", torch.float32),  # two K tiles of 64 over H
+    ([0, 0, 4], 72, 36, "gelu_pytorch_tanh", torch.float32),  # K loops of 3 tiles over H, 2 over I
     ([1], 16, 16, "relu", torch.float32),
     ([2, 2], 24, 20, "relu", torch.bfloat16),
     ([2, 3], 24, 20, "gelu", torch.bfloat16),
@@ -66,12 +66,14 @@ def test_no_rows(triton_expert_mlp):
 def test_reference_matches_a_dense_loop_over_rows(activation):
     counts = [2, 0, 3]
     x, w_gate_up, w_down, counts_t = make_mlp(counts, 12, 10)
-    expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+    expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts_t).tolist()
     act = ACTIVATIONS[activation]
-    dense = torch.stack([
-        w_down[e].double() @ (act(w_gate_up[e, :10].double() @ row.double()) * (w_gate_up[e, 10:].double() @ row.double()))
-        for row, e in zip(x, expert_of_row.tolist())
-    ])
+
+    def expert(e: int, row: torch.Tensor) -> torch.Tensor:
+        gate, up = (w_gate_up[e].double() @ row.double()).split(10)
+        return w_down[e].double() @ (act(gate) * up)
+
+    dense = torch.stack([expert(e, row) for row, e in zip(x, expert_of_row)])
     got = expert_mlp.grouped_mlp_reference(x, w_gate_up, w_down, counts_t, activation)
     assert relative_error(got.double(), dense) <= 1e-5
 
