@@ -25,6 +25,7 @@ __all__ = ["ExpertGroupActor", "ExpertGroupServer"]
 logger = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 1 << 30
+INLINE_MAX_MACS = 1 << 22  # rows * H * I below this: compute on the event loop (~1 ms of work at most)
 
 
 class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
@@ -47,6 +48,10 @@ class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
         return out
 
     async def compute(self, layer, rows, experts, counts, scale) -> torch.Tensor:
+        """Small batches run inline (a thread hop costs more than they do); larger ones in a thread,
+        so the event loop keeps receiving while torch computes."""
+        if rows.numel() * self.group.spec.intermediate_size < INLINE_MAX_MACS:
+            return self.compute_sync(layer, rows, experts, counts, scale)
         return await asyncio.to_thread(self.compute_sync, layer, rows, experts, counts, scale)
 
     async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:

@@ -17,6 +17,10 @@ from kernels import cpu_packed, grouped_mlp
 
 __all__ = ["ExpertGroup", "LayerExperts"]
 
+# Pack weights for oneDNN only from this size of one expert's down matrix (H * I elements): below
+# it a packed call costs more than it saves (measured: 3x slower at H=64, I=128).
+PACK_MIN_ELEMENTS = 1 << 20
+
 
 @dataclasses.dataclass
 class LayerExperts:
@@ -32,7 +36,7 @@ class LayerExperts:
     def __post_init__(self):
         self.slot = {e: i for i, e in enumerate(self.experts)}
         if not self.w_gate_up.is_cuda and self.w_gate_up.dtype in (torch.float32, torch.bfloat16) \
-                and cpu_packed.is_available():
+                and self.w_down[0].numel() >= PACK_MIN_ELEMENTS and cpu_packed.is_available():
             self.packed = cpu_packed.PackedExperts(self.w_gate_up, self.w_down)
 
     def mlp(self, x: torch.Tensor, counts: torch.Tensor, activation: str) -> torch.Tensor:

@@ -103,7 +103,8 @@ class Router:
         if self.metrics is not None:
             self.metrics.observe_tokens(layer, counts)
 
-    async def _scatter_gather(self, table: RoutingTable, layer: int, tokens) -> tuple[torch.Tensor, dict]:
+    async def _scatter_gather(self, table: RoutingTable, layer: int,
+                              tokens) -> tuple[torch.Tensor, list[tuple[slice, BaseException]]]:
         try:
             plan = plan_dispatch(tokens.counts, table.layers[layer], self._turn)
         except LookupError as exc:
@@ -114,14 +115,14 @@ class Router:
                  for group in groups]
         results = await asyncio.gather(*calls, return_exceptions=True)
         y = torch.empty_like(tokens.rows)
-        failed: dict[slice, BaseException] = {}
+        failed: list[tuple[slice, BaseException]] = []
         for group, result in zip(groups, results):
-            for expert, start, size in plan.segments[group]:
-                rows = slice(start, start + size)
-                if isinstance(result, BaseException):
-                    failed[rows] = result
-                    y[rows] = 0
-            if not isinstance(result, BaseException):
+            if isinstance(result, BaseException):
+                logger.warning("layer %d: group %s failed: %s", layer, group, result)
+                for _, start, size in plan.segments[group]:
+                    failed.append((slice(start, start + size), result))
+                    y[start:start + size] = 0
+            else:
                 self._place(y, plan.segments[group], result)
         return y, failed
 
@@ -143,11 +144,11 @@ class Router:
             offset += size
 
     @staticmethod
-    def _split(out: torch.Tensor, parts: list[slice], tokens, failed_rows: dict) -> list:
+    def _split(out: torch.Tensor, parts: list[slice], tokens, failed_rows: list) -> list:
         if not failed_rows:
             return [out[p] for p in parts]
         is_failed = torch.zeros(tokens.num_tokens, dtype=torch.bool)
-        for rows in failed_rows:
+        for rows, _ in failed_rows:
             is_failed[tokens.order[rows] // tokens.top_k] = True
-        error = next(iter(failed_rows.values()))
+        error = failed_rows[0][1]
         return [error if is_failed[p].any() else out[p] for p in parts]
