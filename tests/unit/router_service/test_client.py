@@ -297,7 +297,9 @@ def test_llama4_feed_forward_keeps_the_block_tuple(zoo):
     assert torch.allclose(out, ref_out, rtol=0, atol=1e-5 * ref_out.abs().max().item())
     assert torch.equal(out_kept, out) and torch.equal(logits_kept, ref_logits)
     assert len(recorded) == len(ref_recorded) == len(spec.moe_layers)
-    assert all(torch.equal(a, b) for a, b in zip(recorded, ref_recorded))
+    assert torch.equal(recorded[0], ref_recorded[0])  # the first MoE layer sees identical inputs
+    for a, b in zip(recorded[1:], ref_recorded[1:]):  # later ones see the mesh's output (fp32 tolerance)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def test_patch_model_refuses_a_mesh_serving_another_model(zoo):
