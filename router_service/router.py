@@ -19,7 +19,7 @@ from experts import CheckpointReader, Gate, MoESpec, SharedExpert, dispatch
 from experts.errors import MeshError
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
-from router_service.routing import RoutingTable, plan_dispatch
+from router_service.routing import RoutingTable, expert_segments, plan_dispatch
 from router_service.transport import ExpertUnavailableError, Transport
 
 __all__ = ["NoRoutingTableError", "Router"]
@@ -105,26 +105,33 @@ class Router:
 
     async def _scatter_gather(self, table: RoutingTable, layer: int,
                               tokens) -> tuple[torch.Tensor, list[tuple[slice, BaseException]]]:
-        try:
-            plan = plan_dispatch(tokens.counts, table.layers[layer], self._turn)
-        except LookupError as exc:
-            raise ExpertUnavailableError(f"layer {layer}: {exc}") from exc
-        self._turn += 1
-        groups = list(plan.segments)
-        calls = [self._call_group(table, layer, group, plan.endpoints[group], plan.segments[group], tokens)
-                 for group in groups]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        """Compute every expert segment on some copy; a group that fails is excluded and its
+        segments retried once on the other copies. Returns (y [N, H], segments that failed)."""
         y = torch.empty_like(tokens.rows)
-        failed: list[tuple[slice, BaseException]] = []
-        for group, result in zip(groups, results):
-            if isinstance(result, BaseException):
-                logger.warning("layer %d: group %s failed: %s", layer, group, result)
-                for _, start, size in plan.segments[group]:
-                    failed.append((slice(start, start + size), result))
-                    y[start:start + size] = 0
-            else:
-                self._place(y, plan.segments[group], result)
-        return y, failed
+        pending = expert_segments(tokens.counts)
+        excluded: dict[str, BaseException] = {}
+        for _attempt in range(2):
+            plan = plan_dispatch(pending, table.layers[layer], self._turn, frozenset(excluded))
+            self._turn += 1
+            groups = list(plan.segments)
+            results = await asyncio.gather(
+                *(self._call_group(table, layer, g, plan.endpoints[g], plan.segments[g], tokens) for g in groups),
+                return_exceptions=True)
+            pending = plan.unroutable
+            for group, result in zip(groups, results):
+                if isinstance(result, BaseException):
+                    logger.warning("layer %d: group %s failed: %s", layer, group, result)
+                    excluded[group] = result
+                    pending = pending + plan.segments[group]
+                else:
+                    self._place(y, plan.segments[group], result)
+            if not pending:
+                return y, []
+        error = next(iter(excluded.values()), None) or ExpertUnavailableError(
+            f"layer {layer}: experts {sorted({e for e, _, _ in pending})} have no live copy")
+        for _, start, size in pending:
+            y[start:start + size] = 0
+        return y, [(slice(start, start + size), error) for _, start, size in pending]
 
     async def _call_group(self, table, layer, group, endpoint, segments, tokens) -> torch.Tensor:
         slices = [slice(start, start + size) for _, start, size in segments]

@@ -10,7 +10,7 @@ import dataclasses
 
 import msgpack
 
-__all__ = ["Copy", "DispatchPlan", "RoutingTable", "plan_dispatch"]
+__all__ = ["Copy", "DispatchPlan", "RoutingTable", "expert_segments", "plan_dispatch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,36 +52,45 @@ class RoutingTable:
 class DispatchPlan:
     """Per destination group: the row segments of the expert-sorted batch it computes.
 
-    segments[group] = [(expert, start_row, num_rows), ...] in ascending expert order.
+    segments[group] = [(expert, start_row, num_rows), ...] in ascending expert order;
+    unroutable: segments whose expert has no usable copy.
     """
 
     endpoints: dict[str, str]
     segments: dict[str, list[tuple[int, int, int]]]
+    unroutable: list[tuple[int, int, int]]
 
 
-def plan_dispatch(counts: list[int], copies: list[list[Copy]], turn: int = 0) -> DispatchPlan:
-    """Assign each expert's rows to its copies: split evenly (contiguous chunks) across copies.
-
-    counts: rows per expert in sorted order (len E); copies: per expert its copies; `turn`
-    rotates which copy gets the larger chunk so that remainders spread over time.
-    Raises LookupError naming the expert when an expert with rows has no copy.
-    """
-    endpoints: dict[str, str] = {}
-    segments: dict[str, list[tuple[int, int, int]]] = {}
-    start = 0
+def expert_segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, start_row, num_rows) of every expert with rows, for rows sorted by expert."""
+    segments, start = [], 0
     for expert, count in enumerate(counts):
         if count:
-            options = copies[expert]
-            if not options:
-                raise LookupError(f"expert {expert} has no live copy")
-            base, extra = divmod(count, len(options))
-            offset = start
-            for i in range(len(options)):
-                copy = options[(i + turn) % len(options)]
-                size = base + (1 if i < extra else 0)
-                if size:
-                    endpoints[copy.group] = copy.endpoint
-                    segments.setdefault(copy.group, []).append((expert, offset, size))
-                    offset += size
+            segments.append((expert, start, count))
         start += count
-    return DispatchPlan(endpoints, segments)
+    return segments
+
+
+def plan_dispatch(segments: list[tuple[int, int, int]], copies: list[list[Copy]], turn: int = 0,
+                  excluded: frozenset[str] = frozenset()) -> DispatchPlan:
+    """Assign each segment's rows to its expert's copies: split evenly (contiguous chunks) across
+    the copies not in `excluded` (groups that just failed). `turn` rotates which copy gets the
+    larger chunk so that remainders spread over time. Pure policy."""
+    endpoints: dict[str, str] = {}
+    planned: dict[str, list[tuple[int, int, int]]] = {}
+    unroutable = []
+    for expert, start, count in segments:
+        options = [c for c in copies[expert] if c.group not in excluded]
+        if not options:
+            unroutable.append((expert, start, count))
+            continue
+        base, extra = divmod(count, len(options))
+        offset = start
+        for i in range(len(options)):
+            copy = options[(i + turn) % len(options)]
+            size = base + (1 if i < extra else 0)
+            if size:
+                endpoints[copy.group] = copy.endpoint
+                planned.setdefault(copy.group, []).append((expert, offset, size))
+                offset += size
+    return DispatchPlan(endpoints, planned, unroutable)

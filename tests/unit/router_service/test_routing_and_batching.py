@@ -1,0 +1,142 @@
+"""Pure policies of the data plane: dispatch planning, table encoding, batch taking; and the
+batcher and router with fakes of their transport (no Ray, no network)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from experts import ExpertGroup, MoELayer, load_spec
+from router_service.batcher import LayerBatcher, QueueFullError, take_batch
+from router_service.config import BatchingConfig, RouterConfig
+from router_service.router import Router
+from router_service.routing import Copy, RoutingTable, expert_segments, plan_dispatch
+from router_service.transport import ExpertUnavailableError, Transport
+
+A, B, C = (Copy(g, f"{g}:1", "v1") for g in ("a", "b", "c"))
+
+PLAN_CASES = [
+    # counts, copies per expert, excluded, expected segments per group, expected unroutable
+    ([2, 0, 3], [[A], [B], [B]], (), {"a": [(0, 0, 2)], "b": [(2, 2, 3)]}, []),
+    ([5], [[A, B]], (), {"a": [(0, 0, 3)], "b": [(0, 3, 2)]}, []),
+    ([5], [[A, B]], ("a",), {"b": [(0, 0, 5)]}, []),
+    ([1, 4], [[A], [B, C]], ("a",), {"b": [(1, 1, 2)], "c": [(1, 3, 2)]}, [(0, 0, 1)]),
+]
+
+
+@pytest.mark.parametrize("counts,copies,excluded,expected,unroutable", PLAN_CASES)
+def test_plan_dispatch(counts, copies, excluded, expected, unroutable):
+    plan = plan_dispatch(expert_segments(counts), copies, 0, frozenset(excluded))
+    assert plan.segments == expected
+    assert plan.unroutable == unroutable
+    assert set(plan.endpoints) == set(expected)
+
+
+def test_routing_table_round_trips_through_msgpack():
+    table = RoutingTable(7, {3: [[A, B], [], [C]]})
+    decoded = RoutingTable.decode(table.encode())
+    assert decoded == table
+    assert decoded.missing_experts() == [(3, 1)]
+    assert decoded.groups() == {"a": "a:1", "b": "b:1", "c": "c:1"}
+
+
+@pytest.mark.parametrize("queued,limit,expected", [([5, 5, 5], 10, 2), ([20, 1], 10, 1), ([3], 0, 1), ([], 8, 0)])
+def test_take_batch(queued, limit, expected):
+    assert take_batch(queued, limit) == expected
+
+
+def test_batcher_merges_splits_and_answers_each_caller():
+    batches = []
+
+    async def run_batch(x, parts):
+        batches.append(x.shape[0])
+        await asyncio.sleep(0.01)
+        return [x[p] * 2 for p in parts]
+
+    async def main():
+        batcher = LayerBatcher(run_batch, BatchingConfig(max_batch_tokens=8, max_inflight_batches=1), 1000)
+        inputs = [torch.full((n, 2), float(i)) for i, n in enumerate([3, 20, 1, 5, 2])]
+        outs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        await batcher.close()
+        return inputs, outs
+
+    inputs, outs = asyncio.run(main())
+    for x, out in zip(inputs, outs):
+        assert torch.equal(out, x * 2)
+    assert max(batches) <= 8 and sum(batches) == 31
+    assert len(batches) < 8  # requests were merged (one at a time would be 3 + 1 + 1 + 1 + 1 + chunks)
+
+
+def test_batcher_refuses_beyond_queue_limit():
+    async def main():
+        async def run_batch(x, parts):
+            await asyncio.sleep(0.05)
+            return [x[p] for p in parts]
+
+        batcher = LayerBatcher(run_batch, BatchingConfig(max_inflight_batches=1), max_queue_tokens=10)
+        first = asyncio.ensure_future(batcher.submit(torch.zeros(8, 2)))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="max_queue_tokens=10"):
+            await batcher.submit(torch.zeros(8, 2))
+        await first
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+class FakeGroupTransport(Transport):
+    """Computes on in-process ExpertGroups; groups named in `dead` raise ExpertUnavailableError."""
+
+    def __init__(self, groups: dict[str, ExpertGroup], dead: set[str]):
+        self.groups, self.dead, self.calls = groups, dead, []
+
+    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch):
+        self.calls.append(group)
+        if group in self.dead:
+            raise ExpertUnavailableError(f"expert group {group} is dead")
+        return self.groups[group].forward(layer, rows, experts, counts, scale)
+
+
+def _router(path, assignment: dict[str, list[int]], layer: int, dead: set[str]):
+    groups = {name: ExpertGroup.from_checkpoint(path, {layer: experts}) for name, experts in assignment.items()}
+    spec = load_spec(path)
+    copies = [[Copy(n, n, "v") for n, experts in assignment.items() if e in experts] for e in range(spec.num_experts)]
+    transport = FakeGroupTransport(groups, dead)
+    router = Router(path, RouterConfig(), transport)
+    router.set_table(RoutingTable(1, {layer: copies}))
+    return router, transport
+
+
+def test_failed_copy_is_retried_on_another_copy(zoo):
+    path = zoo.checkpoint("mixtral")
+    everything = list(range(load_spec(path).num_experts))
+    router, transport = _router(path, {"g0": everything, "g1": everything}, 0, dead={"g0"})
+    x = torch.randn(12, 48, generator=torch.Generator().manual_seed(0))
+    out, _ = asyncio.run(router.forward(0, x))
+    ref = MoELayer.from_pretrained(path, layer=0)(x)
+    assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert "g0" in transport.calls and "g1" in transport.calls
+
+
+def test_only_callers_needing_a_dead_group_fail(zoo):
+    path = zoo.checkpoint("mixtral")
+    router, _ = _router(path, {"g0": [0, 1, 2], "g1": [3, 4, 5]}, 0, dead={"g1"})
+    spec = load_spec(path)
+    gate = router.gates[0]
+    candidates = torch.randn(64, spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    ids = gate(candidates)[1]
+    uses_g1 = (ids >= 3).any(dim=1)
+    good, bad = candidates[~uses_g1][:2], candidates[uses_g1][:2]
+    assert len(good) == 2 and len(bad) == 2
+
+    async def main():
+        return await asyncio.gather(*(router.forward(0, t[None]) for t in [*good, *bad]), return_exceptions=True)
+
+    results = asyncio.run(main())
+    for token, result in zip(good, results[:2]):
+        ref = MoELayer.from_pretrained(path, layer=0)(token[None])
+        assert not isinstance(result, BaseException)
+        assert ((result[0] - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert all(isinstance(r, ExpertUnavailableError) for r in results[2:])
