@@ -3,6 +3,7 @@
     mesh up [--model DIR] [--config FILE] [--nodes N] [--port P] [--address ADDR] [--name NAME]
     mesh status [--json] [--name NAME]
     mesh down [--name NAME] [--address ADDR]
+    mesh scale --layer L --expert E --replicas N [--token T] [--name NAME]
     mesh check [--model DIR]
     mesh serve-config [--model DIR] [--config FILE] [-o FILE]
 """
@@ -72,11 +73,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
     mesh = None
     try:
         mesh = start_mesh(config, model, progress=print)
-        state.write(config.name, {"pid": os.getpid(), "router": mesh.address, "ray_address": address,
-                                  "model": model, "started": time.time()})
+        state.write(config.name, {"pid": os.getpid(), "router": mesh.address, "routers": mesh.addresses,
+                                  "ray_address": address, "model": model, "started": time.time()})
+        if len(mesh.addresses) > 1:
+            print(f"routers at {', '.join(mesh.addresses)}")
         print(f"expert-mesh ready at {mesh.address}", flush=True)
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(2.0):
+            try:  # watchdog: a controller that Ray restarted adopts the mesh on its first call
+                ray.get(mesh.controller.ready.remote(), timeout=60)
+            except Exception as exc:  # noqa: BLE001 - reported, retried on the next tick
+                print(f"controller not answering: {exc}", file=sys.stderr)
         print("stopping expert-mesh")
     finally:
         start = time.perf_counter()
@@ -88,6 +94,37 @@ def _cmd_up(args: argparse.Namespace) -> int:
         if cluster is not None:
             cluster.shutdown()
             print(f"local Ray cluster stopped ({time.perf_counter() - start:.1f} s)", flush=True)
+    return 0
+
+
+def _admin_stub(name: str):
+    import grpc
+
+    from protos import expert_mesh_pb2_grpc as pb_grpc
+
+    running = state.read(name)
+    if running is None:
+        return None
+    return pb_grpc.MeshAdminStub(grpc.insecure_channel(running["router"]))
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    import grpc
+
+    from protos import expert_mesh_pb2 as pb
+
+    stub = _admin_stub(args.name)
+    if stub is None:
+        print(f"no running mesh named {args.name!r}", file=sys.stderr)
+        return 1
+    token = args.token or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
+    try:
+        reply = stub.Scale(pb.ScaleRequest(token=token, layer=args.layer, expert=args.expert,
+                                           replicas=args.replicas), timeout=300)
+    except grpc.RpcError as exc:
+        print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(f"{reply.message} (epoch {reply.epoch})")
     return 0
 
 
@@ -185,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--name", default="mesh")
     down.add_argument("--address", help="Ray cluster address, when the mesh was not started from this machine")
     down.set_defaults(func=_cmd_down)
+
+    scale = commands.add_parser("scale", help="set the number of copies of one expert of one layer")
+    scale.add_argument("--layer", type=int, required=True)
+    scale.add_argument("--expert", type=int, required=True)
+    scale.add_argument("--replicas", type=int, required=True)
+    scale.add_argument("--token", help="admin token (default: $EXPERT_MESH_ADMIN_TOKEN)")
+    scale.add_argument("--name", default="mesh")
+    scale.set_defaults(func=_cmd_scale)
 
     check = commands.add_parser("check", help="run every MoE layer in-process and compare with transformers")
     check.add_argument("--model", help="checkpoint folder (default: the built-in model)")

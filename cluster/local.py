@@ -47,9 +47,17 @@ def start_local_cluster(num_nodes: int = 2, cpus_per_node: int = 2, dashboard: b
 @dataclasses.dataclass
 class MeshHandle:
     name: str
-    address: str                 # router "host:port"
+    addresses: list[str]         # routers' "host:port"
     controller: object
-    router: object
+    routers: list[object]
+
+    @property
+    def address(self) -> str:
+        return self.addresses[0]
+
+    @property
+    def router(self) -> object:
+        return self.routers[0]
 
     def status(self) -> dict:
         import msgpack
@@ -68,7 +76,8 @@ class MeshHandle:
 
 def start_mesh(config: MeshConfig, model_path: str | Path,
                progress: Callable[[str], None] = logger.info) -> MeshHandle:
-    """Deploy controller, expert groups and one router (on this node); return once SERVING.
+    """Deploy controller, expert groups and `config.num_routers` routers (on this node); return once
+    every router is SERVING.
 
     Needs `ray.init(...)` done. Raises what deployment raised (e.g. PlacementError)."""
     import ray
@@ -77,26 +86,37 @@ def start_mesh(config: MeshConfig, model_path: str | Path,
     here = ray.get_runtime_context().get_node_id()
     pin_here = {"label_selector": {"ray.io/node-id": here}}
     controller = ray.remote(MeshController).options(
-        name=f"{config.name}/controller", namespace=NAMESPACE, lifetime="detached", num_cpus=0, **pin_here,
+        name=f"{config.name}/controller", namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+        max_restarts=-1, **pin_here,
     ).remote(config.model_dump(), model_path)
     try:
         start = time.perf_counter()
         progress(f"deploying expert groups of {model_path}")
         ray.get(controller.deploy.remote())
-        progress(f"expert groups ready in {time.perf_counter() - start:.1f} s; starting the router")
-        router_name = f"{config.name}/router-0"
-        router = ray.remote(RouterActor).options(
-            name=router_name, namespace=NAMESPACE, lifetime="detached", num_cpus=0, max_concurrency=1000,
-            **pin_here,
-        ).remote(config.name, model_path, config.router.model_dump(), NAMESPACE, config.router_dtype,
-                 f"{config.name}/controller")
-        address = ray.get(router.start.remote())
-        if not ray.get(controller.add_router.remote(router_name)):
-            raise RuntimeError("router did not become SERVING after warm-up (see the router's log)")
+        progress(f"expert groups ready in {time.perf_counter() - start:.1f} s; starting {config.num_routers} router(s)")
+        routers, addresses = [], []
+        for k in range(config.num_routers):
+            router_config = config.router.model_copy(update={"port": config.router.port + k if config.router.port else 0})
+            router, address = _start_router(config, router_config, k, model_path, pin_here)
+            if not ray.get(controller.add_router.remote(f"{config.name}/router-{k}")):
+                raise RuntimeError(f"router {k} did not become SERVING after warm-up (see the router's log)")
+            routers.append(router)
+            addresses.append(address)
     except BaseException:
         try:
             ray.get(controller.shutdown.remote(), timeout=30)
         finally:
             ray.kill(controller)
         raise
-    return MeshHandle(config.name, address, controller, router)
+    return MeshHandle(config.name, addresses, controller, routers)
+
+
+def _start_router(config: MeshConfig, router_config, index: int, model_path: str, options: dict):
+    import ray
+
+    router = ray.remote(RouterActor).options(
+        name=f"{config.name}/router-{index}", namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+        max_concurrency=1000, **options,
+    ).remote(config.name, model_path, router_config.model_dump(), NAMESPACE, config.router_dtype,
+             f"{config.name}/controller")
+    return router, ray.get(router.start.remote())

@@ -77,6 +77,7 @@ class ExpertGroupActor:
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.name = name
+        self.model_path = model_path
         group = ExpertGroup.from_checkpoint(model_path, assignment, DTYPES[dtype])
         self.server_impl = ExpertGroupServer(name, group)
         self._server: grpc.aio.Server | None = None
@@ -102,6 +103,34 @@ class ExpertGroupActor:
 
     def ping(self) -> str:
         return self.name
+
+    def echo(self, payload):
+        """Returns `payload` as received: the `ray` transport's raw round trip (bench_mesh)."""
+        return payload
+
+    async def load_experts(self, layer: int, experts: list[int]) -> list[str]:
+        """Load more expert copies of `layer` from the checkpoint (beside what is served); returns
+        their versions. A probe batch through them runs before this returns (warm-up)."""
+        from experts.checkpoint import CheckpointReader
+
+        def load():
+            reader = CheckpointReader(self.model_path)
+            try:
+                weights = reader.experts(layer, experts)
+            finally:
+                reader.close()
+            group = self.server_impl.group
+            group.add_experts(layer, weights)
+            probe = torch.zeros(len(experts), group.spec.hidden_size)
+            with torch.inference_mode():
+                group.forward(layer, probe, sorted(experts), [1] * len(experts))
+            return [group.version(layer, e) for e in experts]
+
+        return await asyncio.to_thread(load)
+
+    def release_experts(self, layer: int, experts: list[int]) -> None:
+        """Drop copies whose traffic the controller has already moved away."""
+        self.server_impl.group.remove_experts(layer, experts)
 
     def info(self) -> dict:
         import ray

@@ -62,9 +62,10 @@ class ExpertGroup:
     first 12 hex digits, so two loads of the same bytes have the same version.
     """
 
-    def __init__(self, spec: MoESpec, layers: dict[int, LayerExperts]):
+    def __init__(self, spec: MoESpec, layers: dict[int, LayerExperts], dtype: torch.dtype | None = None):
         self.spec = spec
         self.layers = layers
+        self.dtype = dtype  # None: the checkpoint's
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, assignment: dict[int, list[int]],
@@ -76,7 +77,31 @@ class ExpertGroup:
                       for layer, ids in assignment.items()}
         finally:
             reader.close()
-        return cls(reader.spec, layers)
+        return cls(reader.spec, layers, dtype)
+
+    def add_experts(self, layer: int, weights: ExpertWeights) -> None:
+        """Hold more experts of `layer` (new copies); the layer's table is swapped in one assignment,
+        so a batch in flight keeps computing on the one it started with."""
+        held = self.layers.get(layer)
+        if held is not None:
+            clash = sorted(set(held.experts) & set(weights.experts))
+            if clash:
+                raise ValueError(f"this group already holds experts {clash} of layer {layer}")
+            weights = ExpertWeights(held.experts + weights.experts,
+                                    torch.cat([held.w_gate_up, weights.w_gate_up.to(held.w_gate_up.dtype)]),
+                                    torch.cat([held.w_down, weights.w_down.to(held.w_down.dtype)]),
+                                    held.checksums + weights.checksums)
+        self.layers[layer] = LayerExperts.from_weights(weights, self.dtype)
+
+    def remove_experts(self, layer: int, experts: list[int]) -> None:
+        """Release copies of `experts` of `layer` (the caller has drained their traffic)."""
+        held = self._held(layer, experts)
+        keep = [i for i, e in enumerate(held.experts) if e not in set(experts)]
+        if not keep:
+            del self.layers[layer]
+            return
+        self.layers[layer] = LayerExperts([held.experts[i] for i in keep], held.w_gate_up[keep], held.w_down[keep],
+                                          [held.checksums[i] for i in keep])
 
     def version(self, layer: int, expert: int) -> str:
         held = self.layers[layer]

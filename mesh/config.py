@@ -39,6 +39,10 @@ class MeshConfig(BaseModel):
     router: RouterConfig = Field(default_factory=RouterConfig)
     router_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype of gates and shared experts.")
     health_period_s: float = Field(1.0, gt=0, description="How often the controller pings groups.")
+    drain_s: float = Field(1.0, ge=0, description="Wait between moving traffic off a copy and releasing it.")
+    admin_token: str | None = Field(None, description=(
+        "Token that mutating admin calls must carry (EXPERT_MESH_ADMIN_TOKEN overrides); none: refused."))
+    num_routers: int = Field(1, ge=1, le=8, description="Routers started by `mesh up` (ports port, port+1, ...).")
 
 
 def load_config(path: str | Path | None, **overrides) -> MeshConfig:

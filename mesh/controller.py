@@ -9,7 +9,9 @@ health:    groups pinged every `health_period_s`; a dead group's copies leave th
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import os
 import time
 
 import msgpack
@@ -21,12 +23,16 @@ from mesh.config import MeshConfig
 from mesh.placement import initial_assignment, spread_groups
 from router_service.routing import Copy, RoutingTable
 
-__all__ = ["MeshController", "NAMESPACE", "PlacementError"]
+__all__ = ["AdminError", "MeshController", "NAMESPACE", "PlacementError"]
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "expert-mesh"
 _BYTES = {"float32": 4, "bfloat16": 2}
+
+
+class AdminError(MeshError):
+    """A mutating admin call without the right token."""
 
 
 class PlacementError(MeshError):
@@ -57,35 +63,103 @@ class MeshController:
         self.table = RoutingTable(0, {})
         self.started_at = time.time()
         self._health_task: asyncio.Task | None = None
+        self._recovering: asyncio.Future | None = None
 
     # -- deployment ------------------------------------------------------------------------------
 
-    async def deploy(self) -> bytes:
-        """Create every expert group, wait until all serve, build the first table; returns it."""
-        import ray
+    async def ready(self) -> int:
+        """After Ray restarted this actor, adopt the previous incarnation's groups and routers (from
+        the saved state); called by every public method and by `mesh up`'s watchdog. Returns the epoch."""
+        if self.table.epoch == 0 and self._recovering is None:
+            self._recovering = asyncio.ensure_future(self._recover())
+        if self._recovering is not None:
+            await self._recovering
+        return self.table.epoch
 
+    async def deploy(self) -> bytes:
+        """Create every expert group (or adopt them after a controller restart), wait until all
+        serve, build the table; returns it."""
+        if await self.ready():
+            return self.table.encode()
         nodes = _alive_nodes()
         num_groups = self.config.groups.num_groups or len(nodes)
         assignment = initial_assignment(list(self.spec.moe_layers), self.spec.num_experts, num_groups,
                                         self.config.groups.replicas)
         placement = spread_groups(num_groups, [n["NodeID"] for n in nodes])
         self._check_memory(assignment, placement, nodes)
-        has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in nodes)
-        actor_class = ray.remote(ExpertGroupActor)
-        for k, (experts, node_id) in enumerate(zip(assignment, placement)):
-            name = f"{self.config.name}/group-{k}"
-            self.handles[name] = actor_class.options(
-                name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=self.config.groups.num_cpus,
-                num_gpus=1 if has_gpus else 0, max_concurrency=64, **_pinning(node_id),
-            ).remote(name, self.model_path, experts, self.config.groups.dtype, self.config.groups.torch_threads)
-            self.groups[name] = {"node": node_id, "experts": experts, "alive": True}
-        endpoints = await asyncio.gather(*(h.start.remote() for h in self.handles.values()))
-        infos = await asyncio.gather(*(h.info.remote() for h in self.handles.values()))
-        for name, endpoint, info in zip(self.handles, endpoints, infos):
-            self.groups[name].update(endpoint=endpoint, versions=info["versions"], nbytes=info["nbytes"])
+        names = [f"{self.config.name}/group-{k}" for k in range(num_groups)]
+        await asyncio.gather(*(self._start_group(n, e, node) for n, e, node in zip(names, assignment, placement)))
         self.table = self._build_table(epoch=1)
+        self._save_state()
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return self.table.encode()
+
+    async def _start_group(self, name: str, experts: dict[int, list[int]], node_id: str) -> None:
+        """Create group actor `name` on `node_id` holding `experts`; returns once it serves."""
+        import ray
+
+        has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in _alive_nodes())
+        handle = ray.remote(ExpertGroupActor).options(
+            name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=self.config.groups.num_cpus,
+            num_gpus=1 if has_gpus else 0, max_concurrency=64, **_pinning(node_id),
+        ).remote(name, self.model_path, experts, self.config.groups.dtype, self.config.groups.torch_threads)
+        endpoint = await handle.start.remote()
+        info = await handle.info.remote()
+        self.handles[name] = handle
+        self.groups[name] = {"node": node_id, "experts": {int(l): e for l, e in info["experts"].items()},
+                             "versions": {int(l): v for l, v in info["versions"].items()},
+                             "endpoint": endpoint, "alive": True}
+
+    # -- persistence (survives a controller restart: Ray's GCS key-value store) --------------------
+
+    def _state_key(self) -> bytes:
+        return f"expert-mesh/{self.config.name}/state".encode()
+
+    def _save_state(self) -> None:
+        from ray.experimental import internal_kv
+
+        state = {"epoch": self.table.epoch, "routers": list(self.routers),
+                 "groups": {n: {"node": g["node"], "alive": g["alive"],
+                                "experts": {str(l): e for l, e in g["experts"].items()}}
+                            for n, g in self.groups.items()}}
+        internal_kv._internal_kv_put(self._state_key(), msgpack.packb(state), overwrite=True)
+
+    def forget_state(self) -> None:
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(self._state_key())
+
+    async def _recover(self) -> bool:
+        """Adopt the groups and routers of a previous controller incarnation, if any."""
+        import ray
+        from ray.experimental import internal_kv
+
+        blob = internal_kv._internal_kv_get(self._state_key())
+        if blob is None:
+            return False
+        state = msgpack.unpackb(blob, strict_map_key=False)
+        for name, saved in state["groups"].items():
+            self.groups[name] = {"node": saved["node"], "alive": False,
+                                 "experts": {int(l): e for l, e in saved["experts"].items()}, "versions": {}}
+            try:
+                self.handles[name] = ray.get_actor(name, namespace=NAMESPACE)
+                info = await asyncio.wait_for(self.handles[name].info.remote(), 10)
+                self.groups[name].update(alive=True, endpoint=info["endpoint"],
+                                         versions={int(l): v for l, v in info["versions"].items()})
+            except Exception as exc:  # noqa: BLE001 - a group that died meanwhile is restored below
+                logger.warning("group %s not recovered: %s", name, exc)
+        for name in state["routers"]:
+            try:
+                self.routers[name] = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                logger.warning("router %s is gone", name)
+        self.table = self._build_table(state["epoch"] + 1)
+        await self._push_table()
+        self._save_state()
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        logger.info("controller recovered %d groups, %d routers at epoch %d", len(self.groups),
+                    len(self.routers), self.table.epoch)
+        return True
 
     def _check_memory(self, assignment: list[dict], placement: list[str], nodes: list[dict]) -> None:
         spec, groups = self.spec, self.config.groups
@@ -118,8 +192,10 @@ class MeshController:
         """Register the router actor `name`; push the current table. Returns whether it serves."""
         import ray
 
+        await self.ready()
         handle = ray.get_actor(name, namespace=NAMESPACE)
         self.routers[name] = handle
+        self._save_state()
         return await handle.set_table.remote(self.table.encode())
 
     async def _push_table(self) -> None:
@@ -138,22 +214,107 @@ class MeshController:
             await self.check_health()
 
     async def check_health(self) -> None:
+        """Ping the groups; drop dead ones from the table at once, then restart them (same experts)
+        on a live node, so the desired count of every expert comes back."""
         names = [n for n, g in self.groups.items() if g["alive"]]
         results = await asyncio.gather(*(asyncio.wait_for(self.handles[n].ping.remote(), 5.0) for n in names),
                                        return_exceptions=True)
         dead = [n for n, r in zip(names, results) if isinstance(r, BaseException)]
-        if dead:
-            for name in dead:
+        dead += [n for n, g in self.groups.items() if not g["alive"] and n not in dead]
+        if not dead:
+            return
+        for name in dead:
+            if self.groups[name]["alive"]:
                 logger.warning("expert group %s is dead: removing its copies", name)
+            self.groups[name]["alive"] = False
+        await self._publish()
+        await self._restore(dead)
+
+    async def _restore(self, dead: list[str]) -> None:
+        nodes = [n["NodeID"] for n in _alive_nodes()]
+        for name in dead:
+            group = self.groups[name]
+            node = group["node"] if group["node"] in nodes else min(
+                nodes, key=lambda n: sum(g["alive"] and g["node"] == n for g in self.groups.values()))
+            try:
+                await asyncio.wait_for(self._start_group(name, group["experts"], node), 120)
+                logger.info("expert group %s restored on node %s", name, node[:12])
+            except Exception as exc:  # noqa: BLE001 - tried again on the next health round
+                logger.warning("could not restore group %s yet: %s", name, exc)
                 self.groups[name]["alive"] = False
-            self.table = self._build_table(self.table.epoch + 1)
-            await self._push_table()
+        await self._publish()
+
+    async def _publish(self) -> None:
+        """New table (epoch + 1) to every router; state saved."""
+        self.table = self._build_table(self.table.epoch + 1)
+        await self._push_table()
+        self._save_state()
+
+    # -- admin -------------------------------------------------------------------------------------
+
+    def _check_token(self, token: str) -> None:
+        expected = os.environ.get("EXPERT_MESH_ADMIN_TOKEN") or self.config.admin_token
+        if not expected:
+            raise AdminError("no admin token is configured (admin_token or EXPERT_MESH_ADMIN_TOKEN): "
+                             "mutating calls are refused")
+        if not hmac.compare_digest(token or "", expected):
+            raise AdminError("admin token missing or wrong")
+
+    async def scale(self, token: str, layer: int, expert: int, replicas: int) -> dict:
+        """Set the copies of one expert of one layer. New copies load and warm up before the table
+        moves traffic to them; removed copies leave the table first and are released after a drain."""
+        await self.ready()
+        try:
+            self._check_token(token)
+            self.spec.check_layer(layer)
+            live = [n for n, g in self.groups.items() if g["alive"]]
+            if not 0 <= expert < self.spec.num_experts:
+                raise ValueError(f"expert must be in [0, {self.spec.num_experts}), got {expert}")
+            if not 1 <= replicas <= len(live):
+                raise ValueError(f"replicas must be in [1, {len(live)}] (live groups), got {replicas}")
+            holders = [n for n in live if expert in self.groups[n]["experts"].get(layer, [])]
+            if replicas > len(holders):
+                await self._add_copies(layer, expert, replicas - len(holders), holders, live)
+            elif replicas < len(holders):
+                await self._remove_copies(layer, expert, len(holders) - replicas, holders)
+            return {"ok": True, "message": f"layer {layer} expert {expert}: {replicas} copies", "epoch": self.table.epoch}
+        except (AdminError, ValueError) as exc:
+            return {"ok": False, "message": str(exc), "epoch": self.table.epoch,
+                    "denied": isinstance(exc, AdminError)}
+
+    def _copies_held(self, name: str) -> int:
+        return sum(len(e) for e in self.groups[name]["experts"].values())
+
+    async def _add_copies(self, layer: int, expert: int, count: int, holders: list[str], live: list[str]) -> None:
+        targets = sorted((n for n in live if n not in holders), key=self._copies_held)[:count]
+        versions = await asyncio.gather(*(self.handles[n].load_experts.remote(layer, [expert]) for n in targets))
+        for name, (version,) in zip(targets, versions):
+            held = self.groups[name]["experts"].setdefault(layer, [])
+            held.append(expert)
+            order = sorted(range(len(held)), key=held.__getitem__)
+            vers = self.groups[name]["versions"].setdefault(layer, [])
+            vers.append(version)
+            self.groups[name]["experts"][layer] = [held[i] for i in order]
+            self.groups[name]["versions"][layer] = [vers[i] for i in order]
+        await self._publish()
+
+    async def _remove_copies(self, layer: int, expert: int, count: int, holders: list[str]) -> None:
+        victims = sorted(holders, key=self._copies_held, reverse=True)[:count]
+        for name in victims:
+            held, vers = self.groups[name]["experts"][layer], self.groups[name]["versions"][layer]
+            i = held.index(expert)
+            del held[i], vers[i]
+        await self._publish()  # traffic leaves the copies first
+        await asyncio.sleep(self.config.drain_s)  # batches already planned on the old table finish
+        await asyncio.gather(*(self.handles[n].release_experts.remote(layer, [expert]) for n in victims),
+                             return_exceptions=True)
 
     # -- status ----------------------------------------------------------------------------------
 
     async def snapshot(self) -> bytes:
         """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive),
         routers, and tokens per expert since start (summed over the routers' load reports)."""
+        await self.ready()
         reports = await asyncio.gather(*(r.load_report.remote() for r in self.routers.values()),
                                        return_exceptions=True)
         tokens: dict[str, int] = {}
@@ -177,6 +338,7 @@ class MeshController:
 
         if self._health_task is not None:
             self._health_task.cancel()
+        self.forget_state()
         await asyncio.gather(*(r.stop.remote() for r in self.routers.values()), return_exceptions=True)
         for handle in [*self.routers.values(), *self.handles.values()]:
             try:

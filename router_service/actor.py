@@ -24,6 +24,24 @@ __all__ = ["RouterActor"]
 logger = logging.getLogger(__name__)
 
 
+class _ControllerAdmin:
+    """MeshAdmin backend: the controller actor, found by name on every call (it may restart)."""
+
+    def __init__(self, name: str, namespace: str):
+        self.name, self.namespace = name, namespace
+
+    def _handle(self):
+        import ray
+
+        return ray.get_actor(self.name, namespace=self.namespace)
+
+    async def status(self) -> bytes:
+        return await self._handle().snapshot.remote()
+
+    async def scale(self, token: str, layer: int, expert: int, replicas: int) -> dict:
+        return await self._handle().scale.remote(token, layer, expert, replicas)
+
+
 class RouterActor:
     """Ray actor body (the controller or the CLI wraps it with ray.remote, name and placement)."""
 
@@ -46,15 +64,10 @@ class RouterActor:
         metrics = RouterMetrics(self.mesh)
         transport = make_transport(self.config.transport, self.namespace, self.config.expert_timeout_s)
         router = Router(self.model_path, self.config, transport, self.dtype, metrics)
-        self.server = RouterServer(router, self._controller_status if self.controller else None, metrics)
+        admin = _ControllerAdmin(self.controller, self.namespace) if self.controller else None
+        self.server = RouterServer(router, admin, metrics)
         port = await self.server.start()
         return f"{self.config.host}:{port}"
-
-    async def _controller_status(self) -> bytes:
-        import ray
-
-        handle = ray.get_actor(self.controller, namespace=self.namespace)
-        return await handle.snapshot.remote()
 
     async def set_table(self, blob: bytes) -> bool:
         """Install a routing table; warm every layer up if not yet serving. Returns is_serving."""
@@ -68,9 +81,11 @@ class RouterActor:
         return self.server is not None and self.server.is_serving()
 
     def load_report(self) -> bytes:
-        """msgpack {"tokens": [[layer, expert, count], ...]} since start."""
-        tokens = [[layer, expert, n] for (layer, expert), n in self.server.router.tokens_per_expert.items()]
-        return msgpack.packb({"tokens": tokens})
+        """msgpack {"tokens": [[layer, expert, count], ...], "batches": {"batches", "entries", "tokens",
+        "max_tokens"}} since start (entries: requests, or their chunks, merged into the batches)."""
+        router = self.server.router
+        tokens = [[layer, expert, n] for (layer, expert), n in router.tokens_per_expert.items()]
+        return msgpack.packb({"tokens": tokens, "batches": dict(router.batch_stats)})
 
     async def stop(self) -> None:
         if self.server is not None:

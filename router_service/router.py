@@ -50,6 +50,8 @@ class Router:
         self.metrics = metrics
         self.table: RoutingTable | None = None
         self.tokens_per_expert: collections.Counter[tuple[int, int]] = collections.Counter()
+        # batches run, queue entries (requests or their chunks) merged into them, their tokens, largest batch
+        self.batch_stats: collections.Counter[str] = collections.Counter()
         self._batchers: dict[int, LayerBatcher] = {}
         self._turn = 0
 
@@ -74,6 +76,8 @@ class Router:
         await self.transport.close()
 
     def _observe_batch(self, num_tokens: int, num_requests: int) -> None:
+        self.batch_stats.update(batches=1, entries=num_requests, tokens=num_tokens)
+        self.batch_stats["max_tokens"] = max(self.batch_stats["max_tokens"], num_tokens)
         if self.metrics is not None:
             self.metrics.observe_batch(num_tokens, num_requests)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Protocol
 
 import grpc
 import torch
@@ -65,7 +65,12 @@ def validate_forward(request: pb.ForwardRequest, moe_layers: tuple[int, ...], hi
     return x
 
 
-StatusProvider = Callable[[], Awaitable[bytes]]
+class AdminBackend(Protocol):
+    """Where MeshAdmin calls go (the controller); mutating calls return {ok, message, epoch, denied}."""
+
+    async def status(self) -> bytes: ...
+
+    async def scale(self, token: str, layer: int, expert: int, replicas: int) -> dict: ...
 
 
 class _ExpertMeshService(pb_grpc.ExpertMeshServicer):
@@ -80,21 +85,34 @@ class _ExpertMeshService(pb_grpc.ExpertMeshServicer):
 
 
 class _AdminService(pb_grpc.MeshAdminServicer):
+    """MeshAdmin on the router's port, forwarded to the controller."""
+
     def __init__(self, server: "RouterServer"):
         self.server = server
 
-    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
-        if self.server.status_provider is None:
+    async def _backend(self, context) -> AdminBackend:
+        if self.server.admin is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this router has no controller attached")
-        return pb.StatusReply(snapshot=await self.server.status_provider())
+        return self.server.admin
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
+        return pb.StatusReply(snapshot=await (await self._backend(context)).status())
+
+    async def Scale(self, request: pb.ScaleRequest, context) -> pb.AdminReply:
+        backend = await self._backend(context)
+        reply = await backend.scale(request.token, request.layer, request.expert, request.replicas)
+        if not reply["ok"]:
+            code = grpc.StatusCode.PERMISSION_DENIED if reply.get("denied") else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, reply["message"])
+        return pb.AdminReply(ok=True, message=reply["message"], epoch=reply["epoch"])
 
 
 class RouterServer:
     """One grpc.aio server in front of a Router."""
 
-    def __init__(self, router: Router, status_provider: StatusProvider | None = None, metrics=None):
+    def __init__(self, router: Router, admin: AdminBackend | None = None, metrics=None):
         self.router = router
-        self.status_provider = status_provider
+        self.admin = admin
         self.metrics = metrics
         self.health = HealthServicer()
         self.layers_ok: set[int] = set()
