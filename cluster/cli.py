@@ -4,8 +4,10 @@
     mesh status [--json] [--name NAME]
     mesh down [--name NAME] [--address ADDR]
     mesh scale --layer L --expert E --replicas N [--token T] [--name NAME]
+    mesh autoscale on|off [--token T] [--name NAME]
     mesh check [--model DIR]
-    mesh serve-config [--model DIR] [--config FILE] [-o FILE]
+    mesh serve-config [--model DIR] [--config FILE] [--name NAME] [--port P] [--app-name A]
+                      [--grpc-port P] [--http-port P] [--host H] [--proxy-location L] [-o FILE]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from cluster import state
 
@@ -128,6 +131,25 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_autoscale(args: argparse.Namespace) -> int:
+    import grpc
+
+    from protos import expert_mesh_pb2 as pb
+
+    stub = _admin_stub(args.name)
+    if stub is None:
+        print(f"no running mesh named {args.name!r}", file=sys.stderr)
+        return 1
+    token = args.token or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
+    try:
+        reply = stub.Autoscale(pb.AutoscaleRequest(token=token, enabled=args.state == "on"), timeout=30)
+    except grpc.RpcError as exc:
+        print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(reply.message)
+    return 0
+
+
 def _snapshot(args: argparse.Namespace) -> dict | None:
     import grpc
     import msgpack
@@ -157,8 +179,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         experts = " ".join(f"L{layer}:{','.join(map(str, e))}" for layer, e in group["experts"].items())
         print(f"  {group['name']:<16} {'live' if group['alive'] else 'DEAD':<5} node {group['node'][:12]} "
               f"{group['endpoint']:<21} {experts}")
-    tokens = snapshot["tokens_per_expert"]
-    print(f"  tokens routed since start: {sum(tokens.values())} over {len(tokens)} (layer, expert) pairs")
+    tokens, rates, copies = snapshot["tokens_per_expert"], snapshot["tokens_per_s"], snapshot["copies"]
+    print(f"  tokens routed since start: {sum(tokens.values())} over {len(tokens)} (layer, expert) pairs; "
+          f"autoscale {'on' if snapshot['autoscale'] else 'off'}")
+    hot = sorted(rates.items(), key=lambda kv: -kv[1])[:8]
+    if hot:
+        print("  hottest experts (tokens/s over the load window, copies): " +
+              ", ".join(f"L{k.replace('/', ' E')} {r:.0f}/s x{copies.get(k, 0)}" for k, r in hot))
     return 0
 
 
@@ -198,6 +225,27 @@ def _down_by_address(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cluster.serve_app import serve_config
+
+    config = _load_config(args)
+    if config.model and not Path(config.model).is_absolute():  # the cluster does not share our cwd
+        config = config.model_copy(update={"model": str(Path(config.model).resolve())})
+    config = serve_config(config, app_name=args.app_name, grpc_port=args.grpc_port, http_port=args.http_port,
+                          host=args.host, proxy_location=args.proxy_location)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.output:
+        with open(args.output, "w") as out:
+            out.write(text)
+        print(f"wrote {args.output}: `serve deploy {args.output}` (or `serve run {args.output}`), then gRPC "
+              f"ExpertMesh on port {args.grpc_port} with metadata application={args.app_name}", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesh", description="expert-mesh: serve MoE expert layers on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -231,10 +279,30 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--name", default="mesh")
     scale.set_defaults(func=_cmd_scale)
 
+    autoscale = commands.add_parser("autoscale", help="follow measured load with expert copies (on|off)")
+    autoscale.add_argument("state", choices=["on", "off"])
+    autoscale.add_argument("--token", help="admin token (default: $EXPERT_MESH_ADMIN_TOKEN)")
+    autoscale.add_argument("--name", default="mesh")
+    autoscale.set_defaults(func=_cmd_autoscale)
+
     check = commands.add_parser("check", help="run every MoE layer in-process and compare with transformers")
     check.add_argument("--model", help="checkpoint folder (default: the built-in model)")
     check.add_argument("--tokens", type=int, default=32, help="tokens per check (default 32)")
     check.set_defaults(func=_cmd_check)
+
+    serve_cfg = commands.add_parser("serve-config", help="write a `serve deploy` config of the mesh as a Ray Serve app")
+    serve_cfg.add_argument("--model", help="checkpoint folder, as seen on the cluster's nodes (default: the built-in model)")
+    serve_cfg.add_argument("--config", help="YAML config (see README); embedded in the Serve config")
+    serve_cfg.add_argument("--name", help="mesh name (default: mesh)")
+    serve_cfg.add_argument("--port", type=int, help="router port, the fast path (default 50051)")
+    serve_cfg.add_argument("--app-name", default="expert-mesh", help="Serve application name (default expert-mesh)")
+    serve_cfg.add_argument("--grpc-port", type=int, default=9000, help="Serve's gRPC proxy port (default 9000)")
+    serve_cfg.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port (default 8000)")
+    serve_cfg.add_argument("--host", default="0.0.0.0", help="Serve's HTTP proxy host (default 0.0.0.0)")
+    serve_cfg.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly", "Disabled"],
+                           help="where Serve runs its proxies (default EveryNode)")
+    serve_cfg.add_argument("-o", "--output", help="write here instead of stdout")
+    serve_cfg.set_defaults(func=_cmd_serve_config)
     return parser
 
 

@@ -3,6 +3,7 @@
     cluster = start_local_cluster(num_nodes=3)        # ray.cluster_utils.Cluster, N emulated nodes
     ray.init(address=cluster.address, namespace=NAMESPACE)
     mesh = start_mesh(config, model_path)            # controller, groups, router; waits for SERVING
+    mesh, created = find_or_start_mesh(config, path)  # the running mesh of that name, or a new one (Serve)
     ...  MeshClient(mesh.address) ...
     mesh.stop()
 """
@@ -16,13 +17,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from experts.errors import MeshError
 from mesh.config import MeshConfig
 from mesh.controller import NAMESPACE, MeshController
 from router_service.actor import RouterActor
 
-__all__ = ["MeshHandle", "start_local_cluster", "start_mesh"]
+__all__ = ["MeshConflictError", "MeshHandle", "find_or_start_mesh", "start_local_cluster", "start_mesh"]
 
 logger = logging.getLogger(__name__)
+
+
+class MeshConflictError(MeshError):
+    """A mesh of that name already runs, with another checkpoint."""
+
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -79,44 +86,89 @@ def start_mesh(config: MeshConfig, model_path: str | Path,
     """Deploy controller, expert groups and `config.num_routers` routers (on this node); return once
     every router is SERVING.
 
-    Needs `ray.init(...)` done. Raises what deployment raised (e.g. PlacementError)."""
+    Needs `ray.init(...)` done. Raises what deployment raised (e.g. PlacementError); raises
+    ValueError if a mesh of that name already runs (see `find_or_start_mesh`)."""
+    return _bring_up(config, model_path, progress, adopt=False)[0]
+
+
+def find_or_start_mesh(config: MeshConfig, model_path: str | Path,
+                       progress: Callable[[str], None] = logger.info) -> tuple[MeshHandle, bool]:
+    """The mesh named `config.name` if it runs (its controller and routers adopted, missing routers
+    started), else a new one as `start_mesh` deploys it. Returns (handle, created): `created` tells
+    whether this call made the controller (and so whether the caller owns the mesh).
+
+    What the Serve app's replicas call: a restarted replica finds the mesh its predecessor made.
+    Raises MeshError if the running mesh serves another checkpoint."""
+    return _bring_up(config, model_path, progress, adopt=True)
+
+
+def _bring_up(config: MeshConfig, model_path: str | Path, progress: Callable[[str], None],
+              adopt: bool) -> tuple[MeshHandle, bool]:
     import ray
 
     model_path = str(Path(model_path).resolve())
     here = ray.get_runtime_context().get_node_id()
     pin_here = {"label_selector": {"ray.io/node-id": here}}
-    controller = ray.remote(MeshController).options(
-        name=f"{config.name}/controller", namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-        max_restarts=-1, **pin_here,
-    ).remote(config.model_dump(), model_path)
+    controller = _named_actor(f"{config.name}/controller") if adopt else None
+    created = controller is None
+    if created:
+        controller = ray.remote(MeshController).options(
+            name=f"{config.name}/controller", namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+            max_restarts=-1, get_if_exists=adopt, **pin_here,
+        ).remote(config.model_dump(), model_path)
+    else:
+        _check_same_model(controller, config.name, model_path)
+        progress(f"adopting the running mesh {config.name!r}")
     try:
         start = time.perf_counter()
         progress(f"deploying expert groups of {model_path}")
-        ray.get(controller.deploy.remote())
+        ray.get(controller.deploy.remote())  # idempotent: a running mesh returns its table
         progress(f"expert groups ready in {time.perf_counter() - start:.1f} s; starting {config.num_routers} router(s)")
         routers, addresses = [], []
         for k in range(config.num_routers):
             router_config = config.router.model_copy(update={"port": config.router.port + k if config.router.port else 0})
-            router, address = _start_router(config, router_config, k, model_path, pin_here)
+            router, address = _start_router(config, router_config, k, model_path, pin_here, adopt)
             if not ray.get(controller.add_router.remote(f"{config.name}/router-{k}")):
                 raise RuntimeError(f"router {k} did not become SERVING after warm-up (see the router's log)")
             routers.append(router)
             addresses.append(address)
     except BaseException:
-        try:
-            ray.get(controller.shutdown.remote(), timeout=30)
-        finally:
-            ray.kill(controller)
+        if created:
+            try:
+                ray.get(controller.shutdown.remote(), timeout=30)
+            finally:
+                ray.kill(controller)
         raise
-    return MeshHandle(config.name, addresses, controller, routers)
+    return MeshHandle(config.name, addresses, controller, routers), created
 
 
-def _start_router(config: MeshConfig, router_config, index: int, model_path: str, options: dict):
+def _named_actor(name: str):
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def _check_same_model(controller, name: str, model_path: str) -> None:
+    import msgpack
+    import ray
+
+    running = msgpack.unpackb(ray.get(controller.snapshot.remote()), strict_map_key=False)["model"]
+    if running != model_path:
+        raise MeshConflictError(f"mesh {name!r} already runs {running}, not {model_path}: stop it first "
+                                f"(`mesh down --name {name} --address ADDR`) or give this one another name")
+
+
+def _start_router(config: MeshConfig, router_config, index: int, model_path: str, options: dict,
+                  adopt: bool = False):
+    """Router `<mesh>/router-<index>` (with `adopt`, the running one of that name) and its address."""
     import ray
 
     router = ray.remote(RouterActor).options(
         name=f"{config.name}/router-{index}", namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-        max_concurrency=1000, **options,
+        max_concurrency=1000, get_if_exists=adopt, **options,
     ).remote(config.name, model_path, router_config.model_dump(), NAMESPACE, config.router_dtype,
              f"{config.name}/controller")
-    return router, ray.get(router.start.remote())
+    return router, ray.get(router.start.remote())  # start() is idempotent: an adopted router keeps its port

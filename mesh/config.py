@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from experts.errors import MeshError
 from router_service.config import RouterConfig
 
-__all__ = ["ConfigError", "GroupsConfig", "MeshConfig", "load_config"]
+__all__ = ["AutoscaleConfig", "ConfigError", "GroupsConfig", "MeshConfig", "load_config"]
 
 
 class ConfigError(MeshError, ValueError):
@@ -30,6 +30,16 @@ class GroupsConfig(BaseModel):
         "Share of a node's Ray memory that its groups' expert weights may take."))
 
 
+class AutoscaleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Follow measured load (also `mesh autoscale on|off`).")
+    target_tokens_per_s: float = Field(2000.0, gt=0, description="Tokens/s one expert copy should carry.")
+    max_copies: int | None = Field(None, ge=1, description="Most copies of one expert; default: live groups.")
+    hysteresis: float = Field(0.25, ge=0, lt=1, description="Band around the target where nothing changes.")
+    period_s: float = Field(2.0, gt=0, description="How often the controller re-plans.")
+
+
 class MeshConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -42,6 +52,7 @@ class MeshConfig(BaseModel):
     drain_s: float = Field(1.0, ge=0, description="Wait between moving traffic off a copy and releasing it.")
     admin_token: str | None = Field(None, description=(
         "Token that mutating admin calls must carry (EXPERT_MESH_ADMIN_TOKEN overrides); none: refused."))
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
     num_routers: int = Field(1, ge=1, le=8, description="Routers started by `mesh up` (ports port, port+1, ...).")
 
 

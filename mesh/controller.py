@@ -19,6 +19,7 @@ import msgpack
 from experts import load_spec
 from experts.actor import ExpertGroupActor
 from experts.errors import MeshError
+from mesh.autoscale import plan_autoscale
 from mesh.config import MeshConfig
 from mesh.placement import initial_assignment, spread_groups
 from router_service.routing import Copy, RoutingTable
@@ -64,6 +65,8 @@ class MeshController:
         self.started_at = time.time()
         self._health_task: asyncio.Task | None = None
         self._recovering: asyncio.Future | None = None
+        self.autoscale_on = self.config.autoscale.enabled
+        self._autoscale_task: asyncio.Task | None = None
 
     # -- deployment ------------------------------------------------------------------------------
 
@@ -91,7 +94,7 @@ class MeshController:
         await asyncio.gather(*(self._start_group(n, e, node) for n, e, node in zip(names, assignment, placement)))
         self.table = self._build_table(epoch=1)
         self._save_state()
-        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        self._start_loops()
         return self.table.encode()
 
     async def _start_group(self, name: str, experts: dict[int, list[int]], node_id: str) -> None:
@@ -156,7 +159,7 @@ class MeshController:
         self.table = self._build_table(state["epoch"] + 1)
         await self._push_table()
         self._save_state()
-        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        self._start_loops()
         logger.info("controller recovered %d groups, %d routers at epoch %d", len(self.groups),
                     len(self.routers), self.table.epoch)
         return True
@@ -207,6 +210,49 @@ class MeshController:
                 logger.warning("router %s did not take epoch %d: %s", name, self.table.epoch, result)
 
     # -- health ----------------------------------------------------------------------------------
+
+    def _start_loops(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._health_task = loop.create_task(self._health_loop())
+        self._autoscale_task = loop.create_task(self._autoscale_loop())
+
+    async def _autoscale_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.autoscale.period_s)
+            if self.autoscale_on:
+                try:
+                    await self.autoscale_step()
+                except Exception:  # noqa: BLE001 - logged; the next period tries again
+                    logger.exception("autoscale step failed")
+
+    async def autoscale_step(self) -> dict[str, int]:
+        """One round of the autoscaling policy; returns the changes applied ("layer/expert" -> copies)."""
+        settings = self.config.autoscale
+        _, rates = await self.load()
+        live = sum(g["alive"] for g in self.groups.values())
+        copies = {(l, e): len(c) for l, experts in self.table.layers.items() for e, c in enumerate(experts) if c}
+        rates_by_key = {tuple(map(int, k.split("/"))): r for k, r in rates.items()}
+        changes = plan_autoscale(rates_by_key, copies, settings.target_tokens_per_s,
+                                 min(settings.max_copies or live, live), settings.hysteresis)
+        for (layer, expert), count in changes.items():
+            holders = [n for n, g in self.groups.items() if g["alive"] and expert in g["experts"].get(layer, [])]
+            if count > len(holders):
+                await self._add_copies(layer, expert, count - len(holders), holders,
+                                       [n for n, g in self.groups.items() if g["alive"]])
+            else:
+                await self._remove_copies(layer, expert, len(holders) - count, holders)
+        if changes:
+            logger.info("autoscale: %s", changes)
+        return {f"{l}/{e}": c for (l, e), c in changes.items()}
+
+    async def set_autoscale(self, token: str, enabled: bool) -> dict:
+        await self.ready()
+        try:
+            self._check_token(token)
+        except AdminError as exc:
+            return {"ok": False, "message": str(exc), "epoch": self.table.epoch, "denied": True}
+        self.autoscale_on = enabled
+        return {"ok": True, "message": f"autoscale {'on' if enabled else 'off'}", "epoch": self.table.epoch}
 
     async def _health_loop(self) -> None:
         while True:
@@ -311,33 +357,47 @@ class MeshController:
 
     # -- status ----------------------------------------------------------------------------------
 
-    async def snapshot(self) -> bytes:
-        """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive),
-        routers, and tokens per expert since start (summed over the routers' load reports)."""
-        await self.ready()
+    async def load(self) -> tuple[dict[str, int], dict[str, float]]:
+        """(tokens since start, tokens/s over the routers' window) per "layer/expert", all routers."""
         reports = await asyncio.gather(*(r.load_report.remote() for r in self.routers.values()),
                                        return_exceptions=True)
         tokens: dict[str, int] = {}
+        rates: dict[str, float] = {}
         for report in reports:
             if isinstance(report, bytes):
-                for layer, expert, count in msgpack.unpackb(report)["tokens"]:
-                    key = f"{layer}/{expert}"
-                    tokens[key] = tokens.get(key, 0) + count
+                data = msgpack.unpackb(report)
+                for layer, expert, count in data["tokens"]:
+                    tokens[f"{layer}/{expert}"] = tokens.get(f"{layer}/{expert}", 0) + count
+                for layer, expert, rate in data["rates"]:
+                    rates[f"{layer}/{expert}"] = rates.get(f"{layer}/{expert}", 0.0) + rate
+        return tokens, rates
+
+    async def snapshot(self) -> bytes:
+        """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive), routers,
+        copies per expert, tokens per expert since start and tokens/s over the load window."""
+        await self.ready()
+        tokens, rates = await self.load()
+        copies: dict[str, int] = {}
+        for layer, experts in self.table.layers.items():
+            for expert, held in enumerate(experts):
+                copies[f"{layer}/{expert}"] = len(held)
         groups = [{"name": n, "node": g["node"], "endpoint": g.get("endpoint", ""), "alive": g["alive"],
                    "experts": {str(l): e for l, e in g["experts"].items()},
                    "versions": {str(l): v for l, v in g.get("versions", {}).items()}} for n, g in self.groups.items()]
         return msgpack.packb({
             "mesh": self.config.name, "model": self.model_path, "model_type": self.spec.model_type,
-            "epoch": self.table.epoch, "uptime_s": time.time() - self.started_at,
-            "groups": groups, "routers": list(self.routers), "tokens_per_expert": tokens,
+            "epoch": self.table.epoch, "uptime_s": time.time() - self.started_at, "autoscale": self.autoscale_on,
+            "groups": groups, "routers": list(self.routers), "copies": copies,
+            "tokens_per_expert": tokens, "tokens_per_s": rates,
         })
 
     async def shutdown(self) -> None:
         """Stop the routers and kill every group this controller started."""
         import ray
 
-        if self._health_task is not None:
-            self._health_task.cancel()
+        for task in (self._health_task, self._autoscale_task):
+            if task is not None:
+                task.cancel()
         self.forget_state()
         await asyncio.gather(*(r.stop.remote() for r in self.routers.values()), return_exceptions=True)
         for handle in [*self.routers.values(), *self.handles.values()]:

@@ -41,6 +41,9 @@ class _ControllerAdmin:
     async def scale(self, token: str, layer: int, expert: int, replicas: int) -> dict:
         return await self._handle().scale.remote(token, layer, expert, replicas)
 
+    async def set_autoscale(self, token: str, enabled: bool) -> dict:
+        return await self._handle().set_autoscale.remote(token, enabled)
+
 
 class RouterActor:
     """Ray actor body (the controller or the CLI wraps it with ray.remote, name and placement)."""
@@ -56,9 +59,16 @@ class RouterActor:
         self.dtype = DTYPES[dtype]
         self.controller = controller
         self.server: RouterServer | None = None
+        self._starting: asyncio.Future | None = None
 
     async def start(self) -> str:
-        """Bind the gRPC port; returns "host:port"."""
+        """Bind the gRPC port; returns "host:port". Idempotent: later calls (a Serve replica adopting
+        this router) get the same address."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        return await self._starting
+
+    async def _start(self) -> str:
         from router_service.metrics import RouterMetrics
 
         metrics = RouterMetrics(self.mesh)
@@ -81,11 +91,16 @@ class RouterActor:
         return self.server is not None and self.server.is_serving()
 
     def load_report(self) -> bytes:
-        """msgpack {"tokens": [[layer, expert, count], ...], "batches": {"batches", "entries", "tokens",
-        "max_tokens"}} since start (entries: requests, or their chunks, merged into the batches)."""
+        """msgpack {"tokens": [[layer, expert, count since start], ...],
+                    "rates": [[layer, expert, tokens/s over the load window], ...],
+                    "batches": {"batches", "entries", "tokens", "max_tokens"} since start}
+        (entries: requests, or their chunks, merged into the batches)."""
+        import time
+
         router = self.server.router
         tokens = [[layer, expert, n] for (layer, expert), n in router.tokens_per_expert.items()]
-        return msgpack.packb({"tokens": tokens, "batches": dict(router.batch_stats)})
+        rates = [[layer, expert, r] for (layer, expert), r in router.load.rates(time.monotonic()).items()]
+        return msgpack.packb({"tokens": tokens, "rates": rates, "batches": dict(router.batch_stats)})
 
     async def stop(self) -> None:
         if self.server is not None:

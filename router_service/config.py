@@ -31,6 +31,7 @@ class RouterConfig(BaseModel):
     max_queue_tokens: int = Field(65536, ge=1, description=(
         "Tokens waiting in the router at most; beyond it callers get RESOURCE_EXHAUSTED."))
     expert_timeout_s: float = Field(30.0, gt=0, description="Deadline of one call to an expert group.")
+    load_window_s: float = Field(10.0, gt=0, description="Window of the tokens-per-expert rates reported.")
 
     @model_validator(mode="after")
     def _queue_fits_a_request(self) -> "RouterConfig":

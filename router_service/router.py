@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from experts import CheckpointReader, Gate, MoESpec, SharedExpert, dispatch
 from experts.errors import MeshError
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
+from router_service.load import LoadWindow
 from router_service.routing import RoutingTable, expert_segments, plan_dispatch
 from router_service.transport import ExpertUnavailableError, Transport
 
@@ -52,6 +54,7 @@ class Router:
         self.tokens_per_expert: collections.Counter[tuple[int, int]] = collections.Counter()
         # batches run, queue entries (requests or their chunks) merged into them, their tokens, largest batch
         self.batch_stats: collections.Counter[str] = collections.Counter()
+        self.load = LoadWindow(config.load_window_s)
         self._batchers: dict[int, LayerBatcher] = {}
         self._turn = 0
 
@@ -104,6 +107,7 @@ class Router:
         for expert, count in enumerate(counts):
             if count:
                 self.tokens_per_expert[(layer, expert)] += count
+        self.load.add(time.monotonic(), layer, counts)
         if self.metrics is not None:
             self.metrics.observe_tokens(layer, counts)
 

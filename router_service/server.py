@@ -72,6 +72,8 @@ class AdminBackend(Protocol):
 
     async def scale(self, token: str, layer: int, expert: int, replicas: int) -> dict: ...
 
+    async def set_autoscale(self, token: str, enabled: bool) -> dict: ...
+
 
 class _ExpertMeshService(pb_grpc.ExpertMeshServicer):
     def __init__(self, server: "RouterServer"):
@@ -100,11 +102,20 @@ class _AdminService(pb_grpc.MeshAdminServicer):
 
     async def Scale(self, request: pb.ScaleRequest, context) -> pb.AdminReply:
         backend = await self._backend(context)
-        reply = await backend.scale(request.token, request.layer, request.expert, request.replicas)
-        if not reply["ok"]:
-            code = grpc.StatusCode.PERMISSION_DENIED if reply.get("denied") else grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, reply["message"])
-        return pb.AdminReply(ok=True, message=reply["message"], epoch=reply["epoch"])
+        return await _admin_reply(await backend.scale(request.token, request.layer, request.expert,
+                                                      request.replicas), context)
+
+    async def Autoscale(self, request: pb.AutoscaleRequest, context) -> pb.AdminReply:
+        backend = await self._backend(context)
+        return await _admin_reply(await backend.set_autoscale(request.token, request.enabled), context)
+
+
+async def _admin_reply(reply: dict, context) -> pb.AdminReply:
+    """{ok, message, epoch, denied} from the controller -> AdminReply, or the status code it means."""
+    if not reply["ok"]:
+        code = grpc.StatusCode.PERMISSION_DENIED if reply.get("denied") else grpc.StatusCode.INVALID_ARGUMENT
+        await context.abort(code, reply["message"])
+    return pb.AdminReply(ok=True, message=reply["message"], epoch=reply["epoch"])
 
 
 class RouterServer:
