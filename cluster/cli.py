@@ -5,6 +5,7 @@
     mesh down [--name NAME] [--address ADDR]
     mesh scale --layer L --expert E --replicas N [--token T] [--name NAME]
     mesh autoscale on|off [--token T] [--name NAME]
+    mesh swap --layer L --expert E[,E...] --from DIR [--token T] [--name NAME]
     mesh check [--model DIR]
     mesh serve-config [--model DIR] [--config FILE] [--name NAME] [--port P] [--app-name A]
                       [--grpc-port P] [--http-port P] [--host H] [--proxy-location L] [-o FILE]
@@ -124,6 +125,28 @@ def _cmd_scale(args: argparse.Namespace) -> int:
     try:
         reply = stub.Scale(pb.ScaleRequest(token=token, layer=args.layer, expert=args.expert,
                                            replicas=args.replicas), timeout=300)
+    except grpc.RpcError as exc:
+        print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(f"{reply.message} (epoch {reply.epoch})")
+    return 0
+
+
+def _cmd_swap(args: argparse.Namespace) -> int:
+    import grpc
+
+    from protos import expert_mesh_pb2 as pb
+
+    stub = _admin_stub(args.name)
+    if stub is None:
+        print(f"no running mesh named {args.name!r}", file=sys.stderr)
+        return 1
+    token = args.token or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
+    experts = [int(e) for e in args.expert.split(",")]
+    source = os.path.abspath(getattr(args, "from"))
+    try:
+        reply = stub.Swap(pb.SwapRequest(token=token, layer=args.layer, experts=experts, source_dir=source),
+                          timeout=600)
     except grpc.RpcError as exc:
         print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -278,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--token", help="admin token (default: $EXPERT_MESH_ADMIN_TOKEN)")
     scale.add_argument("--name", default="mesh")
     scale.set_defaults(func=_cmd_scale)
+
+    swap = commands.add_parser("swap", help="hot-swap experts' weights from another checkpoint of the same model")
+    swap.add_argument("--layer", type=int, required=True)
+    swap.add_argument("--expert", required=True, help="expert ids, comma-separated")
+    swap.add_argument("--from", required=True, help="checkpoint folder with the new weights")
+    swap.add_argument("--token", help="admin token (default: $EXPERT_MESH_ADMIN_TOKEN)")
+    swap.add_argument("--name", default="mesh")
+    swap.set_defaults(func=_cmd_swap)
 
     autoscale = commands.add_parser("autoscale", help="follow measured load with expert copies (on|off)")
     autoscale.add_argument("state", choices=["on", "off"])

@@ -38,27 +38,28 @@ class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
         self.compute_s = 0.0
 
     def compute_sync(self, layer: int, rows: torch.Tensor, experts: list[int], counts: list[int],
-                     scale: torch.Tensor | None) -> torch.Tensor:
+                     scale: torch.Tensor | None, versions: list[str] | None = None) -> torch.Tensor:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = self.group.forward(layer, rows, experts, counts, scale)
+            out = self.group.forward(layer, rows, experts, counts, scale, versions)
         self.compute_s += time.perf_counter() - start
         for expert, count in zip(experts, counts):
             self.tokens_served[(layer, expert)] += count
         return out
 
-    async def compute(self, layer, rows, experts, counts, scale) -> torch.Tensor:
+    async def compute(self, layer, rows, experts, counts, scale, versions=None) -> torch.Tensor:
         """Small batches run inline (a thread hop costs more than they do); larger ones in a thread,
         so the event loop keeps receiving while torch computes."""
         if rows.numel() * self.group.spec.intermediate_size < INLINE_MAX_MACS:
-            return self.compute_sync(layer, rows, experts, counts, scale)
-        return await asyncio.to_thread(self.compute_sync, layer, rows, experts, counts, scale)
+            return self.compute_sync(layer, rows, experts, counts, scale, versions)
+        return await asyncio.to_thread(self.compute_sync, layer, rows, experts, counts, scale, versions)
 
     async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
         try:
             rows = from_proto(request.hidden, "ExpertBatch.hidden")
             scale = from_proto(request.scale, "ExpertBatch.scale") if request.scale.dtype else None
-            out = await self.compute(request.layer, rows, list(request.experts), list(request.counts), scale)
+            out = await self.compute(request.layer, rows, list(request.experts), list(request.counts), scale,
+                                     list(request.versions) or None)
         except (KeyError, ValueError, RuntimeError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group {self.name}: {exc}")
         reply = pb.ExpertResult()
@@ -98,8 +99,8 @@ class ExpertGroupActor:
         return self.endpoint
 
     async def compute(self, layer: int, rows: torch.Tensor, experts: list[int], counts: list[int],
-                      scale: torch.Tensor | None = None) -> torch.Tensor:
-        return await self.server_impl.compute(layer, rows, experts, counts, scale)
+                      scale: torch.Tensor | None = None, versions: list[str] | None = None) -> torch.Tensor:
+        return await self.server_impl.compute(layer, rows, experts, counts, scale, versions)
 
     def ping(self) -> str:
         return self.name
@@ -108,17 +109,12 @@ class ExpertGroupActor:
         """Returns `payload` as received: the `ray` transport's raw round trip (bench_mesh)."""
         return payload
 
-    async def load_experts(self, layer: int, experts: list[int]) -> list[str]:
-        """Load more expert copies of `layer` from the checkpoint (beside what is served); returns
-        their versions. A probe batch through them runs before this returns (warm-up)."""
-        from experts.checkpoint import CheckpointReader
+    async def load_experts(self, layer: int, experts: list[int], source: str | None = None) -> list[str]:
+        """Load more expert copies of `layer` from the checkpoint at `source` (default: the model's)
+        beside what is served; returns their versions. A probe batch runs through them first (warm-up)."""
 
         def load():
-            reader = CheckpointReader(self.model_path)
-            try:
-                weights = reader.experts(layer, experts)
-            finally:
-                reader.close()
+            weights = self._read(layer, experts, source)
             group = self.server_impl.group
             group.add_experts(layer, weights)
             probe = torch.zeros(len(experts), group.spec.hidden_size)
@@ -127,6 +123,44 @@ class ExpertGroupActor:
             return [group.version(layer, e) for e in experts]
 
         return await asyncio.to_thread(load)
+
+    def _read(self, layer: int, experts: list[int], source: str | None):
+        from experts.checkpoint import CheckpointReader
+
+        reader = CheckpointReader(source or self.model_path)
+        try:
+            if reader.spec != self.server_impl.group.spec:
+                raise ValueError(f"checkpoint {source} is not the same architecture as the served model")
+            return reader.experts(layer, experts)
+        finally:
+            reader.close()
+
+    async def stage_experts(self, layer: int, experts: list[int], source: str, probe: torch.Tensor) -> dict:
+        """Hot swap, step 1: load new weights of `experts` from `source` beside the current ones and
+        run `probe` [n, H] (n rows per expert, experts ascending) through them. Returns
+        {"versions", "checksums", "probe": outputs [len(experts) * n, H]}; nothing is served yet."""
+
+        def stage():
+            weights = self._read(layer, experts, source)
+            group = self.server_impl.group
+            group.stage(layer, weights)
+            staged = group.staged[layer]
+            versions = [staged.version(e) for e in sorted(experts)]
+            per_expert = probe.shape[0] // len(experts)
+            with torch.inference_mode():
+                out = group.forward(layer, probe, sorted(experts), [per_expert] * len(experts), None, versions)
+            return {"versions": versions, "checksums": [staged.checksums[staged.slot[e]] for e in sorted(experts)],
+                    "probe": out}
+
+        return await asyncio.to_thread(stage)
+
+    def commit_staged(self, layer: int) -> None:
+        """Hot swap, last step (after the flip and the drain): staged weights become current."""
+        self.server_impl.group.commit(layer)
+
+    def unstage(self, layer: int) -> None:
+        """Hot swap rolled back: drop the staged weights."""
+        self.server_impl.group.unstage(layer)
 
     def release_experts(self, layer: int, experts: list[int]) -> None:
         """Drop copies whose traffic the controller has already moved away."""

@@ -39,6 +39,10 @@ class LayerExperts:
                 and self.w_down[0].numel() >= PACK_MIN_ELEMENTS and cpu_packed.is_available():
             self.packed = cpu_packed.PackedExperts(self.w_gate_up, self.w_down)
 
+    def version(self, expert: int) -> str:
+        """Weight version of a held expert: the first 12 hex digits of its source bytes' sha256."""
+        return self.checksums[self.slot[expert]][:12]
+
     def mlp(self, x: torch.Tensor, counts: torch.Tensor, activation: str) -> torch.Tensor:
         """Grouped MLP of x [N, H] sorted by slot, counts [n] rows per held expert."""
         if self.packed is not None:
@@ -66,6 +70,7 @@ class ExpertGroup:
         self.spec = spec
         self.layers = layers
         self.dtype = dtype  # None: the checkpoint's
+        self.staged: dict[int, LayerExperts] = {}  # layer -> new weights of some experts (hot swap)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, assignment: dict[int, list[int]],
@@ -104,8 +109,7 @@ class ExpertGroup:
                                           [held.checksums[i] for i in keep])
 
     def version(self, layer: int, expert: int) -> str:
-        held = self.layers[layer]
-        return held.checksums[held.slot[expert]][:12]
+        return self.layers[layer].version(expert)
 
     def checksum(self) -> str:
         """One digest over every expert copy held: equal groups have equal checksums."""
@@ -120,27 +124,69 @@ class ExpertGroup:
         return sum((h.w_gate_up.nbytes + h.w_down.nbytes) * (2 if h.packed else 1) for h in self.layers.values())
 
     def forward(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int],
-                scale: torch.Tensor | None = None) -> torch.Tensor:
+                scale: torch.Tensor | None = None, versions: list[str] | None = None) -> torch.Tensor:
         """Expert outputs for a batch sorted by expert.
 
         x: [N, H] rows of experts[0] first, then experts[1], ... (ascending expert ids, all held
         here); counts: rows per expert, sum N; scale: [N] gate weights applied to the input
-        (Llama 4) or None. Returns [N, H] in the weights' dtype.
+        (Llama 4) or None; versions: the weight version each expert must be computed with (the
+        routing table's; during a hot swap the staged new weights or the current ones), None:
+        current. Returns [N, H] in the weights' dtype.
         """
-        held = self._held(layer, experts)
         if sum(counts) != x.shape[0] or len(counts) != len(experts):
             raise ValueError(f"counts {counts} do not match {x.shape[0]} rows for experts {experts}")
         if x.dim() != 2 or x.shape[1] != self.spec.hidden_size:
             raise ValueError(f"x must be [N, {self.spec.hidden_size}], got shape {tuple(x.shape)}")
-        x = x.to(held.w_gate_up.dtype)
+        if experts != sorted(experts):
+            raise ValueError(f"experts must come in ascending order, got {experts}")
+        runs = self._runs(layer, experts, counts, versions)
+        x = x.to(runs[0][0].w_gate_up.dtype)
         if scale is not None:
             x = x * scale.to(x.dtype).unsqueeze(1)
-        local_counts = torch.zeros(len(held.experts), dtype=torch.int64)
-        slots = [held.slot[e] for e in experts]
-        if slots != sorted(slots):
-            raise ValueError(f"experts must come in ascending order, got {experts}")
-        local_counts[slots] = torch.tensor(counts, dtype=torch.int64)
-        return held.mlp(x, local_counts, self.spec.activation)
+        outs, start = [], 0
+        for held, run_experts, run_counts in runs:
+            rows = sum(run_counts)
+            local_counts = torch.zeros(len(held.experts), dtype=torch.int64)
+            local_counts[[held.slot[e] for e in run_experts]] = torch.tensor(run_counts, dtype=torch.int64)
+            outs.append(held.mlp(x[start:start + rows], local_counts, self.spec.activation))
+            start += rows
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _runs(self, layer: int, experts: list[int], counts: list[int],
+              versions: list[str] | None) -> list[tuple[LayerExperts, list[int], list[int]]]:
+        """Consecutive experts computed by the same weights: (held, experts, counts) runs."""
+        active = self._held(layer, experts)
+        staged = self.staged.get(layer)
+        runs: list[tuple[LayerExperts, list[int], list[int]]] = []
+        for i, (expert, count) in enumerate(zip(experts, counts)):
+            held = active
+            if versions and versions[i] != active.version(expert):
+                if staged is None or expert not in staged.slot or versions[i] != staged.version(expert):
+                    raise ValueError(f"expert {expert} of layer {layer}: version {versions[i]} is not held "
+                                     f"(current {active.version(expert)})")
+                held = staged
+            if runs and runs[-1][0] is held:
+                runs[-1][1].append(expert)
+                runs[-1][2].append(count)
+            else:
+                runs.append((held, [expert], [count]))
+        return runs or [(active, [], [])]
+
+    # -- hot swap: new weights beside the old ----------------------------------------------------
+
+    def stage(self, layer: int, weights: ExpertWeights) -> None:
+        """Hold new weights of some experts of `layer` beside the current ones (not yet served)."""
+        self._held(layer, weights.experts)
+        self.staged[layer] = LayerExperts.from_weights(weights, self.dtype)
+
+    def commit(self, layer: int) -> None:
+        """The staged weights of `layer` become the current ones; the old ones are released."""
+        staged = self.staged.pop(layer)
+        self.remove_experts(layer, staged.experts)
+        self.add_experts(layer, ExpertWeights(staged.experts, staged.w_gate_up, staged.w_down, staged.checksums))
+
+    def unstage(self, layer: int) -> None:
+        self.staged.pop(layer, None)
 
     def _held(self, layer: int, experts: list[int]) -> LayerExperts:
         held = self.layers.get(layer)

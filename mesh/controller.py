@@ -40,6 +40,14 @@ class PlacementError(MeshError):
     """Expert groups cannot be placed as asked (no node, not enough memory)."""
 
 
+def _probe_rows(probe, experts: list[int], subset: list[int], rows_per_expert: int):
+    """Rows of `probe` ([len(experts) * n, H], n rows per expert in order) for the experts in `subset`."""
+    import torch
+
+    index = [experts.index(e) * rows_per_expert + r for e in subset for r in range(rows_per_expert)]
+    return probe[torch.tensor(index)]
+
+
 def _alive_nodes() -> list[dict]:
     import ray
 
@@ -66,6 +74,7 @@ class MeshController:
         self._health_task: asyncio.Task | None = None
         self._recovering: asyncio.Future | None = None
         self.autoscale_on = self.config.autoscale.enabled
+        self.sources: dict[tuple[int, int], str] = {}  # experts swapped in from another checkpoint
         self._autoscale_task: asyncio.Task | None = None
 
     # -- deployment ------------------------------------------------------------------------------
@@ -106,6 +115,10 @@ class MeshController:
             name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=self.config.groups.num_cpus,
             num_gpus=1 if has_gpus else 0, max_concurrency=64, **_pinning(node_id),
         ).remote(name, self.model_path, experts, self.config.groups.dtype, self.config.groups.torch_threads)
+        for (layer, expert), source in self.sources.items():  # swapped-in weights, not the model's
+            if expert in experts.get(layer, []):
+                await handle.release_experts.remote(layer, [expert])
+                await handle.load_experts.remote(layer, [expert], source)
         endpoint = await handle.start.remote()
         info = await handle.info.remote()
         self.handles[name] = handle
@@ -328,12 +341,98 @@ class MeshController:
             return {"ok": False, "message": str(exc), "epoch": self.table.epoch,
                     "denied": isinstance(exc, AdminError)}
 
+    async def swap(self, token: str, layer: int, experts: list[int], source: str) -> dict:
+        """Hot swap: new weights of `experts` of `layer` from checkpoint `source` load beside the old
+        on every group holding a copy, are verified (architecture, shapes, sha256 of the source bytes,
+        a probe batch equal to the in-process experts built from `source`), then one table epoch flips
+        all named experts at once; the old weights drain and are released. On any failure the staged
+        weights are dropped and traffic never saw them."""
+        await self.ready()
+        try:
+            self._check_token(token)
+            self.spec.check_layer(layer)
+            experts = sorted(set(int(e) for e in experts))
+            if not experts or not all(0 <= e < self.spec.num_experts for e in experts):
+                raise ValueError(f"experts must be a non-empty subset of [0, {self.spec.num_experts}), got {experts}")
+            holders = {n: [e for e in experts if e in g["experts"].get(layer, [])]
+                       for n, g in self.groups.items() if g["alive"]}
+            holders = {n: e for n, e in holders.items() if e}
+            await self._stage_and_verify(layer, experts, source, holders)
+        except (AdminError, MeshError, ValueError) as exc:
+            return {"ok": False, "message": f"swap refused, nothing changed: {exc}", "epoch": self.table.epoch,
+                    "denied": isinstance(exc, AdminError)}
+        await self._publish()  # Step 4: one epoch flips every named expert
+        await asyncio.sleep(self.config.drain_s)  # Step 5: batches planned on the old table finish
+        await asyncio.gather(*(self.handles[n].commit_staged.remote(layer) for n in holders), return_exceptions=True)
+        for expert in experts:
+            self.sources[(layer, expert)] = source
+        self._save_state()
+        return {"ok": True, "message": f"layer {layer} experts {experts} now serve weights from {source}",
+                "epoch": self.table.epoch}
+
+    async def _stage_and_verify(self, layer: int, experts: list[int], source: str, holders: dict) -> None:
+        """Steps 1-3 of a swap; on success the new versions are in self.groups (not yet published)."""
+        import torch
+
+        from experts import CheckpointReader, ExpertGroup
+        from protos.wire import DTYPES
+
+        # Step 1: the source as this controller reads it: same architecture, shapes, checksums.
+        reader = CheckpointReader(source)
+        if reader.spec != self.spec:
+            raise ValueError(f"checkpoint {source} is a {reader.spec.model_type} of another shape, not this "
+                             f"{self.spec.model_type} (config hash {reader.spec.config_hash()[:12]} != "
+                             f"{self.spec.config_hash()[:12]})")
+        dtype = DTYPES[self.config.groups.dtype]
+        expected = ExpertGroup.from_checkpoint(source, {layer: experts}, dtype, reader=reader)
+        rows_per_expert = 4
+        probe = torch.randn(len(experts) * rows_per_expert, self.spec.hidden_size,
+                            generator=torch.Generator().manual_seed(layer)).to(dtype)
+        # Step 2: every holder stages the new weights beside the old and runs the probe through them.
+        names = list(holders)
+        results = await asyncio.gather(*(self.handles[n].stage_experts.remote(
+            layer, holders[n], source, _probe_rows(probe, experts, holders[n], rows_per_expert)) for n in names),
+            return_exceptions=True)
+        try:
+            # Step 3: verify each against the in-process experts built from the source.
+            for name, result in zip(names, results):
+                if isinstance(result, BaseException):
+                    raise ValueError(f"group {name} could not load the new weights: {result}")
+                self._verify(name, layer, holders[name], result, expected, _probe_rows(probe, experts, holders[name],
+                                                                                       rows_per_expert))
+        except BaseException:
+            await asyncio.gather(*(self.handles[n].unstage.remote(layer) for n in names), return_exceptions=True)
+            raise
+        for name, result in zip(names, results):
+            held, versions = self.groups[name]["experts"][layer], self.groups[name]["versions"][layer]
+            for expert, version in zip(holders[name], result["versions"]):
+                versions[held.index(expert)] = version
+
+    @staticmethod
+    def _verify(name: str, layer: int, experts: list[int], result: dict, expected, probe) -> None:
+        import torch
+
+        held = expected.layers[layer]
+        want = [held.checksums[held.slot[e]] for e in experts]
+        if result["checksums"] != want:
+            raise ValueError(f"group {name}: sha256 of the source bytes differs from this controller's read "
+                             f"(the files changed while loading?)")
+        ref = expected.forward(layer, probe, experts, [probe.shape[0] // len(experts)] * len(experts))
+        out = result["probe"]
+        if not torch.isfinite(out).all():
+            raise ValueError(f"group {name}: probe output of the new weights has NaN or Inf")
+        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+        if err > 1e-5:
+            raise ValueError(f"group {name}: probe output differs from the in-process experts (rel err {err:.1e})")
+
     def _copies_held(self, name: str) -> int:
         return sum(len(e) for e in self.groups[name]["experts"].values())
 
     async def _add_copies(self, layer: int, expert: int, count: int, holders: list[str], live: list[str]) -> None:
         targets = sorted((n for n in live if n not in holders), key=self._copies_held)[:count]
-        versions = await asyncio.gather(*(self.handles[n].load_experts.remote(layer, [expert]) for n in targets))
+        source = self.sources.get((layer, expert))
+        versions = await asyncio.gather(*(self.handles[n].load_experts.remote(layer, [expert], source)
+                                          for n in targets))
         for name, (version,) in zip(targets, versions):
             held = self.groups[name]["experts"].setdefault(layer, [])
             held.append(expert)

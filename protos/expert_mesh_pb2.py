@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/expert_mesh.proto\x12\x0e\x65xpert_mesh.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"G\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\"H\n\x0f\x46orwardResponse\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\x9d\x02\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x12\n\nmoe_layers\x18\x03 \x03(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x64types\x18\x05 \x03(\t\x12I\n\x0fweight_versions\x18\x06 \x03(\x0b\x32\x30.expert_mesh.v1.InfoResponse.WeightVersionsEntry\x12\x1a\n\x12max_request_tokens\x18\x07 \x01(\x05\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x1a\x35\n\x13WeightVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x01\n\x0b\x45xpertBatch\x12\r\n\x05layer\x18\x01 \x01(\x05\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x04 \x03(\x05\x12%\n\x05scale\x18\x05 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\"6\n\x0c\x45xpertResult\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"+\n\tPingReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05group\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x1f\n\x0bStatusReply\x12\x10\n\x08snapshot\x18\x01 \x01(\x0c\"N\n\x0cScaleRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x05\x12\x10\n\x08replicas\x18\x04 \x01(\x05\"P\n\x0bSwapRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\x12\x12\n\nsource_dir\x18\x04 \x01(\t\"2\n\x10RebalanceRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"2\n\x10\x41utoscaleRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"8\n\nAdminReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x32\xa1\x01\n\nExpertMesh\x12J\n\x07\x46orward\x12\x1e.expert_mesh.v1.ForwardRequest\x1a\x1f.expert_mesh.v1.ForwardResponse\x12G\n\x07GetInfo\x12\x1e.expert_mesh.v1.GetInfoRequest\x1a\x1c.expert_mesh.v1.InfoResponse2\x94\x01\n\x0c\x45xpertWorker\x12\x44\n\x07\x43ompute\x12\x1b.expert_mesh.v1.ExpertBatch\x1a\x1c.expert_mesh.v1.ExpertResult\x12>\n\x04Ping\x12\x1b.expert_mesh.v1.PingRequest\x1a\x19.expert_mesh.v1.PingReply2\xeb\x02\n\tMeshAdmin\x12\x44\n\x06Status\x12\x1d.expert_mesh.v1.StatusRequest\x1a\x1b.expert_mesh.v1.StatusReply\x12\x41\n\x05Scale\x12\x1c.expert_mesh.v1.ScaleRequest\x1a\x1a.expert_mesh.v1.AdminReply\x12?\n\x04Swap\x12\x1b.expert_mesh.v1.SwapRequest\x1a\x1a.expert_mesh.v1.AdminReply\x12I\n\tRebalance\x12 .expert_mesh.v1.RebalanceRequest\x1a\x1a.expert_mesh.v1.AdminReply\x12I\n\tAutoscale\x12 .expert_mesh.v1.AutoscaleRequest\x1a\x1a.expert_mesh.v1.AdminReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/expert_mesh.proto\x12\x0e\x65xpert_mesh.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"G\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\"H\n\x0f\x46orwardResponse\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\x9d\x02\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x02 \x01(\t\x12\x12\n\nmoe_layers\x18\x03 \x03(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x0e\n\x06\x64types\x18\x05 \x03(\t\x12I\n\x0fweight_versions\x18\x06 \x03(\x0b\x32\x30.expert_mesh.v1.InfoResponse.WeightVersionsEntry\x12\x1a\n\x12max_request_tokens\x18\x07 \x01(\x05\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x1a\x35\n\x13WeightVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xad\x01\n\x0b\x45xpertBatch\x12\r\n\x05layer\x18\x01 \x01(\x05\x12&\n\x06hidden\x18\x02 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x04 \x03(\x05\x12%\n\x05scale\x18\x05 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\x12\r\n\x05\x65poch\x18\x06 \x01(\x04\x12\x10\n\x08versions\x18\x07 \x03(\t\"6\n\x0c\x45xpertResult\x12&\n\x06hidden\x18\x01 \x01(\x0b\x32\x16.expert_mesh.v1.Tensor\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"+\n\tPingReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05group\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\x1f\n\x0bStatusReply\x12\x10\n\x08snapshot\x18\x01 \x01(\x0c\"N\n\x0cScaleRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x03 \x01(\x05\x12\x10\n\x08replicas\x18\x04 \x01(\x05\"P\n\x0bSwapRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x0f\n\x07\x65xperts\x18\x03 \x03(\x05\x12\x12\n\nsource_dir\x18\x04 \x01(\t\"2\n\x10RebalanceRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"2\n\x10\x41utoscaleRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\"8\n\nAdminReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x32\xa1\x01\n\nExpertMesh\x12J\n\x07\x46orward\x12\x1e.expert_mesh.v1.ForwardRequest\x1a\x1f.expert_mesh.v1.ForwardResponse\x12G\n\x07GetInfo\x12\x1e.expert_mesh.v1.GetInfoRequest\x1a\x1c.expert_mesh.v1.InfoResponse2\x94\x01\n\x0c\x45xpertWorker\x12\x44\n\x07\x43ompute\x12\x1b.expert_mesh.v1.ExpertBatch\x1a\x1c.expert_mesh.v1.ExpertResult\x12>\n\x04Ping\x12\x1b.expert_mesh.v1.PingRequest\x1a\x19.expert_mesh.v1.PingReply2\xeb\x02\n\tMeshAdmin\x12\x44\n\x06Status\x12\x1d.expert_mesh.v1.StatusRequest\x1a\x1b.expert_mesh.v1.StatusReply\x12\x41\n\x05Scale\x12\x1c.expert_mesh.v1.ScaleRequest\x1a\x1a.expert_mesh.v1.AdminReply\x12?\n\x04Swap\x12\x1b.expert_mesh.v1.SwapRequest\x1a\x1a.expert_mesh.v1.AdminReply\x12I\n\tRebalance\x12 .expert_mesh.v1.RebalanceRequest\x1a\x1a.expert_mesh.v1.AdminReply\x12I\n\tAutoscale\x12 .expert_mesh.v1.AutoscaleRequest\x1a\x1a.expert_mesh.v1.AdminReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,31 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFORESPONSE_WEIGHTVERSIONSENTRY']._serialized_start=496
   _globals['_INFORESPONSE_WEIGHTVERSIONSENTRY']._serialized_end=549
   _globals['_EXPERTBATCH']._serialized_start=552
-  _globals['_EXPERTBATCH']._serialized_end=707
-  _globals['_EXPERTRESULT']._serialized_start=709
-  _globals['_EXPERTRESULT']._serialized_end=763
-  _globals['_PINGREQUEST']._serialized_start=765
-  _globals['_PINGREQUEST']._serialized_end=795
-  _globals['_PINGREPLY']._serialized_start=797
-  _globals['_PINGREPLY']._serialized_end=840
-  _globals['_STATUSREQUEST']._serialized_start=842
-  _globals['_STATUSREQUEST']._serialized_end=857
-  _globals['_STATUSREPLY']._serialized_start=859
-  _globals['_STATUSREPLY']._serialized_end=890
-  _globals['_SCALEREQUEST']._serialized_start=892
-  _globals['_SCALEREQUEST']._serialized_end=970
-  _globals['_SWAPREQUEST']._serialized_start=972
-  _globals['_SWAPREQUEST']._serialized_end=1052
-  _globals['_REBALANCEREQUEST']._serialized_start=1054
-  _globals['_REBALANCEREQUEST']._serialized_end=1104
-  _globals['_AUTOSCALEREQUEST']._serialized_start=1106
-  _globals['_AUTOSCALEREQUEST']._serialized_end=1156
-  _globals['_ADMINREPLY']._serialized_start=1158
-  _globals['_ADMINREPLY']._serialized_end=1214
-  _globals['_EXPERTMESH']._serialized_start=1217
-  _globals['_EXPERTMESH']._serialized_end=1378
-  _globals['_EXPERTWORKER']._serialized_start=1381
-  _globals['_EXPERTWORKER']._serialized_end=1529
-  _globals['_MESHADMIN']._serialized_start=1532
-  _globals['_MESHADMIN']._serialized_end=1895
+  _globals['_EXPERTBATCH']._serialized_end=725
+  _globals['_EXPERTRESULT']._serialized_start=727
+  _globals['_EXPERTRESULT']._serialized_end=781
+  _globals['_PINGREQUEST']._serialized_start=783
+  _globals['_PINGREQUEST']._serialized_end=813
+  _globals['_PINGREPLY']._serialized_start=815
+  _globals['_PINGREPLY']._serialized_end=858
+  _globals['_STATUSREQUEST']._serialized_start=860
+  _globals['_STATUSREQUEST']._serialized_end=875
+  _globals['_STATUSREPLY']._serialized_start=877
+  _globals['_STATUSREPLY']._serialized_end=908
+  _globals['_SCALEREQUEST']._serialized_start=910
+  _globals['_SCALEREQUEST']._serialized_end=988
+  _globals['_SWAPREQUEST']._serialized_start=990
+  _globals['_SWAPREQUEST']._serialized_end=1070
+  _globals['_REBALANCEREQUEST']._serialized_start=1072
+  _globals['_REBALANCEREQUEST']._serialized_end=1122
+  _globals['_AUTOSCALEREQUEST']._serialized_start=1124
+  _globals['_AUTOSCALEREQUEST']._serialized_end=1174
+  _globals['_ADMINREPLY']._serialized_start=1176
+  _globals['_ADMINREPLY']._serialized_end=1232
+  _globals['_EXPERTMESH']._serialized_start=1235
+  _globals['_EXPERTMESH']._serialized_end=1396
+  _globals['_EXPERTWORKER']._serialized_start=1399
+  _globals['_EXPERTWORKER']._serialized_end=1547
+  _globals['_MESHADMIN']._serialized_start=1550
+  _globals['_MESHADMIN']._serialized_end=1913
 # @@protoc_insertion_point(module_scope)

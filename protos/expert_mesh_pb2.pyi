@@ -64,20 +64,22 @@ class InfoResponse(_message.Message):
     def __init__(self, model_type: _Optional[str] = ..., config_hash: _Optional[str] = ..., moe_layers: _Optional[_Iterable[int]] = ..., hidden_size: _Optional[int] = ..., dtypes: _Optional[_Iterable[str]] = ..., weight_versions: _Optional[_Mapping[str, str]] = ..., max_request_tokens: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ExpertBatch(_message.Message):
-    __slots__ = ("layer", "hidden", "experts", "counts", "scale", "epoch")
+    __slots__ = ("layer", "hidden", "experts", "counts", "scale", "epoch", "versions")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: Tensor
     experts: _containers.RepeatedScalarFieldContainer[int]
     counts: _containers.RepeatedScalarFieldContainer[int]
     scale: Tensor
     epoch: int
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., experts: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., scale: _Optional[_Union[Tensor, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., experts: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., scale: _Optional[_Union[Tensor, _Mapping]] = ..., epoch: _Optional[int] = ..., versions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExpertResult(_message.Message):
     __slots__ = ("hidden",)

@@ -44,6 +44,9 @@ class _ControllerAdmin:
     async def set_autoscale(self, token: str, enabled: bool) -> dict:
         return await self._handle().set_autoscale.remote(token, enabled)
 
+    async def swap(self, token: str, layer: int, experts: list[int], source: str) -> dict:
+        return await self._handle().swap.remote(token, layer, experts, source)
+
 
 class RouterActor:
     """Ray actor body (the controller or the CLI wraps it with ray.remote, name and placement)."""

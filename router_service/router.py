@@ -149,7 +149,10 @@ class Router:
             scale = tokens.scale[slices[0]] if len(slices) == 1 else torch.cat([tokens.scale[s] for s in slices])
         experts = [expert for expert, _, _ in segments]
         counts = [size for _, _, size in segments]
-        return await self.transport.compute(group, endpoint, layer, rows, experts, counts, scale, table.epoch)
+        copies = table.layers[layer]
+        versions = [next(c.version for c in copies[e] if c.group == group) for e in experts]
+        return await self.transport.compute(group, endpoint, layer, rows, experts, counts, scale, table.epoch,
+                                            versions)
 
     @staticmethod
     def _place(y: torch.Tensor, segments: list[tuple[int, int, int]], result: torch.Tensor) -> None:

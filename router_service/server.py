@@ -74,6 +74,8 @@ class AdminBackend(Protocol):
 
     async def set_autoscale(self, token: str, enabled: bool) -> dict: ...
 
+    async def swap(self, token: str, layer: int, experts: list[int], source: str) -> dict: ...
+
 
 class _ExpertMeshService(pb_grpc.ExpertMeshServicer):
     def __init__(self, server: "RouterServer"):
@@ -104,6 +106,11 @@ class _AdminService(pb_grpc.MeshAdminServicer):
         backend = await self._backend(context)
         return await _admin_reply(await backend.scale(request.token, request.layer, request.expert,
                                                       request.replicas), context)
+
+    async def Swap(self, request: pb.SwapRequest, context) -> pb.AdminReply:
+        backend = await self._backend(context)
+        return await _admin_reply(await backend.swap(request.token, request.layer, list(request.experts),
+                                                     request.source_dir), context)
 
     async def Autoscale(self, request: pb.AutoscaleRequest, context) -> pb.AdminReply:
         backend = await self._backend(context)

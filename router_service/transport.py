@@ -31,8 +31,10 @@ class ExpertUnavailableError(MeshError):
 class Transport(abc.ABC):
     @abc.abstractmethod
     async def compute(self, group: str, endpoint: str, layer: int, rows: torch.Tensor, experts: list[int],
-                      counts: list[int], scale: torch.Tensor | None, epoch: int) -> torch.Tensor:
-        """Send rows [N, H] (sorted by expert) to `group`; returns its outputs [N, H].
+                      counts: list[int], scale: torch.Tensor | None, epoch: int,
+                      versions: list[str] | None = None) -> torch.Tensor:
+        """Send rows [N, H] (sorted by expert) to `group`, to be computed with the weight
+        `versions` of the routing table; returns its outputs [N, H].
         Raises ExpertUnavailableError when the group cannot answer."""
 
     async def close(self) -> None:
@@ -53,8 +55,8 @@ class GrpcTransport(Transport):
             stub = self._stubs[endpoint] = pb_grpc.ExpertWorkerStub(channel)
         return stub
 
-    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch):
-        request = pb.ExpertBatch(layer=layer, experts=experts, counts=counts, epoch=epoch)
+    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch, versions=None):
+        request = pb.ExpertBatch(layer=layer, experts=experts, counts=counts, epoch=epoch, versions=versions or [])
         to_proto(rows, request.hidden)
         if scale is not None:
             to_proto(scale.float(), request.scale)
@@ -80,7 +82,7 @@ class RayTransport(Transport):
         self._timeout_s = timeout_s
         self._handles: dict[str, object] = {}
 
-    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch):
+    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch, versions=None):
         import asyncio
 
         import ray
@@ -89,7 +91,7 @@ class RayTransport(Transport):
             handle = self._handles.get(group)
             if handle is None:
                 handle = self._handles[group] = ray.get_actor(group, namespace=self._namespace)
-            ref = handle.compute.remote(layer, rows, experts, counts, scale)
+            ref = handle.compute.remote(layer, rows, experts, counts, scale, versions)
             return await asyncio.wait_for(ref, self._timeout_s)
         except (ray.exceptions.RayError, ValueError, asyncio.TimeoutError) as exc:
             self._handles.pop(group, None)

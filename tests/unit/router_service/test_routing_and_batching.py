@@ -92,7 +92,7 @@ class FakeGroupTransport(Transport):
     def __init__(self, groups: dict[str, ExpertGroup], dead: set[str]):
         self.groups, self.dead, self.calls = groups, dead, []
 
-    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch):
+    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch, versions=None):
         self.calls.append(group)
         if group in self.dead:
             raise ExpertUnavailableError(f"expert group {group} is dead")
@@ -102,7 +102,8 @@ class FakeGroupTransport(Transport):
 def _router(path, assignment: dict[str, list[int]], layer: int, dead: set[str]):
     groups = {name: ExpertGroup.from_checkpoint(path, {layer: experts}) for name, experts in assignment.items()}
     spec = load_spec(path)
-    copies = [[Copy(n, n, "v") for n, experts in assignment.items() if e in experts] for e in range(spec.num_experts)]
+    copies = [[Copy(n, n, groups[n].version(layer, e)) for n, experts in assignment.items() if e in experts]
+              for e in range(spec.num_experts)]
     transport = FakeGroupTransport(groups, dead)
     router = Router(path, RouterConfig(), transport)
     router.set_table(RoutingTable(1, {layer: copies}))
