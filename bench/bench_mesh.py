@@ -1,0 +1,615 @@
+"""The mesh vs the in-process MoELayer, plain Ray actors and plain Ray Serve, on one emulated 3-node cluster.
+
+Prints one table (progress goes to stderr):
+(a) Forward latency p50/p90 of the mesh and of the in-process MoELayer for T in {8, 64, 512}
+    (Mixtral layer, H=1024, I=2816, E=8, k=2, fp32) and the fixed overhead at a tiny shape
+    (H=64, I=128, E=8, k=2, T=8), also for the peers; each as a ratio to the in-process layer;
+(b) 32 concurrent callers of 8 tokens each (big shape): tokens/s and p50 latency per request, for
+    the mesh with batching on and off, the peers, and the in-process layer at T=256 (one call);
+(c) round-trip bandwidth of the mesh's transports for 8 MB of rows (2048 x 1024 fp32) to one expert
+    group: grpc (ExpertWorker.Ping echoing the bytes) and ray (ExpertGroupActor.echo of the tensor);
+and the worst relative error of every implementation against MoELayer (a fast but wrong peer
+cannot win), beside the issue's goals.
+
+Peers (bench/peers.py), same checkpoint, cluster and split of experts over 3 groups as the mesh:
+"plain actors" = ray.remote actors holding an ExpertGroup, gate/dispatch/combine in the caller;
+"Serve" = one deployment per group, a router deployment with @serve.batch(max_batch_size=32)
+behind Serve's gRPC proxy, batch_wait_timeout_s 0.01 (Serve's default, "as configured") and 0.1
+("tuned"). Everything runs on this machine: the 3 "nodes" share its cores.
+
+    .venv/bin/python bench/bench_mesh.py [--quick] [--only {mesh,actors,serve}] [--threads N]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                     "RAY_AUTH_MODE": "disabled"}.items():
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import grpc  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+import peers  # noqa: E402  (bench/ is the script's folder)
+from cluster.local import start_local_cluster, start_mesh  # noqa: E402
+from experts import MoELayer  # noqa: E402
+from experts.builtin import build_model, save_checkpoint  # noqa: E402
+from mesh.config import MeshConfig  # noqa: E402
+from mesh.controller import NAMESPACE  # noqa: E402
+from mesh.placement import initial_assignment, spread_groups  # noqa: E402
+from protos import expert_mesh_pb2 as pb  # noqa: E402
+from protos import expert_mesh_pb2_grpc as pb_grpc  # noqa: E402
+from router_service import MeshClient  # noqa: E402
+
+MODELS = {
+    "big": dict(hidden_size=1024, intermediate_size=2816, num_local_experts=8, num_experts_per_tok=2,
+                num_hidden_layers=1),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
+                 num_hidden_layers=1),
+}
+LAYER = 0
+NUM_NODES = 3
+TOKENS = (8, 64, 512)
+OVERHEAD_TOKENS = 8
+NUM_CALLERS, CALLER_TOKENS = 32, 8
+BATCHED_TOKENS = NUM_CALLERS * CALLER_TOKENS  # the in-process reference: the 32 requests as one batch
+MIN_WINDOW_REQUESTS = 2 * NUM_CALLERS         # a load window lasts until this many requests ran inside it
+MAX_WINDOW_S = 60.0
+TRANSPORT_ROWS = 2048                         # x H=1024 fp32 = 8 MiB
+TRANSPORT_GROUP = 1                           # group-1 sits on a node other than the caller's
+TOLERANCE = 1e-5                              # max |out - ref| <= TOLERANCE * max |ref|, fp32
+SERVE_WAIT_S = {"serve": 0.01, "serve_tuned": 0.1}
+
+# columns of the table
+MESH, MESH_NB, ACTORS, SERVE, SERVE_TUNED, LOCAL = "mesh", "mesh_nb", "actors", "serve", "serve_tuned", "local"
+COLUMNS = {MESH: "mesh", MESH_NB: "mesh no-batch", ACTORS: "plain actors", SERVE: "Serve as-cfg",
+           SERVE_TUNED: "Serve tuned", LOCAL: "in-process"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Effort:
+    """How long each measurement runs."""
+
+    latency_reps: dict[int, int]     # T -> Forward calls timed (big shape)
+    overhead_reps: int               # tiny shape, T=8
+    max_series_s: float              # a latency series stops after this long (>= 10 calls)
+    warmup_s: float                  # closed-loop load: warm-up, then the measured window
+    window_s: float
+    transport_reps: int
+    serve_tuned: bool
+
+
+FULL = Effort({8: 300, 64: 150, 512: 30, BATCHED_TOKENS: 30}, 500, 8.0, 2.0, 8.0, 30, True)
+QUICK = Effort({8: 60, 64: 30, 512: 8, BATCHED_TOKENS: 8}, 100, 3.0, 1.0, 3.0, 8, False)
+
+NOTES = (
+    "mesh: defaults (grpc transport, batching on, max_wait_ms 0); mesh no-batch: router.batching.enabled=False. "
+    "plain actors: ray.remote actors, gate/dispatch/combine in each caller thread. "
+    "Serve: @serve.batch(max_batch_size=32), batch_wait_timeout_s 0.01 (as-cfg) / 0.1 (tuned), "
+    "router max_ongoing_requests=64, gRPC proxy ingress.",
+    "in-process: MoELayer in the calling process; (a) its calls alternate with the measured implementation's, "
+    "ratios use those pairs; (b) one call of all 32 x 8 tokens. MB = 1e6 bytes; MB/s = 2 x bytes / p50 round trip.",
+)
+
+_T0 = time.perf_counter()
+
+
+@dataclasses.dataclass
+class Model:
+    name: str                 # "big" or "tiny"
+    path: str                 # checkpoint folder
+    reference: MoELayer       # the in-process layer every implementation must equal
+    hidden_size: int
+
+
+def progress(message: str) -> None:
+    print(f"[bench_mesh {time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# ---- measurements ----
+
+def latencies_ms(call: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, reps: int,
+                 max_s: float) -> list[float]:
+    """Milliseconds per call(x), sequential, after two warm-up calls: `reps` calls, or fewer (at
+    least 10) if they take more than `max_s`."""
+    call(x)
+    call(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 10 or time.perf_counter() - start < max_s):
+        t0 = time.perf_counter()
+        call(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def paired_latencies_ms(call: Callable[[torch.Tensor], torch.Tensor], reference: Callable[[torch.Tensor], torch.Tensor],
+                        x: torch.Tensor, reps: int, max_s: float) -> tuple[list[float], list[float]]:
+    """Milliseconds per call(x) and per reference(x), the two alternating (so that both see the same
+    load on a shared machine), after two warm-up calls of each: `reps` pairs, or fewer (at least 10)
+    if they take more than `max_s`."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for fn in (call, reference, call, reference):
+        fn(x)
+    start = time.perf_counter()
+    while len(times[0]) < reps and (len(times[0]) < 10 or time.perf_counter() - start < max_s):
+        for fn, out in ((call, times[0]), (reference, times[1])):
+            t0 = time.perf_counter()
+            fn(x)
+            out.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def p50(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10)[8] if len(values) > 1 else values[0]
+
+
+@dataclasses.dataclass
+class Load:
+    tokens_per_s: float
+    p50_ms: float
+    num_requests: int          # completed in the window
+    window_s: float
+
+
+def closed_loop(call: Callable[[torch.Tensor], torch.Tensor], hidden_size: int, effort: Effort) -> Load:
+    """NUM_CALLERS threads, each sending CALLER_TOKENS-token requests back to back.
+
+    After `effort.warmup_s`, a window of `effort.window_s`, extended (up to MAX_WINDOW_S) until at
+    least MIN_WINDOW_REQUESTS requests started and ended in it. Throughput counts the requests
+    completed in the window; latency is that of the requests that started and ended in it."""
+    stop = threading.Event()
+    records: list[list[tuple[float, float]]] = [[] for _ in range(NUM_CALLERS)]
+    errors: list[BaseException] = []
+
+    def caller(index: int) -> None:
+        x = torch.randn(CALLER_TOKENS, hidden_size, generator=torch.Generator().manual_seed(100 + index))
+        try:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                call(x)
+                records[index].append((t0, time.perf_counter()))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+            stop.set()
+
+    def num_inside() -> int:
+        return sum(1 for rs in records for t0, _ in list(rs) if t0 >= window_start)
+
+    threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(NUM_CALLERS)]
+    window_start = time.perf_counter() + effort.warmup_s
+    for thread in threads:
+        thread.start()
+    while not stop.wait(0.05):
+        elapsed = time.perf_counter() - window_start
+        if elapsed >= MAX_WINDOW_S or (elapsed >= effort.window_s and num_inside() >= MIN_WINDOW_REQUESTS):
+            break
+    window_end = time.perf_counter()
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=120)
+    if errors:
+        raise errors[0]
+    done = [(t0, t1) for rs in records for t0, t1 in rs if window_start <= t1 <= window_end]
+    inside = [(t1 - t0) * 1e3 for t0, t1 in done if t0 >= window_start]
+    if not inside:
+        raise RuntimeError(f"no request started and ended within {MAX_WINDOW_S} s")
+    window_s = window_end - window_start
+    return Load(len(done) * CALLER_TOKENS / window_s, p50(inside), len(done), window_s)
+
+
+def rel_error(call: Callable[[torch.Tensor], torch.Tensor], reference: MoELayer) -> float:
+    """Worst max |call(x) - MoELayer(x)| / max |MoELayer(x)| over a few token counts."""
+    worst = 0.0
+    for num_tokens in (1, 8, 64):
+        x = torch.randn(num_tokens, reference.spec.hidden_size, generator=torch.Generator().manual_seed(num_tokens))
+        out, ref = call(x), reference(x)
+        if out.shape != ref.shape:
+            return float("inf")
+        worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
+    return worst
+
+
+def _tokens(num_tokens: int, hidden_size: int) -> torch.Tensor:
+    return torch.randn(num_tokens, hidden_size, generator=torch.Generator().manual_seed(num_tokens))
+
+
+# ---- results ----
+
+class Results:
+    """Cells filled in as measurements finish; printed once at the end."""
+
+    def __init__(self):
+        self.lat: dict[tuple[str, str, int], list[float]] = {}   # (column, model, T) -> ms
+        self.paired_local: dict[tuple[str, str, int], list[float]] = {}  # the in-process calls alternated with them
+        self.load: dict[str, Load] = {}
+        self.error: dict[str, float] = {}                      # column -> worst rel error
+        self.transport: dict[str, tuple[float, float]] = {}    # kind -> (MB/s, p50 RTT ms)
+        self.local_rate = 0.0
+        self.failures: list[str] = []
+
+    def add_error(self, column: str, value: float) -> None:
+        self.error[column] = max(self.error.get(column, 0.0), value)
+        progress(f"{COLUMNS[column]}: max rel error vs MoELayer {value:.1e}")
+
+    def ratio(self, column: str, model: str, num_tokens: int) -> float | None:
+        """p50 of `column` / p50 of the in-process calls alternated with it."""
+        key = (column, model, num_tokens)
+        if key not in self.lat:
+            return None
+        return p50(self.lat[key]) / p50(self.paired_local[key])
+
+
+def measure_load(r: Results, column: str, model: Model, call: Callable[[torch.Tensor], torch.Tensor],
+                 effort: Effort) -> None:
+    """Throughput and p50 latency of NUM_CALLERS concurrent callers of CALLER_TOKENS tokens."""
+    load = r.load[column] = closed_loop(call, model.hidden_size, effort)
+    progress(f"{COLUMNS[column]} {NUM_CALLERS} x {CALLER_TOKENS} tokens: {load.tokens_per_s:,.0f} tokens/s, "
+             f"p50 {load.p50_ms:.1f} ms ({load.num_requests} requests in {load.window_s:.1f} s)")
+
+
+def measure_latency(r: Results, column: str, model: Model, num_tokens: int,
+                    call: Callable[[torch.Tensor], torch.Tensor], reps: int, effort: Effort) -> None:
+    """Latency series of `call` at num_tokens, alternated with the in-process MoELayer."""
+    x = _tokens(num_tokens, model.hidden_size)
+    times, local = paired_latencies_ms(call, model.reference, x, reps, effort.max_series_s)
+    key = (column, model.name, num_tokens)
+    r.lat[key], r.paired_local[key] = times, local
+    r.lat.setdefault((LOCAL, model.name, num_tokens), local)
+    progress(f"{COLUMNS[column]} {model.name} T={num_tokens}: p50/p90 {_ms(times)} ms "
+             f"(in-process alternated with it: {_ms(local)} ms)")
+
+
+# ---- the table ----
+
+def _ms(values: list[float] | None) -> str:
+    return "" if not values else f"{p50(values):.2f} / {p90(values):.2f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "NO")
+
+
+Row = tuple[str, dict[str, str], str, str]  # (label, {column: text}, goal, met); no cells and no goal: a heading
+
+
+def _latency_rows(r: Results) -> list[Row]:
+    rows = [("(a) Forward latency, big: p50 / p90 ms", {}, "", "")]
+    for t in TOKENS:
+        rows.append((f"  T={t}", {c: _ms(r.lat.get((c, "big", t))) for c in (MESH, LOCAL)}, "", ""))
+    for t in TOKENS:
+        ratio = r.ratio(MESH, "big", t)
+        goal, met = ("<= 1.15", _met(ratio <= 1.15 if ratio else None)) if t == 512 else ("", "")
+        rows.append((f"  mesh / in-process p50, T={t}", {MESH: _ratio(ratio)}, goal, met))
+    tiny = {c: r.lat.get((c, "tiny", OVERHEAD_TOKENS)) for c in (MESH, ACTORS, SERVE, SERVE_TUNED, LOCAL)}
+    rows.append((f"  fixed overhead, tiny T={OVERHEAD_TOKENS}: p50 / p90 ms", {c: _ms(v) for c, v in tiny.items()},
+                 "<= 1.5 ms p50", _met(p50(tiny[MESH]) <= 1.5 if tiny[MESH] else None)))
+    rows.append(("  ... / in-process p50, tiny",
+                 {c: _ratio(r.ratio(c, "tiny", OVERHEAD_TOKENS)) for c in tiny if c != LOCAL}, "", ""))
+    return rows
+
+
+def _load_rows(r: Results) -> list[Row]:
+    load = r.load
+    rows = [(f"(b) {NUM_CALLERS} callers x {CALLER_TOKENS} tokens, big", {}, "", "")]
+    rate = {c: f"{v.tokens_per_s:,.0f}" for c, v in load.items()}
+    if r.local_rate:
+        rate[LOCAL] = f"{r.local_rate:,.0f} (T={BATCHED_TOKENS})"
+    mesh = load.get(MESH)
+    rows.append(("  tokens/s", rate, ">= 3,500", _met(mesh.tokens_per_s >= 3500 if mesh else None)))
+    latency = {c: f"{v.p50_ms:.1f}" for c, v in load.items()}
+    if (LOCAL, "big", BATCHED_TOKENS) in r.lat:
+        latency[LOCAL] = f"{p50(r.lat[(LOCAL, 'big', BATCHED_TOKENS)]):.1f} (1 call)"
+    rows.append(("  p50 ms per request", latency, "<= 100 ms", _met(mesh.p50_ms <= 100 if mesh else None)))
+    versus_local = mesh.tokens_per_s / r.local_rate if mesh and r.local_rate else None
+    rows.append((f"  mesh / in-process T={BATCHED_TOKENS} tokens/s",
+                 {MESH: f"{versus_local:.2f}" if versus_local else ""}, ">= 0.80",
+                 _met(versus_local >= 0.8 if versus_local else None)))
+    tuned = load.get(SERVE_TUNED)
+    versus_serve = mesh.tokens_per_s / tuned.tokens_per_s if mesh and tuned else None
+    rows.append(("  mesh / Serve tuned tokens/s", {MESH: f"{versus_serve:.2f}" if versus_serve else ""}, ">= 2.0",
+                 _met(versus_serve >= 2.0 if versus_serve else None)))
+    return rows
+
+
+def _other_rows(r: Results) -> list[Row]:
+    rows = [("(c) transport, 8 MB round trip to one group", {}, "", "")]
+    for kind, label in (("grpc", "grpc (ExpertWorker.Ping)"), ("ray", "ray (ExpertGroupActor.echo)")):
+        value = r.transport.get(kind)
+        rows.append((f"  {label}: MB/s (p50 ms)", {MESH: f"{value[0]:,.0f} ({value[1]:.1f})" if value else ""}, "", ""))
+    errors = {c: f"{v:.1e}" + ("" if v <= TOLERANCE else " WRONG") for c, v in r.error.items()}
+    rows.append(("correctness: max rel error vs MoELayer", errors, f"<= {TOLERANCE:g}",
+                 _met(all(v <= TOLERANCE for v in r.error.values()) if r.error else None)))
+    return rows
+
+
+def print_table(r: Results, header: str) -> None:
+    rows = [*_latency_rows(r), *_load_rows(r), *_other_rows(r)]
+    label_w = max(len(label) for label, *_ in rows)
+    widths = {c: max(len(COLUMNS[c]), *(len(cells.get(c, "")) for _, cells, *_ in rows)) for c in COLUMNS}
+    goal_w = max(len("goal"), *(len(goal) for *_, goal, _ in rows))
+    print(header)
+    print(" | ".join([f"{'measurement':<{label_w}}", *(f"{COLUMNS[c]:>{widths[c]}}" for c in COLUMNS),
+                      f"{'goal':<{goal_w}}", "met"]))
+    print("-+-".join(["-" * label_w, *("-" * widths[c] for c in COLUMNS), "-" * goal_w, "---"]))
+    for label, cells, goal, met in rows:
+        if not cells and not goal:
+            print(label)
+            continue
+        print(" | ".join([f"{label:<{label_w}}", *(f"{cells.get(c, ''):>{widths[c]}}" for c in COLUMNS),
+                          f"{goal:<{goal_w}}", met]))
+    for note in NOTES:
+        print(note)
+    wrong = [COLUMNS[c] for c, v in r.error.items() if not v <= TOLERANCE]
+    if wrong:
+        print(f"WRONG OUTPUTS (differ from MoELayer by more than {TOLERANCE:g}): {', '.join(wrong)}; "
+              f"their figures do not count")
+    sys.stdout.flush()
+
+
+# ---- setup ----
+
+def build_models(root: Path) -> dict[str, Model]:
+    models = {}
+    for name, overrides in MODELS.items():
+        path = root / name
+        save_checkpoint(build_model("mixtral", seed=0, **overrides), path)
+        models[name] = Model(name, str(path), MoELayer.from_pretrained(path, layer=LAYER), overrides["hidden_size"])
+    return models
+
+
+def node_order() -> tuple[list[str], str]:
+    """Alive node ids, head first (the order the mesh's controller places groups in), and the head's."""
+    nodes = sorted((n for n in ray.nodes() if n["Alive"]),
+                   key=lambda n: (not n.get("IsHeadNode", False), n["NodeID"]))
+    return [n["NodeID"] for n in nodes], ray.get_runtime_context().get_node_id()
+
+
+def group_layout(spec) -> tuple[list[dict[int, list[int]]], list[str], str]:
+    """The mesh's split of experts over NUM_NODES groups and their nodes: (assignment, nodes, head)."""
+    nodes, head = node_order()
+    assignment = initial_assignment(list(spec.moe_layers), spec.num_experts, NUM_NODES)
+    return assignment, spread_groups(NUM_NODES, nodes), head
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- in-process ----
+
+def bench_in_process(models: dict[str, Model], effort: Effort, r: Results) -> None:
+    """The batched reference of (b): the 32 x 8 tokens as one in-process call. (The latencies of (a)
+    are measured alternated with each implementation's.)"""
+    big = models["big"]
+    times = latencies_ms(big.reference, _tokens(BATCHED_TOKENS, big.hidden_size),
+                         effort.latency_reps[BATCHED_TOKENS], effort.max_series_s)
+    r.lat[(LOCAL, "big", BATCHED_TOKENS)] = times
+    r.local_rate = BATCHED_TOKENS / (p50(times) / 1e3)
+    progress(f"in-process T={BATCHED_TOKENS}: p50/p90 {_ms(times)} ms, {r.local_rate:,.0f} tokens/s")
+
+
+# ---- the mesh ----
+
+@contextlib.contextmanager
+def running_mesh(name: str, model: Model, **router):
+    config = MeshConfig(name=name, router={"port": 0, **router})
+    progress(f"starting mesh {name} ({model.name}, router {router or 'defaults'})")
+    mesh = start_mesh(config, model.path, progress=progress)
+    try:
+        yield mesh
+    finally:
+        progress(f"stopping mesh {name}")
+        mesh.stop()
+
+
+def bench_transports(mesh, effort: Effort, r: Results) -> None:
+    """Round trips of 8 MB to one expert group of the running mesh, over grpc and over ray."""
+    name = f"{mesh.name}/group-{TRANSPORT_GROUP}"
+    handle = ray.get_actor(name, namespace=NAMESPACE)
+    endpoint = ray.get(handle.info.remote())["endpoint"]
+    rows = torch.randn(TRANSPORT_ROWS, MODELS["big"]["hidden_size"])  # [2048, 1024] fp32
+    payload = rows.numpy().tobytes()
+    channel = grpc.insecure_channel(endpoint, options=peers.CHANNEL_OPTIONS)
+    stub = pb_grpc.ExpertWorkerStub(channel)
+
+    def grpc_echo(_):
+        reply = stub.Ping(pb.PingRequest(payload=payload), timeout=60)
+        if len(reply.payload) != len(payload):
+            raise RuntimeError(f"Ping echoed {len(reply.payload)} bytes of {len(payload)}")
+
+    def ray_echo(_):
+        return ray.get(handle.echo.remote(rows))
+
+    if not torch.equal(ray_echo(None), rows):
+        raise RuntimeError("ExpertGroupActor.echo did not return its argument")
+    try:
+        for kind, call in (("grpc", grpc_echo), ("ray", ray_echo)):
+            times = latencies_ms(call, rows, effort.transport_reps, effort.max_series_s)
+            r.transport[kind] = (2 * len(payload) / (p50(times) / 1e3) / 1e6, p50(times))
+            progress(f"transport {kind} to {name}: {r.transport[kind][0]:,.0f} MB/s, p50 {p50(times):.1f} ms")
+    finally:
+        channel.close()
+
+
+def check_mesh_layout(mesh, model: Model) -> None:
+    """The peers copy the mesh's split of experts over groups and nodes: warn if the mesh differs."""
+    assignment, nodes, _ = group_layout(model.reference.spec)
+    infos = [ray.get(ray.get_actor(f"{mesh.name}/group-{k}", namespace=NAMESPACE).info.remote())
+             for k in range(len(nodes))]
+    actual = [({int(layer): list(experts) for layer, experts in info["experts"].items()}, info["node_id"])
+              for info in infos]
+    if actual != list(zip(assignment, nodes)):
+        progress(f"WARNING: the mesh's groups hold {actual}; the peers use {list(zip(assignment, nodes))}")
+
+
+def bench_mesh(models: dict[str, Model], effort: Effort, r: Results) -> None:
+    big, tiny = models["big"], models["tiny"]
+    with running_mesh("bench-big", big) as mesh, MeshClient(mesh.address, timeout_s=120) as client:
+        check_mesh_layout(mesh, big)
+        forward = lambda x: client.forward(LAYER, x)  # noqa: E731
+        r.add_error(MESH, rel_error(forward, big.reference))
+        for t in TOKENS:
+            measure_latency(r, MESH, big, t, forward, effort.latency_reps[t], effort)
+        measure_load(r, MESH, big, forward, effort)
+        bench_transports(mesh, effort, r)
+    with running_mesh("bench-nobatch", big, batching={"enabled": False}) as mesh, \
+            MeshClient(mesh.address, timeout_s=120) as client:
+        forward = lambda x: client.forward(LAYER, x)  # noqa: E731
+        r.add_error(MESH_NB, rel_error(forward, big.reference))
+        measure_load(r, MESH_NB, big, forward, effort)
+    with running_mesh("bench-tiny", tiny) as mesh, MeshClient(mesh.address, timeout_s=120) as client:
+        forward = lambda x: client.forward(LAYER, x)  # noqa: E731
+        r.add_error(MESH, rel_error(forward, tiny.reference))
+        measure_latency(r, MESH, tiny, OVERHEAD_TOKENS, forward, effort.overhead_reps, effort)
+
+
+# ---- plain Ray actors ----
+
+@contextlib.contextmanager
+def plain_actors(model: Model):
+    assignment, nodes, _ = group_layout(model.reference.spec)
+    progress(f"starting plain actors ({model.name})")
+    handles = peers.start_plain_actors(model.path, assignment, nodes)
+    frontend = peers.LocalFrontend(model.path, LAYER, [a[LAYER] for a in assignment])
+    try:
+        yield peers.PlainActorsMoE(frontend, handles)
+    finally:
+        for handle in handles:
+            ray.kill(handle)
+
+
+def bench_actors(models: dict[str, Model], effort: Effort, r: Results) -> None:
+    big, tiny = models["big"], models["tiny"]
+    with plain_actors(tiny) as moe:
+        r.add_error(ACTORS, rel_error(moe.forward, tiny.reference))
+        measure_latency(r, ACTORS, tiny, OVERHEAD_TOKENS, moe.forward, effort.overhead_reps, effort)
+    with plain_actors(big) as moe:
+        r.add_error(ACTORS, rel_error(moe.forward, big.reference))
+        measure_load(r, ACTORS, big, moe.forward, effort)
+
+
+# ---- plain Ray Serve ----
+
+def _wait_serving(client: peers.ServeClient, hidden_size: int, timeout_s: float = 60.0) -> None:
+    """The proxy learns about a new app asynchronously: retry UNAVAILABLE/NOT_FOUND for a while."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.forward(torch.zeros(1, hidden_size))
+            return
+        except grpc.RpcError as exc:
+            if time.monotonic() > deadline:
+                raise
+            progress(f"waiting for Serve's proxy: {exc.code().name}")
+            time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def serve_app(app_name: str, model: Model, wait_s: float, grpc_port: int):
+    from ray import serve
+
+    assignment, nodes, head = group_layout(model.reference.spec)
+    progress(f"deploying Serve app {app_name} ({model.name}, batch_wait_timeout_s={wait_s})")
+    peers.deploy_serve_app(app_name, model.path, LAYER, assignment, nodes, head, wait_s)
+    placed = [serve.get_deployment_handle(f"group-{k}", app_name).node_id.remote().result()
+              for k in range(len(nodes))]
+    if placed != nodes:
+        raise RuntimeError(f"Serve group replicas landed on {placed}, asked for {nodes}")
+    client = peers.ServeClient(f"127.0.0.1:{grpc_port}", app_name, LAYER)
+    try:
+        _wait_serving(client, model.hidden_size)
+        yield client
+    finally:
+        client.close()
+        serve.delete(app_name)
+
+
+def bench_serve(models: dict[str, Model], effort: Effort, r: Results) -> None:
+    from ray import serve
+
+    big, tiny = models["big"], models["tiny"]
+    grpc_port = free_port()
+    peers.start_serve(grpc_port, free_port())
+    try:
+        for column in (SERVE, SERVE_TUNED) if effort.serve_tuned else (SERVE,):
+            wait_s = SERVE_WAIT_S[column]
+            with serve_app(f"{column}-tiny", tiny, wait_s, grpc_port) as client:
+                r.add_error(column, rel_error(client.forward, tiny.reference))
+                measure_latency(r, column, tiny, OVERHEAD_TOKENS, client.forward, effort.overhead_reps, effort)
+            with serve_app(f"{column}-big", big, wait_s, grpc_port) as client:
+                r.add_error(column, rel_error(client.forward, big.reference))
+                measure_load(r, column, big, client.forward, effort)
+    finally:
+        serve.shutdown()
+
+
+# ---- main ----
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter windows, no tuned Serve run")
+    parser.add_argument("--only", choices=["mesh", "actors", "serve"], help="run one implementation (and in-process)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (callers, in-process)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    effort = QUICK if args.quick else FULL
+    ray.cloudpickle.register_pickle_by_value(peers)
+    results = Results()
+    # stdout carries the table only: whatever Ray prints meanwhile (raylet notices) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="bench_mesh-") as tmp:
+        progress("building checkpoints")
+        models = build_models(Path(tmp))
+        bench_in_process(models, effort, results)
+        progress(f"starting a {NUM_NODES}-node local Ray cluster")
+        cluster = start_local_cluster(num_nodes=NUM_NODES)
+        try:
+            ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+            phases = {"mesh": bench_mesh, "actors": bench_actors, "serve": bench_serve}
+            for name, phase in phases.items():
+                if args.only in (None, name):
+                    try:
+                        phase(models, effort, results)
+                    except Exception as exc:  # noqa: BLE001 - the other phases still run; the table says so
+                        traceback.print_exc()
+                        results.failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                        progress(f"phase {name} FAILED: {exc}")
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    header = (f"expert-mesh vs in-process / plain Ray actors / plain Ray Serve; {NUM_NODES} emulated nodes on one "
+              f"machine ({os.cpu_count()} cores), fp32, Mixtral layer E=8 k=2; big H=1024 I=2816, tiny H=64 I=128; "
+              f"{'--quick' if args.quick else 'full'} run")
+    print_table(results, header)
+    for failure in results.failures:
+        print(f"FAILED {failure}")
+    sys.exit(1 if results.failures else 0)
+
+
+if __name__ == "__main__":
+    main()
