@@ -112,7 +112,8 @@ def _admin_stub(name: str):
     return pb_grpc.MeshAdminStub(grpc.insecure_channel(running["router"]))
 
 
-def _cmd_scale(args: argparse.Namespace) -> int:
+def _admin_call(args: argparse.Namespace, method: str, timeout_s: float, **fields) -> int:
+    """One mutating MeshAdmin call on the running mesh, with the token; prints the reply."""
     import grpc
 
     from protos import expert_mesh_pb2 as pb
@@ -122,55 +123,28 @@ def _cmd_scale(args: argparse.Namespace) -> int:
         print(f"no running mesh named {args.name!r}", file=sys.stderr)
         return 1
     token = args.token or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
+    request = getattr(pb, f"{method}Request")(token=token, **fields)
     try:
-        reply = stub.Scale(pb.ScaleRequest(token=token, layer=args.layer, expert=args.expert,
-                                           replicas=args.replicas), timeout=300)
+        reply = getattr(stub, method)(request, timeout=timeout_s)
     except grpc.RpcError as exc:
         print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     print(f"{reply.message} (epoch {reply.epoch})")
     return 0
+
+
+def _cmd_scale(args: argparse.Namespace) -> int:
+    return _admin_call(args, "Scale", 300, layer=args.layer, expert=args.expert, replicas=args.replicas)
 
 
 def _cmd_swap(args: argparse.Namespace) -> int:
-    import grpc
-
-    from protos import expert_mesh_pb2 as pb
-
-    stub = _admin_stub(args.name)
-    if stub is None:
-        print(f"no running mesh named {args.name!r}", file=sys.stderr)
-        return 1
-    token = args.token or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
     experts = [int(e) for e in args.expert.split(",")]
-    source = os.path.abspath(getattr(args, "from"))
-    try:
-        reply = stub.Swap(pb.SwapRequest(token=token, layer=args.layer, experts=experts, source_dir=source),
-                          timeout=600)
-    except grpc.RpcError as exc:
-        print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    print(f"{reply.message} (epoch {reply.epoch})")
-    return 0
+    return _admin_call(args, "Swap", 600, layer=args.layer, experts=experts,
+                       source_dir=os.path.abspath(getattr(args, "from")))
 
 
 def _cmd_autoscale(args: argparse.Namespace) -> int:
-    import grpc
-
-    from protos import expert_mesh_pb2 as pb
-
-    stub = _admin_stub(args.name)
-    if stub is None:
-        print(f"no running mesh named {args.name!r}", file=sys.stderr)
-        return 1
-    token = args.token or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
-    try:
-        reply = stub.Autoscale(pb.AutoscaleRequest(token=token, enabled=args.state == "on"), timeout=30)
-    except grpc.RpcError as exc:
-        print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    print(reply.message)
-    return 0
+    return _admin_call(args, "Autoscale", 30, enabled=args.state == "on")
 
 
 def _snapshot(args: argparse.Namespace) -> dict | None:
