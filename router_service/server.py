@@ -8,6 +8,7 @@ The server keeps serving through all of them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Protocol
@@ -202,6 +203,9 @@ class RouterServer:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except (ExpertUnavailableError, NoRoutingTableError) as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+        except asyncio.CancelledError:  # deadline passed or the caller went away
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
             logger.exception("Forward failed")
             code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

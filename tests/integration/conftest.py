@@ -36,11 +36,13 @@ class MeshFactory:
 
     def __init__(self):
         self.meshes = {}
+        self._started = 0  # names are never reused, even after stop()
 
     def get(self, model_path, key: str | None = None, **config):
         key = key or str(model_path)
         if key not in self.meshes:
-            name = f"t{len(self.meshes)}"
+            name = f"t{self._started}"
+            self._started += 1
             config.setdefault("router", {}).setdefault("port", 0)
             self.meshes[key] = start_mesh(MeshConfig(name=name, **config), model_path)
         return self.meshes[key]

@@ -1,0 +1,76 @@
+"""What the mesh integration tests share: tolerance, the router's counters, gate predictions,
+concurrent callers."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import msgpack
+import ray
+import torch
+
+from experts import CheckpointReader, Gate, load_spec
+from router_service import MeshClient, MeshClientError
+
+FP32_TOL = 1e-5  # max abs error <= FP32_TOL * max|ref|
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def load_report(mesh) -> dict:
+    """The router's own counters: tokens per (layer, expert) and batch statistics since start."""
+    report = msgpack.unpackb(ray.get(mesh.router.load_report.remote()), strict_map_key=False)
+    report["tokens"] = {(layer, expert): n for layer, expert, n in report["tokens"]}
+    return report
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    return {key: after["batches"].get(key, 0) - before["batches"].get(key, 0) for key in ("batches", "entries", "tokens")}
+
+
+def tokens_delta(before: dict, after: dict) -> dict[str, int]:
+    """Per "layer/expert": token copies routed between two `mesh.status()` snapshots (zeros dropped)."""
+    old, new = before["tokens_per_expert"], after["tokens_per_expert"]
+    delta = {key: new.get(key, 0) - old.get(key, 0) for key in set(old) | set(new)}
+    return {key: n for key, n in delta.items() if n}
+
+
+def load_gate(path: Path, layer: int) -> Gate:
+    reader = CheckpointReader(path)
+    try:
+        return Gate(reader.spec, reader.gate(layer))
+    finally:
+        reader.close()
+
+
+def gate_counts(path: Path, layer: int, x: torch.Tensor) -> dict[str, int]:
+    """Per "layer/expert": the token copies that the gate of `layer` sends for x [..., H]."""
+    spec = load_spec(path)
+    _, ids = load_gate(path, layer)(x.reshape(-1, spec.hidden_size))
+    counts = torch.bincount(ids.reshape(-1), minlength=spec.num_experts).tolist()
+    return {f"{layer}/{expert}": n for expert, n in enumerate(counts) if n}
+
+
+def call_concurrently(address: str, requests: list[tuple[int, torch.Tensor]], return_errors: bool = False) -> list:
+    """Every request from its own thread and MeshClient, released together. Returns the outputs
+    (with `return_errors`, a MeshClientError in place of a failed request's output)."""
+    barrier = threading.Barrier(len(requests))
+
+    def call(request):
+        layer, x = request
+        with MeshClient(address, timeout_s=60) as client:
+            client.info()  # connected before the barrier, so that the Forwards arrive together
+            barrier.wait()
+            try:
+                return client.forward(layer, x)
+            except MeshClientError as exc:
+                if return_errors:
+                    return exc
+                raise
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(call, requests))

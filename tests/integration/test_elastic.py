@@ -1,0 +1,252 @@
+"""The mesh changing shape under continuous load: scale, autoscale, hot swap, failures, controller
+restart, router failover, admin token. Real 3-node cluster (a 4th node is added, then removed)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from contextlib import contextmanager
+
+import grpc
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from experts import CheckpointReader, MoELayer, load_spec
+from experts.builtin import build_model, save_checkpoint
+from experts.group import LayerExperts
+from protos import expert_mesh_pb2 as pb
+from protos import expert_mesh_pb2_grpc as pb_grpc
+from router_service import MeshClient
+from tests.integration.mesh_helpers import FP32_TOL, load_gate, rel_err
+
+TOKEN = "test-token"
+SMALL = dict(hidden_size=48, intermediate_size=40, num_hidden_layers=1, num_local_experts=6, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """old and new weights of one small Mixtral, and `new` with a NaN in expert 2 (corrupted)."""
+    root = tmp_path_factory.mktemp("elastic")
+    old, new, bad = root / "old", root / "new", root / "bad"
+    save_checkpoint(build_model("mixtral", seed=0, **SMALL), old)
+    save_checkpoint(build_model("mixtral", seed=5, **SMALL), new)
+    shutil.copytree(new, bad)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    return old, new, bad
+
+
+class Load:
+    """Callers sending the same batch in a loop; each answer is classified against references."""
+
+    def __init__(self, addresses, x: torch.Tensor, refs: dict[str, torch.Tensor], num_callers: int = 3):
+        self.x, self.refs = x, refs
+        self.counts = dict.fromkeys([*refs, "wrong", "failed"], 0)
+        self.last: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(addresses,)) for _ in range(num_callers)]
+
+    def _run(self, addresses) -> None:
+        with MeshClient(addresses, timeout_s=30) as client:
+            while not self._stop.is_set():
+                try:
+                    out = client.forward(0, self.x)
+                    kind = next((k for k, ref in self.refs.items() if rel_err(out, ref) <= FP32_TOL), "wrong")
+                except Exception:  # noqa: BLE001 - counted as failed
+                    kind = "failed"
+                with self._lock:
+                    self.counts[kind] += 1
+                    self.last.append(kind)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def _admin(mesh) -> pb_grpc.MeshAdminStub:
+    return pb_grpc.MeshAdminStub(grpc.insecure_channel(mesh.address))
+
+
+def _wait(predicate, timeout_s: float = 60.0, period_s: float = 0.5):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(period_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def elastic(meshes, checkpoints):
+    old = checkpoints[0]
+    mesh = meshes.get(old, key="elastic", admin_token=TOKEN, num_routers=2, drain_s=0.5, health_period_s=0.5,
+                      router={"load_window_s": 3})
+    x = torch.randn(24, SMALL["hidden_size"], generator=torch.Generator().manual_seed(4))
+    return mesh, x, MoELayer.from_pretrained(old, layer=0)(x)
+
+
+def test_admin_calls_without_the_token_are_refused(elastic):
+    mesh, _, _ = elastic
+    for token in ("", "wrong"):
+        with pytest.raises(grpc.RpcError) as info:
+            _admin(mesh).Scale(pb.ScaleRequest(token=token, layer=0, expert=1, replicas=2))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as info:
+        _admin(mesh).Autoscale(pb.AutoscaleRequest(token="", enabled=True))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert mesh.status()["copies"]["0/1"] == 1
+
+
+def test_scale_up_and_down_under_load(elastic):
+    mesh, x, ref = elastic
+    with Load(mesh.addresses, x, {"ref": ref}) as load:
+        reply = _admin(mesh).Scale(pb.ScaleRequest(token=TOKEN, layer=0, expert=1, replicas=3))
+        assert reply.ok and mesh.status()["copies"]["0/1"] == 3
+        holders = [g["name"] for g in mesh.status()["groups"] if 1 in g["experts"]["0"]]
+        assert len(holders) == 3
+        before = _served_by(holders)
+        time.sleep(2)
+        split = {name: n - before[name] for name, n in _served_by(holders).items()}
+        assert all(n > 0 for n in split.values()), split  # the hot expert's tokens go to all 3 copies
+        assert _admin(mesh).Scale(pb.ScaleRequest(token=TOKEN, layer=0, expert=1, replicas=1)).ok
+        time.sleep(1)
+    assert mesh.status()["copies"]["0/1"] == 1
+    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 10
+
+
+def _served_by(groups: list[str]) -> dict[str, int]:
+    """Tokens of expert 1 of layer 0 each group computed since it started."""
+    infos = ray.get([ray.get_actor(g).info.remote() for g in groups])
+    return {g: sum(n for layer, expert, n in info["tokens_served"] if (layer, expert) == (0, 1))
+            for g, info in zip(groups, infos)}
+
+
+def test_autoscale_follows_skew_and_back(elastic, checkpoints):
+    mesh, _, _ = elastic
+    old = checkpoints[0]
+    candidates = torch.randn(4000, SMALL["hidden_size"], generator=torch.Generator().manual_seed(11))
+    hot = candidates[(load_gate(old, 0)(candidates)[1] == 4).any(dim=1)][:48]  # every token picks expert 4
+    ref = MoELayer.from_pretrained(old, layer=0)(hot)
+    controller = mesh.controller
+    ray.get(controller.__ray_call__.remote(_set_autoscale_target, 200.0))
+    assert _admin(mesh).Autoscale(pb.AutoscaleRequest(token=TOKEN, enabled=True)).ok
+    try:
+        with Load(mesh.addresses, hot, {"ref": ref}) as load:
+            _wait(lambda: mesh.status()["copies"]["0/4"] >= 2, timeout_s=60)
+        assert load.counts["failed"] == 0 and load.counts["wrong"] == 0
+        _wait(lambda: mesh.status()["copies"]["0/4"] == 1, timeout_s=60)  # skew over: copies removed
+    finally:
+        _admin(mesh).Autoscale(pb.AutoscaleRequest(token=TOKEN, enabled=False))
+
+
+def _set_autoscale_target(controller, target: float) -> None:
+    controller.config.autoscale.target_tokens_per_s = target
+    controller.config.autoscale.period_s = 0.5
+
+
+def _swapped_reference(old, new, experts: list[int], x: torch.Tensor) -> torch.Tensor:
+    layer = MoELayer.from_pretrained(old, layer=0)
+    weights = CheckpointReader(new).experts(0, experts)
+    held = layer.experts.layers[0]
+    w_gate_up, w_down = held.w_gate_up.clone(), held.w_down.clone()
+    w_gate_up[experts], w_down[experts] = weights.w_gate_up, weights.w_down
+    layer.experts.layers[0] = LayerExperts(held.experts, w_gate_up, w_down, held.checksums)
+    return layer(x)
+
+
+def test_hot_swap_under_load_and_corrupted_checkpoint_rejected(elastic, checkpoints):
+    mesh, x, ref_old = elastic
+    old, new, bad = checkpoints
+    ref_new = _swapped_reference(old, new, [2, 5], x)
+    assert rel_err(ref_new, ref_old) > 1e-2
+    versions_before = _versions(mesh)
+    with Load(mesh.addresses, x, {"old": ref_old, "new": ref_new}) as load:
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as info:
+            _admin(mesh).Swap(pb.SwapRequest(token=TOKEN, layer=0, experts=[2, 5], source_dir=str(bad)))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in info.value.details()
+        assert load.snapshot()["new"] == 0  # traffic untouched by the rejected swap
+        epoch = mesh.status()["epoch"]
+        reply = _admin(mesh).Swap(pb.SwapRequest(token=TOKEN, layer=0, experts=[2, 5], source_dir=str(new)))
+        assert reply.ok and reply.epoch == epoch + 1  # one epoch flips both experts
+        flipped = len(load.last)
+        time.sleep(1.5)
+    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0
+    assert load.counts["new"] > 0
+    assert set(load.last[flipped:]) == {"new"}  # after the flip, every answer is the new one
+    changed = {key for key, v in _versions(mesh).items() if v != versions_before[key]}
+    assert {expert for _, expert in changed} == {2, 5}
+
+
+def _versions(mesh) -> dict[tuple[str, int], str]:
+    """(group, expert) -> weight version of layer 0, from the controller's status."""
+    return {(g["name"], e): v for g in mesh.status()["groups"]
+            for e, v in zip(g["experts"]["0"], g["versions"]["0"])}
+
+
+def test_killed_copy_and_removed_node_lose_nothing_with_two_copies(ray_cluster, meshes, checkpoints):
+    old = checkpoints[0]
+    node = ray_cluster.add_node(num_cpus=2)
+    ray_cluster.wait_for_nodes()
+    mesh = meshes.get(old, key="failover", groups={"replicas": 2, "num_groups": 4}, health_period_s=0.5,
+                      num_routers=2)
+    x = torch.randn(16, SMALL["hidden_size"], generator=torch.Generator().manual_seed(6))
+    ref = MoELayer.from_pretrained(old, layer=0)(x)
+    spec = load_spec(old)
+    with Load(mesh.addresses, x, {"ref": ref}) as load:
+        ray.kill(ray.get_actor(f"{mesh.name}/group-0"))
+        _wait(lambda: _restored(mesh, 4, spec.num_experts, 2), timeout_s=90)
+        victims = [g["name"] for g in mesh.status()["groups"] if g["node"] == node.node_id]
+        assert victims, "a group was placed on the added node"
+        ray_cluster.remove_node(node, allow_graceful=False)
+        _wait(lambda: _restored(mesh, 4, spec.num_experts, 2, avoid=node.node_id), timeout_s=120)
+        ray.kill(mesh.routers[0])  # one of two routers dies: clients fail over to the other
+        time.sleep(2)
+    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 20
+    meshes.stop("failover")
+
+
+def _status_or_none(mesh) -> dict | None:
+    try:
+        return mesh.status()
+    except ray.exceptions.RayError:  # the controller is restarting
+        return None
+
+
+def _restored(mesh, num_groups: int, num_experts: int, copies: int, avoid: str | None = None) -> bool:
+    status = mesh.status()
+    live = [g for g in status["groups"] if g["alive"] and g["node"] != avoid]
+    return len(live) == num_groups and all(status["copies"][f"0/{e}"] == copies for e in range(num_experts))
+
+
+def test_controller_restart_keeps_traffic_and_state(meshes, checkpoints):
+    old = checkpoints[0]
+    mesh = meshes.get(old, key="restart", admin_token=TOKEN)
+    x = torch.randn(8, SMALL["hidden_size"], generator=torch.Generator().manual_seed(8))
+    ref = MoELayer.from_pretrained(old, layer=0)(x)
+    assert _admin(mesh).Scale(pb.ScaleRequest(token=TOKEN, layer=0, expert=0, replicas=2)).ok
+    before = mesh.status()
+    with Load(mesh.addresses, x, {"ref": ref}) as load:
+        ray.kill(mesh.controller, no_restart=False)  # Ray restarts it; it adopts the mesh from GCS
+        time.sleep(1)
+        after = _wait(lambda: _status_or_none(mesh), timeout_s=60)
+    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 5
+    assert after["epoch"] > before["epoch"]
+    assert after["copies"] == before["copies"] and after["copies"]["0/0"] == 2
+    assert [g["experts"] for g in after["groups"]] == [g["experts"] for g in before["groups"]]

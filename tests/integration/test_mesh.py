@@ -1,0 +1,340 @@
+"""The mesh spine on a real 3-node Ray cluster: routers, batching, expert groups, client, CLI.
+
+- every MoE layer through `MeshClient.forward` equals the transformers block ([T, H] and [B, S, H]);
+- 32 concurrent callers with different token counts get their own answers, batched and chunked;
+- greedy generation through `patch_model` gives the unpatched model's tokens, six families;
+- reflection and grpc.health.v1 on the router's port, as any gRPC tool sees them;
+- `mesh.status()`: groups, nodes, experts, versions, liveness, routers, tokens per expert;
+- the `mesh` CLI end to end: up, status --json, down, down again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import ray
+import torch
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from cluster.local import start_mesh
+from experts import ExpertGroup, MoELayer, load_spec
+from mesh.config import MeshConfig
+from router_service import AsyncMeshClient, MeshClient, RemoteMoE, patch_model
+from tests.checkpoints import FAMILIES, block_output, moe_block
+from tests.integration.mesh_helpers import (FP32_TOL, call_concurrently, gate_counts, load_report, rel_err,
+                                             stats_delta, tokens_delta)
+
+NUM_CALLERS = 32
+NUM_NEW_TOKENS = 20
+PROMPT = [[1, 17, 42, 99, 5, 63, 8, 120, 33]]
+# max_wait_ms holds a batch open for 5 ms: 32 callers released together merge reliably (with 0, an
+# idle router sends each request at once, and whether they merge depends on timing)
+BATCH16 = {"router": {"batching": {"max_batch_tokens": 16, "max_wait_ms": 5.0}}}
+
+
+def caller_requests(spec, seed: int) -> list[tuple[int, torch.Tensor]]:
+    """NUM_CALLERS requests of 1..40 tokens (all different), over the MoE layers in turn."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(spec.moe_layers[i % len(spec.moe_layers)],
+             torch.randn(1 + (7 * i) % 40, spec.hidden_size, generator=generator)) for i in range(NUM_CALLERS)]
+
+
+def check_own_answers(path: Path, requests, outputs) -> None:
+    layers = {layer: MoELayer.from_pretrained(path, layer=layer) for layer, _ in requests}
+    assert len(outputs) == len(requests)
+    for i, ((layer, x), out) in enumerate(zip(requests, outputs)):
+        assert out.shape == x.shape and out.dtype == x.dtype, i
+        assert rel_err(out, layers[layer](x)) <= FP32_TOL, (i, layer, x.shape[0])
+
+
+# ---- one mesh per family, started for this module's tests of that family and stopped after ----
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_mesh(request, ray_cluster, zoo):
+    family = request.param
+    path = zoo.checkpoint(family)
+    mesh = start_mesh(MeshConfig(name=f"spine-{family}", router={"port": 0}), path)
+    yield family, path, mesh
+    mesh.stop()
+
+
+def test_every_moe_layer_equals_the_transformers_block(family_mesh, zoo):
+    family, path, mesh = family_mesh
+    spec, model = load_spec(path), zoo.model(family)
+    x = torch.randn(3, 7, spec.hidden_size, generator=torch.Generator().manual_seed(0))  # [B, S, H]
+    with MeshClient(mesh.address) as client:
+        info = client.info()
+        for layer in spec.moe_layers:
+            ref = block_output(moe_block(model, layer, spec.block_attr), x)
+            out_bsh = client.forward(layer, x)
+            out_th = client.forward(layer, x.reshape(-1, spec.hidden_size))
+            one = client.forward(layer, x[0, :1])
+            assert out_bsh.shape == x.shape and out_bsh.dtype == torch.float32
+            assert out_th.shape == (21, spec.hidden_size)
+            assert rel_err(out_bsh, ref) <= FP32_TOL, (family, layer)
+            assert rel_err(out_th, ref.reshape(-1, spec.hidden_size)) <= FP32_TOL, (family, layer)
+            assert rel_err(one, ref[0, :1]) <= FP32_TOL, (family, layer)
+    assert (info.model_type, info.config_hash) == (spec.model_type, spec.config_hash())
+    assert info.moe_layers == spec.moe_layers and info.hidden_size == spec.hidden_size
+    assert len(info.weight_versions) == len(spec.moe_layers) * spec.num_experts
+    assert info.epoch >= 1 and "float32" in info.dtypes
+
+
+def _generate(model: torch.nn.Module) -> list[int]:
+    input_ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NUM_NEW_TOKENS,
+                             do_sample=False)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+class CountingClient(MeshClient):
+    """A MeshClient that counts the tokens it sends per layer."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens_sent: dict[int, int] = {}
+
+    def forward(self, layer, hidden):
+        self.tokens_sent[layer] = self.tokens_sent.get(layer, 0) + hidden.numel() // hidden.shape[-1]
+        return super().forward(layer, hidden)
+
+
+def test_patched_model_generates_the_unpatched_tokens(family_mesh, zoo):
+    """20 greedy tokens equal; prompt logits within fp32 tolerance; and the mesh really served
+    them: the router routed top_k copies of every token that the patched model sent."""
+    family, path, mesh = family_mesh
+    spec, reference = load_spec(path), zoo.model(family)
+    patched = copy.deepcopy(reference)
+    before = mesh.status()
+    with CountingClient(mesh.address) as client:
+        assert patch_model(patched, client) == len(spec.moe_layers)
+        tokens = _generate(patched)
+        with torch.no_grad():
+            logits = patched(torch.tensor(PROMPT)).logits
+    after = mesh.status()
+    with torch.no_grad():
+        ref_logits = reference(torch.tensor(PROMPT)).logits
+    assert all(isinstance(getattr(patched.model.layers[i], spec.block_attr), RemoteMoE) for i in spec.moe_layers)
+    assert len(tokens) == NUM_NEW_TOKENS and tokens == _generate(reference), family
+    assert rel_err(logits, ref_logits) <= FP32_TOL, family
+    # prefill (9) + 19 single-token decode steps + the logits pass (9), per MoE layer
+    assert client.tokens_sent == {layer: 2 * len(PROMPT[0]) + NUM_NEW_TOKENS - 1 for layer in spec.moe_layers}
+    routed = tokens_delta(before, after)
+    for layer in spec.moe_layers:
+        in_layer = sum(n for key, n in routed.items() if key.startswith(f"{layer}/"))
+        assert in_layer == spec.top_k * client.tokens_sent[layer], (family, layer)
+
+
+def test_concurrent_callers_get_their_own_answers(family_mesh):
+    """32 callers released together, 1..40 tokens each, default batching: all answered, each its
+    own; the router's counters saw every request in one batch. (Whether they merge depends on
+    timing here: an idle router sends a batch at once; merging is asserted in the chunked test.)"""
+    family, path, mesh = family_mesh
+    requests = caller_requests(load_spec(path), seed=11)
+    before = load_report(mesh)
+    outputs = call_concurrently(mesh.address, requests)
+    delta = stats_delta(before, load_report(mesh))
+    check_own_answers(path, requests, outputs)
+    assert delta["entries"] == NUM_CALLERS  # every request in exactly one batch (no chunking at 2048)
+    assert delta["tokens"] == sum(x.shape[0] for _, x in requests)
+    assert 1 <= delta["batches"] <= NUM_CALLERS, (family, delta)
+
+
+# ---- one mixtral mesh with max_batch_tokens=16: chunking, status, reflection ----
+
+@pytest.fixture(scope="module")
+def batch16(meshes, zoo):
+    path = zoo.checkpoint("mixtral")
+    return path, meshes.get(path, key="mixtral-batch16", **copy.deepcopy(BATCH16))
+
+
+def test_chunked_batches_still_give_every_caller_its_answer(batch16):
+    """With max_batch_tokens=16, requests of up to 40 tokens travel as chunks of <= 16 tokens;
+    32 AsyncMeshClients (asyncio.gather) all get their own answers."""
+    path, mesh = batch16
+    requests = caller_requests(load_spec(path), seed=12)
+
+    async def run():
+        clients = [AsyncMeshClient(mesh.address, timeout_s=60) for _ in requests]
+        try:
+            await asyncio.gather(*(c.info() for c in clients))
+            return await asyncio.gather(*(c.forward(layer, x) for c, (layer, x) in zip(clients, requests)))
+        finally:
+            await asyncio.gather(*(c.close() for c in clients))
+
+    before = load_report(mesh)
+    outputs = asyncio.run(run())
+    after = load_report(mesh)
+    check_own_answers(path, requests, outputs)
+    delta = stats_delta(before, after)
+    assert delta["entries"] == sum(math.ceil(x.shape[0] / 16) for _, x in requests)  # chunks, each batched once
+    assert delta["tokens"] == sum(x.shape[0] for _, x in requests)
+    assert delta["batches"] < delta["entries"], delta  # chunks of different requests were merged
+    assert after["batches"]["max_tokens"] <= 16
+
+
+def test_status_reports_groups_versions_and_tokens_per_expert(batch16):
+    path, mesh = batch16
+    spec = load_spec(path)
+    generator = torch.Generator().manual_seed(3)
+    inputs = {layer: [torch.randn(37, spec.hidden_size, generator=generator),
+                      torch.randn(2, 5, spec.hidden_size, generator=generator)] for layer in spec.moe_layers}
+    before = mesh.status()
+    with MeshClient(mesh.address) as client:
+        for layer, xs in inputs.items():
+            for x in xs:
+                client.forward(layer, x)
+        info = client.info()
+    after = mesh.status()
+
+    expected: dict[str, int] = {}
+    for layer, xs in inputs.items():
+        for x in xs:
+            for key, n in gate_counts(path, layer, x).items():
+                expected[key] = expected.get(key, 0) + n
+    assert tokens_delta(before, after) == expected
+    assert sum(expected.values()) == spec.top_k * 47 * len(spec.moe_layers)
+
+    assert after["mesh"] == mesh.name and after["model_type"] == "mixtral"
+    assert after["model"] == str(Path(path).resolve())
+    assert after["routers"] == [f"{mesh.name}/router-0"]
+    groups = after["groups"]
+    assert sorted(g["name"] for g in groups) == [f"{mesh.name}/group-{k}" for k in range(3)]
+    alive_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert len(alive_nodes) == 3 and {g["node"] for g in groups} == alive_nodes  # one group per node
+    assert all(g["alive"] and g["endpoint"] for g in groups)
+    for layer in spec.moe_layers:
+        held = sorted(e for g in groups for e in g["experts"][str(layer)])
+        assert held == list(range(spec.num_experts)), layer  # every expert exactly once
+    for g in groups:
+        assignment = {int(layer): experts for layer, experts in g["experts"].items()}
+        local = ExpertGroup.from_checkpoint(path, assignment)
+        for layer, experts in assignment.items():
+            versions = [local.version(layer, e) for e in experts]
+            assert g["versions"][str(layer)] == versions, (g["name"], layer)
+            assert [info.weight_versions[f"{layer}/{e}"] for e in experts] == versions
+
+
+def test_reflection_and_health_as_any_grpc_tool_sees_them(batch16):
+    """Reflection lists the services; Forward called from descriptors that reflection returned (no
+    generated code, as grpcurl does) gives the right answer; grpc.health.v1 says SERVING."""
+    path, mesh = batch16
+    spec = load_spec(path)
+    x = torch.randn(5, spec.hidden_size, generator=torch.Generator().manual_seed(4))
+    with grpc.insecure_channel(mesh.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        pool = descriptor_pool.DescriptorPool(database)
+        service = pool.FindServiceByName("expert_mesh.v1.ExpertMesh")
+        method = service.methods_by_name["Forward"]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        reply_class = message_factory.GetMessageClass(method.output_type)
+        forward = channel.unary_unary("/expert_mesh.v1.ExpertMesh/Forward",
+                                      request_serializer=request_class.SerializeToString,
+                                      response_deserializer=reply_class.FromString)
+        request = request_class(layer=spec.moe_layers[-1])
+        request.hidden.data, request.hidden.dtype = x.numpy().tobytes(), "float32"
+        request.hidden.shape.extend(x.shape)
+        reply = forward(request, timeout=30)
+
+        health = health_pb2_grpc.HealthStub(channel)
+        statuses = {name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+                    for name in ("", "expert_mesh.v1.ExpertMesh")}
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+
+    assert services == {"expert_mesh.v1.ExpertMesh", "expert_mesh.v1.MeshAdmin", "grpc.health.v1.Health",
+                        "grpc.reflection.v1alpha.ServerReflection"}
+    assert {m.name for m in service.methods} == {"Forward", "GetInfo"}
+    assert {m.name for m in pool.FindServiceByName("expert_mesh.v1.MeshAdmin").methods} >= {"Status"}
+    assert reply.hidden.dtype == "float32" and list(reply.hidden.shape) == list(x.shape)
+    out = torch.frombuffer(bytearray(reply.hidden.data), dtype=torch.float32).reshape(x.shape)
+    assert rel_err(out, MoELayer.from_pretrained(path, layer=spec.moe_layers[-1])(x)) <= FP32_TOL
+    assert statuses == {name: health_pb2.HealthCheckResponse.SERVING for name in statuses}
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ---- the CLI, end to end, on its own local cluster ----
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _mesh_cli(env: dict, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def test_cli_up_status_down(tmp_path):
+    """`mesh up` (its own 2-node cluster) -> ready line; `mesh status --json`; a Forward through the
+    printed address; `mesh down` stops it (exit 0, `up` exits 0, state file gone); `down` again fails."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["EXPERT_MESH_STATE_DIR"] = str(tmp_path / "state")
+    name, port = f"cli-{os.getpid()}", _free_port()
+    up = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--nodes", "2", "--port", str(port),
+                           "--name", name], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump():
+        for line in up.stdout:
+            lines.append(line)
+            if line.startswith("expert-mesh ready at "):
+                ready.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 240
+        while not ready.wait(0.5):
+            assert up.poll() is None and time.time() < deadline, "".join(lines)
+        address = next(line for line in lines if line.startswith("expert-mesh ready at ")).split()[-1]
+        assert address == f"127.0.0.1:{port}"
+
+        status = _mesh_cli(env, "status", "--json", "--name", name)
+        assert status.returncode == 0, status.stderr
+        snapshot = json.loads(status.stdout)
+        spec = load_spec(snapshot["model"])
+        assert snapshot["mesh"] == name and snapshot["model_type"] == spec.model_type
+        assert len(snapshot["groups"]) == 2 and all(g["alive"] for g in snapshot["groups"])
+        assert len({g["node"] for g in snapshot["groups"]}) == 2
+        assert snapshot["routers"] == [f"{name}/router-0"]
+
+        x = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(5))
+        layer = spec.moe_layers[-1]
+        with MeshClient(address) as client:
+            out = client.forward(layer, x)
+        assert rel_err(out, MoELayer.from_pretrained(snapshot["model"], layer=layer)(x)) <= FP32_TOL
+
+        down = _mesh_cli(env, "down", "--name", name)
+        assert down.returncode == 0, down.stderr
+        assert f"stopped mesh {name!r}" in down.stdout
+        assert up.wait(timeout=90) == 0, "".join(lines)
+        assert not (tmp_path / "state" / f"{name}.json").exists()
+
+        again = _mesh_cli(env, "down", "--name", name)
+        assert again.returncode != 0 and f"no running mesh named {name!r}" in again.stderr
+        gone = _mesh_cli(env, "status", "--name", name)
+        assert gone.returncode != 0 and "no running mesh" in gone.stderr
+    finally:
+        if up.poll() is None:
+            up.terminate()
+            up.wait(timeout=90)
+        reader.join(timeout=5)
