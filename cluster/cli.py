@@ -230,16 +230,18 @@ def _cmd_serve_config(args: argparse.Namespace) -> int:
     config = _load_config(args)
     if config.model and not Path(config.model).is_absolute():  # the cluster does not share our cwd
         config = config.model_copy(update={"model": str(Path(config.model).resolve())})
-    config = serve_config(config, app_name=args.app_name, grpc_port=args.grpc_port, http_port=args.http_port,
-                          host=args.host, proxy_location=args.proxy_location)
-    text = yaml.safe_dump(config, sort_keys=False)
-    if args.output:
-        with open(args.output, "w") as out:
-            out.write(text)
-        print(f"wrote {args.output}: `serve deploy {args.output}` (or `serve run {args.output}`), then gRPC "
-              f"ExpertMesh on port {args.grpc_port} with metadata application={args.app_name}", file=sys.stderr)
-    else:
+    if config.admin_token:
+        print("note: admin_token is not written into the Serve config; set EXPERT_MESH_ADMIN_TOKEN in the "
+              "environment of the cluster's nodes instead", file=sys.stderr)
+    text = yaml.safe_dump(serve_config(config, app_name=args.app_name, grpc_port=args.grpc_port,
+                                       http_port=args.http_port, host=args.host,
+                                       proxy_location=args.proxy_location), sort_keys=False)
+    if not args.output:
         print(text, end="")
+        return 0
+    Path(args.output).write_text(text)
+    print(f"wrote {args.output}: `serve deploy {args.output}` (or `serve run {args.output}`), then gRPC "
+          f"ExpertMesh on port {args.grpc_port} with metadata application={args.app_name}", file=sys.stderr)
     return 0
 
 
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
 
     serve_cfg = commands.add_parser("serve-config", help="write a `serve deploy` config of the mesh as a Ray Serve app")
-    serve_cfg.add_argument("--model", help="checkpoint folder, as seen on the cluster's nodes (default: the built-in model)")
+    serve_cfg.add_argument("--model", help="checkpoint folder as the cluster's nodes see it (default: built-in model)")
     serve_cfg.add_argument("--config", help="YAML config (see README); embedded in the Serve config")
     serve_cfg.add_argument("--name", help="mesh name (default: mesh)")
     serve_cfg.add_argument("--port", type=int, help="router port, the fast path (default 50051)")

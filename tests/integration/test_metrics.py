@@ -54,8 +54,11 @@ def scrape(mesh: str) -> dict[str, collections.Counter]:
         if not node["Alive"]:
             continue
         url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            text = reply.read().decode()
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                text = reply.read().decode()
+        except OSError:  # an agent still starting (nodes come and go in this session): retried by the caller
+            continue
         for line in text.splitlines():
             match = _SAMPLE.match(line)
             if match is None or match.group(1) not in totals:
