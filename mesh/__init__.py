@@ -1,3 +1,5 @@
 """The control plane: controller, routing tables, placement and replication policies."""
 
-__all__: list[str] = []
+from mesh.replication import KEEP_TOLERANCE, rebalance_experts
+
+__all__: list[str] = ["KEEP_TOLERANCE", "rebalance_experts"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["initial_assignment", "spread_groups"]
+from mesh.replication import rebalance_experts  # the replication policy's entry point, EPLB's signature
+
+__all__ = ["initial_assignment", "rebalance_experts", "spread_groups"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,
