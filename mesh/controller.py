@@ -21,7 +21,7 @@ from experts.actor import ExpertGroupActor
 from experts.errors import MeshError
 from mesh.autoscale import plan_autoscale
 from mesh.config import MeshConfig
-from mesh.placement import initial_assignment, spread_groups
+from mesh.placement import initial_assignment, restore_node, spread_groups
 from router_service.routing import Copy, RoutingTable
 
 __all__ = ["AdminError", "MeshController", "NAMESPACE", "PlacementError"]
@@ -293,8 +293,10 @@ class MeshController:
         nodes = [n["NodeID"] for n in _alive_nodes()]
         for name in dead:
             group = self.groups[name]
-            node = group["node"] if group["node"] in nodes else min(
-                nodes, key=lambda n: sum(g["alive"] and g["node"] == n for g in self.groups.values()))
+            live = [(g["node"], g["experts"]) for g in self.groups.values() if g["alive"]]
+            # its own node first when that node lives (a killed actor), else the best other node
+            order = [group["node"], *(n for n in nodes if n != group["node"])] if group["node"] in nodes else nodes
+            node = restore_node(group["experts"], order, live)
             try:
                 await asyncio.wait_for(self._start_group(name, group["experts"], node), 120)
                 logger.info("expert group %s restored on node %s", name, node[:12])

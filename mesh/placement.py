@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mesh.replication import rebalance_experts  # the replication policy's entry point, EPLB's signature
 
-__all__ = ["initial_assignment", "rebalance_experts", "spread_groups"]
+__all__ = ["initial_assignment", "rebalance_experts", "restore_node", "spread_groups"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,
@@ -33,3 +33,24 @@ def spread_groups(num_groups: int, node_ids: list[str]) -> list[str]:
     if not node_ids:
         raise ValueError("no node to place expert groups on")
     return [node_ids[k % len(node_ids)] for k in range(num_groups)]
+
+
+def restore_node(experts: dict[int, list[int]], node_ids: list[str],
+                 live_groups: list[tuple[str, dict[int, list[int]]]]) -> str:
+    """Node to restart a dead group holding `experts` on, given the live groups as (node, experts).
+
+    Prefers the node holding the fewest other copies of the same experts (so that one node going
+    down never takes every copy of an expert), then the node with the fewest groups, then the
+    order given. Raises ValueError if there is no node.
+    """
+    if not node_ids:
+        raise ValueError("no live node to restore an expert group on")
+    wanted = {(layer, e) for layer, es in experts.items() for e in es}
+
+    def cost(rank_node: tuple[int, str]) -> tuple[int, int, int]:
+        rank, node = rank_node
+        here = [held for n, held in live_groups if n == node]
+        shared = sum(len(wanted & {(layer, e) for layer, es in held.items() for e in es}) for held in here)
+        return shared, len(here), rank
+
+    return min(enumerate(node_ids), key=cost)[1]

@@ -47,6 +47,7 @@ class Load:
         self.x, self.refs = x, refs
         self.counts = dict.fromkeys([*refs, "wrong", "failed"], 0)
         self.last: list[str] = []
+        self.errors: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(addresses,)) for _ in range(num_callers)]
@@ -57,8 +58,10 @@ class Load:
                 try:
                     out = client.forward(0, self.x)
                     kind = next((k for k, ref in self.refs.items() if rel_err(out, ref) <= FP32_TOL), "wrong")
-                except Exception:  # noqa: BLE001 - counted as failed
+                except Exception as exc:  # noqa: BLE001 - counted as failed, reason kept for the assert
                     kind = "failed"
+                    with self._lock:
+                        self.errors.append(f"{time.strftime('%H:%M:%S')} {exc}"[:300])
                 with self._lock:
                     self.counts[kind] += 1
                     self.last.append(kind)
@@ -76,6 +79,10 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join()
+
+    def lost(self) -> str:
+        """What went wrong, for assertion messages: counts and the first few failure reasons."""
+        return f"{self.counts}; first failures: {self.errors[:5]}"
 
 
 def _admin(mesh) -> pb_grpc.MeshAdminStub:
@@ -127,7 +134,7 @@ def test_scale_up_and_down_under_load(elastic):
         assert _admin(mesh).Scale(pb.ScaleRequest(token=TOKEN, layer=0, expert=1, replicas=1)).ok
         time.sleep(1)
     assert mesh.status()["copies"]["0/1"] == 1
-    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 10
+    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 10, load.lost()
 
 
 def _served_by(groups: list[str]) -> dict[str, int]:
@@ -149,7 +156,7 @@ def test_autoscale_follows_skew_and_back(elastic, checkpoints):
     try:
         with Load(mesh.addresses, hot, {"ref": ref}) as load:
             _wait(lambda: mesh.status()["copies"]["0/4"] >= 2, timeout_s=60)
-        assert load.counts["failed"] == 0 and load.counts["wrong"] == 0
+        assert load.counts["failed"] == 0 and load.counts["wrong"] == 0, load.lost()
         _wait(lambda: mesh.status()["copies"]["0/4"] == 1, timeout_s=60)  # skew over: copies removed
     finally:
         _admin(mesh).Autoscale(pb.AutoscaleRequest(token=TOKEN, enabled=False))
@@ -187,7 +194,7 @@ def test_hot_swap_under_load_and_corrupted_checkpoint_rejected(elastic, checkpoi
         assert reply.ok and reply.epoch == epoch + 1  # one epoch flips both experts
         flipped = len(load.last)
         time.sleep(1.5)
-    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0
+    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0, load.lost()
     assert load.counts["new"] > 0
     assert set(load.last[flipped:]) == {"new"}  # after the flip, every answer is the new one
     changed = {key for key, v in _versions(mesh).items() if v != versions_before[key]}
@@ -210,15 +217,20 @@ def test_killed_copy_and_removed_node_lose_nothing_with_two_copies(ray_cluster, 
     ref = MoELayer.from_pretrained(old, layer=0)(x)
     spec = load_spec(old)
     with Load(mesh.addresses, x, {"ref": ref}) as load:
+        before = _endpoint(mesh, "group-0")
         ray.kill(ray.get_actor(f"{mesh.name}/group-0"))
-        _wait(lambda: _restored(mesh, 4, spec.num_experts, 2), timeout_s=90)
+        # restored = a new incarnation serves (the controller may not have noticed the kill yet)
+        _wait(lambda: _endpoint(mesh, "group-0") != before and _restored(mesh, 4, spec.num_experts, 2), 90)
         victims = [g["name"] for g in mesh.status()["groups"] if g["node"] == node.node_id]
         assert victims, "a group was placed on the added node"
         ray_cluster.remove_node(node, allow_graceful=False)
         _wait(lambda: _restored(mesh, 4, spec.num_experts, 2, avoid=node.node_id), timeout_s=120)
+        for expert in range(spec.num_experts):  # the restored group went where no other copy was
+            nodes = [g["node"] for g in mesh.status()["groups"] if expert in g["experts"]["0"]]
+            assert len(set(nodes)) == 2, (expert, nodes)
         ray.kill(mesh.routers[0])  # one of two routers dies: clients fail over to the other
         time.sleep(2)
-    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 20
+    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 20, load.lost()
     meshes.stop("failover")
 
 
@@ -227,6 +239,10 @@ def _status_or_none(mesh) -> dict | None:
         return mesh.status()
     except ray.exceptions.RayError:  # the controller is restarting
         return None
+
+
+def _endpoint(mesh, group: str) -> str:
+    return next(g["endpoint"] for g in mesh.status()["groups"] if g["name"] == f"{mesh.name}/{group}")
 
 
 def _restored(mesh, num_groups: int, num_experts: int, copies: int, avoid: str | None = None) -> bool:
@@ -246,7 +262,7 @@ def test_controller_restart_keeps_traffic_and_state(meshes, checkpoints):
         ray.kill(mesh.controller, no_restart=False)  # Ray restarts it; it adopts the mesh from GCS
         time.sleep(1)
         after = _wait(lambda: _status_or_none(mesh), timeout_s=60)
-    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 5
+    assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 5, load.lost()
     assert after["epoch"] > before["epoch"]
     assert after["copies"] == before["copies"] and after["copies"]["0/0"] == 2
     assert [g["experts"] for g in after["groups"]] == [g["experts"] for g in before["groups"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mesh.autoscale import plan_autoscale
-from mesh.placement import initial_assignment, spread_groups
+from mesh.placement import initial_assignment, restore_node, spread_groups
 from router_service.load import LoadWindow
 
 
@@ -28,6 +28,25 @@ def test_initial_assignment_refuses_more_replicas_than_groups():
 
 def test_spread_groups_round_robin():
     assert spread_groups(5, ["a", "b"]) == ["a", "b", "a", "b", "a"]
+
+
+RESTORE_CASES = [
+    # live groups (node, experts), expected node for a dead group holding layer 0's [0, 2]
+    ([("a", {0: [0, 2]}), ("b", {0: [1, 3]})], "b"),           # never beside the other copy
+    ([("a", {0: [1]}), ("a", {0: [3]}), ("b", {0: [5]})], "b"),  # no shared copy anywhere: fewest groups
+    ([("a", {0: [0]}), ("b", {0: [0, 2]})], "a"),              # fewest shared copies wins over group count
+    ([], "a"),                                                  # empty cluster: the order given
+]
+
+
+@pytest.mark.parametrize("live,expected", RESTORE_CASES)
+def test_restore_node_keeps_copies_apart(live, expected):
+    assert restore_node({0: [0, 2]}, ["a", "b"], live) == expected
+
+
+def test_restore_node_needs_a_node():
+    with pytest.raises(ValueError, match="no live node"):
+        restore_node({0: [0]}, [], [])
 
 
 AUTOSCALE_CASES = [
