@@ -147,6 +147,50 @@ def _cmd_autoscale(args: argparse.Namespace) -> int:
     return _admin_call(args, "Autoscale", 30, enabled=args.state == "on")
 
 
+def _cmd_rebalance(args: argparse.Namespace) -> int:
+    return _admin_call(args, "Rebalance", 600, dry_run=args.dry_run)
+
+
+def _cmd_placement(args: argparse.Namespace) -> int:
+    import grpc
+    import msgpack
+
+    from protos import expert_mesh_pb2 as pb
+
+    stub = _admin_stub(args.name)
+    if stub is None:
+        print(f"no running mesh named {args.name!r}", file=sys.stderr)
+        return 1
+    print("measuring links (a probe per node echoes to every other) ...", file=sys.stderr, flush=True)
+    try:
+        report = msgpack.unpackb(stub.Placement(pb.PlacementRequest(), timeout=120).report, strict_map_key=False)
+    except grpc.RpcError as exc:
+        print(f"failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_placement(report))
+    return 0
+
+
+def format_placement(report: dict) -> str:
+    """`mesh placement`'s text: link matrices, groups' latency, current vs proposed placement."""
+    links, short = report["links"], [n[:8] for n in report["links"]["nodes"]]
+    lines = ["measured RTT ms (row: from, column: to) | bandwidth MB/s",
+             f"  {'':<8} " + " ".join(f"{n:>8}" for n in short) + " | " + " ".join(f"{n:>8}" for n in short)]
+    for name, rtt, mbps in zip(short, links["rtt_ms"], links["mbps"]):
+        lines.append(f"  {name:<8} " + " ".join(f"{r:8.2f}" for r in rtt) + " | " + " ".join(f"{b:8.0f}" for b in mbps))
+    lines.append(f"routers on nodes {', '.join(n[:8] for n in report['router_nodes'])}; load: {report['load_source']}")
+    current, proposed = report["current"], report["proposed"]
+    for name, group in report["groups"].items():
+        now = " ".join(f"L{layer}:{','.join(map(str, e))}" for layer, e in current["assignment"][name].items())
+        then = " ".join(f"L{layer}:{','.join(map(str, e))}" for layer, e in proposed["assignment"][name].items())
+        lines.append(f"  {name:<16} node {group['node'][:8]} {group['latency_ms']:7.2f} ms  now {now}"
+                     + ("" if now == then else f"  -> {then}"))
+    lines.append(f"expected mean latency per token copy: current {current['mean_latency_ms']:.2f} ms, "
+                 f"proposed {proposed['mean_latency_ms']:.2f} ms ({len(report['adds'])} copies move; "
+                 "`mesh rebalance` applies it)")
+    return "\n".join(lines)
+
+
 def _snapshot(args: argparse.Namespace) -> dict | None:
     import grpc
     import msgpack
@@ -291,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     autoscale.add_argument("--token", help="admin token (default: $EXPERT_MESH_ADMIN_TOKEN)")
     autoscale.add_argument("--name", default="mesh")
     autoscale.set_defaults(func=_cmd_autoscale)
+
+    placement = commands.add_parser("placement", help="measured links, and the current and proposed placement")
+    placement.add_argument("--json", action="store_true", help="print the full report as JSON")
+    placement.add_argument("--name", default="mesh")
+    placement.set_defaults(func=_cmd_placement)
+
+    rebalance = commands.add_parser("rebalance", help="apply the proposed placement live (see `mesh placement`)")
+    rebalance.add_argument("--dry-run", action="store_true", help="plan and report, change nothing")
+    rebalance.add_argument("--token", help="admin token (default: $EXPERT_MESH_ADMIN_TOKEN)")
+    rebalance.add_argument("--name", default="mesh")
+    rebalance.set_defaults(func=_cmd_rebalance)
 
     check = commands.add_parser("check", help="run every MoE layer in-process and compare with transformers")
     check.add_argument("--model", help="checkpoint folder (default: the built-in model)")

@@ -16,6 +16,7 @@ import grpc
 import torch
 
 from experts.group import ExpertGroup
+from experts.links import emulated_delay_s, serve_delay
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos.wire import DTYPES, from_proto, to_proto
@@ -31,9 +32,10 @@ INLINE_MAX_MACS = 1 << 22  # rows * H * I below this: compute on the event loop 
 class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
     """Serves one ExpertGroup; the compute runs in a thread so the event loop keeps receiving."""
 
-    def __init__(self, name: str, group: ExpertGroup):
+    def __init__(self, name: str, group: ExpertGroup, delay_s: float = 0.0):
         self.name = name
         self.group = group
+        self.delay_s = delay_s  # emulated link delay of this node (experts/links.py), 0 normally
         self.tokens_served: collections.Counter[tuple[int, int]] = collections.Counter()
         self.compute_s = 0.0
 
@@ -64,9 +66,11 @@ class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group {self.name}: {exc}")
         reply = pb.ExpertResult()
         to_proto(out, reply.hidden)
+        await serve_delay(self.delay_s)
         return reply
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
+        await serve_delay(self.delay_s)
         return pb.PingReply(payload=request.payload, group=self.name)
 
 
@@ -80,7 +84,7 @@ class ExpertGroupActor:
         self.name = name
         self.model_path = model_path
         group = ExpertGroup.from_checkpoint(model_path, assignment, DTYPES[dtype])
-        self.server_impl = ExpertGroupServer(name, group)
+        self.server_impl = ExpertGroupServer(name, group, emulated_delay_s())
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
         logger.info("group %s holds %s", name, {k: v.experts for k, v in group.layers.items()})

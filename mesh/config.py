@@ -54,6 +54,9 @@ class MeshConfig(BaseModel):
         "Token that mutating admin calls must carry (EXPERT_MESH_ADMIN_TOKEN overrides); none: refused."))
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
     num_routers: int = Field(1, ge=1, le=8, description="Routers started by `mesh up` (ports port, port+1, ...).")
+    placement_balance: float = Field(0.5, ge=0, description=(
+        "`mesh rebalance` may lift a group's load to (1 + this) x the mean group load to bring hot "
+        "experts nearer the routers."))
 
 
 def load_config(path: str | Path | None, **overrides) -> MeshConfig:

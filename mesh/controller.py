@@ -3,7 +3,10 @@
 deploy():  assignment policy -> group actors pinned to nodes -> endpoints -> table (epoch 1)
            -> pushed to every router.
 health:    groups pinged every `health_period_s`; a dead group's copies leave the table
-           (epoch + 1), routers get the new table.
+           (epoch + 1), routers get the new table; the group restarts away from its experts' copies.
+changes:   scale / autoscale / rebalance add copies (loaded, then published), then remove copies
+           (unpublished, drained, released); swap stages, verifies and flips. One change at a time.
+placement: a probe actor per node measures links -> group latency -> plan_placement -> moves.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from experts.actor import ExpertGroupActor
 from experts.errors import MeshError
 from mesh.autoscale import plan_autoscale
 from mesh.config import MeshConfig
-from mesh.placement import initial_assignment, restore_node, spread_groups
+from mesh.placement import (group_latency, initial_assignment, placement_cost, placement_moves, plan_placement,
+                            restore_node, spread_groups)
+from mesh.probes import LatencyProbe, link_matrix
 from router_service.routing import Copy, RoutingTable
 
 __all__ = ["AdminError", "MeshController", "NAMESPACE", "PlacementError"]
@@ -54,6 +59,11 @@ def _alive_nodes() -> list[dict]:
     return sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: (not n.get("IsHeadNode", False), n["NodeID"]))
 
 
+def _str_keys(assignment: dict) -> dict:
+    """msgpack keeps int keys, but JSON and the CLI want str: {group: {"layer": experts}}."""
+    return {g: {str(layer): e for layer, e in held.items()} for g, held in assignment.items()}
+
+
 def _pinning(node_id: str) -> dict:
     """Actor options that pin to `node_id`: a label selector on Ray's node-id label."""
     return {"label_selector": {"ray.io/node-id": node_id}}
@@ -76,6 +86,8 @@ class MeshController:
         self.autoscale_on = self.config.autoscale.enabled
         self.sources: dict[tuple[int, int], str] = {}  # experts swapped in from another checkpoint
         self._autoscale_task: asyncio.Task | None = None
+        self._changing = asyncio.Lock()  # one change of copies (scale, autoscale, swap, rebalance) at a time
+        self.probes: dict[str, object] = {}  # node id -> LatencyProbe handle
 
     # -- deployment ------------------------------------------------------------------------------
 
@@ -247,13 +259,9 @@ class MeshController:
         rates_by_key = {tuple(map(int, k.split("/"))): r for k, r in rates.items()}
         changes = plan_autoscale(rates_by_key, copies, settings.target_tokens_per_s,
                                  min(settings.max_copies or live, live), settings.hysteresis)
-        for (layer, expert), count in changes.items():
-            holders = [n for n, g in self.groups.items() if g["alive"] and expert in g["experts"].get(layer, [])]
-            if count > len(holders):
-                await self._add_copies(layer, expert, count - len(holders), holders,
-                                       [n for n, g in self.groups.items() if g["alive"]])
-            else:
-                await self._remove_copies(layer, expert, len(holders) - count, holders)
+        async with self._changing:
+            for (layer, expert), count in changes.items():
+                await self._set_copies(layer, expert, count)
         if changes:
             logger.info("autoscale: %s", changes)
         return {f"{l}/{e}": c for (l, e), c in changes.items()}
@@ -333,11 +341,8 @@ class MeshController:
                 raise ValueError(f"expert must be in [0, {self.spec.num_experts}), got {expert}")
             if not 1 <= replicas <= len(live):
                 raise ValueError(f"replicas must be in [1, {len(live)}] (live groups), got {replicas}")
-            holders = [n for n in live if expert in self.groups[n]["experts"].get(layer, [])]
-            if replicas > len(holders):
-                await self._add_copies(layer, expert, replicas - len(holders), holders, live)
-            elif replicas < len(holders):
-                await self._remove_copies(layer, expert, len(holders) - replicas, holders)
+            async with self._changing:
+                await self._set_copies(layer, expert, replicas)
             return {"ok": True, "message": f"layer {layer} expert {expert}: {replicas} copies", "epoch": self.table.epoch}
         except (AdminError, ValueError) as exc:
             return {"ok": False, "message": str(exc), "epoch": self.table.epoch,
@@ -356,21 +361,25 @@ class MeshController:
             experts = sorted(set(int(e) for e in experts))
             if not experts or not all(0 <= e < self.spec.num_experts for e in experts):
                 raise ValueError(f"experts must be a non-empty subset of [0, {self.spec.num_experts}), got {experts}")
-            holders = {n: [e for e in experts if e in g["experts"].get(layer, [])]
-                       for n, g in self.groups.items() if g["alive"]}
-            holders = {n: e for n, e in holders.items() if e}
-            await self._stage_and_verify(layer, experts, source, holders)
+            async with self._changing:
+                await self._swap(layer, experts, source)
         except (AdminError, MeshError, ValueError) as exc:
             return {"ok": False, "message": f"swap refused, nothing changed: {exc}", "epoch": self.table.epoch,
                     "denied": isinstance(exc, AdminError)}
+        return {"ok": True, "message": f"layer {layer} experts {experts} now serve weights from {source}",
+                "epoch": self.table.epoch}
+
+    async def _swap(self, layer: int, experts: list[int], source: str) -> None:
+        holders = {n: [e for e in experts if e in g["experts"].get(layer, [])]
+                   for n, g in self.groups.items() if g["alive"]}
+        holders = {n: e for n, e in holders.items() if e}
+        await self._stage_and_verify(layer, experts, source, holders)  # raises: nothing changed
         await self._publish()  # Step 4: one epoch flips every named expert
         await asyncio.sleep(self.config.drain_s)  # Step 5: batches planned on the old table finish
         await asyncio.gather(*(self.handles[n].commit_staged.remote(layer) for n in holders), return_exceptions=True)
         for expert in experts:
             self.sources[(layer, expert)] = source
         self._save_state()
-        return {"ok": True, "message": f"layer {layer} experts {experts} now serve weights from {source}",
-                "epoch": self.table.epoch}
 
     async def _stage_and_verify(self, layer: int, experts: list[int], source: str, holders: dict) -> None:
         """Steps 1-3 of a swap; on success the new versions are in self.groups (not yet published)."""
@@ -430,31 +439,118 @@ class MeshController:
     def _copies_held(self, name: str) -> int:
         return sum(len(e) for e in self.groups[name]["experts"].values())
 
-    async def _add_copies(self, layer: int, expert: int, count: int, holders: list[str], live: list[str]) -> None:
-        targets = sorted((n for n in live if n not in holders), key=self._copies_held)[:count]
-        source = self.sources.get((layer, expert))
-        versions = await asyncio.gather(*(self.handles[n].load_experts.remote(layer, [expert], source)
-                                          for n in targets))
-        for name, (version,) in zip(targets, versions):
+    async def _set_copies(self, layer: int, expert: int, count: int) -> None:
+        held = sum(expert in g["experts"].get(layer, []) for g in self.groups.values() if g["alive"])
+        if count > held:
+            await self._add_copies(self._pick_targets(layer, expert, count - held))
+        elif count < held:
+            await self._remove_copies(self._pick_victims(layer, expert, held - count))
+
+    def _pick_targets(self, layer: int, expert: int, count: int) -> list[tuple[int, int, str]]:
+        """New copies go to the live groups without one that hold the fewest copies."""
+        live = [n for n, g in self.groups.items() if g["alive"] and expert not in g["experts"].get(layer, [])]
+        return [(layer, expert, n) for n in sorted(live, key=self._copies_held)[:count]]
+
+    def _pick_victims(self, layer: int, expert: int, count: int) -> list[tuple[int, int, str]]:
+        """Copies leave the live groups that hold the most copies."""
+        holders = [n for n, g in self.groups.items() if g["alive"] and expert in g["experts"].get(layer, [])]
+        return [(layer, expert, n) for n in sorted(holders, key=self._copies_held, reverse=True)[:count]]
+
+    async def _add_copies(self, adds: list[tuple[int, int, str]]) -> None:
+        """Load every (layer, expert, group) copy, then one new table: traffic moves only to loaded copies."""
+        versions = await asyncio.gather(*(self.handles[g].load_experts.remote(layer, [e], self.sources.get((layer, e)))
+                                          for layer, e, g in adds))
+        for (layer, expert, name), (version,) in zip(adds, versions):
             held = self.groups[name]["experts"].setdefault(layer, [])
-            held.append(expert)
-            order = sorted(range(len(held)), key=held.__getitem__)
             vers = self.groups[name]["versions"].setdefault(layer, [])
+            held.append(expert)
             vers.append(version)
+            order = sorted(range(len(held)), key=held.__getitem__)
             self.groups[name]["experts"][layer] = [held[i] for i in order]
             self.groups[name]["versions"][layer] = [vers[i] for i in order]
         await self._publish()
 
-    async def _remove_copies(self, layer: int, expert: int, count: int, holders: list[str]) -> None:
-        victims = sorted(holders, key=self._copies_held, reverse=True)[:count]
-        for name in victims:
+    async def _remove_copies(self, removes: list[tuple[int, int, str]]) -> None:
+        """Take the copies out of the table, let planned batches finish, then release them."""
+        for layer, expert, name in removes:
             held, vers = self.groups[name]["experts"][layer], self.groups[name]["versions"][layer]
             i = held.index(expert)
             del held[i], vers[i]
         await self._publish()  # traffic leaves the copies first
         await asyncio.sleep(self.config.drain_s)  # batches already planned on the old table finish
-        await asyncio.gather(*(self.handles[n].release_experts.remote(layer, [expert]) for n in victims),
+        await asyncio.gather(*(self.handles[n].release_experts.remote(layer, [e]) for layer, e, n in removes),
                              return_exceptions=True)
+
+    # -- placement by measured latency ---------------------------------------------------------------
+
+    async def _ensure_probes(self) -> list[str]:
+        """One LatencyProbe per live node (started on first use, dropped with their node); returns
+        the endpoints in node order."""
+        import ray
+
+        nodes = [n["NodeID"] for n in _alive_nodes()]
+        self.probes = {n: p for n, p in self.probes.items() if n in nodes}
+        for node in nodes:
+            if node not in self.probes:
+                self.probes[node] = ray.remote(LatencyProbe).options(
+                    name=f"{self.config.name}/probe-{node[:12]}", namespace=NAMESPACE, lifetime="detached",
+                    num_cpus=0, get_if_exists=True, **_pinning(node)).remote()
+        started = await asyncio.gather(*(self.probes[n].start.remote() for n in nodes))
+        return [endpoint for _, endpoint in started]
+
+    async def measure_links(self) -> dict:
+        """Every probe times echoes to every probe: {"nodes", "rtt_ms" [from][to], "mbps" [from][to]}."""
+        endpoints = await self._ensure_probes()
+        nodes = list(self.probes)
+        rows = await asyncio.gather(*(self.probes[n].measure.remote(endpoints) for n in nodes))
+        return link_matrix(nodes, rows)
+
+    async def _placement_plan(self) -> dict:
+        links = await self.measure_links()
+        router_nodes = [n for n in await asyncio.gather(*(r.node_id.remote() for r in self.routers.values()),
+                                                        return_exceptions=True) if isinstance(n, str)]
+        live = {n: g for n, g in self.groups.items() if g["alive"]}
+        latency = group_latency({n: g["node"] for n, g in live.items()}, router_nodes, links)
+        tokens, rates = await self.load()
+        source = "tokens/s over the load window" if rates else "tokens since start"
+        load = {tuple(map(int, k.split("/"))): v for k, v in (rates or tokens).items()}
+        current = {n: dict(g["experts"]) for n, g in live.items()}
+        proposed = plan_placement(current, latency, load, self.config.placement_balance)
+        total = sum(load.values()) or 1.0
+        adds, removes = placement_moves(current, proposed)
+        return {"links": links, "router_nodes": router_nodes, "load_source": source,
+                "groups": {n: {"node": g["node"], "latency_ms": latency[n]} for n, g in live.items()},
+                "current": {"assignment": current, "mean_latency_ms": placement_cost(current, latency, load) / total},
+                "proposed": {"assignment": proposed,
+                             "mean_latency_ms": placement_cost(proposed, latency, load) / total},
+                "adds": adds, "removes": removes}
+
+    async def placement(self) -> bytes:
+        """msgpack report for `mesh placement`: the measured links, each group's latency from the
+        routers, the current and proposed placement with their expected mean latency per token copy."""
+        await self.ready()
+        plan = await self._placement_plan()
+        plan["current"]["assignment"] = _str_keys(plan["current"]["assignment"])
+        plan["proposed"]["assignment"] = _str_keys(plan["proposed"]["assignment"])
+        return msgpack.packb(plan)
+
+    async def rebalance(self, token: str, dry_run: bool = False) -> dict:
+        """Measure, plan and (unless dry_run) apply the proposed placement live: new copies load and
+        serve before the old ones leave."""
+        await self.ready()
+        try:
+            self._check_token(token)
+        except AdminError as exc:
+            return {"ok": False, "message": str(exc), "epoch": self.table.epoch, "denied": True}
+        async with self._changing:
+            plan = await self._placement_plan()
+            summary = (f"{len(plan['adds'])} copies move; expected mean latency per token copy "
+                       f"{plan['current']['mean_latency_ms']:.2f} -> {plan['proposed']['mean_latency_ms']:.2f} ms")
+            if not dry_run and plan["adds"]:
+                await self._add_copies([tuple(a) for a in plan["adds"]])
+                await self._remove_copies([tuple(r) for r in plan["removes"]])
+                logger.info("rebalance: %s", summary)
+        return {"ok": True, "message": ("dry run: " if dry_run else "") + summary, "epoch": self.table.epoch}
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -493,7 +589,7 @@ class MeshController:
         })
 
     async def shutdown(self) -> None:
-        """Stop the routers and kill every group this controller started."""
+        """Stop the routers and kill every group and probe of this mesh."""
         import ray
 
         for task in (self._health_task, self._autoscale_task):
@@ -501,7 +597,13 @@ class MeshController:
                 task.cancel()
         self.forget_state()
         await asyncio.gather(*(r.stop.remote() for r in self.routers.values()), return_exceptions=True)
-        for handle in [*self.routers.values(), *self.handles.values()]:
+        probes = []  # by name: an earlier incarnation of this controller may have started them
+        for node in (n["NodeID"] for n in _alive_nodes()):
+            try:
+                probes.append(ray.get_actor(f"{self.config.name}/probe-{node[:12]}", namespace=NAMESPACE))
+            except ValueError:
+                pass
+        for handle in [*self.routers.values(), *self.handles.values(), *probes]:
             try:
                 ray.kill(handle)
             except Exception:  # noqa: BLE001 - already gone

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from mesh.replication import rebalance_experts  # the replication policy's entry point, EPLB's signature
 
-__all__ = ["initial_assignment", "rebalance_experts", "restore_node", "spread_groups"]
+__all__ = ["group_latency", "initial_assignment", "placement_cost", "placement_moves", "plan_placement",
+           "rebalance_experts", "restore_node", "spread_groups"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,
@@ -54,3 +55,97 @@ def restore_node(experts: dict[int, list[int]], node_ids: list[str],
         return shared, len(here), rank
 
     return min(enumerate(node_ids), key=cost)[1]
+
+
+# -- placement by measured latency -----------------------------------------------------------------
+# An assignment maps each group to the experts it holds per layer: {group: {layer: [experts]}}.
+# Load is tokens/s per (layer, expert), split evenly over the expert's copies (as the router does).
+
+Assignment = dict[str, dict[int, list[int]]]
+
+
+def group_latency(group_nodes: dict[str, str], router_nodes: list[str], links: dict) -> dict[str, float]:
+    """ms for a token copy to reach each group: the mean, over the routers, of the RTT the probes
+    measured from the router's node to the group's node. `links` is probes.link_matrix's output."""
+    if not router_nodes:
+        raise ValueError("no router to measure latency from")
+    index = {node: i for i, node in enumerate(links["nodes"])}
+    rtt = links["rtt_ms"]
+    return {g: sum(rtt[index[r]][index[node]] for r in router_nodes) / len(router_nodes)
+            for g, node in group_nodes.items()}
+
+
+def _copy_shares(assignment: Assignment, load: dict[tuple[int, int], float]) -> dict[tuple[int, int], float]:
+    copies: dict[tuple[int, int], int] = {}
+    for held in assignment.values():
+        for layer, experts in held.items():
+            for e in experts:
+                copies[(layer, e)] = copies.get((layer, e), 0) + 1
+    return {key: load.get(key, 0.0) / n for key, n in copies.items()}
+
+
+def placement_cost(assignment: Assignment, latency: dict[str, float], load: dict[tuple[int, int], float]) -> float:
+    """Expected communication cost, ms x tokens/s: every copy's share of its expert's load times its
+    group's latency. Divided by the total load it is the mean latency a token copy meets."""
+    share = _copy_shares(assignment, load)
+    return sum(share[(layer, e)] * latency[g] for g, held in assignment.items()
+               for layer, experts in held.items() for e in experts)
+
+
+def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict[tuple[int, int], float],
+                   balance: float = 0.5) -> Assignment:
+    """A placement with lower `placement_cost`: copies of one layer swap groups, a hotter copy
+    moving to the group with lower latency (every group keeps its number of copies, so memory).
+
+    Greedy: takes the swap that lowers the cost most, until none does. A swap may not lift a group's
+    load above (1 + balance) x the mean group load, so a near node is not buried under every hot
+    expert. Never two copies of one expert in one group. Pure; returns a new assignment.
+    """
+    if balance < 0:
+        raise ValueError(f"balance must be >= 0, got {balance}")
+    held = {g: {layer: set(es) for layer, es in a.items()} for g, a in assignment.items()}
+    share = _copy_shares(assignment, load)
+    group_load = {g: sum(share[(layer, e)] for layer, es in a.items() for e in es) for g, a in held.items()}
+    cap = (1 + balance) * sum(group_load.values()) / max(len(held), 1)
+    for _ in range(sum(len(es) for a in held.values() for es in a.values())):
+        swap = _best_swap(held, latency, share, group_load, cap)
+        if swap is None:
+            break
+        layer, far, near, a, b = swap
+        held[far][layer].remove(a), held[far][layer].add(b)
+        held[near][layer].remove(b), held[near][layer].add(a)
+        delta = share[(layer, a)] - share[(layer, b)]
+        group_load[far] -= delta
+        group_load[near] += delta
+    return {g: {layer: sorted(es) for layer, es in a.items()} for g, a in held.items()}
+
+
+def _best_swap(held, latency, share, group_load, cap) -> tuple[int, str, str, int, int] | None:
+    """(layer, far group, near group, expert leaving far, expert leaving near) of largest gain."""
+    best, best_gain = None, 1e-9
+    for far in held:
+        for near in held:
+            gap = latency[far] - latency[near]
+            if gap <= 0:
+                continue
+            for layer in held[far].keys() & held[near].keys():
+                outs = sorted(held[far][layer] - held[near][layer], key=lambda e: -share[(layer, e)])
+                ins = sorted(held[near][layer] - held[far][layer], key=lambda e: share[(layer, e)])
+                for a in outs:
+                    # the first b that fits under the cap moves the most load: the best for this a
+                    fit = next((b for b in ins if share[(layer, a)] - share[(layer, b)] > 0
+                                and group_load[near] + share[(layer, a)] - share[(layer, b)] <= cap), None)
+                    if fit is not None and (gain := gap * (share[(layer, a)] - share[(layer, fit)])) > best_gain:
+                        best, best_gain = (layer, far, near, a, fit), gain
+    return best
+
+
+def placement_moves(old: Assignment, new: Assignment) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:
+    """(copies to add, copies to remove) as (layer, expert, group) taking `old` to `new`."""
+    adds, removes = [], []
+    for g in new.keys() | old.keys():
+        for layer in new.get(g, {}).keys() | old.get(g, {}).keys():
+            before, after = set(old.get(g, {}).get(layer, [])), set(new.get(g, {}).get(layer, []))
+            adds += [(layer, e, g) for e in sorted(after - before)]
+            removes += [(layer, e, g) for e in sorted(before - after)]
+    return sorted(adds), sorted(removes)

@@ -135,6 +135,16 @@ class SwapRequest(_message.Message):
     source_dir: str
     def __init__(self, token: _Optional[str] = ..., layer: _Optional[int] = ..., experts: _Optional[_Iterable[int]] = ..., source_dir: _Optional[str] = ...) -> None: ...
 
+class PlacementRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PlacementReply(_message.Message):
+    __slots__ = ("report",)
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    report: bytes
+    def __init__(self, report: _Optional[bytes] = ...) -> None: ...
+
 class RebalanceRequest(_message.Message):
     __slots__ = ("token", "dry_run")
     TOKEN_FIELD_NUMBER: _ClassVar[int]

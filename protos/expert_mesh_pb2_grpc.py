@@ -255,6 +255,84 @@ class ExpertWorker:
             _registered_method=True)
 
 
+class MeshProbeStub:
+    """Latency probes (one per node) echo to each other: the only source of the link costs that
+    placement optimises. The reply carries back at most 64 bytes of the payload.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Echo = channel.unary_unary(
+                '/expert_mesh.v1.MeshProbe/Echo',
+                request_serializer=protos_dot_expert__mesh__pb2.PingRequest.SerializeToString,
+                response_deserializer=protos_dot_expert__mesh__pb2.PingReply.FromString,
+                _registered_method=True)
+
+
+class MeshProbeServicer:
+    """Latency probes (one per node) echo to each other: the only source of the link costs that
+    placement optimises. The reply carries back at most 64 bytes of the payload.
+    """
+
+    def Echo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MeshProbeServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Echo': grpc.unary_unary_rpc_method_handler(
+                    servicer.Echo,
+                    request_deserializer=protos_dot_expert__mesh__pb2.PingRequest.FromString,
+                    response_serializer=protos_dot_expert__mesh__pb2.PingReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'expert_mesh.v1.MeshProbe', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('expert_mesh.v1.MeshProbe', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class MeshProbe:
+    """Latency probes (one per node) echo to each other: the only source of the link costs that
+    placement optimises. The reply carries back at most 64 bytes of the payload.
+    """
+
+    @staticmethod
+    def Echo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expert_mesh.v1.MeshProbe/Echo',
+            protos_dot_expert__mesh__pb2.PingRequest.SerializeToString,
+            protos_dot_expert__mesh__pb2.PingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class MeshAdminStub:
     """Missing associated documentation comment in .proto file."""
 
@@ -278,6 +356,11 @@ class MeshAdminStub:
                 '/expert_mesh.v1.MeshAdmin/Swap',
                 request_serializer=protos_dot_expert__mesh__pb2.SwapRequest.SerializeToString,
                 response_deserializer=protos_dot_expert__mesh__pb2.AdminReply.FromString,
+                _registered_method=True)
+        self.Placement = channel.unary_unary(
+                '/expert_mesh.v1.MeshAdmin/Placement',
+                request_serializer=protos_dot_expert__mesh__pb2.PlacementRequest.SerializeToString,
+                response_deserializer=protos_dot_expert__mesh__pb2.PlacementReply.FromString,
                 _registered_method=True)
         self.Rebalance = channel.unary_unary(
                 '/expert_mesh.v1.MeshAdmin/Rebalance',
@@ -312,6 +395,12 @@ class MeshAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Placement(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Rebalance(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -341,6 +430,11 @@ def add_MeshAdminServicer_to_server(servicer, server):
                     servicer.Swap,
                     request_deserializer=protos_dot_expert__mesh__pb2.SwapRequest.FromString,
                     response_serializer=protos_dot_expert__mesh__pb2.AdminReply.SerializeToString,
+            ),
+            'Placement': grpc.unary_unary_rpc_method_handler(
+                    servicer.Placement,
+                    request_deserializer=protos_dot_expert__mesh__pb2.PlacementRequest.FromString,
+                    response_serializer=protos_dot_expert__mesh__pb2.PlacementReply.SerializeToString,
             ),
             'Rebalance': grpc.unary_unary_rpc_method_handler(
                     servicer.Rebalance,
@@ -434,6 +528,33 @@ class MeshAdmin:
             '/expert_mesh.v1.MeshAdmin/Swap',
             protos_dot_expert__mesh__pb2.SwapRequest.SerializeToString,
             protos_dot_expert__mesh__pb2.AdminReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Placement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/expert_mesh.v1.MeshAdmin/Placement',
+            protos_dot_expert__mesh__pb2.PlacementRequest.SerializeToString,
+            protos_dot_expert__mesh__pb2.PlacementReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,12 @@ class _ControllerAdmin:
     async def swap(self, token: str, layer: int, experts: list[int], source: str) -> dict:
         return await self._handle().swap.remote(token, layer, experts, source)
 
+    async def placement(self) -> bytes:
+        return await self._handle().placement.remote()
+
+    async def rebalance(self, token: str, dry_run: bool) -> dict:
+        return await self._handle().rebalance.remote(token, dry_run)
+
 
 class RouterActor:
     """Ray actor body (the controller or the CLI wraps it with ray.remote, name and placement)."""
@@ -92,6 +98,12 @@ class RouterActor:
 
     def is_serving(self) -> bool:
         return self.server is not None and self.server.is_serving()
+
+    def node_id(self) -> str:
+        """The Ray node this router runs on (placement measures latency from here)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def load_report(self) -> bytes:
         """msgpack {"tokens": [[layer, expert, count since start], ...],

@@ -77,6 +77,10 @@ class AdminBackend(Protocol):
 
     async def swap(self, token: str, layer: int, experts: list[int], source: str) -> dict: ...
 
+    async def placement(self) -> bytes: ...
+
+    async def rebalance(self, token: str, dry_run: bool) -> dict: ...
+
 
 class _ExpertMeshService(pb_grpc.ExpertMeshServicer):
     def __init__(self, server: "RouterServer"):
@@ -116,6 +120,13 @@ class _AdminService(pb_grpc.MeshAdminServicer):
     async def Autoscale(self, request: pb.AutoscaleRequest, context) -> pb.AdminReply:
         backend = await self._backend(context)
         return await _admin_reply(await backend.set_autoscale(request.token, request.enabled), context)
+
+    async def Placement(self, request: pb.PlacementRequest, context) -> pb.PlacementReply:
+        return pb.PlacementReply(report=await (await self._backend(context)).placement())
+
+    async def Rebalance(self, request: pb.RebalanceRequest, context) -> pb.AdminReply:
+        backend = await self._backend(context)
+        return await _admin_reply(await backend.rebalance(request.token, request.dry_run), context)
 
 
 async def _admin_reply(reply: dict, context) -> pb.AdminReply:

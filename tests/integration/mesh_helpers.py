@@ -1,9 +1,10 @@
 """What the mesh integration tests share: tolerance, the router's counters, gate predictions,
-concurrent callers."""
+concurrent callers, continuous load (`Load`)."""
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -74,3 +75,48 @@ def call_concurrently(address: str, requests: list[tuple[int, torch.Tensor]], re
 
     with ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(call, requests))
+
+
+class Load:
+    """Callers sending the same batch in a loop; each answer is classified against references."""
+
+    def __init__(self, addresses, x: torch.Tensor, refs: dict[str, torch.Tensor], num_callers: int = 3):
+        self.x, self.refs = x, refs
+        self.counts = dict.fromkeys([*refs, "wrong", "failed"], 0)
+        self.last: list[str] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(addresses,)) for _ in range(num_callers)]
+
+    def _run(self, addresses) -> None:
+        with MeshClient(addresses, timeout_s=30) as client:
+            while not self._stop.is_set():
+                try:
+                    out = client.forward(0, self.x)
+                    kind = next((k for k, ref in self.refs.items() if rel_err(out, ref) <= FP32_TOL), "wrong")
+                except Exception as exc:  # noqa: BLE001 - counted as failed, reason kept for the assert
+                    kind = "failed"
+                    with self._lock:
+                        self.errors.append(f"{time.strftime('%H:%M:%S')} {exc}"[:300])
+                with self._lock:
+                    self.counts[kind] += 1
+                    self.last.append(kind)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def lost(self) -> str:
+        """What went wrong, for assertion messages: counts and the first few failure reasons."""
+        return f"{self.counts}; first failures: {self.errors[:5]}"

@@ -4,9 +4,7 @@ restart, router failover, admin token. Real 3-node cluster (a 4th node is added,
 from __future__ import annotations
 
 import shutil
-import threading
 import time
-from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -19,8 +17,7 @@ from experts.builtin import build_model, save_checkpoint
 from experts.group import LayerExperts
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from router_service import MeshClient
-from tests.integration.mesh_helpers import FP32_TOL, load_gate, rel_err
+from tests.integration.mesh_helpers import Load, load_gate, rel_err
 
 TOKEN = "test-token"
 SMALL = dict(hidden_size=48, intermediate_size=40, num_hidden_layers=1, num_local_experts=6, num_experts_per_tok=2)
@@ -38,51 +35,6 @@ def checkpoints(tmp_path_factory):
     tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"][0, 0] = float("nan")
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     return old, new, bad
-
-
-class Load:
-    """Callers sending the same batch in a loop; each answer is classified against references."""
-
-    def __init__(self, addresses, x: torch.Tensor, refs: dict[str, torch.Tensor], num_callers: int = 3):
-        self.x, self.refs = x, refs
-        self.counts = dict.fromkeys([*refs, "wrong", "failed"], 0)
-        self.last: list[str] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(addresses,)) for _ in range(num_callers)]
-
-    def _run(self, addresses) -> None:
-        with MeshClient(addresses, timeout_s=30) as client:
-            while not self._stop.is_set():
-                try:
-                    out = client.forward(0, self.x)
-                    kind = next((k for k, ref in self.refs.items() if rel_err(out, ref) <= FP32_TOL), "wrong")
-                except Exception as exc:  # noqa: BLE001 - counted as failed, reason kept for the assert
-                    kind = "failed"
-                    with self._lock:
-                        self.errors.append(f"{time.strftime('%H:%M:%S')} {exc}"[:300])
-                with self._lock:
-                    self.counts[kind] += 1
-                    self.last.append(kind)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.counts)
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-
-    def lost(self) -> str:
-        """What went wrong, for assertion messages: counts and the first few failure reasons."""
-        return f"{self.counts}; first failures: {self.errors[:5]}"
 
 
 def _admin(mesh) -> pb_grpc.MeshAdminStub:

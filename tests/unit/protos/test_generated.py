@@ -10,6 +10,7 @@ def test_generated_modules_are_fresh():
 
 def test_services_are_declared():
     services = expert_mesh_pb2.DESCRIPTOR.services_by_name
-    assert set(services) == {"ExpertMesh", "ExpertWorker", "MeshAdmin"}
+    assert set(services) == {"ExpertMesh", "ExpertWorker", "MeshAdmin", "MeshProbe"}
+    assert {"Placement", "Rebalance"} <= set(services["MeshAdmin"].methods_by_name)
     assert set(services["ExpertMesh"].methods_by_name) == {"Forward", "GetInfo"}
     assert expert_mesh_pb2.DESCRIPTOR.package == "expert_mesh.v1"

@@ -1,0 +1,86 @@
+"""Latency probes: one small Ray actor per node that echoes over gRPC and measures its links.
+
+Each probe serves `MeshProbe.Echo` on its node and, asked to, times echoes to every probe (its own
+included): RTT is the median of small echoes, bandwidth is a 1 MiB payload's size over its median
+time less the RTT. The controller gathers the rows into the node x node matrices that placement
+optimises; nothing else feeds it link costs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import grpc
+
+from experts.links import emulated_delay_s, serve_delay
+from protos import expert_mesh_pb2 as pb
+from protos import expert_mesh_pb2_grpc as pb_grpc
+
+__all__ = ["LatencyProbe", "link_matrix"]
+
+ECHO_BYTES = 64
+BANDWIDTH_BYTES = 1 << 20
+_OPTIONS = [("grpc.max_receive_message_length", 4 * BANDWIDTH_BYTES)]
+
+
+class _Echo(pb_grpc.MeshProbeServicer):
+    def __init__(self, node_id: str, delay_s: float):
+        self.node_id, self.delay_s = node_id, delay_s
+
+    async def Echo(self, request: pb.PingRequest, context) -> pb.PingReply:
+        await serve_delay(self.delay_s)
+        return pb.PingReply(payload=request.payload[:ECHO_BYTES], group=self.node_id)
+
+
+class LatencyProbe:
+    """Ray actor body, pinned to one node by the controller (`<mesh>/probe-<node id[:12]>`)."""
+
+    def __init__(self):
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.host = ray.util.get_node_ip_address()
+        self._server: grpc.aio.Server | None = None
+        self.endpoint = ""
+
+    async def start(self) -> tuple[str, str]:
+        """Serve Echo on this node; returns (node id, "ip:port")."""
+        if self._server is None:
+            self._server = grpc.aio.server(options=_OPTIONS)
+            pb_grpc.add_MeshProbeServicer_to_server(_Echo(self.node_id, emulated_delay_s()), self._server)
+            port = self._server.add_insecure_port(f"{self.host}:0")
+            await self._server.start()
+            self.endpoint = f"{self.host}:{port}"
+        return self.node_id, self.endpoint
+
+    async def measure(self, endpoints: list[str], pings: int = 7, transfers: int = 3) -> list[tuple[float, float]]:
+        """(RTT ms, bandwidth MB/s) from this node to each endpoint, in order."""
+        return [await self._measure_one(e, pings, transfers) for e in endpoints]
+
+    async def _measure_one(self, endpoint: str, pings: int, transfers: int) -> tuple[float, float]:
+        async with grpc.aio.insecure_channel(endpoint, options=_OPTIONS) as channel:
+            echo = pb_grpc.MeshProbeStub(channel).Echo
+            await echo(pb.PingRequest(payload=b"w"), timeout=30)  # connect outside the timing
+            rtt_s = await _median_call(echo, b"x" * ECHO_BYTES, pings)
+            bulk_s = await _median_call(echo, b"x" * BANDWIDTH_BYTES, transfers)
+        return rtt_s * 1e3, BANDWIDTH_BYTES / max(bulk_s - rtt_s, 1e-6) / 1e6
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+
+
+async def _median_call(echo, payload: bytes, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        await echo(pb.PingRequest(payload=payload), timeout=30)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def link_matrix(nodes: list[str], rows: list[list[tuple[float, float]]]) -> dict:
+    """{"nodes", "rtt_ms" [from][to], "mbps" [from][to]} from each node's measure() row."""
+    return {"nodes": nodes, "rtt_ms": [[round(r, 3) for r, _ in row] for row in rows],
+            "mbps": [[round(b, 1) for _, b in row] for row in rows]}
