@@ -1,28 +1,29 @@
 """Expert weights and where they come from: spec, checkpoint reading, expert groups, the
-in-process reference MoE layer."""
+in-process reference MoE layer.
 
-from experts.checkpoint import CheckpointReader, ExpertWeights, GateWeights, SharedWeights
-from experts.errors import CheckpointError, MeshError, UnsupportedModelError
-from experts.group import ExpertGroup, LayerExperts
-from experts.layer import Gate, MoELayer, SharedExpert, dispatch
-from experts.spec import SUPPORTED_MODEL_TYPES, MoESpec, load_spec, spec_from_config
+Names are imported on first use, so that `experts.simulated` (a simulated device) runs in a process
+that never imports torch.
+"""
 
-__all__ = [
-    "SUPPORTED_MODEL_TYPES",
-    "CheckpointError",
-    "CheckpointReader",
-    "ExpertGroup",
-    "ExpertWeights",
-    "Gate",
-    "GateWeights",
-    "LayerExperts",
-    "MeshError",
-    "MoELayer",
-    "MoESpec",
-    "SharedExpert",
-    "SharedWeights",
-    "UnsupportedModelError",
-    "dispatch",
-    "load_spec",
-    "spec_from_config",
-]
+import importlib
+
+_EXPORTS = {
+    "CheckpointReader": "checkpoint", "ExpertWeights": "checkpoint", "GateWeights": "checkpoint",
+    "SharedWeights": "checkpoint",
+    "CheckpointError": "errors", "MeshError": "errors", "UnsupportedModelError": "errors",
+    "ExpertGroup": "group", "LayerExperts": "group",
+    "Gate": "layer", "MoELayer": "layer", "SharedExpert": "layer", "dispatch": "layer",
+    "SUPPORTED_MODEL_TYPES": "spec", "MoESpec": "spec", "load_spec": "spec", "spec_from_config": "spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'experts' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"experts.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -11,11 +11,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from experts.errors import MeshError
 from router_service.config import RouterConfig
 
-__all__ = ["AutoscaleConfig", "ConfigError", "GroupsConfig", "MeshConfig", "load_config"]
+__all__ = ["AutoscaleConfig", "ConfigError", "GroupsConfig", "MeshConfig", "SimulatedConfig", "load_config"]
 
 
 class ConfigError(MeshError, ValueError):
     """A config file that cannot be used; the message names the field."""
+
+
+class SimulatedConfig(BaseModel):
+    """Simulated devices (experts/simulated.py): compute time from a cost model, spent asleep. Bench only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tflops: float = Field(1.0, gt=0, description="Device throughput the cost model assumes.")
+    latency_ms: float = Field(0.2, ge=0, description="Fixed cost of one batch on a device.")
 
 
 class GroupsConfig(BaseModel):
@@ -28,6 +37,8 @@ class GroupsConfig(BaseModel):
     num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per group actor.")
     memory_fraction: float = Field(0.8, gt=0, le=1, description=(
         "Share of a node's Ray memory that its groups' expert weights may take."))
+    simulated: SimulatedConfig | None = Field(None, description=(
+        "Run simulated devices instead of real experts (benchmarks of skew and scaling; outputs are junk)."))
 
 
 class AutoscaleConfig(BaseModel):

@@ -22,6 +22,7 @@ import msgpack
 from experts import load_spec
 from experts.actor import ExpertGroupActor
 from experts.errors import MeshError
+from experts.simulated import CostModel, SimulatedGroupActor
 from mesh.autoscale import plan_autoscale
 from mesh.config import MeshConfig
 from mesh.placement import (group_latency, initial_assignment, placement_cost, placement_moves, plan_placement,
@@ -122,11 +123,17 @@ class MeshController:
         """Create group actor `name` on `node_id` holding `experts`; returns once it serves."""
         import ray
 
+        groups = self.config.groups
         has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in _alive_nodes())
-        handle = ray.remote(ExpertGroupActor).options(
-            name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=self.config.groups.num_cpus,
-            num_gpus=1 if has_gpus else 0, max_concurrency=64, **_pinning(node_id),
-        ).remote(name, self.model_path, experts, self.config.groups.dtype, self.config.groups.torch_threads)
+        options = dict(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=groups.num_cpus,
+                       max_concurrency=64, **_pinning(node_id))
+        if groups.simulated is not None:  # a cost model asleep: no weights, no GPU
+            cost = CostModel(self.spec.hidden_size, self.spec.intermediate_size, groups.simulated.tflops,
+                             groups.simulated.latency_ms)
+            handle = ray.remote(SimulatedGroupActor).options(**options).remote(name, experts, cost)
+        else:
+            handle = ray.remote(ExpertGroupActor).options(num_gpus=1 if has_gpus else 0, **options).remote(
+                name, self.model_path, experts, groups.dtype, groups.torch_threads)
         for (layer, expert), source in self.sources.items():  # swapped-in weights, not the model's
             if expert in experts.get(layer, []):
                 await handle.release_experts.remote(layer, [expert])
@@ -191,6 +198,8 @@ class MeshController:
 
     def _check_memory(self, assignment: list[dict], placement: list[str], nodes: list[dict]) -> None:
         spec, groups = self.spec, self.config.groups
+        if groups.simulated is not None:
+            return  # simulated devices hold no weights
         per_expert = 3 * spec.hidden_size * spec.intermediate_size * _BYTES[groups.dtype] * 2  # + packed copy
         memory = {n["NodeID"]: n["Resources"].get("memory", 0) for n in nodes}
         need: dict[str, int] = {}
@@ -499,10 +508,10 @@ class MeshController:
         return [endpoint for _, endpoint in started]
 
     async def measure_links(self) -> dict:
-        """Every probe times echoes to every probe: {"nodes", "rtt_ms" [from][to], "mbps" [from][to]}."""
+        """Every probe in turn times echoes to every probe: {"nodes", "rtt_ms" [from][to], "mbps" [from][to]}."""
         endpoints = await self._ensure_probes()
         nodes = list(self.probes)
-        rows = await asyncio.gather(*(self.probes[n].measure.remote(endpoints) for n in nodes))
+        rows = [await self.probes[n].measure.remote(endpoints) for n in nodes]  # one at a time: no cross-talk
         return link_matrix(nodes, rows)
 
     async def _placement_plan(self) -> dict:

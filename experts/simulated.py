@@ -1,0 +1,112 @@
+"""A simulated device: an expert group whose compute takes the time a cost model gives, asleep.
+
+For benchmarks of the control plane (skew, replication) with many devices on a small machine: the
+process imports neither torch nor the checkpoint, so dozens fit on 2 cores. Never used by
+correctness tests: its outputs are its inputs.
+
+    time(batch) = latency_ms / 1e3 + 6 * H * I * rows / (tflops * 1e12)
+
+(three GEMMs of 2 * H * I FLOPs per token copy). A device runs one batch at a time, as a GPU stream
+does, so a hot device queues work and replicas on other devices take it away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from experts.links import emulated_delay_s, serve_delay
+from protos import expert_mesh_pb2 as pb
+from protos import expert_mesh_pb2_grpc as pb_grpc
+
+__all__ = ["CostModel", "SimulatedGroupActor"]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    hidden_size: int
+    intermediate_size: int
+    tflops: float = 1.0       # device throughput
+    latency_ms: float = 0.2   # fixed cost of a batch (launch, synchronisation)
+
+    def seconds(self, rows: int) -> float:
+        return self.latency_ms / 1e3 + 6 * self.hidden_size * self.intermediate_size * rows / (self.tflops * 1e12)
+
+
+class _Device(pb_grpc.ExpertWorkerServicer):
+    def __init__(self, name: str, cost: CostModel, held: dict[int, set[int]], delay_s: float):
+        self.name, self.cost, self.held, self.delay_s = name, cost, held, delay_s
+        self.busy = asyncio.Lock()  # one batch at a time
+        self.tokens_served: collections.Counter[tuple[int, int]] = collections.Counter()
+        self.compute_s = 0.0
+
+    async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
+        missing = [e for e in request.experts if e not in self.held.get(request.layer, set())]
+        if missing or sum(request.counts) != (request.hidden.shape[0] if request.hidden.shape else -1):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"group {self.name}: layer {request.layer} experts {missing} not held, "
+                                f"or counts {list(request.counts)} do not sum to the rows")
+        seconds = self.cost.seconds(sum(request.counts))
+        async with self.busy:
+            await asyncio.sleep(seconds)
+        self.compute_s += seconds
+        for expert, count in zip(request.experts, request.counts):
+            self.tokens_served[(request.layer, expert)] += count
+        await serve_delay(self.delay_s)
+        return pb.ExpertResult(hidden=request.hidden)
+
+    async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
+        await serve_delay(self.delay_s)
+        return pb.PingReply(payload=request.payload, group=self.name)
+
+
+class SimulatedGroupActor:
+    """Ray actor body with the controller-facing methods of ExpertGroupActor (no hot swap)."""
+
+    def __init__(self, name: str, assignment: dict[int, list[int]], cost: CostModel):
+        self.name = name
+        self.device = _Device(name, cost, {int(layer): set(e) for layer, e in assignment.items()},
+                              emulated_delay_s())
+        self._server: grpc.aio.Server | None = None
+        self.endpoint = ""
+        self.started = time.time()
+
+    async def start(self, host: str = "") -> str:
+        import ray
+
+        if self._server is None:
+            host = host or ray.util.get_node_ip_address()
+            self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 30),
+                                                    ("grpc.max_send_message_length", 1 << 30)])
+            pb_grpc.add_ExpertWorkerServicer_to_server(self.device, self._server)
+            port = self._server.add_insecure_port(f"{host}:0")
+            await self._server.start()
+            self.endpoint = f"{host}:{port}"
+        return self.endpoint
+
+    def ping(self) -> str:
+        return self.name
+
+    async def load_experts(self, layer: int, experts: list[int], source: str | None = None) -> list[str]:
+        self.device.held.setdefault(layer, set()).update(experts)
+        return ["simulated"] * len(experts)
+
+    def release_experts(self, layer: int, experts: list[int]) -> None:
+        self.device.held.get(layer, set()).difference_update(experts)
+
+    async def stage_experts(self, *args, **kwargs) -> dict:
+        raise NotImplementedError(f"group {self.name} is a simulated device: it holds no weights to swap")
+
+    def info(self) -> dict:
+        import ray
+
+        held = {layer: sorted(e) for layer, e in self.device.held.items()}
+        return {"name": self.name, "node_id": ray.get_runtime_context().get_node_id(), "endpoint": self.endpoint,
+                "pid": os.getpid(), "experts": held, "versions": {l: ["simulated"] * len(e) for l, e in held.items()},
+                "nbytes": 0, "compute_s": self.device.compute_s,
+                "tokens_served": [[l, e, n] for (l, e), n in self.device.tokens_served.items()]}
