@@ -25,8 +25,8 @@ from experts.errors import MeshError
 from experts.simulated import CostModel, SimulatedGroupActor
 from mesh.autoscale import plan_autoscale
 from mesh.config import MeshConfig
-from mesh.placement import (group_latency, initial_assignment, placement_cost, placement_moves, plan_placement,
-                            restore_node, spread_groups)
+from mesh.placement import (group_latency, initial_assignment, pick_groups, placement_cost, placement_moves,
+                            plan_placement, restore_node, spread_groups)
 from mesh.probes import LatencyProbe, link_matrix
 from router_service.routing import Copy, RoutingTable
 
@@ -262,15 +262,13 @@ class MeshController:
     async def autoscale_step(self) -> dict[str, int]:
         """One round of the autoscaling policy; returns the changes applied ("layer/expert" -> copies)."""
         settings = self.config.autoscale
-        _, rates = await self.load()
+        rates = await self._rates()
         live = sum(g["alive"] for g in self.groups.values())
         copies = {(l, e): len(c) for l, experts in self.table.layers.items() for e, c in enumerate(experts) if c}
-        rates_by_key = {tuple(map(int, k.split("/"))): r for k, r in rates.items()}
-        changes = plan_autoscale(rates_by_key, copies, settings.target_tokens_per_s,
+        changes = plan_autoscale(rates, copies, settings.target_tokens_per_s,
                                  min(settings.max_copies or live, live), settings.hysteresis)
         async with self._changing:
-            for (layer, expert), count in changes.items():
-                await self._set_copies(layer, expert, count)
+            await self._set_copies(changes, rates)
         if changes:
             logger.info("autoscale: %s", changes)
         return {f"{l}/{e}": c for (l, e), c in changes.items()}
@@ -351,7 +349,7 @@ class MeshController:
             if not 1 <= replicas <= len(live):
                 raise ValueError(f"replicas must be in [1, {len(live)}] (live groups), got {replicas}")
             async with self._changing:
-                await self._set_copies(layer, expert, replicas)
+                await self._set_copies({(layer, expert): replicas}, await self._rates())
             return {"ok": True, "message": f"layer {layer} expert {expert}: {replicas} copies", "epoch": self.table.epoch}
         except (AdminError, ValueError) as exc:
             return {"ok": False, "message": str(exc), "epoch": self.table.epoch,
@@ -445,25 +443,30 @@ class MeshController:
         if err > 1e-5:
             raise ValueError(f"group {name}: probe output differs from the in-process experts (rel err {err:.1e})")
 
-    def _copies_held(self, name: str) -> int:
-        return sum(len(e) for e in self.groups[name]["experts"].values())
+    async def _set_copies(self, counts: dict[tuple[int, int], int], load: dict[tuple[int, int], float]) -> None:
+        """Bring every (layer, expert) in `counts` to that many live copies: gains go to the
+        least-loaded groups, losses come from the most-loaded (`load`: tokens/s per (layer, expert)).
+        All new copies load and are published together, then all leaving copies drain together."""
+        plan = {n: {layer: list(e) for layer, e in g["experts"].items()} for n, g in self.groups.items() if g["alive"]}
+        adds, removes = [], []
+        for (layer, expert), count in counts.items():
+            held = sum(expert in experts.get(layer, []) for experts in plan.values())
+            for group in pick_groups(plan, load, layer, expert, count - held):
+                if count > held:
+                    plan[group].setdefault(layer, []).append(expert)
+                    adds.append((layer, expert, group))
+                else:
+                    plan[group][layer].remove(expert)
+                    removes.append((layer, expert, group))
+        if adds:
+            await self._add_copies(adds)
+        if removes:
+            await self._remove_copies(removes)
 
-    async def _set_copies(self, layer: int, expert: int, count: int) -> None:
-        held = sum(expert in g["experts"].get(layer, []) for g in self.groups.values() if g["alive"])
-        if count > held:
-            await self._add_copies(self._pick_targets(layer, expert, count - held))
-        elif count < held:
-            await self._remove_copies(self._pick_victims(layer, expert, held - count))
-
-    def _pick_targets(self, layer: int, expert: int, count: int) -> list[tuple[int, int, str]]:
-        """New copies go to the live groups without one that hold the fewest copies."""
-        live = [n for n, g in self.groups.items() if g["alive"] and expert not in g["experts"].get(layer, [])]
-        return [(layer, expert, n) for n in sorted(live, key=self._copies_held)[:count]]
-
-    def _pick_victims(self, layer: int, expert: int, count: int) -> list[tuple[int, int, str]]:
-        """Copies leave the live groups that hold the most copies."""
-        holders = [n for n, g in self.groups.items() if g["alive"] and expert in g["experts"].get(layer, [])]
-        return [(layer, expert, n) for n in sorted(holders, key=self._copies_held, reverse=True)[:count]]
+    async def _rates(self) -> dict[tuple[int, int], float]:
+        """tokens/s per (layer, expert) over the routers' load window."""
+        _, rates = await self.load()
+        return {tuple(map(int, k.split("/"))): r for k, r in rates.items()}
 
     async def _add_copies(self, adds: list[tuple[int, int, str]]) -> None:
         """Load every (layer, expert, group) copy, then one new table: traffic moves only to loaded copies."""

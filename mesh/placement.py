@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mesh.replication import rebalance_experts  # the replication policy's entry point, EPLB's signature
 
-__all__ = ["group_latency", "initial_assignment", "placement_cost", "placement_moves", "plan_placement",
+__all__ = ["group_latency", "group_loads", "initial_assignment", "pick_groups", "placement_cost", "placement_moves", "plan_placement",
            "rebalance_experts", "restore_node", "spread_groups"]
 
 
@@ -105,7 +105,7 @@ def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict
         raise ValueError(f"balance must be >= 0, got {balance}")
     held = {g: {layer: set(es) for layer, es in a.items()} for g, a in assignment.items()}
     share = _copy_shares(assignment, load)
-    group_load = {g: sum(share[(layer, e)] for layer, es in a.items() for e in es) for g, a in held.items()}
+    group_load = group_loads(assignment, load)
     cap = (1 + balance) * sum(group_load.values()) / max(len(held), 1)
     for _ in range(sum(len(es) for a in held.values() for es in a.values())):
         swap = _best_swap(held, latency, share, group_load, cap)
@@ -138,6 +138,27 @@ def _best_swap(held, latency, share, group_load, cap) -> tuple[int, str, str, in
                     if fit is not None and (gain := gap * (share[(layer, a)] - share[(layer, fit)])) > best_gain:
                         best, best_gain = (layer, far, near, a, fit), gain
     return best
+
+
+def group_loads(assignment: Assignment, load: dict[tuple[int, int], float]) -> dict[str, float]:
+    """tokens/s each group carries: the sum of its copies' shares."""
+    share = _copy_shares(assignment, load)
+    return {g: sum(share[(layer, e)] for layer, es in held.items() for e in es) for g, held in assignment.items()}
+
+
+def pick_groups(assignment: Assignment, load: dict[tuple[int, int], float], layer: int, expert: int,
+                count: int) -> list[str]:
+    """Groups that gain (count > 0) or lose (count < 0) a copy of (layer, expert), |count| of them.
+
+    Gains go to the least-loaded groups without a copy, losses come from the most-loaded holders;
+    ties go by copies held (fewest gain, most lose), then by name. Copies already in place stay.
+    """
+    loads = group_loads(assignment, load)
+    held = {g: expert in a.get(layer, []) for g, a in assignment.items()}
+    copies = {g: sum(len(es) for es in a.values()) for g, a in assignment.items()}
+    if count >= 0:
+        return sorted((g for g in assignment if not held[g]), key=lambda g: (loads[g], copies[g], g))[:count]
+    return sorted((g for g in assignment if held[g]), key=lambda g: (-loads[g], -copies[g], g))[:-count]
 
 
 def placement_moves(old: Assignment, new: Assignment) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:

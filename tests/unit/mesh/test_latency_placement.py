@@ -8,7 +8,7 @@ import random
 import pytest
 
 from cluster.cli import format_placement
-from mesh.placement import group_latency, placement_cost, placement_moves, plan_placement
+from mesh.placement import group_latency, group_loads, pick_groups, placement_cost, placement_moves, plan_placement
 
 LINKS = {"nodes": ["n0", "n1", "far"],
          "rtt_ms": [[0.5, 1.0, 30.0], [1.0, 0.5, 30.0], [30.0, 30.0, 0.5]], "mbps": [[1e3] * 3] * 3}
@@ -87,3 +87,13 @@ def test_format_placement_shows_matrix_groups_and_costs():
     text = format_placement(report)
     assert "   30.00" in text and "m/group-1" in text and "L0:0  -> L0:1" in text
     assert "current 25.10 ms, proposed 5.40 ms (2 copies move" in text
+
+
+def test_pick_groups_adds_to_the_least_loaded_and_removes_from_the_most_loaded():
+    assignment = {"a": {0: [0, 1]}, "b": {0: [2]}, "c": {0: [0, 3]}, "d": {0: [4]}}
+    load = {(0, 0): 100.0, (0, 1): 10.0, (0, 2): 80.0, (0, 3): 5.0, (0, 4): 1.0}
+    assert group_loads(assignment, load) == {"a": 60.0, "b": 80.0, "c": 55.0, "d": 1.0}
+    assert pick_groups(assignment, load, 0, 0, 2) == ["d", "b"]   # never a group that holds expert 0
+    assert pick_groups(assignment, load, 0, 0, -1) == ["a"]       # the busier holder loses its copy
+    assert pick_groups(assignment, load, 0, 4, 5) == ["c", "a", "b"]  # at most the groups without one
+    assert pick_groups({"x": {}, "y": {}}, {}, 0, 0, 1) == ["x"]  # no load: by copies, then name
