@@ -10,6 +10,7 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 import time
 
 import grpc
@@ -87,6 +88,7 @@ class ExpertGroupActor:
         self.server_impl = ExpertGroupServer(name, group, emulated_delay_s())
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
+        self._changing = threading.Lock()  # copies are added, staged and released from worker threads
         logger.info("group %s holds %s", name, {k: v.experts for k, v in group.layers.items()})
 
     async def start(self, host: str = "") -> str:
@@ -120,7 +122,8 @@ class ExpertGroupActor:
         def load():
             weights = self._read(layer, experts, source)
             group = self.server_impl.group
-            group.add_experts(layer, weights)
+            with self._changing:
+                group.add_experts(layer, weights)
             probe = torch.zeros(len(experts), group.spec.hidden_size)
             with torch.inference_mode():
                 group.forward(layer, probe, sorted(experts), [1] * len(experts))
@@ -147,7 +150,8 @@ class ExpertGroupActor:
         def stage():
             weights = self._read(layer, experts, source)
             group = self.server_impl.group
-            group.stage(layer, weights)
+            with self._changing:
+                group.stage(layer, weights)
             staged = group.staged[layer]
             versions = [staged.version(e) for e in sorted(experts)]
             per_expert = probe.shape[0] // len(experts)
@@ -160,15 +164,18 @@ class ExpertGroupActor:
 
     def commit_staged(self, layer: int) -> None:
         """Hot swap, last step (after the flip and the drain): staged weights become current."""
-        self.server_impl.group.commit(layer)
+        with self._changing:
+            self.server_impl.group.commit(layer)
 
     def unstage(self, layer: int) -> None:
         """Hot swap rolled back: drop the staged weights."""
-        self.server_impl.group.unstage(layer)
+        with self._changing:
+            self.server_impl.group.unstage(layer)
 
     def release_experts(self, layer: int, experts: list[int]) -> None:
         """Drop copies whose traffic the controller has already moved away."""
-        self.server_impl.group.remove_experts(layer, experts)
+        with self._changing:
+            self.server_impl.group.remove_experts(layer, experts)
 
     def info(self) -> dict:
         import ray

@@ -60,6 +60,12 @@ def _alive_nodes() -> list[dict]:
     return sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: (not n.get("IsHeadNode", False), n["NodeID"]))
 
 
+def _first_line(error: BaseException) -> str:
+    """A Ray task error's cause in one line (its str carries the whole remote traceback)."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+
+
 def _str_keys(assignment: dict) -> dict:
     """msgpack keeps int keys, but JSON and the CLI want str: {group: {"layer": experts}}."""
     return {g: {str(layer): e for layer, e in held.items()} for g, held in assignment.items()}
@@ -351,7 +357,7 @@ class MeshController:
             async with self._changing:
                 await self._set_copies({(layer, expert): replicas}, await self._rates())
             return {"ok": True, "message": f"layer {layer} expert {expert}: {replicas} copies", "epoch": self.table.epoch}
-        except (AdminError, ValueError) as exc:
+        except (AdminError, MeshError, ValueError) as exc:
             return {"ok": False, "message": str(exc), "epoch": self.table.epoch,
                     "denied": isinstance(exc, AdminError)}
 
@@ -469,18 +475,35 @@ class MeshController:
         return {tuple(map(int, k.split("/"))): r for k, r in rates.items()}
 
     async def _add_copies(self, adds: list[tuple[int, int, str]]) -> None:
-        """Load every (layer, expert, group) copy, then one new table: traffic moves only to loaded copies."""
-        versions = await asyncio.gather(*(self.handles[g].load_experts.remote(layer, [e], self.sources.get((layer, e)))
-                                          for layer, e, g in adds))
-        for (layer, expert, name), (version,) in zip(adds, versions):
-            held = self.groups[name]["experts"].setdefault(layer, [])
-            vers = self.groups[name]["versions"].setdefault(layer, [])
-            held.append(expert)
-            vers.append(version)
-            order = sorted(range(len(held)), key=held.__getitem__)
-            self.groups[name]["experts"][layer] = [held[i] for i in order]
-            self.groups[name]["versions"][layer] = [vers[i] for i in order]
+        """Load every (layer, expert, group) copy (one call per group, layer and weights source), then
+        one new table: traffic moves only to loaded copies. If a load fails, the loaded copies are
+        released and MeshError says what failed; the table is unchanged."""
+        calls: dict[tuple[str, int, str | None], list[int]] = {}
+        for layer, expert, name in adds:
+            calls.setdefault((name, layer, self.sources.get((layer, expert))), []).append(expert)
+        results = await asyncio.gather(*(self.handles[name].load_experts.remote(layer, experts, source)
+                                         for (name, layer, source), experts in calls.items()), return_exceptions=True)
+        failed = [(key, r) for key, r in zip(calls, results) if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(self.handles[name].release_experts.remote(layer, calls[(name, layer, source)])
+                                   for (name, layer, source), r in zip(calls, results)
+                                   if not isinstance(r, BaseException)), return_exceptions=True)
+            (name, layer, _), error = failed[0]
+            raise MeshError(f"could not load layer {layer} experts {calls[failed[0][0]]} on {name}: "
+                            f"{_first_line(error)}; no copy was added")
+        for ((name, layer, _), experts), versions in zip(calls.items(), results):
+            for expert, version in zip(experts, versions):
+                self._record_copy(name, layer, expert, version)
         await self._publish()
+
+    def _record_copy(self, name: str, layer: int, expert: int, version: str) -> None:
+        held = self.groups[name]["experts"].setdefault(layer, [])
+        vers = self.groups[name]["versions"].setdefault(layer, [])
+        held.append(expert)
+        vers.append(version)
+        order = sorted(range(len(held)), key=held.__getitem__)
+        self.groups[name]["experts"][layer] = [held[i] for i in order]
+        self.groups[name]["versions"][layer] = [vers[i] for i in order]
 
     async def _remove_copies(self, removes: list[tuple[int, int, str]]) -> None:
         """Take the copies out of the table, let planned batches finish, then release them."""
@@ -552,16 +575,17 @@ class MeshController:
         await self.ready()
         try:
             self._check_token(token)
-        except AdminError as exc:
-            return {"ok": False, "message": str(exc), "epoch": self.table.epoch, "denied": True}
-        async with self._changing:
-            plan = await self._placement_plan()
-            summary = (f"{len(plan['adds'])} copies move; expected mean latency per token copy "
-                       f"{plan['current']['mean_latency_ms']:.2f} -> {plan['proposed']['mean_latency_ms']:.2f} ms")
-            if not dry_run and plan["adds"]:
-                await self._add_copies([tuple(a) for a in plan["adds"]])
-                await self._remove_copies([tuple(r) for r in plan["removes"]])
-                logger.info("rebalance: %s", summary)
+            async with self._changing:
+                plan = await self._placement_plan()
+                summary = (f"{len(plan['adds'])} copies move; expected mean latency per token copy "
+                           f"{plan['current']['mean_latency_ms']:.2f} -> {plan['proposed']['mean_latency_ms']:.2f} ms")
+                if not dry_run and plan["adds"]:
+                    await self._add_copies([tuple(a) for a in plan["adds"]])
+                    await self._remove_copies([tuple(r) for r in plan["removes"]])
+                    logger.info("rebalance: %s", summary)
+        except (AdminError, MeshError) as exc:
+            return {"ok": False, "message": f"rebalance refused: {exc}", "epoch": self.table.epoch,
+                    "denied": isinstance(exc, AdminError)}
         return {"ok": True, "message": ("dry run: " if dry_run else "") + summary, "epoch": self.table.epoch}
 
     # -- status ----------------------------------------------------------------------------------

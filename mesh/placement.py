@@ -93,22 +93,24 @@ def placement_cost(assignment: Assignment, latency: dict[str, float], load: dict
 
 
 def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict[tuple[int, int], float],
-                   balance: float = 0.5) -> Assignment:
+                   balance: float = 0.5, min_gap: float = 0.5) -> Assignment:
     """A placement with lower `placement_cost`: copies of one layer swap groups, a hotter copy
     moving to the group with lower latency (every group keeps its number of copies, so memory).
 
     Greedy: takes the swap that lowers the cost most, until none does. A swap may not lift a group's
     load above (1 + balance) x the mean group load, so a near node is not buried under every hot
-    expert. Never two copies of one expert in one group. Pure; returns a new assignment.
+    expert. Two groups count as equally near unless one's latency exceeds the other's by more than
+    `min_gap` x the smaller (measurement noise moves nothing). Never two copies of one expert in one
+    group. Pure; returns a new assignment.
     """
-    if balance < 0:
-        raise ValueError(f"balance must be >= 0, got {balance}")
+    if balance < 0 or min_gap < 0:
+        raise ValueError(f"balance and min_gap must be >= 0, got {balance} and {min_gap}")
     held = {g: {layer: set(es) for layer, es in a.items()} for g, a in assignment.items()}
     share = _copy_shares(assignment, load)
     group_load = group_loads(assignment, load)
     cap = (1 + balance) * sum(group_load.values()) / max(len(held), 1)
     for _ in range(sum(len(es) for a in held.values() for es in a.values())):
-        swap = _best_swap(held, latency, share, group_load, cap)
+        swap = _best_swap(held, latency, share, group_load, cap, min_gap)
         if swap is None:
             break
         layer, far, near, a, b = swap
@@ -120,13 +122,13 @@ def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict
     return {g: {layer: sorted(es) for layer, es in a.items()} for g, a in held.items()}
 
 
-def _best_swap(held, latency, share, group_load, cap) -> tuple[int, str, str, int, int] | None:
+def _best_swap(held, latency, share, group_load, cap, min_gap) -> tuple[int, str, str, int, int] | None:
     """(layer, far group, near group, expert leaving far, expert leaving near) of largest gain."""
     best, best_gain = None, 1e-9
     for far in held:
         for near in held:
             gap = latency[far] - latency[near]
-            if gap <= 0:
+            if gap <= min_gap * latency[near]:
                 continue
             for layer in held[far].keys() & held[near].keys():
                 outs = sorted(held[far][layer] - held[near][layer], key=lambda e: -share[(layer, e)])

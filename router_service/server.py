@@ -30,6 +30,8 @@ __all__ = ["InvalidRequestError", "RouterServer", "validate_forward"]
 
 logger = logging.getLogger(__name__)
 
+_CONTROLLER_GONE = {"RayActorError", "ActorDiedError", "ActorUnavailableError", "GetTimeoutError"}
+
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["ExpertMesh"].full_name,
     pb.DESCRIPTOR.services_by_name["MeshAdmin"].full_name,
@@ -99,34 +101,39 @@ class _AdminService(pb_grpc.MeshAdminServicer):
     def __init__(self, server: "RouterServer"):
         self.server = server
 
-    async def _backend(self, context) -> AdminBackend:
+    async def _call(self, context, method: str, *args):
+        """One call to the controller; its failures become a short gRPC status, not a traceback."""
         if self.server.admin is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this router has no controller attached")
-        return self.server.admin
+        try:
+            return await getattr(self.server.admin, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller; the router keeps serving
+            logger.exception("MeshAdmin %s failed", method)
+            cause = getattr(exc, "cause", None) or exc
+            lines = str(cause).strip().splitlines()
+            code = grpc.StatusCode.UNAVAILABLE if type(exc).__name__ in _CONTROLLER_GONE else grpc.StatusCode.INTERNAL
+            await context.abort(code, f"controller {method} failed: {type(cause).__name__}: {lines[-1] if lines else ''}")
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
-        return pb.StatusReply(snapshot=await (await self._backend(context)).status())
+        return pb.StatusReply(snapshot=await self._call(context, "status"))
 
     async def Scale(self, request: pb.ScaleRequest, context) -> pb.AdminReply:
-        backend = await self._backend(context)
-        return await _admin_reply(await backend.scale(request.token, request.layer, request.expert,
-                                                      request.replicas), context)
+        reply = await self._call(context, "scale", request.token, request.layer, request.expert, request.replicas)
+        return await _admin_reply(reply, context)
 
     async def Swap(self, request: pb.SwapRequest, context) -> pb.AdminReply:
-        backend = await self._backend(context)
-        return await _admin_reply(await backend.swap(request.token, request.layer, list(request.experts),
-                                                     request.source_dir), context)
+        reply = await self._call(context, "swap", request.token, request.layer, list(request.experts),
+                                 request.source_dir)
+        return await _admin_reply(reply, context)
 
     async def Autoscale(self, request: pb.AutoscaleRequest, context) -> pb.AdminReply:
-        backend = await self._backend(context)
-        return await _admin_reply(await backend.set_autoscale(request.token, request.enabled), context)
+        return await _admin_reply(await self._call(context, "set_autoscale", request.token, request.enabled), context)
 
     async def Placement(self, request: pb.PlacementRequest, context) -> pb.PlacementReply:
-        return pb.PlacementReply(report=await (await self._backend(context)).placement())
+        return pb.PlacementReply(report=await self._call(context, "placement"))
 
     async def Rebalance(self, request: pb.RebalanceRequest, context) -> pb.AdminReply:
-        backend = await self._backend(context)
-        return await _admin_reply(await backend.rebalance(request.token, request.dry_run), context)
+        return await _admin_reply(await self._call(context, "rebalance", request.token, request.dry_run), context)
 
 
 async def _admin_reply(reply: dict, context) -> pb.AdminReply:

@@ -51,9 +51,11 @@ def test_copies_split_load_and_never_share_a_group():
     assert placement_moves(assignment, new) == ([(0, 1, "g0"), (0, 2, "far")], [(0, 1, "far"), (0, 2, "g0")])
 
 
-def test_equal_latency_or_no_load_changes_nothing():
+def test_equal_latency_noise_or_no_load_changes_nothing():
     assignment = {"a": {0: [0, 1], 1: [2]}, "b": {0: [2, 3], 1: [0]}}
     assert plan_placement(assignment, {"a": 1.0, "b": 1.0}, {(0, 0): 5.0}) == assignment
+    assert plan_placement(assignment, {"a": 1.4, "b": 1.0}, {(0, 0): 5.0}) == assignment  # within min_gap
+    assert plan_placement(assignment, {"a": 1.4, "b": 1.0}, {(0, 0): 5.0}, balance=1.0, min_gap=0.2) != assignment
     assert plan_placement(assignment, {"a": 1.0, "b": 9.0}, {}) == assignment
     assert placement_moves(assignment, assignment) == ([], [])
 
