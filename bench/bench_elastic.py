@@ -113,6 +113,22 @@ def part_a(reps: int, seed: int) -> None:
                f"({duplicates['ours glob'] + duplicates['ours node']})")
         print(f"{alpha:>5} | {before:>6.3f} | " + " | ".join(f"{ratio[n]:>9.3f}" for n in names)
               + f" | {dup:>31} | " + " | ".join(f"{time_ms[n]:>12.1f}" for n in names))
+    print("ours glob given the placement in force (planned on an earlier sample of the same popularity): "
+          "max/mean, slots whose expert stays, time")
+    for alpha in ALPHAS:
+        weight = zipf_loads(NUM_LAYERS, NUM_EXPERTS, alpha, NUM_TOKENS, seed)
+        earlier = torch.zeros_like(weight).scatter_add_(  # the same experts hot, other tokens drawn
+            1, torch.multinomial(weight, NUM_TOKENS, replacement=True, generator=torch.Generator().manual_seed(seed + 1)),
+            torch.ones(NUM_LAYERS, NUM_TOKENS))
+        current = rebalance_experts(earlier, NUM_SLOTS, NUM_GROUPS, NUM_NODES, NUM_DEVICES)[0]
+
+        def keep(w=weight, c=current):
+            return rebalance_experts(w, NUM_SLOTS, NUM_GROUPS, NUM_NODES, NUM_DEVICES, current_phy2log=c)
+
+        phy2log, _, logcnt = keep()
+        kept = float((phy2log == current).float().mean())
+        print(f"{alpha:>5} | {max_over_mean(device_load(weight, phy2log, logcnt, NUM_DEVICES)):.3f} | "
+              f"{kept:.0%} kept | {min_time_ms(keep, reps):.1f} ms")
 
 
 # -- (b) and (c): real meshes on a local 4-node Ray cluster -------------------------------------------
