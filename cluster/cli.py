@@ -185,9 +185,10 @@ def format_placement(report: dict) -> str:
         then = " ".join(f"L{layer}:{','.join(map(str, e))}" for layer, e in proposed["assignment"][name].items())
         lines.append(f"  {name:<16} node {group['node'][:8]} {group['latency_ms']:7.2f} ms  now {now}"
                      + ("" if now == then else f"  -> {then}"))
-    lines.append(f"expected mean latency per token copy: current {current['mean_latency_ms']:.2f} ms, "
-                 f"proposed {proposed['mean_latency_ms']:.2f} ms ({len(report['adds'])} copies move; "
-                 "`mesh rebalance` applies it)")
+    lines.append(f"expected cost (token load x latency): current {current['cost']:.1f}, proposed "
+                 f"{proposed['cost']:.1f} ms x tokens/s; mean latency per token copy: current "
+                 f"{current['mean_latency_ms']:.2f} ms, proposed {proposed['mean_latency_ms']:.2f} ms "
+                 f"({len(report['adds'])} copies move; `mesh rebalance` applies it)")
     return "\n".join(lines)
 
 

@@ -553,11 +553,12 @@ class MeshController:
         proposed = plan_placement(current, latency, load, self.config.placement_balance)
         total = sum(load.values()) or 1.0
         adds, removes = placement_moves(current, proposed)
+        costs = {name: placement_cost(plan, latency, load) for name, plan in (("current", current), ("proposed", proposed))}
         return {"links": links, "router_nodes": router_nodes, "load_source": source,
                 "groups": {n: {"node": g["node"], "latency_ms": latency[n]} for n, g in live.items()},
-                "current": {"assignment": current, "mean_latency_ms": placement_cost(current, latency, load) / total},
-                "proposed": {"assignment": proposed,
-                             "mean_latency_ms": placement_cost(proposed, latency, load) / total},
+                "current": {"assignment": current, "cost": costs["current"], "mean_latency_ms": costs["current"] / total},
+                "proposed": {"assignment": proposed, "cost": costs["proposed"],
+                             "mean_latency_ms": costs["proposed"] / total},
                 "adds": adds, "removes": removes}
 
     async def placement(self) -> bytes:

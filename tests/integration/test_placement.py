@@ -83,7 +83,7 @@ def test_rebalance_moves_hot_experts_off_the_far_node(far_mesh):
     assert far_rtt >= DELAY_MS  # the probes measured the far link...
     assert max(r for n, r in zip(nodes, rtt[router]) if n != far) < far_rtt - DELAY_MS / 2  # ...and only it
     assert report["proposed"]["mean_latency_ms"] < report["current"]["mean_latency_ms"] / 2
-    assert "expected mean latency per token copy" in format_placement(report)  # `mesh placement`'s text
+    assert "expected cost (token load x latency)" in format_placement(report)  # `mesh placement`'s text
 
     with pytest.raises(grpc.RpcError) as info:
         _admin(mesh).Rebalance(pb.RebalanceRequest(token="wrong"))

@@ -83,11 +83,14 @@ def test_random_plans_never_raise_cost_nor_break_invariants(seed):
 def test_format_placement_shows_matrix_groups_and_costs():
     report = {"links": LINKS, "router_nodes": ["n0"], "load_source": "tokens since start",
               "groups": {"m/group-0": {"node": "n0", "latency_ms": 0.5}, "m/group-1": {"node": "far", "latency_ms": 30.0}},
-              "current": {"assignment": {"m/group-0": {"0": [1]}, "m/group-1": {"0": [0]}}, "mean_latency_ms": 25.1},
-              "proposed": {"assignment": {"m/group-0": {"0": [0]}, "m/group-1": {"0": [1]}}, "mean_latency_ms": 5.4},
+              "current": {"assignment": {"m/group-0": {"0": [1]}, "m/group-1": {"0": [0]}}, "cost": 251.0,
+                          "mean_latency_ms": 25.1},
+              "proposed": {"assignment": {"m/group-0": {"0": [0]}, "m/group-1": {"0": [1]}}, "cost": 54.0,
+                           "mean_latency_ms": 5.4},
               "adds": [[0, 0, "m/group-0"], [0, 1, "m/group-1"]], "removes": []}
     text = format_placement(report)
     assert "   30.00" in text and "m/group-1" in text and "L0:0  -> L0:1" in text
+    assert "current 251.0, proposed 54.0 ms x tokens/s" in text
     assert "current 25.10 ms, proposed 5.40 ms (2 copies move" in text
 
 
