@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "MeshError", "UnsupportedModelError"]
+__all__ = ["CheckpointError", "MeshError", "UnsupportedModelError", "one_line"]
 
 
 class MeshError(Exception):
@@ -15,3 +15,11 @@ class UnsupportedModelError(MeshError, ValueError):
 
 class CheckpointError(MeshError, ValueError):
     """A checkpoint is missing a tensor, has a tensor of the wrong shape, or is unreadable."""
+
+
+def one_line(error: BaseException) -> str:
+    """"Type: message" of an error's cause, last line only: a Ray task error's text carries the whole
+    remote traceback, which is no message for an operator."""
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"

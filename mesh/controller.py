@@ -21,7 +21,7 @@ import msgpack
 
 from experts import load_spec
 from experts.actor import ExpertGroupActor
-from experts.errors import MeshError
+from experts.errors import MeshError, one_line
 from experts.simulated import CostModel, SimulatedGroupActor
 from mesh.autoscale import plan_autoscale
 from mesh.config import MeshConfig
@@ -60,10 +60,9 @@ def _alive_nodes() -> list[dict]:
     return sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: (not n.get("IsHeadNode", False), n["NodeID"]))
 
 
-def _first_line(error: BaseException) -> str:
-    """A Ray task error's cause in one line (its str carries the whole remote traceback)."""
-    cause = getattr(error, "cause", None) or error
-    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+def _by_name(per_expert: dict[tuple[int, int], float]) -> dict[str, float]:
+    """(layer, expert) keys as "layer/expert", the snapshot's (msgpack and JSON) form."""
+    return {f"{layer}/{expert}": value for (layer, expert), value in per_expert.items()}
 
 
 def _str_keys(assignment: dict) -> dict:
@@ -268,7 +267,7 @@ class MeshController:
     async def autoscale_step(self) -> dict[str, int]:
         """One round of the autoscaling policy; returns the changes applied ("layer/expert" -> copies)."""
         settings = self.config.autoscale
-        rates = await self._rates()
+        _, rates = await self.load()
         live = sum(g["alive"] for g in self.groups.values())
         copies = {(l, e): len(c) for l, experts in self.table.layers.items() for e, c in enumerate(experts) if c}
         changes = plan_autoscale(rates, copies, settings.target_tokens_per_s,
@@ -355,7 +354,7 @@ class MeshController:
             if not 1 <= replicas <= len(live):
                 raise ValueError(f"replicas must be in [1, {len(live)}] (live groups), got {replicas}")
             async with self._changing:
-                await self._set_copies({(layer, expert): replicas}, await self._rates())
+                await self._set_copies({(layer, expert): replicas}, (await self.load())[1])
             return {"ok": True, "message": f"layer {layer} expert {expert}: {replicas} copies", "epoch": self.table.epoch}
         except (AdminError, MeshError, ValueError) as exc:
             return {"ok": False, "message": str(exc), "epoch": self.table.epoch,
@@ -469,11 +468,6 @@ class MeshController:
         if removes:
             await self._remove_copies(removes)
 
-    async def _rates(self) -> dict[tuple[int, int], float]:
-        """tokens/s per (layer, expert) over the routers' load window."""
-        _, rates = await self.load()
-        return {tuple(map(int, k.split("/"))): r for k, r in rates.items()}
-
     async def _add_copies(self, adds: list[tuple[int, int, str]]) -> None:
         """Load every (layer, expert, group) copy (one call per group, layer and weights source), then
         one new table: traffic moves only to loaded copies. If a load fails, the loaded copies are
@@ -490,7 +484,7 @@ class MeshController:
                                    if not isinstance(r, BaseException)), return_exceptions=True)
             (name, layer, _), error = failed[0]
             raise MeshError(f"could not load layer {layer} experts {calls[failed[0][0]]} on {name}: "
-                            f"{_first_line(error)}; no copy was added")
+                            f"{one_line(error)}; no copy was added")
         for ((name, layer, _), experts), versions in zip(calls.items(), results):
             for expert, version in zip(experts, versions):
                 self._record_copy(name, layer, expert, version)
@@ -518,9 +512,9 @@ class MeshController:
 
     # -- placement by measured latency ---------------------------------------------------------------
 
-    async def _ensure_probes(self) -> list[str]:
+    async def _ensure_probes(self) -> tuple[list[str], list[str]]:
         """One LatencyProbe per live node (started on first use, dropped with their node); returns
-        the endpoints in node order."""
+        (node ids, their probes' endpoints), in one order."""
         import ray
 
         nodes = [n["NodeID"] for n in _alive_nodes()]
@@ -531,12 +525,11 @@ class MeshController:
                     name=f"{self.config.name}/probe-{node[:12]}", namespace=NAMESPACE, lifetime="detached",
                     num_cpus=0, get_if_exists=True, **_pinning(node)).remote()
         started = await asyncio.gather(*(self.probes[n].start.remote() for n in nodes))
-        return [endpoint for _, endpoint in started]
+        return nodes, [endpoint for _, endpoint in started]
 
     async def measure_links(self) -> dict:
         """Every probe in turn times echoes to every probe: {"nodes", "rtt_ms" [from][to], "mbps" [from][to]}."""
-        endpoints = await self._ensure_probes()
-        nodes = list(self.probes)
+        nodes, endpoints = await self._ensure_probes()
         rows = [await self.probes[n].measure.remote(endpoints) for n in nodes]  # one at a time: no cross-talk
         return link_matrix(nodes, rows)
 
@@ -548,7 +541,7 @@ class MeshController:
         latency = group_latency({n: g["node"] for n, g in live.items()}, router_nodes, links)
         tokens, rates = await self.load()
         source = "tokens/s over the load window" if rates else "tokens since start"
-        load = {tuple(map(int, k.split("/"))): v for k, v in (rates or tokens).items()}
+        load = rates or tokens
         current = {n: dict(g["experts"]) for n, g in live.items()}
         proposed = plan_placement(current, latency, load, self.config.placement_balance)
         total = sum(load.values()) or 1.0
@@ -581,8 +574,8 @@ class MeshController:
                 summary = (f"{len(plan['adds'])} copies move; expected mean latency per token copy "
                            f"{plan['current']['mean_latency_ms']:.2f} -> {plan['proposed']['mean_latency_ms']:.2f} ms")
                 if not dry_run and plan["adds"]:
-                    await self._add_copies([tuple(a) for a in plan["adds"]])
-                    await self._remove_copies([tuple(r) for r in plan["removes"]])
+                    await self._add_copies(plan["adds"])
+                    await self._remove_copies(plan["removes"])
                     logger.info("rebalance: %s", summary)
         except (AdminError, MeshError) as exc:
             return {"ok": False, "message": f"rebalance refused: {exc}", "epoch": self.table.epoch,
@@ -592,18 +585,18 @@ class MeshController:
     # -- status ----------------------------------------------------------------------------------
 
     async def load(self) -> tuple[dict[str, int], dict[str, float]]:
-        """(tokens since start, tokens/s over the routers' window) per "layer/expert", all routers."""
+        """(tokens since start, tokens/s over the routers' window) per (layer, expert), all routers."""
         reports = await asyncio.gather(*(r.load_report.remote() for r in self.routers.values()),
                                        return_exceptions=True)
-        tokens: dict[str, int] = {}
-        rates: dict[str, float] = {}
+        tokens: dict[tuple[int, int], int] = {}
+        rates: dict[tuple[int, int], float] = {}
         for report in reports:
             if isinstance(report, bytes):
                 data = msgpack.unpackb(report)
                 for layer, expert, count in data["tokens"]:
-                    tokens[f"{layer}/{expert}"] = tokens.get(f"{layer}/{expert}", 0) + count
+                    tokens[(layer, expert)] = tokens.get((layer, expert), 0) + count
                 for layer, expert, rate in data["rates"]:
-                    rates[f"{layer}/{expert}"] = rates.get(f"{layer}/{expert}", 0.0) + rate
+                    rates[(layer, expert)] = rates.get((layer, expert), 0.0) + rate
         return tokens, rates
 
     async def snapshot(self) -> bytes:
@@ -622,7 +615,7 @@ class MeshController:
             "mesh": self.config.name, "model": self.model_path, "model_type": self.spec.model_type,
             "epoch": self.table.epoch, "uptime_s": time.time() - self.started_at, "autoscale": self.autoscale_on,
             "groups": groups, "routers": list(self.routers), "copies": copies,
-            "tokens_per_expert": tokens, "tokens_per_s": rates,
+            "tokens_per_expert": _by_name(tokens), "tokens_per_s": _by_name(rates),
         })
 
     async def shutdown(self) -> None:

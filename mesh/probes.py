@@ -66,10 +66,6 @@ class LatencyProbe:
             bulk_s = await _median_call(echo, b"x" * BANDWIDTH_BYTES, transfers)
         return rtt_s * 1e3, BANDWIDTH_BYTES / max(bulk_s - rtt_s, 1e-6) / 1e6
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            await self._server.stop(grace=0.5)
-
 
 async def _median_call(echo, payload: bytes, repeats: int) -> float:
     times = []

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from experts.errors import one_line
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos.wire import DTYPES, WireError, from_proto, to_proto
@@ -109,10 +110,8 @@ class _AdminService(pb_grpc.MeshAdminServicer):
             return await getattr(self.server.admin, method)(*args)
         except Exception as exc:  # noqa: BLE001 - reported to the caller; the router keeps serving
             logger.exception("MeshAdmin %s failed", method)
-            cause = getattr(exc, "cause", None) or exc
-            lines = str(cause).strip().splitlines()
             code = grpc.StatusCode.UNAVAILABLE if type(exc).__name__ in _CONTROLLER_GONE else grpc.StatusCode.INTERNAL
-            await context.abort(code, f"controller {method} failed: {type(cause).__name__}: {lines[-1] if lines else ''}")
+            await context.abort(code, f"controller {method} failed: {one_line(exc)}")
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
         return pb.StatusReply(snapshot=await self._call(context, "status"))
