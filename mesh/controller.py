@@ -16,6 +16,7 @@ import hmac
 import logging
 import os
 import time
+from typing import NamedTuple
 
 import msgpack
 
@@ -25,8 +26,8 @@ from experts.errors import MeshError, one_line
 from experts.simulated import CostModel, SimulatedGroupActor
 from mesh.autoscale import plan_autoscale
 from mesh.config import MeshConfig
-from mesh.placement import (group_latency, initial_assignment, pick_groups, placement_cost, placement_moves,
-                            plan_placement, restore_node, spread_groups)
+from mesh.placement import (group_latency, initial_assignment, pairs_kept, pick_groups, placement_cost,
+                            placement_moves, plan_placement, restore_node, spread_groups)
 from mesh.probes import LatencyProbe, link_matrix
 from router_service.routing import Copy, RoutingTable
 
@@ -36,6 +37,13 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "expert-mesh"
 _BYTES = {"float32": 4, "bfloat16": 2}
+
+
+class Load(NamedTuple):
+    """What the routers counted, summed over them, per (layer, expert) or (layer, a, b) with a < b."""
+    tokens: dict[tuple[int, int], int]           # token copies since start
+    rates: dict[tuple[int, int], float]          # token copies/s over the load window
+    pairs: dict[tuple[int, int, int], float]     # tokens/s that picked both a and b, over the window
 
 
 class AdminError(MeshError):
@@ -267,7 +275,7 @@ class MeshController:
     async def autoscale_step(self) -> dict[str, int]:
         """One round of the autoscaling policy; returns the changes applied ("layer/expert" -> copies)."""
         settings = self.config.autoscale
-        _, rates = await self.load()
+        rates = (await self.load()).rates
         live = sum(g["alive"] for g in self.groups.values())
         copies = {(l, e): len(c) for l, experts in self.table.layers.items() for e, c in enumerate(experts) if c}
         changes = plan_autoscale(rates, copies, settings.target_tokens_per_s,
@@ -354,7 +362,7 @@ class MeshController:
             if not 1 <= replicas <= len(live):
                 raise ValueError(f"replicas must be in [1, {len(live)}] (live groups), got {replicas}")
             async with self._changing:
-                await self._set_copies({(layer, expert): replicas}, (await self.load())[1])
+                await self._set_copies({(layer, expert): replicas}, (await self.load()).rates)
             return {"ok": True, "message": f"layer {layer} expert {expert}: {replicas} copies", "epoch": self.table.epoch}
         except (AdminError, MeshError, ValueError) as exc:
             return {"ok": False, "message": str(exc), "epoch": self.table.epoch,
@@ -539,19 +547,23 @@ class MeshController:
                                                         return_exceptions=True) if isinstance(n, str)]
         live = {n: g for n, g in self.groups.items() if g["alive"]}
         latency = group_latency({n: g["node"] for n, g in live.items()}, router_nodes, links)
-        tokens, rates = await self.load()
+        tokens, rates, pairs = await self.load()
         source = "tokens/s over the load window" if rates else "tokens since start"
         load = rates or tokens
+        top_k = self.spec.top_k
         current = {n: dict(g["experts"]) for n, g in live.items()}
-        proposed = plan_placement(current, latency, load, self.config.placement_balance)
+        proposed = plan_placement(current, latency, load, self.config.placement_balance, pairs=pairs, top_k=top_k)
         total = sum(load.values()) or 1.0
         adds, removes = placement_moves(current, proposed)
-        costs = {name: placement_cost(plan, latency, load) for name, plan in (("current", current), ("proposed", proposed))}
+
+        def summary(plan: dict) -> dict:
+            cost = placement_cost(plan, latency, load, pairs, top_k)
+            return {"assignment": plan, "cost": cost, "mean_latency_ms": cost / total,
+                    "pairs_kept": pairs_kept(plan, pairs)}
+
         return {"links": links, "router_nodes": router_nodes, "load_source": source,
                 "groups": {n: {"node": g["node"], "latency_ms": latency[n]} for n, g in live.items()},
-                "current": {"assignment": current, "cost": costs["current"], "mean_latency_ms": costs["current"] / total},
-                "proposed": {"assignment": proposed, "cost": costs["proposed"],
-                             "mean_latency_ms": costs["proposed"] / total},
+                "pairs": len(pairs), "current": summary(current), "proposed": summary(proposed),
                 "adds": adds, "removes": removes}
 
     async def placement(self) -> bytes:
@@ -584,26 +596,25 @@ class MeshController:
 
     # -- status ----------------------------------------------------------------------------------
 
-    async def load(self) -> tuple[dict[str, int], dict[str, float]]:
-        """(tokens since start, tokens/s over the routers' window) per (layer, expert), all routers."""
+    async def load(self) -> Load:
+        """Tokens since start, tokens/s and co-activated pairs/s over the routers' window, all routers."""
         reports = await asyncio.gather(*(r.load_report.remote() for r in self.routers.values()),
                                        return_exceptions=True)
-        tokens: dict[tuple[int, int], int] = {}
-        rates: dict[tuple[int, int], float] = {}
+        load = Load({}, {}, {})
         for report in reports:
             if isinstance(report, bytes):
                 data = msgpack.unpackb(report)
-                for layer, expert, count in data["tokens"]:
-                    tokens[(layer, expert)] = tokens.get((layer, expert), 0) + count
-                for layer, expert, rate in data["rates"]:
-                    rates[(layer, expert)] = rates.get((layer, expert), 0.0) + rate
-        return tokens, rates
+                for field, rows in (("tokens", data["tokens"]), ("rates", data["rates"]), ("pairs", data["pairs"])):
+                    totals = getattr(load, field)
+                    for *key, value in rows:
+                        totals[tuple(key)] = totals.get(tuple(key), 0) + value
+        return load
 
     async def snapshot(self) -> bytes:
         """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive), routers,
         copies per expert, tokens per expert since start and tokens/s over the load window."""
         await self.ready()
-        tokens, rates = await self.load()
+        tokens, rates, _ = await self.load()
         copies: dict[str, int] = {}
         for layer, experts in self.table.layers.items():
             for expert, held in enumerate(experts):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+
 from mesh.replication import rebalance_experts  # the replication policy's entry point, EPLB's signature
 
-__all__ = ["group_latency", "group_loads", "initial_assignment", "pick_groups", "placement_cost", "placement_moves", "plan_placement",
-           "rebalance_experts", "restore_node", "spread_groups"]
+__all__ = ["group_latency", "group_loads", "initial_assignment", "latency_tiers", "pairs_kept", "pick_groups",
+           "placement_cost", "placement_moves", "plan_placement", "rebalance_experts", "restore_node", "spread_groups"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,
@@ -57,11 +59,18 @@ def restore_node(experts: dict[int, list[int]], node_ids: list[str],
     return min(enumerate(node_ids), key=cost)[1]
 
 
-# -- placement by measured latency -----------------------------------------------------------------
+# -- placement by measured latency and co-activation ------------------------------------------------
 # An assignment maps each group to the experts it holds per layer: {group: {layer: [experts]}}.
 # Load is tokens/s per (layer, expert), split evenly over the expert's copies (as the router does).
+# Pairs are tokens/s per (layer, a, b), a < b, of tokens that picked both experts.
+#
+# The cost is ms x tokens/s of group visits: a token visits every group holding one of the copies it
+# picked (one message), so its copies that share a group with a co-activated expert's copy ride along.
+# With pair counts only, a pair on one group saves 2 / top_k of a visit (exact for top-2, and for a
+# token whose top_k copies all share one group; never below one visit per group touched).
 
 Assignment = dict[str, dict[int, list[int]]]
+Pairs = dict[tuple[int, int, int], float]
 
 
 def group_latency(group_nodes: dict[str, str], router_nodes: list[str], links: dict) -> dict[str, float]:
@@ -75,71 +84,140 @@ def group_latency(group_nodes: dict[str, str], router_nodes: list[str], links: d
             for g, node in group_nodes.items()}
 
 
-def _copy_shares(assignment: Assignment, load: dict[tuple[int, int], float]) -> dict[tuple[int, int], float]:
+def latency_tiers(latency: dict[str, float], min_gap: float) -> dict[str, float]:
+    """The latency the planner uses per group: groups in order of latency form tiers, a new tier
+    starting where a latency exceeds its tier's lowest by more than `min_gap` x that; each group gets
+    its tier's mean. Links within measurement noise of each other count as equal."""
+    tiers: list[list[str]] = []
+    for g in sorted(latency, key=lambda g: (latency[g], g)):
+        if tiers and latency[g] <= (1 + min_gap) * latency[tiers[-1][0]]:
+            tiers[-1].append(g)
+        else:
+            tiers.append([g])
+    return {g: sum(latency[m] for m in tier) / len(tier) for tier in tiers for g in tier}
+
+
+def _copies(assignment: Assignment) -> dict[tuple[int, int], int]:
     copies: dict[tuple[int, int], int] = {}
     for held in assignment.values():
         for layer, experts in held.items():
             for e in experts:
                 copies[(layer, e)] = copies.get((layer, e), 0) + 1
-    return {key: load.get(key, 0.0) / n for key, n in copies.items()}
+    return copies
 
 
-def placement_cost(assignment: Assignment, latency: dict[str, float], load: dict[tuple[int, int], float]) -> float:
-    """Expected communication cost, ms x tokens/s: every copy's share of its expert's load times its
-    group's latency. Divided by the total load it is the mean latency a token copy meets."""
+def _copy_shares(assignment: Assignment, load: dict[tuple[int, int], float]) -> dict[tuple[int, int], float]:
+    return {key: load.get(key, 0.0) / n for key, n in _copies(assignment).items()}
+
+
+def _together(assignment: Assignment, pairs: Pairs) -> dict[str, float]:
+    """Per group, tokens/s of the pairs whose copies it holds both of, each pair's rate split over
+    its (copy of a, copy of b) choices (the router picks copies independently)."""
+    copies = _copies(assignment)
+    together = {}
+    for g, held in assignment.items():
+        sets = {layer: set(es) for layer, es in held.items()}
+        together[g] = sum(rate / (copies[(layer, a)] * copies[(layer, b)]) for (layer, a, b), rate in pairs.items()
+                          if a in sets.get(layer, ()) and b in sets.get(layer, ()))
+    return together
+
+
+def placement_cost(assignment: Assignment, latency: dict[str, float], load: dict[tuple[int, int], float],
+                   pairs: Pairs | None = None, top_k: int = 2) -> float:
+    """Expected communication cost, ms x tokens/s of group visits (see above): every copy's share of
+    its expert's load times its group's latency, less 2 / top_k of that for the co-activated pairs
+    sharing a group. Divided by the total load it is the mean latency a token copy meets."""
     share = _copy_shares(assignment, load)
-    return sum(share[(layer, e)] * latency[g] for g, held in assignment.items()
-               for layer, experts in held.items() for e in experts)
+    together = _together(assignment, pairs or {})
+    return sum(latency[g] * (sum(share[(layer, e)] for layer, es in held.items() for e in es)
+                             - 2 / max(top_k, 2) * together[g]) for g, held in assignment.items())
+
+
+def pairs_kept(assignment: Assignment, pairs: Pairs) -> float:
+    """Fraction of the co-activated pairs' tokens/s whose two copies share a group (1.0 if no pairs)."""
+    total = sum(pairs.values())
+    return sum(_together(assignment, pairs).values()) / total if total else 1.0
 
 
 def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict[tuple[int, int], float],
-                   balance: float = 0.5, min_gap: float = 0.5) -> Assignment:
-    """A placement with lower `placement_cost`: copies of one layer swap groups, a hotter copy
-    moving to the group with lower latency (every group keeps its number of copies, so memory).
+                   balance: float = 0.5, min_gap: float = 0.5, pairs: Pairs | None = None,
+                   top_k: int = 2) -> Assignment:
+    """A placement with lower `placement_cost`: copies of one layer swap groups, so a hotter copy
+    moves to a group with lower latency, or next to the experts its tokens also pick. Every group
+    keeps its number of copies (its memory).
 
     Greedy: takes the swap that lowers the cost most, until none does. A swap may not lift a group's
     load above (1 + balance) x the mean group load, so a near node is not buried under every hot
-    expert. Two groups count as equally near unless one's latency exceeds the other's by more than
-    `min_gap` x the smaller (measurement noise moves nothing). Never two copies of one expert in one
-    group. Pure; returns a new assignment.
+    expert. Latencies are planned in tiers (`latency_tiers(latency, min_gap)`), so noise between
+    near-equal links moves nothing. Never two copies of one expert in one group. Pure; returns a new
+    assignment.
     """
-    if balance < 0 or min_gap < 0:
-        raise ValueError(f"balance and min_gap must be >= 0, got {balance} and {min_gap}")
-    held = {g: {layer: set(es) for layer, es in a.items()} for g, a in assignment.items()}
-    share = _copy_shares(assignment, load)
-    group_load = group_loads(assignment, load)
-    cap = (1 + balance) * sum(group_load.values()) / max(len(held), 1)
-    for _ in range(sum(len(es) for a in held.values() for es in a.values())):
-        swap = _best_swap(held, latency, share, group_load, cap, min_gap)
-        if swap is None:
+    if balance < 0 or min_gap < 0 or top_k < 1:
+        raise ValueError(f"need balance >= 0, min_gap >= 0, top_k >= 1; got {balance}, {min_gap}, {top_k}")
+    groups = sorted(assignment)
+    tiers = latency_tiers({g: latency[g] for g in groups}, min_gap)
+    lat = torch.tensor([tiers[g] for g in groups], dtype=torch.float64)  # [G]
+    layers = {layer: _layer_state(assignment, groups, layer, load, pairs or {}, 2 / max(top_k, 2))
+              for layer in sorted({layer for held in assignment.values() for layer in held})}
+    group_load = sum((holds.double().T @ share for _, holds, share, _ in layers.values()),
+                     torch.zeros(len(groups), dtype=torch.float64))  # [G]
+    cap = (1 + balance) * float(group_load.mean()) if groups else 0.0
+    for _ in range(4 * sum(int(holds.sum()) for _, holds, _, _ in layers.values())):
+        best = max(((*_best_swap(holds, share, weight, lat, group_load, cap), layer)
+                    for layer, (_, holds, share, weight) in layers.items()), default=None)
+        if best is None or best[0] <= 1e-9 * (1 + float(group_load.sum() * lat.max())):
             break
-        layer, far, near, a, b = swap
-        held[far][layer].remove(a), held[far][layer].add(b)
-        held[near][layer].remove(b), held[near][layer].add(a)
-        delta = share[(layer, a)] - share[(layer, b)]
-        group_load[far] -= delta
-        group_load[near] += delta
-    return {g: {layer: sorted(es) for layer, es in a.items()} for g, a in held.items()}
+        _, a, g, b, h, layer = best
+        _, holds, share, _ = layers[layer]
+        holds[a, g], holds[a, h], holds[b, h], holds[b, g] = False, True, False, True
+        moved = float(share[a] - share[b])
+        group_load[g] -= moved
+        group_load[h] += moved
+    return {g: {layer: sorted(experts[i] for i in holds[:, k].nonzero().flatten().tolist())
+                for layer, (experts, holds, _, _) in layers.items() if layer in assignment[g]}
+            for k, g in enumerate(groups)}
 
 
-def _best_swap(held, latency, share, group_load, cap, min_gap) -> tuple[int, str, str, int, int] | None:
-    """(layer, far group, near group, expert leaving far, expert leaving near) of largest gain."""
-    best, best_gain = None, 1e-9
-    for far in held:
-        for near in held:
-            gap = latency[far] - latency[near]
-            if gap <= min_gap * latency[near]:
-                continue
-            for layer in held[far].keys() & held[near].keys():
-                outs = sorted(held[far][layer] - held[near][layer], key=lambda e: -share[(layer, e)])
-                ins = sorted(held[near][layer] - held[far][layer], key=lambda e: share[(layer, e)])
-                for a in outs:
-                    # the first b that fits under the cap moves the most load: the best for this a
-                    fit = next((b for b in ins if share[(layer, a)] - share[(layer, b)] > 0
-                                and group_load[near] + share[(layer, a)] - share[(layer, b)] <= cap), None)
-                    if fit is not None and (gain := gap * (share[(layer, a)] - share[(layer, fit)])) > best_gain:
-                        best, best_gain = (layer, far, near, a, fit), gain
-    return best
+def _layer_state(assignment: Assignment, groups: list[str], layer: int, load: dict[tuple[int, int], float],
+                 pairs: Pairs, pair_weight: float) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(experts [M] of the layer, holds [M, G] bool, share [M] tokens/s per copy, weight [M, M]: the
+    tokens/s a co-located pair of copies saves, pair_weight x rate / (copies of a x copies of b))."""
+    experts = sorted({e for g in groups for e in assignment[g].get(layer, [])})
+    index = {e: i for i, e in enumerate(experts)}
+    holds = torch.zeros(len(experts), len(groups), dtype=torch.bool)
+    for k, g in enumerate(groups):
+        for e in assignment[g].get(layer, []):
+            holds[index[e], k] = True
+    copies = holds.sum(dim=1).double()
+    share = torch.tensor([load.get((layer, e), 0.0) for e in experts], dtype=torch.float64) / copies
+    weight = torch.zeros(len(experts), len(experts), dtype=torch.float64)
+    for (pair_layer, a, b), rate in pairs.items():
+        if pair_layer == layer and a in index and b in index:
+            i, j = index[a], index[b]
+            weight[i, j] = weight[j, i] = pair_weight * rate / float(copies[i] * copies[j])
+    return experts, holds, share, weight
+
+
+def _best_swap(holds: torch.Tensor, share: torch.Tensor, weight: torch.Tensor, lat: torch.Tensor,
+               group_load: torch.Tensor, cap: float) -> tuple[float, int, int, int, int]:
+    """(gain, a, g, b, h) of the best swap within one layer: the copy of expert a leaves group g for h,
+    the copy of b leaves h for g. Shapes: holds [M, G], share [M], weight [M, M], lat [G], group_load [G].
+    The gain is the drop in placement_cost; -inf if no swap is allowed."""
+    # what x's copy costs in g given the copies there: lat[g] x (share[x] - what its pairs save in g)
+    cost_in = lat * (share[:, None] - weight @ holds.double())  # [M, G]
+    expert, group = holds.nonzero(as_tuple=True)               # the copies, [C] each
+    saving = cost_in[expert, group][:, None] - cost_in[expert][:, group]  # [C, C]: copy i moving to j's group
+    # the pair (a, b) itself does not end together: its saving in the new groups is taken back
+    gain = saving + saving.T - weight[expert][:, expert] * (lat[group][:, None] + lat[group][None, :])
+    moved = share[expert][:, None] - share[expert][None, :]    # [C, C]: load that j's group gains
+    gained = torch.where(moved > 0, group_load[group][None, :] + moved, group_load[group][:, None] - moved)
+    blocked = holds[expert][:, group]                          # [C, C]: j's group already holds i's expert
+    allowed = ~blocked & ~blocked.T & (gained <= cap * (1 + 1e-12))
+    gain = torch.where(allowed, gain, torch.tensor(-float("inf"), dtype=torch.float64))
+    if gain.numel() == 0:
+        return -float("inf"), 0, 0, 0, 0
+    i, j = divmod(int(gain.argmax()), gain.shape[1])
+    return float(gain[i, j]), int(expert[i]), int(group[i]), int(expert[j]), int(group[j])
 
 
 def group_loads(assignment: Assignment, load: dict[tuple[int, int], float]) -> dict[str, float]:

@@ -7,6 +7,7 @@ The controller pushes routing tables with `set_table`; `load_report` gives token
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 
 import msgpack
@@ -22,6 +23,8 @@ from router_service.transport import make_transport
 __all__ = ["RouterActor"]
 
 logger = logging.getLogger(__name__)
+
+PAIRS_PER_EXPERT = 4  # co-activated pairs reported per layer: this many times its number of experts
 
 
 class _ControllerAdmin:
@@ -108,14 +111,21 @@ class RouterActor:
     def load_report(self) -> bytes:
         """msgpack {"tokens": [[layer, expert, count since start], ...],
                     "rates": [[layer, expert, tokens/s over the load window], ...],
-                    "batches": {"batches", "entries", "tokens", "max_tokens"} since start}
-        (entries: requests, or their chunks, merged into the batches)."""
+                    "pairs": [[layer, a, b, tokens/s that picked both a < b, over the window], ...],
+                    "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls"} since start}
+        (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
+        expert groups). Pairs: the busiest PAIRS_PER_EXPERT x num_experts of each layer."""
         import time
 
-        router = self.server.router
+        router, now = self.server.router, time.monotonic()
         tokens = [[layer, expert, n] for (layer, expert), n in router.tokens_per_expert.items()]
-        rates = [[layer, expert, r] for (layer, expert), r in router.load.rates(time.monotonic()).items()]
-        return msgpack.packb({"tokens": tokens, "rates": rates, "batches": dict(router.batch_stats)})
+        rates = [[layer, expert, r] for (layer, expert), r in router.load.rates(now).items()]
+        by_layer: dict[int, list] = collections.defaultdict(list)
+        for (layer, a, b), r in router.pairs.rates(now).items():
+            by_layer[layer].append([layer, a, b, r])
+        limit = PAIRS_PER_EXPERT * router.spec.num_experts
+        pairs = [p for rows in by_layer.values() for p in sorted(rows, key=lambda p: -p[3])[:limit]]
+        return msgpack.packb({"tokens": tokens, "rates": rates, "pairs": pairs, "batches": dict(router.batch_stats)})
 
     async def stop(self) -> None:
         if self.server is not None:

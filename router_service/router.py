@@ -20,7 +20,7 @@ from experts import CheckpointReader, Gate, MoESpec, SharedExpert, dispatch
 from experts.errors import MeshError
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
-from router_service.load import LoadWindow
+from router_service.load import LoadWindow, coactivated_pairs
 from router_service.routing import RoutingTable, expert_segments, plan_dispatch
 from router_service.transport import ExpertUnavailableError, Transport
 
@@ -52,9 +52,11 @@ class Router:
         self.metrics = metrics
         self.table: RoutingTable | None = None
         self.tokens_per_expert: collections.Counter[tuple[int, int]] = collections.Counter()
-        # batches run, queue entries (requests or their chunks) merged into them, their tokens, largest batch
+        # batches run, queue entries (requests or their chunks) merged into them, their tokens, largest
+        # batch, messages sent to expert groups
         self.batch_stats: collections.Counter[str] = collections.Counter()
-        self.load = LoadWindow(config.load_window_s)
+        self.load = LoadWindow(config.load_window_s)   # (layer, expert) -> token copies
+        self.pairs = LoadWindow(config.load_window_s)  # (layer, a, b) -> tokens that picked both
         self._batchers: dict[int, LayerBatcher] = {}
         self._turn = 0
 
@@ -94,7 +96,7 @@ class Router:
         # Step 2: gate and sort the token copies by expert.
         weights, ids = self.gates[layer](x)  # [T, k], [T, k]
         tokens = dispatch(self.spec, x, weights, ids)
-        self._count_tokens(layer, tokens.counts)
+        self._count_tokens(layer, tokens.counts, ids)
         # Step 3: scatter one contiguous message per group, gather the outputs.
         y, failed_rows = await self._scatter_gather(table, layer, tokens)
         out = tokens.combine(y)  # [T, H]
@@ -103,11 +105,13 @@ class Router:
         # Step 4: split back per caller; callers whose tokens hit a failed group get its error.
         return self._split(out, parts, tokens, failed_rows)
 
-    def _count_tokens(self, layer: int, counts: list[int]) -> None:
-        for expert, count in enumerate(counts):
-            if count:
-                self.tokens_per_expert[(layer, expert)] += count
-        self.load.add(time.monotonic(), layer, counts)
+    def _count_tokens(self, layer: int, counts: list[int], ids: torch.Tensor) -> None:
+        per_expert = {(layer, expert): count for expert, count in enumerate(counts) if count}
+        self.tokens_per_expert.update(per_expert)
+        now = time.monotonic()
+        self.load.add(now, per_expert)
+        pairs = coactivated_pairs(ids, self.spec.num_experts)
+        self.pairs.add(now, {(layer, a, b): n for (a, b), n in pairs.items()})
         if self.metrics is not None:
             self.metrics.observe_tokens(layer, counts)
 
@@ -122,6 +126,7 @@ class Router:
             plan = plan_dispatch(pending, table.layers[layer], self._turn, frozenset(excluded))
             self._turn += 1
             groups = list(plan.segments)
+            self.batch_stats["group_calls"] += len(groups)
             results = await asyncio.gather(
                 *(self._call_group(table, layer, g, plan.endpoints[g], plan.segments[g], tokens) for g in groups),
                 return_exceptions=True)

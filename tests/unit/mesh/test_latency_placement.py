@@ -1,4 +1,4 @@
-"""Placement by measured latency: pure policy on made-up measurements (no Ray)."""
+"""Placement by measured latency and co-activation: pure policy on made-up measurements (no Ray)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import itertools
 import random
 
 import pytest
+import torch
 
 from cluster.cli import format_placement
-from mesh.placement import group_latency, group_loads, pick_groups, placement_cost, placement_moves, plan_placement
+from mesh.placement import (group_latency, group_loads, latency_tiers, pairs_kept, pick_groups, placement_cost,
+                            placement_moves, plan_placement)
 
 LINKS = {"nodes": ["n0", "n1", "far"],
          "rtt_ms": [[0.5, 1.0, 30.0], [1.0, 0.5, 30.0], [30.0, 30.0, 0.5]], "mbps": [[1e3] * 3] * 3}
@@ -60,6 +62,78 @@ def test_equal_latency_noise_or_no_load_changes_nothing():
     assert placement_moves(assignment, assignment) == ([], [])
 
 
+def test_latency_tiers_merge_links_within_the_gap():
+    tiers = latency_tiers({"a": 1.0, "b": 1.4, "c": 1.6, "far": 30.0}, min_gap=0.5)
+    assert tiers == {"a": 1.2, "b": 1.2, "c": 1.6, "far": 30.0}  # c is over 1.5 x a, the tier's lowest
+    assert latency_tiers({"a": 1.0, "b": 1.4}, min_gap=0.2) == {"a": 1.0, "b": 1.4}
+
+
+def _visits_of_sampled_tokens(assignment, latency, picks, layer=0):
+    """ms of group visits per token, exactly: every choice of one copy per picked expert (uniform,
+    independent, as the router picks), each distinct group touched counted once."""
+    holders = {e: [g for g, held in assignment.items() if e in held.get(layer, [])] for e in range(8)}
+    total = 0.0
+    for token in picks:
+        choices = list(itertools.product(*(holders[e] for e in token)))
+        total += sum(sum(latency[g] for g in set(choice)) for choice in choices) / len(choices)
+    return total
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cost_is_the_group_visits_of_top2_tokens(seed):
+    rng = random.Random(seed)
+    groups = ["g0", "g1", "g2"]
+    assignment = {g: {0: []} for g in groups}
+    for e in range(8):  # one or two copies per expert
+        for g in rng.sample(groups, rng.choice([1, 2])):
+            assignment[g][0].append(e)
+    latency = {g: rng.uniform(0.5, 10) for g in groups}
+    picks = [tuple(rng.sample(range(8), 2)) for _ in range(300)]
+    load = {(0, e): float(sum(e in t for t in picks)) for e in range(8)}
+    pairs = {}
+    for a, b in picks:
+        key = (0, min(a, b), max(a, b))
+        pairs[key] = pairs.get(key, 0.0) + 1.0
+    cost = placement_cost(assignment, latency, load, pairs, top_k=2)
+    assert cost == pytest.approx(_visits_of_sampled_tokens(assignment, latency, picks), rel=1e-12)
+    assert placement_cost(assignment, latency, load) >= cost  # without pairs: one visit per copy
+
+
+def test_top_k_tokens_on_one_group_cost_one_visit():
+    assignment = {"g0": {0: [0, 1, 2, 3]}, "g1": {0: [4, 5, 6, 7]}}
+    latency = {"g0": 2.0, "g1": 5.0}
+    picks = [(0, 1, 2, 3), (4, 5, 6, 7), (0, 1, 2, 3)]
+    load = {(0, e): float(sum(e in t for t in picks)) for e in range(8)}
+    pairs = {(0, a, b): float(sum(a in t and b in t for t in picks)) for a, b in itertools.combinations(range(8), 2)}
+    pairs = {k: v for k, v in pairs.items() if v}
+    assert placement_cost(assignment, latency, load, pairs, top_k=4) == pytest.approx(2.0 + 5.0 + 2.0)
+    assert pairs_kept(assignment, pairs) == 1.0
+
+
+def test_coactivated_experts_come_together_on_equal_links():
+    # tokens pick (0, 1) or (2, 3); each pair starts split over the two groups
+    assignment = {"g0": {0: [0, 2]}, "g1": {0: [1, 3]}}
+    latency = {"g0": 1.0, "g1": 1.2}  # one tier: only co-activation can move anything
+    load = {(0, e): 50.0 for e in range(4)}
+    pairs = {(0, 0, 1): 50.0, (0, 2, 3): 50.0}
+    new = plan_placement(assignment, latency, load, pairs=pairs)
+    assert sorted(map(sorted, (new["g0"][0], new["g1"][0]))) == [[0, 1], [2, 3]]
+    assert pairs_kept(assignment, pairs) == 0.0 and pairs_kept(new, pairs) == 1.0
+    assert placement_cost(new, latency, load, pairs) < 0.6 * placement_cost(assignment, latency, load, pairs)
+    assert plan_placement(assignment, latency, load) == assignment  # without pair counts nothing moves
+
+
+def test_coactivation_does_not_break_the_balance_bound():
+    # the hot pair (0, 1) together would carry 200 of 220 tokens/s on one group: over 1.5 x mean 110
+    assignment = {"g0": {0: [0, 2]}, "g1": {0: [1, 3]}}
+    latency = {"g0": 1.0, "g1": 1.0}
+    load = {(0, 0): 100.0, (0, 1): 100.0, (0, 2): 10.0, (0, 3): 10.0}
+    pairs = {(0, 0, 1): 100.0, (0, 2, 3): 10.0}
+    assert plan_placement(assignment, latency, load, balance=0.5, pairs=pairs) == assignment
+    together = plan_placement(assignment, latency, load, balance=1.0, pairs=pairs)
+    assert pairs_kept(together, pairs) == 1.0
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_random_plans_never_raise_cost_nor_break_invariants(seed):
     rng = random.Random(seed)
@@ -70,8 +144,13 @@ def test_random_plans_never_raise_cost_nor_break_invariants(seed):
             assignment[g][layer].append(expert)
     latency = {g: rng.uniform(0.5, 20) for g in groups}
     load = {(layer, e): rng.expovariate(1 / 50) for layer in (0, 1) for e in range(8)}
-    new = plan_placement(assignment, latency, load, balance=0.3)
-    assert placement_cost(new, latency, load) <= placement_cost(assignment, latency, load) + 1e-9
+    pairs = {(layer, a, b): rng.expovariate(1 / 20) for layer in (0, 1) for a, b in itertools.combinations(range(8), 2)
+             if rng.random() < 0.3}
+    tiers = latency_tiers(latency, 0.5)  # the planner's latencies: its cost never rises in them
+    new = plan_placement(assignment, latency, load, balance=0.3, pairs=pairs)
+    assert placement_cost(new, tiers, load, pairs) <= placement_cost(assignment, tiers, load, pairs) + 1e-9
+    loads, cap = group_loads(new, load), 1.3 * sum(load.values()) / len(groups)
+    assert all(loads[g] <= max(cap, before) + 1e-9 for g, before in group_loads(assignment, load).items())
     for g in groups:
         for layer in (0, 1):
             assert len(new[g][layer]) == len(set(new[g][layer])) == len(assignment[g][layer])
@@ -83,15 +162,17 @@ def test_random_plans_never_raise_cost_nor_break_invariants(seed):
 def test_format_placement_shows_matrix_groups_and_costs():
     report = {"links": LINKS, "router_nodes": ["n0"], "load_source": "tokens since start",
               "groups": {"m/group-0": {"node": "n0", "latency_ms": 0.5}, "m/group-1": {"node": "far", "latency_ms": 30.0}},
+              "pairs": 1,
               "current": {"assignment": {"m/group-0": {"0": [1]}, "m/group-1": {"0": [0]}}, "cost": 251.0,
-                          "mean_latency_ms": 25.1},
+                          "mean_latency_ms": 25.1, "pairs_kept": 0.0},
               "proposed": {"assignment": {"m/group-0": {"0": [0]}, "m/group-1": {"0": [1]}}, "cost": 54.0,
-                           "mean_latency_ms": 5.4},
+                           "mean_latency_ms": 5.4, "pairs_kept": 0.5},
               "adds": [[0, 0, "m/group-0"], [0, 1, "m/group-1"]], "removes": []}
     text = format_placement(report)
     assert "   30.00" in text and "m/group-1" in text and "L0:0  -> L0:1" in text
     assert "current 251.0, proposed 54.0 ms x tokens/s" in text
     assert "current 25.10 ms, proposed 5.40 ms (2 copies move" in text
+    assert "(1 counted) with both copies on one group: current 0%, proposed 50%" in text
 
 
 def test_pick_groups_adds_to_the_least_loaded_and_removes_from_the_most_loaded():

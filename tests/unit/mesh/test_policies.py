@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+import torch
 
 from mesh.autoscale import plan_autoscale
 from mesh.placement import initial_assignment, restore_node, spread_groups
-from router_service.load import LoadWindow
+from router_service.load import LoadWindow, coactivated_pairs
 
 
 @pytest.mark.parametrize("num_experts,num_groups,replicas", [(8, 3, 1), (6, 2, 2), (5, 4, 3), (16, 4, 1)])
@@ -67,8 +70,20 @@ def test_plan_autoscale(rates, copies, expected):
 
 def test_load_window_rates_follow_a_fake_clock():
     window = LoadWindow(window_s=10.0, bucket_s=1.0)
-    window.add(0.5, 3, [4, 0, 6])
-    window.add(5.2, 3, [6, 0, 0])
+    window.add(0.5, {(3, 0): 4, (3, 1): 0, (3, 2): 6})
+    window.add(5.2, {(3, 0): 6})
     assert window.rates(6.0) == {(3, 0): 1.0, (3, 2): 0.6}
     assert window.rates(10.9) == {(3, 0): 0.6}   # the first bucket left the window
     assert window.rates(30.0) == {}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_coactivated_pairs_count_every_pair_of_every_token(k):
+    generator = torch.Generator().manual_seed(k)
+    ids = torch.stack([torch.randperm(16, generator=generator)[:k] for _ in range(50)])  # [T, k]
+    expected: dict = {}
+    for row in ids.tolist():
+        for a, b in itertools.combinations(sorted(row), 2):
+            expected[(a, b)] = expected.get((a, b), 0) + 1
+    assert coactivated_pairs(ids, 16) == expected
+    assert coactivated_pairs(ids[:0], 16) == {}
