@@ -1,4 +1,5 @@
-"""Autoscaling policy: copies per expert that follow the measured load, with hysteresis and bounds.
+"""Autoscaling trigger: copies per expert that follow the measured load, with hysteresis and bounds.
+The controller re-plans the layers it names with the replication policy (placement.replicate_layer).
 Pure: no Ray, no clock."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from experts.simulated import CostModel, SimulatedGroupActor
 from mesh.autoscale import plan_autoscale
 from mesh.config import MeshConfig
 from mesh.placement import (group_latency, initial_assignment, pairs_kept, pick_groups, placement_cost,
-                            placement_moves, plan_placement, restore_node, spread_groups)
+                            placement_moves, plan_placement, replicate_layer, restore_node, spread_groups)
 from mesh.probes import LatencyProbe, link_matrix
 from router_service.routing import Copy, RoutingTable
 
@@ -273,18 +273,37 @@ class MeshController:
                     logger.exception("autoscale step failed")
 
     async def autoscale_step(self) -> dict[str, int]:
-        """One round of the autoscaling policy; returns the changes applied ("layer/expert" -> copies)."""
+        """One round of autoscaling. `plan_autoscale` says which layers need other copy counts (an
+        expert's load per copy left its hysteresis band; bounds: 1 to max_copies) and how many copies
+        each such layer wants in all; `replicate_layer` (rebalance_experts) re-plans those layers:
+        copies per expert by load, equal slots per group, copies in force kept where that costs
+        little. New copies serve before old ones leave. Returns the counts that changed ("layer/expert")."""
         settings = self.config.autoscale
         rates = (await self.load()).rates
-        live = sum(g["alive"] for g in self.groups.values())
-        copies = {(l, e): len(c) for l, experts in self.table.layers.items() for e, c in enumerate(experts) if c}
-        changes = plan_autoscale(rates, copies, settings.target_tokens_per_s,
-                                 min(settings.max_copies or live, live), settings.hysteresis)
         async with self._changing:
-            await self._set_copies(changes, rates)
+            current = {n: {layer: list(e) for layer, e in g["experts"].items()}
+                       for n, g in self.groups.items() if g["alive"]}
+            before = self._copy_counts()
+            most = min(settings.max_copies or len(current), len(current))
+            wanted = {**before, **plan_autoscale(rates, before, settings.target_tokens_per_s, most, settings.hysteresis)}
+            plan = current
+            for layer in sorted({l for (l, e), n in wanted.items() if n != before[(l, e)]}):
+                total = sum(n for (l, _), n in wanted.items() if l == layer)
+                plan = replicate_layer(plan, layer, rates, total, self.spec.num_experts, most)
+            adds, removes = placement_moves(current, plan)
+            if adds:
+                await self._add_copies(adds)
+            if removes:
+                await self._remove_copies(removes)
+        after = self._copy_counts()
+        changes = {f"{l}/{e}": n for (l, e), n in after.items() if n != before.get((l, e))}
         if changes:
             logger.info("autoscale: %s", changes)
-        return {f"{l}/{e}": c for (l, e), c in changes.items()}
+        return changes
+
+    def _copy_counts(self) -> dict[tuple[int, int], int]:
+        """Copies per (layer, expert) in the routing table (experts with none left out)."""
+        return {(l, e): len(c) for l, experts in self.table.layers.items() for e, c in enumerate(experts) if c}
 
     async def set_autoscale(self, token: str, enabled: bool) -> dict:
         await self.ready()

@@ -7,7 +7,8 @@ import torch
 from mesh.replication import rebalance_experts  # the replication policy's entry point, EPLB's signature
 
 __all__ = ["group_latency", "group_loads", "initial_assignment", "latency_tiers", "pairs_kept", "pick_groups",
-           "placement_cost", "placement_moves", "plan_placement", "rebalance_experts", "restore_node", "spread_groups"]
+           "placement_cost", "placement_moves", "plan_placement", "rebalance_experts", "replicate_layer", "restore_node",
+           "spread_groups"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,
@@ -218,6 +219,30 @@ def _best_swap(holds: torch.Tensor, share: torch.Tensor, weight: torch.Tensor, l
         return -float("inf"), 0, 0, 0, 0
     i, j = divmod(int(gain.argmax()), gain.shape[1])
     return float(gain[i, j]), int(expert[i]), int(group[i]), int(expert[j]), int(group[j])
+
+
+def replicate_layer(assignment: Assignment, layer: int, load: dict[tuple[int, int], float], num_copies: int,
+                    num_experts: int, max_copies: int) -> Assignment:
+    """`assignment` with the copies of `layer` re-planned by `rebalance_experts` (the groups, in name
+    order, are its devices): copies per expert by load, packed so that every group holds the same
+    number S of them, copies in force kept where that costs little. S is num_copies / groups rounded
+    up, within [E / groups, E]; no expert gets more than max_copies copies unless the S x groups
+    slots need it. Other layers are unchanged. Pure; returns a new assignment."""
+    groups = sorted(assignment)
+    if not groups:
+        raise ValueError("no expert group to place copies on")
+    per_group = min(num_experts, max(-(-num_experts // len(groups)), -(-num_copies // len(groups))))
+    num_slots = per_group * len(groups)
+    most = max(min(max_copies, len(groups)), -(-num_slots // num_experts))
+    current = torch.full((len(groups), per_group), -1, dtype=torch.int64)  # [D, S], -1: empty slot
+    for k, g in enumerate(groups):
+        held = sorted(assignment[g].get(layer, []), key=lambda e: -load.get((layer, e), 0.0))[:per_group]
+        current[k, :len(held)] = torch.tensor(held, dtype=torch.int64)
+    weight = torch.tensor([[float(load.get((layer, e), 0.0)) for e in range(num_experts)]])  # [1, E]
+    phy2log, _, _ = rebalance_experts(weight, num_slots, 1, 1, len(groups), current_phy2log=current.view(1, -1),
+                                      max_copies=most)
+    rows = phy2log.view(len(groups), per_group).tolist()
+    return {g: {**assignment[g], layer: sorted(rows[k])} for k, g in enumerate(groups)}
 
 
 def group_loads(assignment: Assignment, load: dict[tuple[int, int], float]) -> dict[str, float]:

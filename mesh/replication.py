@@ -39,7 +39,7 @@ _FORBID = 1e30  # added to a forbidden swap's load: an additive mask keeps the [
 
 def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
                       *, keep_groups_on_node: bool = False, current_phy2log: torch.Tensor | None = None,
-                      link_cost: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      link_cost: torch.Tensor | None = None, max_copies: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Copies per expert and their slots, balancing device load; EPLB's signature and outputs.
 
     weight: [L, E] load per logical expert (tokens or tokens/s; any real dtype, >= 0).
@@ -49,17 +49,20 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     num_gpus: D, devices.
     keep_groups_on_node: keep every copy of every expert of a group on one node (EPLB's hierarchical
         constraint), else place copies anywhere (EPLB's global policy).
-    current_phy2log: [L, P] int, the placement in force. A layer keeps as many of its copies in place
-        (same device; same slot where possible) as the new copy counts allow, unless that leaves the
-        busiest device more than KEEP_TOLERANCE of the mean device load above a fresh plan's.
+    current_phy2log: [L, P] int, the placement in force (-1: an empty slot). A layer keeps as many of
+        its copies in place (same device; same slot where possible) as the new copy counts allow, unless
+        that leaves the busiest device more than KEEP_TOLERANCE of the mean device load above a fresh plan's.
     link_cost: [D] float >= 0, relative cost of sending a token to each device: device d's load counts
         as load * (1 + link_cost[d]) when balancing, so costly devices get less load.
+    max_copies: most copies of one expert (default and at most: devices of a row); num_replicas must
+        leave no expert more.
 
     Returns phy2log [L, P] (expert of each slot), log2phy [L, E, X] (slots of each expert's copies in
     increasing order, padded with -1) and logcnt [L, E] (copies per expert), all int64. No device holds
     two copies of one expert. Raises ValueError naming the argument on bad input.
     """
-    _validate(weight, num_replicas, num_groups, num_nodes, num_gpus, keep_groups_on_node, current_phy2log, link_cost)
+    _validate(weight, num_replicas, num_groups, num_nodes, num_gpus, keep_groups_on_node, current_phy2log, link_cost,
+              max_copies)
     weight = weight.detach().to("cpu", torch.float32)
     num_layers, num_logical = weight.shape
     rows_per_layer = num_nodes if keep_groups_on_node else 1
@@ -77,7 +80,8 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     row_weight = weight.repeat_interleave(rows_per_layer, dim=0).gather(1, member) * is_member  # [R, M]
 
     # Step 2: copies per expert, within each row's slots.
-    count = _replicate(row_weight, is_member, num_replicas // rows_per_layer, devices_per_row, slots_per_device)
+    most = devices_per_row if max_copies is None else min(max_copies, devices_per_row)
+    count = _replicate(row_weight, is_member, num_replicas // rows_per_layer, most, slots_per_device)
     copy_load = row_weight / count.clamp_min(1)  # [R, M]
 
     # Steps 3-4: pack the copies, then even out pairs of devices: plan = (has [R, Dn, M], slots [R, Dn, S]).
@@ -96,7 +100,7 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
 
 
 def _validate(weight, num_replicas, num_groups, num_nodes, num_gpus, keep_groups_on_node, current_phy2log,
-              link_cost) -> None:
+              link_cost, max_copies) -> None:
     """Raise ValueError naming the first bad argument."""
     if (not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype == torch.bool
             or weight.is_complex()):
@@ -125,8 +129,14 @@ def _validate(weight, num_replicas, num_groups, num_nodes, num_gpus, keep_groups
                 or current_phy2log.dtype == torch.bool or tuple(current_phy2log.shape) != (num_layers, num_replicas)):
             raise ValueError(f"current_phy2log must be an integer tensor of shape {(num_layers, num_replicas)}, "
                              f"got {getattr(current_phy2log, 'shape', type(current_phy2log))}")
-        if bool((current_phy2log < 0).any()) or bool((current_phy2log >= num_logical).any()):
-            raise ValueError(f"current_phy2log values must be expert ids in [0, {num_logical})")
+        if bool((current_phy2log < -1).any()) or bool((current_phy2log >= num_logical).any()):
+            raise ValueError(f"current_phy2log values must be expert ids in [0, {num_logical}) or -1 (empty)")
+    if max_copies is not None:
+        if not isinstance(max_copies, int) or isinstance(max_copies, bool) or max_copies < 1:
+            raise ValueError(f"max_copies must be an int >= 1, got {max_copies!r}")
+        if num_replicas > num_logical * max_copies:
+            raise ValueError(f"num_replicas={num_replicas} needs more than max_copies={max_copies} copies of "
+                             f"some of the {num_logical} experts")
     if link_cost is not None:
         if not isinstance(link_cost, torch.Tensor) or tuple(link_cost.shape) != (num_gpus,):
             raise ValueError(f"link_cost must be a tensor of shape ({num_gpus},), got "
@@ -359,7 +369,7 @@ def _keep_current(current_phy2log: torch.Tensor, count: torch.Tensor, member: to
     local = torch.full((num_rows, num_logical + 1), width, dtype=torch.int64)
     local.scatter_(1, torch.where(is_member, member, num_logical), torch.arange(width).expand(num_rows, -1))
     current = current_phy2log.view(num_rows, -1)  # [R, Dn * S]: a row's devices are consecutive
-    current = local.gather(1, current)
+    current = local.gather(1, current.masked_fill(current < 0, num_logical))  # empty slots: in no row
     # Step 2: mark (device, expert), then keep the first `count` devices of each expert.
     device = torch.arange(current.shape[1]) // (current.shape[1] // devices_per_row)  # [Dn * S]
     has = torch.zeros(num_rows, devices_per_row * (width + 1), dtype=torch.bool)

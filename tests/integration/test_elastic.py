@@ -107,11 +107,18 @@ def test_autoscale_follows_skew_and_back(elastic, checkpoints):
     assert _admin(mesh).Autoscale(pb.AutoscaleRequest(token=TOKEN, enabled=True)).ok
     try:
         with Load(mesh.addresses, hot, {"ref": ref}) as load:
-            _wait(lambda: mesh.status()["copies"]["0/4"] >= 2, timeout_s=60)
+            # rebalance_experts plans the layer: EPLB's slots, as many copies on every group
+            _wait(lambda: _hot_and_even(mesh.status(), "0/4"), timeout_s=60)
         assert load.counts["failed"] == 0 and load.counts["wrong"] == 0, load.lost()
         _wait(lambda: mesh.status()["copies"]["0/4"] == 1, timeout_s=60)  # skew over: copies removed
+        assert set(mesh.status()["copies"].values()) == {1}  # 6 experts on 3 groups: 2 slots each
     finally:
         _admin(mesh).Autoscale(pb.AutoscaleRequest(token=TOKEN, enabled=False))
+
+
+def _hot_and_even(status: dict, key: str) -> bool:
+    """The expert `key` has copies to spare and every group holds as many copies of layer 0."""
+    return status["copies"][key] >= 2 and len({len(g["experts"]["0"]) for g in status["groups"]}) == 1
 
 
 def _set_autoscale_target(controller, target: float) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mesh.autoscale import plan_autoscale
-from mesh.placement import initial_assignment, restore_node, spread_groups
+from mesh.placement import initial_assignment, replicate_layer, restore_node, spread_groups
 from router_service.load import LoadWindow, coactivated_pairs
 
 
@@ -87,3 +87,39 @@ def test_coactivated_pairs_count_every_pair_of_every_token(k):
             expected[(a, b)] = expected.get((a, b), 0) + 1
     assert coactivated_pairs(ids, 16) == expected
     assert coactivated_pairs(ids[:0], 16) == {}
+
+
+def _copies_of(assignment, layer: int) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for held in assignment.values():
+        for e in held.get(layer, []):
+            counts[e] = counts.get(e, 0) + 1
+    return counts
+
+
+def test_replicate_layer_gives_the_hot_expert_copies_in_equal_slots_and_keeps_the_rest():
+    current = {f"g{k}": {0: [k, k + 4], 1: [k]} for k in range(4)}  # E = 8, 2 copies per group
+    load = {(0, e): 10.0 for e in range(8)} | {(0, 4): 300.0}
+    grown = replicate_layer(current, 0, load, num_copies=10, num_experts=8, max_copies=4)
+    assert {g: len(held[0]) for g, held in grown.items()} == dict.fromkeys(current, 3)  # 10 -> 12 slots
+    counts = _copies_of(grown, 0)
+    assert counts[4] == 4 and sum(counts.values()) == 12 and min(counts.values()) == 1
+    assert all(len(set(held[0])) == len(held[0]) for held in grown.values())  # one copy per group
+    assert all(set(current[g][0]) <= set(grown[g][0]) for g in current)  # nothing moved, copies added
+    assert all(grown[g][1] == current[g][1] for g in current)  # other layers untouched
+    # the skew ends: back to one copy each, the copies in force stay where they are
+    shrunk = replicate_layer(grown, 0, {(0, e): 10.0 for e in range(8)}, num_copies=8, num_experts=8, max_copies=4)
+    assert _copies_of(shrunk, 0) == dict.fromkeys(range(8), 1)
+    assert all(set(shrunk[g][0]) <= set(grown[g][0]) for g in current)
+    placed = replicate_layer(current, 0, load, num_copies=10, num_experts=8, max_copies=2)
+    assert _copies_of(placed, 0)[4] == 2  # the bound
+
+
+def test_replicate_layer_evens_out_groups_of_unequal_size():
+    current = {"a": {0: [0, 1, 2]}, "b": {0: [3]}, "c": {0: [4, 5]}}  # after a scale by hand, say
+    load = {(0, e): 1.0 + e for e in range(6)}
+    plan = replicate_layer(current, 0, load, num_copies=6, num_experts=6, max_copies=3)
+    assert {g: len(held[0]) for g, held in plan.items()} == {"a": 2, "b": 2, "c": 2}
+    assert _copies_of(plan, 0) == dict.fromkeys(range(6), 1)
+    with pytest.raises(ValueError, match="no expert group"):
+        replicate_layer({}, 0, load, 6, 6, 3)

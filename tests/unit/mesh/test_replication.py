@@ -177,6 +177,24 @@ def test_current_placement_with_repeats_and_moves_stays_valid():
     assert_plan(*maps, 1, 4, 6, 3)
 
 
+def test_empty_slots_in_the_current_placement_are_filled_and_the_rest_kept():
+    """-1 marks a slot the placement in force leaves empty (a device holding fewer copies)."""
+    current = torch.tensor([[0, 4, 1, 5, 2, -1, 3, -1]])  # devices of 2 slots; devices 2, 3 hold one copy
+    weight = torch.tensor([[5.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    phy2log, _, logcnt = maps = rebalance_experts(weight, 8, 1, 1, 4, current_phy2log=current)
+    assert_plan(*maps, 1, 6, 8, 4)
+    assert logcnt[0].tolist() == [3, 1, 1, 1, 1, 1]  # the two empty slots went to the hot expert
+    assert int((phy2log == current).sum()) == 6  # every copy in force stayed in its slot
+
+
+@pytest.mark.parametrize("max_copies", [2, 3, 4])
+def test_max_copies_bounds_the_copies_of_the_hottest_expert(max_copies):
+    weight = torch.tensor([[100.0, 1.0, 1.0, 1.0]])  # 4 spare slots on 4 devices: all would go to expert 0
+    maps = rebalance_experts(weight, 8, 1, 1, 4, max_copies=max_copies)
+    assert_plan(*maps, 1, 4, 8, 4)
+    assert int(maps[2].max()) == max_copies == int(maps[2][0, 0])
+
+
 def test_link_cost_moves_load_off_costly_devices():
     weight = zipf_loads(**SMALL_BENCH, alpha=0.6, seed=0)
     cost = torch.tensor([0.0] * 4 + [0.5] * 4)  # node 1's devices are costly
@@ -210,6 +228,9 @@ ERROR_CASES = [
     (dict(current_phy2log=torch.full((2, 12), 8)), "current_phy2log"),
     (dict(link_cost=torch.ones(3)), "link_cost"),
     (dict(link_cost=-torch.ones(4)), "link_cost"),
+    (dict(current_phy2log=torch.full((2, 12), -2)), "current_phy2log"),
+    (dict(max_copies=0), "max_copies"),
+    (dict(max_copies=1), "max_copies"),  # 12 slots for 8 experts need a second copy of some
 ]
 
 
