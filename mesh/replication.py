@@ -85,13 +85,14 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     copy_load = row_weight / count.clamp_min(1)  # [R, M]
 
     # Steps 3-4: pack the copies, then even out pairs of devices: plan = (has [R, Dn, M], slots [R, Dn, S]).
-    plan = _exchange(*_pack(copy_load, count, None, factor, slots_per_device), copy_load, factor)
     # Step 5: with a current placement, a plan that keeps its copies where that costs little.
-    if current_phy2log is not None:
+    if current_phy2log is None:
+        plan = _exchange(*_pack(copy_load, count, None, factor, slots_per_device), copy_load, factor)
+    else:
         current_phy2log = current_phy2log.detach().cpu().long()
         kept = _keep_current(current_phy2log, count, member, is_member, devices_per_row, num_logical)
         slack = KEEP_TOLERANCE * weight.sum(1) / num_gpus  # [L]
-        plan = _prefer_kept(plan, kept, copy_load, count, factor, slack)
+        plan = _prefer_kept(kept, copy_load, count, factor, slack, slots_per_device)
     slots = member.gather(1, plan[1].flatten(1))  # [R, Dn * S] global expert ids
     phy2log = _slots(slots.view(num_layers, num_gpus, slots_per_device), current_phy2log)
     logcnt = torch.zeros(member.shape[0], num_logical, dtype=torch.int64).scatter_add_(1, member, count)
@@ -378,28 +379,44 @@ def _keep_current(current_phy2log: torch.Tensor, count: torch.Tensor, member: to
     return has & (has.int().cumsum(1) <= count.unsqueeze(1))
 
 
-def _prefer_kept(fresh: tuple, kept: torch.Tensor, copy_load: torch.Tensor, count: torch.Tensor, factor: torch.Tensor,
-                 slack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per layer, the first plan whose busiest device is within `slack` [L] of the fresh plan's: the
-    kept copies plus the rest packed, the same after pairwise exchange, else the fresh plan.
+def _prefer_kept(kept: torch.Tensor, copy_load: torch.Tensor, count: torch.Tensor, factor: torch.Tensor,
+                 slack: torch.Tensor, slots_per_device: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, the first plan within `slack` [L] of the best: the kept copies plus the rest packed,
+    the same after pairwise exchange, else a fresh plan (pack, exchange). The best is a lower bound on
+    any plan's busiest device where a kept plan is that close to it, else the fresh plan's busiest
+    device, so a fresh plan is made only for the layers that may need it.
 
-    fresh: (has [R, Dn, E], slots [R, Dn, S]); kept: [R, Dn, E] bool (a layer's rows are consecutive).
-    Returns (has, slots).
+    kept: [R, Dn, E] bool (a layer's rows are consecutive); copy_load, count: [R, E]; factor: [R, Dn].
+    Returns (has [R, Dn, E], slots [R, Dn, S]).
     """
-    num_layers, slots_per_device = slack.shape[0], fresh[1].shape[2]
-    rows_per_layer = fresh[0].shape[0] // num_layers
-    busiest = (lambda plan: _busiest(plan[1], copy_load, factor).view(num_layers, -1).max(1).values)  # [L]
-    limit = busiest(fresh) + slack
+    num_layers = slack.shape[0]
+    rows_per_layer = kept.shape[0] // num_layers
+    per_layer = (lambda t: t.view(num_layers, -1).max(1).values)  # [R] -> [L]
+    busiest = (lambda plan: per_layer(_busiest(plan[1], copy_load, factor)))
     packed = _pack(copy_load, count, kept, factor, slots_per_device)
-    is_packed_ok = busiest(packed) <= limit
-    exchanged = tuple(t.clone() for t in packed)  # exchange only the layers that need it
-    row = (~is_packed_ok).repeat_interleave(rows_per_layer).nonzero().flatten()
+    exchanged = _exchange(*(t.clone() for t in packed), copy_load, factor)
+    # Step 1: close enough to a lower bound on any plan's busiest device: no fresh plan needed.
+    limit = per_layer(_lower_bound(copy_load, count, factor)) + slack
+    choice = torch.where(busiest(packed) <= limit, 0, torch.where(busiest(exchanged) <= limit, 1, 2))  # [L]
+    # Step 2: the other layers measure against a fresh plan of their rows.
+    fresh = tuple(t.clone() for t in exchanged)
+    row = (choice == 2).repeat_interleave(rows_per_layer).nonzero().flatten()
     if row.numel():
-        exchanged[0][row], exchanged[1][row] = _exchange(packed[0][row], packed[1][row], copy_load[row], factor[row])
-    choice = torch.where(is_packed_ok, 0, torch.where(busiest(exchanged) <= limit, 1, 2))  # [L]
+        fresh[0][row], fresh[1][row] = _exchange(*_pack(copy_load[row], count[row], None, factor[row], slots_per_device),
+                                                 copy_load[row], factor[row])
+        limit = busiest(fresh) + slack
+        choice = torch.where(choice < 2, choice,
+                             torch.where(busiest(packed) <= limit, 0, torch.where(busiest(exchanged) <= limit, 1, 2)))
     choice = choice.repeat_interleave(rows_per_layer).view(-1, 1, 1)
     return tuple(torch.where(choice == 0, p, torch.where(choice == 1, e, f))
                  for p, e, f in zip(packed, exchanged, fresh))
+
+
+def _lower_bound(copy_load: torch.Tensor, count: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """[R] no plan's busiest device (load x factor) is below: the row's load spread so that every
+    device carries the same load x factor, or the heaviest copy on the cheapest device."""
+    spread = (copy_load * count).sum(1) / (1 / factor).sum(1)
+    return torch.maximum(spread, copy_load.max(1).values * factor.min(1).values)
 
 
 def _pack(copy_load: torch.Tensor, count: torch.Tensor, kept: torch.Tensor | None, factor: torch.Tensor,
