@@ -7,7 +7,6 @@ The controller pushes routing tables with `set_table`; `load_report` gives token
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 
 import msgpack
@@ -111,7 +110,7 @@ class RouterActor:
     def load_report(self) -> bytes:
         """msgpack {"tokens": [[layer, expert, count since start], ...],
                     "rates": [[layer, expert, tokens/s over the load window], ...],
-                    "pairs": [[layer, a, b, tokens/s that picked both a < b, over the window], ...],
+                    "pairs": [[layer, a, b, tokens/s that picked both a < b, weighted over the window], ...],
                     "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls"} since start}
         (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
         expert groups). Pairs: the busiest PAIRS_PER_EXPERT x num_experts of each layer."""
@@ -120,11 +119,8 @@ class RouterActor:
         router, now = self.server.router, time.monotonic()
         tokens = [[layer, expert, n] for (layer, expert), n in router.tokens_per_expert.items()]
         rates = [[layer, expert, r] for (layer, expert), r in router.load.rates(now).items()]
-        by_layer: dict[int, list] = collections.defaultdict(list)
-        for (layer, a, b), r in router.pairs.rates(now).items():
-            by_layer[layer].append([layer, a, b, r])
-        limit = PAIRS_PER_EXPERT * router.spec.num_experts
-        pairs = [p for rows in by_layer.values() for p in sorted(rows, key=lambda p: -p[3])[:limit]]
+        per_layer = PAIRS_PER_EXPERT * router.spec.num_experts
+        pairs = [[layer, a, b, r] for (layer, a, b), r in router.pairs.rates(now, per_layer).items()]
         return msgpack.packb({"tokens": tokens, "rates": rates, "pairs": pairs, "batches": dict(router.batch_stats)})
 
     async def stop(self) -> None:

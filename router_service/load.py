@@ -4,11 +4,12 @@ sliding window (the autoscaler and the placement optimiser follow these)."""
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Hashable, Mapping
 
 import torch
 
-__all__ = ["LoadWindow", "coactivated_pairs"]
+__all__ = ["LoadWindow", "PairRates", "coactivation_counts"]
 
 
 class LoadWindow:
@@ -43,15 +44,49 @@ class LoadWindow:
             self._buckets.popleft()
 
 
-def coactivated_pairs(ids: torch.Tensor, num_experts: int) -> dict[tuple[int, int], int]:
-    """Tokens that picked both experts of each pair: {(a, b): tokens} with a < b.
+def coactivation_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens that picked both experts of each pair: counts [E, E] int64, counts[a, b] for a < b
+    (zero on and below the diagonal).
 
     ids: [T, k] int, the experts each token picked (distinct within a row)."""
     num_tokens, k = ids.shape
-    if k < 2 or num_tokens == 0:
-        return {}
-    ordered = ids.sort(dim=1).values.long()                   # [T, k]
-    first, second = torch.triu_indices(k, k, offset=1)        # the k(k-1)/2 pairs of a row
+    ordered = ids.sort(dim=1).values.long()                       # [T, k]
+    first, second = torch.triu_indices(k, k, offset=1)            # the k(k-1)/2 pairs of a row
     codes = ordered[:, first] * num_experts + ordered[:, second]  # [T, k(k-1)/2]
-    pair_codes, counts = codes.flatten().unique(return_counts=True)
-    return {(int(c) // num_experts, int(c) % num_experts): int(n) for c, n in zip(pair_codes, counts)}
+    return torch.bincount(codes.flatten(), minlength=num_experts * num_experts).view(num_experts, num_experts)
+
+
+class PairRates:
+    """Tokens/s that picked both experts of each pair, per layer: counts weighted by exp(-age /
+    window_s), divided by window_s, so a steady rate reads as itself. One dense [E, E] tensor per
+    layer: adding a batch is a bincount, whatever the number of pairs. The caller passes the clock."""
+
+    def __init__(self, num_experts: int, window_s: float = 30.0):
+        if window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self.num_experts, self.window_s = num_experts, window_s
+        self._counts: dict[int, tuple[float, torch.Tensor]] = {}  # layer -> (time of last add, [E, E])
+
+    def add(self, now: float, layer: int, ids: torch.Tensor) -> None:
+        """ids: [T, k], the experts each token of one batch of `layer` picked."""
+        if ids.shape[1] < 2:
+            return
+        counts = coactivation_counts(ids, self.num_experts).float()
+        if layer in self._counts:
+            counts += self._decayed(now, layer)
+        self._counts[layer] = (now, counts)
+
+    def rates(self, now: float, per_layer: int, min_rate: float = 1e-3) -> dict[tuple[int, int, int], float]:
+        """{(layer, a, b): tokens/s} of the busiest `per_layer` pairs of each layer (at least min_rate)."""
+        out = {}
+        for layer in self._counts:
+            rate = self._decayed(now, layer).flatten() / self.window_s
+            top = rate.topk(min(per_layer, rate.numel()))
+            for value, code in zip(top.values.tolist(), top.indices.tolist()):
+                if value >= min_rate:
+                    out[(layer, code // self.num_experts, code % self.num_experts)] = value
+        return out
+
+    def _decayed(self, now: float, layer: int) -> torch.Tensor:
+        stamp, counts = self._counts[layer]
+        return counts * math.exp(-max(now - stamp, 0.0) / self.window_s)

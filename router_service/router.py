@@ -20,7 +20,7 @@ from experts import CheckpointReader, Gate, MoESpec, SharedExpert, dispatch
 from experts.errors import MeshError
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
-from router_service.load import LoadWindow, coactivated_pairs
+from router_service.load import LoadWindow, PairRates
 from router_service.routing import RoutingTable, expert_segments, plan_dispatch
 from router_service.transport import ExpertUnavailableError, Transport
 
@@ -56,7 +56,7 @@ class Router:
         # batch, messages sent to expert groups
         self.batch_stats: collections.Counter[str] = collections.Counter()
         self.load = LoadWindow(config.load_window_s)   # (layer, expert) -> token copies
-        self.pairs = LoadWindow(config.load_window_s)  # (layer, a, b) -> tokens that picked both
+        self.pairs = PairRates(self.spec.num_experts, config.load_window_s)  # co-activated experts
         self._batchers: dict[int, LayerBatcher] = {}
         self._turn = 0
 
@@ -110,8 +110,7 @@ class Router:
         self.tokens_per_expert.update(per_expert)
         now = time.monotonic()
         self.load.add(now, per_expert)
-        pairs = coactivated_pairs(ids, self.spec.num_experts)
-        self.pairs.add(now, {(layer, a, b): n for (a, b), n in pairs.items()})
+        self.pairs.add(now, layer, ids)
         if self.metrics is not None:
             self.metrics.observe_tokens(layer, counts)
 

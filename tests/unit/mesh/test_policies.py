@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from mesh.autoscale import plan_autoscale
 from mesh.placement import initial_assignment, replicate_layer, restore_node, spread_groups
-from router_service.load import LoadWindow, coactivated_pairs
+from router_service.load import LoadWindow, PairRates, coactivation_counts
 
 
 @pytest.mark.parametrize("num_experts,num_groups,replicas", [(8, 3, 1), (6, 2, 2), (5, 4, 3), (16, 4, 1)])
@@ -78,15 +79,31 @@ def test_load_window_rates_follow_a_fake_clock():
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
-def test_coactivated_pairs_count_every_pair_of_every_token(k):
+def test_coactivation_counts_count_every_pair_of_every_token(k):
     generator = torch.Generator().manual_seed(k)
     ids = torch.stack([torch.randperm(16, generator=generator)[:k] for _ in range(50)])  # [T, k]
-    expected: dict = {}
+    expected = torch.zeros(16, 16, dtype=torch.int64)
     for row in ids.tolist():
         for a, b in itertools.combinations(sorted(row), 2):
-            expected[(a, b)] = expected.get((a, b), 0) + 1
-    assert coactivated_pairs(ids, 16) == expected
-    assert coactivated_pairs(ids[:0], 16) == {}
+            expected[a, b] += 1
+    assert torch.equal(coactivation_counts(ids, 16), expected)
+    assert not coactivation_counts(ids[:0], 16).any()
+
+
+def test_pair_rates_read_a_steady_rate_and_decay_with_a_fake_clock():
+    rates = PairRates(num_experts=4, window_s=10.0)
+    batch = torch.tensor([[0, 1], [1, 0], [2, 3]])  # per batch: 2 tokens pick (0, 1), 1 picks (2, 3)
+    for second in range(200):  # one batch a second for 200 s
+        rates.add(float(second), layer=5, ids=batch)
+    steady = rates.rates(199.0, per_layer=8)
+    assert steady.keys() == {(5, 0, 1), (5, 2, 3)}
+    assert steady[(5, 0, 1)] == pytest.approx(2.0, rel=0.06) and steady[(5, 2, 3)] == pytest.approx(1.0, rel=0.06)
+    assert list(rates.rates(199.0, per_layer=1)) == [(5, 0, 1)]  # the busiest pair only
+    later = rates.rates(209.0, per_layer=8)  # 10 s = one window without traffic: 1/e left
+    assert later[(5, 0, 1)] == pytest.approx(steady[(5, 0, 1)] / math.e, rel=1e-5)
+    assert rates.rates(400.0, per_layer=8) == {}  # under min_rate
+    rates.add(0.0, layer=1, ids=torch.tensor([[3], [2]]))  # top-1 has no pairs
+    assert rates.rates(400.0, per_layer=8) == {}
 
 
 def _copies_of(assignment, layer: int) -> dict[int, int]:
