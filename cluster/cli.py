@@ -186,7 +186,8 @@ def format_placement(report: dict) -> str:
         lines.append(f"  {name:<16} node {group['node'][:8]} {group['latency_ms']:7.2f} ms  now {now}"
                      + ("" if now == then else f"  -> {then}"))
     lines.append(f"co-activated expert pairs ({report['pairs']} counted) with both copies on one group: current "
-                 f"{100 * current['pairs_kept']:.0f}%, proposed {100 * proposed['pairs_kept']:.0f}% of their tokens")
+                 f"{100 * current['pairs_kept']:.0f}%, proposed {100 * proposed['pairs_kept']:.0f}% of their tokens "
+                 f"(such copies share one visit to the group)")
     lines.append(f"expected cost (token load x latency): current {current['cost']:.1f}, proposed "
                  f"{proposed['cost']:.1f} ms x tokens/s; mean latency per token copy: current "
                  f"{current['mean_latency_ms']:.2f} ms, proposed {proposed['mean_latency_ms']:.2f} ms "

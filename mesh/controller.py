@@ -43,7 +43,7 @@ class Load(NamedTuple):
     """What the routers counted, summed over them, per (layer, expert) or (layer, a, b) with a < b."""
     tokens: dict[tuple[int, int], int]           # token copies since start
     rates: dict[tuple[int, int], float]          # token copies/s over the load window
-    pairs: dict[tuple[int, int, int], float]     # tokens/s that picked both a and b, over the window
+    pairs: dict[tuple[int, int, int], float]     # tokens/s that picked both a and b, weighted by age
 
 
 class AdminError(MeshError):
@@ -602,7 +602,7 @@ class MeshController:
             self._check_token(token)
             async with self._changing:
                 plan = await self._placement_plan()
-                summary = (f"{len(plan['adds'])} copies move; expected mean latency per token copy "
+                summary = (f"{len(plan['adds'])} copies move; expected latency per token copy "
                            f"{plan['current']['mean_latency_ms']:.2f} -> {plan['proposed']['mean_latency_ms']:.2f} ms")
                 if not dry_run and plan["adds"]:
                     await self._add_copies(plan["adds"])
@@ -616,7 +616,7 @@ class MeshController:
     # -- status ----------------------------------------------------------------------------------
 
     async def load(self) -> Load:
-        """Tokens since start, tokens/s and co-activated pairs/s over the routers' window, all routers."""
+        """Tokens since start, tokens/s over the routers' window and co-activated pairs/s, all routers."""
         reports = await asyncio.gather(*(r.load_report.remote() for r in self.routers.values()),
                                        return_exceptions=True)
         load = Load({}, {}, {})

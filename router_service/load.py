@@ -1,5 +1,5 @@
-"""What routers count and report: token copies per expert and co-activated expert pairs, over a
-sliding window (the autoscaler and the placement optimiser follow these)."""
+"""What routers count and report: token copies per expert over a sliding window, co-activated expert
+pairs weighted by age (the autoscaler and the placement optimiser follow these)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def coactivation_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     (zero on and below the diagonal).
 
     ids: [T, k] int, the experts each token picked (distinct within a row)."""
-    num_tokens, k = ids.shape
+    k = ids.shape[1]
     ordered = ids.sort(dim=1).values.long()                       # [T, k]
     first, second = torch.triu_indices(k, k, offset=1)            # the k(k-1)/2 pairs of a row
     codes = ordered[:, first] * num_experts + ordered[:, second]  # [T, k(k-1)/2]
