@@ -43,7 +43,11 @@ class Load(NamedTuple):
     """What the routers counted, summed over them, per (layer, expert) or (layer, a, b) with a < b."""
     tokens: dict[tuple[int, int], int]           # token copies since start
     rates: dict[tuple[int, int], float]          # token copies/s over the load window
-    pairs: dict[tuple[int, int, int], float]     # tokens/s that picked both a and b, weighted by age
+    pairs: dict[tuple[int, int, int], float]     # tokens/s that picked both a and b (share x tokens/s)
+
+
+def _add(totals: dict, key: tuple, value: float) -> None:
+    totals[key] = totals.get(key, 0) + value
 
 
 class AdminError(MeshError):
@@ -616,17 +620,20 @@ class MeshController:
     # -- status ----------------------------------------------------------------------------------
 
     async def load(self) -> Load:
-        """Tokens since start, tokens/s over the routers' window and co-activated pairs/s, all routers."""
+        """Tokens since start, tokens/s over the routers' window and co-activated pairs/s, all routers.
+        A router's pairs/s: the share of its tokens that picked both, times its tokens/s of the layer."""
         reports = await asyncio.gather(*(r.load_report.remote() for r in self.routers.values()),
                                        return_exceptions=True)
         load = Load({}, {}, {})
-        for report in reports:
-            if isinstance(report, bytes):
-                data = msgpack.unpackb(report)
-                for field, rows in (("tokens", data["tokens"]), ("rates", data["rates"]), ("pairs", data["pairs"])):
-                    totals = getattr(load, field)
-                    for *key, value in rows:
-                        totals[tuple(key)] = totals.get(tuple(key), 0) + value
+        for data in (msgpack.unpackb(r) for r in reports if isinstance(r, bytes)):
+            tokens_per_s: dict[int, float] = {}  # this router's tokens (not copies) per layer
+            for layer, expert, count in data["tokens"]:
+                _add(load.tokens, (layer, expert), count)
+            for layer, expert, rate in data["rates"]:
+                _add(load.rates, (layer, expert), rate)
+                tokens_per_s[layer] = tokens_per_s.get(layer, 0.0) + rate / self.spec.top_k
+            for layer, a, b, share in data["pairs"]:
+                _add(load.pairs, (layer, a, b), share * tokens_per_s.get(layer, 0.0))
         return load
 
     async def snapshot(self) -> bytes:

@@ -142,19 +142,21 @@ def pairs_kept(assignment: Assignment, pairs: Pairs) -> float:
 
 def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict[tuple[int, int], float],
                    balance: float = 0.5, min_gap: float = 0.5, pairs: Pairs | None = None,
-                   top_k: int = 2) -> Assignment:
+                   top_k: int = 2, min_saving: float = 0.1) -> Assignment:
     """A placement with lower `placement_cost`: copies of one layer swap groups, so a hotter copy
     moves to a group with lower latency, or next to the experts its tokens also pick. Every group
     keeps its number of copies (its memory).
 
     Greedy: takes the swap that lowers the cost most, until none does. A swap may not lift a group's
     load above (1 + balance) x the mean group load, so a near node is not buried under every hot
-    expert. Latencies are planned in tiers (`latency_tiers(latency, min_gap)`), so noise between
-    near-equal links moves nothing. Never two copies of one expert in one group. Pure; returns a new
-    assignment.
+    expert. Noise moves nothing: latencies are planned in tiers (`latency_tiers(latency, min_gap)`),
+    and a swap must save at least `min_saving` of what the two copies it moves cost (sampled pair
+    counts of independent experts differ a little; moving copies is not free). Never two copies of
+    one expert in one group. Pure; returns a new assignment.
     """
-    if balance < 0 or min_gap < 0 or top_k < 1:
-        raise ValueError(f"need balance >= 0, min_gap >= 0, top_k >= 1; got {balance}, {min_gap}, {top_k}")
+    if balance < 0 or min_gap < 0 or top_k < 1 or min_saving < 0:
+        raise ValueError(f"need balance >= 0, min_gap >= 0, top_k >= 1, min_saving >= 0; got {balance}, "
+                         f"{min_gap}, {top_k}, {min_saving}")
     groups = sorted(assignment)
     tiers = latency_tiers({g: latency[g] for g in groups}, min_gap)
     lat = torch.tensor([tiers[g] for g in groups], dtype=torch.float64)  # [G]
@@ -164,7 +166,7 @@ def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict
                      torch.zeros(len(groups), dtype=torch.float64))  # [G]
     cap = (1 + balance) * float(group_load.mean()) if groups else 0.0
     for _ in range(4 * sum(int(holds.sum()) for _, holds, _, _ in layers.values())):
-        best = max(((*_best_swap(holds, share, weight, lat, group_load, cap), layer)
+        best = max(((*_best_swap(holds, share, weight, lat, group_load, cap, min_saving), layer)
                     for layer, (_, holds, share, weight) in layers.items()), default=None)
         if best is None or best[0] <= 1e-9 * (1 + float(group_load.sum() * lat.max())):
             break
@@ -200,7 +202,7 @@ def _layer_state(assignment: Assignment, groups: list[str], layer: int, load: di
 
 
 def _best_swap(holds: torch.Tensor, share: torch.Tensor, weight: torch.Tensor, lat: torch.Tensor,
-               group_load: torch.Tensor, cap: float) -> tuple[float, int, int, int, int]:
+               group_load: torch.Tensor, cap: float, min_saving: float) -> tuple[float, int, int, int, int]:
     """(gain, a, g, b, h) of the best swap within one layer: the copy of expert a leaves group g for h,
     the copy of b leaves h for g. Shapes: holds [M, G], share [M], weight [M, M], lat [G], group_load [G].
     The gain is the drop in placement_cost; -inf if no swap is allowed."""
@@ -213,7 +215,9 @@ def _best_swap(holds: torch.Tensor, share: torch.Tensor, weight: torch.Tensor, l
     moved = share[expert][:, None] - share[expert][None, :]    # [C, C]: load that j's group gains
     gained = torch.where(moved > 0, group_load[group][None, :] + moved, group_load[group][:, None] - moved)
     blocked = holds[expert][:, group]                          # [C, C]: j's group already holds i's expert
-    allowed = ~blocked & ~blocked.T & (gained <= cap * (1 + 1e-12))
+    copy_cost = lat[group] * share[expert]                     # [C]: a copy's load x latency, no pair saving
+    worth_it = gain >= min_saving * (copy_cost[:, None] + copy_cost[None, :])
+    allowed = ~blocked & ~blocked.T & (gained <= cap * (1 + 1e-12)) & worth_it
     gain = torch.where(allowed, gain, torch.tensor(-float("inf"), dtype=torch.float64))
     if gain.numel() == 0:
         return -float("inf"), 0, 0, 0, 0

@@ -110,17 +110,18 @@ class RouterActor:
     def load_report(self) -> bytes:
         """msgpack {"tokens": [[layer, expert, count since start], ...],
                     "rates": [[layer, expert, tokens/s over the load window], ...],
-                    "pairs": [[layer, a, b, tokens/s that picked both a < b, weighted over the window], ...],
+                    "pairs": [[layer, a, b, share of the layer's tokens that picked both a < b], ...],
                     "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls"} since start}
         (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
-        expert groups). Pairs: the busiest PAIRS_PER_EXPERT x num_experts of each layer."""
+        expert groups). Pairs: the commonest PAIRS_PER_EXPERT x num_experts of each layer, recent
+        batches weighted more (exp(-age / load_window_s))."""
         import time
 
         router, now = self.server.router, time.monotonic()
         tokens = [[layer, expert, n] for (layer, expert), n in router.tokens_per_expert.items()]
         rates = [[layer, expert, r] for (layer, expert), r in router.load.rates(now).items()]
         per_layer = PAIRS_PER_EXPERT * router.spec.num_experts
-        pairs = [[layer, a, b, r] for (layer, a, b), r in router.pairs.rates(now, per_layer).items()]
+        pairs = [[layer, a, b, share] for (layer, a, b), share in router.pairs.shares(per_layer).items()]
         return msgpack.packb({"tokens": tokens, "rates": rates, "pairs": pairs, "batches": dict(router.batch_stats)})
 
     async def stop(self) -> None:

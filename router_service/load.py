@@ -1,5 +1,5 @@
-"""What routers count and report: token copies per expert over a sliding window, co-activated expert
-pairs weighted by age (the autoscaler and the placement optimiser follow these)."""
+"""What routers count and report: token copies per expert over a sliding window, and which experts
+are picked together (the autoscaler and the placement optimiser follow these)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Hashable, Mapping
 
 import torch
 
-__all__ = ["LoadWindow", "PairRates", "coactivation_counts"]
+__all__ = ["LoadWindow", "PairShares", "coactivation_counts"]
 
 
 class LoadWindow:
@@ -56,37 +56,37 @@ def coactivation_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(codes.flatten(), minlength=num_experts * num_experts).view(num_experts, num_experts)
 
 
-class PairRates:
-    """Tokens/s that picked both experts of each pair, per layer: counts weighted by exp(-age /
-    window_s), divided by window_s, so a steady rate reads as itself. One dense [E, E] tensor per
-    layer: adding a batch is a bincount, whatever the number of pairs. The caller passes the clock."""
+class PairShares:
+    """Share of a layer's tokens that picked both experts of each pair, recent batches weighted more
+    (weight exp(-age / window_s)). The share says which experts go together; the volume comes from
+    the token rates (`LoadWindow`), so the two never disagree about the window. One dense [E, E]
+    tensor per layer: adding a batch is a bincount, whatever the number of pairs. The caller passes
+    the clock."""
 
     def __init__(self, num_experts: int, window_s: float = 30.0):
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         self.num_experts, self.window_s = num_experts, window_s
-        self._counts: dict[int, tuple[float, torch.Tensor]] = {}  # layer -> (time of last add, [E, E])
+        self._counts: dict[int, tuple[float, float, torch.Tensor]] = {}  # layer -> (last add, tokens, [E, E])
 
     def add(self, now: float, layer: int, ids: torch.Tensor) -> None:
         """ids: [T, k], the experts each token of one batch of `layer` picked."""
-        if ids.shape[1] < 2:
+        if ids.shape[1] < 2 or ids.shape[0] == 0:
             return
-        counts = coactivation_counts(ids, self.num_experts).float()
+        tokens, counts = float(ids.shape[0]), coactivation_counts(ids, self.num_experts).float()
         if layer in self._counts:
-            counts += self._decayed(now, layer)
-        self._counts[layer] = (now, counts)
+            stamp, old_tokens, old_counts = self._counts[layer]
+            decay = math.exp(-max(now - stamp, 0.0) / self.window_s)
+            tokens, counts = tokens + decay * old_tokens, counts + decay * old_counts
+        self._counts[layer] = (now, tokens, counts)
 
-    def rates(self, now: float, per_layer: int, min_rate: float = 1e-3) -> dict[tuple[int, int, int], float]:
-        """{(layer, a, b): tokens/s} of the busiest `per_layer` pairs of each layer (at least min_rate)."""
+    def shares(self, per_layer: int, min_share: float = 1e-4) -> dict[tuple[int, int, int], float]:
+        """{(layer, a, b): share of the layer's tokens} of the `per_layer` commonest pairs of each layer
+        (at least min_share)."""
         out = {}
-        for layer in self._counts:
-            rate = self._decayed(now, layer).flatten() / self.window_s
-            top = rate.topk(min(per_layer, rate.numel()))
+        for layer, (_, tokens, counts) in self._counts.items():
+            top = (counts.flatten() / tokens).topk(min(per_layer, counts.numel()))
             for value, code in zip(top.values.tolist(), top.indices.tolist()):
-                if value >= min_rate:
+                if value >= min_share:
                     out[(layer, code // self.num_experts, code % self.num_experts)] = value
         return out
-
-    def _decayed(self, now: float, layer: int) -> torch.Tensor:
-        stamp, counts = self._counts[layer]
-        return counts * math.exp(-max(now - stamp, 0.0) / self.window_s)

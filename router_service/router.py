@@ -20,7 +20,7 @@ from experts import CheckpointReader, Gate, MoESpec, SharedExpert, dispatch
 from experts.errors import MeshError
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
-from router_service.load import LoadWindow, PairRates
+from router_service.load import LoadWindow, PairShares
 from router_service.routing import RoutingTable, expert_segments, plan_dispatch
 from router_service.transport import ExpertUnavailableError, Transport
 
@@ -56,7 +56,7 @@ class Router:
         # batch, messages sent to expert groups
         self.batch_stats: collections.Counter[str] = collections.Counter()
         self.load = LoadWindow(config.load_window_s)   # (layer, expert) -> token copies
-        self.pairs = PairRates(self.spec.num_experts, config.load_window_s)  # co-activated experts
+        self.pairs = PairShares(self.spec.num_experts, config.load_window_s)  # co-activated experts
         self._batchers: dict[int, LayerBatcher] = {}
         self._turn = 0
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cluster.cli import format_placement
-from mesh.placement import (group_latency, group_loads, latency_tiers, pairs_kept, pick_groups, placement_cost,
-                            placement_moves, plan_placement)
+from mesh.placement import (group_latency, group_loads, initial_assignment, latency_tiers, pairs_kept, pick_groups,
+                            placement_cost, placement_moves, plan_placement)
 
 LINKS = {"nodes": ["n0", "n1", "far"],
          "rtt_ms": [[0.5, 1.0, 30.0], [1.0, 0.5, 30.0], [30.0, 30.0, 0.5]], "mbps": [[1e3] * 3] * 3}
@@ -121,6 +121,38 @@ def test_coactivated_experts_come_together_on_equal_links():
     assert pairs_kept(assignment, pairs) == 0.0 and pairs_kept(new, pairs) == 1.0
     assert placement_cost(new, latency, load, pairs) < 0.6 * placement_cost(assignment, latency, load, pairs)
     assert plan_placement(assignment, latency, load) == assignment  # without pair counts nothing moves
+
+
+def _sampled(num_experts: int, top_k: int, num_groups: int, inside: int, seed: int = 0):
+    """(load, pairs) of 2000 tokens: each picks `inside` experts of one of num_groups clusters
+    (scattered over the expert ids) and the rest at random; inside=0: independent experts."""
+    rng = random.Random(seed)
+    ids = list(range(num_experts))
+    rng.shuffle(ids)
+    size = num_experts // num_groups
+    load, pairs = {}, {}
+    for _ in range(2000):
+        cluster = rng.randrange(num_groups)
+        first = rng.sample(ids[cluster * size:(cluster + 1) * size], inside)
+        token = first + rng.sample([e for e in range(num_experts) if e not in first], top_k - inside)
+        for e in token:
+            load[(0, e)] = load.get((0, e), 0.0) + 1.0
+        for a, b in itertools.combinations(sorted(token), 2):
+            pairs[(0, a, b)] = pairs.get((0, a, b), 0.0) + 1.0
+    return load, pairs
+
+
+@pytest.mark.parametrize("num_experts,top_k,num_groups", [(8, 2, 4), (64, 8, 8)])
+def test_pairs_of_independent_experts_move_nothing_and_clusters_come_together(num_experts, top_k, num_groups):
+    assignment = {f"g{k}": held for k, held in enumerate(initial_assignment([0], num_experts, num_groups))}
+    latency = dict.fromkeys(assignment, 1.0)
+    for seed in range(3):  # sampling noise in the pair counts is not worth a move
+        load, pairs = _sampled(num_experts, top_k, num_groups, inside=0, seed=seed)
+        assert plan_placement(assignment, latency, load, pairs=pairs, top_k=top_k) == assignment
+    load, pairs = _sampled(num_experts, top_k, num_groups, inside=max(2, top_k * 3 // 4))
+    new = plan_placement(assignment, latency, load, pairs=pairs, top_k=top_k)
+    assert pairs_kept(new, pairs) > pairs_kept(assignment, pairs) + 0.3
+    assert placement_cost(new, latency, load, pairs, top_k) < 0.75 * placement_cost(assignment, latency, load, pairs, top_k)
 
 
 def test_coactivation_does_not_break_the_balance_bound():

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
 
 from mesh.autoscale import plan_autoscale
 from mesh.placement import initial_assignment, replicate_layer, restore_node, spread_groups
-from router_service.load import LoadWindow, PairRates, coactivation_counts
+from router_service.load import LoadWindow, PairShares, coactivation_counts
 
 
 @pytest.mark.parametrize("num_experts,num_groups,replicas", [(8, 3, 1), (6, 2, 2), (5, 4, 3), (16, 4, 1)])
@@ -90,20 +89,18 @@ def test_coactivation_counts_count_every_pair_of_every_token(k):
     assert not coactivation_counts(ids[:0], 16).any()
 
 
-def test_pair_rates_read_a_steady_rate_and_decay_with_a_fake_clock():
-    rates = PairRates(num_experts=4, window_s=10.0)
-    batch = torch.tensor([[0, 1], [1, 0], [2, 3]])  # per batch: 2 tokens pick (0, 1), 1 picks (2, 3)
-    for second in range(200):  # one batch a second for 200 s
-        rates.add(float(second), layer=5, ids=batch)
-    steady = rates.rates(199.0, per_layer=8)
-    assert steady.keys() == {(5, 0, 1), (5, 2, 3)}
-    assert steady[(5, 0, 1)] == pytest.approx(2.0, rel=0.06) and steady[(5, 2, 3)] == pytest.approx(1.0, rel=0.06)
-    assert list(rates.rates(199.0, per_layer=1)) == [(5, 0, 1)]  # the busiest pair only
-    later = rates.rates(209.0, per_layer=8)  # 10 s = one window without traffic: 1/e left
-    assert later[(5, 0, 1)] == pytest.approx(steady[(5, 0, 1)] / math.e, rel=1e-5)
-    assert rates.rates(400.0, per_layer=8) == {}  # under min_rate
-    rates.add(0.0, layer=1, ids=torch.tensor([[3], [2]]))  # top-1 has no pairs
-    assert rates.rates(400.0, per_layer=8) == {}
+def test_pair_shares_weight_recent_batches_more():
+    shares = PairShares(num_experts=4, window_s=10.0)
+    for second in range(100):  # a steady mix: of 4 tokens, 2 pick (0, 1), 1 picks (2, 3), 1 picks (0, 3)
+        shares.add(float(second), layer=5, ids=torch.tensor([[0, 1], [1, 0], [2, 3], [3, 0]]))
+    assert shares.shares(per_layer=8) == pytest.approx({(5, 0, 1): 0.5, (5, 2, 3): 0.25, (5, 0, 3): 0.25})
+    assert list(shares.shares(per_layer=1)) == [(5, 0, 1)]  # the commonest pair only
+    for second in range(100, 130):  # then 3 windows of one (2, 3) token a second: the old mix fades to e^-3
+        shares.add(float(second), layer=5, ids=torch.tensor([[2, 3]]))
+    now = shares.shares(per_layer=8)
+    assert now[(5, 2, 3)] == pytest.approx(0.87, abs=0.01) and now[(5, 0, 1)] < 0.1
+    shares.add(0.0, layer=1, ids=torch.tensor([[3], [2]]))  # top-1 has no pairs
+    assert {layer for layer, _, _ in shares.shares(per_layer=8)} == {5}
 
 
 def _copies_of(assignment, layer: int) -> dict[int, int]:
