@@ -384,32 +384,40 @@ def _prefer_kept(kept: torch.Tensor, copy_load: torch.Tensor, count: torch.Tenso
     """Per layer, the first plan within `slack` [L] of the best: the kept copies plus the rest packed,
     the same after pairwise exchange, else a fresh plan (pack, exchange). The best is a lower bound on
     any plan's busiest device where a kept plan is that close to it, else the fresh plan's busiest
-    device, so a fresh plan is made only for the layers that may need it.
+    device. Each plan is built only for the layers that the plans before it left open.
 
     kept: [R, Dn, E] bool (a layer's rows are consecutive); copy_load, count: [R, E]; factor: [R, Dn].
     Returns (has [R, Dn, E], slots [R, Dn, S]).
     """
     num_layers = slack.shape[0]
     rows_per_layer = kept.shape[0] // num_layers
-    per_layer = (lambda t: t.view(num_layers, -1).max(1).values)  # [R] -> [L]
-    busiest = (lambda plan: per_layer(_busiest(plan[1], copy_load, factor)))
+    busiest = (lambda plan: _busiest(plan[1], copy_load, factor).view(num_layers, -1).max(1).values)  # [L]
+    rows_of = (lambda is_layer: is_layer.repeat_interleave(rows_per_layer).nonzero().flatten())
+    # Step 1: close enough to a lower bound on any plan's busiest device: no further plan needed.
+    limit = _lower_bound(copy_load, count, factor).view(num_layers, -1).max(1).values + slack
     packed = _pack(copy_load, count, kept, factor, slots_per_device)
-    exchanged = _exchange(*(t.clone() for t in packed), copy_load, factor)
-    # Step 1: close enough to a lower bound on any plan's busiest device: no fresh plan needed.
-    limit = per_layer(_lower_bound(copy_load, count, factor)) + slack
+    row = rows_of(busiest(packed) > limit)
+    exchanged = _with_rows(packed, row, lambda r: _exchange(packed[0][r], packed[1][r], copy_load[r], factor[r]))
+    # Step 2: the layers still open measure against a fresh plan of their rows.
+    is_open = busiest(exchanged) > limit
+    row = rows_of(is_open)
+    fresh = _with_rows(exchanged, row, lambda r: _exchange(*_pack(copy_load[r], count[r], None, factor[r],
+                                                                  slots_per_device), copy_load[r], factor[r]))
+    limit = torch.where(is_open, busiest(fresh) + slack, limit)
     choice = torch.where(busiest(packed) <= limit, 0, torch.where(busiest(exchanged) <= limit, 1, 2))  # [L]
-    # Step 2: the other layers measure against a fresh plan of their rows.
-    fresh = tuple(t.clone() for t in exchanged)
-    row = (choice == 2).repeat_interleave(rows_per_layer).nonzero().flatten()
-    if row.numel():
-        fresh[0][row], fresh[1][row] = _exchange(*_pack(copy_load[row], count[row], None, factor[row], slots_per_device),
-                                                 copy_load[row], factor[row])
-        limit = busiest(fresh) + slack
-        choice = torch.where(choice < 2, choice,
-                             torch.where(busiest(packed) <= limit, 0, torch.where(busiest(exchanged) <= limit, 1, 2)))
     choice = choice.repeat_interleave(rows_per_layer).view(-1, 1, 1)
     return tuple(torch.where(choice == 0, p, torch.where(choice == 1, e, f))
                  for p, e, f in zip(packed, exchanged, fresh))
+
+
+def _with_rows(plan: tuple[torch.Tensor, torch.Tensor], row: torch.Tensor, make) -> tuple[torch.Tensor, torch.Tensor]:
+    """plan (has [R, Dn, E], slots [R, Dn, S]) with its rows `row` [n] replaced by make(row), a plan of
+    n rows; plan itself where row is empty."""
+    if row.numel() == 0:
+        return plan
+    has, slots = (t.clone() for t in plan)
+    has[row], slots[row] = make(row)
+    return has, slots
 
 
 def _lower_bound(copy_load: torch.Tensor, count: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
