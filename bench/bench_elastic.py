@@ -5,7 +5,8 @@
     288 slots. Prints max/mean device load (mean over layers) before any replication (one copy per
     expert, experts packed contiguously), after EPLB's published algorithm (global and hierarchical,
     the plain implementation in bench/eplb_reference.py) and after mesh.replication's policy (global,
-    and with every expert group kept on one node); the slots EPLB spends on a second copy of an expert
+    and with every expert group kept on one node); the node bound, below which no plan that keeps every
+    group on one node can go; the slots EPLB spends on a second copy of an expert
     on the same device; and each policy's run time per call (min over --reps calls).
 
 Device load = sum over the device's slots of (expert load / expert's copy count).
@@ -74,6 +75,19 @@ def duplicate_slots(phy2log: torch.Tensor, num_devices: int) -> int:
     return int((per_device[..., 1:] == per_device[..., :-1]).sum())
 
 
+def node_bound(weight: torch.Tensor) -> float:
+    """Mean over layers of the lowest max/mean device load of any plan that keeps every expert group on
+    one node: the busiest node's load spread over its devices. A node's slots (72) hold the single
+    copies of at most two groups of 32 experts, so each of the 4 nodes hosts exactly two of the 8 groups,
+    and pairing the heaviest group with the lightest, and so on, gives the lowest busiest pair.
+
+    weight: [L, E]."""
+    assert NUM_GROUPS == 2 * NUM_NODES and NUM_SLOTS // NUM_NODES < 3 * (NUM_EXPERTS // NUM_GROUPS)
+    group_load = weight.view(weight.shape[0], NUM_GROUPS, -1).sum(-1).sort(1).values  # [L, G]
+    busiest_pair = (group_load + group_load.flip(1)).max(1).values  # [L]
+    return float((busiest_pair * NUM_NODES / weight.sum(1)).mean())
+
+
 def min_time_ms(fn, reps: int) -> float:
     """Min wall time of `reps` calls, in ms (the machine is shared: the min is the least disturbed)."""
     times = []
@@ -95,10 +109,11 @@ def part_a(reps: int, seed: int) -> None:
     }
     print(f"(a) balance: {NUM_LAYERS} layers x {NUM_EXPERTS} experts in {NUM_GROUPS} groups, {NUM_DEVICES} devices "
           f"on {NUM_NODES} nodes, {NUM_SLOTS} slots, {NUM_TOKENS} token copies per layer; max/mean device load "
-          f"(mean over layers); 'ours node' keeps each group on one node; time = min of {reps} calls, "
+          f"(mean over layers); 'ours node' keeps each group on one node, 'node bound' is the lowest any such "
+          f"plan can reach; time = min of {reps} calls, "
           f"{torch.get_num_threads()} thread(s)")
     names = list(policies)
-    print(f"{'alpha':>5} | {'before':>6} | " + " | ".join(f"{n:>9}" for n in names)
+    print(f"{'alpha':>5} | {'before':>6} | " + " | ".join(f"{n:>9}" for n in names) + f" | {'node bound':>10}"
           + f" | {'dup slots EPLB glob/hier (ours)':>31} | " + " | ".join(f"{n + ' ms':>12}" for n in names))
     for alpha in ALPHAS:
         weight = zipf_loads(NUM_LAYERS, NUM_EXPERTS, alpha, NUM_TOKENS, seed)
@@ -112,7 +127,7 @@ def part_a(reps: int, seed: int) -> None:
         dup = (f"{duplicates['EPLB glob']}/{duplicates['EPLB hier']} "
                f"({duplicates['ours glob'] + duplicates['ours node']})")
         print(f"{alpha:>5} | {before:>6.3f} | " + " | ".join(f"{ratio[n]:>9.3f}" for n in names)
-              + f" | {dup:>31} | " + " | ".join(f"{time_ms[n]:>12.1f}" for n in names))
+              + f" | {node_bound(weight):>10.3f} | {dup:>31} | " + " | ".join(f"{time_ms[n]:>12.1f}" for n in names))
     print("ours glob given the placement in force (planned on an earlier sample of the same popularity): "
           "max/mean, slots whose expert stays, time")
     for alpha in ALPHAS:
