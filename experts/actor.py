@@ -188,6 +188,7 @@ class ExpertGroupActor:
             "pid": os.getpid(),
             "experts": {layer: held.experts for layer, held in group.layers.items()},
             "versions": {layer: [group.version(layer, e) for e in held.experts] for layer, held in group.layers.items()},
+            "staged": {layer: {e: staged.version(e) for e in staged.experts} for layer, staged in group.staged.items()},
             "nbytes": group.nbytes(),
             "tokens_served": [[layer, expert, n] for (layer, expert), n in self.server_impl.tokens_served.items()],
             "compute_s": self.server_impl.compute_s,

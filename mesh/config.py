@@ -59,7 +59,12 @@ class MeshConfig(BaseModel):
     groups: GroupsConfig = Field(default_factory=GroupsConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     router_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype of gates and shared experts.")
-    health_period_s: float = Field(1.0, gt=0, description="How often the controller pings groups.")
+    health_period_s: float = Field(1.0, gt=0, description=(
+        "Period of the reconcile loop: groups observed, routers resynced, dead groups restored."))
+    group_timeout_s: float = Field(5.0, gt=0, description=(
+        "A group that answers no control call within this is treated as dead (dropped, restarted)."))
+    push_timeout_s: float = Field(2.0, gt=0, description=(
+        "A router that takes no routing table within this is skipped and resynced next round."))
     drain_s: float = Field(1.0, ge=0, description="Wait between moving traffic off a copy and releasing it.")
     admin_token: str | None = Field(None, description=(
         "Token that mutating admin calls must carry (EXPERT_MESH_ADMIN_TOKEN overrides); none: refused."))

@@ -162,11 +162,13 @@ class AutoscaleRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., enabled: _Optional[bool] = ...) -> None: ...
 
 class AdminReply(_message.Message):
-    __slots__ = ("ok", "message", "epoch")
+    __slots__ = ("ok", "message", "epoch", "change_id")
     OK_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_ID_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     message: str
     epoch: int
-    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    change_id: str
+    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., epoch: _Optional[int] = ..., change_id: _Optional[str] = ...) -> None: ...

@@ -72,10 +72,13 @@ class RouterActor:
         self.server: RouterServer | None = None
         self._starting: asyncio.Future | None = None
 
-    async def start(self) -> str:
-        """Bind the gRPC port; returns "host:port". Idempotent: later calls (a Serve replica adopting
-        this router) get the same address."""
+    async def start(self, port: int | None = None) -> str:
+        """Bind the gRPC port (`port`, when given, instead of the configured one: the controller
+        re-binds a router that Ray restarted on the port it had); returns "host:port". Idempotent:
+        later calls (a Serve replica adopting this router) get the same address."""
         if self._starting is None:
+            if port is not None:
+                self.config = self.config.model_copy(update={"port": port})
             self._starting = asyncio.ensure_future(self._start())
         return await self._starting
 
@@ -97,6 +100,10 @@ class RouterActor:
             await self.server.warm_up()
         await self.server.refresh_health()
         return self.server.is_serving()
+
+    def epoch(self) -> int:
+        """Epoch of the routing table in force; -1 before `start` (a router Ray just restarted)."""
+        return -1 if self.server is None else self.server.router.epoch
 
     def is_serving(self) -> bool:
         return self.server is not None and self.server.is_serving()

@@ -45,11 +45,12 @@ class _Entry:
     future: asyncio.Future
 
 
-RunBatch = Callable[[torch.Tensor, list[slice]], Awaitable[list[torch.Tensor | BaseException]]]
+RunBatch = Callable[[torch.Tensor, list[slice]], Awaitable[tuple[list[torch.Tensor | BaseException], int]]]
 
 
 class LayerBatcher:
-    """Batches for one layer. `run_batch(x [T, H], parts)` returns one result (or exception) per part."""
+    """Batches for one layer. `run_batch(x [T, H], parts)` returns (one result or exception per
+    part, the batch's tag: the epoch of the routing table that served it)."""
 
     def __init__(self, run_batch: RunBatch, config: BatchingConfig, max_queue_tokens: int,
                  on_batch: Callable[[int, int], None] | None = None):
@@ -68,8 +69,9 @@ class LayerBatcher:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
-    async def submit(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H]. Returns the layer's output [T, H]; raises what the batch raised for it."""
+    async def submit(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """x: [T, H]. Returns (the layer's output [T, H], the batch's tag; the newest of its chunks'
+        tags when the request was split); raises what the batch raised for it."""
         if self._queued_tokens + x.shape[0] > self._max_queue_tokens:
             raise QueueFullError(f"router queue full: {self._queued_tokens} tokens queued, "
                                  f"max_queue_tokens={self._max_queue_tokens}")
@@ -84,7 +86,9 @@ class LayerBatcher:
         finally:
             for e in entries:
                 e.future.cancel()  # a no-op for done futures; marks abandoned chunks to be skipped
-        return results[0] if len(results) == 1 else torch.cat(results)
+        if len(results) == 1:
+            return results[0]
+        return torch.cat([out for out, _ in results]), max(tag for _, tag in results)
 
     async def close(self) -> None:
         self._worker.cancel()
@@ -131,15 +135,15 @@ class LayerBatcher:
             parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
             self._on_batch(x.shape[0], len(batch))
             try:
-                results = await self._run_batch(x, parts)
+                results, tag = await self._run_batch(x, parts)
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
-                results = [exc] * len(batch)
+                results, tag = [exc] * len(batch), 0
             for entry, result in zip(batch, results):
                 if entry.future.done():
                     continue
                 if isinstance(result, BaseException):
                     entry.future.set_exception(result)
                 else:
-                    entry.future.set_result(result)
+                    entry.future.set_result((result, tag))
         finally:
             self._slots.release()

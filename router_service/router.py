@@ -60,10 +60,19 @@ class Router:
         self._batchers: dict[int, LayerBatcher] = {}
         self._turn = 0
 
-    def set_table(self, table: RoutingTable) -> None:
-        if self.table is None or table.epoch >= self.table.epoch:
-            self.table = table
-            logger.info("routing table epoch %d", table.epoch)
+    def set_table(self, table: RoutingTable) -> bool:
+        """Install `table` unless a newer one is in force (pushes may arrive out of order); returns
+        whether it was installed."""
+        if self.table is not None and table.epoch < self.table.epoch:
+            return False
+        self.table = table
+        logger.info("routing table epoch %d", table.epoch)
+        return True
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the table in force (0: none yet)."""
+        return self.table.epoch if self.table else 0
 
     async def forward(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """x: [T, H] (already validated). Returns (output [T, H] in x.dtype, epoch of the table)."""
@@ -72,8 +81,8 @@ class Router:
             batcher = self._batchers[layer] = LayerBatcher(
                 lambda xb, parts, layer=layer: self._run_batch(layer, xb, parts),
                 self.config.batching, self.config.max_queue_tokens, self._observe_batch)
-        out = await batcher.submit(x.to(self.dtype))
-        return out.to(x.dtype), self.table.epoch if self.table else 0
+        out, epoch = await batcher.submit(x.to(self.dtype))
+        return out.to(x.dtype), epoch
 
     async def close(self) -> None:
         for batcher in self._batchers.values():
@@ -86,7 +95,9 @@ class Router:
         if self.metrics is not None:
             self.metrics.observe_batch(num_tokens, num_requests)
 
-    async def _run_batch(self, layer: int, x: torch.Tensor, parts: list[slice]) -> list[torch.Tensor | BaseException]:
+    async def _run_batch(self, layer: int, x: torch.Tensor,
+                         parts: list[slice]) -> tuple[list[torch.Tensor | BaseException], int]:
+        """Returns (per caller its output or error, the epoch of the one table that served the batch)."""
         table = self.table  # one table for the whole batch
         if table is None:
             raise NoRoutingTableError("router has no routing table yet")
@@ -103,7 +114,7 @@ class Router:
         if shared_task is not None:
             out = out + await shared_task
         # Step 4: split back per caller; callers whose tokens hit a failed group get its error.
-        return self._split(out, parts, tokens, failed_rows)
+        return self._split(out, parts, tokens, failed_rows), table.epoch
 
     def _count_tokens(self, layer: int, counts: list[int], ids: torch.Tensor) -> None:
         per_expert = {(layer, expert): count for expert, count in enumerate(counts) if count}

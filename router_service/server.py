@@ -140,7 +140,7 @@ async def _admin_reply(reply: dict, context) -> pb.AdminReply:
     if not reply["ok"]:
         code = grpc.StatusCode.PERMISSION_DENIED if reply.get("denied") else grpc.StatusCode.INVALID_ARGUMENT
         await context.abort(code, reply["message"])
-    return pb.AdminReply(ok=True, message=reply["message"], epoch=reply["epoch"])
+    return pb.AdminReply(ok=True, message=reply["message"], epoch=reply["epoch"], change_id=reply.get("change_id", ""))
 
 
 class RouterServer:

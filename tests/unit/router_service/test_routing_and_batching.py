@@ -53,7 +53,7 @@ def test_batcher_merges_splits_and_answers_each_caller():
     async def run_batch(x, parts):
         batches.append(x.shape[0])
         await asyncio.sleep(0.01)
-        return [x[p] * 2 for p in parts]
+        return [x[p] * 2 for p in parts], len(batches)
 
     async def main():
         batcher = LayerBatcher(run_batch, BatchingConfig(max_batch_tokens=8, max_inflight_batches=1), 1000)
@@ -63,8 +63,8 @@ def test_batcher_merges_splits_and_answers_each_caller():
         return inputs, outs
 
     inputs, outs = asyncio.run(main())
-    for x, out in zip(inputs, outs):
-        assert torch.equal(out, x * 2)
+    for x, (out, tag) in zip(inputs, outs):
+        assert torch.equal(out, x * 2) and 1 <= tag <= len(batches)
     assert max(batches) <= 8 and sum(batches) == 31
     assert len(batches) < 8  # requests were merged (one at a time would be 3 + 1 + 1 + 1 + 1 + chunks)
 
@@ -73,7 +73,7 @@ def test_batcher_refuses_beyond_queue_limit():
     async def main():
         async def run_batch(x, parts):
             await asyncio.sleep(0.05)
-            return [x[p] for p in parts]
+            return [x[p] for p in parts], 1
 
         batcher = LayerBatcher(run_batch, BatchingConfig(max_inflight_batches=1), max_queue_tokens=10)
         first = asyncio.ensure_future(batcher.submit(torch.zeros(8, 2)))

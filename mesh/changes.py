@@ -1,0 +1,166 @@
+"""Pure planning of the mesh's changes, and of what the routing table may name.
+
+A change is an Intent (mesh/state.py) with one of these step lists:
+
+    copies   (scale, autoscale, rebalance):  load -> publish -> drain -> release
+    swap:                                    stage -> publish -> drain -> commit
+    restart  (a dead or diverged group):     start -> publish
+
+A crash before "publish" rolls back (loaded copies released, staged weights dropped); at or after
+it, the change rolls forward. The table names only copies the desired state names *and* the group
+was seen to hold at that version (served or staged): no table names weights that are not loaded.
+No Ray, no clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mesh.state import Intent, MeshState, Replica, held_by
+from router_service.routing import Copy
+
+__all__ = ["GroupView", "STEPS", "Tidy", "plan_copies", "plan_restart", "plan_swap", "published_state",
+           "table_layers", "tidy"]
+
+STEPS = {"copies": ("load", "publish", "drain", "release"),
+         "swap": ("stage", "publish", "drain", "commit"),
+         "restart": ("start", "publish")}
+
+Assignment = dict[str, dict[int, list[int]]]  # {group: {layer: experts}}
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupView:
+    """What one group was seen to hold (its `info()`): (layer, expert) -> version, served and staged."""
+
+    endpoint: str
+    held: dict[tuple[int, int], str]
+    staged: dict[tuple[int, int], str] = dataclasses.field(default_factory=dict)
+
+    def serves(self, layer: int, expert: int, version: str) -> bool:
+        return version in (self.held.get((layer, expert)), self.staged.get((layer, expert)))
+
+
+def plan_copies(state: MeshState, plan: Assignment, kind: str, change_id: str) -> Intent | None:
+    """The change that brings the copies of `state` to `plan` (only groups in `plan` change).
+    New copies serve the expert's source and version in force. None: nothing to change."""
+    current = held_by(state.copies)
+    adds: dict[tuple[str, int, str | None], list[int]] = {}
+    releases: dict[tuple[str, int], list[int]] = {}
+    target: dict[tuple[int, int], list[Replica]] = {}
+    for group, layers in plan.items():
+        for layer in sorted(set(layers) | set(current.get(group, {}))):
+            now, then = set(current.get(group, {}).get(layer, [])), set(layers.get(layer, []))
+            for expert in sorted(then - now):
+                source = state.source(layer, expert)
+                adds.setdefault((group, layer, source), []).append(expert)
+                target.setdefault((layer, expert), list(state.copies[(layer, expert)])).append(
+                    Replica(group, source, state.version(layer, expert)))
+            for expert in sorted(now - then):
+                releases.setdefault((group, layer), []).append(expert)
+                replicas = target.setdefault((layer, expert), list(state.copies[(layer, expert)]))
+                replicas[:] = [r for r in replicas if r.group != group]
+    if not target:
+        return None
+    empty = sorted(key for key, replicas in target.items() if not replicas)
+    if empty:
+        raise ValueError(f"the plan leaves (layer, expert) {empty} without a copy")
+    return Intent(change_id, kind, STEPS["copies"],
+                  loads=tuple((g, l, tuple(e), s) for (g, l, s), e in sorted(adds.items(), key=_by_group)),
+                  releases=tuple((g, l, tuple(e)) for (g, l), e in sorted(releases.items())),
+                  target={key: tuple(sorted(r, key=lambda r: r.group)) for key, r in target.items()},
+                  summary=f"{sum(len(e) for e in adds.values())} copies added, "
+                          f"{sum(len(e) for e in releases.values())} removed")
+
+
+def plan_swap(state: MeshState, layer: int, versions: dict[int, str], source: str, live: set[str],
+              change_id: str) -> Intent | None:
+    """Hot swap of `layer`'s experts to `source` (`versions`: expert -> its version there). Live
+    holders stage the new weights; every copy, live or not, serves them once published (a dead
+    holder restarts with them). None when every expert already serves that version."""
+    experts = sorted(e for e, v in versions.items() if any(r.version != v or r.source != source
+                                                          for r in state.copies[(layer, e)]))
+    if not experts:
+        return None
+    target = {(layer, e): tuple(Replica(r.group, source, versions[e]) for r in state.copies[(layer, e)])
+              for e in experts}
+    holders: dict[str, list[int]] = {}
+    for e in experts:
+        for r in state.copies[(layer, e)]:
+            if r.group in live:
+                holders.setdefault(r.group, []).append(e)
+    return Intent(change_id, "swap", STEPS["swap"],
+                  loads=tuple((g, layer, tuple(e), source) for g, e in sorted(holders.items())),
+                  target=target, summary=f"layer {layer} experts {experts} -> {source}")
+
+
+def plan_restart(state: MeshState, group: str, node: str, change_id: str) -> Intent:
+    """(Re)start `group` on `node` with the copies the desired state names for it, each from its source."""
+    loads: dict[tuple[int, str | None], list[int]] = {}
+    for layer, experts in held_by(state.copies).get(group, {}).items():
+        for expert in experts:
+            loads.setdefault((layer, state.source(layer, expert)), []).append(expert)
+    return Intent(change_id, "restart", STEPS["restart"],
+                  loads=tuple((group, l, tuple(e), s) for (l, s), e in sorted(loads.items(), key=_by_layer)),
+                  nodes={group: node}, summary=f"restart {group} on node {node[:12]}")
+
+
+def published_state(state: MeshState, intent: Intent) -> MeshState:
+    """`state` once `intent` publishes: its target copies in force, moved groups on their nodes."""
+    return state.replace(copies={**state.copies, **intent.target}, groups={**state.groups, **intent.nodes},
+                         intent=dataclasses.replace(intent, flipped=True))
+
+
+def table_layers(state: MeshState, seen: dict[str, GroupView], moe_layers: list[int],
+                 num_experts: int) -> dict[int, list[list[Copy]]]:
+    """layer -> expert -> copies for the routing table: the desired copies whose group was seen
+    serving (or staging) exactly that version."""
+    layers: dict[int, list[list[Copy]]] = {l: [[] for _ in range(num_experts)] for l in moe_layers}
+    for (layer, expert), replicas in sorted(state.copies.items()):
+        for r in replicas:
+            view = seen.get(r.group)
+            if view is not None and view.serves(layer, expert, r.version):
+                layers[layer][expert].append(Copy(r.group, view.endpoint, r.version))
+    return layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Tidy:
+    """What brings live groups back in line with the desired state when no change runs."""
+
+    release: tuple[tuple[str, int, tuple[int, ...]], ...] = ()  # copies nothing names
+    commit: tuple[tuple[str, int], ...] = ()                     # staged weights the state names
+    unstage: tuple[tuple[str, int], ...] = ()                    # staged weights nothing names
+    restart: tuple[str, ...] = ()                                # live groups missing a named copy
+
+    def __bool__(self) -> bool:
+        return bool(self.release or self.commit or self.unstage or self.restart)
+
+
+def tidy(state: MeshState, seen: dict[str, GroupView]) -> Tidy:
+    """Compare what live groups hold with what the desired state names (call with no change in progress)."""
+    wanted = {(r.group, layer, expert): r.version for (layer, expert), rs in state.copies.items() for r in rs}
+    release, commit, unstage, restart = {}, set(), set(), []
+    for group, view in sorted(seen.items()):
+        for layer in sorted({l for l, _ in view.staged}):
+            staged = {e: v for (l, e), v in view.staged.items() if l == layer}
+            named = all(wanted.get((group, layer, e)) == v for e, v in staged.items())
+            (commit if named else unstage).add((group, layer))
+        for (layer, expert), version in sorted(view.held.items()):
+            if (group, layer, expert) not in wanted:
+                release.setdefault((group, layer), []).append(expert)
+        committed = {**view.held, **{(l, e): v for (l, e), v in view.staged.items() if (group, l) in commit}}
+        if any(committed.get((l, e)) != v for (g, l, e), v in wanted.items() if g == group):
+            restart.append(group)
+    return Tidy(tuple((g, l, tuple(e)) for (g, l), e in sorted(release.items())), tuple(sorted(commit)),
+                tuple(sorted(unstage)), tuple(restart))
+
+
+def _by_group(item):
+    (group, layer, source), _ = item
+    return group, layer, source or ""
+
+
+def _by_layer(item):
+    (layer, source), _ = item
+    return layer, source or ""

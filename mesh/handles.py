@@ -1,0 +1,124 @@
+"""Ray actors behind the reconciler's handles (mesh/reconciler.py): expert groups, routers, and
+the launcher that starts groups pinned to nodes."""
+
+from __future__ import annotations
+
+import logging
+
+from mesh.config import MeshConfig
+
+__all__ = ["NAMESPACE", "RayGroup", "RayLauncher", "RayRouter", "alive_nodes", "pinning"]
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "expert-mesh"
+
+
+def alive_nodes() -> list[dict]:
+    """Ray's live nodes, the head first, then by node id."""
+    import ray
+
+    return sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: (not n.get("IsHeadNode", False), n["NodeID"]))
+
+
+def pinning(node_id: str) -> dict:
+    """Actor options that pin to `node_id`: a label selector on Ray's node-id label."""
+    return {"label_selector": {"ray.io/node-id": node_id}}
+
+
+class RayGroup:
+    """An expert-group actor (ExpertGroupActor or SimulatedGroupActor)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    async def info(self) -> dict:
+        return await self.actor.info.remote()
+
+    async def load(self, layer: int, experts: list[int], source: str | None) -> list[str]:
+        return await self.actor.load_experts.remote(layer, experts, source)
+
+    async def release(self, layer: int, experts: list[int]) -> None:
+        await self.actor.release_experts.remote(layer, experts)
+
+    async def stage(self, layer: int, experts: list[int], source: str, probe) -> dict:
+        return await self.actor.stage_experts.remote(layer, experts, source, probe)
+
+    async def commit(self, layer: int) -> None:
+        await self.actor.commit_staged.remote(layer)
+
+    async def unstage(self, layer: int) -> None:
+        await self.actor.unstage.remote(layer)
+
+
+class RayRouter:
+    def __init__(self, actor):
+        self.actor = actor
+
+    async def epoch(self) -> int:
+        return await self.actor.epoch.remote()
+
+    async def set_table(self, blob: bytes) -> bool:
+        return await self.actor.set_table.remote(blob)
+
+    async def start(self, port: int) -> str:
+        return await self.actor.start.remote(port)
+
+
+class RayLauncher:
+    """Starts expert-group actors `<mesh>/group-<k>` (detached, pinned) and finds actors by name."""
+
+    def __init__(self, config: MeshConfig, model_path: str, spec):
+        self.config, self.model_path, self.spec = config, model_path, spec
+
+    def alive_nodes(self) -> list[str]:
+        return [n["NodeID"] for n in alive_nodes()]
+
+    def find_group(self, name: str) -> RayGroup | None:
+        actor = _named(name)
+        return None if actor is None else RayGroup(actor)
+
+    def find_router(self, name: str) -> RayRouter | None:
+        actor = _named(name)
+        return None if actor is None else RayRouter(actor)
+
+    async def start_group(self, name: str, node: str, loads: list[tuple[int, list[int], str | None]]) -> RayGroup:
+        """Create group `name` on `node`: the model's experts in its constructor, swapped-in ones
+        (`source` not None) loaded from their checkpoints after; returns once it serves."""
+        import ray
+
+        from experts.actor import ExpertGroupActor
+        from experts.simulated import CostModel, SimulatedGroupActor
+
+        old = _named(name)
+        if old is not None:  # hung, or a leftover: the name must be free
+            ray.kill(old)
+        groups = self.config.groups
+        own = {}
+        for layer, experts, source in loads:
+            if source is None:
+                own.setdefault(layer, []).extend(experts)
+        options = dict(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=groups.num_cpus,
+                       max_concurrency=64, **pinning(node))
+        if groups.simulated is not None:  # a cost model asleep: no weights, no GPU
+            cost = CostModel(self.spec.hidden_size, self.spec.intermediate_size, groups.simulated.tflops,
+                             groups.simulated.latency_ms)
+            actor = ray.remote(SimulatedGroupActor).options(**options).remote(name, own, cost)
+        else:
+            has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in alive_nodes())
+            actor = ray.remote(ExpertGroupActor).options(num_gpus=1 if has_gpus else 0, **options).remote(
+                name, self.model_path, own, groups.dtype, groups.torch_threads)
+        for layer, experts, source in loads:
+            if source is not None:
+                await actor.load_experts.remote(layer, experts, source)
+        await actor.start.remote()
+        return RayGroup(actor)
+
+
+def _named(name: str):
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None

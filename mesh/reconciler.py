@@ -1,0 +1,345 @@
+"""The reconciler: carries out changes step by step and converges the running mesh to the desired state.
+
+    submit(intent) -> [persist intent] -> step ... -> [publish: epoch + 1 persisted, then pushed]
+                   -> step ... -> [done]                        (one change at a time: `lock`)
+    round()        -> observe groups and routers -> drop dead groups from the table (never waits for
+                      a change) -> re-push to routers behind -> (no change running) restart dead or
+                      diverged groups, release / commit / unstage what nothing names
+
+It drives groups and routers through small async handles (GroupHandle, RouterHandle, Launcher):
+Ray actors in the controller (mesh/handles.py), fakes in unit tests. No Ray here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Protocol
+
+from experts.errors import MeshError
+from mesh.changes import GroupView, Tidy, plan_restart, published_state, table_layers, tidy
+from mesh.placement import restore_node
+from mesh.state import Intent, MeshState, held_by
+from mesh.store import StateStore
+from router_service.routing import RoutingTable
+
+__all__ = ["CrashHook", "GroupHandle", "Launcher", "Reconciler", "RouterHandle", "StepError"]
+
+logger = logging.getLogger(__name__)
+
+
+class StepError(MeshError):
+    """A step of a change failed; the change rolled back (before its publish) or carries on."""
+
+
+class GroupHandle(Protocol):
+    async def info(self) -> dict: ...
+    async def load(self, layer: int, experts: list[int], source: str | None) -> list[str]: ...
+    async def release(self, layer: int, experts: list[int]) -> None: ...
+    async def stage(self, layer: int, experts: list[int], source: str, probe) -> dict: ...
+    async def commit(self, layer: int) -> None: ...
+    async def unstage(self, layer: int) -> None: ...
+
+
+class RouterHandle(Protocol):
+    async def epoch(self) -> int: ...
+    async def set_table(self, blob: bytes) -> bool: ...
+    async def start(self, port: int) -> str: ...
+
+
+class Launcher(Protocol):
+    def alive_nodes(self) -> list[str]: ...
+    def find_group(self, name: str) -> GroupHandle | None: ...
+    def find_router(self, name: str) -> RouterHandle | None: ...
+    async def start_group(self, name: str, node: str, loads: list[tuple[int, list[int], str | None]]) -> GroupHandle: ...
+
+
+CrashHook = Callable[[Intent], None]  # test-only: called before each step; may end the process
+
+
+def view_of(info: dict) -> GroupView:
+    """GroupView from a group's `info()` ({"endpoint", "experts", "versions", "staged"})."""
+    held = {(int(l), e): v for l, es in info["experts"].items() for e, v in zip(es, info["versions"][l])}
+    staged = {(int(l), int(e)): v for l, vs in info.get("staged", {}).items() for e, v in vs.items()}
+    return GroupView(info["endpoint"], held, staged)
+
+
+class Reconciler:
+    def __init__(self, store: StateStore, launcher: Launcher, moe_layers: list[int], num_experts: int,
+                 drain_s: float = 1.0, call_timeout_s: float = 5.0, push_timeout_s: float = 2.0,
+                 sleep=asyncio.sleep):
+        self.store, self.launcher = store, launcher
+        self.moe_layers, self.num_experts = list(moe_layers), num_experts
+        self.drain_s, self.call_timeout_s, self.push_timeout_s = drain_s, call_timeout_s, push_timeout_s
+        self.sleep = sleep
+        self.state = MeshState()
+        self.groups: dict[str, GroupHandle] = {}
+        self.routers: dict[str, RouterHandle] = {}
+        self.seen: dict[str, GroupView] = {}            # groups seen alive in the last observation
+        self.router_epochs: dict[str, int] = {}
+        self.table = RoutingTable(0, {})
+        self.lock = asyncio.Lock()                      # one change at a time
+        self.crash_hook: CrashHook | None = None
+        self._queued: set[str] = set()                  # groups whose restart is queued
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def save(self, state: MeshState) -> None:
+        """Persist, then adopt: nothing takes effect that is not persisted first."""
+        self.store.save(state)
+        self.state = state
+
+    def adopt(self, state: MeshState) -> None:
+        """Take over the groups and routers a persisted state names (a controller restart)."""
+        self.state = state
+        self.groups = {n: h for n in state.groups if (h := self.launcher.find_group(n)) is not None}
+        self.routers = {n: h for n in state.routers if (h := self.launcher.find_router(n)) is not None}
+
+    # -- publishing ------------------------------------------------------------------------------------
+
+    async def publish(self) -> None:
+        """A new routing table from the desired state and what groups were seen holding: epoch + 1,
+        persisted before the push; pushed to every router, each within push_timeout_s."""
+        layers = table_layers(self.state, self.seen, self.moe_layers, self.num_experts)
+        self.save(self.state.replace(epoch=self.state.epoch + 1))
+        self.table = RoutingTable(self.state.epoch, layers)
+        await self.push(list(self.routers))
+
+    async def push(self, names: list[str]) -> None:
+        blob, epoch = self.table.encode(), self.table.epoch
+        results = await asyncio.gather(*(asyncio.wait_for(self.routers[n].set_table(blob), self.push_timeout_s)
+                                         for n in names), return_exceptions=True)
+        for name, result in zip(names, results):
+            if isinstance(result, BaseException):
+                logger.warning("router %s did not take epoch %d (retried next round): %r", name, epoch, result)
+            else:
+                self.router_epochs[name] = max(epoch, self.router_epochs.get(name, 0))
+
+    def table_is_current(self) -> bool:
+        return self.table.layers == table_layers(self.state, self.seen, self.moe_layers, self.num_experts)
+
+    # -- changes -------------------------------------------------------------------------------------
+
+    async def submit(self, plan: Callable[[MeshState], Awaitable[Intent | None]], verifier=None) -> Intent | None:
+        """One change at a time: `plan(state)` makes the intent against the state in force (None:
+        nothing to change); it is recorded, carried out and marked done. Raises StepError (rolled
+        back, nothing changed) if a step before the publish fails."""
+        async with self.lock:
+            intent = await plan(self.state)
+            if intent is None:
+                return None
+            self.save(self.state.with_intent(intent))
+            return await self._carry_out(intent, verifier)
+
+    async def resume(self) -> None:
+        """After a restart: the change in progress rolls back (not yet published) or forward."""
+        async with self.lock:
+            intent = self.state.intent
+            if intent is None:
+                return
+            if intent.published:
+                logger.info("resuming change %s (%s) at step %s", intent.change_id, intent.kind, intent.step)
+                await self._carry_out(intent, None)
+            else:
+                logger.info("rolling back change %s (%s), stopped before %s", intent.change_id, intent.kind,
+                            intent.step)
+                await self._roll_back(intent)
+                self.save(self.state.with_intent(None))
+
+    async def _carry_out(self, intent: Intent, verifier) -> Intent:
+        while intent.step is not None:
+            if self.crash_hook is not None:
+                self.crash_hook(intent)
+            try:
+                await self._run_step(intent, verifier)
+            except Exception as exc:
+                if intent.published:
+                    logger.warning("change %s: step %s failed (the reconcile loop finishes it): %r",
+                                   intent.change_id, intent.step, exc)
+                else:
+                    await self._roll_back(intent)
+                    self.save(self.state.with_intent(None))
+                    raise StepError(f"{intent.kind} {intent.change_id} failed at {intent.step}, nothing "
+                                    f"changed: {exc}") from exc
+            intent = self.state.intent.advanced()  # the publish step flips the intent it persists
+            self.save(self.state.with_intent(intent) if intent.step else self.state.done(intent))
+        return intent
+
+    async def _run_step(self, intent: Intent, verifier) -> None:
+        step = intent.step
+        if step == "publish":  # target in force and epoch + 1, persisted together, then pushed
+            self.state = published_state(self.state, intent)
+            await self.publish()
+        elif step == "drain":
+            await self.sleep(self.drain_s)
+        elif step == "load":
+            await self._load(intent)
+        elif step == "stage":
+            await self._stage(intent, verifier)
+        elif step == "start":
+            await self._start(intent)
+        elif step == "release":
+            await self._each([(g, self.groups[g].release(l, list(e))) for g, l, e in intent.releases])
+        elif step == "commit":
+            await self._each([(g, self.groups[g].commit(l)) for g, l, _, _ in intent.loads])
+        else:
+            raise ValueError(f"unknown step {step!r}")
+
+    async def _load(self, intent: Intent) -> None:
+        """New copies load on their groups; each must come back at the version the plan names."""
+        results = await asyncio.gather(*(self._call(self.groups[g].load(l, list(e), s)) for g, l, e, s in intent.loads),
+                                       return_exceptions=True)
+        for (group, layer, experts, _), versions in zip(intent.loads, results):
+            if isinstance(versions, BaseException):
+                raise StepError(f"could not load layer {layer} experts {list(experts)} on {group}: {versions!r}")
+            self._check_versions(intent, group, layer, experts, versions)
+            view = self.seen.get(group)
+            if view is not None:
+                view.held.update({(layer, e): v for e, v in zip(experts, versions)})
+
+    async def _stage(self, intent: Intent, verifier) -> None:
+        """Live holders stage the new weights beside the old and run the verifier's probe through them."""
+        calls = [self._call(self.groups[g].stage(l, list(e), s, verifier.probe(l, list(e)) if verifier else None),
+                            timeout_s=None) for g, l, e, s in intent.loads]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for (group, layer, experts, _), result in zip(intent.loads, results):
+            if isinstance(result, BaseException):
+                raise StepError(f"group {group} could not stage the new weights: {result!r}")
+            self._check_versions(intent, group, layer, experts, result["versions"])
+            if verifier is not None:
+                verifier.check(group, layer, list(experts), result)
+            view = self.seen.get(group)
+            if view is not None:
+                view.staged.update({(layer, e): v for e, v in zip(experts, result["versions"])})
+
+    async def _start(self, intent: Intent) -> None:
+        """(Re)start the group on its node with its named copies; it must hold exactly those versions."""
+        (group, node), = intent.nodes.items()
+        loads = [(l, list(e), s) for _, l, e, s in intent.loads]
+        handle = await self.launcher.start_group(group, node, loads)
+        view = view_of(await self._call(handle.info()))
+        wanted = {(l, e): r.version for (l, e), rs in self.state.copies.items() for r in rs if r.group == group}
+        wrong = sorted(k for k, v in wanted.items() if view.held.get(k) != v)
+        if wrong:
+            raise StepError(f"restarted {group} does not hold the named versions of (layer, expert) {wrong}")
+        self.groups[group], self.seen[group] = handle, view
+
+    def _check_versions(self, intent: Intent, group: str, layer: int, experts, versions: list[str]) -> None:
+        for expert, version in zip(experts, versions):
+            named = next((r.version for r in intent.target.get((layer, expert), ()) if r.group == group),
+                         self._named_version(group, layer, expert))
+            if version != named:
+                raise StepError(f"{group} loaded layer {layer} expert {expert} at version {version}, the plan "
+                                f"names {named} (the checkpoint changed?)")
+
+    def _named_version(self, group: str, layer: int, expert: int) -> str | None:
+        return next((r.version for r in self.state.copies.get((layer, expert), ()) if r.group == group), None)
+
+    async def _roll_back(self, intent: Intent) -> None:
+        """Undo what the steps before the publish may have done: loaded copies, staged weights."""
+        if "load" in intent.steps[:intent.next_step + 1]:
+            await self._each([(g, self.groups[g].release(l, list(e))) for g, l, e, _ in intent.loads
+                              if g in self.groups])
+        if "stage" in intent.steps[:intent.next_step + 1]:
+            await self._each([(g, self.groups[g].unstage(l)) for g, l, _, _ in intent.loads if g in self.groups])
+
+    async def _each(self, calls: list[tuple[str, object]]) -> None:
+        """Run group calls together; failures are logged (a dead group is the reconcile loop's)."""
+        results = await asyncio.gather(*(self._call(c) for _, c in calls), return_exceptions=True)
+        for (group, _), result in zip(calls, results):
+            if isinstance(result, BaseException):
+                logger.warning("group %s: %r", group, result)
+
+    async def _call(self, awaitable, timeout_s: float | None = -1.0):
+        return await asyncio.wait_for(awaitable, self.call_timeout_s if timeout_s == -1.0 else timeout_s)
+
+    # -- the reconcile loop ------------------------------------------------------------------------------
+
+    async def observe(self) -> None:
+        """Which groups live and what they hold; which epoch each router has."""
+        names = list(self.state.groups)
+        infos = await asyncio.gather(*(self._call(self.groups[n].info()) if n in self.groups else _missing(n)
+                                       for n in names), return_exceptions=True)
+        seen = {}
+        for name, info in zip(names, infos):
+            if isinstance(info, BaseException):
+                if name in self.seen:
+                    logger.warning("expert group %s is dead: %r", name, info)
+            else:
+                seen[name] = view_of(info)
+        self.seen = seen
+        routers = list(self.routers)
+        epochs = await asyncio.gather(*(asyncio.wait_for(self.routers[n].epoch(), self.push_timeout_s)
+                                        for n in routers), return_exceptions=True)
+        self.router_epochs = {n: e for n, e in zip(routers, epochs) if not isinstance(e, BaseException)}
+
+    async def round(self) -> list[asyncio.Task]:
+        """One level-triggered round. Returns the restart tasks it queued (each a change of its own)."""
+        await self.observe()
+        if not self.table_is_current():
+            await self.publish()
+        await self._resync_routers()
+        if self.lock.locked():
+            return []
+        fix = tidy(self.state, self.seen)
+        await self._tidy(fix)
+        dead = [n for n in self.state.groups if n not in self.seen]
+        return [self._queue_restart(n) for n in [*dead, *fix.restart] if n not in self._queued]
+
+    async def _resync_routers(self) -> None:
+        behind = [n for n in self.routers if self.router_epochs.get(n, -1) < self.table.epoch]
+        restarted = [n for n in behind if self.router_epochs.get(n) == -1]
+        if restarted:  # Ray restarted its process: bind it again on its port
+            await asyncio.gather(*(asyncio.wait_for(self.routers[n].start(self.state.routers[n]), 30)
+                                   for n in restarted), return_exceptions=True)
+        if behind:
+            await self.push(behind)
+
+    async def _tidy(self, fix: Tidy) -> None:
+        calls = [(g, self.groups[g].release(l, list(e))) for g, l, e in fix.release]
+        calls += [(g, self.groups[g].commit(l)) for g, l in fix.commit]
+        calls += [(g, self.groups[g].unstage(l)) for g, l in fix.unstage]
+        if calls:
+            logger.info("tidying: release %s, commit %s, unstage %s", fix.release, fix.commit, fix.unstage)
+            await self._each(calls)
+
+    def _queue_restart(self, group: str) -> asyncio.Task:
+        self._queued.add(group)
+        return asyncio.get_running_loop().create_task(self._restart(group))
+
+    async def _restart(self, group: str) -> None:
+        try:
+            async with self.lock:
+                if group in self.seen and group not in tidy(self.state, self.seen).restart:
+                    return  # came back, holding what it should
+                node = self._restart_node(group)
+                intent = plan_restart(self.state, group, node, f"restart-{self.state.revision + 1}")
+                self.save(self.state.with_intent(intent))
+                await self._carry_out(intent, None)
+                logger.info("expert group %s restored on node %s", group, node[:12])
+        except Exception as exc:  # noqa: BLE001 - the next round queues it again
+            logger.warning("could not restore group %s yet: %r", group, exc)
+        finally:
+            self._queued.discard(group)
+
+    def _restart_node(self, group: str) -> str:
+        """Its own node while that node lives (a killed actor), else the node holding the fewest
+        other copies of its experts."""
+        nodes = self.launcher.alive_nodes()
+        own = self.state.groups[group]
+        order = [own, *(n for n in nodes if n != own)] if own in nodes else nodes
+        held = held_by(self.state.copies)
+        live = [(self.state.groups[g], held.get(g, {})) for g in self.seen if g != group]
+        return restore_node(held.get(group, {}), order, live)
+
+    def pending(self) -> dict:
+        """What has not converged yet, for `mesh status`."""
+        intent = self.state.intent
+        return {"change": None if intent is None else {"id": intent.change_id, "kind": intent.kind,
+                                                       "step": intent.step, "summary": intent.summary},
+                "dead_groups": sorted(n for n in self.state.groups if n not in self.seen),
+                "routers_behind": sorted(n for n in self.routers if self.router_epochs.get(n, -1) < self.table.epoch)}
+
+
+async def _missing(name: str):
+    raise LookupError(f"no actor named {name}")

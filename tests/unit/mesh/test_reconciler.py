@@ -1,0 +1,387 @@
+"""The reconciler driven with fake groups, routers and KV store (no Ray), and a fake clock.
+
+Crash points are enumerated from the planner's own step lists: the controller dies before each step
+of each kind of change (and in the middle of a publish, after the epoch is persisted and before any
+router took it); a new reconciler built from the persisted snapshot alone must converge, and no
+table a router ever took may name a copy its group did not hold (served or staged) at that version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mesh.changes import STEPS, plan_copies, plan_swap, tidy
+from mesh.reconciler import Reconciler, StepError
+from mesh.state import Intent, MeshState, Replica, StateError, held_by
+from mesh.store import StateStore
+from router_service.routing import RoutingTable
+
+LAYERS, NUM_EXPERTS = [0, 1], 4
+NODES = ["n0", "n1", "n2"]
+
+
+def version(source, layer, expert) -> str:
+    return f"{source or 'model'}:{layer}:{expert}"
+
+
+class FakeCrash(BaseException):
+    """The controller process ending (not an Exception: nothing in the reconciler catches it)."""
+
+
+class FakeKVStore:
+    def __init__(self):
+        self.data: dict[str, bytes] = {}
+        self.crash_on_epoch: int | None = None  # the process ends right after persisting this epoch
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+        if MeshState.decode(value).epoch == self.crash_on_epoch:
+            raise FakeCrash()
+
+    def delete(self, key):
+        self.data.pop(key, None)
+
+
+class FakeGroupActor:
+    """An expert group's memory: what it serves and stages, (layer, expert) -> version."""
+
+    def __init__(self, name: str, loads):
+        self.name, self.alive = name, True
+        self.held = {(l, e): version(s, l, e) for l, es, s in loads for e in es}
+        self.staged: dict[tuple[int, int], str] = {}
+        self.block: asyncio.Event | None = None  # set: load waits on it
+
+    def _check(self):
+        if not self.alive:
+            raise ConnectionError(f"{self.name} is dead")
+
+    async def info(self):
+        self._check()
+        experts, versions, staged = {}, {}, {}
+        for (l, e), v in sorted(self.held.items()):
+            experts.setdefault(l, []).append(e)
+            versions.setdefault(l, []).append(v)
+        for (l, e), v in self.staged.items():
+            staged.setdefault(l, {})[e] = v
+        return {"endpoint": f"{self.name}:1", "experts": experts, "versions": versions, "staged": staged}
+
+    async def load(self, layer, experts, source):
+        self._check()
+        if self.block is not None:
+            await self.block.wait()
+        self.held.update({(layer, e): version(source, layer, e) for e in experts})
+        return [version(source, layer, e) for e in experts]
+
+    async def release(self, layer, experts):
+        self._check()
+        for e in experts:
+            self.held.pop((layer, e), None)
+
+    async def stage(self, layer, experts, source, probe):
+        self._check()
+        self.staged = {k: v for k, v in self.staged.items() if k[0] != layer}
+        self.staged.update({(layer, e): version(source, layer, e) for e in experts})
+        return {"versions": [version(source, layer, e) for e in experts], "checksums": [], "probe": None}
+
+    async def commit(self, layer):
+        self._check()
+        self.held.update({k: v for k, v in self.staged.items() if k[0] == layer})
+        self.staged = {k: v for k, v in self.staged.items() if k[0] != layer}
+
+    async def unstage(self, layer):
+        self._check()
+        self.staged = {k: v for k, v in self.staged.items() if k[0] != layer}
+
+
+class FakeRouterActor:
+    """Checks every table it takes against what the groups hold at that moment."""
+
+    def __init__(self, world: "FakeLauncher"):
+        self.world, self.tables, self.epoch_ = world, [], 0
+        self.hang = False
+        self.crash_on_epoch: int | None = None
+
+    async def epoch(self):
+        return self.epoch_
+
+    async def set_table(self, blob):
+        table = RoutingTable.decode(blob)
+        if table.epoch == self.crash_on_epoch:
+            raise FakeCrash()
+        if self.hang:
+            await asyncio.Event().wait()
+        for layer, experts in table.layers.items():
+            for expert, copies in enumerate(experts):
+                for c in copies:
+                    g = self.world.actors[c.group]
+                    if c.version not in (g.held.get((layer, expert)), g.staged.get((layer, expert))):
+                        self.world.violations.append(f"epoch {table.epoch} names {c}, not held by {c.group}")
+        self.tables.append(table)
+        self.epoch_ = max(self.epoch_, table.epoch)
+        return True
+
+    async def start(self, port):
+        return f"127.0.0.1:{port}"
+
+
+class FakeLauncher:
+    def __init__(self):
+        self.actors: dict[str, FakeGroupActor] = {}
+        self.router_actors: dict[str, FakeRouterActor] = {}
+        self.starts: list[str] = []
+        self.violations: list[str] = []  # tables that named a copy its group did not hold
+
+    def alive_nodes(self):
+        return list(NODES)
+
+    def find_group(self, name):
+        return self.actors.get(name)
+
+    def find_router(self, name):
+        return self.router_actors.get(name)
+
+    async def start_group(self, name, node, loads):
+        self.starts.append(name)
+        self.actors[name] = FakeGroupActor(name, loads)
+        return self.actors[name]
+
+
+async def no_sleep(seconds):
+    await asyncio.sleep(0)
+
+
+def deployed(kv: FakeKVStore, world: FakeLauncher) -> Reconciler:
+    """3 groups, each expert of each layer on one group (expert e on group e % 3), 2 routers, epoch 1."""
+    copies = {(l, e): (Replica(f"g{e % 3}", None, version(None, l, e)),) for l in LAYERS for e in range(NUM_EXPERTS)}
+    for g, held in held_by(copies).items():
+        world.actors[g] = FakeGroupActor(g, [(l, es, None) for l, es in held.items()])
+    world.router_actors = {"r0": FakeRouterActor(world), "r1": FakeRouterActor(world)}
+    state = MeshState(revision=1, groups={f"g{k}": NODES[k] for k in range(3)}, copies=copies,
+                      routers={"r0": 1, "r1": 2})
+    rec = reconciler(kv, world)
+    rec.save(state)
+    rec.adopt(state)
+    return rec
+
+
+def reconciler(kv, world) -> Reconciler:
+    return Reconciler(StateStore(kv, "m"), world, LAYERS, NUM_EXPERTS, push_timeout_s=0.05, sleep=no_sleep)
+
+
+async def converge(rec: Reconciler, rounds: int = 3) -> None:
+    for _ in range(rounds):
+        for task in await rec.round():
+            await task
+
+
+def assert_converged(rec: Reconciler, world: FakeLauncher) -> None:
+    assert world.violations == []
+    state = rec.state
+    assert state.intent is None
+    for g, actor in world.actors.items():
+        wanted = {(l, e): r.version for (l, e), rs in state.copies.items() for r in rs if r.group == g}
+        assert actor.held == wanted and not actor.staged, (g, actor.held, actor.staged)
+    for name, router in world.router_actors.items():
+        assert router.epoch_ == rec.table.epoch, name
+    assert all(copies for experts in rec.table.layers.values() for copies in experts)
+
+
+def scale_up(state: MeshState) -> Intent:
+    """Expert 1 of layer 0 gains a copy on g0; expert 2 of layer 1 moves from g2 to g1."""
+    plan = {g: {l: list(e) for l, e in held.items()} for g, held in held_by(state.copies).items()}
+    plan["g0"][0].append(1)
+    plan["g2"][1].remove(2)
+    plan["g1"][1].append(2)
+    return plan_copies(state, plan, "scale", f"scale-{state.revision + 1}")
+
+
+def swap(state: MeshState) -> Intent:
+    versions = {e: version("new", 0, e) for e in (1, 2)}
+    return plan_swap(state, 0, versions, "new", set(state.groups), f"swap-{state.revision + 1}")
+
+
+def restart(state: MeshState) -> Intent:
+    from mesh.changes import plan_restart
+
+    return plan_restart(state, "g1", "n2", f"restart-{state.revision + 1}")
+
+
+PLANS = {"scale": scale_up, "swap": swap, "restart": restart}
+CRASH_POINTS = [(kind, i) for kind, plan in PLANS.items()
+                for i in range(len(STEPS["restart" if kind == "restart" else "swap" if kind == "swap" else "copies"]))]
+
+
+def make_plan(kind):
+    async def plan(state):
+        return PLANS[kind](state)
+    return plan
+
+
+@pytest.mark.parametrize("kind,crash_before", CRASH_POINTS + [(k, "mid-publish") for k in PLANS])
+def test_a_crash_at_any_step_resumes_or_rolls_back_and_converges(kind, crash_before):
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = deployed(kv, world)
+        await rec.observe()
+        await rec.publish()
+        before = rec.state
+        steps = PLANS[kind](before).steps
+        if crash_before == "mid-publish":  # epoch persisted, no router has the table yet
+            kv.crash_on_epoch = before.epoch + 1
+            crash_step = steps.index("publish")
+        else:
+            crash_step = crash_before
+
+            def hook(intent):
+                if intent.next_step == crash_before:
+                    raise FakeCrash()
+            rec.crash_hook = hook
+        with pytest.raises(FakeCrash):
+            await rec.submit(make_plan(kind))
+        kv.crash_on_epoch = None
+        persisted = StateStore(kv, "m").load()
+        assert persisted.intent is not None and persisted.intent.next_step == crash_step
+        assert persisted.intent.published == (crash_before == "mid-publish" or crash_step > steps.index("publish"))
+        # a new controller: the snapshot alone, the same (living) actors
+        fresh = reconciler(kv, world)
+        fresh.adopt(persisted)
+        await fresh.observe()
+        await fresh.resume()
+        await fresh.publish()
+        await converge(fresh)
+        assert_converged(fresh, world)
+        published = persisted.intent.published
+        wanted = PLANS[kind](before)
+        expected = {**before.copies, **(wanted.target if published else {})}
+        assert fresh.state.copies == expected
+        assert fresh.state.epoch > persisted.epoch  # never reused
+        epochs = [t.epoch for r in world.router_actors.values() for t in r.tables]
+        assert fresh.table.epoch == max(epochs)
+
+    asyncio.run(main())
+
+
+def test_swap_serves_new_weights_and_a_repeated_swap_changes_nothing():
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = deployed(kv, world)
+        await rec.observe()
+        await rec.publish()
+        done = await rec.submit(make_plan("swap"))
+        assert done.change_id.startswith("swap-") and rec.state.applied[-1] == done.change_id
+        table = world.router_actors["r0"].tables[-1]
+        assert [c.version for c in table.layers[0][1]] == [version("new", 0, 1)]
+        epoch = rec.table.epoch
+        assert await rec.submit(make_plan("swap")) is None  # already applied: no intent, no epoch
+        assert rec.table.epoch == epoch
+
+    asyncio.run(main())
+
+
+def test_a_failed_load_rolls_back_and_names_the_group():
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = deployed(kv, world)
+        await rec.observe()
+        await rec.publish()
+        before = rec.state.copies
+        world.actors["g1"].alive = False  # loads on g1 fail
+        with pytest.raises(StepError, match="g1"):
+            await rec.submit(make_plan("scale"))
+        assert rec.state.copies == before and rec.state.intent is None
+        assert (0, 1) not in world.actors["g0"].held  # the copy loaded on g0 was released
+
+    asyncio.run(main())
+
+
+def test_a_dead_group_leaves_the_table_while_a_change_runs_and_restarts_after_it():
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = deployed(kv, world)
+        await rec.observe()
+        await rec.publish()
+        world.actors["g0"].block = asyncio.Event()  # the scale's load on g0 hangs
+        change = asyncio.ensure_future(rec.submit(make_plan("scale")))
+        await asyncio.sleep(0)
+        world.actors["g2"].alive = False
+        world.actors["g2"].held = {}
+        queued = await rec.round()  # publishes without g2 at once, queues nothing while locked
+        assert queued == [] and "g2" not in rec.table.groups()
+        assert world.router_actors["r0"].epoch_ == rec.table.epoch
+        world.actors["g0"].block.set()
+        await change
+        await converge(rec)
+        assert world.starts == ["g2"] and "g2" in rec.table.groups()
+        assert_converged(rec, world)
+
+    asyncio.run(main())
+
+
+def test_a_hung_router_never_blocks_the_others_and_resyncs():
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = deployed(kv, world)
+        await rec.observe()
+        world.router_actors["r1"].hang = True
+        await rec.publish()
+        assert world.router_actors["r0"].epoch_ == rec.table.epoch and world.router_actors["r1"].epoch_ == 0
+        assert rec.pending()["routers_behind"] == ["r1"]
+        world.router_actors["r1"].hang = False
+        await rec.round()
+        assert world.router_actors["r1"].epoch_ == rec.table.epoch
+
+    asyncio.run(main())
+
+
+def test_tidy_releases_unnamed_copies_commits_named_staging_drops_the_rest():
+    state = MeshState(groups={"g0": "n0"}, copies={(0, 0): (Replica("g0", "new", "v-new"),),
+                                                   (0, 1): (Replica("g0", None, "v1"),)})
+    from mesh.changes import GroupView
+
+    seen = {"g0": GroupView("g0:1", {(0, 0): "v-old", (0, 1): "v1", (0, 3): "v3"}, {(0, 0): "v-new"})}
+    fix = tidy(state, seen)
+    assert fix.release == (("g0", 0, (3,)),) and fix.commit == (("g0", 0),) and not fix.unstage
+    assert not fix.restart
+    seen = {"g0": GroupView("g0:1", {(0, 0): "v-old", (0, 1): "v1"}, {(0, 0): "v-other"})}
+    fix = tidy(state, seen)
+    assert fix.unstage == (("g0", 0),) and fix.restart == ("g0",)
+
+
+def test_state_round_trips_and_garbage_is_a_clear_error():
+    intent = scale_up(MeshState(groups={"g0": "n0", "g1": "n1", "g2": "n2"},
+                                copies={(l, e): (Replica(f"g{e % 3}", None, "v"),) for l in LAYERS
+                                        for e in range(NUM_EXPERTS)}))
+    state = MeshState(revision=3, epoch=7, groups={"g0": "n0"}, copies=intent.target, routers={"r0": 5},
+                      intent=intent.advanced(), applied=("scale-2",))
+    assert MeshState.decode(state.encode()) == state
+    with pytest.raises(StateError, match="does not decode"):
+        MeshState.decode(b"\x93garbage")
+    with pytest.raises(ValueError, match="not newer"):
+        store = StateStore(FakeKVStore(), "m")
+        store.save(state)
+        store.save(state)
+
+
+def test_a_holder_that_missed_the_staging_is_not_routed_until_restarted_with_the_new_weights():
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = deployed(kv, world)
+        await rec.observe()
+        await rec.publish()
+
+        async def plan(state):  # g1 (expert 1's only holder) was not seen alive when the swap was planned
+            return plan_swap(state, 0, {1: version("new", 0, 1)}, "new", {"g0", "g2"}, "swap-x")
+
+        await rec.submit(plan)
+        assert rec.table.layers[0][1] == []  # named at the new version, which g1 does not hold
+        assert world.actors["g1"].held[(0, 1)] == version(None, 0, 1)
+        await converge(rec)  # tidy: g1 diverged -> restarted from the desired state
+        assert world.starts == ["g1"] and world.actors["g1"].held[(0, 1)] == version("new", 0, 1)
+        assert_converged(rec, world)
+
+    asyncio.run(main())
