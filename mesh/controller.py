@@ -54,6 +54,12 @@ def _str_keys(assignment: dict) -> dict:
     return {g: {str(layer): e for layer, e in held.items()} for g, held in assignment.items()}
 
 
+def _call_ready_soon() -> None:
+    import ray
+
+    ray.get_runtime_context().current_actor.ready.remote()
+
+
 class MeshController:
     """Ray actor body; created by the CLI (or the Serve app) as `<mesh>/controller`, detached."""
 
@@ -69,6 +75,7 @@ class MeshController:
         self.probes: dict[str, object] = {}  # node id -> LatencyProbe handle
         self._tasks: list[asyncio.Task] = []
         self._recovering: asyncio.Future | None = None
+        _call_ready_soon()  # after a restart by Ray, adopt the mesh without waiting for a caller
 
     # -- deployment and recovery ---------------------------------------------------------------------
 

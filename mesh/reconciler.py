@@ -290,8 +290,10 @@ class Reconciler:
         behind = [n for n in self.routers if self.router_epochs.get(n, -1) < self.table.epoch]
         restarted = [n for n in behind if self.router_epochs.get(n) == -1]
         if restarted:  # Ray restarted its process: bind it again on its port
-            await asyncio.gather(*(asyncio.wait_for(self.routers[n].start(self.state.routers[n]), 30)
-                                   for n in restarted), return_exceptions=True)
+            results = await asyncio.gather(*(asyncio.wait_for(self.routers[n].start(self.state.routers[n]), 30)
+                                             for n in restarted), return_exceptions=True)
+            for name, result in zip(restarted, results):
+                logger.warning("router %s restarted by Ray: serving again at %r", name, result)
         if behind:
             await self.push(behind)
 

@@ -168,9 +168,13 @@ class MeshClient:
 
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """The MoE layer `layer` applied to hidden [T, H] or [B, S, H]; same shape and dtype, on CPU."""
+        return self.forward_with_epoch(layer, hidden)[0]
+
+    def forward_with_epoch(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """`forward`, and the epoch of the routing table that served the request."""
         request = _forward_request(layer, hidden)
         response, address = self._call("Forward", request)
-        return _forward_result(response, hidden, address)
+        return _forward_result(response, hidden, address), response.epoch
 
     def info(self) -> MeshInfo:
         response, _ = self._call("GetInfo", pb.GetInfoRequest())

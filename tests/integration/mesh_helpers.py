@@ -84,6 +84,7 @@ class Load:
         self.x, self.refs = x, refs
         self.counts = dict.fromkeys([*refs, "wrong", "failed"], 0)
         self.last: list[str] = []
+        self.answers: list[tuple[str, int]] = []  # (kind, epoch that served it), in order
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -92,8 +93,9 @@ class Load:
     def _run(self, addresses) -> None:
         with MeshClient(addresses, timeout_s=30) as client:
             while not self._stop.is_set():
+                epoch = 0
                 try:
-                    out = client.forward(0, self.x)
+                    out, epoch = client.forward_with_epoch(0, self.x)
                     kind = next((k for k, ref in self.refs.items() if rel_err(out, ref) <= FP32_TOL), "wrong")
                 except Exception as exc:  # noqa: BLE001 - counted as failed, reason kept for the assert
                     kind = "failed"
@@ -102,6 +104,7 @@ class Load:
                 with self._lock:
                     self.counts[kind] += 1
                     self.last.append(kind)
+                    self.answers.append((kind, epoch))
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
