@@ -285,7 +285,7 @@ def part_c(args) -> None:
     new_ref = old_layer(x)
     cluster = _local_cluster()
     try:
-        config = MeshConfig(name="bench-c", admin_token="bench", router={"port": 0}, health_period_s=0.5,
+        config = MeshConfig(name="bench-c", admin_token="bench", router={"port": 0},
                             drain_s=0.5, groups={"num_groups": 4, "replicas": 2})
         mesh = start_mesh(config, root / "old")
         print(f"(c) 8 experts x 2 copies on 4 groups (4 nodes), health period {config.health_period_s} s, "

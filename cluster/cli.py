@@ -129,7 +129,8 @@ def _admin_call(args: argparse.Namespace, method: str, timeout_s: float, **field
     except grpc.RpcError as exc:
         print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    print(f"{reply.message} (epoch {reply.epoch})")
+    change = f", change {reply.change_id}" if reply.change_id else ", nothing to change"
+    print(f"{reply.message} (epoch {reply.epoch}{change})")
     return 0
 
 
@@ -210,6 +211,19 @@ def _snapshot(args: argparse.Namespace) -> dict | None:
     return msgpack.unpackb(reply.snapshot, strict_map_key=False)
 
 
+def format_convergence(snapshot: dict) -> str:
+    """The change in progress and what has not converged yet, one line."""
+    change = snapshot.get("change")
+    parts = [f"change {change['id']} ({change['summary']}) at step {change['step']}" if change else "no change in progress"]
+    if snapshot.get("dead_groups"):
+        parts.append(f"groups being restored: {', '.join(snapshot['dead_groups'])}")
+    if snapshot.get("routers_behind"):
+        parts.append(f"routers behind epoch {snapshot['epoch']}: {', '.join(snapshot['routers_behind'])}")
+    if snapshot.get("sources"):
+        parts.append(f"{len(snapshot['sources'])} experts serve swapped-in weights")
+    return "; ".join(parts) + ("" if len(parts) > 1 else "; converged")
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     snapshot = _snapshot(args)
     if snapshot is None:
@@ -227,6 +241,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     tokens, rates, copies = snapshot["tokens_per_expert"], snapshot["tokens_per_s"], snapshot["copies"]
     print(f"  tokens routed since start: {sum(tokens.values())} over {len(tokens)} (layer, expert) pairs; "
           f"autoscale {'on' if snapshot['autoscale'] else 'off'}")
+    print("  " + format_convergence(snapshot))
     hot = sorted(rates.items(), key=lambda kv: -kv[1])[:8]
     if hot:
         print("  hottest experts (tokens/s over the load window, copies): " +

@@ -75,6 +75,7 @@ class MeshController:
         self.probes: dict[str, object] = {}  # node id -> LatencyProbe handle
         self._tasks: list[asyncio.Task] = []
         self._recovering: asyncio.Future | None = None
+        self._wake = asyncio.Event()  # set: the reconcile loop runs its next round now
         _call_ready_soon()  # after a restart by Ray, adopt the mesh without waiting for a caller
 
     # -- deployment and recovery ---------------------------------------------------------------------
@@ -150,9 +151,18 @@ class MeshController:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reconcile_loop()), loop.create_task(self._autoscale_loop())]
 
+    def group_failed(self, group: str) -> None:
+        """A router's call to `group` failed: run the next reconcile round now."""
+        logger.info("router reports group %s failing", group)
+        self._wake.set()
+
     async def _reconcile_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.health_period_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.health_period_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
             try:
                 await self.rec.round()
             except Exception:  # noqa: BLE001 - logged with its cause; the next round runs

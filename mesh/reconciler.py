@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Awaitable, Callable, Protocol
 
 from experts.errors import MeshError
@@ -317,8 +318,10 @@ class Reconciler:
                 node = self._restart_node(group)
                 intent = plan_restart(self.state, group, node, f"restart-{self.state.revision + 1}")
                 self.save(self.state.with_intent(intent))
+                start = time.perf_counter()
                 await self._carry_out(intent, None)
-                logger.info("expert group %s restored on node %s", group, node[:12])
+                logger.warning("expert group %s restored on node %s in %.2f s", group, node[:12],
+                               time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - the next round queues it again
             logger.warning("could not restore group %s yet: %r", group, exc)
         finally:

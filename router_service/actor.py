@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import msgpack
 import torch
@@ -31,6 +32,7 @@ class _ControllerAdmin:
 
     def __init__(self, name: str, namespace: str):
         self.name, self.namespace = name, namespace
+        self._told: dict[str, float] = {}  # group -> when the controller was last told it failed
 
     def _handle(self):
         import ray
@@ -54,6 +56,17 @@ class _ControllerAdmin:
 
     async def rebalance(self, token: str, dry_run: bool) -> dict:
         return await self._handle().rebalance.remote(token, dry_run)
+
+    def group_failed(self, group: str) -> None:
+        """Tell the controller at once (no reply awaited), at most once a second per group: it
+        observes the groups now instead of at its next round."""
+        now = time.monotonic()
+        if now - self._told.get(group, -1e9) >= 1.0:
+            self._told[group] = now
+            try:
+                self._handle().group_failed.remote(group)
+            except Exception as exc:  # noqa: BLE001 - the controller's own round finds it anyway
+                logger.debug("could not tell the controller about %s: %r", group, exc)
 
 
 class RouterActor:
@@ -89,6 +102,8 @@ class RouterActor:
         transport = make_transport(self.config.transport, self.namespace, self.config.expert_timeout_s)
         router = Router(self.model_path, self.config, transport, self.dtype, metrics)
         admin = _ControllerAdmin(self.controller, self.namespace) if self.controller else None
+        if admin is not None:
+            router.on_group_failure = admin.group_failed
         self.server = RouterServer(router, admin, metrics)
         port = await self.server.start()
         return f"{self.config.host}:{port}"

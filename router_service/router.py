@@ -59,6 +59,7 @@ class Router:
         self.pairs = PairShares(self.spec.num_experts, config.load_window_s)  # co-activated experts
         self._batchers: dict[int, LayerBatcher] = {}
         self._turn = 0
+        self.on_group_failure = None  # callable(group name): told when a call to a group fails
 
     def set_table(self, table: RoutingTable) -> bool:
         """Install `table` unless a newer one is in force (pushes may arrive out of order); returns
@@ -144,6 +145,8 @@ class Router:
             for group, result in zip(groups, results):
                 if isinstance(result, BaseException):
                     logger.warning("layer %d: group %s failed: %s", layer, group, result)
+                    if self.on_group_failure is not None:
+                        self.on_group_failure(group)
                     excluded[group] = result
                     pending = pending + plan.segments[group]
                 else:
