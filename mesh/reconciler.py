@@ -77,6 +77,7 @@ class Reconciler:
         self.groups: dict[str, GroupHandle] = {}
         self.routers: dict[str, RouterHandle] = {}
         self.seen: dict[str, GroupView] = {}            # groups seen alive in the last observation
+        self._seen_seq = 0                               # bumped by every update of `seen`
         self.router_epochs: dict[str, int] = {}
         self.table = RoutingTable(0, {})
         self.lock = asyncio.Lock()                      # one change at a time
@@ -98,11 +99,13 @@ class Reconciler:
 
     # -- publishing ------------------------------------------------------------------------------------
 
-    async def publish(self) -> None:
-        """A new routing table from the desired state and what groups were seen holding: epoch + 1,
-        persisted before the push; pushed to every router, each within push_timeout_s."""
-        layers = table_layers(self.state, self.seen, self.moe_layers, self.num_experts)
-        self.save(self.state.replace(epoch=self.state.epoch + 1))
+    async def publish(self, state: MeshState | None = None) -> None:
+        """A new routing table from the desired state (`state`, default the one in force) and what
+        groups were seen holding: epoch + 1, persisted before the push; pushed to every router,
+        each within push_timeout_s."""
+        state = state or self.state
+        layers = table_layers(state, self.seen, self.moe_layers, self.num_experts)
+        self.save(state.replace(epoch=state.epoch + 1))
         self.table = RoutingTable(self.state.epoch, layers)
         await self.push(list(self.routers))
 
@@ -154,7 +157,7 @@ class Reconciler:
             try:
                 await self._run_step(intent, verifier)
             except Exception as exc:
-                if intent.published:
+                if self.state.intent.published:  # the publish step may have flipped it
                     logger.warning("change %s: step %s failed (the reconcile loop finishes it): %r",
                                    intent.change_id, intent.step, exc)
                 else:
@@ -169,8 +172,7 @@ class Reconciler:
     async def _run_step(self, intent: Intent, verifier) -> None:
         step = intent.step
         if step == "publish":  # target in force and epoch + 1, persisted together, then pushed
-            self.state = published_state(self.state, intent)
-            await self.publish()
+            await self.publish(published_state(self.state, intent))
         elif step == "drain":
             await self.sleep(self.drain_s)
         elif step == "load":
@@ -194,9 +196,7 @@ class Reconciler:
             if isinstance(versions, BaseException):
                 raise StepError(f"could not load layer {layer} experts {list(experts)} on {group}: {versions!r}")
             self._check_versions(intent, group, layer, experts, versions)
-            view = self.seen.get(group)
-            if view is not None:
-                view.held.update({(layer, e): v for e, v in zip(experts, versions)})
+            self._saw(group, held={(layer, e): v for e, v in zip(experts, versions)})
 
     async def _stage(self, intent: Intent, verifier) -> None:
         """Live holders stage the new weights beside the old and run the verifier's probe through them."""
@@ -209,9 +209,7 @@ class Reconciler:
             self._check_versions(intent, group, layer, experts, result["versions"])
             if verifier is not None:
                 verifier.check(group, layer, list(experts), result)
-            view = self.seen.get(group)
-            if view is not None:
-                view.staged.update({(layer, e): v for e, v in zip(experts, result["versions"])})
+            self._saw(group, staged={(layer, e): v for e, v in zip(experts, result["versions"])})
 
     async def _start(self, intent: Intent) -> None:
         """(Re)start the group on its node with its named copies; it must hold exactly those versions."""
@@ -223,7 +221,18 @@ class Reconciler:
         wrong = sorted(k for k, v in wanted.items() if view.held.get(k) != v)
         if wrong:
             raise StepError(f"restarted {group} does not hold the named versions of (layer, expert) {wrong}")
-        self.groups[group], self.seen[group] = handle, view
+        self.groups[group] = handle
+        self._saw(group, view=view)
+
+    def _saw(self, group: str, view: GroupView | None = None, held: dict | None = None,
+             staged: dict | None = None) -> None:
+        """A step's own news of what `group` holds; an observation begun before it is dropped."""
+        self._seen_seq += 1
+        if view is not None:
+            self.seen[group] = view
+        elif group in self.seen:
+            self.seen[group].held.update(held or {})
+            self.seen[group].staged.update(staged or {})
 
     def _check_versions(self, intent: Intent, group: str, layer: int, experts, versions: list[str]) -> None:
         for expert, version in zip(experts, versions):
@@ -258,7 +267,7 @@ class Reconciler:
 
     async def observe(self) -> None:
         """Which groups live and what they hold; which epoch each router has."""
-        names = list(self.state.groups)
+        names, seq = list(self.state.groups), self._seen_seq
         infos = await asyncio.gather(*(self._call(self.groups[n].info()) if n in self.groups else _missing(n)
                                        for n in names), return_exceptions=True)
         seen = {}
@@ -268,7 +277,8 @@ class Reconciler:
                     logger.warning("expert group %s is dead: %r", name, info)
             else:
                 seen[name] = view_of(info)
-        self.seen = seen
+        if seq == self._seen_seq:  # else a step changed a group meanwhile: this view may be older
+            self.seen, self._seen_seq = seen, seq + 1
         routers = list(self.routers)
         epochs = await asyncio.gather(*(asyncio.wait_for(self.routers[n].epoch(), self.push_timeout_s)
                                         for n in routers), return_exceptions=True)
@@ -282,8 +292,9 @@ class Reconciler:
         await self._resync_routers()
         if self.lock.locked():
             return []
-        fix = tidy(self.state, self.seen)
-        await self._tidy(fix)
+        async with self.lock:  # no change may start while copies nothing names are released
+            fix = tidy(self.state, self.seen)
+            await self._tidy(fix)
         dead = [n for n in self.state.groups if n not in self.seen]
         return [self._queue_restart(n) for n in [*dead, *fix.restart] if n not in self._queued]
 
@@ -315,6 +326,11 @@ class Reconciler:
             async with self.lock:
                 if group in self.seen and group not in tidy(self.state, self.seen).restart:
                     return  # came back, holding what it should
+                if group in self.seen:  # alive but diverged: traffic leaves it before it restarts
+                    del self.seen[group]
+                    self._seen_seq += 1
+                    await self.publish()
+                    await self.sleep(self.drain_s)
                 node = self._restart_node(group)
                 intent = plan_restart(self.state, group, node, f"restart-{self.state.revision + 1}")
                 self.save(self.state.with_intent(intent))

@@ -34,11 +34,14 @@ class FakeKVStore:
     def __init__(self):
         self.data: dict[str, bytes] = {}
         self.crash_on_epoch: int | None = None  # the process ends right after persisting this epoch
+        self.refuse_epoch: int | None = None    # a write of this epoch fails (GCS unreachable)
 
     def get(self, key):
         return self.data.get(key)
 
     def put(self, key, value):
+        if MeshState.decode(value).epoch == self.refuse_epoch:
+            raise ConnectionError("GCS unreachable")
         self.data[key] = value
         if MeshState.decode(value).epoch == self.crash_on_epoch:
             raise FakeCrash()
@@ -169,6 +172,15 @@ def deployed(kv: FakeKVStore, world: FakeLauncher) -> Reconciler:
     return rec
 
 
+async def started() -> tuple[FakeKVStore, FakeLauncher, Reconciler]:
+    """`deployed`, observed and published (epoch 1)."""
+    kv, world = FakeKVStore(), FakeLauncher()
+    rec = deployed(kv, world)
+    await rec.observe()
+    await rec.publish()
+    return kv, world, rec
+
+
 def reconciler(kv, world) -> Reconciler:
     return Reconciler(StateStore(kv, "m"), world, LAYERS, NUM_EXPERTS, push_timeout_s=0.05, sleep=no_sleep)
 
@@ -225,10 +237,7 @@ def make_plan(kind):
 @pytest.mark.parametrize("kind,crash_before", CRASH_POINTS + [(k, "mid-publish") for k in PLANS])
 def test_a_crash_at_any_step_resumes_or_rolls_back_and_converges(kind, crash_before):
     async def main():
-        kv, world = FakeKVStore(), FakeLauncher()
-        rec = deployed(kv, world)
-        await rec.observe()
-        await rec.publish()
+        kv, world, rec = await started()
         before = rec.state
         steps = PLANS[kind](before).steps
         if crash_before == "mid-publish":  # epoch persisted, no router has the table yet
@@ -268,10 +277,7 @@ def test_a_crash_at_any_step_resumes_or_rolls_back_and_converges(kind, crash_bef
 
 def test_swap_serves_new_weights_and_a_repeated_swap_changes_nothing():
     async def main():
-        kv, world = FakeKVStore(), FakeLauncher()
-        rec = deployed(kv, world)
-        await rec.observe()
-        await rec.publish()
+        kv, world, rec = await started()
         done = await rec.submit(make_plan("swap"))
         assert done.change_id.startswith("swap-") and rec.state.applied[-1] == done.change_id
         table = world.router_actors["r0"].tables[-1]
@@ -285,10 +291,7 @@ def test_swap_serves_new_weights_and_a_repeated_swap_changes_nothing():
 
 def test_a_failed_load_rolls_back_and_names_the_group():
     async def main():
-        kv, world = FakeKVStore(), FakeLauncher()
-        rec = deployed(kv, world)
-        await rec.observe()
-        await rec.publish()
+        kv, world, rec = await started()
         before = rec.state.copies
         world.actors["g1"].alive = False  # loads on g1 fail
         with pytest.raises(StepError, match="g1"):
@@ -301,10 +304,7 @@ def test_a_failed_load_rolls_back_and_names_the_group():
 
 def test_a_dead_group_leaves_the_table_while_a_change_runs_and_restarts_after_it():
     async def main():
-        kv, world = FakeKVStore(), FakeLauncher()
-        rec = deployed(kv, world)
-        await rec.observe()
-        await rec.publish()
+        kv, world, rec = await started()
         world.actors["g0"].block = asyncio.Event()  # the scale's load on g0 hangs
         change = asyncio.ensure_future(rec.submit(make_plan("scale")))
         await asyncio.sleep(0)
@@ -369,10 +369,7 @@ def test_state_round_trips_and_garbage_is_a_clear_error():
 
 def test_a_holder_that_missed_the_staging_is_not_routed_until_restarted_with_the_new_weights():
     async def main():
-        kv, world = FakeKVStore(), FakeLauncher()
-        rec = deployed(kv, world)
-        await rec.observe()
-        await rec.publish()
+        kv, world, rec = await started()
 
         async def plan(state):  # g1 (expert 1's only holder) was not seen alive when the swap was planned
             return plan_swap(state, 0, {1: version("new", 0, 1)}, "new", {"g0", "g2"}, "swap-x")
@@ -383,5 +380,49 @@ def test_a_holder_that_missed_the_staging_is_not_routed_until_restarted_with_the
         await converge(rec)  # tidy: g1 diverged -> restarted from the desired state
         assert world.starts == ["g1"] and world.actors["g1"].held[(0, 1)] == version("new", 0, 1)
         assert_converged(rec, world)
+
+    asyncio.run(main())
+
+
+def test_an_observation_older_than_a_step_does_not_hide_what_the_step_loaded():
+    async def main():
+        kv, world, rec = await started()
+        slow = world.actors["g1"]
+        gate, taken = asyncio.Event(), asyncio.Event()
+        original = slow.info
+
+        async def slow_info():
+            snapshot = await original()  # taken before the swap stages
+            taken.set()
+            await gate.wait()
+            return snapshot
+        slow.info = slow_info
+        observing = asyncio.ensure_future(rec.observe())
+        await taken.wait()
+        await rec.submit(make_plan("swap"))  # stages on g1 and g2, publishes the new versions
+        gate.set()
+        await observing
+        slow.info = original
+        assert rec.seen["g1"].serves(0, 1, version("new", 0, 1))
+        assert rec.table_is_current() and [c.group for c in rec.table.layers[0][1]] == ["g1"]
+        await converge(rec)
+        assert_converged(rec, world)
+
+    asyncio.run(main())
+
+
+def test_a_publish_that_cannot_be_persisted_rolls_back_and_publishes_nothing():
+    async def main():
+        kv, world, rec = await started()
+        before, epoch = rec.state.copies, rec.table.epoch
+        kv.refuse_epoch = epoch + 1
+        with pytest.raises(StepError, match="GCS unreachable"):
+            await rec.submit(make_plan("scale"))
+        assert rec.state.copies == before and rec.state.intent is None and rec.table.epoch == epoch
+        assert StateStore(kv, "m").load().copies == before
+        assert all(r.tables[-1].epoch == epoch for r in world.router_actors.values())
+        kv.refuse_epoch = None
+        await converge(rec)
+        assert_converged(rec, world)  # the copies loaded for the change were released
 
     asyncio.run(main())
