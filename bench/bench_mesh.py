@@ -45,7 +45,8 @@ import grpc  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-import peers  # noqa: E402  (bench/ is the script's folder)
+import floors  # noqa: E402  (bench/ is the script's folder)
+import peers  # noqa: E402
 from cluster.local import start_local_cluster, start_mesh  # noqa: E402
 from experts import MoELayer  # noqa: E402
 from experts.builtin import build_model, save_checkpoint  # noqa: E402
@@ -76,9 +77,10 @@ TOLERANCE = 1e-5                              # max |out - ref| <= TOLERANCE * m
 SERVE_WAIT_S = {"serve": 0.01, "serve_tuned": 0.1}
 
 # columns of the table
-MESH, MESH_NB, ACTORS, SERVE, SERVE_TUNED, LOCAL = "mesh", "mesh_nb", "actors", "serve", "serve_tuned", "local"
-COLUMNS = {MESH: "mesh", MESH_NB: "mesh no-batch", ACTORS: "plain actors", SERVE: "Serve as-cfg",
-           SERVE_TUNED: "Serve tuned", LOCAL: "in-process"}
+MESH, MESH_COLL, MESH_NB, ACTORS, SERVE, SERVE_TUNED, LOCAL = ("mesh", "mesh_coll", "mesh_nb", "actors", "serve",
+                                                               "serve_tuned", "local")
+COLUMNS = {MESH: "mesh", MESH_COLL: "mesh collective", MESH_NB: "mesh no-batch", ACTORS: "plain actors",
+           SERVE: "Serve as-cfg", SERVE_TUNED: "Serve tuned", LOCAL: "in-process"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +247,8 @@ class Results:
         self.error: dict[str, float] = {}                      # column -> worst rel error
         self.transport: dict[str, tuple[float, float]] = {}    # kind -> (MB/s, p50 RTT ms)
         self.local_rate = 0.0
+        self.floors: dict[str, dict[str, float]] = {}           # kind -> size -> p50 round trip ms
+        self.fallbacks: dict[str, int] = {}                      # column -> slices sent over grpc after warm-up
         self.failures: list[str] = []
 
     def add_error(self, column: str, value: float) -> None:
@@ -299,16 +303,23 @@ Row = tuple[str, dict[str, str], str, str]  # (label, {column: text}, goal, met)
 def _latency_rows(r: Results) -> list[Row]:
     rows = [("(a) Forward latency, big: p50 / p90 ms", {}, "", "")]
     for t in TOKENS:
-        rows.append((f"  T={t}", {c: _ms(r.lat.get((c, "big", t))) for c in (MESH, LOCAL)}, "", ""))
+        rows.append((f"  T={t}", {c: _ms(r.lat.get((c, "big", t))) for c in (MESH, MESH_COLL, LOCAL)}, "", ""))
     for t in TOKENS:
-        ratio = r.ratio(MESH, "big", t)
-        goal, met = ("<= 1.15", _met(ratio <= 1.15 if ratio else None)) if t == 512 else ("", "")
-        rows.append((f"  mesh / in-process p50, T={t}", {MESH: _ratio(ratio)}, goal, met))
-    tiny = {c: r.lat.get((c, "tiny", OVERHEAD_TOKENS)) for c in (MESH, ACTORS, SERVE, SERVE_TUNED, LOCAL)}
-    rows.append((f"  fixed overhead, tiny T={OVERHEAD_TOKENS}: p50 / p90 ms", {c: _ms(v) for c, v in tiny.items()},
-                 "<= 1.5 ms p50", _met(p50(tiny[MESH]) <= 1.5 if tiny[MESH] else None)))
+        ratios = {c: r.ratio(c, "big", t) for c in (MESH, MESH_COLL)}
+        goal, met = ("<= 1.15", _met(all(v <= 1.15 for v in ratios.values() if v) if any(ratios.values()) else None)) \
+            if t == 512 else ("", "")
+        rows.append((f"  mesh / in-process p50, T={t}", {c: _ratio(v) for c, v in ratios.items()}, goal, met))
+    tiny = {c: r.lat.get((c, "tiny", OVERHEAD_TOKENS)) for c in (MESH, MESH_COLL, ACTORS, SERVE, SERVE_TUNED, LOCAL)}
+    rows.append((f"  fixed overhead, tiny T={OVERHEAD_TOKENS}: p50 / p90 ms", {c: _ms(v) for c, v in tiny.items() if v},
+                 "", ""))
     rows.append(("  ... / in-process p50, tiny",
                  {c: _ratio(r.ratio(c, "tiny", OVERHEAD_TOKENS)) for c in tiny if c != LOCAL}, "", ""))
+    grpc_floor = r.floors.get("grpc", {}).get("64 B")
+    if grpc_floor:
+        multiples = {c: p50(tiny[c]) / grpc_floor for c in (MESH, MESH_COLL) if tiny[c]}
+        rows.append(("  tiny p50 / grpc echo floor (64 B)", {c: f"{v:.1f}x" for c, v in multiples.items()},
+                     "grpc <= 3x, collective <= 2x",
+                     _met(multiples.get(MESH, 99) <= 3 and multiples.get(MESH_COLL, 99) <= 2) if multiples else "n/a"))
     return rows
 
 
@@ -336,7 +347,14 @@ def _load_rows(r: Results) -> list[Row]:
 
 
 def _other_rows(r: Results) -> list[Row]:
-    rows = [("(c) transport, 8 MB round trip to one group", {}, "", "")]
+    rows = [("(c) floors: two plain processes on loopback, p50 round trip ms (GB/s)", {}, "", "")]
+    for kind, label in (("grpc", "grpc.aio echo"), ("gloo", "gloo send/recv")):
+        for size, ms in r.floors.get(kind, {}).items():
+            rate = f" ({floors.gb_per_s(size, ms):.2f})" if size == "8 MB" else ""
+            rows.append((f"  {label}, {size}", {MESH: f"{ms:.3f}{rate}"}, "", ""))
+    rows.append(("  slices sent over grpc after warm-up (collective)", {c: str(n) for c, n in r.fallbacks.items()},
+                 "0", _met(all(n == 0 for n in r.fallbacks.values()) if r.fallbacks else None)))
+    rows.append(("(c) transport, 8 MB round trip to one group", {}, "", ""))
     for kind, label in (("grpc", "grpc (ExpertWorker.Ping)"), ("ray", "ray (ExpertGroupActor.echo)")):
         value = r.transport.get(kind)
         rows.append((f"  {label}: MB/s (p50 ms)", {MESH: f"{value[0]:,.0f} ({value[1]:.1f})" if value else ""}, "", ""))
@@ -489,6 +507,47 @@ def bench_mesh(models: dict[str, Model], effort: Effort, r: Results) -> None:
         measure_latency(r, MESH, tiny, OVERHEAD_TOKENS, forward, effort.overhead_reps, effort)
 
 
+def _segments(mesh) -> dict[str, int]:
+    import msgpack
+
+    return msgpack.unpackb(ray.get(mesh.router.load_report.remote()))["segments"]
+
+
+def _warm_collective(mesh, client, hidden_size: int, timeout_s: float = 60.0) -> int:
+    """Forwards until one goes out over collective only (channels open in the background);
+    returns the grpc slice count at that point."""
+    x = _tokens(64, hidden_size)
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        before = _segments(mesh)
+        client.forward(LAYER, x)
+        after = _segments(mesh)
+        if after.get("grpc", 0) == before.get("grpc", 0) and after.get("collective", 0) > before.get("collective", 0):
+            return after.get("grpc", 0)
+        time.sleep(0.2)
+    raise RuntimeError(f"collective channels of {mesh.name} not up within {timeout_s} s: {_segments(mesh)}")
+
+
+def bench_collective(models: dict[str, Model], effort: Effort, r: Results) -> None:
+    """The mesh with router.transport: collective (gloo between the router and its groups)."""
+    big, tiny = models["big"], models["tiny"]
+    fallbacks = 0
+    for model, name in ((big, "bench-coll-big"), (tiny, "bench-coll-tiny")):
+        with running_mesh(name, model, transport="collective") as mesh, \
+                MeshClient(mesh.address, timeout_s=120) as client:
+            warm = _warm_collective(mesh, client, model.hidden_size)
+            forward = lambda x: client.forward(LAYER, x)  # noqa: E731
+            r.add_error(MESH_COLL, rel_error(forward, model.reference))
+            if model is big:
+                for t in TOKENS:
+                    measure_latency(r, MESH_COLL, big, t, forward, effort.latency_reps[t], effort)
+                measure_load(r, MESH_COLL, big, forward, effort)
+            else:
+                measure_latency(r, MESH_COLL, tiny, OVERHEAD_TOKENS, forward, effort.overhead_reps, effort)
+            fallbacks += _segments(mesh).get("grpc", 0) - warm
+    r.fallbacks[MESH_COLL] = fallbacks
+
+
 # ---- plain Ray actors ----
 
 @contextlib.contextmanager
@@ -574,7 +633,8 @@ def bench_serve(models: dict[str, Model], effort: Effort, r: Results) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter windows, no tuned Serve run")
-    parser.add_argument("--only", choices=["mesh", "actors", "serve"], help="run one implementation (and in-process)")
+    parser.add_argument("--only", choices=["mesh", "collective", "actors", "serve"],
+                        help="run one implementation (and in-process)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (callers, in-process)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -583,6 +643,9 @@ def main() -> None:
     results = Results()
     # stdout carries the table only: whatever Ray prints meanwhile (raylet notices) goes to stderr
     with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="bench_mesh-") as tmp:
+        progress("measuring the floors (grpc.aio echo, gloo send/recv between two plain processes)")
+        results.floors = floors.measure_floors()
+        progress(f"floors: {results.floors}")
         progress("building checkpoints")
         models = build_models(Path(tmp))
         bench_in_process(models, effort, results)
@@ -590,7 +653,7 @@ def main() -> None:
         cluster = start_local_cluster(num_nodes=NUM_NODES)
         try:
             ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
-            phases = {"mesh": bench_mesh, "actors": bench_actors, "serve": bench_serve}
+            phases = {"mesh": bench_mesh, "collective": bench_collective, "actors": bench_actors, "serve": bench_serve}
             for name, phase in phases.items():
                 if args.only in (None, name):
                     try:

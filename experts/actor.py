@@ -89,6 +89,7 @@ class ExpertGroupActor:
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
         self._changing = threading.Lock()  # copies are added, staged and released from worker threads
+        self._channels: dict = {}  # router -> ChannelWorker (collective transport)
         logger.info("group %s holds %s", name, {k: v.experts for k, v in group.layers.items()})
 
     async def start(self, host: str = "") -> str:
@@ -110,6 +111,24 @@ class ExpertGroupActor:
 
     def ping(self) -> str:
         return self.name
+
+    async def open_channel(self, channel_id: str, router: str, host: str, port: int, max_rows: int,
+                           dtype: str) -> None:
+        """Collective transport: join the channel `channel_id` whose store the router `router`
+        hosts at host:port, and serve it from a thread (receive buffers of `max_rows` rows of
+        `dtype`). A new channel from the same router replaces its old one."""
+        from experts.channel import ChannelWorker
+
+        spec = self.server_impl.group.spec
+        worker = ChannelWorker(channel_id, host, port, self.server_impl.compute_sync, spec.num_experts,
+                               spec.hidden_size, DTYPES[dtype], max_rows,
+                               self.server_impl.delay_s)
+        await asyncio.to_thread(worker.connect)
+        old = self._channels.pop(router, None)
+        if old is not None:
+            old.close()
+        self._channels[router] = worker
+        worker.start()
 
     def echo(self, payload):
         """Returns `payload` as received: the `ray` transport's raw round trip (bench_mesh)."""

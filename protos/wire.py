@@ -8,7 +8,7 @@ import torch
 
 from protos import expert_mesh_pb2 as pb
 
-__all__ = ["DTYPES", "WireError", "from_proto", "to_proto"]
+__all__ = ["DTYPES", "WireError", "decode_into", "from_proto", "to_proto"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAMES = {v: k for k, v in DTYPES.items()}
@@ -29,6 +29,20 @@ def to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     out.dtype = _NAMES[tensor.dtype]
     out.shape[:] = list(tensor.shape)
     return out
+
+
+def decode_into(message: pb.Tensor, out: torch.Tensor, field: str = "tensor") -> None:
+    """Decode straight into `out` (contiguous, on CPU; one copy): WireError naming `field` unless
+    the message has out's dtype and shape."""
+    import numpy as np
+
+    if message.dtype != _NAMES.get(out.dtype) or tuple(message.shape) != tuple(out.shape):
+        raise WireError(f"{field} must be {_NAMES.get(out.dtype)} {list(out.shape)}, got {message.dtype} "
+                        f"{list(message.shape)}")
+    if len(message.data) != out.numel() * out.element_size():
+        raise WireError(f"{field}.data has {len(message.data)} bytes, expected {out.numel() * out.element_size()}")
+    if out.numel():
+        out.view(torch.uint8).numpy().reshape(-1)[:] = np.frombuffer(message.data, dtype=np.uint8)
 
 
 def from_proto(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:

@@ -99,7 +99,13 @@ class RouterActor:
         from router_service.metrics import RouterMetrics
 
         metrics = RouterMetrics(self.mesh)
-        transport = make_transport(self.config.transport, self.namespace, self.config.expert_timeout_s)
+        import ray
+
+        from experts import load_spec
+
+        spec = load_spec(self.model_path)
+        transport = make_transport(self.config, self.namespace, ray.get_runtime_context().get_actor_name() or "router",
+                                   spec.num_experts, self.config.batching.max_batch_tokens * spec.top_k, self.dtype)
         router = Router(self.model_path, self.config, transport, self.dtype, metrics)
         admin = _ControllerAdmin(self.controller, self.namespace) if self.controller else None
         if admin is not None:
@@ -133,7 +139,8 @@ class RouterActor:
         """msgpack {"tokens": [[layer, expert, count since start], ...],
                     "rates": [[layer, expert, tokens/s over the load window], ...],
                     "pairs": [[layer, a, b, share of the layer's tokens that picked both a < b], ...],
-                    "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls"} since start}
+                    "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls"} since start,
+                    "segments": {transport: destination slices sent over it} since start}
         (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
         expert groups). Pairs: the commonest PAIRS_PER_EXPERT x num_experts of each layer, recent
         batches weighted more (exp(-age / load_window_s))."""
@@ -144,7 +151,8 @@ class RouterActor:
         rates = [[layer, expert, r] for (layer, expert), r in router.load.rates(now).items()]
         per_layer = PAIRS_PER_EXPERT * router.spec.num_experts
         pairs = [[layer, a, b, share] for (layer, a, b), share in router.pairs.shares(per_layer).items()]
-        return msgpack.packb({"tokens": tokens, "rates": rates, "pairs": pairs, "batches": dict(router.batch_stats)})
+        return msgpack.packb({"tokens": tokens, "rates": rates, "pairs": pairs, "batches": dict(router.batch_stats),
+                              "segments": dict(router.transport.segments)})
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -25,7 +25,12 @@ class RouterConfig(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address the router's gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="Router gRPC port (0: any free port).")
-    transport: Literal["grpc", "ray"] = Field("grpc", description="How token batches reach expert groups.")
+    transport: Literal["grpc", "ray", "collective"] = Field("grpc", description=(
+        "How token batches reach expert groups: grpc, ray (actor calls) or collective "
+        "(torch.distributed send/recv per router-group channel: gloo on CPU, NCCL on CUDA)."))
+    collective_timeout_s: float = Field(2.0, gt=0, description=(
+        "Collective transport: a call to a group that does not complete within this fails (retried "
+        "on another copy) and its channel is recreated."))
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     max_request_tokens: int = Field(8192, ge=1, description="Most tokens in one Forward request.")
     max_queue_tokens: int = Field(65536, ge=1, description=(

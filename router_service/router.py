@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from experts import CheckpointReader, Gate, MoESpec, SharedExpert, dispatch
+from experts import CheckpointReader, Gate, MoESpec, SharedExpert
 from experts.errors import MeshError
+from kernels import align_tokens, combine
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
 from router_service.load import LoadWindow, PairShares
-from router_service.routing import RoutingTable, expert_segments, plan_dispatch
+from router_service.routing import RoutingTable, plan_batch
 from router_service.transport import ExpertUnavailableError, Transport
 
 __all__ = ["NoRoutingTableError", "Router"]
@@ -67,6 +68,7 @@ class Router:
         if self.table is not None and table.epoch < self.table.epoch:
             return False
         self.table = table
+        self.transport.on_table(table)
         logger.info("routing table epoch %d", table.epoch)
         return True
 
@@ -105,17 +107,19 @@ class Router:
         # Step 1: shared experts start at once, in a thread, while the routed tokens travel.
         shared = self.shared.get(layer)
         shared_task = asyncio.get_running_loop().run_in_executor(None, shared, x) if shared else None
-        # Step 2: gate and sort the token copies by expert.
+        # Step 2: gate; token copies sorted by expert (indices only).
         weights, ids = self.gates[layer](x)  # [T, k], [T, k]
-        tokens = dispatch(self.spec, x, weights, ids)
-        self._count_tokens(layer, tokens.counts, ids)
-        # Step 3: scatter one contiguous message per group, gather the outputs.
-        y, failed_rows = await self._scatter_gather(table, layer, tokens)
-        out = tokens.combine(y)  # [T, H]
+        order, counts, _ = align_tokens(ids, self.spec.num_experts)  # [N], [E]
+        counts = counts.tolist()
+        self._count_tokens(layer, counts, ids)
+        # Step 3: one plan for the batch, every destination one slice; the transport sends them all.
+        y, order, failed = await self._scatter_gather(table, layer, x, weights, ids, order, counts)
+        # Step 4: un-permute, weight and reduce in one pass.
+        out = combine(y, order, None if self.spec.gate_on_input else weights, x.shape[0])  # [T, H]
         if shared_task is not None:
             out = out + await shared_task
-        # Step 4: split back per caller; callers whose tokens hit a failed group get its error.
-        return self._split(out, parts, tokens, failed_rows), table.epoch
+        # Step 5: split back per caller; callers whose tokens hit a failed group get its error.
+        return self._split(out, parts, failed), table.epoch
 
     def _count_tokens(self, layer: int, counts: list[int], ids: torch.Tensor) -> None:
         per_expert = {(layer, expert): count for expert, count in enumerate(counts) if count}
@@ -126,65 +130,62 @@ class Router:
         if self.metrics is not None:
             self.metrics.observe_tokens(layer, counts)
 
-    async def _scatter_gather(self, table: RoutingTable, layer: int,
-                              tokens) -> tuple[torch.Tensor, list[tuple[slice, BaseException]]]:
-        """Compute every expert segment on some copy; a group that fails is excluded and its
-        segments retried once on the other copies. Returns (y [N, H], segments that failed)."""
-        y = torch.empty_like(tokens.rows)
-        pending = expert_segments(tokens.counts)
-        excluded: dict[str, BaseException] = {}
-        for _attempt in range(2):
-            plan = plan_dispatch(pending, table.layers[layer], self._turn, frozenset(excluded))
-            self._turn += 1
-            groups = list(plan.segments)
-            self.batch_stats["group_calls"] += len(groups)
-            results = await asyncio.gather(
-                *(self._call_group(table, layer, g, plan.endpoints[g], plan.segments[g], tokens) for g in groups),
-                return_exceptions=True)
-            pending = plan.unroutable
-            for group, result in zip(groups, results):
-                if isinstance(result, BaseException):
-                    logger.warning("layer %d: group %s failed: %s", layer, group, result)
-                    if self.on_group_failure is not None:
-                        self.on_group_failure(group)
-                    excluded[group] = result
-                    pending = pending + plan.segments[group]
-                else:
-                    self._place(y, plan.segments[group], result)
-            if not pending:
-                return y, []
-        error = next(iter(excluded.values()), None) or ExpertUnavailableError(
-            f"layer {layer}: experts {sorted({e for e, _, _ in pending})} have no live copy")
-        for _, start, size in pending:
-            y[start:start + size] = 0
-        return y, [(slice(start, start + size), error) for _, start, size in pending]
+    async def _scatter_gather(self, table: RoutingTable, layer: int, x: torch.Tensor, weights: torch.Tensor,
+                              ids: torch.Tensor, order: torch.Tensor, counts: list[int]):
+        """Compute every token copy on some copy of its expert; the copies of a group that fails
+        are retried once on the others (that group excluded). Returns (y [N, H], order [N]: the
+        flat copy index of each row of y, failed: [(flat copy indices, error)] of copies that
+        found no live copy (their rows of y are zero))."""
+        plan = plan_batch(order, counts, table.layers[layer], self._turn)
+        self._turn += 1
+        y, errors = await self._send(table, layer, x, weights, plan)
+        if not errors and not plan.unroutable.numel():
+            return y, plan.order, []
+        # Retry once: the copies of failed destinations and unroutable ones, failed groups excluded.
+        is_kept = torch.ones(plan.order.shape[0], dtype=torch.bool)
+        for d in plan.destinations:
+            if d.group in errors:
+                is_kept[d.start:d.stop] = False
+        retry = torch.cat([plan.order[~is_kept], plan.unroutable])
+        flat_ids = ids.reshape(-1)[retry]
+        retry = retry[torch.argsort(flat_ids, stable=True)]
+        retry_counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
+        second = plan_batch(retry, retry_counts, table.layers[layer], self._turn, frozenset(errors))
+        y2, errors2 = await self._send(table, layer, x, weights, second, excluded=errors)
+        errors = {**errors, **errors2}
+        failed = [(second.order[d.start:d.stop], errors2[d.group]) for d in second.destinations if d.group in errors2]
+        if second.unroutable.numel():
+            error = next(iter(errors.values()), None) or ExpertUnavailableError(
+                f"layer {layer}: experts {sorted(set(ids.reshape(-1)[second.unroutable].tolist()))} have no live copy")
+            failed.append((second.unroutable, error))
+        for d in second.destinations:
+            if d.group in errors2:
+                y2[d.start:d.stop] = 0
+        unrouted = y.new_zeros(second.unroutable.shape[0], y.shape[1])
+        return (torch.cat([y[is_kept], y2, unrouted]), torch.cat([plan.order[is_kept], second.order, second.unroutable]),
+                failed)
 
-    async def _call_group(self, table, layer, group, endpoint, segments, tokens) -> torch.Tensor:
-        slices = [slice(start, start + size) for _, start, size in segments]
-        rows = tokens.rows[slices[0]] if len(slices) == 1 else torch.cat([tokens.rows[s] for s in slices])
-        scale = None
-        if tokens.scale is not None:
-            scale = tokens.scale[slices[0]] if len(slices) == 1 else torch.cat([tokens.scale[s] for s in slices])
-        experts = [expert for expert, _, _ in segments]
-        counts = [size for _, _, size in segments]
-        copies = table.layers[layer]
-        versions = [next(c.version for c in copies[e] if c.group == group) for e in experts]
-        return await self.transport.compute(group, endpoint, layer, rows, experts, counts, scale, table.epoch,
-                                            versions)
+    async def _send(self, table: RoutingTable, layer: int, x: torch.Tensor, weights: torch.Tensor, plan,
+                    excluded: dict | None = None) -> tuple[torch.Tensor, dict[str, BaseException]]:
+        """Rows of the plan (one gather of x), out through the transport; returns (y, {group: error})."""
+        k = self.spec.top_k
+        rows = x[plan.order // k]  # [M, H], destinations contiguous
+        scale = weights.reshape(-1)[plan.order].float() if self.spec.gate_on_input else None
+        y = torch.empty_like(rows)
+        self.batch_stats["group_calls"] += len(plan.destinations)
+        errors = await self.transport.dispatch(layer, table.epoch, rows, scale, plan.destinations, y)
+        for group, error in errors.items():
+            logger.warning("layer %d: group %s failed: %s", layer, group, error)
+            if self.on_group_failure is not None:
+                self.on_group_failure(group)
+        return y, errors
 
-    @staticmethod
-    def _place(y: torch.Tensor, segments: list[tuple[int, int, int]], result: torch.Tensor) -> None:
-        offset = 0
-        for _, start, size in segments:
-            y[start:start + size] = result[offset:offset + size]
-            offset += size
-
-    @staticmethod
-    def _split(out: torch.Tensor, parts: list[slice], tokens, failed_rows: list) -> list:
-        if not failed_rows:
+    def _split(self, out: torch.Tensor, parts: list[slice], failed: list) -> list:
+        """Per caller (rows `parts` of out [T, H]) its output, or the error of a failed copy of its tokens."""
+        if not failed:
             return [out[p] for p in parts]
-        is_failed = torch.zeros(tokens.num_tokens, dtype=torch.bool)
-        for rows, _ in failed_rows:
-            is_failed[tokens.order[rows] // tokens.top_k] = True
-        error = failed_rows[0][1]
+        is_failed = torch.zeros(out.shape[0], dtype=torch.bool)
+        for copies, _ in failed:
+            is_failed[copies // self.spec.top_k] = True
+        error = failed[0][1]
         return [error if is_failed[p].any() else out[p] for p in parts]

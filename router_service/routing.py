@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 import msgpack
+import torch
 
-__all__ = ["Copy", "DispatchPlan", "RoutingTable", "expert_segments", "plan_dispatch"]
+__all__ = ["BatchPlan", "Copy", "Destination", "DispatchPlan", "RoutingTable", "expert_segments", "plan_batch",
+           "plan_dispatch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,3 +96,49 @@ def plan_dispatch(segments: list[tuple[int, int, int]], copies: list[list[Copy]]
                 planned.setdefault(copy.group, []).append((expert, offset, size))
                 offset += size
     return DispatchPlan(endpoints, planned, unroutable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    """One group's share of a batch: rows [start, stop) of the plan, its experts ascending with
+    their row counts, and the weight version the table names for each."""
+
+    group: str
+    endpoint: str
+    start: int
+    stop: int
+    experts: tuple[int, ...]
+    counts: tuple[int, ...]
+    versions: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Token copies sorted once by destination group, then expert.
+
+    order: [M] int64 flat copy index (token * k + j) of each planned row; every destination's rows
+    are one contiguous slice. unroutable: [U] flat copy indices whose expert has no usable copy."""
+
+    order: torch.Tensor
+    destinations: list[Destination]
+    unroutable: torch.Tensor
+
+
+def plan_batch(order: torch.Tensor, counts: list[int], copies: list[list[Copy]], turn: int = 0,
+               excluded: frozenset[str] = frozenset()) -> BatchPlan:
+    """The whole-batch plan from copies sorted by expert (`order` [N], `counts` per expert, as
+    `align_tokens` gives them): `plan_dispatch` picks each segment's copies, then the copy indices
+    are regrouped by destination (indices only; no row moves here). Pure policy."""
+    dispatch = plan_dispatch(expert_segments(counts), copies, turn, excluded)
+    pieces, destinations, start = [], [], 0
+    for group, segments in dispatch.segments.items():
+        pieces += [order[s:s + n] for _, s, n in segments]
+        size = sum(n for _, _, n in segments)
+        experts = tuple(e for e, _, _ in segments)
+        versions = tuple(next(c.version for c in copies[e] if c.group == group) for e in experts)
+        destinations.append(Destination(group, dispatch.endpoints[group], start, start + size, experts,
+                                        tuple(n for _, _, n in segments), versions))
+        start += size
+    empty = order[:0]
+    return BatchPlan(torch.cat(pieces) if pieces else empty, destinations,
+                     torch.cat([order[s:s + n] for _, s, n in dispatch.unroutable]) if dispatch.unroutable else empty)

@@ -1,14 +1,20 @@
-"""Scatter/gather transports: how one destination's rows reach an expert group and come back.
+"""Scatter/gather transports behind one whole-batch boundary (as DeepEP's dispatch/combine):
 
-One interface, several backends that combine freely with the rest of the router:
+    router: plan_batch -> rows [M, H] sorted by destination, then expert
+            -> Transport.dispatch(rows, destinations, out) -> out [M, H] in the same order -> combine
+
+Backends, which combine freely with the rest of the router:
 - `GrpcTransport` (default): ExpertWorker.Compute over grpc.aio, tensors as raw bytes;
-- `RayTransport`: a method call on the group's Ray actor, tensors through the object store.
-A collective backend (torch.distributed all_to_all over NCCL/gloo) fits the same interface.
+- `RayTransport`: a method call on the group's Ray actor, tensors through the object store;
+- `CollectiveTransport` (router_service/collective.py): torch.distributed send/recv per
+  (router, group) channel, gloo for CPU tensors, NCCL for CUDA tensors.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import collections
 
 import grpc
 import torch
@@ -16,7 +22,8 @@ import torch
 from experts.errors import MeshError
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from protos.wire import from_proto, to_proto
+from protos.wire import decode_into, to_proto
+from router_service.routing import Destination
 
 __all__ = ["ExpertUnavailableError", "GrpcTransport", "RayTransport", "Transport", "make_transport"]
 
@@ -29,13 +36,25 @@ class ExpertUnavailableError(MeshError):
 
 
 class Transport(abc.ABC):
+    """The whole-batch boundary: one call sends every destination's slice of a batch plan."""
+
+    async def dispatch(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None,
+                       destinations: list[Destination], out: torch.Tensor) -> dict[str, BaseException]:
+        """rows [M, H] (scale [M] float32 or None) in plan order; every destination computes its
+        slice [start, stop) with the table's weight versions and its outputs land in the same
+        slice of `out` [M, H]. Returns {group: error} of the destinations that failed (their
+        slices of `out` are left as they were)."""
+        results = await asyncio.gather(*(self.send(layer, epoch, rows, scale, d, out) for d in destinations),
+                                       return_exceptions=True)
+        return {d.group: r for d, r in zip(destinations, results) if isinstance(r, BaseException)}
+
     @abc.abstractmethod
-    async def compute(self, group: str, endpoint: str, layer: int, rows: torch.Tensor, experts: list[int],
-                      counts: list[int], scale: torch.Tensor | None, epoch: int,
-                      versions: list[str] | None = None) -> torch.Tensor:
-        """Send rows [N, H] (sorted by expert) to `group`, to be computed with the weight
-        `versions` of the routing table; returns its outputs [N, H].
-        Raises ExpertUnavailableError when the group cannot answer."""
+    async def send(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None,
+                   dest: Destination, out: torch.Tensor) -> None:
+        """One destination of `dispatch`. Raises ExpertUnavailableError when the group cannot answer."""
+
+    def on_table(self, table) -> None:
+        """A new routing table is in force (a transport with channels opens and closes them)."""
 
     async def close(self) -> None:
         """Release connections."""
@@ -43,6 +62,7 @@ class Transport(abc.ABC):
 
 class GrpcTransport(Transport):
     def __init__(self, timeout_s: float = 30.0):
+        self.segments: collections.Counter[str] = collections.Counter()
         self._timeout_s = timeout_s
         self._stubs: dict[str, pb_grpc.ExpertWorkerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
@@ -55,17 +75,19 @@ class GrpcTransport(Transport):
             stub = self._stubs[endpoint] = pb_grpc.ExpertWorkerStub(channel)
         return stub
 
-    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch, versions=None):
-        request = pb.ExpertBatch(layer=layer, experts=experts, counts=counts, epoch=epoch, versions=versions or [])
-        to_proto(rows, request.hidden)
+    async def send(self, layer, epoch, rows, scale, dest, out) -> None:
+        self.segments["grpc"] += 1
+        request = pb.ExpertBatch(layer=layer, experts=dest.experts, counts=dest.counts, epoch=epoch,
+                                 versions=dest.versions)
+        to_proto(rows[dest.start:dest.stop], request.hidden)  # one copy: the slice's bytes
         if scale is not None:
-            to_proto(scale.float(), request.scale)
+            to_proto(scale[dest.start:dest.stop], request.scale)
         try:
-            reply = await self._stub(endpoint).Compute(request, timeout=self._timeout_s)
+            reply = await self._stub(dest.endpoint).Compute(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise ExpertUnavailableError(f"expert group {group} at {endpoint}: {exc.code().name} "
+            raise ExpertUnavailableError(f"expert group {dest.group} at {dest.endpoint}: {exc.code().name} "
                                          f"{exc.details()}") from exc
-        return from_proto(reply.hidden, "ExpertResult.hidden")
+        decode_into(reply.hidden, out[dest.start:dest.stop], "ExpertResult.hidden")  # one copy
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -78,29 +100,41 @@ class RayTransport(Transport):
     """Calls `ExpertGroupActor.compute` through Ray; groups are found by name in `namespace`."""
 
     def __init__(self, namespace: str, timeout_s: float = 30.0):
+        self.segments: collections.Counter[str] = collections.Counter()
         self._namespace = namespace
         self._timeout_s = timeout_s
         self._handles: dict[str, object] = {}
 
-    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch, versions=None):
-        import asyncio
-
+    async def send(self, layer, epoch, rows, scale, dest, out) -> None:
         import ray
 
+        a, b = dest.start, dest.stop
+        self.segments["ray"] += 1
         try:
-            handle = self._handles.get(group)
+            handle = self._handles.get(dest.group)
             if handle is None:
-                handle = self._handles[group] = ray.get_actor(group, namespace=self._namespace)
-            ref = handle.compute.remote(layer, rows, experts, counts, scale, versions)
-            return await asyncio.wait_for(ref, self._timeout_s)
+                handle = self._handles[dest.group] = ray.get_actor(dest.group, namespace=self._namespace)
+            # a slice pickles its whole storage: clone it (one copy) unless it is all of it
+            part = rows if (a, b) == (0, rows.shape[0]) else rows[a:b].clone()
+            part_scale = None if scale is None else scale[a:b].clone()
+            ref = handle.compute.remote(layer, part, list(dest.experts), list(dest.counts), part_scale,
+                                        list(dest.versions))
+            out[a:b] = await asyncio.wait_for(ref, self._timeout_s)
         except (ray.exceptions.RayError, ValueError, asyncio.TimeoutError) as exc:
-            self._handles.pop(group, None)
-            raise ExpertUnavailableError(f"expert group {group}: {type(exc).__name__}: {exc}") from exc
+            self._handles.pop(dest.group, None)
+            raise ExpertUnavailableError(f"expert group {dest.group}: {type(exc).__name__}: {exc}") from exc
 
 
-def make_transport(kind: str, namespace: str, timeout_s: float) -> Transport:
-    if kind == "grpc":
-        return GrpcTransport(timeout_s)
-    if kind == "ray":
-        return RayTransport(namespace, timeout_s)
-    raise ValueError(f"transport must be 'grpc' or 'ray', got {kind!r}")
+def make_transport(config, namespace: str, router: str, num_experts: int, max_rows: int,
+                   dtype: torch.dtype) -> Transport:
+    """The transport `config.transport` names (config: RouterConfig)."""
+    if config.transport == "grpc":
+        return GrpcTransport(config.expert_timeout_s)
+    if config.transport == "ray":
+        return RayTransport(namespace, config.expert_timeout_s)
+    if config.transport == "collective":
+        from router_service.collective import CollectiveTransport
+
+        return CollectiveTransport(router, namespace, num_experts, max_rows, dtype, config.collective_timeout_s,
+                                   config.expert_timeout_s)
+    raise ValueError(f"transport must be 'grpc', 'ray' or 'collective', got {config.transport!r}")

@@ -51,11 +51,17 @@ def _wait(predicate, timeout_s: float = 60.0, period_s: float = 0.5):
     raise AssertionError(f"condition not met within {timeout_s} s")
 
 
+@pytest.fixture(scope="module", params=["grpc", "collective"])
+def transport(request) -> str:
+    """Every test of this module runs over both transports, with the same assertions."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def elastic(meshes, checkpoints):
+def elastic(meshes, checkpoints, transport):
     old = checkpoints[0]
-    mesh = meshes.get(old, key="elastic", admin_token=TOKEN, num_routers=2, drain_s=0.5, health_period_s=0.5,
-                      router={"load_window_s": 3})
+    mesh = meshes.get(old, key=f"elastic-{transport}", admin_token=TOKEN, num_routers=2, drain_s=0.5,
+                      health_period_s=0.5, router={"load_window_s": 3, "transport": transport})
     x = torch.randn(24, SMALL["hidden_size"], generator=torch.Generator().manual_seed(4))
     return mesh, x, MoELayer.from_pretrained(old, layer=0)(x)
 
@@ -166,11 +172,12 @@ def _versions(mesh) -> dict[tuple[str, int], str]:
             for e, v in zip(g["experts"]["0"], g["versions"]["0"])}
 
 
-def test_killed_copy_and_removed_node_lose_nothing_with_two_copies(ray_cluster, meshes, checkpoints):
+def test_killed_copy_and_removed_node_lose_nothing_with_two_copies(ray_cluster, meshes, checkpoints, transport):
     old = checkpoints[0]
     node = ray_cluster.add_node(num_cpus=2)
     ray_cluster.wait_for_nodes()
-    mesh = meshes.get(old, key="failover", groups={"replicas": 2, "num_groups": 4}, health_period_s=0.5,
+    mesh = meshes.get(old, key=f"failover-{transport}", groups={"replicas": 2, "num_groups": 4}, health_period_s=0.5,
+                      router={"transport": transport},
                       num_routers=2)
     x = torch.randn(16, SMALL["hidden_size"], generator=torch.Generator().manual_seed(6))
     ref = MoELayer.from_pretrained(old, layer=0)(x)
@@ -190,7 +197,7 @@ def test_killed_copy_and_removed_node_lose_nothing_with_two_copies(ray_cluster, 
         ray.kill(mesh.routers[0])  # one of two routers dies: clients fail over to the other
         time.sleep(2)
     assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 20, load.lost()
-    meshes.stop("failover")
+    meshes.stop(f"failover-{transport}")
 
 
 def _status_or_none(mesh) -> dict | None:
@@ -210,9 +217,9 @@ def _restored(mesh, num_groups: int, num_experts: int, copies: int, avoid: str |
     return len(live) == num_groups and all(status["copies"][f"0/{e}"] == copies for e in range(num_experts))
 
 
-def test_controller_restart_keeps_traffic_and_state(meshes, checkpoints):
+def test_controller_restart_keeps_traffic_and_state(meshes, checkpoints, transport):
     old = checkpoints[0]
-    mesh = meshes.get(old, key="restart", admin_token=TOKEN)
+    mesh = meshes.get(old, key=f"restart-{transport}", admin_token=TOKEN, router={"transport": transport})
     x = torch.randn(8, SMALL["hidden_size"], generator=torch.Generator().manual_seed(8))
     ref = MoELayer.from_pretrained(old, layer=0)(x)
     assert _admin(mesh).Scale(pb.ScaleRequest(token=TOKEN, layer=0, expert=0, replicas=2)).ok

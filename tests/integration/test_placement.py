@@ -31,16 +31,17 @@ DELAY_MS = 60  # well above the mesh's own latency on a busy 2-core machine (8-2
 SMALL = dict(hidden_size=48, intermediate_size=40, num_hidden_layers=1, num_local_experts=8, num_experts_per_tok=2)
 
 
-@pytest.fixture(scope="module")
-def far_mesh(ray_cluster, meshes, tmp_path_factory):
+@pytest.fixture(scope="module", params=["grpc", "collective"])
+def far_mesh(request, ray_cluster, meshes, tmp_path_factory):
     path = tmp_path_factory.mktemp("placement") / "mixtral"
     save_checkpoint(build_model("mixtral", seed=3, **SMALL), path)
     far = ray_cluster.add_node(num_cpus=2, labels={LINK_DELAY_LABEL: str(DELAY_MS)})
     ray_cluster.wait_for_nodes()
-    mesh = meshes.get(path, key="placement", groups={"num_groups": 4}, admin_token=TOKEN, drain_s=0.3,
-                      placement_balance=1.0, router={"load_window_s": 30})
+    transport = request.param
+    mesh = meshes.get(path, key=f"placement-{transport}", groups={"num_groups": 4}, admin_token=TOKEN, drain_s=0.3,
+                      placement_balance=1.0, router={"load_window_s": 30, "transport": transport})
     yield mesh, path, far.node_id
-    meshes.stop("placement")
+    meshes.stop(f"placement-{transport}")
     ray_cluster.remove_node(far)
 
 

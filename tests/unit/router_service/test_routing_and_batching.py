@@ -92,11 +92,13 @@ class FakeGroupTransport(Transport):
     def __init__(self, groups: dict[str, ExpertGroup], dead: set[str]):
         self.groups, self.dead, self.calls = groups, dead, []
 
-    async def compute(self, group, endpoint, layer, rows, experts, counts, scale, epoch, versions=None):
-        self.calls.append(group)
-        if group in self.dead:
-            raise ExpertUnavailableError(f"expert group {group} is dead")
-        return self.groups[group].forward(layer, rows, experts, counts, scale)
+    async def send(self, layer, epoch, rows, scale, dest, out):
+        self.calls.append(dest.group)
+        if dest.group in self.dead:
+            raise ExpertUnavailableError(f"expert group {dest.group} is dead")
+        part = None if scale is None else scale[dest.start:dest.stop]
+        out[dest.start:dest.stop] = self.groups[dest.group].forward(
+            layer, rows[dest.start:dest.stop], list(dest.experts), list(dest.counts), part, list(dest.versions))
 
 
 def _router(path, assignment: dict[str, list[int]], layer: int, dead: set[str]):
@@ -141,3 +143,25 @@ def test_only_callers_needing_a_dead_group_fail(zoo):
         assert not isinstance(result, BaseException)
         assert ((result[0] - ref).abs().max() / ref.abs().max()) <= 1e-5
     assert all(isinstance(r, ExpertUnavailableError) for r in results[2:])
+
+
+def test_plan_batch_gives_every_destination_one_slice_sorted_by_destination_then_expert():
+    from kernels import align_tokens
+    from router_service.routing import plan_batch
+
+    ids = torch.tensor([[0, 2], [1, 2], [2, 0], [3, 1], [0, 3]])  # T=5, k=2; expert 3 has no copy
+    order, counts, _ = align_tokens(ids, 4)
+    copies = [[Copy("a", "a:1", "va0")], [Copy("b", "b:1", "vb1")], [Copy("a", "a:1", "va2"), Copy("b", "b:1", "vb2")], []]
+    plan = plan_batch(order, counts.tolist(), copies)
+    flat = ids.reshape(-1)
+    assert sorted(plan.order.tolist() + plan.unroutable.tolist()) == list(range(10))  # every copy once
+    assert sorted(flat[plan.unroutable].tolist()) == [3, 3]
+    assert [d.group for d in plan.destinations] == ["a", "b"]
+    starts = 0
+    for d in plan.destinations:
+        assert d.start == starts and d.stop - d.start == sum(d.counts)  # contiguous, back to back
+        experts = flat[plan.order[d.start:d.stop]].tolist()
+        assert experts == sorted(experts) and tuple(sorted(set(experts))) == d.experts  # then by expert
+        assert d.versions == tuple(next(c.version for c in copies[e] if c.group == d.group) for e in d.experts)
+        starts = d.stop
+    assert sum(d.counts[d.experts.index(2)] for d in plan.destinations) == 3  # expert 2 split over a and b

@@ -1,0 +1,102 @@
+"""The expert group's end of a collective channel (protos/collective.py): one thread per channel
+receives a batch into buffers allocated once, computes it, sends the outputs back.
+
+Shapes: R = max rows per batch (the router's max_batch_tokens x top_k), H = hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from protos.collective import MESSAGE_BYTES, decode_header, header_size, process_group
+
+__all__ = ["ChannelWorker"]
+
+logger = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # a group waits for the next batch this long; the router bounds each call
+
+Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor | None, list[str]], torch.Tensor]
+
+
+class ChannelWorker:
+    """Serves one (router, group) channel. `compute(layer, rows [n, H], experts, counts, scale [n] |
+    None, versions) -> [n, H]` is the group's expert computation."""
+
+    def __init__(self, channel_id: str, host: str, port: int, compute: Compute, num_experts: int, hidden: int,
+                 dtype: torch.dtype, max_rows: int, delay_s: float = 0.0):
+        self.channel_id, self.host, self.port = channel_id, host, port
+        self.compute, self.delay_s = compute, delay_s
+        self.header = torch.empty(header_size(num_experts), dtype=torch.int64)
+        self.rows = torch.empty(max_rows, hidden, dtype=dtype)      # [R, H], reused by every batch
+        self.scale = torch.empty(max_rows, dtype=torch.float32)     # [R]
+        self.status = torch.empty(2, dtype=torch.int64)
+        self.message = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
+        self.pg = None
+        self.closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def connect(self, timeout_s: float = 30.0) -> None:
+        """Join the router's store and process group (blocks until the router has joined too)."""
+        import torch.distributed as dist
+
+        store = dist.TCPStore(self.host, self.port, 2, is_master=False, timeout=_td(timeout_s))
+        self.pg = process_group(dist.PrefixStore(self.channel_id + "/", store), 1, self.rows.device, IDLE_TIMEOUT_S)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name=f"channel {self.channel_id}", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while not self.closed.is_set():
+                self._serve_one()
+        except RuntimeError as exc:  # the router closed the channel (or died): this thread ends
+            logger.info("channel %s closed: %s", self.channel_id, str(exc).splitlines()[0][:200])
+        finally:
+            self.closed.set()
+
+    def _serve_one(self) -> None:
+        pg = self.pg
+        pg.recv([self.header], 0, 0).wait()
+        layer, _epoch, n, experts, counts, versions, has_scale = decode_header(self.header)
+        if n > self.rows.shape[0]:
+            raise RuntimeError(f"batch of {n} rows exceeds this channel's {self.rows.shape[0]}")
+        rows, scale = self.rows[:n], (self.scale[:n] if has_scale else None)
+        pg.recv([rows], 0, 0).wait()
+        if scale is not None:
+            pg.recv([scale], 0, 0).wait()
+        try:
+            with torch.inference_mode():
+                out = self.compute(layer, rows, experts, counts, scale, versions)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            self._send_error(f"{type(exc).__name__}: {exc}")
+            return
+        if self.delay_s > 0:  # the emulated link delay of this node (experts/links.py)
+            time.sleep(self.delay_s)
+        self.status[0], self.status[1] = 1, n
+        pg.send([self.status], 0, 0).wait()
+        pg.send([out.contiguous()], 0, 0).wait()
+
+    def _send_error(self, message: str) -> None:
+        raw = message.encode()[:MESSAGE_BYTES]
+        self.message.zero_()
+        self.message[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        self.status[0], self.status[1] = 0, len(raw)
+        self.pg.send([self.status], 0, 0).wait()
+        self.pg.send([self.message], 0, 0).wait()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.pg = None
+
+
+def _td(seconds: float):
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)

@@ -1,0 +1,156 @@
+"""The collective transport: torch.distributed send/recv over one 2-rank process group per
+(router, group) channel: gloo for CPU tensors, NCCL for CUDA tensors, one code path. The wire
+contract is protos/collective.py; the group's end is experts/channel.py.
+
+Rendezvous goes through Ray: the router hosts a TCPStore on its node (port 0: the OS picks) and
+asks the group actor, by a Ray call, to join it. Nothing for the user to set.
+
+    set_table -> open a channel to every group the table names (in the background; until it is
+                 up, that group's slices go over grpc, counted as such) -> close the others
+    send      -> in the channel's own thread (never the event loop): header, rows (+ scale) out,
+                 status and outputs straight into the batch's output slice; every wait bounded by
+                 `timeout_s`. A failed or timed-out channel is dropped and a new one opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from protos.collective import encode_header, header_size, process_group
+from router_service.routing import Destination, RoutingTable
+from router_service.transport import ExpertUnavailableError, GrpcTransport, Transport
+
+__all__ = ["Channel", "CollectiveTransport"]
+
+logger = logging.getLogger(__name__)
+
+OPEN_TIMEOUT_S = 30.0
+REOPEN_AFTER_S = 1.0  # a group whose channel failed is not asked again sooner
+
+
+class Channel:
+    """The router's end of one channel: its process group and the thread its waits run in."""
+
+    def __init__(self, group: str, pg, store, num_experts: int, timeout_s: float):
+        self.group, self.pg, self.store = group, pg, store
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.header = torch.empty(header_size(num_experts), dtype=torch.int64)
+        self.status = torch.empty(2, dtype=torch.int64)
+        self.message = torch.empty(512, dtype=torch.uint8)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"channel-{group}")
+
+    def call(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None, dest: Destination,
+             out: torch.Tensor) -> None:
+        """Runs in `thread`: one destination's slice out, its outputs into out[start:stop]."""
+        a, b = dest.start, dest.stop
+        encode_header(self.header, layer, epoch, dest.experts, dest.counts, dest.versions, b - a, scale is not None)
+        self.pg.send([self.header], 1, 0).wait(self.timeout)
+        self.pg.send([rows[a:b]], 1, 0).wait(self.timeout)
+        if scale is not None:
+            self.pg.send([scale[a:b]], 1, 0).wait(self.timeout)
+        self.pg.recv([self.status], 1, 0).wait(self.timeout)
+        if int(self.status[0]) != 1:
+            self.pg.recv([self.message], 1, 0).wait(self.timeout)
+            raise ValueError(bytes(self.message[:int(self.status[1])].tolist()).decode(errors="replace"))
+        self.pg.recv([out[a:b]], 1, 0).wait(self.timeout)
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=False)
+        self.pg = self.store = None
+
+
+class CollectiveTransport(Transport):
+    """Channels to the groups of the table in force; grpc for a group until its channel is up.
+    `segments` counts the slices sent per transport ("collective", "grpc")."""
+
+    def __init__(self, router: str, namespace: str, num_experts: int, max_rows: int, dtype: torch.dtype,
+                 timeout_s: float = 2.0, grpc_timeout_s: float = 30.0):
+        self.router, self.namespace = router, namespace
+        self.num_experts, self.max_rows, self.dtype = num_experts, max_rows, dtype
+        self.timeout_s = timeout_s
+        self.fallback = GrpcTransport(grpc_timeout_s)
+        self.channels: dict[str, Channel] = {}
+        self.segments: collections.Counter[str] = collections.Counter()
+        self._opening: dict[str, asyncio.Task] = {}
+        self._failed_at: dict[str, float] = {}
+        self._ids = itertools.count()
+
+    def on_table(self, table: RoutingTable) -> None:
+        """Open channels to the groups `table` names; close the ones it no longer names."""
+        groups = set(table.groups())
+        for group in groups:
+            self._open_soon(group)
+        for group in [g for g in self.channels if g not in groups]:
+            self.channels.pop(group).close()
+
+    async def send(self, layer, epoch, rows, scale, dest, out) -> None:
+        channel = self.channels.get(dest.group)
+        if channel is None:
+            self._open_soon(dest.group)
+            self.segments["grpc"] += 1
+            return await self.fallback.send(layer, epoch, rows, scale, dest, out)
+        try:
+            await asyncio.get_running_loop().run_in_executor(channel.thread, channel.call, layer, epoch, rows, scale,
+                                                             dest, out)
+        except ValueError as exc:  # the group answered with an error: the channel is fine
+            raise ExpertUnavailableError(f"expert group {dest.group} (collective): {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - timed out or broken: never reused
+            self._drop(dest.group, channel)
+            raise ExpertUnavailableError(f"expert group {dest.group} (collective): {str(exc).splitlines()[0]}") from exc
+        self.segments["collective"] += 1
+
+    def _drop(self, group: str, channel: Channel) -> None:
+        if self.channels.get(group) is channel:
+            del self.channels[group]
+        channel.close()
+        self._failed_at[group] = time.monotonic()
+
+    def _open_soon(self, group: str) -> None:
+        if group in self.channels or group in self._opening:
+            return
+        if time.monotonic() - self._failed_at.get(group, -1e9) < REOPEN_AFTER_S:
+            return
+        task = asyncio.get_running_loop().create_task(self._open(group))
+        self._opening[group] = task
+        task.add_done_callback(lambda _t, g=group: self._opening.pop(g, None))
+
+    async def _open(self, group: str) -> None:
+        import ray
+        import torch.distributed as dist
+
+        try:
+            actor = ray.get_actor(group, namespace=self.namespace)
+            host = ray.util.get_node_ip_address()
+            store = dist.TCPStore(host, 0, 2, is_master=True, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=OPEN_TIMEOUT_S))
+            channel_id = f"{self.router}/{group}/{next(self._ids)}"
+            joined = actor.open_channel.remote(channel_id, self.router, host, store.port, self.max_rows,
+                                               _dtype_name(self.dtype))
+            pg = await asyncio.to_thread(process_group, dist.PrefixStore(channel_id + "/", store), 0,
+                                         torch.device("cpu"), OPEN_TIMEOUT_S)  # each call waits timeout_s
+            await asyncio.wait_for(joined, OPEN_TIMEOUT_S)
+            self.channels[group] = Channel(group, pg, store, self.num_experts, self.timeout_s)
+            logger.info("collective channel to %s open (%s)", group, channel_id)
+        except Exception as exc:  # noqa: BLE001 - grpc carries its traffic; tried again later
+            self._failed_at[group] = time.monotonic()
+            logger.warning("collective channel to %s not opened (grpc meanwhile): %r", group, exc)
+
+    async def close(self) -> None:
+        for task in list(self._opening.values()):
+            task.cancel()
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
+        await self.fallback.close()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
