@@ -6,8 +6,11 @@ Prints one table (progress goes to stderr):
     (H=64, I=128, E=8, k=2, T=8), also for the peers; each as a ratio to the in-process layer;
 (b) 32 concurrent callers of 8 tokens each (big shape): tokens/s and p50 latency per request, for
     the mesh with batching on and off, the peers, and the in-process layer at T=256 (one call);
-(c) round-trip bandwidth of the mesh's transports for 8 MB of rows (2048 x 1024 fp32) to one expert
-    group: grpc (ExpertWorker.Ping echoing the bytes) and ray (ExpertGroupActor.echo of the tensor);
+(c) the floors, measured in the same run between two plain processes (bench/floors.py: grpc.aio
+    echo and gloo send/recv, 64 B and 8 MB), the slices a collective mesh sent over grpc after
+    warm-up (must be 0), and the round-trip bandwidth of grpc (ExpertWorker.Ping echoing the bytes)
+    and ray (ExpertGroupActor.echo of the tensor) for 8 MB of rows (2048 x 1024 fp32) to one group;
+the "mesh collective" column is the mesh with router.transport: collective (gloo);
 and the worst relative error of every implementation against MoELayer (a fast but wrong peer
 cannot win), beside the issue's goals.
 
@@ -17,7 +20,7 @@ Peers (bench/peers.py), same checkpoint, cluster and split of experts over 3 gro
 behind Serve's gRPC proxy, batch_wait_timeout_s 0.01 (Serve's default, "as configured") and 0.1
 ("tuned"). Everything runs on this machine: the 3 "nodes" share its cores.
 
-    .venv/bin/python bench/bench_mesh.py [--quick] [--only {mesh,actors,serve}] [--threads N]
+    .venv/bin/python bench/bench_mesh.py [--quick] [--only mesh,collective,actors,serve] [--threads N]
 """
 
 from __future__ import annotations
@@ -633,8 +636,8 @@ def bench_serve(models: dict[str, Model], effort: Effort, r: Results) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter windows, no tuned Serve run")
-    parser.add_argument("--only", choices=["mesh", "collective", "actors", "serve"],
-                        help="run one implementation (and in-process)")
+    parser.add_argument("--only", type=lambda v: v.split(","), default=None,
+                        help="comma-separated phases to run (mesh, collective, actors, serve; in-process always)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (callers, in-process)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -655,7 +658,7 @@ def main() -> None:
             ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
             phases = {"mesh": bench_mesh, "collective": bench_collective, "actors": bench_actors, "serve": bench_serve}
             for name, phase in phases.items():
-                if args.only in (None, name):
+                if args.only is None or name in args.only:
                     try:
                         phase(models, effort, results)
                     except Exception as exc:  # noqa: BLE001 - the other phases still run; the table says so

@@ -44,7 +44,7 @@ class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
                      scale: torch.Tensor | None, versions: list[str] | None = None) -> torch.Tensor:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = self.group.forward(layer, rows, experts, counts, scale, versions)
+            out = self.group.forward(layer, rows, experts, counts, scale, versions).to(rows.dtype)  # the sender's
         self.compute_s += time.perf_counter() - start
         for expert, count in zip(experts, counts):
             self.tokens_served[(layer, expert)] += count

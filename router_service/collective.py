@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 30.0
 REOPEN_AFTER_S = 1.0  # a group whose channel failed is not asked again sooner
+CLOSE_GRACE_S = 10.0  # a channel outlives the last table naming its group by this (batches in flight)
 
 
 class Channel:
@@ -81,14 +82,21 @@ class CollectiveTransport(Transport):
         self.segments: collections.Counter[str] = collections.Counter()
         self._opening: dict[str, asyncio.Task] = {}
         self._failed_at: dict[str, float] = {}
+        self._named: set[str] = set()  # groups the table in force names
         self._ids = itertools.count()
 
     def on_table(self, table: RoutingTable) -> None:
-        """Open channels to the groups `table` names; close the ones it no longer names."""
-        groups = set(table.groups())
-        for group in groups:
+        """Open channels to the groups `table` names; close the ones it no longer names once the
+        batches planned on older tables are done (CLOSE_GRACE_S)."""
+        self._named = set(table.groups())
+        for group in self._named:
             self._open_soon(group)
-        for group in [g for g in self.channels if g not in groups]:
+        loop = asyncio.get_running_loop()
+        for group in [g for g in self.channels if g not in self._named]:
+            loop.call_later(CLOSE_GRACE_S, self._close_unnamed, group)
+
+    def _close_unnamed(self, group: str) -> None:
+        if group not in self._named and group in self.channels:
             self.channels.pop(group).close()
 
     async def send(self, layer, epoch, rows, scale, dest, out) -> None:
