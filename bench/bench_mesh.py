@@ -252,6 +252,7 @@ class Results:
         self.local_rate = 0.0
         self.floors: dict[str, dict[str, float]] = {}           # kind -> size -> p50 round trip ms
         self.fallbacks: dict[str, int] = {}                      # column -> slices sent over grpc after warm-up
+        self.breakdown: dict[str, dict[str, float]] = {}         # column -> stage -> us per tiny Forward
         self.failures: list[str] = []
 
     def add_error(self, column: str, value: float) -> None:
@@ -508,6 +509,74 @@ def bench_mesh(models: dict[str, Model], effort: Effort, r: Results) -> None:
         forward = lambda x: client.forward(LAYER, x)  # noqa: E731
         r.add_error(MESH, rel_error(forward, tiny.reference))
         measure_latency(r, MESH, tiny, OVERHEAD_TOKENS, forward, effort.overhead_reps, effort)
+        r.breakdown[MESH] = breakdown(mesh, client, tiny)
+
+
+def _stage_counters(mesh) -> tuple[dict, dict]:
+    """(the router's stage seconds, the groups' Compute stage seconds summed), since start."""
+    import msgpack
+
+    router = msgpack.unpackb(ray.get(mesh.router.load_report.remote()))["stage_s"]
+    groups: dict[str, float] = {}
+    for k in range(NUM_NODES):
+        info = ray.get(ray.get_actor(f"{mesh.name}/group-{k}", namespace=NAMESPACE).info.remote())
+        for stage, seconds in info.get("stage_s", {}).items():
+            groups[stage] = groups.get(stage, 0.0) + seconds
+    return router, groups
+
+
+def breakdown(mesh, client: MeshClient, model: Model, calls: int = 300) -> dict[str, float]:
+    """Microseconds per tiny Forward (T=OVERHEAD_TOKENS) in each stage, from the router's and the
+    groups' own counters over `calls` Forwards, and the client's encode and decode timed here."""
+    from router_service.client import _forward_request, _forward_result
+
+    x = _tokens(OVERHEAD_TOKENS, model.hidden_size)
+    r0, g0 = _stage_counters(mesh)
+    start = time.perf_counter()
+    for _ in range(calls):
+        client.forward(LAYER, x)
+    total_s = (time.perf_counter() - start) / calls
+    r1, g1 = _stage_counters(mesh)
+    per = {k: (r1.get(k, 0.0) - r0.get(k, 0.0)) for k in r1}
+    forwards = per.pop("forwards", 0) or 1
+    group_calls = (g1.get("calls", 0) - g0.get("calls", 0)) / forwards  # destinations per Forward
+    encode_start = time.perf_counter()
+    for _ in range(calls):
+        request = _forward_request(LAYER, x)
+    client_encode = (time.perf_counter() - encode_start) / calls
+    reply = pb.ForwardResponse(hidden=request.hidden)
+    decode_start = time.perf_counter()
+    for _ in range(calls):
+        _forward_result(reply, x, "bench")
+    client_decode = (time.perf_counter() - decode_start) / calls
+    us = {"client encode": client_encode * 1e6, "router decode": per.get("decode", 0) / forwards * 1e6}
+    batch_s = sum(per.get(k, 0) for k in ("gate", "plan", "dispatch", "combine"))
+    us["batcher"] = (per.get("router", 0) - batch_s) / forwards * 1e6
+    for stage in ("gate", "plan"):
+        us[stage] = per.get(stage, 0) / forwards * 1e6
+    group = {k: (g1.get(k, 0.0) - g0.get(k, 0.0)) / forwards * 1e6 for k in ("decode", "compute", "encode")}
+    us["send + wire + group, all destinations"] = per.get("dispatch", 0) / forwards * 1e6
+    us[f"  of which group decode / compute / encode (sum over {group_calls:.1f} destinations)"] = sum(group.values())
+    us["combine (+ shared)"] = per.get("combine", 0) / forwards * 1e6
+    us["router encode"] = per.get("encode", 0) / forwards * 1e6
+    us["client decode"] = client_decode * 1e6
+    accounted = sum(v for k, v in us.items() if not k.startswith("  "))
+    us["client <-> router wire and grpc (the rest)"] = total_s * 1e6 - accounted
+    us["total (mean round trip)"] = total_s * 1e6
+    us["  group decode"], us["  group compute"], us["  group encode"] = group["decode"], group["compute"], group["encode"]
+    return us
+
+
+def print_breakdown(r: Results) -> None:
+    if not r.breakdown:
+        return
+    columns = list(r.breakdown)
+    stages = list(next(iter(r.breakdown.values())))
+    width = max(len(s) for s in stages)
+    print(f"one tiny Forward (T={OVERHEAD_TOKENS}, H=64), microseconds per Forward (mean of 300): " +
+          " | ".join(COLUMNS[c] for c in columns))
+    for stage in stages:
+        print(f"  {stage:<{width}} " + " | ".join(f"{r.breakdown[c].get(stage, 0):>10.0f}" for c in columns))
 
 
 def _segments(mesh) -> dict[str, int]:
@@ -547,6 +616,7 @@ def bench_collective(models: dict[str, Model], effort: Effort, r: Results) -> No
                 measure_load(r, MESH_COLL, big, forward, effort)
             else:
                 measure_latency(r, MESH_COLL, tiny, OVERHEAD_TOKENS, forward, effort.overhead_reps, effort)
+                r.breakdown[MESH_COLL] = breakdown(mesh, client, tiny)
             fallbacks += _segments(mesh).get("grpc", 0) - warm
     r.fallbacks[MESH_COLL] = fallbacks
 
@@ -672,6 +742,7 @@ def main() -> None:
               f"machine ({os.cpu_count()} cores), fp32, Mixtral layer E=8 k=2; big H=1024 I=2816, tiny H=64 I=128; "
               f"{'--quick' if args.quick else 'full'} run")
     print_table(results, header)
+    print_breakdown(results)
     for failure in results.failures:
         print(f"FAILED {failure}")
     sys.exit(1 if results.failures else 0)

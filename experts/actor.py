@@ -39,6 +39,7 @@ class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
         self.delay_s = delay_s  # emulated link delay of this node (experts/links.py), 0 normally
         self.tokens_served: collections.Counter[tuple[int, int]] = collections.Counter()
         self.compute_s = 0.0
+        self.stage_s: collections.Counter[str] = collections.Counter()  # Compute's decode / compute / encode, calls
 
     def compute_sync(self, layer: int, rows: torch.Tensor, experts: list[int], counts: list[int],
                      scale: torch.Tensor | None, versions: list[str] | None = None) -> torch.Tensor:
@@ -58,15 +59,20 @@ class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
         return await asyncio.to_thread(self.compute_sync, layer, rows, experts, counts, scale, versions)
 
     async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
+        start = time.perf_counter()
         try:
             rows = from_proto(request.hidden, "ExpertBatch.hidden")
             scale = from_proto(request.scale, "ExpertBatch.scale") if request.scale.dtype else None
+            decoded = time.perf_counter()
             out = await self.compute(request.layer, rows, list(request.experts), list(request.counts), scale,
                                      list(request.versions) or None)
         except (KeyError, ValueError, RuntimeError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group {self.name}: {exc}")
+        computed = time.perf_counter()
         reply = pb.ExpertResult()
         to_proto(out, reply.hidden)
+        self.stage_s.update(decode=decoded - start, compute=computed - decoded, encode=time.perf_counter() - computed,
+                            calls=1)
         await serve_delay(self.delay_s)
         return reply
 
@@ -122,7 +128,7 @@ class ExpertGroupActor:
         spec = self.server_impl.group.spec
         worker = ChannelWorker(channel_id, host, port, self.server_impl.compute_sync, spec.num_experts,
                                spec.hidden_size, DTYPES[dtype], max_rows,
-                               self.server_impl.delay_s)
+                               self.server_impl.delay_s, self.server_impl.stage_s)
         await asyncio.to_thread(worker.connect)
         old = self._channels.pop(router, None)
         if old is not None:
@@ -211,4 +217,5 @@ class ExpertGroupActor:
             "nbytes": group.nbytes(),
             "tokens_served": [[layer, expert, n] for (layer, expert), n in self.server_impl.tokens_served.items()],
             "compute_s": self.server_impl.compute_s,
+            "stage_s": dict(self.server_impl.stage_s),
         }

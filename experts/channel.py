@@ -29,8 +29,9 @@ class ChannelWorker:
     None, versions) -> [n, H]` is the group's expert computation."""
 
     def __init__(self, channel_id: str, host: str, port: int, compute: Compute, num_experts: int, hidden: int,
-                 dtype: torch.dtype, max_rows: int, delay_s: float = 0.0):
+                 dtype: torch.dtype, max_rows: int, delay_s: float = 0.0, stats=None):
         self.channel_id, self.host, self.port = channel_id, host, port
+        self.stats = stats  # a Counter: seconds of "compute" and "calls", as the grpc Compute counts them
         self.compute, self.delay_s = compute, delay_s
         self.header = torch.empty(header_size(num_experts), dtype=torch.int64)
         self.rows = torch.empty(max_rows, hidden, dtype=dtype)      # [R, H], reused by every batch
@@ -71,12 +72,15 @@ class ChannelWorker:
         pg.recv([rows], 0, 0).wait()
         if scale is not None:
             pg.recv([scale], 0, 0).wait()
+        start = time.perf_counter()
         try:
             with torch.inference_mode():
                 out = self.compute(layer, rows, experts, counts, scale, versions)
         except (KeyError, ValueError, RuntimeError) as exc:
             self._send_error(f"{type(exc).__name__}: {exc}")
             return
+        if self.stats is not None:
+            self.stats.update(compute=time.perf_counter() - start, calls=1)
         if self.delay_s > 0:  # the emulated link delay of this node (experts/links.py)
             time.sleep(self.delay_s)
         self.status[0], self.status[1] = 1, n

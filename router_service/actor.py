@@ -24,6 +24,7 @@ __all__ = ["RouterActor"]
 
 logger = logging.getLogger(__name__)
 
+FLUSH_S = 0.5  # the router's token tally goes to its load window and metrics this often
 PAIRS_PER_EXPERT = 4  # co-activated pairs reported per layer: this many times its number of experts
 
 
@@ -112,7 +113,17 @@ class RouterActor:
             router.on_group_failure = admin.group_failed
         self.server = RouterServer(router, admin, metrics)
         port = await self.server.start()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_counts())
         return f"{self.config.host}:{port}"
+
+    async def _flush_counts(self) -> None:
+        """The router's token tally into its load window and metrics, every FLUSH_S (off the hot path)."""
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            try:
+                self.server.router.flush_counts()
+            except Exception:  # noqa: BLE001 - logged; the next flush tries again
+                logger.exception("flushing token counts failed")
 
     async def set_table(self, blob: bytes) -> bool:
         """Install a routing table; warm every layer up if not yet serving. Returns is_serving."""
@@ -140,19 +151,22 @@ class RouterActor:
                     "rates": [[layer, expert, tokens/s over the load window], ...],
                     "pairs": [[layer, a, b, share of the layer's tokens that picked both a < b], ...],
                     "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls"} since start,
-                    "segments": {transport: destination slices sent over it} since start}
+                    "segments": {transport: destination slices sent over it} since start,
+                    "stage_s": {stage: seconds spent in it since start; "forwards": Forwards served}}
         (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
         expert groups). Pairs: the commonest PAIRS_PER_EXPERT x num_experts of each layer, recent
         batches weighted more (exp(-age / load_window_s))."""
         import time
 
-        router, now = self.server.router, time.monotonic()
+        router = self.server.router
+        router.flush_counts()
+        now = time.monotonic()
         tokens = [[layer, expert, n] for (layer, expert), n in router.tokens_per_expert.items()]
         rates = [[layer, expert, r] for (layer, expert), r in router.load.rates(now).items()]
         per_layer = PAIRS_PER_EXPERT * router.spec.num_experts
         pairs = [[layer, a, b, share] for (layer, a, b), share in router.pairs.shares(per_layer).items()]
         return msgpack.packb({"tokens": tokens, "rates": rates, "pairs": pairs, "batches": dict(router.batch_stats),
-                              "segments": dict(router.transport.segments)})
+                              "segments": dict(router.transport.segments), "stage_s": dict(router.stage_s)})
 
     async def stop(self) -> None:
         if self.server is not None:

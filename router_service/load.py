@@ -9,7 +9,7 @@ from collections.abc import Hashable, Mapping
 
 import torch
 
-__all__ = ["LoadWindow", "PairShares", "coactivation_counts"]
+__all__ = ["LoadWindow", "PairShares", "TokenTally", "coactivation_counts"]
 
 
 class LoadWindow:
@@ -89,4 +89,29 @@ class PairShares:
             for value, code in zip(top.values.tolist(), top.indices.tolist()):
                 if value >= min_share:
                     out[(layer, code // self.num_experts, code % self.num_experts)] = value
+        return out
+
+
+class TokenTally:
+    """What batches routed, accumulated on the hot path into tensors allocated once per layer
+    (copies per expert) and a list of the batches' picks; `take` hands them over and resets, off
+    the hot path (the router flushes on its load report and on a timer, so the list stays short)."""
+
+    def __init__(self, layers: list[int], num_experts: int):
+        self.counts = {layer: torch.zeros(num_experts, dtype=torch.int64) for layer in layers}  # [E] per layer
+        self.ids: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}               # [T, k] per batch
+
+    def add(self, layer: int, counts: torch.Tensor, ids: torch.Tensor) -> None:
+        """counts: [E] copies per expert of one batch; ids: [T, k] its picks."""
+        self.counts[layer] += counts
+        self.ids[layer].append(ids)
+
+    def take(self) -> dict[int, tuple[list[int], torch.Tensor]]:
+        """{layer: (copies per expert, picks [sum T, k])} of the layers that routed anything since the last take."""
+        out = {}
+        for layer, picks in self.ids.items():
+            if picks:
+                out[layer] = (self.counts[layer].tolist(), torch.cat(picks) if len(picks) > 1 else picks[0])
+                self.counts[layer].zero_()
+                self.ids[layer] = []
         return out

@@ -21,13 +21,15 @@ from experts.errors import MeshError
 from kernels import align_tokens, combine
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
-from router_service.load import LoadWindow, PairShares
+from router_service.load import LoadWindow, PairShares, TokenTally
 from router_service.routing import RoutingTable, plan_batch
 from router_service.transport import ExpertUnavailableError, Transport
 
-__all__ = ["NoRoutingTableError", "Router"]
+__all__ = ["LARGE_BATCH_ELEMENTS", "NoRoutingTableError", "Router"]
 
 logger = logging.getLogger(__name__)
+
+LARGE_BATCH_ELEMENTS = 1 << 18  # T x H from which gating, the row gather and combine run in a thread
 
 
 class NoRoutingTableError(MeshError):
@@ -58,9 +60,13 @@ class Router:
         self.batch_stats: collections.Counter[str] = collections.Counter()
         self.load = LoadWindow(config.load_window_s)   # (layer, expert) -> token copies
         self.pairs = PairShares(self.spec.num_experts, config.load_window_s)  # co-activated experts
+        self.tally = TokenTally(list(self.spec.moe_layers), self.spec.num_experts)  # flushed by flush_counts
         self._batchers: dict[int, LayerBatcher] = {}
         self._turn = 0
         self.on_group_failure = None  # callable(group name): told when a call to a group fails
+        # seconds spent per stage since start (gate, plan, dispatch, combine; the server adds
+        # decode, router, encode): bench_mesh's breakdown of one Forward
+        self.stage_s: collections.Counter[str] = collections.Counter()
 
     def set_table(self, table: RoutingTable) -> bool:
         """Install `table` unless a newer one is in force (pushes may arrive out of order); returns
@@ -107,38 +113,57 @@ class Router:
         # Step 1: shared experts start at once, in a thread, while the routed tokens travel.
         shared = self.shared.get(layer)
         shared_task = asyncio.get_running_loop().run_in_executor(None, shared, x) if shared else None
-        # Step 2: gate; token copies sorted by expert (indices only).
-        weights, ids = self.gates[layer](x)  # [T, k], [T, k]
-        order, counts, _ = align_tokens(ids, self.spec.num_experts)  # [N], [E]
+        # Step 2: gate; token copies sorted by expert (indices only). A large batch's math runs in
+        # a thread, so that health, admin and small requests are not held behind it.
+        is_large = x.numel() >= LARGE_BATCH_ELEMENTS
+        start = time.perf_counter()
+        weights, ids, order, counts = await self._off_loop(is_large, self._gate, layer, x)
+        self.tally.add(layer, counts, ids)  # on the event loop, as flush_counts: no lost counts
         counts = counts.tolist()
-        self._count_tokens(layer, counts, ids)
+        self.stage_s["gate"] += time.perf_counter() - start
         # Step 3: one plan for the batch, every destination one slice; the transport sends them all.
-        y, order, failed = await self._scatter_gather(table, layer, x, weights, ids, order, counts)
+        y, order, failed = await self._scatter_gather(table, layer, x, weights, ids, order, counts, is_large)
         # Step 4: un-permute, weight and reduce in one pass.
-        out = combine(y, order, None if self.spec.gate_on_input else weights, x.shape[0])  # [T, H]
+        start = time.perf_counter()
+        out = await self._off_loop(is_large, combine, y, order, None if self.spec.gate_on_input else weights,
+                                   x.shape[0])  # [T, H]
         if shared_task is not None:
             out = out + await shared_task
+        self.stage_s["combine"] += time.perf_counter() - start
         # Step 5: split back per caller; callers whose tokens hit a failed group get its error.
         return self._split(out, parts, failed), table.epoch
 
-    def _count_tokens(self, layer: int, counts: list[int], ids: torch.Tensor) -> None:
-        per_expert = {(layer, expert): count for expert, count in enumerate(counts) if count}
-        self.tokens_per_expert.update(per_expert)
+    def _gate(self, layer: int, x: torch.Tensor):
+        """(weights [T, k], ids [T, k], order [N] copies sorted by expert, counts [E] per expert)."""
+        weights, ids = self.gates[layer](x)
+        order, counts, _ = align_tokens(ids, self.spec.num_experts)
+        return weights, ids, order, counts
+
+    @staticmethod
+    async def _off_loop(is_large: bool, fn, *args):
+        return await asyncio.to_thread(fn, *args) if is_large else fn(*args)
+
+    def flush_counts(self) -> None:
+        """Move what the tally accumulated into tokens per expert, the load window, the pair shares
+        and the metrics (the load report and a timer call this; never the hot path)."""
         now = time.monotonic()
-        self.load.add(now, per_expert)
-        self.pairs.add(now, layer, ids)
-        if self.metrics is not None:
-            self.metrics.observe_tokens(layer, counts)
+        for layer, (counts, ids) in self.tally.take().items():
+            per_expert = {(layer, expert): count for expert, count in enumerate(counts) if count}
+            self.tokens_per_expert.update(per_expert)
+            self.load.add(now, per_expert)
+            self.pairs.add(now, layer, ids)
+            if self.metrics is not None:
+                self.metrics.observe_tokens(layer, counts)
 
     async def _scatter_gather(self, table: RoutingTable, layer: int, x: torch.Tensor, weights: torch.Tensor,
-                              ids: torch.Tensor, order: torch.Tensor, counts: list[int]):
+                              ids: torch.Tensor, order: torch.Tensor, counts: list[int], is_large: bool = False):
         """Compute every token copy on some copy of its expert; the copies of a group that fails
         are retried once on the others (that group excluded). Returns (y [N, H], order [N]: the
         flat copy index of each row of y, failed: [(flat copy indices, error)] of copies that
         found no live copy (their rows of y are zero))."""
         plan = plan_batch(order, counts, table.layers[layer], self._turn)
         self._turn += 1
-        y, errors = await self._send(table, layer, x, weights, plan)
+        y, errors = await self._send(table, layer, x, weights, plan, is_large=is_large)
         if not errors and not plan.unroutable.numel():
             return y, plan.order, []
         # Retry once: the copies of failed destinations and unroutable ones, failed groups excluded.
@@ -166,14 +191,17 @@ class Router:
                 failed)
 
     async def _send(self, table: RoutingTable, layer: int, x: torch.Tensor, weights: torch.Tensor, plan,
-                    excluded: dict | None = None) -> tuple[torch.Tensor, dict[str, BaseException]]:
+                    excluded: dict | None = None, is_large: bool = False) -> tuple[torch.Tensor, dict[str, BaseException]]:
         """Rows of the plan (one gather of x), out through the transport; returns (y, {group: error})."""
-        k = self.spec.top_k
-        rows = x[plan.order // k]  # [M, H], destinations contiguous
+        start = time.perf_counter()
+        rows = await self._off_loop(is_large, torch.index_select, x, 0, plan.order // self.spec.top_k)  # [M, H]
         scale = weights.reshape(-1)[plan.order].float() if self.spec.gate_on_input else None
         y = torch.empty_like(rows)
         self.batch_stats["group_calls"] += len(plan.destinations)
+        sent = time.perf_counter()
+        self.stage_s["plan"] += sent - start
         errors = await self.transport.dispatch(layer, table.epoch, rows, scale, plan.destinations, y)
+        self.stage_s["dispatch"] += time.perf_counter() - sent
         for group, error in errors.items():
             logger.warning("layer %d: group %s failed: %s", layer, group, error)
             if self.on_group_failure is not None:

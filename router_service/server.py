@@ -209,9 +209,16 @@ class RouterServer:
         try:
             spec, config = self.router.spec, self.router.config
             x = validate_forward(request, spec.moe_layers, spec.hidden_size, config.max_request_tokens)
+            decoded = time.perf_counter()
             out, epoch = await self.router.forward(request.layer, x)
+            routed = time.perf_counter()
             reply = pb.ForwardResponse(epoch=epoch)
             to_proto(out.reshape(tuple(request.hidden.shape)), reply.hidden)
+            stages = self.router.stage_s
+            stages["decode"] += decoded - start
+            stages["router"] += routed - decoded
+            stages["encode"] += time.perf_counter() - routed
+            stages["forwards"] += 1
             self.layers_ok.add(request.layer)
             return reply
         except InvalidRequestError as exc:

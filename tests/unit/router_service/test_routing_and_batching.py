@@ -165,3 +165,14 @@ def test_plan_batch_gives_every_destination_one_slice_sorted_by_destination_then
         assert d.versions == tuple(next(c.version for c in copies[e] if c.group == d.group) for e in d.experts)
         starts = d.stop
     assert sum(d.counts[d.experts.index(2)] for d in plan.destinations) == 3  # expert 2 split over a and b
+
+
+def test_token_tally_accumulates_and_hands_over_once():
+    from router_service.load import TokenTally
+
+    tally = TokenTally([0, 3], num_experts=4)
+    tally.add(3, torch.tensor([1, 0, 2, 1]), torch.tensor([[0, 2], [2, 3]]))
+    tally.add(3, torch.tensor([0, 1, 1, 0]), torch.tensor([[1, 2]]))
+    taken = tally.take()
+    assert list(taken) == [3] and taken[3][0] == [1, 1, 3, 1] and taken[3][1].tolist() == [[0, 2], [2, 3], [1, 2]]
+    assert tally.take() == {}  # reset: nothing is counted twice
