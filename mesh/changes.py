@@ -4,7 +4,7 @@ A change is an Intent (mesh/state.py) with one of these step lists:
 
     copies   (scale, autoscale, rebalance):  load -> publish -> drain -> release
     swap:                                    stage -> publish -> drain -> commit
-    restart  (a dead or diverged group):     start -> publish
+    restart  (a dead or diverged group):     start -> connect -> publish
 
 A crash before "publish" rolls back (loaded copies released, staged weights dropped); at or after
 it, the change rolls forward. The table names only copies the desired state names *and* the group
@@ -24,7 +24,7 @@ __all__ = ["GroupView", "STEPS", "Tidy", "plan_copies", "plan_restart", "plan_sw
 
 STEPS = {"copies": ("load", "publish", "drain", "release"),
          "swap": ("stage", "publish", "drain", "commit"),
-         "restart": ("start", "publish")}
+         "restart": ("start", "connect", "publish")}
 
 Assignment = dict[str, dict[int, list[int]]]  # {group: {layer: experts}}
 

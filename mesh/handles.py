@@ -64,6 +64,9 @@ class RayRouter:
     async def start(self, port: int) -> str:
         return await self.actor.start.remote(port)
 
+    async def open_channels(self, groups: list[str]) -> None:
+        await self.actor.open_channels.remote(groups)
+
 
 class RayLauncher:
     """Starts expert-group actors `<mesh>/group-<k>` (detached, pinned) and finds actors by name."""

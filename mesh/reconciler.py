@@ -44,6 +44,7 @@ class GroupHandle(Protocol):
 
 class RouterHandle(Protocol):
     async def epoch(self) -> int: ...
+    async def open_channels(self, groups: list[str]) -> None: ...
     async def set_table(self, blob: bytes) -> bool: ...
     async def start(self, port: int) -> str: ...
 
@@ -181,6 +182,8 @@ class Reconciler:
             await self._stage(intent, verifier)
         elif step == "start":
             await self._start(intent)
+        elif step == "connect":  # routers open their channels to the (re)started group before it is routed to
+            await self._connect(list(intent.nodes))
         elif step == "release":
             await self._each([(g, self.groups[g].release(l, list(e))) for g, l, e in intent.releases])
         elif step == "commit":
@@ -233,6 +236,16 @@ class Reconciler:
         elif group in self.seen:
             self.seen[group].held.update(held or {})
             self.seen[group].staged.update(staged or {})
+
+    async def _connect(self, groups: list[str]) -> None:
+        """Every router opens its channels to `groups` (a no-op but for the collective transport);
+        a router that cannot is logged and sends over grpc meanwhile."""
+        names = list(self.routers)
+        results = await asyncio.gather(*(self._call(self.routers[n].open_channels(groups)) for n in names),
+                                       return_exceptions=True)
+        for name, result in zip(names, results):
+            if isinstance(result, BaseException):
+                logger.warning("router %s did not open channels to %s: %r", name, groups, result)
 
     def _check_versions(self, intent: Intent, group: str, layer: int, experts, versions: list[str]) -> None:
         for expert, version in zip(experts, versions):

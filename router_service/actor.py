@@ -133,6 +133,11 @@ class RouterActor:
         await self.server.refresh_health()
         return self.server.is_serving()
 
+    async def open_channels(self, groups: list[str]) -> None:
+        """Open (anew) the transport's channels to `groups`: the reconciler's step before the first
+        table that routes to a (re)started group."""
+        await self.server.router.transport.open(groups)
+
     def epoch(self) -> int:
         """Epoch of the routing table in force; -1 before `start` (a router Ray just restarted)."""
         return -1 if self.server is None else self.server.router.epoch

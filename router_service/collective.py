@@ -5,8 +5,11 @@ contract is protos/collective.py; the group's end is experts/channel.py.
 Rendezvous goes through Ray: the router hosts a TCPStore on its node (port 0: the OS picks) and
 asks the group actor, by a Ray call, to join it. Nothing for the user to set.
 
-    set_table -> open a channel to every group the table names (in the background; until it is
-                 up, that group's slices go over grpc, counted as such) -> close the others
+    open      -> the reconciler's "connect" step: channels to a (re)started group, before the
+                 first table that routes to it
+    set_table -> open a channel to every group the table names that has none (in the background;
+                 until it is up, that group's slices go over grpc, counted as such) -> close the
+                 ones no table names, 10 s later
     send      -> in the channel's own thread (never the event loop): header, rows (+ scale) out,
                  status and outputs straight into the batch's output slice; every wait bounded by
                  `timeout_s`. A failed or timed-out channel is dropped and a new one opened.
@@ -94,6 +97,15 @@ class CollectiveTransport(Transport):
         loop = asyncio.get_running_loop()
         for group in [g for g in self.channels if g not in self._named]:
             loop.call_later(CLOSE_GRACE_S, self._close_unnamed, group)
+
+    async def open(self, groups: list[str]) -> None:
+        """Channels to `groups` anew (they were restarted: their old channels are dead)."""
+        for group in groups:
+            channel = self.channels.pop(group, None)
+            if channel is not None:
+                channel.close()
+            self._failed_at.pop(group, None)
+        await asyncio.gather(*(self._open(g) for g in groups if g not in self._opening))
 
     def _close_unnamed(self, group: str) -> None:
         if group not in self._named and group in self.channels:

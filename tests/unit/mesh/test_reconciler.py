@@ -108,6 +108,7 @@ class FakeRouterActor:
         self.world, self.tables, self.epoch_ = world, [], 0
         self.hang = False
         self.crash_on_epoch: int | None = None
+        self.opened: list[list[str]] = []  # open_channels calls
 
     async def epoch(self):
         return self.epoch_
@@ -130,6 +131,9 @@ class FakeRouterActor:
 
     async def start(self, port):
         return f"127.0.0.1:{port}"
+
+    async def open_channels(self, groups):
+        self.opened.append(list(groups))
 
 
 class FakeLauncher:
@@ -317,6 +321,7 @@ def test_a_dead_group_leaves_the_table_while_a_change_runs_and_restarts_after_it
         await change
         await converge(rec)
         assert world.starts == ["g2"] and "g2" in rec.table.groups()
+        assert all(r.opened == [["g2"]] for r in world.router_actors.values())  # before it was routed to
         assert_converged(rec, world)
 
     asyncio.run(main())
