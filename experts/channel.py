@@ -6,6 +6,7 @@ Shapes: R = max rows per batch (the router's max_batch_tokens x top_k), H = hidd
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
@@ -46,7 +47,8 @@ class ChannelWorker:
         """Join the router's store and process group (blocks until the router has joined too)."""
         import torch.distributed as dist
 
-        store = dist.TCPStore(self.host, self.port, 2, is_master=False, timeout=_td(timeout_s))
+        store = dist.TCPStore(self.host, self.port, 2, is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
         self.pg = process_group(dist.PrefixStore(self.channel_id + "/", store), 1, self.rows.device, IDLE_TIMEOUT_S)
 
     def start(self) -> None:
@@ -99,8 +101,3 @@ class ChannelWorker:
         self.closed.set()
         self.pg = None
 
-
-def _td(seconds: float):
-    import datetime
-
-    return datetime.timedelta(seconds=seconds)

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from protos.collective import encode_header, header_size, process_group
+from protos.collective import MESSAGE_BYTES, encode_header, header_size, process_group
 from router_service.routing import Destination, RoutingTable
 from router_service.transport import ExpertUnavailableError, GrpcTransport, Transport
 
@@ -48,7 +48,7 @@ class Channel:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.header = torch.empty(header_size(num_experts), dtype=torch.int64)
         self.status = torch.empty(2, dtype=torch.int64)
-        self.message = torch.empty(512, dtype=torch.uint8)
+        self.message = torch.empty(MESSAGE_BYTES, dtype=torch.uint8)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"channel-{group}")
 
     def call(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None, dest: Destination,

@@ -88,6 +88,17 @@ def persisted_at_crash(w: World) -> MeshState:
     return MeshState.decode(store.kv.get(store.key + "/at-crash"))
 
 
+def crash_during(w: World, kind: str, step: str, published: bool, call) -> MeshState:
+    """`call()` (an admin RPC) with the controller set to exit right before `step` of a `kind`
+    change: the call fails; returns the snapshot persisted at the crash, checked to name that step."""
+    crash_at(w, kind, step)
+    with pytest.raises(grpc.RpcError):
+        call()
+    state = persisted_at_crash(w)
+    assert (state.intent.kind, state.intent.step, state.intent.published) == (kind, step, published)
+    return state
+
+
 def status(w: World) -> dict | None:
     try:
         return w.mesh.status()
@@ -157,11 +168,8 @@ def test_a_controller_killed_mid_scale_rolls_back(world):
     w = world
     wait(lambda: converged(w))
     with Load(w.mesh.addresses, w.x, w.refs) as load:
-        crash_at(w, "scale", "publish")
-        with pytest.raises(grpc.RpcError):
-            w.admin.Scale(pb.ScaleRequest(token=TOKEN, layer=0, expert=1, replicas=3))
-        intent = persisted_at_crash(w).intent
-        assert (intent.kind, intent.step, intent.published) == ("scale", "publish", False)
+        crash_during(w, "scale", "publish", False,
+                     lambda: w.admin.Scale(pb.ScaleRequest(token=TOKEN, layer=0, expert=1, replicas=3)))
         seconds = wait(lambda: converged(w))
     report("(a) controller killed mid-scale", seconds)
     check_answers(load, w)
@@ -172,11 +180,8 @@ def test_a_controller_killed_mid_scale_rolls_back(world):
 def test_b_controller_killed_mid_swap_after_staging_rolls_back(world):
     w = world
     with Load(w.mesh.addresses, w.x, w.refs) as load:
-        crash_at(w, "swap", "publish")
-        with pytest.raises(grpc.RpcError):
-            w.admin.Swap(pb.SwapRequest(token=TOKEN, layer=0, experts=ALL, source_dir=str(w.new)))
-        intent = persisted_at_crash(w).intent
-        assert (intent.kind, intent.step, intent.published) == ("swap", "publish", False)
+        crash_during(w, "swap", "publish", False,
+                     lambda: w.admin.Swap(pb.SwapRequest(token=TOKEN, layer=0, experts=ALL, source_dir=str(w.new))))
         seconds = wait(lambda: converged(w))
         time.sleep(0.5)
     report("(b) controller killed mid-swap after staging", seconds)
@@ -189,12 +194,8 @@ def test_b_controller_killed_mid_swap_after_staging_rolls_back(world):
 def test_c_controller_killed_mid_swap_after_the_flip_rolls_forward(world):
     w = world
     with Load(w.mesh.addresses, w.x, w.refs) as load:
-        crash_at(w, "swap", "drain")
-        with pytest.raises(grpc.RpcError):
-            w.admin.Swap(pb.SwapRequest(token=TOKEN, layer=0, experts=ALL, source_dir=str(w.new)))
-        state = persisted_at_crash(w)
-        assert (state.intent.kind, state.intent.step, state.intent.published) == ("swap", "drain", True)
-        flip = state.epoch
+        flip = crash_during(w, "swap", "drain", True, lambda: w.admin.Swap(pb.SwapRequest(
+            token=TOKEN, layer=0, experts=ALL, source_dir=str(w.new)))).epoch
         seconds = wait(lambda: converged(w))
         time.sleep(0.5)
     w.serving = "new"
@@ -213,11 +214,7 @@ def test_d_controller_killed_mid_rebalance_rolls_forward(world):
     refs = {"new": _swapped_reference(w.old, w.new, ALL, hot)}
     with Load(w.mesh.addresses, hot, refs) as load:
         time.sleep(3)  # the routers' load window fills
-        crash_at(w, "rebalance", "release")
-        with pytest.raises(grpc.RpcError):
-            w.admin.Rebalance(pb.RebalanceRequest(token=TOKEN))
-        intent = persisted_at_crash(w).intent
-        assert (intent.kind, intent.step, intent.published) == ("rebalance", "release", True)
+        crash_during(w, "rebalance", "release", True, lambda: w.admin.Rebalance(pb.RebalanceRequest(token=TOKEN)))
         seconds = wait(lambda: converged(w))
     report("(d) controller killed mid-rebalance", seconds)
     assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["new"] > 10, load.lost()
