@@ -8,8 +8,9 @@ Prints one table (progress goes to stderr):
     the mesh with batching on and off, the peers, and the in-process layer at T=256 (one call);
 (c) the floors, measured in the same run between two plain processes (bench/floors.py: grpc.aio
     echo and gloo send/recv, 64 B and 8 MB), the slices a collective mesh sent over grpc after
-    warm-up (must be 0), and the round-trip bandwidth of grpc (ExpertWorker.Ping echoing the bytes)
-    and ray (ExpertGroupActor.echo of the tensor) for 8 MB of rows (2048 x 1024 fp32) to one group;
+    warm-up (must be 0), and the round-trip bandwidth of 8 MB of rows (2048 x 1024 fp32) through the
+    transport boundary (plan_batch, Transport.dispatch to a group on another node that echoes the
+    rows, combine) over grpc, ray and collective, as a share of its floor;
 the "mesh collective" column is the mesh with router.transport: collective (gloo);
 and the worst relative error of every implementation against MoELayer (a fast but wrong peer
 cannot win), beside the issue's goals.
@@ -32,6 +33,7 @@ for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_
     os.environ.setdefault(_key, _value)
 
 import argparse  # noqa: E402
+import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import socket  # noqa: E402
@@ -57,8 +59,13 @@ from mesh.config import MeshConfig  # noqa: E402
 from mesh.controller import NAMESPACE  # noqa: E402
 from mesh.placement import initial_assignment, spread_groups  # noqa: E402
 from protos import expert_mesh_pb2 as pb  # noqa: E402
-from protos import expert_mesh_pb2_grpc as pb_grpc  # noqa: E402
+from experts.memory import keep_freed_memory  # noqa: E402
+from kernels import combine  # noqa: E402
+from protos.wire import ECHO_LAYER  # noqa: E402
 from router_service import MeshClient  # noqa: E402
+from router_service.config import RouterConfig  # noqa: E402
+from router_service.routing import Copy, plan_batch  # noqa: E402
+from router_service.transport import make_transport  # noqa: E402
 
 MODELS = {
     "big": dict(hidden_size=1024, intermediate_size=2816, num_local_experts=8, num_experts_per_tok=2,
@@ -358,10 +365,17 @@ def _other_rows(r: Results) -> list[Row]:
             rows.append((f"  {label}, {size}", {MESH: f"{ms:.3f}{rate}"}, "", ""))
     rows.append(("  slices sent over grpc after warm-up (collective)", {c: str(n) for c, n in r.fallbacks.items()},
                  "0", _met(all(n == 0 for n in r.fallbacks.values()) if r.fallbacks else None)))
-    rows.append(("(c) transport, 8 MB round trip to one group", {}, "", ""))
-    for kind, label in (("grpc", "grpc (ExpertWorker.Ping)"), ("ray", "ray (ExpertGroupActor.echo)")):
+    rows.append(("(c) 8 MB round trip through the boundary (plan, dispatch, group echo, combine)", {}, "", ""))
+    kinds = {"grpc": ("grpc", 0.9), "ray": (None, None), "collective": ("gloo", 0.75),
+             "channel alone": ("gloo", None)}  # kind -> (its floor, the goal as a share of it)
+    for kind, (floor, goal) in kinds.items():
         value = r.transport.get(kind)
-        rows.append((f"  {label}: MB/s (p50 ms)", {MESH: f"{value[0]:,.0f} ({value[1]:.1f})" if value else ""}, "", ""))
+        floor_ms = r.floors.get(floor, {}).get("8 MB")
+        share = floor_ms / value[1] if value and floor_ms else None
+        cell = f"{value[0]:,.0f} ({value[1]:.1f})" + (f", {share:.2f}x" if share else "") if value else ""
+        label = "the collective's channel alone, two plain processes" if kind == "channel alone" else kind
+        rows.append((f"  {label}: MB/s (p50 ms)" + (f", x the {floor} floor" if floor else ""), {MESH: cell},
+                     f">= {goal}x" if goal else "", _met(share >= goal if share and goal else None)))
     errors = {c: f"{v:.1e}" + ("" if v <= TOLERANCE else " WRONG") for c, v in r.error.items()}
     rows.append(("correctness: max rel error vs MoELayer", errors, f"<= {TOLERANCE:g}",
                  _met(all(v <= TOLERANCE for v in r.error.values()) if r.error else None)))
@@ -450,33 +464,109 @@ def running_mesh(name: str, model: Model, **router):
         mesh.stop()
 
 
-def bench_transports(mesh, effort: Effort, r: Results) -> None:
-    """Round trips of 8 MB to one expert group of the running mesh, over grpc and over ray."""
-    name = f"{mesh.name}/group-{TRANSPORT_GROUP}"
-    handle = ray.get_actor(name, namespace=NAMESPACE)
-    endpoint = ray.get(handle.info.remote())["endpoint"]
-    rows = torch.randn(TRANSPORT_ROWS, MODELS["big"]["hidden_size"])  # [2048, 1024] fp32
-    payload = rows.numpy().tobytes()
-    channel = grpc.insecure_channel(endpoint, options=peers.CHANNEL_OPTIONS)
-    stub = pb_grpc.ExpertWorkerStub(channel)
+def echo_through_boundary(mesh, kind: str, transport) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x [T, H] -> plan (every token to an expert of group TRANSPORT_GROUP, on another node) ->
+    transport.dispatch (the group echoes the rows: ECHO_LAYER) -> combine: the router's own path,
+    driven from this process, with the group's compute taken out."""
+    group = f"{mesh.name}/group-{TRANSPORT_GROUP}"
+    info = ray.get(ray.get_actor(group, namespace=NAMESPACE).info.remote())
+    layer, experts = next(iter(info["experts"].items()))
+    copies = [[] for _ in range(MODELS["big"]["num_local_experts"])]
+    for expert, version in zip(experts, info["versions"][layer]):
+        copies[expert] = [Copy(group, info["endpoint"], version)]
+    keep_freed_memory()  # as the router process does
+    loop = asyncio.new_event_loop()
 
-    def grpc_echo(_):
-        reply = stub.Ping(pb.PingRequest(payload=payload), timeout=60)
-        if len(reply.payload) != len(payload):
-            raise RuntimeError(f"Ping echoed {len(reply.payload)} bytes of {len(payload)}")
+    def call(x: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        order = torch.arange(num_tokens)  # k = 1: copy t is token t, all to the group's first expert
+        counts = [num_tokens if e == experts[0] else 0 for e in range(len(copies))]
+        plan = plan_batch(order, counts, copies)
+        rows = x.index_select(0, plan.order)
+        y = torch.empty_like(rows)
+        failed = loop.run_until_complete(transport.dispatch(ECHO_LAYER, 0, rows, None, plan.destinations, y))
+        if failed:
+            raise RuntimeError(f"{kind} echo through the boundary failed: {failed}")
+        return combine(y, plan.order, torch.ones(num_tokens, 1), num_tokens)
 
-    def ray_echo(_):
-        return ray.get(handle.echo.remote(rows))
+    call.loop = loop
+    return call
 
-    if not torch.equal(ray_echo(None), rows):
-        raise RuntimeError("ExpertGroupActor.echo did not return its argument")
+
+def _echo_peer(port: int) -> None:
+    from experts.channel import ChannelWorker
+
+    keep_freed_memory()
+    hidden = MODELS["big"]["hidden_size"]
+    worker = ChannelWorker("alone/0", "127.0.0.1", port, lambda layer, rows, *_: rows,
+                           MODELS["big"]["num_local_experts"], hidden, torch.float32, TRANSPORT_ROWS)
+    worker.connect()
+    worker._serve()
+
+
+def bench_channel_alone(effort: Effort, r: Results) -> None:
+    """The mesh's own channel ends (router_service/collective.Channel, experts/channel.ChannelWorker
+    echoing) between two plain processes, no Ray: what the collective path costs without the
+    emulated cluster sharing the cores. 8 MB of rows, as bench_boundary."""
+    import datetime
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    from protos.collective import process_group
+    from router_service.collective import Channel
+    from router_service.routing import Destination
+
+    keep_freed_memory()
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    peer = multiprocessing.get_context("spawn").Process(target=_echo_peer, args=(store.port,), daemon=True)
+    peer.start()
+    channel = Channel("alone", process_group(dist.PrefixStore("alone/0/", store), 0, torch.device("cpu"), 60),
+                      store, MODELS["big"]["num_local_experts"], 60.0)
+    x = torch.randn(TRANSPORT_ROWS, MODELS["big"]["hidden_size"])
+    out = torch.empty_like(x)
+    dest = Destination("alone", "", 0, TRANSPORT_ROWS, (0,), (TRANSPORT_ROWS,), ("0" * 12,))
+
+    def call(_):
+        channel.call(ECHO_LAYER, 0, x, None, dest, out)
+        return out
+
     try:
-        for kind, call in (("grpc", grpc_echo), ("ray", ray_echo)):
-            times = latencies_ms(call, rows, effort.transport_reps, effort.max_series_s)
-            r.transport[kind] = (2 * len(payload) / (p50(times) / 1e3) / 1e6, p50(times))
-            progress(f"transport {kind} to {name}: {r.transport[kind][0]:,.0f} MB/s, p50 {p50(times):.1f} ms")
+        if not torch.equal(call(None), x):
+            raise RuntimeError("the channel's echo did not return the rows")
+        times = latencies_ms(call, x, effort.transport_reps, effort.max_series_s)
+        r.transport["channel alone"] = (2 * x.numel() * 4 / (p50(times) / 1e3) / 1e6, p50(times))
+        progress(f"channel alone: p50 {p50(times):.1f} ms")
     finally:
         channel.close()
+        peer.terminate()
+
+
+def bench_boundary(mesh, kind: str, effort: Effort, r: Results) -> None:
+    """Round trips of 8 MB of rows ([2048, 1024] fp32) through the transport boundary to a group
+    on another node, over `kind` ("grpc", "ray" or "collective")."""
+    hidden = MODELS["big"]["hidden_size"]
+    transport = make_transport(RouterConfig(transport=kind), NAMESPACE, f"{mesh.name}/bench-{kind}",
+                               MODELS["big"]["num_local_experts"], TRANSPORT_ROWS, torch.float32)
+    call = echo_through_boundary(mesh, kind, transport)
+    x = torch.randn(TRANSPORT_ROWS, hidden)
+    try:
+        if kind == "collective":
+            group = f"{mesh.name}/group-{TRANSPORT_GROUP}"
+            call.loop.run_until_complete(transport.open([group]))
+            if group not in transport.channels:
+                raise RuntimeError(f"no collective channel to {group}")
+        if not torch.equal(call(x), x):
+            raise RuntimeError(f"{kind}: the echo through the boundary did not return the rows")
+        times = latencies_ms(call, x, effort.transport_reps, effort.max_series_s)
+        if kind == "collective" and transport.segments.get("grpc"):
+            raise RuntimeError(f"collective bandwidth: {transport.segments['grpc']} slices went over grpc")
+        r.transport[kind] = (2 * x.numel() * 4 / (p50(times) / 1e3) / 1e6, p50(times))
+        progress(f"boundary {kind}: {r.transport[kind][0]:,.0f} MB/s, p50 {p50(times):.1f} ms")
+    finally:
+        call.loop.run_until_complete(transport.close())
+        call.loop.close()
 
 
 def check_mesh_layout(mesh, model: Model) -> None:
@@ -499,7 +589,8 @@ def bench_mesh(models: dict[str, Model], effort: Effort, r: Results) -> None:
         for t in TOKENS:
             measure_latency(r, MESH, big, t, forward, effort.latency_reps[t], effort)
         measure_load(r, MESH, big, forward, effort)
-        bench_transports(mesh, effort, r)
+        for kind in ("grpc", "ray"):
+            bench_boundary(mesh, kind, effort, r)
     with running_mesh("bench-nobatch", big, batching={"enabled": False}) as mesh, \
             MeshClient(mesh.address, timeout_s=120) as client:
         forward = lambda x: client.forward(LAYER, x)  # noqa: E731
@@ -614,6 +705,7 @@ def bench_collective(models: dict[str, Model], effort: Effort, r: Results) -> No
                 for t in TOKENS:
                     measure_latency(r, MESH_COLL, big, t, forward, effort.latency_reps[t], effort)
                 measure_load(r, MESH_COLL, big, forward, effort)
+                bench_boundary(mesh, "collective", effort, r)
             else:
                 measure_latency(r, MESH_COLL, tiny, OVERHEAD_TOKENS, forward, effort.overhead_reps, effort)
                 r.breakdown[MESH_COLL] = breakdown(mesh, client, tiny)
@@ -719,6 +811,8 @@ def main() -> None:
         progress("measuring the floors (grpc.aio echo, gloo send/recv between two plain processes)")
         results.floors = floors.measure_floors()
         progress(f"floors: {results.floors}")
+        if args.only is None or "collective" in args.only:
+            bench_channel_alone(effort, results)
         progress("building checkpoints")
         models = build_models(Path(tmp))
         bench_in_process(models, effort, results)

@@ -18,9 +18,10 @@ import torch
 
 from experts.group import ExpertGroup
 from experts.links import emulated_delay_s, serve_delay
+from experts.memory import keep_freed_memory
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from protos.wire import DTYPES, from_proto, to_proto
+from protos.wire import DTYPES, ECHO_LAYER, from_proto, to_proto
 
 __all__ = ["ExpertGroupActor", "ExpertGroupServer"]
 
@@ -43,6 +44,8 @@ class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
 
     def compute_sync(self, layer: int, rows: torch.Tensor, experts: list[int], counts: list[int],
                      scale: torch.Tensor | None, versions: list[str] | None = None) -> torch.Tensor:
+        if layer == ECHO_LAYER:
+            return rows
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.group.forward(layer, rows, experts, counts, scale, versions).to(rows.dtype)  # the sender's
@@ -86,6 +89,7 @@ class ExpertGroupActor:
 
     def __init__(self, name: str, model_path: str, assignment: dict[int, list[int]], dtype: str = "float32",
                  torch_threads: int = 0):
+        keep_freed_memory()
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.name = name

@@ -71,9 +71,9 @@ class ChannelWorker:
         if n > self.rows.shape[0]:
             raise RuntimeError(f"batch of {n} rows exceeds this channel's {self.rows.shape[0]}")
         rows, scale = self.rows[:n], (self.scale[:n] if has_scale else None)
-        pg.recv([rows], 0, 0).wait()
-        if scale is not None:
-            pg.recv([scale], 0, 0).wait()
+        posted = [pg.recv([rows], 0, 0)] + ([pg.recv([scale], 0, 0)] if scale is not None else [])
+        for work in posted:
+            work.wait()
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -86,8 +86,9 @@ class ChannelWorker:
         if self.delay_s > 0:  # the emulated link delay of this node (experts/links.py)
             time.sleep(self.delay_s)
         self.status[0], self.status[1] = 1, n
-        pg.send([self.status], 0, 0).wait()
-        pg.send([out.contiguous()], 0, 0).wait()
+        posted = [pg.send([self.status], 0, 0), pg.send([out.contiguous()], 0, 0)]
+        for work in posted:
+            work.wait()
 
     def _send_error(self, message: str) -> None:
         raw = message.encode()[:MESSAGE_BYTES]

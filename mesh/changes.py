@@ -2,9 +2,12 @@
 
 A change is an Intent (mesh/state.py) with one of these step lists:
 
-    copies   (scale, autoscale, rebalance):  load -> publish -> drain -> release
+    copies   (scale, autoscale, rebalance):  load -> connect -> publish -> drain -> release
     swap:                                    stage -> publish -> drain -> commit
     restart  (a dead or diverged group):     start -> connect -> publish
+
+"connect": every router has a channel to each group that gains copies (the collective transport;
+a restarted group's channels are opened anew) before the first table that routes to it.
 
 A crash before "publish" rolls back (loaded copies released, staged weights dropped); at or after
 it, the change rolls forward. The table names only copies the desired state names *and* the group
@@ -22,7 +25,7 @@ from router_service.routing import Copy
 __all__ = ["GroupView", "STEPS", "Tidy", "plan_copies", "plan_restart", "plan_swap", "published_state",
            "table_layers", "tidy"]
 
-STEPS = {"copies": ("load", "publish", "drain", "release"),
+STEPS = {"copies": ("load", "connect", "publish", "drain", "release"),
          "swap": ("stage", "publish", "drain", "commit"),
          "restart": ("start", "connect", "publish")}
 

@@ -64,8 +64,8 @@ class RayRouter:
     async def start(self, port: int) -> str:
         return await self.actor.start.remote(port)
 
-    async def open_channels(self, groups: list[str]) -> None:
-        await self.actor.open_channels.remote(groups)
+    async def open_channels(self, groups: list[str], fresh: bool) -> None:
+        await self.actor.open_channels.remote(groups, fresh)
 
 
 class RayLauncher:

@@ -44,7 +44,7 @@ class GroupHandle(Protocol):
 
 class RouterHandle(Protocol):
     async def epoch(self) -> int: ...
-    async def open_channels(self, groups: list[str]) -> None: ...
+    async def open_channels(self, groups: list[str], fresh: bool) -> None: ...
     async def set_table(self, blob: bytes) -> bool: ...
     async def start(self, port: int) -> str: ...
 
@@ -182,8 +182,9 @@ class Reconciler:
             await self._stage(intent, verifier)
         elif step == "start":
             await self._start(intent)
-        elif step == "connect":  # routers open their channels to the (re)started group before it is routed to
-            await self._connect(list(intent.nodes))
+        elif step == "connect":  # routers have channels to the groups before a table routes to them
+            restarted = intent.kind == "restart"
+            await self._connect(list(intent.nodes) if restarted else sorted({g for g, *_ in intent.loads}), restarted)
         elif step == "release":
             await self._each([(g, self.groups[g].release(l, list(e))) for g, l, e in intent.releases])
         elif step == "commit":
@@ -237,11 +238,11 @@ class Reconciler:
             self.seen[group].held.update(held or {})
             self.seen[group].staged.update(staged or {})
 
-    async def _connect(self, groups: list[str]) -> None:
-        """Every router opens its channels to `groups` (a no-op but for the collective transport);
-        a router that cannot is logged and sends over grpc meanwhile."""
+    async def _connect(self, groups: list[str], fresh: bool) -> None:
+        """Every router has a channel to each of `groups` (`fresh`: opened anew; a no-op but for the
+        collective transport); a router that cannot is logged and sends over grpc meanwhile."""
         names = list(self.routers)
-        results = await asyncio.gather(*(self._call(self.routers[n].open_channels(groups)) for n in names),
+        results = await asyncio.gather(*(self._call(self.routers[n].open_channels(groups, fresh)) for n in names),
                                        return_exceptions=True)
         for name, result in zip(names, results):
             if isinstance(result, BaseException):
@@ -259,7 +260,11 @@ class Reconciler:
         return next((r.version for r in self.state.copies.get((layer, expert), ()) if r.group == group), None)
 
     async def _roll_back(self, intent: Intent) -> None:
-        """Undo what the steps before the publish may have done: loaded copies, staged weights."""
+        """Undo what the steps before the publish may have done: loaded copies, staged weights. A
+        group a restart started stays (it holds the named copies): routers' channels to it are
+        opened anew, since their old ones reach the dead incarnation."""
+        if intent.kind == "restart" and intent.next_step > 0:
+            await self._connect([g for g in intent.nodes if g in self.groups], True)
         if "load" in intent.steps[:intent.next_step + 1]:
             await self._each([(g, self.groups[g].release(l, list(e))) for g, l, e, _ in intent.loads
                               if g in self.groups])

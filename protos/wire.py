@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from protos import expert_mesh_pb2 as pb
 
-__all__ = ["DTYPES", "WireError", "decode_into", "from_proto", "to_proto"]
+__all__ = ["DTYPES", "ECHO_LAYER", "WireError", "decode_into", "from_proto", "to_proto"]
+
+ECHO_LAYER = -1  # a batch for this layer comes back as sent: bench_mesh's bandwidth through the boundary
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAMES = {v: k for k, v in DTYPES.items()}
@@ -39,14 +42,17 @@ def decode_into(message: pb.Tensor, out: torch.Tensor, field: str = "tensor") ->
     if message.dtype != _NAMES.get(out.dtype) or tuple(message.shape) != tuple(out.shape):
         raise WireError(f"{field} must be {_NAMES.get(out.dtype)} {list(out.shape)}, got {message.dtype} "
                         f"{list(message.shape)}")
-    if len(message.data) != out.numel() * out.element_size():
-        raise WireError(f"{field}.data has {len(message.data)} bytes, expected {out.numel() * out.element_size()}")
+    data = message.data  # upb copies the field's bytes on every access: once
+    if len(data) != out.numel() * out.element_size():
+        raise WireError(f"{field}.data has {len(data)} bytes, expected {out.numel() * out.element_size()}")
     if out.numel():
-        out.view(torch.uint8).numpy().reshape(-1)[:] = np.frombuffer(message.data, dtype=np.uint8)
+        out.view(torch.uint8).numpy().reshape(-1)[:] = np.frombuffer(data, dtype=np.uint8)
 
 
-def from_proto(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
-    """Decode; WireError naming `field` if dtype, shape or byte count are wrong."""
+def from_proto(message: pb.Tensor, field: str = "tensor", copy: bool = False) -> torch.Tensor:
+    """Decode; WireError naming `field` if dtype, shape or byte count are wrong. The tensor is a
+    read-only view of the message's bytes (no copy: the mesh never writes into its inputs);
+    `copy`: a tensor of its own (what a client hands its caller)."""
     dtype = DTYPES.get(message.dtype)
     if dtype is None:
         raise WireError(f"{field}.dtype must be one of {', '.join(DTYPES)}, got {message.dtype!r}")
@@ -55,10 +61,14 @@ def from_proto(message: pb.Tensor, field: str = "tensor") -> torch.Tensor:
         raise WireError(f"{field}.shape must be non-negative, got {list(shape)}")
     numel = math.prod(shape)
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    if len(message.data) != numel * itemsize:
-        raise WireError(f"{field}.data has {len(message.data)} bytes, expected {numel * itemsize} "
+    data = message.data  # upb copies the field's bytes on every access: once
+    if len(data) != numel * itemsize:
+        raise WireError(f"{field}.data has {len(data)} bytes, expected {numel * itemsize} "
                         f"for shape {list(shape)} {message.dtype}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(message.data), dtype=dtype)
-    return flat.reshape(shape)
+    if copy:
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable": it is not written
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)

@@ -13,6 +13,7 @@ import time
 import msgpack
 import torch
 
+from experts.memory import keep_freed_memory
 from protos.wire import DTYPES
 from router_service.config import RouterConfig
 from router_service.routing import RoutingTable
@@ -75,6 +76,7 @@ class RouterActor:
 
     def __init__(self, mesh: str, model_path: str, config: dict, namespace: str, dtype: str = "float32",
                  controller: str | None = None, torch_threads: int = 0):
+        keep_freed_memory()
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.mesh = mesh
@@ -133,10 +135,10 @@ class RouterActor:
         await self.server.refresh_health()
         return self.server.is_serving()
 
-    async def open_channels(self, groups: list[str]) -> None:
-        """Open (anew) the transport's channels to `groups`: the reconciler's step before the first
-        table that routes to a (re)started group."""
-        await self.server.router.transport.open(groups)
+    async def open_channels(self, groups: list[str], fresh: bool) -> None:
+        """The transport's channels to `groups` (`fresh`: anew, the groups were restarted): the
+        reconciler's step before the first table that routes to them."""
+        await self.server.router.transport.open(groups, fresh)
 
     def epoch(self) -> int:
         """Epoch of the routing table in force; -1 before `start` (a router Ray just restarted)."""

@@ -113,7 +113,7 @@ def _forward_request(layer: int, hidden: torch.Tensor) -> pb.ForwardRequest:
 def _forward_result(response: pb.ForwardResponse, hidden: torch.Tensor, address: str) -> torch.Tensor:
     """Decode the response and check it has the request's shape and dtype."""
     try:
-        out = from_proto(response.hidden, field="ForwardResponse.hidden")
+        out = from_proto(response.hidden, field="ForwardResponse.hidden", copy=True)
     except WireError as exc:
         raise MeshClientError(grpc.StatusCode.INTERNAL, str(exc), address) from exc
     if out.shape != hidden.shape or out.dtype != hidden.dtype:

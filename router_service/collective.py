@@ -5,8 +5,8 @@ contract is protos/collective.py; the group's end is experts/channel.py.
 Rendezvous goes through Ray: the router hosts a TCPStore on its node (port 0: the OS picks) and
 asks the group actor, by a Ray call, to join it. Nothing for the user to set.
 
-    open      -> the reconciler's "connect" step: channels to a (re)started group, before the
-                 first table that routes to it
+    open      -> the reconciler's "connect" step: channels to the groups that gain copies (anew to
+                 a restarted group) before the first table that routes to them
     set_table -> open a channel to every group the table names that has none (in the background;
                  until it is up, that group's slices go over grpc, counted as such) -> close the
                  ones no table names, 10 s later
@@ -56,11 +56,12 @@ class Channel:
         """Runs in `thread`: one destination's slice out, its outputs into out[start:stop]."""
         a, b = dest.start, dest.stop
         encode_header(self.header, layer, epoch, dest.experts, dest.counts, dest.versions, b - a, scale is not None)
-        self.pg.send([self.header], 1, 0).wait(self.timeout)
-        self.pg.send([rows[a:b]], 1, 0).wait(self.timeout)
+        posted = [self.pg.send([self.header], 1, 0), self.pg.send([rows[a:b]], 1, 0)]  # posted together, one wait
         if scale is not None:
-            self.pg.send([scale[a:b]], 1, 0).wait(self.timeout)
-        self.pg.recv([self.status], 1, 0).wait(self.timeout)
+            posted.append(self.pg.send([scale[a:b]], 1, 0))
+        posted.append(self.pg.recv([self.status], 1, 0))
+        for work in posted:
+            work.wait(self.timeout)
         if int(self.status[0]) != 1:
             self.pg.recv([self.message], 1, 0).wait(self.timeout)
             raise ValueError(bytes(self.message[:int(self.status[1])].tolist()).decode(errors="replace"))
@@ -98,14 +99,17 @@ class CollectiveTransport(Transport):
         for group in [g for g in self.channels if g not in self._named]:
             loop.call_later(CLOSE_GRACE_S, self._close_unnamed, group)
 
-    async def open(self, groups: list[str]) -> None:
-        """Channels to `groups` anew (they were restarted: their old channels are dead)."""
+    async def open(self, groups: list[str], fresh: bool = False) -> None:
+        """Channels to `groups`, waiting for any being opened; `fresh`: anew (the groups were
+        restarted: their old channels are dead)."""
         for group in groups:
-            channel = self.channels.pop(group, None)
+            channel = self.channels.pop(group, None) if fresh else None
             if channel is not None:
                 channel.close()
             self._failed_at.pop(group, None)
-        await asyncio.gather(*(self._open(g) for g in groups if g not in self._opening))
+        pending = [self._opening[g] for g in groups if g in self._opening]
+        await asyncio.gather(*(self._open(g) for g in groups if g not in self.channels and g not in self._opening),
+                             *pending, return_exceptions=True)
 
     def _close_unnamed(self, group: str) -> None:
         if group not in self._named and group in self.channels:

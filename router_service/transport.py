@@ -56,8 +56,8 @@ class Transport(abc.ABC):
     def on_table(self, table) -> None:
         """A new routing table is in force (a transport with channels opens and closes them)."""
 
-    async def open(self, groups: list[str]) -> None:
-        """Open channels to `groups` now, replacing any (a transport without channels: nothing)."""
+    async def open(self, groups: list[str], fresh: bool = False) -> None:
+        """Channels to `groups` now; `fresh`: replacing any (a transport without channels: nothing)."""
 
     async def close(self) -> None:
         """Release connections."""

@@ -92,3 +92,11 @@ def test_wrong_hidden_size_input_is_refused(zoo):
     layer = MoELayer.from_pretrained(zoo.checkpoint("olmoe"), layer=0)
     with pytest.raises(ValueError, match=r"hidden must be \[T, 48\]"):
         layer(torch.randn(4, 47))
+
+
+def test_the_mesh_processes_keep_freed_message_buffers():
+    import sys
+
+    from experts.memory import keep_freed_memory
+
+    assert keep_freed_memory() == sys.platform.startswith("linux")

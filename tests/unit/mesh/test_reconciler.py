@@ -108,7 +108,8 @@ class FakeRouterActor:
         self.world, self.tables, self.epoch_ = world, [], 0
         self.hang = False
         self.crash_on_epoch: int | None = None
-        self.opened: list[list[str]] = []  # open_channels calls
+        self.opened: list[tuple[list[str], bool]] = []  # open_channels calls
+        self.channels: dict[str, int] | None = None  # group -> id of the group actor its channel reaches
 
     async def epoch(self):
         return self.epoch_
@@ -125,6 +126,7 @@ class FakeRouterActor:
                     g = self.world.actors[c.group]
                     if c.version not in (g.held.get((layer, expert)), g.staged.get((layer, expert))):
                         self.world.violations.append(f"epoch {table.epoch} names {c}, not held by {c.group}")
+        self._check_channels(table)
         self.tables.append(table)
         self.epoch_ = max(self.epoch_, table.epoch)
         return True
@@ -132,8 +134,19 @@ class FakeRouterActor:
     async def start(self, port):
         return f"127.0.0.1:{port}"
 
-    async def open_channels(self, groups):
-        self.opened.append(list(groups))
+    async def open_channels(self, groups, fresh):
+        self.opened.append((list(groups), fresh))
+        for g in groups:
+            if fresh or g not in self.channels:
+                self.channels[g] = id(self.world.actors[g])
+
+    def _check_channels(self, table):
+        """Every group a table routes to has a channel to its current actor (the first table: the deploy's)."""
+        if self.channels is None:
+            self.channels = {g: id(self.world.actors[g]) for g in table.groups()}
+        for g in table.groups():
+            if self.channels.get(g) != id(self.world.actors[g]):
+                self.world.violations.append(f"epoch {table.epoch} routes to {g} with no channel to it")
 
 
 class FakeLauncher:
@@ -321,8 +334,32 @@ def test_a_dead_group_leaves_the_table_while_a_change_runs_and_restarts_after_it
         await change
         await converge(rec)
         assert world.starts == ["g2"] and "g2" in rec.table.groups()
-        assert all(r.opened == [["g2"]] for r in world.router_actors.values())  # before it was routed to
+        assert all((["g2"], True) in r.opened for r in world.router_actors.values())  # before it was routed to
         assert_converged(rec, world)
+
+    asyncio.run(main())
+
+
+def test_a_group_that_gains_its_first_copies_has_channels_before_a_table_routes_to_it():
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = deployed(kv, world)
+        world.actors["g3"] = FakeGroupActor("g3", [])  # deployed empty: no table names it
+        rec.adopt(rec.state.replace(groups={**rec.state.groups, "g3": "n0"}))
+        await rec.observe()
+        await rec.publish()
+        assert "g3" not in rec.table.groups()
+
+        async def onto_g3(state):
+            plan = {g: {l: list(e) for l, e in held.items()} for g, held in held_by(state.copies).items()}
+            plan["g0"][0].remove(3)
+            plan["g3"] = {0: [3]}
+            return plan_copies(state, plan, "rebalance", "rebalance-1")
+
+        await rec.submit(onto_g3)
+        assert "g3" in rec.table.groups()
+        assert all((["g3"], False) in r.opened for r in world.router_actors.values())
+        assert_converged(rec, world)  # no table routed to g3 before its channel (FakeRouterActor checks)
 
     asyncio.run(main())
 
