@@ -548,7 +548,8 @@ def bench_boundary(mesh, kind: str, effort: Effort, r: Results) -> None:
     on another node, over `kind` ("grpc", "ray" or "collective")."""
     hidden = MODELS["big"]["hidden_size"]
     transport = make_transport(RouterConfig(transport=kind), NAMESPACE, f"{mesh.name}/bench-{kind}",
-                               MODELS["big"]["num_local_experts"], TRANSPORT_ROWS, torch.float32)
+                               MODELS["big"]["num_local_experts"], TRANSPORT_ROWS, torch.float32,
+                               ray.get(mesh.controller.data_secret.remote()))
     call = echo_through_boundary(mesh, kind, transport)
     x = torch.randn(TRANSPORT_ROWS, hidden)
     try:

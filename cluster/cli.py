@@ -112,6 +112,11 @@ def _admin_stub(name: str):
     return pb_grpc.MeshAdminStub(grpc.insecure_channel(running["router"]))
 
 
+def _bearer(token: str) -> list[tuple[str, str]]:
+    """The admin or read token as `authorization: Bearer` metadata (none without a token)."""
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
 def _admin_call(args: argparse.Namespace, method: str, timeout_s: float, **fields) -> int:
     """One mutating MeshAdmin call on the running mesh, with the token; prints the reply."""
     import grpc
@@ -123,9 +128,9 @@ def _admin_call(args: argparse.Namespace, method: str, timeout_s: float, **field
         print(f"no running mesh named {args.name!r}", file=sys.stderr)
         return 1
     token = args.token or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
-    request = getattr(pb, f"{method}Request")(token=token, **fields)
+    request = getattr(pb, f"{method}Request")(**fields)
     try:
-        reply = getattr(stub, method)(request, timeout=timeout_s)
+        reply = getattr(stub, method)(request, timeout=timeout_s, metadata=_bearer(token))
     except grpc.RpcError as exc:
         print(f"refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -164,7 +169,9 @@ def _cmd_placement(args: argparse.Namespace) -> int:
         return 1
     print("measuring links (a probe per node echoes to every other) ...", file=sys.stderr, flush=True)
     try:
-        report = msgpack.unpackb(stub.Placement(pb.PlacementRequest(), timeout=120).report, strict_map_key=False)
+        token = os.environ.get("EXPERT_MESH_READ_TOKEN") or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
+        reply = stub.Placement(pb.PlacementRequest(), timeout=120, metadata=_bearer(token))
+        report = msgpack.unpackb(reply.report, strict_map_key=False)
     except grpc.RpcError as exc:
         print(f"failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -207,7 +214,8 @@ def _snapshot(args: argparse.Namespace) -> dict | None:
     if running is None:
         return None
     with grpc.insecure_channel(running["router"]) as channel:
-        reply = pb_grpc.MeshAdminStub(channel).Status(pb.StatusRequest(), timeout=10)
+        token = os.environ.get("EXPERT_MESH_READ_TOKEN") or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
+        reply = pb_grpc.MeshAdminStub(channel).Status(pb.StatusRequest(), timeout=10, metadata=_bearer(token))
     return msgpack.unpackb(reply.snapshot, strict_map_key=False)
 
 

@@ -21,6 +21,7 @@ import copy
 import logging
 from pathlib import Path
 
+from experts.errors import IngressError
 from mesh.config import ConfigError, MeshConfig, load_config
 
 __all__ = ["IMPORT_PATH", "SERVICER_FUNCTIONS", "IngressError", "MeshIngress", "build_app", "grpc_options",
@@ -35,10 +36,6 @@ DEFAULT_GRPC_PORT = 9000          # Serve's defaults
 DEFAULT_HTTP_PORT = 8000
 MAX_ONGOING_REQUESTS = 256        # per replica: concurrent Forwards must reach the router's batcher together
 HEALTH_TIMEOUT_S = 5.0
-
-
-class IngressError(RuntimeError):
-    """A router call that failed, raised when the caller is not Serve's gRPC proxy (a Python handle)."""
 
 
 def mesh_config(args: dict) -> MeshConfig:

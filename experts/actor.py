@@ -16,22 +16,43 @@ import time
 import grpc
 import torch
 
+from experts.errors import InvalidRequestError
 from experts.group import ExpertGroup
 from experts.links import emulated_delay_s, serve_delay
 from experts.memory import keep_freed_memory
 from protos import expert_mesh_pb2 as pb
-from protos import expert_mesh_pb2_grpc as pb_grpc
+from protos.serving import worker_server
 from protos.wire import DTYPES, ECHO_LAYER, from_proto, to_proto
 
 __all__ = ["ExpertGroupActor", "ExpertGroupServer"]
 
 logger = logging.getLogger(__name__)
 
-_MAX_MESSAGE = 1 << 30
 INLINE_MAX_MACS = 1 << 22  # rows * H * I below this: compute on the event loop (~1 ms of work at most)
 
 
-class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
+def validate_batch(request: pb.ExpertBatch, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows [N, H], scale [N] or None) of an ExpertBatch, checked as Forward checks its input;
+    which experts and versions the group holds, ExpertGroup.forward checks. InvalidRequestError
+    names the field."""
+    rows = from_proto(request.hidden, "ExpertBatch.hidden")
+    if rows.dim() != 2 or rows.shape[1] != hidden_size:
+        raise InvalidRequestError(f"ExpertBatch.hidden must be [N, {hidden_size}], got {list(rows.shape)}")
+    counts = list(request.counts)
+    if len(counts) != len(request.experts) or any(c < 0 for c in counts) or sum(counts) != rows.shape[0]:
+        raise InvalidRequestError(f"ExpertBatch.counts {counts[:16]} must be one non-negative count per expert "
+                                  f"({len(request.experts)}) summing to the {rows.shape[0]} rows")
+    scale = None
+    if request.scale.dtype:
+        scale = from_proto(request.scale, "ExpertBatch.scale")
+        if tuple(scale.shape) != (rows.shape[0],):
+            raise InvalidRequestError(f"ExpertBatch.scale must be [{rows.shape[0]}], got {list(scale.shape)}")
+    if not torch.isfinite(rows).all() or (scale is not None and not torch.isfinite(scale).all()):
+        raise InvalidRequestError("ExpertBatch.hidden or .scale contains NaN or Inf")
+    return rows, scale
+
+
+class ExpertGroupServer:
     """Serves one ExpertGroup; the compute runs in a thread so the event loop keeps receiving."""
 
     def __init__(self, name: str, group: ExpertGroup, delay_s: float = 0.0):
@@ -63,14 +84,13 @@ class ExpertGroupServer(pb_grpc.ExpertWorkerServicer):
 
     async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
         start = time.perf_counter()
+        rows, scale = validate_batch(request, self.group.spec.hidden_size)
+        decoded = time.perf_counter()
         try:
-            rows = from_proto(request.hidden, "ExpertBatch.hidden")
-            scale = from_proto(request.scale, "ExpertBatch.scale") if request.scale.dtype else None
-            decoded = time.perf_counter()
             out = await self.compute(request.layer, rows, list(request.experts), list(request.counts), scale,
                                      list(request.versions) or None)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"group {self.name}: {exc}")
+        except (KeyError, ValueError) as exc:  # a layer, expert or version this group does not hold
+            raise InvalidRequestError(f"group {self.name}: {exc}") from exc
         computed = time.perf_counter()
         reply = pb.ExpertResult()
         to_proto(out, reply.hidden)
@@ -102,14 +122,13 @@ class ExpertGroupActor:
         self._channels: dict = {}  # router -> ChannelWorker (collective transport)
         logger.info("group %s holds %s", name, {k: v.experts for k, v in group.layers.items()})
 
-    async def start(self, host: str = "") -> str:
-        """Start the ExpertWorker server on this node; returns its "ip:port"."""
+    async def start(self, host: str = "", secret: str = "") -> str:
+        """Start the ExpertWorker server on this node, for callers with the mesh's `secret`; returns
+        its "ip:port"."""
         import ray
 
         host = host or ray.util.get_node_ip_address()
-        options = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
-        self._server = grpc.aio.server(options=options)
-        pb_grpc.add_ExpertWorkerServicer_to_server(self.server_impl, self._server)
+        self._server = worker_server(secret, self.server_impl)
         port = self._server.add_insecure_port(f"{host}:0")
         await self._server.start()
         self.endpoint = f"{host}:{port}"

@@ -16,7 +16,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import math
 import re
+import stat
 import struct
 from pathlib import Path
 
@@ -31,22 +33,74 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
            "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 
+MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own bound
+
+
+def _regular_file(path: Path) -> None:
+    """CheckpointError unless `path` is a regular file (a FIFO or device would block or never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise CheckpointError(f"{path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path} is not a regular file")
+
+
+def _entries(path: Path, header: object, data_bytes: int) -> dict[str, dict]:
+    """The tensor entries of a parsed header, each checked: a known dtype, a shape of non-negative
+    ints, offsets inside the data and not overlapping, bytes = shape x dtype."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is a {type(header).__name__}, not a JSON object")
+    header.pop("__metadata__", None)
+    spans = []
+    for name, entry in header.items():
+        where = f"tensor {name!r} in {path}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise CheckpointError(f"{where}: an entry needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} are not inside the file's {data_bytes} bytes")
+        expected = math.prod(shape) * _DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise CheckpointError(f"{where} has {offsets[1] - offsets[0]} bytes, shape {shape} {dtype} needs "
+                                  f"{expected}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap")
+    return header
+
+
 class SafetensorsFile:
-    """One .safetensors file, read with pread: `read(name, rows)` touches only those rows' bytes."""
+    """One .safetensors file, read with pread: `read(name, rows)` touches only those rows' bytes.
+    Its header is checked whole when the file is opened (CheckpointError naming file and tensor)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.bytes_read = 0
-        self._fd = os.open(path, os.O_RDONLY)
+        _regular_file(path)
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         try:
+            size = os.fstat(self._fd).st_size
             (header_len,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if not 2 <= header_len <= min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path}: header length {header_len} does not fit the file's {size} bytes "
+                                      f"(at most {MAX_HEADER_BYTES})")
             header = json.loads(os.pread(self._fd, header_len, 8))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.entries: dict[str, dict] = _entries(path, header, size - 8 - header_len)
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             os.close(self._fd)
-            raise CheckpointError(f"{path} is not a safetensors file: {exc}") from exc
-        header.pop("__metadata__", None)
+            raise CheckpointError(f"{path} is not a safetensors file: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._data_start = 8 + header_len
-        self.entries: dict[str, dict] = header
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
@@ -54,9 +108,9 @@ class SafetensorsFile:
     def read(self, name: str, rows: int | None = None) -> tuple[torch.Tensor, bytes]:
         """Tensor `name` (or its row `rows` along dim 0) and the raw bytes it came from."""
         entry = self.entries[name]
-        dtype = _DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"tensor {name!r} in {self.path} has unsupported dtype {entry['dtype']}")
+        dtype = _DTYPES[entry["dtype"]]
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"tensor {name!r} in {self.path} is {entry['dtype']}: weights must be floating point")
         start, end = entry["data_offsets"]
         shape = list(entry["shape"])
         if rows is not None:
@@ -98,8 +152,15 @@ def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> file, for a single-file or sharded checkpoint folder."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        _regular_file(index)
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {str(name): _confined(path, file) for name, file in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index: {type(exc).__name__}: {exc}") from exc
+        for file in set(files.values()):
+            _regular_file(file)
+        return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors file in {path}")
@@ -109,6 +170,16 @@ def _weight_files(path: Path) -> dict[str, Path]:
         names.update(dict.fromkeys(reader.entries, file))
         reader.close()
     return names
+
+
+def _confined(folder: Path, file: object) -> Path:
+    """`file` of an index, as a path inside `folder` (no absolute path, no way out with ..)."""
+    if not isinstance(file, str) or not file or Path(file).is_absolute():
+        raise CheckpointError(f"{folder}: index names {file!r}, not a file name inside the checkpoint")
+    resolved = (folder / file).resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{folder}: index names {file!r}, which is outside the checkpoint folder")
+    return resolved
 
 
 class CheckpointReader:

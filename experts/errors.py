@@ -1,12 +1,49 @@
-"""The project's exceptions: one root, typed subclasses."""
+"""The project's exceptions: one root, typed subclasses. Each category below maps to one gRPC
+status, in one place (protos/serving.py `status_of`); a subclass names what went wrong.
+
+    MeshError
+      InvalidRequestError      INVALID_ARGUMENT    a request that cannot be served as sent
+        WireError                                  a tensor message that does not decode
+      UnauthenticatedError     UNAUTHENTICATED     a call without the mesh's secret or a token
+      PermissionDeniedError    PERMISSION_DENIED   a token that is not the right one
+      ResourceExhaustedError   RESOURCE_EXHAUSTED  over a bound (queued tokens, bytes in flight)
+      UnavailableError         UNAVAILABLE         an expert group or the controller cannot answer
+      UnsupportedModelError, CheckpointError, IngressError, ...  (not request errors)
+"""
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "MeshError", "UnsupportedModelError", "one_line"]
+__all__ = ["CheckpointError", "IngressError", "InvalidRequestError", "MeshError", "PermissionDeniedError",
+           "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError", "UnsupportedModelError",
+           "WireError", "one_line"]
 
 
 class MeshError(Exception):
     """Root of every error expert-mesh raises on purpose."""
+
+
+class InvalidRequestError(MeshError, ValueError):
+    """A request that cannot be served as sent; the message names the field."""
+
+
+class WireError(InvalidRequestError):
+    """A tensor message that cannot be decoded; the message names the field."""
+
+
+class UnauthenticatedError(MeshError):
+    """A call that carries no credentials this server accepts (the mesh's secret, a read token)."""
+
+
+class PermissionDeniedError(MeshError):
+    """A call whose token is not the one that allows it."""
+
+
+class ResourceExhaustedError(MeshError):
+    """A bound is reached (queued tokens, request bytes in flight); the caller should back off."""
+
+
+class UnavailableError(MeshError):
+    """Something the call needs (an expert group, the controller, a routing table) cannot answer."""
 
 
 class UnsupportedModelError(MeshError, ValueError):
@@ -15,6 +52,10 @@ class UnsupportedModelError(MeshError, ValueError):
 
 class CheckpointError(MeshError, ValueError):
     """A checkpoint is missing a tensor, has a tensor of the wrong shape, or is unreadable."""
+
+
+class IngressError(MeshError):
+    """The Serve ingress got an error status from the router; the message carries its code."""
 
 
 def one_line(error: BaseException) -> str:

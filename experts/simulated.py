@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from experts.errors import InvalidRequestError
 from experts.links import emulated_delay_s, serve_delay
 from protos import expert_mesh_pb2 as pb
-from protos import expert_mesh_pb2_grpc as pb_grpc
+from protos.serving import worker_server
 
 __all__ = ["CostModel", "SimulatedGroupActor"]
 
@@ -38,7 +39,7 @@ class CostModel:
         return self.latency_ms / 1e3 + 6 * self.hidden_size * self.intermediate_size * rows / (self.tflops * 1e12)
 
 
-class _Device(pb_grpc.ExpertWorkerServicer):
+class _Device:
     def __init__(self, name: str, cost: CostModel, held: dict[int, set[int]], delay_s: float):
         self.name, self.cost, self.held, self.delay_s = name, cost, held, delay_s
         self.busy = asyncio.Lock()  # one batch at a time
@@ -48,9 +49,8 @@ class _Device(pb_grpc.ExpertWorkerServicer):
     async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
         missing = [e for e in request.experts if e not in self.held.get(request.layer, set())]
         if missing or sum(request.counts) != (request.hidden.shape[0] if request.hidden.shape else -1):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"group {self.name}: layer {request.layer} experts {missing} not held, "
-                                f"or counts {list(request.counts)} do not sum to the rows")
+            raise InvalidRequestError(f"group {self.name}: layer {request.layer} experts {missing} not held, "
+                                      f"or counts {list(request.counts)} do not sum to the rows")
         seconds = self.cost.seconds(sum(request.counts))
         async with self.busy:
             await asyncio.sleep(seconds)
@@ -76,14 +76,12 @@ class SimulatedGroupActor:
         self.endpoint = ""
         self.started = time.time()
 
-    async def start(self, host: str = "") -> str:
+    async def start(self, host: str = "", secret: str = "") -> str:
         import ray
 
         if self._server is None:
             host = host or ray.util.get_node_ip_address()
-            self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 30),
-                                                    ("grpc.max_send_message_length", 1 << 30)])
-            pb_grpc.add_ExpertWorkerServicer_to_server(self.device, self._server)
+            self._server = worker_server(secret, self.device)
             port = self._server.add_insecure_port(f"{host}:0")
             await self._server.start()
             self.endpoint = f"{host}:{port}"

@@ -68,6 +68,12 @@ class MeshConfig(BaseModel):
     drain_s: float = Field(1.0, ge=0, description="Wait between moving traffic off a copy and releasing it.")
     admin_token: str | None = Field(None, description=(
         "Token that mutating admin calls must carry (EXPERT_MESH_ADMIN_TOKEN overrides); none: refused."))
+    swap_roots: list[str] = Field(default_factory=list, description=(
+        "Folders a hot swap may read checkpoints from (resolved on the controller's node); empty: the "
+        "model checkpoint's parent folder."))
+    read_token: str | None = Field(None, description=(
+        "Token that Status and Placement must carry (EXPERT_MESH_READ_TOKEN overrides; the admin token "
+        "also works); none: they are open to every caller of the router's port."))
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
     num_routers: int = Field(1, ge=1, le=8, description="Routers started by `mesh up` (ports port, port+1, ...).")
     placement_balance: float = Field(0.5, ge=0, description=(

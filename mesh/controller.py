@@ -13,15 +13,16 @@ restart:    Ray restarts this actor; it adopts the persisted state, rolls the ch
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
+import secrets
 import time
+from pathlib import Path
 
 import msgpack
 
 from experts import load_spec
-from experts.errors import MeshError
+from experts.errors import MeshError, PermissionDeniedError
 from mesh.autoscale import plan_autoscale
 from mesh.changes import plan_copies, plan_swap
 from mesh.config import MeshConfig
@@ -30,6 +31,7 @@ from mesh.load import Load, aggregate_load, by_name
 from mesh.placement import (group_latency, initial_assignment, pairs_kept, pick_groups, placement_cost,
                             placement_moves, plan_placement, replicate_layer, spread_groups)
 from mesh.probes import LatencyProbe, link_matrix
+from protos.serving import same_token
 from mesh.reconciler import Reconciler, view_of
 from mesh.state import MeshState, Replica, held_by
 from mesh.store import GcsKVStore, StateStore
@@ -41,8 +43,8 @@ logger = logging.getLogger(__name__)
 _BYTES = {"float32": 4, "bfloat16": 2}
 
 
-class AdminError(MeshError):
-    """A mutating admin call without the right token."""
+class AdminError(PermissionDeniedError):
+    """An admin call without the right token."""
 
 
 class PlacementError(MeshError):
@@ -93,6 +95,7 @@ class MeshController:
         if state is None:
             return False
         start = time.perf_counter()
+        self.rec.launcher.secret = state.secret
         self.rec.adopt(state)
         await self.rec.observe()
         await self.rec.resume()
@@ -115,6 +118,7 @@ class MeshController:
         placement = spread_groups(num_groups, [n["NodeID"] for n in nodes])
         self._check_memory(assignment, placement, nodes)
         names = [f"{self.config.name}/group-{k}" for k in range(num_groups)]
+        secret = self.rec.launcher.secret = secrets.token_urlsafe(32)  # the data plane's, persisted below
         handles = await asyncio.gather(*(self.rec.launcher.start_group(n, node, [(l, e, None) for l, e in held.items()])
                                          for n, held, node in zip(names, assignment, placement)))
         views = [view_of(info) for info in await asyncio.gather(*(h.info() for h in handles))]
@@ -125,7 +129,7 @@ class MeshController:
         self.rec.groups, self.rec.seen = dict(zip(names, handles)), dict(zip(names, views))
         self.rec.save(MeshState(revision=1, groups=dict(zip(names, placement)),
                                 copies={k: tuple(v) for k, v in copies.items()},
-                                autoscale=self.config.autoscale.enabled))
+                                autoscale=self.config.autoscale.enabled, secret=secret))
         await self.rec.publish()
         self._start_loops()
         return self.rec.table.encode()
@@ -179,6 +183,14 @@ class MeshController:
 
     # -- routers ---------------------------------------------------------------------------------
 
+    async def data_secret(self) -> str:
+        """The mesh's secret, for its routers' calls to the groups (a Ray call: only what may call
+        this actor learns it; with Ray's token authentication on, nothing outside the cluster)."""
+        await self.ready()
+        if not self.rec.state.secret:
+            raise MeshError("the mesh is not deployed yet: no data-plane secret")
+        return self.rec.state.secret
+
     async def add_router(self, name: str) -> bool:
         """Register the router actor `name` (already started); push the current table. Returns
         whether it serves."""
@@ -193,13 +205,31 @@ class MeshController:
 
     # -- admin -------------------------------------------------------------------------------------
 
-    def _check_token(self, token: str) -> None:
-        expected = os.environ.get("EXPERT_MESH_ADMIN_TOKEN") or self.config.admin_token
+    def _admin_token(self) -> str:
+        return os.environ.get("EXPERT_MESH_ADMIN_TOKEN") or self.config.admin_token or ""
+
+    def _check_token(self, token: str | bytes | None) -> None:
+        expected = self._admin_token()
         if not expected:
             raise AdminError("no admin token is configured (admin_token or EXPERT_MESH_ADMIN_TOKEN): "
                              "mutating calls are refused")
-        if not hmac.compare_digest(token or "", expected):
+        if not same_token(token, expected):
             raise AdminError("admin token missing or wrong")
+
+    def _check_read(self, token: str | bytes | None) -> None:
+        """Status and Placement: open unless a read token is configured; then it or the admin token."""
+        expected = os.environ.get("EXPERT_MESH_READ_TOKEN") or self.config.read_token
+        if expected and not (same_token(token, expected) or same_token(token, self._admin_token())):
+            raise AdminError("read token missing or wrong (read_token is set: Status and Placement need it)")
+
+    async def read(self, verb: str, token: str | bytes | None) -> dict:
+        """Status ("status") or Placement ("placement") for a router's caller: {ok, report} or
+        {ok: False, denied, message}."""
+        try:
+            self._check_read(token)
+        except AdminError as exc:
+            return {"ok": False, "denied": True, "message": f"{verb} refused: {exc}"}
+        return {"ok": True, "report": await (self.snapshot() if verb == "status" else self.placement())}
 
     async def _admin(self, verb: str, token: str, change) -> dict:
         """Run one mutating admin call: token checked, `change()` run; its errors become a refusal.
@@ -263,22 +293,34 @@ class MeshController:
 
         async def change():
             self.spec.check_layer(layer)
+            resolved = self._swap_source(source)
             wanted = sorted(set(int(e) for e in experts))
             if not wanted or not all(0 <= e < self.spec.num_experts for e in wanted):
                 raise ValueError(f"experts must be a non-empty subset of [0, {self.spec.num_experts}), got {wanted}")
-            verifier = await asyncio.to_thread(SwapVerifier, self.spec, source, layer, wanted,
+            verifier = await asyncio.to_thread(SwapVerifier, self.spec, resolved, layer, wanted,
                                                DTYPES[self.config.groups.dtype])
 
             async def plan(state: MeshState):
-                return plan_swap(state, layer, verifier.versions(), source, set(self.rec.seen),
+                return plan_swap(state, layer, verifier.versions(), resolved, set(self.rec.seen),
                                  f"swap-{state.revision + 1}")
 
             intent = await self.rec.submit(plan, verifier)
             if intent is None:
-                return f"layer {layer} experts {wanted} already serve weights from {source}", ""
-            return f"layer {layer} experts {wanted} now serve weights from {source}", intent.change_id
+                return f"layer {layer} experts {wanted} already serve weights from {resolved}", ""
+            return f"layer {layer} experts {wanted} now serve weights from {resolved}", intent.change_id
 
         return await self._admin("swap", token, change)
+
+    def _swap_source(self, source: str) -> str:
+        """`source` resolved (links, ..) on the controller's node; ValueError unless it lies under
+        one of `swap_roots` (default: the model's parent folder)."""
+        roots = [Path(r).resolve() for r in self.config.swap_roots] or [Path(self.model_path).resolve().parent]
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError("the swap source is empty: give a checkpoint folder")
+        resolved = Path(source).resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise ValueError(f"swap source {source} is outside swap_roots {[str(r) for r in roots]}")
+        return str(resolved)
 
     async def set_autoscale(self, token: str, enabled: bool) -> dict:
         async def change():
@@ -331,7 +373,7 @@ class MeshController:
                 self.probes[node] = ray.remote(LatencyProbe).options(
                     name=f"{self.config.name}/probe-{node[:12]}", namespace=NAMESPACE, lifetime="detached",
                     num_cpus=0, get_if_exists=True, **pinning(node)).remote()
-        started = await asyncio.gather(*(self.probes[n].start.remote() for n in nodes))
+        started = await asyncio.gather(*(self.probes[n].start.remote(self.rec.state.secret) for n in nodes))
         return nodes, [endpoint for _, endpoint in started]
 
     async def measure_links(self) -> dict:
@@ -368,7 +410,8 @@ class MeshController:
         """msgpack report for `mesh placement`: the measured links, each group's latency from the
         routers, the current and proposed placement with their expected mean latency per token copy."""
         await self.ready()
-        plan = await self._placement_plan()
+        async with self.rec.lock:  # serialised with the changes: probes start, links are measured
+            plan = await self._placement_plan()
         plan["current"]["assignment"] = _str_keys(plan["current"]["assignment"])
         plan["proposed"]["assignment"] = _str_keys(plan["proposed"]["assignment"])
         return msgpack.packb(plan)

@@ -73,6 +73,7 @@ class RayLauncher:
 
     def __init__(self, config: MeshConfig, model_path: str, spec):
         self.config, self.model_path, self.spec = config, model_path, spec
+        self.secret = ""  # the mesh's data-plane secret: the controller sets it (deploy, adoption)
 
     def alive_nodes(self) -> list[str]:
         return [n["NodeID"] for n in alive_nodes()]
@@ -114,7 +115,7 @@ class RayLauncher:
         for layer, experts, source in loads:
             if source is not None:
                 await actor.load_experts.remote(layer, experts, source)
-        await actor.start.remote()
+        await actor.start.remote(secret=self.secret)
         return RayGroup(actor)
 
 

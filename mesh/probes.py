@@ -16,6 +16,7 @@ import grpc
 from experts.links import emulated_delay_s, serve_delay
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
+from protos.serving import add_service, require_secret, secret_metadata
 
 __all__ = ["LatencyProbe", "link_matrix"]
 
@@ -24,7 +25,7 @@ BANDWIDTH_BYTES = 1 << 20
 _OPTIONS = [("grpc.max_receive_message_length", 4 * BANDWIDTH_BYTES)]
 
 
-class _Echo(pb_grpc.MeshProbeServicer):
+class _Echo:
     def __init__(self, node_id: str, delay_s: float):
         self.node_id, self.delay_s = node_id, delay_s
 
@@ -43,12 +44,14 @@ class LatencyProbe:
         self.host = ray.util.get_node_ip_address()
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
+        self._metadata: tuple = ()
 
-    async def start(self) -> tuple[str, str]:
-        """Serve Echo on this node; returns (node id, "ip:port")."""
+    async def start(self, secret: str) -> tuple[str, str]:
+        """Serve Echo on this node to callers with the mesh's `secret`; returns (node id, "ip:port")."""
         if self._server is None:
-            self._server = grpc.aio.server(options=_OPTIONS)
-            pb_grpc.add_MeshProbeServicer_to_server(_Echo(self.node_id, emulated_delay_s()), self._server)
+            self._server = grpc.aio.server(options=_OPTIONS, maximum_concurrent_rpcs=16)
+            add_service(self._server, "MeshProbe", _Echo(self.node_id, emulated_delay_s()), require_secret(secret))
+            self._metadata = secret_metadata(secret)
             port = self._server.add_insecure_port(f"{self.host}:0")
             await self._server.start()
             self.endpoint = f"{self.host}:{port}"
@@ -60,7 +63,11 @@ class LatencyProbe:
 
     async def _measure_one(self, endpoint: str, pings: int, transfers: int) -> tuple[float, float]:
         async with grpc.aio.insecure_channel(endpoint, options=_OPTIONS) as channel:
-            echo = pb_grpc.MeshProbeStub(channel).Echo
+            stub = pb_grpc.MeshProbeStub(channel)
+
+            def echo(request, timeout):
+                return stub.Echo(request, timeout=timeout, metadata=self._metadata)
+
             await echo(pb.PingRequest(payload=b"w"), timeout=30)  # connect outside the timing
             rtt_s = await _median_call(echo, b"x" * ECHO_BYTES, pings)
             bulk_s = await _median_call(echo, b"x" * BANDWIDTH_BYTES, transfers)

@@ -82,6 +82,7 @@ class MeshState:
     routers: dict[str, int] = dataclasses.field(default_factory=dict)          # router -> port
     intent: Intent | None = None
     applied: tuple[str, ...] = ()
+    secret: str = dataclasses.field(default="", repr=False)  # the data plane's (protos/serving.py); never shown
 
     def replace(self, **changes) -> "MeshState":
         """A new revision with `changes`."""
@@ -108,7 +109,8 @@ class MeshState:
         return msgpack.packb({"schema": SCHEMA, "revision": self.revision, "epoch": self.epoch,
                               "groups": self.groups, "copies": _copies_out(self.copies),
                               "autoscale": self.autoscale, "routers": self.routers,
-                              "intent": _intent_out(self.intent), "applied": list(self.applied)})
+                              "intent": _intent_out(self.intent), "applied": list(self.applied),
+                              "secret": self.secret})
 
     @classmethod
     def decode(cls, blob: bytes) -> "MeshState":
@@ -119,7 +121,7 @@ class MeshState:
             return cls(revision=data["revision"], epoch=data["epoch"], groups=dict(data["groups"]),
                        copies=_copies_in(data["copies"]), autoscale=bool(data["autoscale"]),
                        routers=dict(data["routers"]), intent=_intent_in(data["intent"]),
-                       applied=tuple(data["applied"]))
+                       applied=tuple(data["applied"]), secret=str(data.get("secret", "")))
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             if isinstance(exc, StateError):
                 raise

@@ -7,18 +7,16 @@ import warnings
 
 import torch
 
+from experts.errors import WireError
 from protos import expert_mesh_pb2 as pb
 
 __all__ = ["DTYPES", "ECHO_LAYER", "WireError", "decode_into", "from_proto", "to_proto"]
 
+MAX_DIMS, MAX_DIM = 8, (1 << 31) - 1  # no tensor of the mesh is bigger: element counts and strides fit int64
 ECHO_LAYER = -1  # a batch for this layer comes back as sent: bench_mesh's bandwidth through the boundary
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class WireError(ValueError):
-    """A tensor message that cannot be decoded; the message names the field."""
 
 
 def to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
@@ -57,10 +55,13 @@ def from_proto(message: pb.Tensor, field: str = "tensor", copy: bool = False) ->
     if dtype is None:
         raise WireError(f"{field}.dtype must be one of {', '.join(DTYPES)}, got {message.dtype!r}")
     shape = tuple(message.shape)
-    if any(d < 0 for d in shape):
-        raise WireError(f"{field}.shape must be non-negative, got {list(shape)}")
+    if len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM for d in shape):
+        raise WireError(f"{field}.shape must have at most {MAX_DIMS} dims, each in [0, {MAX_DIM}], "
+                        f"got {list(shape)[:MAX_DIMS + 1]}")
     numel = math.prod(shape)
     itemsize = torch.tensor([], dtype=dtype).element_size()
+    if math.prod(max(d, 1) for d in shape) * itemsize >= 1 << 62:  # strides of an empty tensor too
+        raise WireError(f"{field}.shape {list(shape)} has more elements than a tensor can address")
     data = message.data  # upb copies the field's bytes on every access: once
     if len(data) != numel * itemsize:
         raise WireError(f"{field}.data has {len(data)} bytes, expected {numel * itemsize} "

@@ -41,8 +41,8 @@ class _ControllerAdmin:
 
         return ray.get_actor(self.name, namespace=self.namespace)
 
-    async def status(self) -> bytes:
-        return await self._handle().snapshot.remote()
+    async def read(self, verb: str, token: str | None) -> dict:
+        return await self._handle().read.remote(verb, token)
 
     async def scale(self, token: str, layer: int, expert: int, replicas: int) -> dict:
         return await self._handle().scale.remote(token, layer, expert, replicas)
@@ -52,9 +52,6 @@ class _ControllerAdmin:
 
     async def swap(self, token: str, layer: int, experts: list[int], source: str) -> dict:
         return await self._handle().swap.remote(token, layer, experts, source)
-
-    async def placement(self) -> bytes:
-        return await self._handle().placement.remote()
 
     async def rebalance(self, token: str, dry_run: bool) -> dict:
         return await self._handle().rebalance.remote(token, dry_run)
@@ -107,8 +104,11 @@ class RouterActor:
         from experts import load_spec
 
         spec = load_spec(self.model_path)
+        secret = await ray.get_actor(self.controller, namespace=self.namespace).data_secret.remote() \
+            if self.controller else ""
         transport = make_transport(self.config, self.namespace, ray.get_runtime_context().get_actor_name() or "router",
-                                   spec.num_experts, self.config.batching.max_batch_tokens * spec.top_k, self.dtype)
+                                   spec.num_experts, self.config.batching.max_batch_tokens * spec.top_k, self.dtype,
+                                   secret)
         router = Router(self.model_path, self.config, transport, self.dtype, metrics)
         admin = _ControllerAdmin(self.controller, self.namespace) if self.controller else None
         if admin is not None:

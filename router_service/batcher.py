@@ -18,13 +18,13 @@ from typing import Awaitable, Callable
 
 import torch
 
-from experts.errors import MeshError
+from experts.errors import ResourceExhaustedError
 from router_service.config import BatchingConfig
 
 __all__ = ["LayerBatcher", "QueueFullError", "take_batch"]
 
 
-class QueueFullError(MeshError):
+class QueueFullError(ResourceExhaustedError):
     """The router holds more queued tokens than allowed; the caller should back off."""
 
 

@@ -3,7 +3,9 @@
 contract is protos/collective.py; the group's end is experts/channel.py.
 
 Rendezvous goes through Ray: the router hosts a TCPStore on its node (port 0: the OS picks) and
-asks the group actor, by a Ray call, to join it. Nothing for the user to set.
+asks the group actor, by a Ray call, to join it under a channel id with 128 random bits that only
+that call carries. Nothing for the user to set. The gloo / NCCL traffic itself is neither
+authenticated nor encrypted (README, Security).
 
     open      -> the reconciler's "connect" step: channels to the groups that gain copies (anew to
                  a restarted group) before the first table that routes to them
@@ -22,6 +24,7 @@ import collections
 import datetime
 import itertools
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -77,11 +80,11 @@ class CollectiveTransport(Transport):
     `segments` counts the slices sent per transport ("collective", "grpc")."""
 
     def __init__(self, router: str, namespace: str, num_experts: int, max_rows: int, dtype: torch.dtype,
-                 timeout_s: float = 2.0, grpc_timeout_s: float = 30.0):
+                 secret: str, timeout_s: float = 2.0, grpc_timeout_s: float = 30.0):
         self.router, self.namespace = router, namespace
         self.num_experts, self.max_rows, self.dtype = num_experts, max_rows, dtype
         self.timeout_s = timeout_s
-        self.fallback = GrpcTransport(grpc_timeout_s)
+        self.fallback = GrpcTransport(secret, grpc_timeout_s)
         self.channels: dict[str, Channel] = {}
         self.segments: collections.Counter[str] = collections.Counter()
         self._opening: dict[str, asyncio.Task] = {}
@@ -155,7 +158,7 @@ class CollectiveTransport(Transport):
             host = ray.util.get_node_ip_address()
             store = dist.TCPStore(host, 0, 2, is_master=True, wait_for_workers=False,
                                   timeout=datetime.timedelta(seconds=OPEN_TIMEOUT_S))
-            channel_id = f"{self.router}/{group}/{next(self._ids)}"
+            channel_id = f"{self.router}/{group}/{next(self._ids)}/{secrets.token_hex(16)}"  # told by a Ray call only
             joined = actor.open_channel.remote(channel_id, self.router, host, store.port, self.max_rows,
                                                _dtype_name(self.dtype))
             pg = await asyncio.to_thread(process_group, dist.PrefixStore(channel_id + "/", store), 0,

@@ -35,6 +35,11 @@ class RouterConfig(BaseModel):
     max_request_tokens: int = Field(8192, ge=1, description="Most tokens in one Forward request.")
     max_queue_tokens: int = Field(65536, ge=1, description=(
         "Tokens waiting in the router at most; beyond it callers get RESOURCE_EXHAUSTED."))
+    max_inflight_bytes: int = Field(256 << 20, ge=1 << 20, description=(
+        "Request bytes being decoded or queued in the router at most (checked before a body is "
+        "parsed); beyond it callers get RESOURCE_EXHAUSTED."))
+    max_concurrent_rpcs: int = Field(1024, ge=1, description=(
+        "Calls the router's port takes at once; beyond it callers get RESOURCE_EXHAUSTED."))
     expert_timeout_s: float = Field(30.0, gt=0, description="Deadline of one call to an expert group.")
     load_window_s: float = Field(10.0, gt=0, description="Window of the tokens-per-expert rates reported.")
 

@@ -53,8 +53,9 @@ class RouterMetrics:
         self._batch_tokens.observe(num_tokens)
         self._batch_requests.observe(num_requests)
 
-    def observe_request(self, layer: int, code: str, latency_ms: float) -> None:
-        self._requests.inc(1, {"layer": str(layer), "code": code})
+    def observe_request(self, layer: str, code: str, latency_ms: float) -> None:
+        """layer: an MoE layer's number or "other"; code: a grpc.StatusCode name (bounded labels)."""
+        self._requests.inc(1, {"layer": layer, "code": code})
         self._latency.observe(latency_ms)
         if code != "OK":
             self._errors.inc(1, {"code": code})

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from experts import CheckpointReader, Gate, MoESpec, SharedExpert
-from experts.errors import MeshError
+from experts.errors import UnavailableError
 from kernels import align_tokens, combine
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 LARGE_BATCH_ELEMENTS = 1 << 18  # T x H from which gating, the row gather and combine run in a thread
 
 
-class NoRoutingTableError(MeshError):
+class NoRoutingTableError(UnavailableError):
     """The router has not received a routing table yet (or every copy of an expert is gone)."""
 
 

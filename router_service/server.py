@@ -19,15 +19,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from experts.errors import one_line
+from experts.errors import InvalidRequestError, UnavailableError, one_line
 from protos import expert_mesh_pb2 as pb
-from protos import expert_mesh_pb2_grpc as pb_grpc
-from protos.wire import DTYPES, WireError, from_proto, to_proto
-from router_service.batcher import QueueFullError
-from router_service.router import NoRoutingTableError, Router
-from router_service.transport import ExpertUnavailableError
+from protos.serving import ByteBudget, add_service, bearer_token, status_of
+from protos.wire import DTYPES, from_proto, to_proto
+from router_service.router import Router
 
-__all__ = ["InvalidRequestError", "RouterServer", "validate_forward"]
+__all__ = ["RouterServer", "validate_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +39,6 @@ SERVICE_NAMES = (
 )
 
 
-class InvalidRequestError(ValueError):
-    """A Forward request that cannot be served as sent; the message names the field."""
-
-
 def validate_forward(request: pb.ForwardRequest, moe_layers: tuple[int, ...], hidden_size: int,
                      max_request_tokens: int) -> torch.Tensor:
     """Decode and check a ForwardRequest; returns hidden as [T, H]. Raises InvalidRequestError."""
@@ -55,11 +49,7 @@ def validate_forward(request: pb.ForwardRequest, moe_layers: tuple[int, ...], hi
         raise InvalidRequestError(f"hidden.shape must be [T, {hidden_size}] or [B, S, {hidden_size}], got {shape}")
     if shape[-1] != hidden_size:
         raise InvalidRequestError(f"hidden.shape[-1] must be the hidden size {hidden_size}, got {shape[-1]}")
-    try:
-        hidden = from_proto(request.hidden, "hidden")
-    except WireError as exc:
-        raise InvalidRequestError(str(exc)) from exc
-    x = hidden.reshape(-1, hidden_size)
+    x = from_proto(request.hidden, "hidden").reshape(-1, hidden_size)
     if x.shape[0] == 0:
         raise InvalidRequestError(f"hidden holds no token (shape {shape})")
     if x.shape[0] > max_request_tokens:
@@ -70,9 +60,10 @@ def validate_forward(request: pb.ForwardRequest, moe_layers: tuple[int, ...], hi
 
 
 class AdminBackend(Protocol):
-    """Where MeshAdmin calls go (the controller); mutating calls return {ok, message, epoch, denied}."""
+    """Where MeshAdmin calls go (the controller). Reads return {ok, report} and mutating calls
+    {ok, message, epoch}; a refusal is {ok: False, message, denied}."""
 
-    async def status(self) -> bytes: ...
+    async def read(self, verb: str, token: str | None) -> dict: ...
 
     async def scale(self, token: str, layer: int, expert: int, replicas: int) -> dict: ...
 
@@ -80,12 +71,10 @@ class AdminBackend(Protocol):
 
     async def swap(self, token: str, layer: int, experts: list[int], source: str) -> dict: ...
 
-    async def placement(self) -> bytes: ...
-
     async def rebalance(self, token: str, dry_run: bool) -> dict: ...
 
 
-class _ExpertMeshService(pb_grpc.ExpertMeshServicer):
+class _ExpertMeshService:
     def __init__(self, server: "RouterServer"):
         self.server = server
 
@@ -96,8 +85,9 @@ class _ExpertMeshService(pb_grpc.ExpertMeshServicer):
         return self.server.info()
 
 
-class _AdminService(pb_grpc.MeshAdminServicer):
-    """MeshAdmin on the router's port, forwarded to the controller."""
+class _AdminService:
+    """MeshAdmin on the router's port, forwarded to the controller. The token travels as
+    `authorization: Bearer <token>` metadata; the request's `token` field still works (deprecated)."""
 
     def __init__(self, server: "RouterServer"):
         self.server = server
@@ -105,42 +95,58 @@ class _AdminService(pb_grpc.MeshAdminServicer):
     async def _call(self, context, method: str, *args):
         """One call to the controller; its failures become a short gRPC status, not a traceback."""
         if self.server.admin is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "this router has no controller attached")
+            raise UnavailableError("this router has no controller attached")
         try:
             return await getattr(self.server.admin, method)(*args)
         except Exception as exc:  # noqa: BLE001 - reported to the caller; the router keeps serving
+            if type(exc).__name__ in _CONTROLLER_GONE:
+                raise UnavailableError(f"controller {method} failed: {one_line(exc)}") from exc
             logger.exception("MeshAdmin %s failed", method)
-            code = grpc.StatusCode.UNAVAILABLE if type(exc).__name__ in _CONTROLLER_GONE else grpc.StatusCode.INTERNAL
-            await context.abort(code, f"controller {method} failed: {one_line(exc)}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"controller {method} failed: {one_line(exc)}")
+
+    async def _read(self, context, verb: str, request) -> bytes:
+        reply = await self._call(context, "read", verb, _token(request, context))
+        await _refused(reply, context)
+        return reply["report"]
+
+    async def _change(self, context, method: str, request, *args) -> pb.AdminReply:
+        reply = await self._call(context, method, _token(request, context), *args)
+        await _refused(reply, context)
+        return pb.AdminReply(ok=True, message=reply["message"], epoch=reply["epoch"],
+                             change_id=reply.get("change_id", ""))
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusReply:
-        return pb.StatusReply(snapshot=await self._call(context, "status"))
-
-    async def Scale(self, request: pb.ScaleRequest, context) -> pb.AdminReply:
-        reply = await self._call(context, "scale", request.token, request.layer, request.expert, request.replicas)
-        return await _admin_reply(reply, context)
-
-    async def Swap(self, request: pb.SwapRequest, context) -> pb.AdminReply:
-        reply = await self._call(context, "swap", request.token, request.layer, list(request.experts),
-                                 request.source_dir)
-        return await _admin_reply(reply, context)
-
-    async def Autoscale(self, request: pb.AutoscaleRequest, context) -> pb.AdminReply:
-        return await _admin_reply(await self._call(context, "set_autoscale", request.token, request.enabled), context)
+        return pb.StatusReply(snapshot=await self._read(context, "status", request))
 
     async def Placement(self, request: pb.PlacementRequest, context) -> pb.PlacementReply:
-        return pb.PlacementReply(report=await self._call(context, "placement"))
+        return pb.PlacementReply(report=await self._read(context, "placement", request))
+
+    async def Scale(self, request: pb.ScaleRequest, context) -> pb.AdminReply:
+        return await self._change(context, "scale", request, request.layer, request.expert, request.replicas)
+
+    async def Swap(self, request: pb.SwapRequest, context) -> pb.AdminReply:
+        return await self._change(context, "swap", request, request.layer, list(request.experts), request.source_dir)
+
+    async def Autoscale(self, request: pb.AutoscaleRequest, context) -> pb.AdminReply:
+        return await self._change(context, "set_autoscale", request, request.enabled)
 
     async def Rebalance(self, request: pb.RebalanceRequest, context) -> pb.AdminReply:
-        return await _admin_reply(await self._call(context, "rebalance", request.token, request.dry_run), context)
+        return await self._change(context, "rebalance", request, request.dry_run)
 
 
-async def _admin_reply(reply: dict, context) -> pb.AdminReply:
-    """{ok, message, epoch, denied} from the controller -> AdminReply, or the status code it means."""
+def _token(request, context) -> str | None:
+    """The bearer token of the call's metadata, else the request's deprecated `token` field."""
+    bearer = bearer_token(context)
+    if bearer is not None:
+        return bearer
+    return getattr(request, "token", "") or None
+
+
+async def _refused(reply: dict, context) -> None:
+    """A refusal from the controller -> the status code it means."""
     if not reply["ok"]:
         code = grpc.StatusCode.PERMISSION_DENIED if reply.get("denied") else grpc.StatusCode.INVALID_ARGUMENT
         await context.abort(code, reply["message"])
-    return pb.AdminReply(ok=True, message=reply["message"], epoch=reply["epoch"], change_id=reply.get("change_id", ""))
 
 
 class RouterServer:
@@ -156,9 +162,11 @@ class RouterServer:
         spec, config = router.spec, router.config
         limit = config.max_message_bytes(spec.hidden_size)
         self._server = grpc.aio.server(options=[("grpc.max_send_message_length", limit),
-                                                ("grpc.max_receive_message_length", limit)])
-        pb_grpc.add_ExpertMeshServicer_to_server(_ExpertMeshService(self), self._server)
-        pb_grpc.add_MeshAdminServicer_to_server(_AdminService(self), self._server)
+                                                ("grpc.max_receive_message_length", limit)],
+                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+        self.budget = ByteBudget(config.max_inflight_bytes)
+        add_service(self._server, "ExpertMesh", _ExpertMeshService(self), budget=self.budget)
+        add_service(self._server, "MeshAdmin", _AdminService(self))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(SERVICE_NAMES, self._server)
 
@@ -221,22 +229,16 @@ class RouterServer:
             stages["forwards"] += 1
             self.layers_ok.add(request.layer)
             return reply
-        except InvalidRequestError as exc:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except QueueFullError as exc:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-        except (ExpertUnavailableError, NoRoutingTableError) as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except asyncio.CancelledError:  # deadline passed or the caller went away
             code = grpc.StatusCode.CANCELLED
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-            logger.exception("Forward failed")
-            code, message = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            code = status_of(exc) or grpc.StatusCode.INTERNAL
+            raise
         finally:
             if self.metrics is not None:
-                self.metrics.observe_request(request.layer, code.name, (time.perf_counter() - start) * 1e3)
-        await context.abort(code, message)
+                layer = str(request.layer) if request.layer in self.router.spec.moe_layers else "other"
+                self.metrics.observe_request(layer, code.name, (time.perf_counter() - start) * 1e3)
 
     def info(self) -> pb.InfoResponse:
         spec, table = self.router.spec, self.router.table

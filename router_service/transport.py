@@ -19,9 +19,10 @@ import collections
 import grpc
 import torch
 
-from experts.errors import MeshError
+from experts.errors import UnavailableError
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
+from protos.serving import secret_metadata
 from protos.wire import decode_into, to_proto
 from router_service.routing import Destination
 
@@ -31,7 +32,7 @@ _MAX_MESSAGE = 1 << 30
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
 
 
-class ExpertUnavailableError(MeshError):
+class ExpertUnavailableError(UnavailableError):
     """An expert group did not answer (dead, unreachable, timed out)."""
 
 
@@ -64,8 +65,11 @@ class Transport(abc.ABC):
 
 
 class GrpcTransport(Transport):
-    def __init__(self, timeout_s: float = 30.0):
+    """ExpertWorker.Compute per destination, every call carrying the mesh's `secret`."""
+
+    def __init__(self, secret: str, timeout_s: float = 30.0):
         self.segments: collections.Counter[str] = collections.Counter()
+        self._metadata = secret_metadata(secret)
         self._timeout_s = timeout_s
         self._stubs: dict[str, pb_grpc.ExpertWorkerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
@@ -86,7 +90,7 @@ class GrpcTransport(Transport):
         if scale is not None:
             to_proto(scale[dest.start:dest.stop], request.scale)
         try:
-            reply = await self._stub(dest.endpoint).Compute(request, timeout=self._timeout_s)
+            reply = await self._stub(dest.endpoint).Compute(request, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise ExpertUnavailableError(f"expert group {dest.group} at {dest.endpoint}: {exc.code().name} "
                                          f"{exc.details()}") from exc
@@ -129,15 +133,15 @@ class RayTransport(Transport):
 
 
 def make_transport(config, namespace: str, router: str, num_experts: int, max_rows: int,
-                   dtype: torch.dtype) -> Transport:
-    """The transport `config.transport` names (config: RouterConfig)."""
+                   dtype: torch.dtype, secret: str) -> Transport:
+    """The transport `config.transport` names (config: RouterConfig); `secret`: the mesh's."""
     if config.transport == "grpc":
-        return GrpcTransport(config.expert_timeout_s)
+        return GrpcTransport(secret, config.expert_timeout_s)
     if config.transport == "ray":
         return RayTransport(namespace, config.expert_timeout_s)
     if config.transport == "collective":
         from router_service.collective import CollectiveTransport
 
-        return CollectiveTransport(router, namespace, num_experts, max_rows, dtype, config.collective_timeout_s,
-                                   config.expert_timeout_s)
+        return CollectiveTransport(router, namespace, num_experts, max_rows, dtype, secret,
+                                   config.collective_timeout_s, config.expert_timeout_s)
     raise ValueError(f"transport must be 'grpc', 'ray' or 'collective', got {config.transport!r}")

@@ -39,6 +39,11 @@ def test_wrong_bytes_shapes_and_dtypes_name_the_field():
         from_proto(message, "ExpertResult.hidden")
     with pytest.raises(WireError, match=r"ExpertResult.hidden must be float32 \[4, 3\]"):
         decode_into(_parsed(torch.ones(4, 2)), torch.empty(4, 3), "ExpertResult.hidden")
+    empty = pb.Tensor(dtype="float32", shape=[0, 2**31 - 1, 2**31 - 1, 64])  # strides past int64
+    with pytest.raises(WireError, match="hidden.shape .* more elements than a tensor can address"):
+        from_proto(empty, "hidden")
+    with pytest.raises(WireError, match=r"hidden.shape must have at most 8 dims, each in \[0, 2147483647\]"):
+        from_proto(pb.Tensor(dtype="float32", shape=[0, 2**61, 64]), "hidden")
     message = _parsed(torch.ones(2))
     message.dtype = "int8"
     with pytest.raises(WireError, match="hidden.dtype must be one of"):
