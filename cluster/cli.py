@@ -102,14 +102,21 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _admin_stub(name: str):
-    import grpc
-
     from protos import expert_mesh_pb2_grpc as pb_grpc
 
     running = state.read(name)
     if running is None:
         return None
-    return pb_grpc.MeshAdminStub(grpc.insecure_channel(running["router"]))
+    return pb_grpc.MeshAdminStub(_router_channel(running["router"]))
+
+
+def _router_channel(address: str):
+    """A blocking channel to the router: TLS when EXPERT_MESH_TLS_CA is set (EXPERT_MESH_TLS_CERT
+    and _KEY: a client certificate, for mutual TLS; _SERVER_NAME: the name its certificate carries)."""
+    from protos.serving import TLSConfig, channel
+
+    env = {k: os.environ.get(f"EXPERT_MESH_TLS_{k.upper()}") for k in ("ca", "cert", "key", "server_name")}
+    return channel(address, TLSConfig(**env) if env["ca"] else None, aio=False)
 
 
 def _bearer(token: str) -> list[tuple[str, str]]:
@@ -204,7 +211,6 @@ def format_placement(report: dict) -> str:
 
 
 def _snapshot(args: argparse.Namespace) -> dict | None:
-    import grpc
     import msgpack
 
     from protos import expert_mesh_pb2 as pb
@@ -213,7 +219,7 @@ def _snapshot(args: argparse.Namespace) -> dict | None:
     running = state.read(args.name)
     if running is None:
         return None
-    with grpc.insecure_channel(running["router"]) as channel:
+    with _router_channel(running["router"]) as channel:
         token = os.environ.get("EXPERT_MESH_READ_TOKEN") or os.environ.get("EXPERT_MESH_ADMIN_TOKEN", "")
         reply = pb_grpc.MeshAdminStub(channel).Status(pb.StatusRequest(), timeout=10, metadata=_bearer(token))
     return msgpack.unpackb(reply.snapshot, strict_map_key=False)

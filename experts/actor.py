@@ -21,7 +21,7 @@ from experts.group import ExpertGroup
 from experts.links import emulated_delay_s, serve_delay
 from experts.memory import keep_freed_memory
 from protos import expert_mesh_pb2 as pb
-from protos.serving import worker_server
+from protos.serving import TLSConfig, bind, worker_server
 from protos.wire import DTYPES, ECHO_LAYER, from_proto, to_proto
 
 __all__ = ["ExpertGroupActor", "ExpertGroupServer"]
@@ -122,14 +122,14 @@ class ExpertGroupActor:
         self._channels: dict = {}  # router -> ChannelWorker (collective transport)
         logger.info("group %s holds %s", name, {k: v.experts for k, v in group.layers.items()})
 
-    async def start(self, host: str = "", secret: str = "") -> str:
-        """Start the ExpertWorker server on this node, for callers with the mesh's `secret`; returns
-        its "ip:port"."""
+    async def start(self, host: str = "", secret: str = "", tls: dict | None = None) -> str:
+        """Start the ExpertWorker server on this node, for callers with the mesh's `secret` (with
+        TLS when `tls`: a TLSConfig as a dict); returns its "ip:port"."""
         import ray
 
         host = host or ray.util.get_node_ip_address()
         self._server = worker_server(secret, self.server_impl)
-        port = self._server.add_insecure_port(f"{host}:0")
+        port = bind(self._server, f"{host}:0", TLSConfig(**tls) if tls else None)
         await self._server.start()
         self.endpoint = f"{host}:{port}"
         return self.endpoint

@@ -23,7 +23,7 @@ import grpc
 from experts.errors import InvalidRequestError
 from experts.links import emulated_delay_s, serve_delay
 from protos import expert_mesh_pb2 as pb
-from protos.serving import worker_server
+from protos.serving import TLSConfig, bind, worker_server
 
 __all__ = ["CostModel", "SimulatedGroupActor"]
 
@@ -76,13 +76,13 @@ class SimulatedGroupActor:
         self.endpoint = ""
         self.started = time.time()
 
-    async def start(self, host: str = "", secret: str = "") -> str:
+    async def start(self, host: str = "", secret: str = "", tls: dict | None = None) -> str:
         import ray
 
         if self._server is None:
             host = host or ray.util.get_node_ip_address()
             self._server = worker_server(secret, self.device)
-            port = self._server.add_insecure_port(f"{host}:0")
+            port = bind(self._server, f"{host}:0", TLSConfig(**tls) if tls else None)
             await self._server.start()
             self.endpoint = f"{host}:{port}"
         return self.endpoint

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from experts.errors import MeshError
+from protos.serving import TLSConfig
 from router_service.config import RouterConfig
 
 __all__ = ["AutoscaleConfig", "ConfigError", "GroupsConfig", "MeshConfig", "SimulatedConfig", "load_config"]
@@ -74,11 +75,28 @@ class MeshConfig(BaseModel):
     read_token: str | None = Field(None, description=(
         "Token that Status and Placement must carry (EXPERT_MESH_READ_TOKEN overrides; the admin token "
         "also works); none: they are open to every caller of the router's port."))
+    internal_tls: TLSConfig | None = Field(None, description=(
+        "Mutual TLS between routers and expert groups (gRPC): groups serve with cert/key and routers "
+        "present them; each side checks the other against `ca` (routers: for `server_name`). Not with "
+        "transport: collective."))
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
     num_routers: int = Field(1, ge=1, le=8, description="Routers started by `mesh up` (ports port, port+1, ...).")
     placement_balance: float = Field(0.5, ge=0, description=(
         "`mesh rebalance` may lift a group's load to (1 + this) x the mean group load to bring hot "
         "experts nearer the routers."))
+
+
+    @model_validator(mode="after")
+    def _tls_covers_the_transport(self) -> "MeshConfig":
+        if self.internal_tls is not None and self.router.transport != "grpc":
+            raise ValueError(f"internal_tls cannot cover router.transport: {self.router.transport}: its traffic "
+                             "(gloo / NCCL tensors, or Ray's object transfers) does not go through gRPC and is not "
+                             "encrypted; use transport: grpc with internal_tls, or drop internal_tls")
+        if self.internal_tls is not None and not (self.internal_tls.ca and self.internal_tls.cert
+                                                   and self.internal_tls.key):
+            raise ValueError("internal_tls needs cert and key (the groups serve with them) and ca (routers "
+                             "check the groups' certificates against it)")
+        return self
 
 
 def load_config(path: str | Path | None, **overrides) -> MeshConfig:

@@ -183,6 +183,10 @@ class MeshController:
 
     # -- routers ---------------------------------------------------------------------------------
 
+    def internal_tls(self) -> dict | None:
+        """How routers reach the groups' ports: a TLSConfig as a dict (internal_tls), or None."""
+        return self.config.internal_tls.model_dump() if self.config.internal_tls else None
+
     async def data_secret(self) -> str:
         """The mesh's secret, for its routers' calls to the groups (a Ray call: only what may call
         this actor learns it; with Ray's token authentication on, nothing outside the cluster)."""

@@ -115,7 +115,8 @@ class RayLauncher:
         for layer, experts, source in loads:
             if source is not None:
                 await actor.load_experts.remote(layer, experts, source)
-        await actor.start.remote(secret=self.secret)
+        tls = self.config.internal_tls
+        await actor.start.remote(secret=self.secret, tls=tls.model_dump() if tls else None)
         return RayGroup(actor)
 
 

@@ -15,16 +15,18 @@ import contextlib
 import hmac
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 import grpc
 from google.protobuf.message import DecodeError
+from pydantic import BaseModel, ConfigDict, Field
 
 from experts.errors import (InvalidRequestError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
                             UnavailableError)
 from protos import expert_mesh_pb2 as pb
 
-__all__ = ["ByteBudget", "SECRET_KEY", "add_service", "bearer_token", "require_secret", "same_token",
+__all__ = ["ByteBudget", "SECRET_KEY", "TLSConfig", "add_service", "bearer_token", "bind", "channel", "require_secret", "same_token",
            "secret_metadata", "status_of", "worker_server"]
 
 logger = logging.getLogger(__name__)
@@ -128,6 +130,52 @@ def worker_server(secret: str, servicer) -> grpc.aio.Server:
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=WORKER_MAX_RPCS)
     add_service(server, "ExpertWorker", servicer, require_secret(secret))
     return server
+
+
+class TLSConfig(BaseModel):
+    """A TLS identity: PEM files on the node that serves (or calls) with it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert: str | None = Field(None, description="PEM certificate chain of this end (servers: required).")
+    key: str | None = Field(None, description="PEM private key of `cert`.")
+    ca: str | None = Field(None, description=(
+        "PEM CA bundle: on a server, clients must present a certificate it signed (mutual TLS); on a "
+        "caller, the CA that signed the server's certificate."))
+    server_name: str | None = Field(None, description=(
+        "Callers: the name the server's certificate must carry (default: the address's host)."))
+
+    def read(self) -> tuple[bytes, bytes, bytes | None]:
+        """(cert, key, ca) bytes of a serving end."""
+        if not (self.cert and self.key):
+            raise ValueError("a TLS server needs both cert and key")
+        ca = Path(self.ca).read_bytes() if self.ca else None
+        return Path(self.cert).read_bytes(), Path(self.key).read_bytes(), ca
+
+
+def bind(server, address: str, tls=None) -> int:
+    """Listen on `address` ("host:port"), with TLS when `tls` (a TLSConfig: cert, key, optional ca
+    for mutual TLS) is given; returns the port (0: could not bind)."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    cert, key, ca = tls.read()
+    credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    return server.add_secure_port(address, credentials)
+
+
+def channel(address: str, tls=None, options: list | None = None, aio: bool = True):
+    """A channel to `address`: plaintext, or TLS checking the server against `tls.ca` (and the name
+    `tls.server_name`), presenting `tls.cert`/`tls.key` when given (mutual TLS)."""
+    options = list(options or [])
+    if tls is None:
+        return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(address, options=options)
+    ca = open(tls.ca, "rb").read() if tls.ca else None
+    cert = open(tls.cert, "rb").read() if tls.cert else None
+    key = open(tls.key, "rb").read() if tls.key else None
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return (grpc.aio.secure_channel if aio else grpc.secure_channel)(address, credentials, options=options)
 
 
 def add_service(server, service: str, servicer, authorize: Callable[[object], None] | None = None,

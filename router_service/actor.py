@@ -14,6 +14,7 @@ import msgpack
 import torch
 
 from experts.memory import keep_freed_memory
+from protos.serving import TLSConfig
 from protos.wire import DTYPES
 from router_service.config import RouterConfig
 from router_service.routing import RoutingTable
@@ -104,11 +105,13 @@ class RouterActor:
         from experts import load_spec
 
         spec = load_spec(self.model_path)
-        secret = await ray.get_actor(self.controller, namespace=self.namespace).data_secret.remote() \
-            if self.controller else ""
+        secret, tls = "", None
+        if self.controller:
+            controller = ray.get_actor(self.controller, namespace=self.namespace)
+            secret, tls = await controller.data_secret.remote(), await controller.internal_tls.remote()
         transport = make_transport(self.config, self.namespace, ray.get_runtime_context().get_actor_name() or "router",
                                    spec.num_experts, self.config.batching.max_batch_tokens * spec.top_k, self.dtype,
-                                   secret)
+                                   secret, TLSConfig(**tls) if tls else None)
         router = Router(self.model_path, self.config, transport, self.dtype, metrics)
         admin = _ControllerAdmin(self.controller, self.namespace) if self.controller else None
         if admin is not None:

@@ -28,6 +28,8 @@ from experts.errors import MeshError
 from experts.spec import MoESpec, spec_from_config
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
+from protos import serving
+from protos.serving import TLSConfig
 from protos.wire import DTYPES, WireError, from_proto, to_proto
 
 __all__ = ["AsyncMeshClient", "MeshClient", "MeshClientError", "MeshInfo", "RemoteMoE", "patch_model"]
@@ -154,10 +156,12 @@ class MeshClient:
     other errors are raised at once. A deepcopy shares the client (so does a deep-copied model).
     """
 
-    def __init__(self, addresses: str | Sequence[str], timeout_s: float = 30.0):
+    def __init__(self, addresses: str | Sequence[str], timeout_s: float = 30.0, tls: TLSConfig | None = None):
+        """`tls`: reach the router over TLS, checking it against `tls.ca` (and `tls.server_name`),
+        presenting `tls.cert`/`tls.key` when the router asks for a client certificate."""
         self.timeout_s = _check_timeout(timeout_s)
         self._failover = _Failover(_parse_addresses(addresses))
-        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self._failover.addresses]
+        self._channels = [serving.channel(a, tls, CHANNEL_OPTIONS, aio=False) for a in self._failover.addresses]
         self._stubs = [pb_grpc.ExpertMeshStub(c) for c in self._channels]
         self._closed = False
 
@@ -221,9 +225,10 @@ class AsyncMeshClient:
     Channels are opened on the first call, in the event loop that makes it.
     """
 
-    def __init__(self, addresses: str | Sequence[str], timeout_s: float = 30.0):
+    def __init__(self, addresses: str | Sequence[str], timeout_s: float = 30.0, tls: TLSConfig | None = None):
         self.timeout_s = _check_timeout(timeout_s)
         self._failover = _Failover(_parse_addresses(addresses))
+        self._tls = tls
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[pb_grpc.ExpertMeshStub] = []
         self._closed = False
@@ -246,7 +251,7 @@ class AsyncMeshClient:
         if self._closed:
             raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
         if not self._channels:
-            self._channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self._failover.addresses]
+            self._channels = [serving.channel(a, self._tls, CHANNEL_OPTIONS) for a in self._failover.addresses]
             self._stubs = [pb_grpc.ExpertMeshStub(c) for c in self._channels]
         error = None
         for index in self._failover.order():

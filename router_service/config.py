@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from protos.serving import TLSConfig
+
 __all__ = ["BatchingConfig", "RouterConfig"]
 
 
@@ -24,6 +26,8 @@ class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = Field("127.0.0.1", description="Address the router's gRPC server binds.")
+    tls: TLSConfig | None = Field(None, description=(
+        "TLS on the router's port (`ca`: clients must present a certificate it signed); none: plaintext."))
     port: int = Field(50051, ge=0, le=65535, description="Router gRPC port (0: any free port).")
     transport: Literal["grpc", "ray", "collective"] = Field("grpc", description=(
         "How token batches reach expert groups: grpc, ray (actor calls) or collective "

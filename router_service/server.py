@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from experts.errors import InvalidRequestError, UnavailableError, one_line
 from protos import expert_mesh_pb2 as pb
-from protos.serving import ByteBudget, add_service, bearer_token, status_of
+from protos.serving import ByteBudget, add_service, bearer_token, bind, status_of
 from protos.wire import DTYPES, from_proto, to_proto
 from router_service.router import Router
 
@@ -172,7 +172,7 @@ class RouterServer:
 
     async def start(self) -> int:
         config = self.router.config
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        self.port = bind(self._server, f"{config.host}:{config.port}", config.tls)
         if self.port == 0:
             raise OSError(f"cannot bind the router to {config.host}:{config.port}")
         await self._server.start()

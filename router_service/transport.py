@@ -22,7 +22,8 @@ import torch
 from experts.errors import UnavailableError
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from protos.serving import secret_metadata
+from protos import serving
+from protos.serving import TLSConfig, secret_metadata
 from protos.wire import decode_into, to_proto
 from router_service.routing import Destination
 
@@ -67,9 +68,10 @@ class Transport(abc.ABC):
 class GrpcTransport(Transport):
     """ExpertWorker.Compute per destination, every call carrying the mesh's `secret`."""
 
-    def __init__(self, secret: str, timeout_s: float = 30.0):
+    def __init__(self, secret: str, timeout_s: float = 30.0, tls: TLSConfig | None = None):
         self.segments: collections.Counter[str] = collections.Counter()
         self._metadata = secret_metadata(secret)
+        self._tls = tls
         self._timeout_s = timeout_s
         self._stubs: dict[str, pb_grpc.ExpertWorkerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
@@ -77,7 +79,7 @@ class GrpcTransport(Transport):
     def _stub(self, endpoint: str) -> pb_grpc.ExpertWorkerStub:
         stub = self._stubs.get(endpoint)
         if stub is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+            channel = serving.channel(endpoint, self._tls, CHANNEL_OPTIONS)
             self._channels.append(channel)
             stub = self._stubs[endpoint] = pb_grpc.ExpertWorkerStub(channel)
         return stub
@@ -133,10 +135,11 @@ class RayTransport(Transport):
 
 
 def make_transport(config, namespace: str, router: str, num_experts: int, max_rows: int,
-                   dtype: torch.dtype, secret: str) -> Transport:
-    """The transport `config.transport` names (config: RouterConfig); `secret`: the mesh's."""
+                   dtype: torch.dtype, secret: str, tls: TLSConfig | None = None) -> Transport:
+    """The transport `config.transport` names (config: RouterConfig); `secret`: the mesh's; `tls`:
+    how to reach the groups' ports (internal_tls)."""
     if config.transport == "grpc":
-        return GrpcTransport(secret, config.expert_timeout_s)
+        return GrpcTransport(secret, config.expert_timeout_s, tls)
     if config.transport == "ray":
         return RayTransport(namespace, config.expert_timeout_s)
     if config.transport == "collective":
