@@ -11,6 +11,7 @@ cross-request batching pays. `max_wait_ms` > 0 additionally holds a batch open f
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from collections import deque
@@ -28,14 +29,24 @@ class QueueFullError(ResourceExhaustedError):
     """The router holds more queued tokens than allowed; the caller should back off."""
 
 
-def take_batch(queued_tokens: list[int], max_batch_tokens: int) -> int:
-    """How many queued entries (from the head) form the next batch: at least one, then as many as
-    fit in `max_batch_tokens`. Pure policy: queued_tokens are the entries' token counts in order."""
-    taken, total = 0, 0
-    for num_tokens in queued_tokens:
-        if taken and total + num_tokens > max_batch_tokens:
-            break
-        taken, total = taken + 1, total + num_tokens
+def take_batch(queued: list[tuple[str, int]], max_batch_tokens: int) -> list[int]:
+    """Which queued entries (caller, tokens), by index, form the next batch: callers take turns
+    (each caller's entries in its own order), at least one entry, then while the next in turn fits
+    in `max_batch_tokens`. One caller with many requests queued cannot hold the others behind all
+    of them. Pure policy."""
+    turns: dict[str, collections.deque[int]] = {}
+    for index, (caller, _) in enumerate(queued):
+        turns.setdefault(caller, collections.deque()).append(index)
+    taken, total = [], 0
+    while turns:
+        for caller in list(turns):
+            index = turns[caller].popleft()
+            if taken and total + queued[index][1] > max_batch_tokens:
+                return taken
+            taken.append(index)
+            total += queued[index][1]
+            if not turns[caller]:
+                del turns[caller]
     return taken
 
 
@@ -43,6 +54,7 @@ def take_batch(queued_tokens: list[int], max_batch_tokens: int) -> int:
 class _Entry:
     x: torch.Tensor                 # [t, H]
     future: asyncio.Future
+    caller: str = ""                # who sent it (the gRPC peer): callers take turns
 
 
 RunBatch = Callable[[torch.Tensor, list[slice]], Awaitable[tuple[list[torch.Tensor | BaseException], int]]]
@@ -69,15 +81,15 @@ class LayerBatcher:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
-    async def submit(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """x: [T, H]. Returns (the layer's output [T, H], the batch's tag; the newest of its chunks'
+    async def submit(self, x: torch.Tensor, caller: str = "") -> tuple[torch.Tensor, int]:
+        """x: [T, H] from `caller`. Returns (the layer's output [T, H], the batch's tag; the newest of its chunks'
         tags when the request was split); raises what the batch raised for it."""
         if self._queued_tokens + x.shape[0] > self._max_queue_tokens:
             raise QueueFullError(f"router queue full: {self._queued_tokens} tokens queued, "
                                  f"max_queue_tokens={self._max_queue_tokens}")
         loop = asyncio.get_running_loop()
         step = self._config.max_batch_tokens
-        entries = [_Entry(chunk, loop.create_future()) for chunk in torch.split(x, step)]
+        entries = [_Entry(chunk, loop.create_future(), caller) for chunk in torch.split(x, step)]
         self._queue.extend(entries)
         self._queued_tokens += x.shape[0]
         self._wakeup.set()
@@ -122,8 +134,10 @@ class LayerBatcher:
 
     def _pop_batch(self) -> list[_Entry]:
         limit = self._config.max_batch_tokens if self._config.enabled else 0
-        count = take_batch([e.x.shape[0] for e in self._queue], limit)
-        batch = [self._queue.popleft() for _ in range(count)]
+        chosen = take_batch([(e.caller, e.x.shape[0]) for e in self._queue], limit)
+        taken = set(chosen)
+        batch = [self._queue[i] for i in chosen]
+        self._queue = deque(e for i, e in enumerate(self._queue) if i not in taken)
         self._queued_tokens -= sum(e.x.shape[0] for e in batch)
         return [e for e in batch if not e.future.done()]  # callers gone (cancelled, deadline) are skipped
 

@@ -83,14 +83,14 @@ class Router:
         """Epoch of the table in force (0: none yet)."""
         return self.table.epoch if self.table else 0
 
-    async def forward(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """x: [T, H] (already validated). Returns (output [T, H] in x.dtype, epoch of the table)."""
+    async def forward(self, layer: int, x: torch.Tensor, caller: str = "") -> tuple[torch.Tensor, int]:
+        """x: [T, H] (already validated) from `caller` (callers take turns in a batch). Returns (output [T, H] in x.dtype, epoch of the table)."""
         batcher = self._batchers.get(layer)
         if batcher is None:
             batcher = self._batchers[layer] = LayerBatcher(
                 lambda xb, parts, layer=layer: self._run_batch(layer, xb, parts),
                 self.config.batching, self.config.max_queue_tokens, self._observe_batch)
-        out, epoch = await batcher.submit(x.to(self.dtype))
+        out, epoch = await batcher.submit(x.to(self.dtype), caller)
         return out.to(x.dtype), epoch
 
     async def close(self) -> None:

@@ -218,7 +218,7 @@ class RouterServer:
             spec, config = self.router.spec, self.router.config
             x = validate_forward(request, spec.moe_layers, spec.hidden_size, config.max_request_tokens)
             decoded = time.perf_counter()
-            out, epoch = await self.router.forward(request.layer, x)
+            out, epoch = await self.router.forward(request.layer, x, context.peer())
             routed = time.perf_counter()
             reply = pb.ForwardResponse(epoch=epoch)
             to_proto(out.reshape(tuple(request.hidden.shape)), reply.hidden)

@@ -42,8 +42,15 @@ def test_routing_table_round_trips_through_msgpack():
     assert decoded.groups() == {"a": "a:1", "b": "b:1", "c": "c:1"}
 
 
-@pytest.mark.parametrize("queued,limit,expected", [([5, 5, 5], 10, 2), ([20, 1], 10, 1), ([3], 0, 1), ([], 8, 0)])
-def test_take_batch(queued, limit, expected):
+@pytest.mark.parametrize("queued,limit,expected", [
+    ([("a", 5), ("a", 5), ("a", 5)], 10, [0, 1]),
+    ([("a", 20), ("a", 1)], 10, [0]),
+    ([("a", 3)], 0, [0]),
+    ([], 8, []),
+    ([("flood", 4)] * 6 + [("b", 4)], 8, [0, 6]),            # b is not held behind the flood
+    ([("a", 2), ("a", 2), ("b", 2), ("c", 2), ("a", 2)], 100, [0, 2, 3, 1, 4]),
+])
+def test_take_batch_lets_callers_take_turns(queued, limit, expected):
     assert take_batch(queued, limit) == expected
 
 
