@@ -47,14 +47,15 @@ def status_of(error: BaseException) -> grpc.StatusCode | None:
 
 
 class ByteBudget:
-    """Request bytes being decoded or queued on one server, at most `limit` together."""
+    """Request bytes being decoded or queued on one server, at most `limit` together (a request
+    alone is always taken: the message limit already bounds it)."""
 
     def __init__(self, limit: int):
         self.limit, self.in_use = limit, 0
 
     @contextlib.contextmanager
     def hold(self, size: int):
-        if self.in_use + size > self.limit:
+        if self.in_use and self.in_use + size > self.limit:
             raise ResourceExhaustedError(f"{self.in_use} request bytes in flight; {size} more would pass "
                                          f"max_inflight_bytes={self.limit}")
         self.in_use += size
