@@ -146,12 +146,9 @@ class TLSConfig(BaseModel):
     server_name: str | None = Field(None, description=(
         "Callers: the name the server's certificate must carry (default: the address's host)."))
 
-    def read(self) -> tuple[bytes, bytes, bytes | None]:
-        """(cert, key, ca) bytes of a serving end."""
-        if not (self.cert and self.key):
-            raise ValueError("a TLS server needs both cert and key")
-        ca = Path(self.ca).read_bytes() if self.ca else None
-        return Path(self.cert).read_bytes(), Path(self.key).read_bytes(), ca
+    def read(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(cert, key, ca) bytes; None for a file not given."""
+        return tuple(Path(f).read_bytes() if f else None for f in (self.cert, self.key, self.ca))
 
 
 def bind(server, address: str, tls=None) -> int:
@@ -160,6 +157,8 @@ def bind(server, address: str, tls=None) -> int:
     if tls is None:
         return server.add_insecure_port(address)
     cert, key, ca = tls.read()
+    if not (cert and key):
+        raise ValueError("a TLS server needs both cert and key")
     credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
     return server.add_secure_port(address, credentials)
 
@@ -170,9 +169,7 @@ def channel(address: str, tls=None, options: list | None = None, aio: bool = Tru
     options = list(options or [])
     if tls is None:
         return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(address, options=options)
-    ca = open(tls.ca, "rb").read() if tls.ca else None
-    cert = open(tls.cert, "rb").read() if tls.cert else None
-    key = open(tls.key, "rb").read() if tls.key else None
+    cert, key, ca = tls.read()
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
     credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)

@@ -134,10 +134,11 @@ class LayerBatcher:
 
     def _pop_batch(self) -> list[_Entry]:
         limit = self._config.max_batch_tokens if self._config.enabled else 0
-        chosen = take_batch([(e.caller, e.x.shape[0]) for e in self._queue], limit)
+        queued = list(self._queue)  # deque indexing is O(n): index a list once
+        chosen = take_batch([(e.caller, e.x.shape[0]) for e in queued], limit)
         taken = set(chosen)
-        batch = [self._queue[i] for i in chosen]
-        self._queue = deque(e for i, e in enumerate(self._queue) if i not in taken)
+        batch = [queued[i] for i in chosen]
+        self._queue = deque(e for i, e in enumerate(queued) if i not in taken)
         self._queued_tokens -= sum(e.x.shape[0] for e in batch)
         return [e for e in batch if not e.future.done()]  # callers gone (cancelled, deadline) are skipped
 

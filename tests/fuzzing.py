@@ -313,7 +313,7 @@ class Fuzzer:
         metadata = self.rng.choice([(), ((SECRET_KEY, "guess"),), ((SECRET_KEY, self.t.secret[:-1]),)])
         return Case("no secret", self.t.group, method, body, metadata, frozenset({UNAUTH}))
 
-    def _floods(self) -> list[Case]:
+    def floods(self) -> list[Case]:
         """64 valid Forwards in flight together: each OK and right, or RESOURCE_EXHAUSTED."""
         cases = []
         for _ in range(64):
@@ -403,7 +403,7 @@ def run(fuzzer: Fuzzer, per_category: int, check_alive: Callable[[], None], ever
             if category == "floods":
                 with ThreadPoolExecutor(64) as pool:
                     for _ in range(-(-per_category // 64)):
-                        cases = fuzzer._floods()
+                        cases = fuzzer.floods()
                         for case, (code, reply, details) in zip(cases, pool.map(lambda c: call(channels, c), cases)):
                             judge(case, code, reply, details, outcome)
                         done += len(cases)

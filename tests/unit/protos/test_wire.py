@@ -49,16 +49,3 @@ def test_wrong_bytes_shapes_and_dtypes_name_the_field():
     with pytest.raises(WireError, match="hidden.dtype must be one of"):
         from_proto(message, "hidden")
 
-
-def test_the_byte_budget_refuses_what_would_pass_it_but_never_a_lone_request():
-    from experts.errors import ResourceExhaustedError
-    from protos.serving import ByteBudget
-
-    budget = ByteBudget(100)
-    with budget.hold(1000):  # alone: taken
-        with pytest.raises(ResourceExhaustedError, match="1000 request bytes in flight; 1 more"):
-            with budget.hold(1):
-                pass
-    with budget.hold(60), budget.hold(40):
-        assert budget.in_use == 100
-    assert budget.in_use == 0
