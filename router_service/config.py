@@ -39,9 +39,11 @@ class RouterConfig(BaseModel):
     max_request_tokens: int = Field(8192, ge=1, description="Most tokens in one Forward request.")
     max_queue_tokens: int = Field(65536, ge=1, description=(
         "Tokens waiting in the router at most; beyond it callers get RESOURCE_EXHAUSTED."))
-    max_inflight_bytes: int = Field(256 << 20, ge=1 << 20, description=(
-        "Request bytes being decoded or queued in the router at most (checked before a body is "
-        "parsed); beyond it callers get RESOURCE_EXHAUSTED."))
+    max_inflight_bytes: int | None = Field(None, ge=1 << 20, description=(
+        "Memory the router gives requests being read, queued, computed and answered; a request of "
+        "B bytes is charged FORWARD_FOOTPRINT x B (router_service/server.py). A call it has no room "
+        "for gets RESOURCE_EXHAUSTED before its body is read. Default: room for 4 of the largest "
+        "requests; it must take at least one."))
     max_concurrent_rpcs: int = Field(1024, ge=1, description=(
         "Calls the router's port takes at once; beyond it callers get RESOURCE_EXHAUSTED."))
     expert_timeout_s: float = Field(30.0, gt=0, description="Deadline of one call to an expert group.")
@@ -53,6 +55,10 @@ class RouterConfig(BaseModel):
             raise ValueError(f"max_queue_tokens ({self.max_queue_tokens}) must be >= "
                              f"max_request_tokens ({self.max_request_tokens})")
         return self
+
+    def inflight_bytes(self, hidden_size: int, footprint: float) -> int:
+        """max_inflight_bytes, or its default: 4 of the largest requests, `footprint` bytes per byte."""
+        return self.max_inflight_bytes or int(4 * footprint * self.max_message_bytes(hidden_size))
 
     def max_message_bytes(self, hidden_size: int) -> int:
         """gRPC message limit fitting the largest request (fp32) plus headroom."""
