@@ -86,8 +86,8 @@ class ByteBudget:
         async with self._changed:
             await self._changed.wait_for(lambda: self._refused(reserve) or self.in_use + reserve <= self.limit)
             if self._refused(reserve):
-                raise ResourceExhaustedError(f"{self.in_use} bytes of requests in flight; the router keeps "
-                                             f"{reserve} free for the next one (max_inflight_bytes={self.limit})")
+                raise ResourceExhaustedError(f"{self.in_use} bytes of requests in flight; the next one needs "
+                                             f"{reserve} more (max_inflight_bytes={self.limit})")
             self.reading += reserve
         charged = 0
         try:
@@ -96,6 +96,8 @@ class ByteBudget:
             self.held += charged
             self.reading -= reserve
             reserve = 0
+            async with self._changed:
+                self._changed.notify_all()  # the read's reservation shrank to its charge: room for waiters
             pending = use(raw)
             del raw
             return await pending

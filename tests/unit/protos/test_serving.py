@@ -44,7 +44,7 @@ def test_a_call_is_refused_when_admitted_requests_leave_no_room_and_waits_behind
         second = asyncio.create_task(budget.run(body(20), hold_until_released))  # holds 40
         await asyncio.sleep(0.01)
         assert budget.held == 80
-        with pytest.raises(ResourceExhaustedError, match="80 bytes of requests in flight; the router keeps 40"):
+        with pytest.raises(ResourceExhaustedError, match="80 bytes of requests in flight; the next one needs 40 more"):
             await budget.run(body(1), hold_until_released)
         release.set()
         await asyncio.gather(first, second)
