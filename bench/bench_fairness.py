@@ -1,6 +1,7 @@
 """Fairness under a flood: one caller keeps 64 Forwards in flight on its own connection while
-another sends one request at a time; prints the second caller's p50 unloaded and flooded, and
-their ratio (the goal: at most 3x). Mixtral-shaped layer, H=1024, on an emulated 3-node cluster.
+another sends one request at a time; prints the second caller's p50 unloaded and flooded, their
+ratio (the goal: at most 3x) and the flood's tokens per second meanwhile. Mixtral-shaped layer,
+H=1024, on an emulated 3-node cluster.
 
     .venv/bin/python bench/bench_fairness.py [--flood-tokens 64] [--tokens 8] [--calls 60]
 """
@@ -42,13 +43,15 @@ def p50_ms(client: MeshClient, x: torch.Tensor, calls: int) -> float:
     return statistics.median(times)
 
 
-def flood(address: str, x: torch.Tensor, stop: threading.Event, in_flight: int = 64) -> None:
+def flood(address: str, x: torch.Tensor, stop: threading.Event, served: list, in_flight: int = 64) -> None:
+    """Keeps `in_flight` Forwards of x going until `stop`; appends each answer's time to `served`."""
     async def main():
         client = AsyncMeshClient(address, timeout_s=120)
 
         async def one_slot():
             while not stop.is_set():
                 await client.forward(0, x)
+                served.append(time.perf_counter())
 
         await asyncio.gather(*(one_slot() for _ in range(in_flight)))
         await client.close()
@@ -72,11 +75,15 @@ def main() -> None:
             with MeshClient(mesh.address, timeout_s=120) as client:
                 p50_ms(client, x, 10)
                 alone = p50_ms(client, x, args.calls)
-                stop = threading.Event()
-                flooder = threading.Thread(target=flood, args=(mesh.address, torch.randn(args.flood_tokens, 1024), stop))
+                stop, served = threading.Event(), []
+                flooder = threading.Thread(target=flood, args=(mesh.address, torch.randn(args.flood_tokens, 1024), stop,
+                                                               served))
                 flooder.start()
                 time.sleep(2.0)
+                start = time.perf_counter()
                 flooded = p50_ms(client, x, args.calls)
+                window = time.perf_counter() - start
+                flood_rate = sum(start <= t for t in served) * args.flood_tokens / window
                 stop.set()
                 flooder.join()
             mesh.stop()
@@ -84,7 +91,8 @@ def main() -> None:
             ray.shutdown()
             cluster.shutdown()
     print(f"caller of {args.tokens} tokens, one at a time: p50 {alone:.1f} ms alone, {flooded:.1f} ms beside a "
-          f"caller holding 64 x {args.flood_tokens} tokens in flight: {flooded / alone:.2f}x (goal <= 3x)")
+          f"caller holding 64 x {args.flood_tokens} tokens in flight: {flooded / alone:.2f}x (goal <= 3x); "
+          f"the flood meanwhile got {flood_rate:.0f} tokens/s")
 
 
 if __name__ == "__main__":

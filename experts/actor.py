@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ __all__ = ["ExpertGroupActor", "ExpertGroupServer"]
 logger = logging.getLogger(__name__)
 
 INLINE_MAX_MACS = 1 << 22  # rows * H * I below this: compute on the event loop (~1 ms of work at most)
+BULK_MIN_MACS = 1 << 28    # from this (~100 rows at H=1024, I=2816): the group's one bulk thread
 
 
 def validate_batch(request: pb.ExpertBatch, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -62,6 +64,7 @@ class ExpertGroupServer:
         self.tokens_served: collections.Counter[tuple[int, int]] = collections.Counter()
         self.compute_s = 0.0
         self.stage_s: collections.Counter[str] = collections.Counter()  # Compute's decode / compute / encode, calls
+        self._bulk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"bulk-{name}")
 
     def compute_sync(self, layer: int, rows: torch.Tensor, experts: list[int], counts: list[int],
                      scale: torch.Tensor | None, versions: list[str] | None = None) -> torch.Tensor:
@@ -77,9 +80,15 @@ class ExpertGroupServer:
 
     async def compute(self, layer, rows, experts, counts, scale, versions=None) -> torch.Tensor:
         """Small batches run inline (a thread hop costs more than they do); larger ones in a thread,
-        so the event loop keeps receiving while torch computes."""
-        if rows.numel() * self.group.spec.intermediate_size < INLINE_MAX_MACS:
+        so the event loop keeps receiving while torch computes; bulk ones (from BULK_MIN_MACS) one
+        at a time in the group's bulk thread, so a small call shares the cores with one of them, not
+        with every bulk call in flight (torch's own threads already spread one over the cores)."""
+        macs = rows.numel() * self.group.spec.intermediate_size
+        if macs < INLINE_MAX_MACS:
             return self.compute_sync(layer, rows, experts, counts, scale, versions)
+        if macs >= BULK_MIN_MACS:
+            return await asyncio.get_running_loop().run_in_executor(self._bulk, self.compute_sync, layer, rows,
+                                                                    experts, counts, scale, versions)
         return await asyncio.to_thread(self.compute_sync, layer, rows, experts, counts, scale, versions)
 
     async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:

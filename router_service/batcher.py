@@ -6,6 +6,10 @@ A request larger than `max_batch_tokens` is cut into chunks that travel as separ
 When the router is idle a batch leaves at once (no added latency); requests that arrive while
 `max_inflight_batches` batches are in flight wait and form the next batch, which is where
 cross-request batching pays. `max_wait_ms` > 0 additionally holds a batch open for stragglers.
+
+Two lanes, each with `max_inflight_batches` slots: a caller with no batch in flight sends its
+next entry in the express lane, so a flooding caller (whose batches fill the main lane) cannot
+make the others wait behind its batches; in either lane callers take turns (`take_batch`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from experts.errors import ResourceExhaustedError
 from router_service.config import BatchingConfig
 
-__all__ = ["LayerBatcher", "QueueFullError", "take_batch"]
+__all__ = ["LayerBatcher", "QueueFullError", "first_of_idle", "take_batch"]
 
 
 class QueueFullError(ResourceExhaustedError):
@@ -50,6 +54,17 @@ def take_batch(queued: list[tuple[str, int]], max_batch_tokens: int) -> list[int
     return taken
 
 
+def first_of_idle(callers: list[str], busy: set[str]) -> list[int]:
+    """Indices of the first queued entry of each caller not in `busy` (callers with a batch in
+    flight): what the express lane may take. Pure policy."""
+    seen, first = set(busy), []
+    for index, caller in enumerate(callers):
+        if caller not in seen:
+            seen.add(caller)
+            first.append(index)
+    return first
+
+
 @dataclasses.dataclass
 class _Entry:
     x: torch.Tensor                 # [t, H]
@@ -73,7 +88,9 @@ class LayerBatcher:
         self._queue: deque[_Entry] = deque()
         self._queued_tokens = 0
         self._wakeup = asyncio.Event()
-        self._slots = asyncio.Semaphore(config.max_inflight_batches if config.enabled else 1 << 30)
+        slots = config.max_inflight_batches if config.enabled else 1 << 30
+        self._free = {"main": slots, "express": slots}  # free batch slots per lane
+        self._busy: collections.Counter[str] = collections.Counter()  # caller -> its batches in flight
         self._worker = asyncio.get_running_loop().create_task(self._loop())
         self._tasks: set[asyncio.Task] = set()
 
@@ -109,19 +126,31 @@ class LayerBatcher:
 
     async def _loop(self) -> None:
         while True:
-            while not self._queue:
+            lane = self._free_lane()
+            if lane is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await self._slots.acquire()
-            if self._config.enabled and self._config.max_wait_ms > 0:
-                await self._hold_open()
-            batch = self._pop_batch()
-            if not batch:
-                self._slots.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._free[lane] -= 1
+            if lane == "main" and self._config.enabled and self._config.max_wait_ms > 0:
+                await self._hold_open()
+            batch = self._pop_batch(lane == "express")
+            if not batch:
+                self._free[lane] += 1
+                continue
+            self._busy.update({e.caller for e in batch})  # now, so the next batch's lane sees it
+            task = asyncio.get_running_loop().create_task(self._run(batch, lane))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _free_lane(self) -> str | None:
+        """The lane the next batch leaves in: express when a caller with nothing in flight is
+        queued and that lane has a slot; else main when it has one; None: wait."""
+        if not self._queue:
+            return None
+        if self._free["express"] and any(e.caller not in self._busy for e in self._queue):
+            return "express"
+        return "main" if self._free["main"] else None
 
     async def _hold_open(self) -> None:
         deadline = time.monotonic() + self._config.max_wait_ms / 1e3
@@ -132,17 +161,18 @@ class LayerBatcher:
             except asyncio.TimeoutError:
                 break
 
-    def _pop_batch(self) -> list[_Entry]:
+    def _pop_batch(self, express: bool) -> list[_Entry]:
         limit = self._config.max_batch_tokens if self._config.enabled else 0
         queued = list(self._queue)  # deque indexing is O(n): index a list once
-        chosen = take_batch([(e.caller, e.x.shape[0]) for e in queued], limit)
+        eligible = first_of_idle([e.caller for e in queued], set(self._busy)) if express else list(range(len(queued)))
+        chosen = [eligible[i] for i in take_batch([(queued[i].caller, queued[i].x.shape[0]) for i in eligible], limit)]
         taken = set(chosen)
         batch = [queued[i] for i in chosen]
         self._queue = deque(e for i, e in enumerate(queued) if i not in taken)
         self._queued_tokens -= sum(e.x.shape[0] for e in batch)
         return [e for e in batch if not e.future.done()]  # callers gone (cancelled, deadline) are skipped
 
-    async def _run(self, batch: list[_Entry]) -> None:
+    async def _run(self, batch: list[_Entry], lane: str) -> None:
         try:
             sizes = [e.x.shape[0] for e in batch]
             x = batch[0].x if len(batch) == 1 else torch.cat([e.x for e in batch])
@@ -161,4 +191,7 @@ class LayerBatcher:
                 else:
                     entry.future.set_result((result, tag))
         finally:
-            self._slots.release()
+            self._busy.subtract({e.caller for e in batch})
+            self._busy += collections.Counter()  # drop callers with nothing left in flight
+            self._free[lane] += 1
+            self._wakeup.set()

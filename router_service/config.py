@@ -18,7 +18,9 @@ class BatchingConfig(BaseModel):
     max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0, description=(
         "How long a batch waits for more requests once started. 0: take what is queued; requests that "
         "arrive while a batch is in flight form the next batch, so batching happens under load anyway."))
-    max_inflight_batches: int = Field(2, ge=1, description="Batches of one layer in flight at once.")
+    max_inflight_batches: int = Field(2, ge=1, description=(
+        "Batches of one layer in flight at once, per lane: the express lane carries the next request of "
+        "callers with nothing in flight, the main lane the rest (router_service/batcher.py)."))
     enabled: bool = Field(True, description="False: every request is its own batch (for benchmarks).")
 
 

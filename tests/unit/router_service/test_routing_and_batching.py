@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from experts import ExpertGroup, MoELayer, load_spec
-from router_service.batcher import LayerBatcher, QueueFullError, take_batch
+from router_service.batcher import LayerBatcher, QueueFullError, first_of_idle, take_batch
 from router_service.config import BatchingConfig, RouterConfig
 from router_service.router import Router
 from router_service.routing import Copy, RoutingTable, expert_segments, plan_dispatch
@@ -52,6 +52,43 @@ def test_routing_table_round_trips_through_msgpack():
 ])
 def test_take_batch_lets_callers_take_turns(queued, limit, expected):
     assert take_batch(queued, limit) == expected
+
+
+@pytest.mark.parametrize("callers,busy,expected", [
+    (["a", "a", "b", "c", "b"], set(), [0, 2, 3]),
+    (["flood", "flood", "b"], {"flood"}, [2]),
+    (["flood"], {"flood"}, []),
+])
+def test_first_of_idle_takes_one_entry_per_caller_with_nothing_in_flight(callers, busy, expected):
+    assert first_of_idle(callers, busy) == expected
+
+
+def test_a_caller_is_not_held_behind_a_flooders_batches_in_flight():
+    """The flooder's batches fill the main lane and finish only once the other caller has its
+    answer: the express lane must serve that caller meanwhile (else this times out)."""
+    light_done = None
+
+    async def run_batch(x, parts):
+        if x[0, 0] < 0:   # the light caller's rows
+            return [x[p] for p in parts], 1
+        await light_done.wait()
+        return [x[p] for p in parts], 1
+
+    async def main():
+        nonlocal light_done
+        light_done = asyncio.Event()
+        batcher = LayerBatcher(run_batch, BatchingConfig(max_batch_tokens=4, max_inflight_batches=2), 1000)
+        flood = [asyncio.ensure_future(batcher.submit(torch.ones(4, 2), "flood")) for _ in range(8)]
+        await asyncio.sleep(0.01)   # the flood's first batches are in flight, the rest queued
+        out, _ = await asyncio.wait_for(batcher.submit(-torch.ones(1, 2), "light"), 2.0)
+        light_done.set()
+        answers = await asyncio.gather(*flood)
+        await batcher.close()
+        return out, answers
+
+    out, answers = asyncio.run(main())
+    assert torch.equal(out, -torch.ones(1, 2))
+    assert len(answers) == 8 and all(torch.equal(a, torch.ones(4, 2)) for a, _ in answers)
 
 
 def test_batcher_merges_splits_and_answers_each_caller():
