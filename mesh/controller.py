@@ -184,7 +184,8 @@ class MeshController:
     # -- routers ---------------------------------------------------------------------------------
 
     def internal_tls(self) -> dict | None:
-        """How routers reach the groups' ports: a TLSConfig as a dict (internal_tls), or None."""
+        """How routers reach the groups' ports and probes each other: a TLSConfig as a dict
+        (internal_tls), or None."""
         return self.config.internal_tls.model_dump() if self.config.internal_tls else None
 
     async def data_secret(self) -> str:
@@ -377,7 +378,8 @@ class MeshController:
                 self.probes[node] = ray.remote(LatencyProbe).options(
                     name=f"{self.config.name}/probe-{node[:12]}", namespace=NAMESPACE, lifetime="detached",
                     num_cpus=0, get_if_exists=True, **pinning(node)).remote()
-        started = await asyncio.gather(*(self.probes[n].start.remote(self.rec.state.secret) for n in nodes))
+        started = await asyncio.gather(*(self.probes[n].start.remote(self.rec.state.secret, self.internal_tls())
+                                       for n in nodes))
         return nodes, [endpoint for _, endpoint in started]
 
     async def measure_links(self) -> dict:

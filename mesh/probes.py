@@ -16,7 +16,7 @@ import grpc
 from experts.links import emulated_delay_s, serve_delay
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from protos.serving import add_service, require_secret, secret_metadata
+from protos.serving import TLSConfig, add_service, bind, channel, require_secret, secret_metadata
 
 __all__ = ["LatencyProbe", "link_matrix"]
 
@@ -45,14 +45,18 @@ class LatencyProbe:
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
         self._metadata: tuple = ()
+        self._tls: TLSConfig | None = None
 
-    async def start(self, secret: str) -> tuple[str, str]:
-        """Serve Echo on this node to callers with the mesh's `secret`; returns (node id, "ip:port")."""
+    async def start(self, secret: str, tls: dict | None = None) -> tuple[str, str]:
+        """Serve Echo on this node to callers with the mesh's `secret`, over mutual TLS when `tls`
+        (internal_tls, as the groups' ports: probes call each other with it); returns (node id,
+        "ip:port")."""
         if self._server is None:
             self._server = grpc.aio.server(options=_OPTIONS, maximum_concurrent_rpcs=16)
             add_service(self._server, "MeshProbe", _Echo(self.node_id, emulated_delay_s()), require_secret(secret))
             self._metadata = secret_metadata(secret)
-            port = self._server.add_insecure_port(f"{self.host}:0")
+            self._tls = TLSConfig(**tls) if tls else None
+            port = bind(self._server, f"{self.host}:0", self._tls)
             await self._server.start()
             self.endpoint = f"{self.host}:{port}"
         return self.node_id, self.endpoint
@@ -62,8 +66,8 @@ class LatencyProbe:
         return [await self._measure_one(e, pings, transfers) for e in endpoints]
 
     async def _measure_one(self, endpoint: str, pings: int, transfers: int) -> tuple[float, float]:
-        async with grpc.aio.insecure_channel(endpoint, options=_OPTIONS) as channel:
-            stub = pb_grpc.MeshProbeStub(channel)
+        async with channel(endpoint, self._tls, _OPTIONS) as link:
+            stub = pb_grpc.MeshProbeStub(link)
 
             def echo(request, timeout):
                 return stub.Echo(request, timeout=timeout, metadata=self._metadata)

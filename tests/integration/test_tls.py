@@ -126,30 +126,42 @@ def test_a_client_outside_the_pki_is_refused(tls_mesh, pki, who):
     assert error.value.code == grpc.StatusCode.UNAVAILABLE, error.value
 
 
-def test_the_groups_ports_speak_tls_only(tls_mesh, pki):
-    mesh, spec, _ = tls_mesh
+def _internal_endpoint(mesh, kind: str) -> str:
+    """An expert group's ExpertWorker port, or a latency probe's MeshProbe port, of `mesh`."""
     import msgpack
 
     from mesh.controller import NAMESPACE
 
-    secret = ray.get(mesh.controller.data_secret.remote())
     state = msgpack.unpackb(ray.get(mesh.controller.snapshot.remote()), strict_map_key=False)
-    endpoint = ray.get(ray.get_actor(state["groups"][0]["name"], namespace=NAMESPACE).info.remote())["endpoint"]
+    if kind == "group":
+        return ray.get(ray.get_actor(state["groups"][0]["name"], namespace=NAMESPACE).info.remote())["endpoint"]
+    links = ray.get(mesh.controller.measure_links.remote(), timeout=120)  # the probes measure each other over TLS
+    assert all(rtt > 0 for row in links["rtt_ms"] for rtt in row), links
+    probe = ray.get_actor(f"{mesh.name}/probe-{links['nodes'][0][:12]}", namespace=NAMESPACE)
+    return ray.get(probe.start.remote(ray.get(mesh.controller.data_secret.remote())))[1]  # started: its endpoint
+
+
+def _ping(kind: str, link, secret: str) -> bytes:
+    stub = pb_grpc.ExpertWorkerStub(link).Ping if kind == "group" else pb_grpc.MeshProbeStub(link).Echo
+    return stub(pb.PingRequest(payload=b"x"), timeout=10, metadata=[(SECRET_KEY, secret)]).payload
+
+
+@pytest.mark.parametrize("kind", ["group", "probe"])
+def test_the_internal_ports_speak_mutual_tls_only(tls_mesh, pki, kind):
+    mesh, spec, _ = tls_mesh
+    secret = ray.get(mesh.controller.data_secret.remote())
+    endpoint = _internal_endpoint(mesh, kind)
     with grpc.insecure_channel(endpoint) as plain:
         with pytest.raises(grpc.RpcError) as error:
-            pb_grpc.ExpertWorkerStub(plain).Ping(pb.PingRequest(payload=b"x"), timeout=5,
-                                                 metadata=[(SECRET_KEY, secret)])
+            _ping(kind, plain, secret)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     with channel(endpoint, TLSConfig(ca=pki["ca"][0], server_name=NAME), aio=False) as no_certificate:
-        with pytest.raises(grpc.RpcError) as error:  # mutual: the routers present the internal certificate
-            pb_grpc.ExpertWorkerStub(no_certificate).Ping(pb.PingRequest(payload=b"x"), timeout=5,
-                                                          metadata=[(SECRET_KEY, secret)])
+        with pytest.raises(grpc.RpcError) as error:  # mutual: the mesh's own ends present the internal certificate
+            _ping(kind, no_certificate, secret)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     cert, key = pki["server"]
     with channel(endpoint, TLSConfig(ca=pki["ca"][0], cert=cert, key=key, server_name=NAME), aio=False) as secure:
-        reply = pb_grpc.ExpertWorkerStub(secure).Ping(pb.PingRequest(payload=b"x"), timeout=10,
-                                                      metadata=[(SECRET_KEY, secret)])
-    assert reply.payload == b"x"
+        assert _ping(kind, secure, secret) == b"x"
 
 
 def test_tls_between_routers_and_groups_is_refused_with_the_collective_transport(pki):
