@@ -36,6 +36,9 @@ class GroupsConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype experts compute in.")
     torch_threads: int = Field(0, ge=0, description="torch threads per group actor (0: torch's default).")
     num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per group actor.")
+    node_labels: dict[str, str] = Field(default_factory=dict, description=(
+        "Groups run only on nodes carrying all these Ray node labels (`ray start --labels k=v`, or "
+        "Ray's own such as ray.io/accelerator-type); empty: on any node."))
     memory_fraction: float = Field(0.8, gt=0, le=1, description=(
         "Share of a node's Ray memory that its groups' expert weights may take."))
     simulated: SimulatedConfig | None = Field(None, description=(

@@ -111,7 +111,11 @@ class MeshController:
         serve, persist the desired state, publish epoch 1; returns the table."""
         if await self.ready():
             return self.rec.table.encode()
-        nodes = alive_nodes()
+        nodes = alive_nodes(self.config.groups.node_labels)
+        if not nodes:
+            labels = [n.get("Labels") or {} for n in alive_nodes()]
+            raise PlacementError(f"no live node carries groups.node_labels {self.config.groups.node_labels}; "
+                                 f"the nodes' labels are {labels}")
         num_groups = self.config.groups.num_groups or len(nodes)
         assignment = initial_assignment(list(self.spec.moe_layers), self.spec.num_experts, num_groups,
                                         self.config.groups.replicas)

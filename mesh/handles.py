@@ -7,18 +7,24 @@ import logging
 
 from mesh.config import MeshConfig
 
-__all__ = ["NAMESPACE", "RayGroup", "RayLauncher", "RayRouter", "alive_nodes", "pinning"]
+__all__ = ["NAMESPACE", "RayGroup", "RayLauncher", "RayRouter", "alive_nodes", "has_labels", "pinning"]
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "expert-mesh"
 
 
-def alive_nodes() -> list[dict]:
-    """Ray's live nodes, the head first, then by node id."""
+def alive_nodes(labels: dict[str, str] | None = None) -> list[dict]:
+    """Ray's live nodes (those carrying all of `labels`, when given), the head first, then by node id."""
     import ray
 
-    return sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: (not n.get("IsHeadNode", False), n["NodeID"]))
+    nodes = [n for n in ray.nodes() if n["Alive"] and has_labels(n.get("Labels") or {}, labels or {})]
+    return sorted(nodes, key=lambda n: (not n.get("IsHeadNode", False), n["NodeID"]))
+
+
+def has_labels(node_labels: dict[str, str], wanted: dict[str, str]) -> bool:
+    """Whether a node's labels include every `wanted` key with its value. Pure policy."""
+    return all(node_labels.get(key) == value for key, value in wanted.items())
 
 
 def pinning(node_id: str) -> dict:
@@ -76,7 +82,8 @@ class RayLauncher:
         self.secret = ""  # the mesh's data-plane secret: the controller sets it (deploy, adoption)
 
     def alive_nodes(self) -> list[str]:
-        return [n["NodeID"] for n in alive_nodes()]
+        """The live nodes groups may run on (groups.node_labels)."""
+        return [n["NodeID"] for n in alive_nodes(self.config.groups.node_labels)]
 
     def find_group(self, name: str) -> RayGroup | None:
         actor = _named(name)
@@ -109,7 +116,7 @@ class RayLauncher:
                              groups.simulated.latency_ms)
             actor = ray.remote(SimulatedGroupActor).options(**options).remote(name, own, cost)
         else:
-            has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in alive_nodes())
+            has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in alive_nodes(groups.node_labels))
             actor = ray.remote(ExpertGroupActor).options(num_gpus=1 if has_gpus else 0, **options).remote(
                 name, self.model_path, own, groups.dtype, groups.torch_threads)
         for layer, experts, source in loads:

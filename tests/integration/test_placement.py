@@ -100,3 +100,21 @@ def test_rebalance_moves_hot_experts_off_the_far_node(far_mesh):
     assert after_ms < before_ms / 2 and before_ms > DELAY_MS
     with MeshClient(mesh.address) as client:
         assert rel_err(client.forward(0, x), ref) <= FP32_TOL
+
+
+def test_groups_run_only_on_nodes_with_the_labels_asked_for(meshes, zoo):
+    """groups.node_labels: every group lands on a node carrying the labels (here Ray's own node-id
+    label of the last node) and the mesh answers right; labels no node carries are refused by name."""
+    import ray
+
+    from mesh.controller import PlacementError
+
+    path = zoo.checkpoint("mixtral")
+    node = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])[-1]
+    mesh = meshes.get(path, key="labelled", groups={"num_groups": 2, "node_labels": {"ray.io/node-id": node}})
+    assert {g["node"] for g in mesh.status()["groups"]} == {node}
+    x = torch.randn(9, 48, generator=torch.Generator().manual_seed(2))
+    with MeshClient(mesh.address) as client:
+        assert rel_err(client.forward(0, x), MoELayer.from_pretrained(path, layer=0)(x)) <= FP32_TOL
+    with pytest.raises(PlacementError, match=r"no live node carries groups.node_labels \{'gpu': 'h200'\}"):
+        meshes.get(path, key="unplaceable", groups={"node_labels": {"gpu": "h200"}})

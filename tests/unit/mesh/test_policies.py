@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mesh.autoscale import plan_autoscale
+from mesh.handles import has_labels
 from mesh.placement import initial_assignment, replicate_layer, restore_node, spread_groups
 from router_service.load import LoadWindow, PairShares, coactivation_counts
 
@@ -137,3 +138,13 @@ def test_replicate_layer_evens_out_groups_of_unequal_size():
     assert _copies_of(plan, 0) == dict.fromkeys(range(6), 1)
     with pytest.raises(ValueError, match="no expert group"):
         replicate_layer({}, 0, load, 6, 6, 3)
+
+
+@pytest.mark.parametrize("node,wanted,expected", [
+    ({"ray.io/node-id": "n1", "expert-mesh.io/role": "experts"}, {"expert-mesh.io/role": "experts"}, True),
+    ({"ray.io/node-id": "n1"}, {"expert-mesh.io/role": "experts"}, False),
+    ({"expert-mesh.io/role": "router"}, {"expert-mesh.io/role": "experts"}, False),
+    ({"ray.io/node-id": "n1"}, {}, True),
+])
+def test_has_labels_wants_every_label_with_its_value(node, wanted, expected):
+    assert has_labels(node, wanted) is expected
