@@ -1,6 +1,6 @@
 """Small MoE models built from transformers configs with seeded random weights: no download, ever.
 
-`build_model(family)` gives a transformers model of one of the six supported families;
+`build_model(family)` gives a transformers model of one of the supported families;
 `save_checkpoint(model, path, fused)` writes it in either checkpoint layout;
 `builtin_model_dir()` is the embedded default (a small Mixtral), built once into a cache folder.
 """
@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 _ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
+_DEEPSEEK = dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+                 first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                 num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+                 q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=12)
+
 # Each family: (config class name, kwargs). Sizes are deliberately not powers of two where it is free.
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", dict(hidden_size=48, intermediate_size=40, num_hidden_layers=2,
@@ -34,12 +39,25 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                          head_dim=12, norm_topk_prob=True)),
     "olmoe": ("OlmoeConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,
                                   num_experts_per_tok=2)),
-    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
-                                             num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
-                                             num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=3,
-                                             n_group=4, topk_group=2, n_shared_experts=1,
-                                             routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=16,
-                                             qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=12)),
+    "deepseek_v3": ("DeepseekV3Config", _DEEPSEEK),
+    "deepseek_v32": ("DeepseekV32Config", dict(_DEEPSEEK, index_topk=4, index_head_dim=16, index_n_heads=2)),
+    "glm4_moe": ("Glm4MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                       num_hidden_layers=3, first_k_dense_replace=1, head_dim=12,
+                                       n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1,
+                                       n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                       use_qk_norm=True)),
+    "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                           shared_expert_intermediate_size=40, num_hidden_layers=2, head_dim=12,
+                                           linear_num_key_heads=2, linear_num_value_heads=4,
+                                           linear_key_head_dim=12, linear_value_head_dim=12, num_experts=6,
+                                           num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"],
+                                           mlp_only_layers=[0])),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(hidden_size=48, moe_intermediate_size=24,
+                                                 shared_expert_intermediate_size=40, num_hidden_layers=2, head_dim=12,
+                                                 linear_num_key_heads=2, linear_num_value_heads=4,
+                                                 linear_key_head_dim=12, linear_value_head_dim=12, num_experts=6,
+                                                 num_experts_per_tok=2,
+                                                 layer_types=["linear_attention", "full_attention"])),
     "llama4": ("Llama4TextConfig", dict(hidden_size=48, intermediate_size=24, intermediate_size_mlp=40,
                                         num_hidden_layers=4, num_local_experts=6, num_experts_per_tok=1,
                                         head_dim=12, interleave_moe_layer_step=2)),

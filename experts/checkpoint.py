@@ -255,7 +255,7 @@ class CheckpointReader:
         if not spec.shared_intermediate_size:
             return None
         hidden, size = spec.hidden_size, spec.shared_intermediate_size
-        mlp = f"{block}{'shared_experts' if spec.model_type == 'deepseek_v3' else 'shared_expert'}."
+        mlp = f"{block}{spec.shared_attr}."
         gate_proj = self._read(f"{mlp}gate_proj.weight", (size, hidden))[0]
         up_proj = self._read(f"{mlp}up_proj.weight", (size, hidden))[0]
         down = self._read(f"{mlp}down_proj.weight", (hidden, size))[0]

@@ -1,7 +1,9 @@
 """MoESpec: what one MoE model's expert layers are, derived from its config.json.
 
-Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3,
-llama4_text (and llama4, whose `text_config` is used).
+Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, qwen3_next,
+qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, deepseek_v3, deepseek_v32,
+glm4_moe, llama4_text (and llama4, whose `text_config` is used). A family is one entry of
+`_FAMILIES`: a function from its config.json to the spec.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class MoESpec:
     has_score_bias: bool = False    # DeepSeek-V3 e_score_correction_bias
     shared_intermediate_size: int = 0   # 0: no shared expert
     has_shared_gate: bool = False   # Qwen2-MoE: sigmoid(x @ w) scales the shared expert
+    shared_attr: str = "shared_expert"  # attribute of the MoE block holding the shared expert(s)
     gate_on_input: bool = False     # Llama 4: gate weights scale the expert input
     block_attr: str = "mlp"         # attribute of the decoder layer holding the MoE block
 
@@ -121,16 +124,36 @@ def _olmoe(config: dict[str, Any], mt: str) -> MoESpec:
 
 
 def _deepseek_v3(config: dict[str, Any], mt: str) -> MoESpec:
+    """DeepSeek-V3 and the families with its MoE block (GLM-4.5 `glm4_moe`, DeepSeek-V3.2)."""
     common = _common(config, mt)
-    first_moe = int(config.get("first_k_dense_replace", 0))
     moe_size = int(_get(config, "moe_intermediate_size", mt))
-    return MoESpec(**common, moe_layers=tuple(range(first_moe, common["num_layers"])),
+    return MoESpec(**common, moe_layers=_deepseek_moe_layers(config, common["num_layers"]),
                    num_experts=int(_get(config, "n_routed_experts|num_local_experts", mt)),
                    intermediate_size=moe_size, scoring="sigmoid_grouped",
                    renormalize=bool(config.get("norm_topk_prob", True)),
                    num_groups=int(config.get("n_group") or 1), topk_groups=int(config.get("topk_group") or 1),
                    scaling=float(config.get("routed_scaling_factor", 1.0)), has_score_bias=True,
-                   shared_intermediate_size=moe_size * int(config.get("n_shared_experts") or 0))
+                   shared_intermediate_size=moe_size * int(config.get("n_shared_experts") or 0),
+                   shared_attr="shared_experts")
+
+
+def _deepseek_moe_layers(config: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+    """`mlp_layer_types` ("dense" / "sparse" per layer, DeepSeek-V3.2) when given, else every layer
+    from `first_k_dense_replace` on."""
+    kinds = config.get("mlp_layer_types")
+    if kinds:
+        return tuple(i for i, kind in enumerate(kinds[:num_layers]) if kind == "sparse")
+    return tuple(range(int(config.get("first_k_dense_replace", 0)), num_layers))
+
+
+def _qwen3_next(config: dict[str, Any], mt: str) -> MoESpec:
+    """Qwen2-MoE's block; norm_topk_prob defaults to True."""
+    return dataclasses.replace(_qwen2_moe(config, mt), renormalize=bool(config.get("norm_topk_prob", True)))
+
+
+def _qwen3_5_moe_text(config: dict[str, Any], mt: str) -> MoESpec:
+    """Qwen2-MoE's block; the top-k weights are always renormalised (norm_topk_prob is ignored)."""
+    return dataclasses.replace(_qwen2_moe(config, mt), renormalize=True)
 
 
 def _llama4_text(config: dict[str, Any], mt: str) -> MoESpec:
@@ -152,16 +175,21 @@ _FAMILIES = {
     "qwen3_moe": _qwen3_moe,
     "olmoe": _olmoe,
     "deepseek_v3": _deepseek_v3,
+    "deepseek_v32": _deepseek_v3,
+    "glm4_moe": _deepseek_v3,
+    "qwen3_next": _qwen3_next,
+    "qwen3_5_moe_text": _qwen3_5_moe_text,
     "llama4_text": _llama4_text,
 }
+_TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # multimodal: the text model is served
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 
 def spec_from_config(config: dict[str, Any]) -> MoESpec:
     """Derive the MoE spec from a config.json dict; UnsupportedModelError for other architectures."""
     model_type = config.get("model_type")
-    if model_type == "llama4":
-        config, model_type = config.get("text_config") or {}, "llama4_text"
+    if model_type in _TEXT_MODELS:
+        config, model_type = config.get("text_config") or {}, _TEXT_MODELS[model_type]
     if model_type not in _FAMILIES:
         raise UnsupportedModelError(f"unsupported model_type {model_type!r} in config.json; "
                                     f"expert-mesh serves {', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -1,4 +1,4 @@
-"""Checkpoints of the six families, built once per test session (seeded random weights)."""
+"""Checkpoints of every served family, built once per test session (seeded random weights)."""
 
 from __future__ import annotations
 

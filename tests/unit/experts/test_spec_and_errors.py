@@ -28,7 +28,29 @@ SPEC_CASES = [
     ("llama4", dict(text_config=dict(model_type="llama4_text", hidden_size=8, num_hidden_layers=4,
                                      num_local_experts=16, num_experts_per_tok=1, intermediate_size=6,
                                      moe_layers=[1, 3])), ((1, 3), 16, 1, "topk_then_sigmoid", 6)),
+    ("deepseek_v32", dict(hidden_size=8, num_hidden_layers=4, n_routed_experts=16, num_experts_per_tok=4,
+                          moe_intermediate_size=6, first_k_dense_replace=1, n_shared_experts=1,
+                          mlp_layer_types=["dense", "sparse", "dense", "sparse"]), ((1, 3), 16, 4, "sigmoid_grouped", 6)),
+    ("glm4_moe", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=6, first_k_dense_replace=1, n_shared_experts=1),
+     ((1, 2), 8, 2, "sigmoid_grouped", 6)),
+    ("qwen3_next", dict(hidden_size=8, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                        moe_intermediate_size=6, shared_expert_intermediate_size=10), ((0, 1), 8, 2, "softmax", 10)),
+    ("qwen3_5_moe", dict(text_config=dict(model_type="qwen3_5_moe_text", hidden_size=8, num_hidden_layers=2,
+                                          num_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
+                                          shared_expert_intermediate_size=10)), ((0, 1), 8, 2, "softmax", 10)),
 ]
+
+
+@pytest.mark.parametrize("config,renormalize", [
+    (dict(model_type="qwen2_moe"), False),                          # qwen2_moe: off unless asked
+    (dict(model_type="qwen3_next"), True),                          # qwen3_next: on unless turned off
+    (dict(model_type="qwen3_next", norm_topk_prob=False), False),
+    (dict(model_type="qwen3_5_moe_text", norm_topk_prob=False), True),  # qwen3.5 ignores the field
+])
+def test_qwen_families_renormalise_as_transformers_does(config, renormalize):
+    base = dict(hidden_size=8, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=6)
+    assert spec_from_config({**base, **config}).renormalize is renormalize
 
 
 @pytest.mark.parametrize("model_type,config,expected", SPEC_CASES)
