@@ -46,6 +46,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                        n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1,
                                        n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                                        use_qk_norm=True)),
+    "minimax_m2": ("MiniMaxM2Config", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, head_dim=12,
+                                           num_local_experts=8, num_experts_per_tok=2)),
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                            shared_expert_intermediate_size=40, num_hidden_layers=2, head_dim=12,
                                            linear_num_key_heads=2, linear_num_value_heads=4,

@@ -2,7 +2,8 @@
 
 Layouts read (per layer, detected from the tensor names):
 - per-expert ("legacy", what `save_pretrained` writes by default):
-  `<block>.experts.<e>.{gate_proj,up_proj,down_proj}.weight` (Mixtral: `w1, w3, w2`);
+  `<block>.experts.<e>.{gate_proj,up_proj,down_proj}.weight` (Mixtral, MiniMax-M2: `w1, w3, w2` under
+  `block_sparse_moe`: the spec names them);
 - fused (`save_pretrained(..., save_original_format=False)`, Llama 4 always):
   `<block>.experts.gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
   (Llama 4: `[E, H, 2I]` and `[E, I, H]`, transposed).
@@ -230,7 +231,7 @@ class CheckpointReader:
     def _block(self, layer: int) -> str:
         """Name prefix of the MoE block of `layer`, e.g. 'model.layers.3.mlp.'."""
         self.spec.check_layer(layer)
-        candidates = ["block_sparse_moe", "mlp"] if self.spec.model_type == "mixtral" else [self.spec.block_attr]
+        candidates = [*self.spec.checkpoint_blocks, self.spec.block_attr]
         gate = "router" if self.spec.gate_on_input else "gate"
         for block in candidates:
             prefix = f"{self._layer_prefix}{layer}.{block}."
@@ -247,7 +248,7 @@ class CheckpointReader:
         weight = self._read(name, (spec.num_experts, spec.hidden_size))[0]
         bias = None
         if spec.has_score_bias:
-            bias = self._read(f"{block}gate.e_score_correction_bias", (spec.num_experts,))[0].float()
+            bias = self._read(f"{block}{spec.score_bias}", (spec.num_experts,))[0].float()
         return GateWeights(weight, bias)
 
     def shared(self, layer: int) -> SharedWeights | None:
@@ -289,7 +290,7 @@ class CheckpointReader:
 
     def _legacy_expert(self, block: str, expert: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
-        names = ("w1", "w3", "w2") if self.spec.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        names = self.spec.expert_names
         prefix = f"{block}experts.{expert}."
         gate, raw_g = self._read(f"{prefix}{names[0]}.weight", (inter, hidden))
         up, raw_u = self._read(f"{prefix}{names[1]}.weight", (inter, hidden))

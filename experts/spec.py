@@ -2,7 +2,7 @@
 
 Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, qwen3_next,
 qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, deepseek_v3, deepseek_v32,
-glm4_moe, llama4_text (and llama4, whose `text_config` is used). A family is one entry of
+glm4_moe, minimax_m2, llama4_text (and llama4, whose `text_config` is used). A family is one entry of
 `_FAMILIES`: a function from its config.json to the spec.
 """
 
@@ -40,6 +40,9 @@ class MoESpec:
     shared_intermediate_size: int = 0   # 0: no shared expert
     has_shared_gate: bool = False   # Qwen2-MoE: sigmoid(x @ w) scales the shared expert
     shared_attr: str = "shared_expert"  # attribute of the MoE block holding the shared expert(s)
+    score_bias: str = "gate.e_score_correction_bias"   # where the score bias is, under the block
+    checkpoint_blocks: tuple[str, ...] = ()  # other names of the block in checkpoints (vendors' own)
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert names: gate, up, down
     gate_on_input: bool = False     # Llama 4: gate weights scale the expert input
     block_attr: str = "mlp"         # attribute of the decoder layer holding the MoE block
 
@@ -62,7 +65,8 @@ class MoESpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoESpec":
-        data = dict(data, moe_layers=tuple(data["moe_layers"]))
+        data = dict(data, moe_layers=tuple(data["moe_layers"]), checkpoint_blocks=tuple(data["checkpoint_blocks"]),
+                    expert_names=tuple(data["expert_names"]))
         return cls(**data)
 
 
@@ -96,7 +100,21 @@ def _mixtral(config: dict[str, Any], mt: str) -> MoESpec:
     return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
                    num_experts=int(_get(config, "num_local_experts", mt)),
                    intermediate_size=int(_get(config, "intermediate_size", mt)),
-                   scoring="softmax", renormalize=True)
+                   scoring="softmax", renormalize=True, **_MIXTRAL_NAMES)
+
+
+_MIXTRAL_NAMES = dict(checkpoint_blocks=("block_sparse_moe",), expert_names=("w1", "w3", "w2"))
+
+
+def _minimax_m2(config: dict[str, Any], mt: str) -> MoESpec:
+    """Sigmoid + score bias (kept on the block), top-k, renormalised: DeepSeek-V3's gate with one
+    group and no scaling; Mixtral's names."""
+    common = _common(config, mt)
+    return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
+                   num_experts=int(_get(config, "num_local_experts", mt)),
+                   intermediate_size=int(_get(config, "intermediate_size", mt)),
+                   scoring="sigmoid_grouped", renormalize=True, has_score_bias=True,
+                   score_bias="e_score_correction_bias", **_MIXTRAL_NAMES)
 
 
 def _qwen2_moe(config: dict[str, Any], mt: str) -> MoESpec:
@@ -177,6 +195,7 @@ _FAMILIES = {
     "deepseek_v3": _deepseek_v3,
     "deepseek_v32": _deepseek_v3,
     "glm4_moe": _deepseek_v3,
+    "minimax_m2": _minimax_m2,
     "qwen3_next": _qwen3_next,
     "qwen3_5_moe_text": _qwen3_5_moe_text,
     "llama4_text": _llama4_text,

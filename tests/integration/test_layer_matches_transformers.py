@@ -36,11 +36,17 @@ def test_every_moe_layer_matches_transformers_fp32(zoo, family, layout):
         assert torch.equal(flat, out.reshape(-1, spec.hidden_size))
 
 
+def _gate(block, x):
+    """transformers' gate of `block` on x: (logits, weights, ids); MiniMax-M2 keeps its score bias
+    on the block and hands it to the gate."""
+    bias = getattr(block, "e_score_correction_bias", None)
+    return block.gate(x) if bias is None else block.gate(x, bias)
+
+
 def _router_logits(block, spec, x):
     """[T, E] logits of the transformers router (what ties are judged on)."""
     with torch.no_grad():
-        out = block.router(x) if spec.gate_on_input else block.gate(x)
-    return out[1] if spec.gate_on_input else out[0]
+        return block.router(x)[1] if spec.gate_on_input else _gate(block, x)[0]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -74,7 +80,7 @@ def _transformers_subset_contribution(block, spec, x, subset):
             scores = scores.masked_fill(~keep, 0.0)
             routed_in = x.repeat(scores.shape[1], 1) * scores.transpose(0, 1).reshape(-1, 1)
             return block.experts(routed_in).reshape(scores.shape[1], -1, x.shape[-1]).sum(0)
-        _, weights, ids = block.gate(x)
+        _, weights, ids = _gate(block, x)
         weights = weights * torch.isin(ids, torch.tensor(subset))
         return block.experts(x, ids, weights)
 
