@@ -2,8 +2,8 @@
 
 Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, qwen3_next,
 qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, deepseek_v3, deepseek_v32,
-glm4_moe, minimax_m2, llama4_text (and llama4, whose `text_config` is used). A family is one entry of
-`_FAMILIES`: a function from its config.json to the spec.
+glm4_moe, minimax_m2, llama4_text (and llama4, whose `text_config` is used). A family is one entry
+of `_FAMILIES`: a function from its config.json to the spec.
 """
 
 from __future__ import annotations
@@ -95,15 +95,15 @@ def _qwen_moe_layers(config: dict[str, Any], model_type: str) -> tuple[int, ...]
     return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
 
 
+_MIXTRAL_NAMES = dict(checkpoint_blocks=("block_sparse_moe",), expert_names=("w1", "w3", "w2"))
+
+
 def _mixtral(config: dict[str, Any], mt: str) -> MoESpec:
     common = _common(config, mt)
     return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
                    num_experts=int(_get(config, "num_local_experts", mt)),
                    intermediate_size=int(_get(config, "intermediate_size", mt)),
                    scoring="softmax", renormalize=True, **_MIXTRAL_NAMES)
-
-
-_MIXTRAL_NAMES = dict(checkpoint_blocks=("block_sparse_moe",), expert_names=("w1", "w3", "w2"))
 
 
 def _minimax_m2(config: dict[str, Any], mt: str) -> MoESpec:
