@@ -183,6 +183,21 @@ def _confined(folder: Path, file: object) -> Path:
     return resolved
 
 
+def _decoder_prefix(path: Path, names: list[str]) -> str:
+    """The name prefix of the decoder layers ('model.layers.', 'layers.',
+    'model.language_model.layers.'): of the prefixes followed by a layer index, the one with the
+    most layers. Published checkpoints carry other stacks beside it (multi-token-prediction heads:
+    `mtp.layers.0...`); they hold fewer."""
+    indices: dict[str, set[str]] = {}
+    for name in names:
+        if m := re.match(r"^(.*?\blayers\.)(\d+)\.", name):
+            indices.setdefault(m.group(1), set()).add(m.group(2))
+    ranked = sorted(indices, key=lambda prefix: len(indices[prefix]), reverse=True)
+    if not ranked or (len(ranked) > 1 and len(indices[ranked[0]]) == len(indices[ranked[1]])):
+        raise CheckpointError(f"cannot find the decoder layers in {path} (prefixes {sorted(indices)})")
+    return ranked[0]
+
+
 class CheckpointReader:
     """The MoE tensors of one checkpoint folder; reads lazily and only what is asked for."""
 
@@ -192,10 +207,7 @@ class CheckpointReader:
         self._files = _weight_files(self.path)
         self._open: dict[Path, SafetensorsFile] = {}
         self._closed_bytes_read = 0
-        prefixes = {m.group(1) for name in self._files if (m := re.match(r"^(.*?\blayers\.)\d+\.", name))}
-        if len(prefixes) != 1:
-            raise CheckpointError(f"cannot find the decoder layers in {self.path} (prefixes {sorted(prefixes)})")
-        self._layer_prefix = prefixes.pop()
+        self._layer_prefix = _decoder_prefix(self.path, list(self._files))
 
     @property
     def bytes_read(self) -> int:

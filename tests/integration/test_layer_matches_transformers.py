@@ -135,6 +135,29 @@ def test_sharded_checkpoint_reads_like_single_file(zoo, tmp_path):
         assert torch.equal(sharded, single)
 
 
+def test_a_published_qwen3_5_layout_reads_like_the_text_model(zoo, tmp_path):
+    """Qwen3.5-MoE as published: a composite config (its text model in `text_config`), the decoder
+    under `model.language_model.layers.`, a vision tower and a multi-token-prediction layer beside
+    it (`mtp.layers.0`, itself an MoE layer)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    source = zoo.checkpoint("qwen3_5_moe")
+    tensors = {name.replace("model.layers.", "model.language_model.layers."): t
+               for name, t in load_file(source / "model.safetensors").items()}
+    extra = {name.replace("model.language_model.layers.0.", "mtp.layers.0."): t.clone()
+             for name, t in tensors.items() if name.startswith("model.language_model.layers.0.")}
+    save_file({**tensors, **extra, "model.visual.blocks.0.attn.qkv.weight": torch.zeros(4, 4)},
+              tmp_path / "model.safetensors")
+    text = json.loads((source / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe", "text_config": text}))
+    x = torch.randn(11, text["hidden_size"], generator=torch.Generator().manual_seed(4))
+    for layer in load_spec(source).moe_layers:
+        assert torch.equal(MoELayer.from_pretrained(tmp_path, layer=layer)(x),
+                           MoELayer.from_pretrained(source, layer=layer)(x)), layer
+
+
 def test_group_versions_follow_source_bytes(zoo):
     legacy = ExpertGroup.from_checkpoint(zoo.checkpoint("mixtral", "legacy"), {1: [0, 3]})
     fused = ExpertGroup.from_checkpoint(zoo.checkpoint("mixtral", "fused"), {1: [0, 3]})
