@@ -191,7 +191,6 @@ class LayerBatcher:
                 else:
                     entry.future.set_result((result, tag))
         finally:
-            self._busy.subtract({e.caller for e in batch})
-            self._busy += collections.Counter()  # drop callers with nothing left in flight
+            self._busy -= collections.Counter({e.caller for e in batch})  # -= drops callers left at 0
             self._free[lane] += 1
             self._wakeup.set()
