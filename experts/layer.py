@@ -25,8 +25,10 @@ class Gate:
 
     def __init__(self, spec: MoESpec, weights: GateWeights, dtype: torch.dtype | None = None):
         self.spec = spec
-        self.weight = weights.weight if dtype is None else weights.weight.to(dtype)  # [E, H]
-        self.bias = weights.bias  # [E] float32 or None
+        cast = (lambda t: t if t is None or dtype is None else t.to(dtype))
+        self.weight = cast(weights.weight)  # [E, H]
+        self.bias = weights.bias  # [E] float32 or None: for the choice only
+        self.logit_bias = cast(weights.logit_bias)  # [E] or None: added to the logits (gpt-oss)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H]. Returns (weights [T, k] float, ids [T, k] int64)."""
@@ -35,7 +37,8 @@ class Gate:
             logits = x.float() @ self.weight.float().t()
             return topk_sigmoid_grouped(logits, self.bias, spec.top_k, spec.num_groups, spec.topk_groups,
                                         spec.renormalize, spec.scaling)
-        logits = x @ self.weight.to(x.dtype).t()  # [T, E]
+        bias = None if self.logit_bias is None else self.logit_bias.to(x.dtype)
+        logits = torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)  # [T, E]
         if spec.scoring == "topk_then_sigmoid":
             return topk_then_sigmoid(logits, spec.top_k)
         return topk_softmax(logits, spec.top_k, spec.renormalize)
@@ -46,7 +49,7 @@ class SharedExpert:
 
     def __init__(self, spec: MoESpec, weights: SharedWeights, dtype: torch.dtype | None = None):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-        self.activation = spec.activation
+        self.activation = spec.gated_activation()
         self.w_gate_up = cast(weights.w_gate_up).unsqueeze(0).contiguous()  # [1, 2S, H]
         self.w_down = cast(weights.w_down).unsqueeze(0).contiguous()        # [1, H, S]
         self.gate = None if weights.gate is None else cast(weights.gate)    # [1, H]
