@@ -191,7 +191,7 @@ class ExpertGroupActor:
     def _read(self, layer: int, experts: list[int], source: str | None):
         from experts.checkpoint import CheckpointReader
 
-        reader = CheckpointReader(source or self.model_path)
+        reader = CheckpointReader(source or self.model_path, dtype=self.server_impl.group.dtype)
         try:
             if reader.spec != self.server_impl.group.spec:
                 raise ValueError(f"checkpoint {source} is not the same architecture as the served model")
@@ -247,6 +247,7 @@ class ExpertGroupActor:
             "versions": {layer: [group.version(layer, e) for e in held.experts] for layer, held in group.layers.items()},
             "staged": {layer: {e: staged.version(e) for e in staged.experts} for layer, staged in group.staged.items()},
             "nbytes": group.nbytes(),
+            "bytes_read": group.bytes_read,
             "tokens_served": [[layer, expert, n] for (layer, expert), n in self.server_impl.tokens_served.items()],
             "compute_s": self.server_impl.compute_s,
             "stage_s": dict(self.server_impl.stage_s),

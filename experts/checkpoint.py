@@ -8,6 +8,9 @@ Layouts read (per layer, detected from the tensor names):
   `<block>.experts.gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
   (Llama 4: `[E, H, 2I]` and `[E, I, H]`, transposed; gpt-oss: transposed with gate and up
   interleaved, and biases `gate_up_proj_bias [E, 2I]`, `down_proj_bias [E, H]`).
+Quantized checkpoints as published (`experts.quantized`): block fp8 (`X.weight` e4m3 with
+`X.weight_scale_inv`) and MXFP4 (`X_blocks`, `X_scales`), dequantized one expert at a time to the
+reader's dtype; the stored form stays readable through `quantized`.
 Single-file and sharded (`model.safetensors.index.json`) checkpoints. Expert weights come back in
 the canonical layout w_gate_up [n, 2I, H] (gate rows first), w_down [n, H, I] (biases
 b_gate_up [n, 2I], b_down [n, H]).
@@ -28,12 +31,14 @@ from pathlib import Path
 import torch
 
 from experts.errors import CheckpointError
-from experts.spec import MoESpec, load_spec
+from experts.quantized import QuantizationConfig, QuantizedTensor
+from experts.spec import MoESpec, load_config, spec_from_config
 
 __all__ = ["CheckpointReader", "ExpertWeights", "GateWeights", "SafetensorsFile", "SharedWeights"]
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+           "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool}
 
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own bound
@@ -108,11 +113,12 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def read(self, name: str, rows: int | None = None) -> tuple[torch.Tensor, bytes]:
-        """Tensor `name` (or its row `rows` along dim 0) and the raw bytes it came from."""
+    def read(self, name: str, rows: int | None = None, dtypes: tuple[torch.dtype, ...] = ()) -> tuple[torch.Tensor, bytes]:
+        """Tensor `name` (or its row `rows` along dim 0) and the raw bytes it came from. It must be
+        floating point, or one of `dtypes` (MXFP4's uint8 blocks and scales)."""
         entry = self.entries[name]
         dtype = _DTYPES[entry["dtype"]]
-        if not dtype.is_floating_point:
+        if not dtype.is_floating_point and dtype not in dtypes:
             raise CheckpointError(f"tensor {name!r} in {self.path} is {entry['dtype']}: weights must be floating point")
         start, end = entry["data_offsets"]
         shape = list(entry["shape"])
@@ -154,7 +160,9 @@ class ExpertWeights:
     b_down: torch.Tensor | None = None       # [n, H]
 
     def select(self, rows: list[int]) -> "ExpertWeights":
-        """The experts at positions `rows`, in that order."""
+        """The experts at positions `rows`, in that order (itself, not a copy, for all in order)."""
+        if rows == list(range(len(self.experts))):
+            return self
         pick = (lambda t: None if t is None else t[rows])
         return ExpertWeights([self.experts[i] for i in rows], self.w_gate_up[rows], self.w_down[rows],
                              [self.checksums[i] for i in rows], pick(self.b_gate_up), pick(self.b_down))
@@ -223,11 +231,20 @@ def _decoder_prefix(path: Path, names: list[str]) -> str:
 
 
 class CheckpointReader:
-    """The MoE tensors of one checkpoint folder; reads lazily and only what is asked for."""
+    """The MoE tensors of one checkpoint folder; reads lazily and only what is asked for.
 
-    def __init__(self, path: str | Path, spec: MoESpec | None = None):
+    `dtype`: what quantized weights are dequantized to (default bfloat16); others come as stored.
+    """
+
+    def __init__(self, path: str | Path, spec: MoESpec | None = None, dtype: torch.dtype | None = None):
         self.path = Path(path)
-        self.spec = spec or load_spec(self.path)
+        config = load_config(self.path)
+        self.spec = spec or spec_from_config(config)
+        try:
+            self.quantization = QuantizationConfig.from_config(config)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from exc
+        self.dequantize_dtype = dtype or torch.bfloat16
         self._files = _weight_files(self.path)
         self._open: dict[Path, SafetensorsFile] = {}
         self._closed_bytes_read = 0
@@ -254,7 +271,8 @@ class CheckpointReader:
             self._open[path] = SafetensorsFile(path)
         return self._open[path]
 
-    def _read(self, name: str, shape: tuple[int, ...], rows: int | None = None) -> tuple[torch.Tensor, bytes]:
+    def _read(self, name: str, shape: tuple[int, ...], rows: int | None = None,
+              dtypes: tuple[torch.dtype, ...] = ()) -> tuple[torch.Tensor, bytes]:
         file = self._file(name)
         full = file.shape(name)
         want = shape if rows is None else (full[0], *shape)
@@ -262,7 +280,40 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {name!r} has shape {list(full)}, expected {list(want)}")
         if rows is not None and not 0 <= rows < full[0]:
             raise CheckpointError(f"tensor {name!r} has {full[0]} experts, asked for expert {rows}")
-        return file.read(name, rows)
+        return file.read(name, rows, dtypes)
+
+    def _weight(self, name: str, shape: tuple[int, int], rows: int | None = None) -> tuple[torch.Tensor, bytes]:
+        """Weight `name` [R, C] (row `rows` of a fused [E, R, C] when given) and the bytes it came
+        from: as stored, or dequantized to `dequantize_dtype` where the checkpoint quantized it."""
+        stored = self.quantized(name, shape, rows)
+        if stored is None:
+            weight, raw = self._read(name, shape, rows)
+            if weight.dtype == torch.float8_e4m3fn:
+                raise CheckpointError(f"tensor {name!r} is float8_e4m3fn, but config.json has no fp8 "
+                                      f"quantization_config or the tensor no {name}_scale_inv beside it")
+            return weight, raw
+        weight, raw = stored
+        return weight.dequantize(self.dequantize_dtype), raw
+
+    def quantized(self, name: str, shape: tuple[int, int],
+                  rows: int | None = None) -> tuple[QuantizedTensor, bytes] | None:
+        """Weight `name` [R, C] in its stored quantized form and its bytes (data, then scales);
+        None where it is stored unquantized."""
+        method, (rows_per, cols_per) = self.quantization.method, self.quantization.block
+        if method == "fp8" and f"{name}_scale_inv" in self._files:
+            data, raw = self._read(name, shape, rows)
+            if data.dtype != torch.float8_e4m3fn:
+                raise CheckpointError(f"tensor {name!r} has a weight_scale_inv but is {data.dtype}, not float8_e4m3fn")
+            grid = (-(-shape[0] // rows_per), -(-shape[1] // cols_per))
+            scales, raw_s = self._read(f"{name}_scale_inv", grid, rows)
+            return QuantizedTensor("fp8", data, scales, (rows_per, cols_per)), raw + raw_s
+        if method == "mxfp4" and f"{name}_blocks" in self._files:
+            if shape[1] % 32:
+                raise CheckpointError(f"tensor {name!r}: mxfp4 needs columns divisible by 32, the shape is {list(shape)}")
+            blocks, raw = self._read(f"{name}_blocks", (shape[0], shape[1] // 32, 16), rows, (torch.uint8,))
+            scales, raw_s = self._read(f"{name}_scales", (shape[0], shape[1] // 32), rows, (torch.uint8,))
+            return QuantizedTensor("mxfp4", blocks, scales), raw + raw_s
+        return None
 
     def _block(self, layer: int) -> str:
         """Name prefix of the MoE block of `layer`, e.g. 'model.layers.3.mlp.'."""
@@ -280,7 +331,7 @@ class CheckpointReader:
 
     def gate(self, layer: int) -> GateWeights:
         spec, block = self.spec, self._block(layer)
-        weight = self._read(f"{block}{spec.gate_attr}.weight", (spec.num_experts, spec.hidden_size))[0]
+        weight = self._weight(f"{block}{spec.gate_attr}.weight", (spec.num_experts, spec.hidden_size))[0]
         bias = logit_bias = None
         if spec.has_score_bias:
             bias = self._read(f"{block}{spec.score_bias}", (spec.num_experts,))[0].float()
@@ -294,10 +345,10 @@ class CheckpointReader:
             return None
         hidden, size = spec.hidden_size, spec.shared_intermediate_size
         mlp = f"{block}{spec.shared_attr}."
-        gate_proj = self._read(f"{mlp}gate_proj.weight", (size, hidden))[0]
-        up_proj = self._read(f"{mlp}up_proj.weight", (size, hidden))[0]
-        down = self._read(f"{mlp}down_proj.weight", (hidden, size))[0]
-        gate = self._read(f"{block}shared_expert_gate.weight", (1, hidden))[0] if spec.has_shared_gate else None
+        gate_proj = self._weight(f"{mlp}gate_proj.weight", (size, hidden))[0]
+        up_proj = self._weight(f"{mlp}up_proj.weight", (size, hidden))[0]
+        down = self._weight(f"{mlp}down_proj.weight", (hidden, size))[0]
+        gate = self._weight(f"{block}shared_expert_gate.weight", (1, hidden))[0] if spec.has_shared_gate else None
         return SharedWeights(torch.cat([gate_proj, up_proj]), down, gate)
 
     def experts(self, layer: int, experts: list[int] | None = None) -> ExpertWeights:
@@ -307,23 +358,31 @@ class CheckpointReader:
         bad = [e for e in experts if not 0 <= e < spec.num_experts]
         if bad:
             raise ValueError(f"experts {bad} out of range: layer {layer} has {spec.num_experts} experts")
-        read_one = self._fused_expert if f"{block}experts.gate_up_proj" in self._files else self._legacy_expert
-        parts = [read_one(block, e) for e in experts]
+        fused = {f"{block}experts.gate_up_proj{suffix}" for suffix in ("", "_blocks")} & self._files.keys()
+        read_one = self._fused_expert if fused else self._legacy_expert
         hidden, inter = spec.hidden_size, spec.intermediate_size
-        stack = (lambda i, *empty: torch.stack([p[i] for p in parts]) if parts else torch.empty(0, *empty))
-        biases = (stack(3, 2 * inter), stack(4, hidden)) if spec.has_expert_bias else (None, None)
-        return ExpertWeights(experts, stack(0, 2 * inter, hidden), stack(1, hidden, inter), [p[2] for p in parts],
-                             *biases)
+        shapes = [(2 * inter, hidden), (hidden, inter)] + ([(2 * inter,), (hidden,)] if spec.has_expert_bias else [])
+        stacks, checksums = [], []
+        for i, expert in enumerate(experts):  # into one tensor each, as they are read: no second copy
+            *tensors, checksum = read_one(block, expert)
+            if not stacks:
+                stacks = [t.new_empty(len(experts), *t.shape) for t in tensors[:len(shapes)]]
+            for stack, tensor in zip(stacks, tensors):
+                stack[i] = tensor
+            checksums.append(checksum)
+        stacks = stacks or [torch.empty(0, *shape) for shape in shapes]
+        return ExpertWeights(experts, stacks[0], stacks[1], checksums, *stacks[2:])
 
     def _fused_expert(self, block: str, expert: int) -> tuple:
-        """(gate_up [2I, H], down [H, I], checksum, b_gate_up [2I] | None, b_down [H] | None) of one expert."""
+        """(gate_up [2I, H], down [H, I], b_gate_up [2I] | None, b_down [H] | None, checksum) of one expert."""
         hidden, inter, layout = self.spec.hidden_size, self.spec.intermediate_size, self.spec.fused_layout
-        if layout == "rows":
-            gate_up, raw_gu = self._read(f"{block}experts.gate_up_proj", (2 * inter, hidden), rows=expert)
-            down, raw_d = self._read(f"{block}experts.down_proj", (hidden, inter), rows=expert)
+        name_gu, name_d = f"{block}experts.gate_up_proj", f"{block}experts.down_proj"
+        if layout == "rows" or f"{name_gu}_blocks" in self._files:  # MXFP4 stores output rows first: [E, 2I, H]
+            gate_up, raw_gu = self._weight(name_gu, (2 * inter, hidden), rows=expert)
+            down, raw_d = self._weight(name_d, (hidden, inter), rows=expert)
         else:  # stored [E, H, 2I] and [E, I, H]
-            gate_up, raw_gu = self._read(f"{block}experts.gate_up_proj", (hidden, 2 * inter), rows=expert)
-            down, raw_d = self._read(f"{block}experts.down_proj", (inter, hidden), rows=expert)
+            gate_up, raw_gu = self._weight(name_gu, (hidden, 2 * inter), rows=expert)
+            down, raw_d = self._weight(name_d, (inter, hidden), rows=expert)
             gate_up, down = gate_up.t().contiguous(), down.t().contiguous()
         raws, b_gate_up, b_down = [raw_gu, raw_d], None, None
         if self.spec.has_expert_bias:
@@ -333,13 +392,13 @@ class CheckpointReader:
         if layout == "transposed_interleaved":  # gate, up, gate, up, ... -> gate rows, then up rows
             gate_up = torch.cat([gate_up[0::2], gate_up[1::2]])
             b_gate_up = None if b_gate_up is None else torch.cat([b_gate_up[0::2], b_gate_up[1::2]])
-        return gate_up, down, hashlib.sha256(b"".join(raws)).hexdigest(), b_gate_up, b_down
+        return gate_up, down, b_gate_up, b_down, hashlib.sha256(b"".join(raws)).hexdigest()
 
     def _legacy_expert(self, block: str, expert: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
         names = self.spec.expert_names
         prefix = f"{block}experts.{expert}."
-        gate, raw_g = self._read(f"{prefix}{names[0]}.weight", (inter, hidden))
-        up, raw_u = self._read(f"{prefix}{names[1]}.weight", (inter, hidden))
-        down, raw_d = self._read(f"{prefix}{names[2]}.weight", (hidden, inter))
-        return torch.cat([gate, up]), down, hashlib.sha256(raw_g + raw_u + raw_d).hexdigest(), None, None
+        gate, raw_g = self._weight(f"{prefix}{names[0]}.weight", (inter, hidden))
+        up, raw_u = self._weight(f"{prefix}{names[1]}.weight", (inter, hidden))
+        down, raw_d = self._weight(f"{prefix}{names[2]}.weight", (hidden, inter))
+        return torch.cat([gate, up]), down, None, None, hashlib.sha256(raw_g + raw_u + raw_d).hexdigest()

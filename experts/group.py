@@ -74,18 +74,21 @@ class ExpertGroup:
         self.layers = layers
         self.dtype = dtype  # None: the checkpoint's
         self.staged: dict[int, LayerExperts] = {}  # layer -> new weights of some experts (hot swap)
+        self.bytes_read = 0  # checkpoint bytes its first load read (quantized data and scales as stored)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, assignment: dict[int, list[int]],
                         dtype: torch.dtype | None = None, reader: CheckpointReader | None = None) -> "ExpertGroup":
         """Load only the experts in `assignment` ({layer: [expert ids]}) from a checkpoint folder."""
-        reader = reader or CheckpointReader(path)
+        reader = reader or CheckpointReader(path, dtype=dtype)
         try:
-            layers = {layer: LayerExperts.from_weights(reader.experts(layer, ids), dtype)
+            layers = {layer: LayerExperts.from_weights(reader.experts(layer, sorted(ids)), dtype)
                       for layer, ids in assignment.items()}
         finally:
             reader.close()
-        return cls(reader.spec, layers, dtype)
+        group = cls(reader.spec, layers, dtype)
+        group.bytes_read = reader.bytes_read
+        return group
 
     def add_experts(self, layer: int, weights: ExpertWeights) -> None:
         """Hold more experts of `layer` (new copies); the layer's table is swapped in one assignment,

@@ -97,7 +97,7 @@ class MoELayer(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, layer: int, dtype: torch.dtype | None = None) -> "MoELayer":
         """Load decoder layer `layer` (as in model.model.layers[layer]) of the checkpoint at `path`."""
-        reader = CheckpointReader(path)
+        reader = CheckpointReader(path, dtype=dtype)
         try:
             reader.spec.check_layer(layer)
             gate = Gate(reader.spec, reader.gate(layer), dtype)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from experts.errors import UnsupportedModelError
 from kernels.expert_mlp import GatedActivation
 
-__all__ = ["MoESpec", "SUPPORTED_MODEL_TYPES", "load_spec", "spec_from_config"]
+__all__ = ["MoESpec", "SUPPORTED_MODEL_TYPES", "load_config", "load_spec", "spec_from_config"]
 
 Scoring = Literal["softmax", "sigmoid_grouped", "topk_then_sigmoid"]
 # How a fused checkpoint stores the experts: "rows" gate_up_proj [E, 2I, H] (gate rows, then up rows)
@@ -255,8 +255,8 @@ def spec_from_config(config: dict[str, Any]) -> MoESpec:
     return spec
 
 
-def load_spec(path: str | Path) -> MoESpec:
-    """Read `<path>/config.json` (or `path` itself if it is a file) and derive the spec."""
+def load_config(path: str | Path) -> dict[str, Any]:
+    """`<path>/config.json` (or `path` itself if it is a file) as a dict."""
     path = Path(path)
     config_path = path / "config.json" if path.is_dir() else path
     try:
@@ -265,4 +265,11 @@ def load_spec(path: str | Path) -> MoESpec:
         raise UnsupportedModelError(f"no config.json at {config_path}") from exc
     except json.JSONDecodeError as exc:
         raise UnsupportedModelError(f"config.json at {config_path} is not valid JSON: {exc}") from exc
-    return spec_from_config(config)
+    if not isinstance(config, dict):
+        raise UnsupportedModelError(f"config.json at {config_path} is a {type(config).__name__}, not an object")
+    return config
+
+
+def load_spec(path: str | Path) -> MoESpec:
+    """Read `<path>/config.json` (or `path` itself if it is a file) and derive the spec."""
+    return spec_from_config(load_config(path))

@@ -18,7 +18,7 @@ class SwapVerifier:
     def __init__(self, spec, source: str, layer: int, experts: list[int], dtype: torch.dtype):
         from experts import CheckpointReader, ExpertGroup
 
-        reader = CheckpointReader(source)
+        reader = CheckpointReader(source, dtype=dtype)
         try:
             if reader.spec != spec:
                 raise ValueError(f"checkpoint {source} is a {reader.spec.model_type} of another shape, not this "

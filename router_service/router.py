@@ -41,7 +41,7 @@ class Router:
 
     def __init__(self, model_path: str | Path, config: RouterConfig, transport: Transport,
                  dtype: torch.dtype = torch.float32, metrics=None):
-        reader = CheckpointReader(model_path)
+        reader = CheckpointReader(model_path, dtype=dtype)
         try:
             self.spec: MoESpec = reader.spec
             self.gates = {layer: Gate(self.spec, reader.gate(layer), dtype) for layer in self.spec.moe_layers}
