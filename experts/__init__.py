@@ -13,6 +13,7 @@ _EXPORTS = {
     "CheckpointError": "errors", "MeshError": "errors", "UnsupportedModelError": "errors",
     "ExpertGroup": "group", "LayerExperts": "group",
     "Gate": "layer", "MoELayer": "layer", "SharedExpert": "layer", "dispatch": "layer",
+    "QuantizedTensor": "quantized", "quantize_checkpoint": "quantized",
     "SUPPORTED_MODEL_TYPES": "spec", "MoESpec": "spec", "load_spec": "spec", "spec_from_config": "spec",
 }
 

@@ -12,10 +12,12 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from experts.errors import UnsupportedModelError
-from kernels.expert_mlp import GatedActivation
+
+if TYPE_CHECKING:
+    from kernels.expert_mlp import GatedActivation
 
 __all__ = ["MoESpec", "SUPPORTED_MODEL_TYPES", "load_config", "load_spec", "spec_from_config"]
 
@@ -71,8 +73,10 @@ class MoESpec:
             raise ValueError(f"layer {layer} is {kind}; the MoE layers of this {self.model_type} "
                              f"model are {list(self.moe_layers)}")
 
-    def gated_activation(self) -> GatedActivation:
+    def gated_activation(self) -> "GatedActivation":
         """The experts' (and shared experts') gated activation."""
+        from kernels.expert_mlp import GatedActivation  # spec itself stays free of torch
+
         return GatedActivation(self.activation, self.swiglu_limit, self.swiglu_alpha, self.swiglu_up_offset)
 
     def config_hash(self) -> str:

@@ -8,11 +8,12 @@ reference (`*_reference`, same signature) otherwise.
 
 from kernels.align import align_tokens
 from kernels.combine import combine
-from kernels.expert_mlp import ACTIVATIONS, grouped_mlp
+from kernels.expert_mlp import ACTIVATIONS, GatedActivation, grouped_mlp
 from kernels.gating import topk_sigmoid_grouped, topk_softmax, topk_then_sigmoid
 
 __all__ = [
     "ACTIVATIONS",
+    "GatedActivation",
     "align_tokens",
     "combine",
     "grouped_mlp",
