@@ -35,8 +35,9 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": 
 
 
 def start_local_cluster(num_nodes: int = 2, cpus_per_node: int = 2, dashboard: bool = False,
-                        metrics_export_port: int | None = None):
-    """A Ray cluster of `num_nodes` emulated nodes on this machine (head included)."""
+                        metrics_export_port: int | None = None, dashboard_port: int | None = None):
+    """A Ray cluster of `num_nodes` emulated nodes on this machine (head included); with `dashboard`,
+    the dashboard on 127.0.0.1:`dashboard_port` (default Ray's 8265)."""
     from ray.cluster_utils import Cluster
 
     for key, value in RAY_ENV.items():
@@ -44,6 +45,8 @@ def start_local_cluster(num_nodes: int = 2, cpus_per_node: int = 2, dashboard: b
     head_args = {"num_cpus": cpus_per_node, "include_dashboard": dashboard}
     if metrics_export_port is not None:
         head_args["metrics_export_port"] = metrics_export_port
+    if dashboard_port is not None:
+        head_args["dashboard_port"] = dashboard_port
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     for _ in range(num_nodes - 1):
         cluster.add_node(num_cpus=cpus_per_node)

@@ -8,15 +8,13 @@ names from a real cluster). No Ray cluster here.
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 
 from router_service.metrics import METRIC_NAMES, RouterMetrics
+from tests.grafana import load_dashboard, queries
 
-DASHBOARD = Path(__file__).parents[3] / "cluster" / "grafana_dashboard.json"
 # PromQL functions, aggregations and keywords the dashboard may use; any other name must be a metric.
 PROMQL_WORDS = {"sum", "avg", "max", "min", "count", "rate", "irate", "increase", "histogram_quantile", "clamp_min",
                 "clamp_max", "sort_desc", "sort", "topk", "bottomk", "label_values", "by", "without", "on",
@@ -70,19 +68,7 @@ def exported() -> dict[str, tuple[str, set[str]]]:
 
 @pytest.fixture(scope="module")
 def dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
-
-
-def queries(dashboard: dict) -> list[tuple[str, str]]:
-    """(where, PromQL) of every panel target and every query variable (`label_values(q, l)` as
-    `sum by (l) (q)`, so that its label is checked like any grouping)."""
-    found = [(f"panel {p['title']!r} target {t['refId']}", t["expr"])
-             for p in dashboard["panels"] for t in p.get("targets", [])]
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            query = re.sub(r"^label_values\((.*),\s*(\w+)\)$", r"sum by (\2) (\1)", variable["query"]["query"])
-            found.append((f"variable ${variable['name']}", query))
-    return found
+    return load_dashboard()
 
 
 def metric_names(expr: str) -> list[str]:
