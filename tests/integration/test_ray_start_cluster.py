@@ -41,6 +41,8 @@ ROLE = "expert-mesh.io/role"
 STOP_TIMEOUT_S = 20  # from SIGTERM to SIGKILL, for all the nodes together
 STOP_GRACE_S = 10  # for Ray's workers to follow their raylet
 
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux: all of 127.0.0.0/8 on loopback, /proc")
+
 
 class RayStartCluster:
     """A head and workers, each `ray start --block` in its own process group, on loopback addresses."""
