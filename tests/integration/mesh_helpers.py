@@ -1,8 +1,11 @@
 """What the mesh integration tests share: tolerance, the router's counters, gate predictions,
-concurrent callers, continuous load (`Load`)."""
+concurrent callers, continuous load (`Load`), the `mesh` CLI in a child process (`MeshUp`)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,3 +126,63 @@ class Load:
     def lost(self) -> str:
         """What went wrong, for assertion messages: counts and the first few failure reasons."""
         return f"{self.counts}; first failures: {self.errors[:5]}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the caller binds it soon after)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def mesh_cli(env: dict, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """`mesh ARGS` run to the end in a child process; its output captured."""
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+class MeshUp:
+    """`mesh up ARGS` in a child process: entered once it prints its ready line (`address` is the
+    router's address it printed); terminated on exit if it still runs."""
+
+    READY = "expert-mesh ready at "
+
+    def __init__(self, env: dict, *args: str, timeout_s: float = 240):
+        self.command = [sys.executable, "-m", "cluster.cli", "up", *args]
+        self.env, self.timeout_s = env, timeout_s
+        self.lines: list[str] = []
+        self.address = ""
+        self._ready = threading.Event()
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if line.startswith(self.READY):
+                self.address = line.split()[-1]
+                self._ready.set()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.process.wait(timeout=timeout_s)
+
+    def __enter__(self) -> "MeshUp":
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+        deadline = time.time() + self.timeout_s
+        try:
+            while not self._ready.wait(0.5):
+                assert self.process.poll() is None and time.time() < deadline, self.output()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=90)
+        self._reader.join(timeout=5)

@@ -15,11 +15,6 @@ import copy
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -35,8 +30,8 @@ from experts import ExpertGroup, MoELayer, load_spec
 from mesh.config import MeshConfig
 from router_service import AsyncMeshClient, MeshClient, RemoteMoE, patch_model
 from tests.checkpoints import FAMILIES, block_output, moe_block
-from tests.integration.mesh_helpers import (FP32_TOL, call_concurrently, gate_counts, load_report, rel_err,
-                                             stats_delta, tokens_delta)
+from tests.integration.mesh_helpers import (FP32_TOL, MeshUp, call_concurrently, free_port, gate_counts, load_report,
+                                             mesh_cli, rel_err, stats_delta, tokens_delta)
 
 NUM_CALLERS = 32
 NUM_NEW_TOKENS = 20
@@ -271,44 +266,16 @@ def test_reflection_and_health_as_any_grpc_tool_sees_them(batch16):
 
 # ---- the CLI, end to end, on its own local cluster ----
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _mesh_cli(env: dict, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
-
-
 def test_cli_up_status_down(tmp_path):
     """`mesh up` (its own 2-node cluster) -> ready line; `mesh status --json`; a Forward through the
     printed address; `mesh down` stops it (exit 0, `up` exits 0, state file gone); `down` again fails."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["EXPERT_MESH_STATE_DIR"] = str(tmp_path / "state")
-    name, port = f"cli-{os.getpid()}", _free_port()
-    up = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--nodes", "2", "--port", str(port),
-                           "--name", name], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
+    name, port = f"cli-{os.getpid()}", free_port()
+    with MeshUp(env, "--nodes", "2", "--port", str(port), "--name", name) as up:
+        assert up.address == f"127.0.0.1:{port}"
 
-    def pump():
-        for line in up.stdout:
-            lines.append(line)
-            if line.startswith("expert-mesh ready at "):
-                ready.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        deadline = time.time() + 240
-        while not ready.wait(0.5):
-            assert up.poll() is None and time.time() < deadline, "".join(lines)
-        address = next(line for line in lines if line.startswith("expert-mesh ready at ")).split()[-1]
-        assert address == f"127.0.0.1:{port}"
-
-        status = _mesh_cli(env, "status", "--json", "--name", name)
+        status = mesh_cli(env, "status", "--json", "--name", name)
         assert status.returncode == 0, status.stderr
         snapshot = json.loads(status.stdout)
         spec = load_spec(snapshot["model"])
@@ -319,22 +286,17 @@ def test_cli_up_status_down(tmp_path):
 
         x = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(5))
         layer = spec.moe_layers[-1]
-        with MeshClient(address) as client:
+        with MeshClient(up.address) as client:
             out = client.forward(layer, x)
         assert rel_err(out, MoELayer.from_pretrained(snapshot["model"], layer=layer)(x)) <= FP32_TOL
 
-        down = _mesh_cli(env, "down", "--name", name)
+        down = mesh_cli(env, "down", "--name", name)
         assert down.returncode == 0, down.stderr
         assert f"stopped mesh {name!r}" in down.stdout
-        assert up.wait(timeout=90) == 0, "".join(lines)
+        assert up.wait(timeout_s=90) == 0, up.output()
         assert not (tmp_path / "state" / f"{name}.json").exists()
 
-        again = _mesh_cli(env, "down", "--name", name)
+        again = mesh_cli(env, "down", "--name", name)
         assert again.returncode != 0 and f"no running mesh named {name!r}" in again.stderr
-        gone = _mesh_cli(env, "status", "--name", name)
+        gone = mesh_cli(env, "status", "--name", name)
         assert gone.returncode != 0 and "no running mesh" in gone.stderr
-    finally:
-        if up.poll() is None:
-            up.terminate()
-            up.wait(timeout=90)
-        reader.join(timeout=5)
