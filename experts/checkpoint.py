@@ -3,7 +3,8 @@
 Layouts read (per layer, detected from the tensor names):
 - per-expert ("legacy", what `save_pretrained` writes by default):
   `<block>.experts.<e>.{gate_proj,up_proj,down_proj}.weight` (Mixtral, MiniMax-M2: `w1, w3, w2` under
-  `block_sparse_moe`: the spec names them);
+  `block_sparse_moe`; Mistral Large 3: `w1, w3, w2` with no block segment, `layers.N.experts.E.w1`,
+  its shared experts' too: the spec names them);
 - fused (`save_pretrained(..., save_original_format=False)`, Llama 4 always):
   `<block>.experts.gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
   (Llama 4: `[E, H, 2I]` and `[E, I, H]`, transposed).
@@ -35,6 +36,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own bound
+_HF_NAMES = ("gate_proj", "up_proj", "down_proj")  # transformers' names of an MLP's gate, up, down
 
 
 def _regular_file(path: Path) -> None:
@@ -246,11 +248,16 @@ class CheckpointReader:
         candidates = [*self.spec.checkpoint_blocks, self.spec.block_attr]
         gate = "router" if self.spec.gate_on_input else "gate"
         for block in candidates:
-            prefix = f"{self._layer_prefix}{layer}.{block}."
+            prefix = f"{self._layer_prefix}{layer}." + (f"{block}." if block else "")
             if f"{prefix}{gate}.weight" in self._files:
                 return prefix
         raise CheckpointError(f"checkpoint {self.path} has no tensor "
                               f"{self._layer_prefix}{layer}.{candidates[-1]}.{gate}.weight (gate of layer {layer})")
+
+    def _first_present(self, prefix: str, names: list[str]) -> str:
+        """prefix + the first of `names` that the checkpoint has (the last one, to name it in the
+        error, when none is there)."""
+        return next((prefix + n for n in names if prefix + n in self._files), prefix + names[-1])
 
     # -- MoE parts -------------------------------------------------------------------------------
 
@@ -260,7 +267,7 @@ class CheckpointReader:
         weight = self._read(name, (spec.num_experts, spec.hidden_size))[0]
         bias = None
         if spec.has_score_bias:
-            bias = self._read(f"{block}{spec.score_bias}", (spec.num_experts,))[0].float()
+            bias = self._read(self._first_present(block, list(spec.score_bias)), (spec.num_experts,))[0].float()
         return GateWeights(weight, bias)
 
     def shared(self, layer: int) -> SharedWeights | None:
@@ -269,9 +276,11 @@ class CheckpointReader:
             return None
         hidden, size = spec.hidden_size, spec.shared_intermediate_size
         mlp = f"{block}{spec.shared_attr}."
-        gate_proj = self._read(f"{mlp}gate_proj.weight", (size, hidden))[0]
-        up_proj = self._read(f"{mlp}up_proj.weight", (size, hidden))[0]
-        down = self._read(f"{mlp}down_proj.weight", (hidden, size))[0]
+        names = next((n for n in (spec.shared_expert_names, _HF_NAMES) if f"{mlp}{n[0]}.weight" in self._files),
+                     _HF_NAMES)
+        gate_proj = self._read(f"{mlp}{names[0]}.weight", (size, hidden))[0]
+        up_proj = self._read(f"{mlp}{names[1]}.weight", (size, hidden))[0]
+        down = self._read(f"{mlp}{names[2]}.weight", (hidden, size))[0]
         gate = self._read(f"{block}shared_expert_gate.weight", (1, hidden))[0] if spec.has_shared_gate else None
         return SharedWeights(torch.cat([gate_proj, up_proj]), down, gate)
 

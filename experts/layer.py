@@ -35,14 +35,19 @@ class Gate:
             logits = x.float() @ self.weight.float().t()
             return topk_sigmoid_grouped(logits, self.bias, spec.top_k, spec.num_groups, spec.topk_groups,
                                         spec.renormalize, spec.scaling)
-        logits = x @ self.weight.to(x.dtype).t()  # [T, E]
+        if spec.is_router_fp32:
+            logits = x.float() @ self.weight.float().t()  # [T, E]
+        else:
+            logits = x @ self.weight.to(x.dtype).t()
         if spec.scoring == "topk_then_sigmoid":
             return topk_then_sigmoid(logits, spec.top_k)
-        return topk_softmax(logits, spec.top_k, spec.renormalize)
+        weights, ids = topk_softmax(logits, spec.top_k, spec.renormalize)
+        return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
 
 
 class SharedExpert:
-    """The always-on expert(s) of a layer (Qwen2-MoE with its sigmoid gate, DeepSeek-V3, Llama 4)."""
+    """The always-on expert(s) of a layer (Qwen2-MoE with its sigmoid gate, DeepSeek-V3, Llama 4,
+    Mistral Large 3)."""
 
     def __init__(self, spec: MoESpec, weights: SharedWeights, dtype: torch.dtype | None = None):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))

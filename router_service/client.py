@@ -7,7 +7,8 @@
   and the address that answered is remembered for the next calls.
 - `RemoteMoE`: a torch module that stands in for one sparse MoE block and calls the mesh.
 - `patch_model`: checks through GetInfo that the mesh serves this model, then swaps every sparse
-  MoE block of `model.model.layers` for a `RemoteMoE`.
+  MoE block of `model.model.layers` (a composite model's `model.model.language_model.layers`) for a
+  `RemoteMoE`.
 
 Every failure raises `MeshClientError`, carrying the gRPC status code and its details.
 
@@ -334,11 +335,12 @@ def _mismatch(spec: MoESpec, info: MeshInfo) -> str | None:
 
 
 def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    """`model.model.layers`, or `model.model.language_model.layers` (the text model of a composite)."""
     inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
+    layers = getattr(getattr(inner, "language_model", inner), "layers", None)
     if layers is None:
         raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{type(model).__name__} has no model.layers to patch")
+                              f"{type(model).__name__} has no model.layers (or model.language_model.layers) to patch")
     return layers
 
 

@@ -12,8 +12,14 @@ from experts.builtin import FAMILIES, build_model, save_checkpoint
 LAYOUTS = ("legacy", "fused")
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers: `model.model.layers`, or the text model's of a composite model."""
+    inner = model.model
+    return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
+
+
 def moe_block(model: torch.nn.Module, layer: int, block_attr: str) -> torch.nn.Module:
-    return getattr(model.model.layers[layer], block_attr)
+    return getattr(decoder_layers(model)[layer], block_attr)
 
 
 def block_output(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -47,4 +53,4 @@ def zoo(tmp_path_factory) -> ModelZoo:
     return ModelZoo(tmp_path_factory.mktemp("zoo"))
 
 
-__all__ = ["FAMILIES", "LAYOUTS", "ModelZoo", "block_output", "moe_block", "zoo"]
+__all__ = ["FAMILIES", "LAYOUTS", "ModelZoo", "block_output", "decoder_layers", "moe_block", "zoo"]

@@ -129,7 +129,7 @@ def test_patched_model_generates_the_unpatched_tokens(family_mesh, zoo):
     after = mesh.status()
     with torch.no_grad():
         ref_logits = reference(torch.tensor(PROMPT)).logits
-    assert all(isinstance(getattr(patched.model.layers[i], spec.block_attr), RemoteMoE) for i in spec.moe_layers)
+    assert all(isinstance(moe_block(patched, i, spec.block_attr), RemoteMoE) for i in spec.moe_layers)
     assert len(tokens) == NUM_NEW_TOKENS and tokens == _generate(reference), family
     assert rel_err(logits, ref_logits) <= FP32_TOL, family
     # prefill (9) + 19 single-token decode steps + the logits pass (9), per MoE layer

@@ -39,7 +39,17 @@ SPEC_CASES = [
     ("qwen3_5_moe", dict(text_config=dict(model_type="qwen3_5_moe_text", hidden_size=8, num_hidden_layers=2,
                                           num_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
                                           shared_expert_intermediate_size=10)), ((0, 1), 8, 2, "softmax", 10)),
+    ("mistral_large4", dict(text_config=dict(model_type="mistral_large4_text", hidden_size=8, num_hidden_layers=3,
+                                             n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
+                                             n_shared_experts=1)), ((1, 2), 8, 2, "softmax", 6)),  # 1 dense layer
 ]
+
+
+def test_mistral_large4_with_gate_groups_is_refused():
+    config = dict(model_type="mistral_large4_text", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=6, n_group=2, topk_group=1)
+    with pytest.raises(UnsupportedModelError, match="n_group=2"):
+        spec_from_config(config)
 
 
 @pytest.mark.parametrize("config,renormalize", [

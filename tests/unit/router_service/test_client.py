@@ -262,13 +262,12 @@ def test_patched_model_generates_the_same_tokens(zoo, family):
         tokens = _generate(patched)
         with torch.no_grad():
             logits, ref_logits = patched(input_ids).logits, reference(input_ids).logits
-    layers = patched.model.layers
     for i in range(spec.num_layers):
-        block = getattr(layers[i], spec.block_attr)
+        block = moe_block(patched, i, spec.block_attr)
         if i in spec.moe_layers:
             assert isinstance(block, RemoteMoE) and sum(p.numel() for p in block.parameters()) == 0
         else:
-            assert type(block) is type(getattr(reference.model.layers[i], spec.block_attr))
+            assert type(block) is type(moe_block(reference, i, spec.block_attr))
     assert servicer.num_forwards == len(spec.moe_layers) * (NUM_NEW_TOKENS + 1)  # prefill, 19 decodes, logits
     assert (logits - ref_logits).abs().max() <= LOGITS_TOL * ref_logits.abs().max()
     assert len(tokens) == NUM_NEW_TOKENS
