@@ -60,6 +60,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                                  linear_key_head_dim=12, linear_value_head_dim=12, num_experts=6,
                                                  num_experts_per_tok=2,
                                                  layer_types=["linear_attention", "full_attention"])),
+    "gpt_oss": ("GptOssConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, head_dim=12,
+                                     num_local_experts=6, num_experts_per_tok=2, sliding_window=4,
+                                     swiglu_limit=1.5, max_position_embeddings=131072)),  # a limit that bites
     "llama4": ("Llama4TextConfig", dict(hidden_size=48, intermediate_size=24, intermediate_size_mlp=40,
                                         num_hidden_layers=4, num_local_experts=6, num_experts_per_tok=1,
                                         head_dim=12, interleave_moe_layer_step=2)),
@@ -90,8 +93,8 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
     """A transformers causal LM of `family` with seeded random weights (fp32, eval mode); for a
     family in `_COMPOSITE`, the composite model around its text model (`overrides` go to the text config).
 
-    Router weights and DeepSeek's score-correction bias are randomised too (their defaults are
-    zeros, which would make every token pick the same experts).
+    Router weights, DeepSeek's score-correction bias and gpt-oss's biases are randomised too (their
+    defaults are zeros, which would make every token pick the same experts).
     """
     import transformers
 
@@ -109,6 +112,8 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
         for name, param in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight", "gate_up_proj", "down_proj")):
                 param.normal_(0.0, 0.2)
+            elif name.endswith(("router.bias", "gate_up_proj_bias", "down_proj_bias")):  # gpt-oss
+                param.normal_(0.0, 0.5)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.uniform_(-0.1, 0.1)

@@ -5,11 +5,13 @@ Layouts read (per layer, detected from the tensor names):
   `<block>.experts.<e>.{gate_proj,up_proj,down_proj}.weight` (Mixtral, MiniMax-M2: `w1, w3, w2` under
   `block_sparse_moe`; Mistral Large 3: `w1, w3, w2` with no block segment, `layers.N.experts.E.w1`,
   its shared experts' too: the spec names them);
-- fused (`save_pretrained(..., save_original_format=False)`, Llama 4 always):
+- fused (`save_pretrained(..., save_original_format=False)`, Llama 4 and gpt-oss always):
   `<block>.experts.gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
-  (Llama 4: `[E, H, 2I]` and `[E, I, H]`, transposed).
+  (Llama 4: `[E, H, 2I]` and `[E, I, H]`, transposed; gpt-oss: transposed with gate and up
+  interleaved, and biases `gate_up_proj_bias [E, 2I]`, `down_proj_bias [E, H]`).
 Single-file and sharded (`model.safetensors.index.json`) checkpoints. Expert weights come back in
-the canonical layout w_gate_up [n, 2I, H] (gate rows first), w_down [n, H, I].
+the canonical layout w_gate_up [n, 2I, H] (gate rows first), w_down [n, H, I] (biases
+b_gate_up [n, 2I], b_down [n, H]).
 """
 
 from __future__ import annotations
@@ -133,7 +135,9 @@ class SafetensorsFile:
 @dataclasses.dataclass
 class GateWeights:
     weight: torch.Tensor                 # [E, H]
-    bias: torch.Tensor | None = None     # [E] float32, DeepSeek-V3 score correction
+    bias: torch.Tensor | None = None     # [E] float32, DeepSeek-V3 score correction (for the choice only)
+    logit_bias: torch.Tensor | None = None   # [E], gpt-oss: the router linear's bias
+    token_experts: torch.Tensor | None = None  # [vocab, k] int64, DeepSeek-V4's hash layers: experts per token id
 
 
 @dataclasses.dataclass
@@ -149,6 +153,27 @@ class ExpertWeights:
     w_gate_up: torch.Tensor              # [n, 2I, H]
     w_down: torch.Tensor                 # [n, H, I]
     checksums: list[str]                 # sha256 of each expert's source bytes
+    b_gate_up: torch.Tensor | None = None    # [n, 2I], gpt-oss
+    b_down: torch.Tensor | None = None       # [n, H]
+
+    def select(self, rows: list[int]) -> "ExpertWeights":
+        """The experts at positions `rows`, in that order."""
+        pick = (lambda t: None if t is None else t[rows])
+        return ExpertWeights([self.experts[i] for i in rows], self.w_gate_up[rows], self.w_down[rows],
+                             [self.checksums[i] for i in rows], pick(self.b_gate_up), pick(self.b_down))
+
+    def cast(self, dtype: torch.dtype | None) -> "ExpertWeights":
+        """The same experts in `dtype` (None: as they are), contiguous."""
+        to = (lambda t: None if t is None else (t if dtype is None else t.to(dtype)).contiguous())
+        return ExpertWeights(self.experts, to(self.w_gate_up), to(self.w_down), self.checksums,
+                             to(self.b_gate_up), to(self.b_down))
+
+    def concat(self, other: "ExpertWeights") -> "ExpertWeights":
+        """These experts, then `other`'s (in this one's dtype)."""
+        cat = (lambda a, b: None if a is None else torch.cat([a, b.to(a.dtype)]))
+        return ExpertWeights(self.experts + other.experts, cat(self.w_gate_up, other.w_gate_up),
+                             cat(self.w_down, other.w_down), self.checksums + other.checksums,
+                             cat(self.b_gate_up, other.b_gate_up), cat(self.b_down, other.b_down))
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -246,7 +271,7 @@ class CheckpointReader:
         """Name prefix of the MoE block of `layer`, e.g. 'model.layers.3.mlp.'."""
         self.spec.check_layer(layer)
         candidates = [*self.spec.checkpoint_blocks, self.spec.block_attr]
-        gate = "router" if self.spec.gate_on_input else "gate"
+        gate = self.spec.gate_attr
         for block in candidates:
             prefix = f"{self._layer_prefix}{layer}." + (f"{block}." if block else "")
             if f"{prefix}{gate}.weight" in self._files:
@@ -263,12 +288,13 @@ class CheckpointReader:
 
     def gate(self, layer: int) -> GateWeights:
         spec, block = self.spec, self._block(layer)
-        name = f"{block}{'router' if spec.gate_on_input else 'gate'}.weight"
-        weight = self._read(name, (spec.num_experts, spec.hidden_size))[0]
-        bias = None
+        weight = self._read(f"{block}{spec.gate_attr}.weight", (spec.num_experts, spec.hidden_size))[0]
+        bias = logit_bias = None
         if spec.has_score_bias:
             bias = self._read(self._first_present(block, list(spec.score_bias)), (spec.num_experts,))[0].float()
-        return GateWeights(weight, bias)
+        if spec.has_gate_bias:
+            logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
+        return GateWeights(weight, bias, logit_bias)
 
     def shared(self, layer: int) -> SharedWeights | None:
         spec, block = self.spec, self._block(layer)
@@ -294,20 +320,30 @@ class CheckpointReader:
         read_one = self._fused_expert if f"{block}experts.gate_up_proj" in self._files else self._legacy_expert
         parts = [read_one(block, e) for e in experts]
         hidden, inter = spec.hidden_size, spec.intermediate_size
-        w_gate_up = torch.stack([p[0] for p in parts]) if parts else torch.empty(0, 2 * inter, hidden)
-        w_down = torch.stack([p[1] for p in parts]) if parts else torch.empty(0, hidden, inter)
-        return ExpertWeights(experts, w_gate_up, w_down, [p[2] for p in parts])
+        stack = (lambda i, *empty: torch.stack([p[i] for p in parts]) if parts else torch.empty(0, *empty))
+        biases = (stack(3, 2 * inter), stack(4, hidden)) if spec.has_expert_bias else (None, None)
+        return ExpertWeights(experts, stack(0, 2 * inter, hidden), stack(1, hidden, inter), [p[2] for p in parts],
+                             *biases)
 
-    def _fused_expert(self, block: str, expert: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
-        if self.spec.gate_on_input:  # Llama 4 stores [E, H, 2I] and [E, I, H]
+    def _fused_expert(self, block: str, expert: int) -> tuple:
+        """(gate_up [2I, H], down [H, I], checksum, b_gate_up [2I] | None, b_down [H] | None) of one expert."""
+        hidden, inter, layout = self.spec.hidden_size, self.spec.intermediate_size, self.spec.fused_layout
+        if layout == "rows":
+            gate_up, raw_gu = self._read(f"{block}experts.gate_up_proj", (2 * inter, hidden), rows=expert)
+            down, raw_d = self._read(f"{block}experts.down_proj", (hidden, inter), rows=expert)
+        else:  # stored [E, H, 2I] and [E, I, H]
             gate_up, raw_gu = self._read(f"{block}experts.gate_up_proj", (hidden, 2 * inter), rows=expert)
             down, raw_d = self._read(f"{block}experts.down_proj", (inter, hidden), rows=expert)
             gate_up, down = gate_up.t().contiguous(), down.t().contiguous()
-        else:
-            gate_up, raw_gu = self._read(f"{block}experts.gate_up_proj", (2 * inter, hidden), rows=expert)
-            down, raw_d = self._read(f"{block}experts.down_proj", (hidden, inter), rows=expert)
-        return gate_up, down, hashlib.sha256(raw_gu + raw_d).hexdigest()
+        raws, b_gate_up, b_down = [raw_gu, raw_d], None, None
+        if self.spec.has_expert_bias:
+            b_gate_up, raw_bgu = self._read(f"{block}experts.gate_up_proj_bias", (2 * inter,), rows=expert)
+            b_down, raw_bd = self._read(f"{block}experts.down_proj_bias", (hidden,), rows=expert)
+            raws += [raw_bgu, raw_bd]
+        if layout == "transposed_interleaved":  # gate, up, gate, up, ... -> gate rows, then up rows
+            gate_up = torch.cat([gate_up[0::2], gate_up[1::2]])
+            b_gate_up = None if b_gate_up is None else torch.cat([b_gate_up[0::2], b_gate_up[1::2]])
+        return gate_up, down, hashlib.sha256(b"".join(raws)).hexdigest(), b_gate_up, b_down
 
     def _legacy_expert(self, block: str, expert: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
@@ -316,4 +352,4 @@ class CheckpointReader:
         gate, raw_g = self._read(f"{prefix}{names[0]}.weight", (inter, hidden))
         up, raw_u = self._read(f"{prefix}{names[1]}.weight", (inter, hidden))
         down, raw_d = self._read(f"{prefix}{names[2]}.weight", (hidden, inter))
-        return torch.cat([gate, up]), down, hashlib.sha256(raw_g + raw_u + raw_d).hexdigest()
+        return torch.cat([gate, up]), down, hashlib.sha256(raw_g + raw_u + raw_d).hexdigest(), None, None

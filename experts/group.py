@@ -14,6 +14,7 @@ import torch
 from experts.checkpoint import CheckpointReader, ExpertWeights
 from experts.spec import MoESpec
 from kernels import cpu_packed, grouped_mlp
+from kernels.expert_mlp import GatedActivation
 
 __all__ = ["ExpertGroup", "LayerExperts"]
 
@@ -30,6 +31,8 @@ class LayerExperts:
     w_gate_up: torch.Tensor        # [n, 2I, H]
     w_down: torch.Tensor           # [n, H, I]
     checksums: list[str]
+    b_gate_up: torch.Tensor | None = None  # [n, 2I], gpt-oss
+    b_down: torch.Tensor | None = None     # [n, H]
     slot: dict[int, int] = dataclasses.field(init=False)
     packed: cpu_packed.PackedExperts | None = dataclasses.field(init=False, default=None)
 
@@ -37,26 +40,26 @@ class LayerExperts:
         self.slot = {e: i for i, e in enumerate(self.experts)}
         if not self.w_gate_up.is_cuda and self.w_gate_up.dtype in (torch.float32, torch.bfloat16) \
                 and self.w_down[0].numel() >= PACK_MIN_ELEMENTS and cpu_packed.is_available():
-            self.packed = cpu_packed.PackedExperts(self.w_gate_up, self.w_down)
+            self.packed = cpu_packed.PackedExperts(self.w_gate_up, self.w_down, self.b_gate_up, self.b_down)
 
     def version(self, expert: int) -> str:
         """Weight version of a held expert: the first 12 hex digits of its source bytes' sha256."""
         return self.checksums[self.slot[expert]][:12]
 
-    def mlp(self, x: torch.Tensor, counts: torch.Tensor, activation: str) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, counts: torch.Tensor, activation: GatedActivation) -> torch.Tensor:
         """Grouped MLP of x [N, H] sorted by slot, counts [n] rows per held expert."""
         if self.packed is not None:
             return cpu_packed.grouped_mlp_packed(x, self.packed, counts, activation)
-        return grouped_mlp(x, self.w_gate_up, self.w_down, counts, activation)
+        return grouped_mlp(x, self.w_gate_up, self.w_down, counts, activation, self.b_gate_up, self.b_down)
+
+    def weights(self) -> ExpertWeights:
+        return ExpertWeights(self.experts, self.w_gate_up, self.w_down, self.checksums, self.b_gate_up, self.b_down)
 
     @classmethod
     def from_weights(cls, weights: ExpertWeights, dtype: torch.dtype | None) -> "LayerExperts":
         order = sorted(range(len(weights.experts)), key=weights.experts.__getitem__)
-        w_gate_up, w_down = weights.w_gate_up[order], weights.w_down[order]
-        if dtype is not None:
-            w_gate_up, w_down = w_gate_up.to(dtype), w_down.to(dtype)
-        return cls([weights.experts[i] for i in order], w_gate_up.contiguous(), w_down.contiguous(),
-                    [weights.checksums[i] for i in order])
+        held = weights.select(order).cast(dtype)
+        return cls(held.experts, held.w_gate_up, held.w_down, held.checksums, held.b_gate_up, held.b_down)
 
 
 class ExpertGroup:
@@ -92,10 +95,7 @@ class ExpertGroup:
             clash = sorted(set(held.experts) & set(weights.experts))
             if clash:
                 raise ValueError(f"this group already holds experts {clash} of layer {layer}")
-            weights = ExpertWeights(held.experts + weights.experts,
-                                    torch.cat([held.w_gate_up, weights.w_gate_up.to(held.w_gate_up.dtype)]),
-                                    torch.cat([held.w_down, weights.w_down.to(held.w_down.dtype)]),
-                                    held.checksums + weights.checksums)
+            weights = held.weights().concat(weights)
         self.layers[layer] = LayerExperts.from_weights(weights, self.dtype)
 
     def remove_experts(self, layer: int, experts: list[int]) -> None:
@@ -105,8 +105,7 @@ class ExpertGroup:
         if not keep:
             del self.layers[layer]
             return
-        self.layers[layer] = LayerExperts([held.experts[i] for i in keep], held.w_gate_up[keep], held.w_down[keep],
-                                          [held.checksums[i] for i in keep])
+        self.layers[layer] = LayerExperts.from_weights(held.weights().select(keep), None)
 
     def version(self, layer: int, expert: int) -> str:
         return self.layers[layer].version(expert)
@@ -121,7 +120,8 @@ class ExpertGroup:
 
     def nbytes(self) -> int:
         """Bytes of expert weights held, counting the packed copy that the CPU path keeps."""
-        return sum((h.w_gate_up.nbytes + h.w_down.nbytes) * (2 if h.packed else 1) for h in self.layers.values())
+        biases = sum(t.nbytes for h in self.layers.values() for t in (h.b_gate_up, h.b_down) if t is not None)
+        return biases + sum((h.w_gate_up.nbytes + h.w_down.nbytes) * (2 if h.packed else 1) for h in self.layers.values())
 
     def forward(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int],
                 scale: torch.Tensor | None = None, versions: list[str] | None = None) -> torch.Tensor:
@@ -139,7 +139,7 @@ class ExpertGroup:
             raise ValueError(f"x must be [N, {self.spec.hidden_size}], got shape {tuple(x.shape)}")
         if experts != sorted(experts):
             raise ValueError(f"experts must come in ascending order, got {experts}")
-        runs = self._runs(layer, experts, counts, versions)
+        runs, activation = self._runs(layer, experts, counts, versions), self.spec.gated_activation()
         x = x.to(runs[0][0].w_gate_up.dtype)
         if scale is not None:
             x = x * scale.to(x.dtype).unsqueeze(1)
@@ -148,7 +148,7 @@ class ExpertGroup:
             rows = sum(run_counts)
             local_counts = torch.zeros(len(held.experts), dtype=torch.int64)
             local_counts[[held.slot[e] for e in run_experts]] = torch.tensor(run_counts, dtype=torch.int64)
-            outs.append(held.mlp(x[start:start + rows], local_counts, self.spec.activation))
+            outs.append(held.mlp(x[start:start + rows], local_counts, activation))
             start += rows
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -183,7 +183,7 @@ class ExpertGroup:
         """The staged weights of `layer` become the current ones; the old ones are released."""
         staged = self.staged.pop(layer)
         self.remove_experts(layer, staged.experts)
-        self.add_experts(layer, ExpertWeights(staged.experts, staged.w_gate_up, staged.w_down, staged.checksums))
+        self.add_experts(layer, staged.weights())
 
     def unstage(self, layer: int) -> None:
         self.staged.pop(layer, None)

@@ -2,8 +2,8 @@
 
 Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, qwen3_next,
 qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, deepseek_v3, deepseek_v32,
-glm4_moe, minimax_m2, llama4_text (and llama4, whose `text_config` is used), mistral_large4_text (and
-mistral_large4, whose `text_config` is used). A family is one entry
+glm4_moe, minimax_m2, gpt_oss, llama4_text (and llama4, whose `text_config` is used), mistral_large4_text
+(and mistral_large4, whose `text_config` is used). A family is one entry
 of `_FAMILIES`: a function from its config.json to the spec.
 """
 
@@ -16,10 +16,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from experts.errors import UnsupportedModelError
+from kernels.expert_mlp import GatedActivation
 
 __all__ = ["MoESpec", "SUPPORTED_MODEL_TYPES", "load_spec", "spec_from_config"]
 
 Scoring = Literal["softmax", "sigmoid_grouped", "topk_then_sigmoid"]
+# How a fused checkpoint stores the experts: "rows" gate_up_proj [E, 2I, H] (gate rows, then up rows)
+# and down_proj [E, H, I]; "transposed" [E, H, 2I] and [E, I, H] (Llama 4); "transposed_interleaved"
+# as transposed with gate and up alternating along 2I (gpt-oss).
+FusedLayout = Literal["rows", "transposed", "transposed_interleaved"]
+# What the MoE block's forward returns: "hidden" out [B, S, H]; "flat_and_router" (out [T, H], its
+# router's second output) (Llama 4); "hidden_and_router" (out [B, S, H], the same) (gpt-oss).
+BlockOutput = Literal["hidden", "flat_and_router", "hidden_and_router"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,14 @@ class MoESpec:
     shared_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     gate_on_input: bool = False     # Llama 4: gate weights scale the expert input
     block_attr: str = "mlp"         # attribute of the decoder layer holding the MoE block
+    gate_attr: str = "gate"         # attribute of the MoE block holding the router
+    has_gate_bias: bool = False     # gpt-oss: the router's linear has a bias (added to the logits)
+    has_expert_bias: bool = False   # gpt-oss: biases on the experts' gate_up and down projections
+    fused_layout: FusedLayout = "rows"
+    swiglu_limit: float = 0.0       # > 0: gate clamped to <= limit, up to [-limit, limit] (gpt-oss, DeepSeek-V4)
+    swiglu_alpha: float = 1.0       # gpt-oss: act(gate) = gate * sigmoid(alpha * gate)
+    swiglu_up_offset: float = 0.0   # gpt-oss: act(gate) * (up + 1)
+    block_output: BlockOutput = "hidden"
 
     def check_layer(self, layer: int) -> None:
         """Raise ValueError unless `layer` (a decoder-layer index) is an MoE layer."""
@@ -62,6 +78,10 @@ class MoESpec:
             kind = "dense" if 0 <= layer < self.num_layers else "out of range"
             raise ValueError(f"layer {layer} is {kind}; the MoE layers of this {self.model_type} "
                              f"model are {list(self.moe_layers)}")
+
+    def gated_activation(self) -> GatedActivation:
+        """The experts' (and shared experts') gated activation."""
+        return GatedActivation(self.activation, self.swiglu_limit, self.swiglu_alpha, self.swiglu_up_offset)
 
     def config_hash(self) -> str:
         """sha256 of the spec's fields: two servers agree on the model's MoE layout iff equal."""
@@ -208,7 +228,21 @@ def _llama4_text(config: dict[str, Any], mt: str) -> MoESpec:
     return MoESpec(**common, moe_layers=tuple(int(i) for i in moe_layers),
                    num_experts=int(_get(config, "num_local_experts", mt)), intermediate_size=size,
                    scoring="topk_then_sigmoid", renormalize=False, shared_intermediate_size=size,
-                   gate_on_input=True, block_attr="feed_forward")
+                   gate_on_input=True, block_attr="feed_forward", gate_attr="router", fused_layout="transposed",
+                   block_output="flat_and_router")
+
+
+def _gpt_oss(config: dict[str, Any], mt: str) -> MoESpec:
+    """Softmax over the top-k of biased logits (= softmax, top-k, renormalise); experts with biases,
+    gate/up interleaved in [E, H, 2I], SwiGLU clamped with alpha and (up + 1); no shared expert."""
+    common = _common(config, mt)
+    return MoESpec(**dict(common, activation="silu"), moe_layers=tuple(range(common["num_layers"])),
+                   num_experts=int(_get(config, "num_local_experts|num_experts", mt)),
+                   intermediate_size=int(_get(config, "intermediate_size", mt)), scoring="softmax",
+                   renormalize=True, gate_attr="router", has_gate_bias=True, has_expert_bias=True,
+                   fused_layout="transposed_interleaved", swiglu_limit=float(config.get("swiglu_limit", 7.0)),
+                   swiglu_alpha=float(config.get("swiglu_alpha", 1.702)), swiglu_up_offset=1.0,
+                   block_output="hidden_and_router")
 
 
 _FAMILIES = {
@@ -223,6 +257,7 @@ _FAMILIES = {
     "qwen3_next": _qwen3_next,
     "qwen3_5_moe_text": _qwen3_5_moe_text,
     "llama4_text": _llama4_text,
+    "gpt_oss": _gpt_oss,
     "mistral_large4_text": _mistral_large4_text,
 }
 _TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",

@@ -2,15 +2,18 @@
 
 Shapes: N = token copies (sorted by expert), H = hidden, I = expert intermediate size,
 E = experts held here. Weights use the transformers in-memory layout:
-w_gate_up [E, 2I, H] (gate rows first, then up rows), w_down [E, H, I].
+w_gate_up [E, 2I, H] (gate rows first, then up rows), w_down [E, H, I]; optional biases
+b_gate_up [E, 2I] and b_down [E, H] (gpt-oss).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "grouped_mlp"]
+__all__ = ["ACTIVATIONS", "GatedActivation", "check_shapes", "gated", "grouped_mlp"]
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -20,9 +23,48 @@ ACTIVATIONS = {
 }
 
 
-def _check(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor, activation: str):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+@dataclasses.dataclass(frozen=True)
+class GatedActivation:
+    """h = act(gate) * (up + up_offset), the gated activation of an expert.
+
+    With limit > 0, gate is first clamped to <= limit and up to [-limit, limit] (DeepSeek-V4,
+    gpt-oss). For silu, alpha scales the sigmoid's input: gate * sigmoid(alpha * gate) (gpt-oss:
+    alpha 1.702, up_offset 1).
+    """
+
+    name: str = "silu"
+    limit: float = 0.0
+    alpha: float = 1.0
+    up_offset: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.name!r}")
+        if self.limit < 0:
+            raise ValueError(f"the clamp limit must be >= 0 (0: none), got {self.limit}")
+        if self.alpha != 1.0 and self.name != "silu":
+            raise ValueError(f"alpha applies to silu only, got alpha={self.alpha} with {self.name!r}")
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gate, up: [n, I]. Returns h [n, I]."""
+        if self.limit:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        if self.alpha != 1.0:
+            act = gate * torch.sigmoid(self.alpha * gate)
+        else:
+            act = ACTIVATIONS[self.name](gate)
+        return act * (up + self.up_offset) if self.up_offset else act * up
+
+
+def gated(activation: str | GatedActivation) -> GatedActivation:
+    """An activation name ("silu") stands for its plain gated form."""
+    return activation if isinstance(activation, GatedActivation) else GatedActivation(activation)
+
+
+def check_shapes(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
+                 b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None) -> None:
+    """ValueError naming the shapes unless x [N, H], w_gate_up [E, 2I, H], w_down [E, H, I],
+    counts [E] and the biases (both or neither) [E, 2I], [E, H]."""
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError(f"expected x [N, H], w_gate_up [E, 2I, H], w_down [E, H, I]; got "
                          f"{tuple(x.shape)}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
@@ -30,40 +72,56 @@ def _check(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, count
     if x.shape[1] != hidden or w_down.shape != (num_experts, hidden, two_i // 2) or two_i % 2:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)}, "
                          f"w_down {tuple(w_down.shape)} (want [N, H], [E, 2I, H], [E, H, I])")
+    if (b_gate_up is None) != (b_down is None):
+        raise ValueError("b_gate_up and b_down come together (both or neither)")
+    if b_gate_up is not None and (b_gate_up.shape != (num_experts, two_i) or b_down.shape != (num_experts, hidden)):
+        raise ValueError(f"biases must be b_gate_up [{num_experts}, {two_i}] and b_down [{num_experts}, {hidden}], "
+                         f"got {tuple(b_gate_up.shape)} and {tuple(b_down.shape)}")
     if counts.shape != (num_experts,):
         raise ValueError(f"counts must be [{num_experts}], got shape {tuple(counts.shape)}")
-    if counts.numel() and int(counts.min()) < 0:
-        raise ValueError(f"counts must be >= 0, got {counts.tolist()}")
 
 
 def grouped_mlp(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor, activation: str = "silu"
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
+    activation: str | GatedActivation = "silu", b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated MLP of each expert over its contiguous rows.
 
-    x: [N, H] sorted by expert; counts: [E] int64, sum == N. Returns [N, H] in x.dtype.
+    x: [N, H] sorted by expert; counts: [E] int64, sum == N; b_gate_up [E, 2I] and b_down [E, H]
+    or None. Returns [N, H] in x.dtype.
     """
-    _check(x, w_gate_up, w_down, counts, activation)
+    activation = gated(activation)
+    check_shapes(x, w_gate_up, w_down, counts, b_gate_up, b_down)
     if x.is_cuda:
         from kernels.triton_expert_mlp import grouped_mlp_triton
 
-        return grouped_mlp_triton(x, w_gate_up, w_down, counts, activation)
-    return grouped_mlp_reference(x, w_gate_up, w_down, counts, activation)
+        return grouped_mlp_triton(x, w_gate_up, w_down, counts, activation, b_gate_up, b_down)
+    return grouped_mlp_reference(x, w_gate_up, w_down, counts, activation, b_gate_up, b_down)
 
 
 def grouped_mlp_reference(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor, activation: str = "silu"
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
+    activation: str | GatedActivation = "silu", b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    act = ACTIVATIONS[activation]
+    act = gated(activation)
     inter = w_down.shape[2]
     out = torch.empty_like(x)
     start = 0
+    if counts.numel() and int(counts.min()) < 0:
+        raise ValueError(f"counts must be >= 0, got {counts.tolist()}")
     for expert, count in enumerate(counts.tolist()):
         if count == 0:
             continue
         rows = slice(start, start + count)
         gate_up = x[rows] @ w_gate_up[expert].t()  # [n, 2I]
-        torch.mm(act(gate_up[:, :inter]) * gate_up[:, inter:], w_down[expert].t(), out=out[rows])
+        if b_gate_up is None:
+            torch.mm(act(gate_up[:, :inter], gate_up[:, inter:]), w_down[expert].t(), out=out[rows])
+        else:
+            gate_up = gate_up + b_gate_up[expert]
+            torch.addmm(b_down[expert], act(gate_up[:, :inter], gate_up[:, inter:]), w_down[expert].t(),
+                        out=out[rows])
         start += count
     if start != x.shape[0]:
         raise ValueError(f"counts sum to {start} but x has {x.shape[0]} rows")

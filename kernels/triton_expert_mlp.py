@@ -1,6 +1,6 @@
 """Triton kernels for `kernels.expert_mlp.grouped_mlp`: a grouped GEMM over rows sorted by expert.
 
-[x sorted by expert] -> [gate_up GEMM + act(gate) * up] -> h -> [down GEMM] -> out
+[x sorted by expert] -> [gate_up GEMM (+ bias), clamp, act(gate) * (up + offset)] -> h -> [down GEMM (+ bias)] -> out
 
 The rows of expert e are x[offsets[e]:offsets[e+1]]. They are cut into BLOCK_M-row blocks that never
 straddle two experts (the `moe_align_block_size` idea, without padding the rows): block m of the grid
@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.expert_mlp import GatedActivation, check_shapes, gated
 from kernels.triton_common import check_device, is_interpreted, tile
 
 __all__ = ["grouped_mlp_triton"]
@@ -26,10 +27,10 @@ KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")  # `_activate
 
 
 @triton.jit
-def _activate(x, ACTIVATION: tl.constexpr):
-    """The activations of `kernels.expert_mlp.ACTIVATIONS`, in float32."""
+def _activate(x, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr):
+    """The activations of `kernels.expert_mlp.ACTIVATIONS`, in float32 (silu: x * sigmoid(ALPHA x))."""
     if ACTIVATION == "silu":
-        y = x * tl.sigmoid(x)
+        y = x * tl.sigmoid(ALPHA * x)
     elif ACTIVATION == "gelu":
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACTIVATION == "gelu_pytorch_tanh":
@@ -78,12 +79,14 @@ def _load_b(ptr, stride_n, stride_k, cols, is_col, ks, is_k, UPCAST_DOT: tl.cons
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, h_ptr, counts_ptr, num_experts, hidden, inter,
-    stride_xm, stride_xh, stride_we, stride_wn, stride_wh, stride_hm, stride_hi,
-    ACTIVATION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, num_experts, hidden, inter,
+    stride_xm, stride_xh, stride_we, stride_wn, stride_wh, stride_be, stride_hm, stride_hi,
+    ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """h[rows, cols] = act(x[rows] @ w_gate[e, cols].T) * (x[rows] @ w_up[e, cols].T), cols of I."""
+    """h[rows, cols] = act(gate) * (up + UP_OFFSET), cols of I, with gate = x[rows] @ w_gate[e, cols].T
+    (+ bias) clamped to <= LIMIT and up = x[rows] @ w_up[e, cols].T (+ bias) to [-LIMIT, LIMIT] (LIMIT > 0)."""
     expert, row_start, row_end = _expert_rows(counts_ptr, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
@@ -103,19 +106,25 @@ def _gate_up_kernel(
                       input_precision="ieee")
         up = tl.dot(x, _load_b(w_up, stride_wn, stride_wh, cols, is_col, ks, is_k, UPCAST_DOT), up,
                     input_precision="ieee")
-    h = _activate(gate, ACTIVATION) * up
+    if HAS_BIAS:
+        gate += tl.load(b_ptr + expert * stride_be + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(b_ptr + expert * stride_be + inter + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
+    if LIMIT > 0:
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+    h = _activate(gate, ACTIVATION, ALPHA) * (up + UP_OFFSET)
     tl.store(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hi, h.to(h_ptr.dtype.element_ty),
              mask=is_row[:, None] & is_col[None, :])
 
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, out_ptr, counts_ptr, num_experts, hidden, inter,
-    stride_hm, stride_hi, stride_we, stride_wn, stride_wi, stride_om, stride_oh,
-    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, out_ptr, counts_ptr, num_experts, hidden, inter,
+    stride_hm, stride_hi, stride_we, stride_wn, stride_wi, stride_be, stride_om, stride_oh,
+    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """out[rows, cols] = h[rows] @ w_down[e, cols].T, cols of H."""
+    """out[rows, cols] = h[rows] @ w_down[e, cols].T (+ bias[e, cols]), cols of H."""
     expert, row_start, row_end = _expert_rows(counts_ptr, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
@@ -131,26 +140,23 @@ def _down_kernel(
         h = _load_a(h_ptr, stride_hm, stride_hi, rows, is_row, ks, is_k, UPCAST_DOT)  # [BM, BK]
         out = tl.dot(h, _load_b(w_down, stride_wn, stride_wi, cols, is_col, ks, is_k, UPCAST_DOT), out,
                      input_precision="ieee")
+    if HAS_BIAS:
+        out += tl.load(b_ptr + expert * stride_be + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_oh, out.to(out_ptr.dtype.element_ty),
              mask=is_row[:, None] & is_col[None, :])
 
 
 def _check(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
-           activation: str) -> None:
-    if activation not in KERNEL_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(KERNEL_ACTIVATIONS)}, got {activation!r}")
-    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
-        raise ValueError(f"expected x [N, H], w_gate_up [E, 2I, H], w_down [E, H, I]; got "
-                         f"{tuple(x.shape)}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
-    num_experts, two_i, hidden = w_gate_up.shape
-    if x.shape[1] != hidden or w_down.shape != (num_experts, hidden, two_i // 2) or two_i % 2:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)}, "
-                         f"w_down {tuple(w_down.shape)} (want [N, H], [E, 2I, H], [E, H, I])")
-    if counts.shape != (num_experts,) or counts.is_floating_point():
-        raise ValueError(f"counts must be [{num_experts}] integers, got {counts.dtype} of shape {tuple(counts.shape)}")
-    if not x.dtype == w_gate_up.dtype == w_down.dtype or not x.is_floating_point():
-        raise ValueError(f"x, w_gate_up, w_down must share one float dtype, got "
-                         f"{x.dtype}, {w_gate_up.dtype}, {w_down.dtype}")
+           activation: GatedActivation, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None) -> None:
+    """What the kernels need beyond `kernels.expert_mlp`'s shape checks: one float dtype, integer counts."""
+    check_shapes(x, w_gate_up, w_down, counts, b_gate_up, b_down)
+    if activation.name not in KERNEL_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(KERNEL_ACTIVATIONS)}, got {activation.name!r}")
+    if counts.is_floating_point():
+        raise ValueError(f"counts must be integers, got {counts.dtype}")
+    dtypes = {t.dtype for t in (x, w_gate_up, w_down, b_gate_up, b_down) if t is not None}
+    if len(dtypes) != 1 or not x.is_floating_point():
+        raise ValueError(f"x, the weights and the biases must share one float dtype, got {sorted(map(str, dtypes))}")
 
 
 def _check_counts(counts: torch.Tensor, num_rows: int) -> None:
@@ -166,15 +172,20 @@ def _check_counts(counts: torch.Tensor, num_rows: int) -> None:
 
 
 def grouped_mlp_triton(
-    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor, activation: str = "silu"
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
+    activation: str | GatedActivation = "silu", b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gated MLP of each expert over its contiguous rows.
 
-    x: [N, H] sorted by expert; w_gate_up: [E, 2I, H]; w_down: [E, H, I] (one float dtype);
-    counts: [E] integers, sum == N, on any device. Returns [N, H] in x.dtype.
+    x: [N, H] sorted by expert; w_gate_up: [E, 2I, H]; w_down: [E, H, I]; b_gate_up [E, 2I] and
+    b_down [E, H] or None (one float dtype); counts: [E] integers, sum == N, on any device.
+    Returns [N, H] in x.dtype.
     """
-    _check(x, w_gate_up, w_down, counts, activation)
-    check_device(_gate_up_kernel, x=x, w_gate_up=w_gate_up, w_down=w_down)
+    activation = gated(activation)
+    _check(x, w_gate_up, w_down, counts, activation, b_gate_up, b_down)
+    has_bias = b_gate_up is not None
+    check_device(_gate_up_kernel, x=x, w_gate_up=w_gate_up, w_down=w_down, b_gate_up=b_gate_up, b_down=b_down)
     _check_counts(counts, x.shape[0])
     num_rows, hidden = x.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
@@ -186,19 +197,21 @@ def grouped_mlp_triton(
     # Row blocks near the mean rows per expert: small for decode (few rows each), 64 for prefill.
     block_m = tile(num_rows // num_experts, 16, 64)
     num_blocks = triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
-    common = dict(UPCAST_DOT=is_interpreted(_gate_up_kernel), BLOCK_M=block_m,
+    common = dict(HAS_BIAS=has_bias, UPCAST_DOT=is_interpreted(_gate_up_kernel), BLOCK_M=block_m,
                   BLOCK_E=triton.next_power_of_2(num_experts))
+    b_gate_up, b_down = (b_gate_up, b_down) if has_bias else (x, x)  # never read without HAS_BIAS
     max_k = 64 if x.element_size() <= 2 else 32  # keeps the pipelined float32 tiles within shared memory
     block_n, block_k = tile(inter, 16, 64), tile(hidden, 16, max_k)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
-        x, w_gate_up, h, counts, num_experts, hidden, inter,
-        *x.stride(), *w_gate_up.stride(), *h.stride(),
-        ACTIVATION=activation, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        x, w_gate_up, b_gate_up, h, counts, num_experts, hidden, inter,
+        *x.stride(), *w_gate_up.stride(), b_gate_up.stride(0), *h.stride(),
+        ACTIVATION=activation.name, ALPHA=float(activation.alpha), LIMIT=float(activation.limit),
+        UP_OFFSET=float(activation.up_offset), BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )
     block_n, block_k = tile(hidden, 16, 64), tile(inter, 16, max_k)
     _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
-        h, w_down, out, counts, num_experts, hidden, inter,
-        *h.stride(), *w_down.stride(), *out.stride(),
+        h, w_down, b_down, out, counts, num_experts, hidden, inter,
+        *h.stride(), *w_down.stride(), b_down.stride(0), *out.stride(),
         BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )
     return out

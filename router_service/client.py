@@ -26,7 +26,7 @@ import grpc
 import torch
 
 from experts.errors import MeshError
-from experts.spec import MoESpec, spec_from_config
+from experts.spec import BlockOutput, MoESpec, spec_from_config
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos import serving
@@ -288,32 +288,33 @@ class AsyncMeshClient:
 class RemoteMoE(torch.nn.Module):
     """Stands in for one sparse MoE block of a transformers model; the experts run on the mesh.
 
-    forward(hidden_states [B, S, H]) returns what the replaced block returned: [B, S, H], or for
-    Llama 4 (`returns_router_logits`) the tuple (out [T, H], router_logits [T, E] or None). Llama 4's
-    decoder layer discards the second element, so None is enough unless a `router` is kept.
+    forward(hidden_states [B, S, H]) returns what the replaced block returned (`block_output`, as
+    `MoESpec.block_output`): [B, S, H], or the tuple (out, the router's second output or None):
+    Llama 4's (out [T, H], logits [T, E]), gpt-oss's (out [B, S, H], top-k scores [T, k]). Their
+    decoder layers discard the second element, so None is enough unless a `router` is kept.
 
     `router`: the original block's router module (optional). When kept it runs locally on every
     call, so that `output_router_logits=True` still records the logits (transformers hooks the
-    router modules) and Llama 4's tuple carries them. Expert weights are never kept. No gradient
+    router modules) and the tuple carries them. Expert weights are never kept. No gradient
     flows through the mesh call.
     """
 
     def __init__(self, client: MeshClient, layer: int, *, router: torch.nn.Module | None = None,
-                 returns_router_logits: bool = False):
+                 block_output: BlockOutput = "hidden"):
         super().__init__()
         self.client, self.layer = client, layer
         self.router = router
-        self.returns_router_logits = returns_router_logits
+        self.block_output = block_output
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
         router_out = None if self.router is None else self.router(flat)
         out = self.client.forward(self.layer, hidden_states).to(hidden_states.device)
-        if not self.returns_router_logits:
+        if self.block_output == "hidden":
             return out
-        # Llama4Router returns (scores, logits); the block returns (out [T, H], logits)
-        logits = None if router_out is None else router_out[1]
-        return out.reshape(flat.shape), logits
+        # Llama4Router returns (scores, logits), GptOssTopKRouter (logits, scores, ids): the blocks return the second
+        out = out.reshape(flat.shape) if self.block_output == "flat_and_router" else out
+        return out, None if router_out is None else router_out[1]
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, client={self.client!r}"
@@ -364,13 +365,11 @@ def patch_model(model: torch.nn.Module, client: MeshClient, keep_router: bool = 
     if difference is not None:
         raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, difference, client.address)
     layers = _decoder_layers(model)
-    is_llama4 = spec.block_attr == "feed_forward"
     for i in spec.moe_layers:
         block = getattr(layers[i], spec.block_attr)
         router = None
         if keep_router:
-            router = block.router if isinstance(block, RemoteMoE) else getattr(block, "router" if is_llama4 else "gate")
-        setattr(layers[i], spec.block_attr,
-                RemoteMoE(client, i, router=router, returns_router_logits=is_llama4))
+            router = block.router if isinstance(block, RemoteMoE) else getattr(block, spec.gate_attr)
+        setattr(layers[i], spec.block_attr, RemoteMoE(client, i, router=router, block_output=spec.block_output))
     logger.info("patched %d MoE blocks of a %s model to call %s", len(spec.moe_layers), spec.model_type, client.address)
     return len(spec.moe_layers)

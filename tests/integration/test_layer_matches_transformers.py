@@ -1,4 +1,4 @@
-"""MoELayer and ExpertGroup against the transformers blocks of all six families, both layouts."""
+"""MoELayer and ExpertGroup against the transformers blocks of every family, both layouts."""
 
 from __future__ import annotations
 
@@ -36,17 +36,17 @@ def test_every_moe_layer_matches_transformers_fp32(zoo, family, layout):
         assert torch.equal(flat, out.reshape(-1, spec.hidden_size))
 
 
-def _gate(block, x):
+def _gate(block, spec, x):
     """transformers' gate of `block` on x: (logits, weights, ids); MiniMax-M2 keeps its score bias
     on the block and hands it to the gate."""
-    bias = getattr(block, "e_score_correction_bias", None)
-    return block.gate(x) if bias is None else block.gate(x, bias)
+    gate, bias = getattr(block, spec.gate_attr), getattr(block, "e_score_correction_bias", None)
+    return gate(x) if bias is None else gate(x, bias)
 
 
 def _router_logits(block, spec, x):
     """[T, E] logits of the transformers router (what ties are judged on)."""
     with torch.no_grad():
-        return block.router(x)[1] if spec.gate_on_input else _gate(block, x)[0]
+        return block.router(x)[1] if spec.gate_on_input else _gate(block, spec, x)[0]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -80,7 +80,7 @@ def _transformers_subset_contribution(block, spec, x, subset):
             scores = scores.masked_fill(~keep, 0.0)
             routed_in = x.repeat(scores.shape[1], 1) * scores.transpose(0, 1).reshape(-1, 1)
             return block.experts(routed_in).reshape(scores.shape[1], -1, x.shape[-1]).sum(0)
-        _, weights, ids = _gate(block, x)
+        _, weights, ids = _gate(block, spec, x)
         weights = weights * torch.isin(ids, torch.tensor(subset))
         return block.experts(x, ids, weights)
 

@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 
+from kernels.expert_mlp import GatedActivation
 from kernels.triton_common import check_device
 
 
@@ -45,7 +46,8 @@ ROUTES = [
     ("align", "align_tokens", "triton_align", "align_tokens_triton", "align_tokens_reference",
      lambda cast: (cast(torch.zeros(3, 2, dtype=torch.int64)), 4)),
     ("expert_mlp", "grouped_mlp", "triton_expert_mlp", "grouped_mlp_triton", "grouped_mlp_reference",
-     lambda cast: (cast(torch.zeros(2, 8)), torch.zeros(2, 6, 8), torch.zeros(2, 8, 3), torch.tensor([1, 1]), "silu")),
+     lambda cast: (cast(torch.zeros(2, 8)), torch.zeros(2, 6, 8), torch.zeros(2, 8, 3), torch.tensor([1, 1]),
+                    GatedActivation(), None, None)),
     ("combine", "combine", "triton_combine", "combine_triton", "combine_reference",
      lambda cast: (cast(torch.zeros(4, 8)), torch.arange(4), None, 2)),
 ]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels import expert_mlp
-from kernels.expert_mlp import ACTIVATIONS
+from kernels.expert_mlp import ACTIVATIONS, GatedActivation
 from tests.unit.kernels.numerics import relative_error
 
 # max |got - ref| / max |ref|. In bfloat16 the reference rounds gate_up and the activation to bfloat16
@@ -107,3 +107,74 @@ def test_launcher_rejects_what_the_reference_does_not_check(triton_expert_mlp, c
     args = dict(x=x, w_gate_up=w_gate_up, w_down=w_down, counts=counts, activation="silu") | change
     with pytest.raises(ValueError, match=message):
         triton_expert_mlp.grouped_mlp_triton(**args)
+
+
+GPT_OSS = GatedActivation("silu", limit=7.0, alpha=1.702, up_offset=1.0)
+DEEPSEEK_V4 = GatedActivation("silu", limit=10.0)
+
+
+def make_biases(num_experts: int, hidden: int, inter: int, dtype=torch.float32, seed: int = 1):
+    """(b_gate_up [E, 2I], b_down [E, H]), large enough that the clamps bite."""
+    gen = torch.Generator().manual_seed(seed)
+    return ((torch.randn(num_experts, 2 * inter, generator=gen) * 8).to(dtype),
+            torch.randn(num_experts, hidden, generator=gen).to(dtype))
+
+
+def _gpt_oss_expert(w_gate_up, b_gate_up, w_down, b_down, row, inter, act: GatedActivation):
+    """One expert on one row, written out as gpt-oss writes it (float64)."""
+    gate_up = w_gate_up.double() @ row.double() + b_gate_up.double()
+    gate = gate_up[:inter].clamp(max=act.limit)
+    up = gate_up[inter:].clamp(-act.limit, act.limit)
+    return w_down.double() @ ((up + act.up_offset) * gate * torch.sigmoid(act.alpha * gate)) + b_down.double()
+
+
+@pytest.mark.parametrize("act", [GPT_OSS, GatedActivation("silu", limit=10.0, up_offset=1.0)], ids=["gpt_oss", "v4+1"])
+def test_clamped_biased_reference_matches_the_formula_row_by_row(act):
+    counts = [2, 0, 3]
+    x, w_gate_up, w_down, counts_t = make_mlp(counts, 12, 10)
+    x = x * 4  # pre-activations beyond the limit
+    b_gate_up, b_down = make_biases(3, 12, 10)
+    expert_of_row = torch.repeat_interleave(torch.arange(3), counts_t).tolist()
+    dense = torch.stack([_gpt_oss_expert(w_gate_up[e], b_gate_up[e], w_down[e], b_down[e], row, 10, act)
+                         for row, e in zip(x, expert_of_row)])
+    got = expert_mlp.grouped_mlp_reference(x, w_gate_up, w_down, counts_t, act, b_gate_up, b_down)
+    assert relative_error(got.double(), dense) <= 1e-5
+
+
+CLAMPED_CASES = [
+    # counts, H, I, activation, biases, dtype
+    ([3, 0, 2, 5], 24, 20, GPT_OSS, True, torch.float32),
+    ([3, 0, 2, 5], 24, 20, GPT_OSS, True, torch.bfloat16),
+    ([20, 3], 24, 20, DEEPSEEK_V4, False, torch.float32),
+    ([0, 4], 72, 36, DEEPSEEK_V4, True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("counts,hidden,inter,act,has_bias,dtype", CLAMPED_CASES)
+def test_grouped_mlp_triton_clamps_and_biases_like_the_reference(triton_expert_mlp, counts, hidden, inter, act,
+                                                                  has_bias, dtype):
+    x, w_gate_up, w_down, counts_t = make_mlp(counts, hidden, inter, dtype)
+    x = x * 4
+    biases = make_biases(len(counts), hidden, inter, dtype) if has_bias else (None, None)
+    got = triton_expert_mlp.grouped_mlp_triton(x, w_gate_up, w_down, counts_t, act, *biases)
+    ref = expert_mlp.grouped_mlp_reference(x, w_gate_up, w_down, counts_t, act, *biases)
+    assert relative_error(got, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(name="swish"), "activation must be one of"),
+    (dict(limit=-1.0), "limit must be >= 0"),
+    (dict(name="gelu", alpha=1.702), "alpha applies to silu only"),
+])
+def test_bad_gated_activations_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        GatedActivation(**bad)
+
+
+def test_one_bias_without_the_other_is_refused():
+    x, w_gate_up, w_down, counts = make_mlp([1, 1], 12, 10)
+    b_gate_up, _ = make_biases(2, 12, 10)
+    with pytest.raises(ValueError, match="both or neither"):
+        expert_mlp.grouped_mlp(x, w_gate_up, w_down, counts, "silu", b_gate_up, None)
+    with pytest.raises(ValueError, match=r"b_gate_up \[2, 20\]"):
+        expert_mlp.grouped_mlp(x, w_gate_up, w_down, counts, "silu", b_gate_up[:, :4], torch.zeros(2, 12))
