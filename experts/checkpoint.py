@@ -110,11 +110,15 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def read(self, name: str, rows: int | None = None) -> tuple[torch.Tensor, bytes]:
-        """Tensor `name` (or its row `rows` along dim 0) and the raw bytes it came from."""
+    def read(self, name: str, rows: int | None = None, is_index: bool = False) -> tuple[torch.Tensor, bytes]:
+        """Tensor `name` (or its row `rows` along dim 0) and the raw bytes it came from. Weights
+        must be floating point; `is_index`: an int64 table instead (DeepSeek-V4's tid2eid)."""
         entry = self.entries[name]
         dtype = _DTYPES[entry["dtype"]]
-        if not dtype.is_floating_point:
+        if is_index:
+            if dtype != torch.int64:
+                raise CheckpointError(f"tensor {name!r} in {self.path} is {entry['dtype']}, expected I64")
+        elif not dtype.is_floating_point:
             raise CheckpointError(f"tensor {name!r} in {self.path} is {entry['dtype']}: weights must be floating point")
         start, end = entry["data_offsets"]
         shape = list(entry["shape"])
@@ -289,12 +293,26 @@ class CheckpointReader:
     def gate(self, layer: int) -> GateWeights:
         spec, block = self.spec, self._block(layer)
         weight = self._read(f"{block}{spec.gate_attr}.weight", (spec.num_experts, spec.hidden_size))[0]
+        if layer in spec.hash_layers:  # no score bias: the experts come from the token table
+            return GateWeights(weight, token_experts=self._token_experts(f"{block}{spec.gate_attr}.tid2eid"))
         bias = logit_bias = None
         if spec.has_score_bias:
             bias = self._read(self._first_present(block, list(spec.score_bias)), (spec.num_experts,))[0].float()
         if spec.has_gate_bias:
             logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
         return GateWeights(weight, bias, logit_bias)
+
+    def _token_experts(self, name: str) -> torch.Tensor:
+        """A hash layer's table [vocab, k] int64 of the experts each token id goes to, checked."""
+        spec, file = self.spec, self._file(name)
+        shape = file.shape(name)
+        if len(shape) != 2 or shape[1] != spec.top_k:
+            raise CheckpointError(f"tensor {name!r} has shape {list(shape)}, expected [vocab, {spec.top_k}]")
+        table = file.read(name, is_index=True)[0]
+        if table.numel() and not 0 <= int(table.min()) <= int(table.max()) < spec.num_experts:
+            raise CheckpointError(f"tensor {name!r} names experts {int(table.min())}..{int(table.max())}, "
+                                  f"outside [0, {spec.num_experts})")
+        return table
 
     def shared(self, layer: int) -> SharedWeights | None:
         spec, block = self.spec, self._block(layer)

@@ -3,7 +3,7 @@
 Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, qwen3_next,
 qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, deepseek_v3, deepseek_v32,
 glm4_moe, minimax_m2, gpt_oss, llama4_text (and llama4, whose `text_config` is used), mistral_large4_text
-(and mistral_large4, whose `text_config` is used). A family is one entry
+(and mistral_large4, whose `text_config` is used), deepseek_v4. A family is one entry
 of `_FAMILIES`: a function from its config.json to the spec.
 """
 
@@ -20,7 +20,7 @@ from kernels.expert_mlp import GatedActivation
 
 __all__ = ["MoESpec", "SUPPORTED_MODEL_TYPES", "load_spec", "spec_from_config"]
 
-Scoring = Literal["softmax", "sigmoid_grouped", "topk_then_sigmoid"]
+Scoring = Literal["softmax", "sigmoid_grouped", "topk_then_sigmoid", "sqrtsoftplus"]
 # How a fused checkpoint stores the experts: "rows" gate_up_proj [E, 2I, H] (gate rows, then up rows)
 # and down_proj [E, H, I]; "transposed" [E, H, 2I] and [E, I, H] (Llama 4); "transposed_interleaved"
 # as transposed with gate and up alternating along 2I (gpt-oss).
@@ -69,6 +69,9 @@ class MoESpec:
     swiglu_alpha: float = 1.0       # gpt-oss: act(gate) = gate * sigmoid(alpha * gate)
     swiglu_up_offset: float = 0.0   # gpt-oss: act(gate) * (up + 1)
     block_output: BlockOutput = "hidden"
+    # DeepSeek-V4: MoE layers whose experts a token-id table (`gate.tid2eid [vocab, k]`) picks; the
+    # gate's scores only weigh them. A Forward of such a layer needs the token ids.
+    hash_layers: tuple[int, ...] = ()
 
     def check_layer(self, layer: int) -> None:
         """Raise ValueError unless `layer` (a decoder-layer index) is an MoE layer."""
@@ -93,7 +96,7 @@ class MoESpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoESpec":
-        tuples = ("moe_layers", "score_bias", "checkpoint_blocks", "expert_names", "shared_expert_names")
+        tuples = ("moe_layers", "score_bias", "checkpoint_blocks", "expert_names", "shared_expert_names", "hash_layers")
         return cls(**{**data, **{name: tuple(data[name]) for name in tuples}})
 
 
@@ -245,6 +248,31 @@ def _gpt_oss(config: dict[str, Any], mt: str) -> MoESpec:
                    block_output="hidden_and_router")
 
 
+def _deepseek_v4(config: dict[str, Any], mt: str) -> MoESpec:
+    """DeepSeek-V4: sqrt(softplus) scores + score bias, top-k, always renormalised, x
+    `routed_scaling_factor`; the "hash_moe" layers of `mlp_layer_types` pick experts by token id;
+    routed and shared experts are SwiGLU clamped at `swiglu_limit`. Vendor names: the block is
+    `ffn.`, experts `w1|w3|w2`, the score bias `gate.bias`."""
+    common = _common(config, mt)
+    if config.get("scoring_func", "sqrtsoftplus") != "sqrtsoftplus":
+        raise UnsupportedModelError(f"{mt} with scoring_func={config['scoring_func']!r} is not served "
+                                    f"(only 'sqrtsoftplus')")
+    num_layers, moe_size = common["num_layers"], int(_get(config, "moe_intermediate_size|intermediate_size", mt))
+    kinds = config.get("mlp_layer_types")
+    if not kinds:  # hub configs: the first `num_hash_layers` (default 3)
+        num_hash = min(num_layers, int(config.get("num_hash_layers", 3)))
+        kinds = ["hash_moe"] * num_hash + ["moe"] * (num_layers - num_hash)
+    return MoESpec(**common, moe_layers=tuple(range(num_layers)),
+                   num_experts=int(_get(config, "n_routed_experts|num_local_experts", mt)),
+                   intermediate_size=moe_size, scoring="sqrtsoftplus", renormalize=True,
+                   scaling=float(config.get("routed_scaling_factor", 1.5)), has_score_bias=True,
+                   score_bias=("gate.e_score_correction_bias", "gate.bias"),
+                   shared_intermediate_size=moe_size, shared_attr="shared_experts", checkpoint_blocks=("ffn",),
+                   expert_names=("w1", "w3", "w2"), shared_expert_names=("w1", "w3", "w2"),
+                   swiglu_limit=float(config.get("swiglu_limit", 10.0)),
+                   hash_layers=tuple(i for i, kind in enumerate(kinds[:num_layers]) if kind == "hash_moe"))
+
+
 _FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -259,6 +287,7 @@ _FAMILIES = {
     "llama4_text": _llama4_text,
     "gpt_oss": _gpt_oss,
     "mistral_large4_text": _mistral_large4_text,
+    "deepseek_v4": _deepseek_v4,
 }
 _TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",
                 "mistral_large4": "mistral_large4_text"}  # multimodal: the text model is served
