@@ -45,19 +45,22 @@ class Gate:
             logits = x.float() @ self.weight.float().t()
             return topk_sigmoid_grouped(logits, self.bias, spec.top_k, spec.num_groups, spec.topk_groups,
                                         spec.renormalize, spec.scaling)
-        dtype = torch.float32 if spec.is_router_fp32 else x.dtype
-        bias = None if self.logit_bias is None else self.logit_bias.to(dtype)
-        logits = torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias)  # [T, E]
+        logits = self._logits(x)  # [T, E]
+        if spec.scoring == "sqrtsoftplus" and self.token_experts is not None:
+            ids = self._hashed_ids(token_ids, x.shape[0]).to(logits.device)
+            return hashed_sqrtsoftplus(logits, ids, spec.renormalize, spec.scaling)
         if spec.scoring == "sqrtsoftplus":
-            if self.token_experts is not None:
-                return hashed_sqrtsoftplus(logits, self._hashed_ids(token_ids, x.shape[0]), spec.renormalize,
-                                           spec.scaling)
             return topk_sqrtsoftplus(logits, self.bias, spec.top_k, spec.renormalize, spec.scaling)
         if spec.scoring == "topk_then_sigmoid":
             return topk_then_sigmoid(logits, spec.top_k)
         weights, ids = topk_softmax(logits, spec.top_k, spec.renormalize)
         return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> router logits [T, E], in x's dtype or (`is_router_fp32`) float32."""
+        dtype = torch.float32 if self.spec.is_router_fp32 else x.dtype
+        bias = None if self.logit_bias is None else self.logit_bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias)
 
     def _hashed_ids(self, token_ids: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
         """The experts [T, k] that the token table picks for token_ids [T]; ValueError naming token_ids."""

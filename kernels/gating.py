@@ -1,6 +1,6 @@
 """Top-k gating: which experts each token goes to, and with what weight.
 
-Three scoring rules cover the supported families:
+Four scoring rules cover the supported families:
 
 - `topk_softmax`: softmax over all experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE).
 - `topk_sigmoid_grouped`: sigmoid scores, a per-expert score-correction bias used only for the choice,

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from kernels.triton_common import check_device, tile
 
-__all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_triton", "topk_sqrtsoftplus_triton", "topk_then_sigmoid_triton"]
+__all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_triton", "topk_sqrtsoftplus_triton",
+           "topk_then_sigmoid_triton"]
 
 _NO_EXPERT = tl.constexpr(2**30)  # id of padding lanes: larger than any expert id, so never the lowest
 _MAX_TILE = 4096  # elements of one program's logits tile
@@ -228,7 +229,7 @@ def topk_sigmoid_grouped_triton(
     Returns (weights [T, k] float32, ids [T, k] int64).
     """
     _check_grouped(logits, bias, top_k, num_groups, topk_groups)
-    return _biased_topk(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, sqrt_softplus=False)
+    return _launch_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, sqrt_softplus=False)
 
 
 def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
@@ -238,11 +239,12 @@ def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, to
     logits: [T, E] (scored in their dtype); bias: [E] float or None. Returns (weights [T, k] float32, ids [T, k] int64).
     """
     _check_grouped(logits, bias, top_k, 1, 1)
-    return _biased_topk(logits, bias, top_k, 1, 1, renormalize, scaling, sqrt_softplus=True)
+    return _launch_grouped(logits, bias, top_k, 1, 1, renormalize, scaling, sqrt_softplus=True)
 
 
-def _biased_topk(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
-                 renormalize: bool, scaling: float, sqrt_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
+                    renormalize: bool, scaling: float, sqrt_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped kernel on checked arguments, scoring by sigmoid or (sqrt_softplus) sqrt(softplus)."""
     check_device(_topk_sigmoid_grouped_kernel, logits=logits, bias=bias)
     num_tokens, num_experts = logits.shape
     weights, ids = _outputs(logits, top_k, torch.float32)
