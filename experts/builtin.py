@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILIES", "build_model", "builtin_model_dir", "save_checkpoint"]
+__all__ = ["FAMILIES", "VOCAB_SIZE", "build_model", "builtin_model_dir", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
-_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+VOCAB_SIZE = 128  # of the families' models built here (unless overridden)
+_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE,
+                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 _DEEPSEEK = dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
                  first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
@@ -66,6 +67,33 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama4": ("Llama4TextConfig", dict(hidden_size=48, intermediate_size=24, intermediate_size_mlp=40,
                                         num_hidden_layers=4, num_local_experts=6, num_experts_per_tok=1,
                                         head_dim=12, interleave_moe_layer_step=2)),
+    "mistral_large4": ("MistralLarge4TextConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                                       num_hidden_layers=3, first_k_dense_replace=1,
+                                                       n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                                       routed_scaling_factor=1.5, q_lora_rank=16, kv_lora_rank=16,
+                                                       qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=12,
+                                                       index_topk=4, index_head_dim=16, index_n_heads=2,
+                                                       num_key_value_heads=4, max_position_embeddings=1048576)),
+    "deepseek_v4": ("DeepseekV4Config", dict(hidden_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+                                             num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                             partial_rotary_factor=0.25, q_lora_rank=32, o_groups=2,
+                                             o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4,
+                                             sliding_window=8, n_routed_experts=8, num_experts_per_tok=2,
+                                             n_shared_experts=1, hc_mult=4, swiglu_limit=1.5,  # a limit that bites
+                                             layer_types=["sliding_attention", "compressed_sparse_attention",
+                                                          "heavily_compressed_attention"],
+                                             compress_rates={"compressed_sparse_attention": 4,
+                                                             "heavily_compressed_attention": 8},
+                                             mlp_layer_types=["hash_moe", "moe", "moe"])),
+}
+
+# Families served as the text model of a composite (multimodal) model: the composite's auto class,
+# its config class and the config's other parts, kept tiny (the text config is FAMILIES' entry).
+_COMPOSITE: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "mistral_large4": ("AutoModelForImageTextToText", "MistralLarge4Config",
+                       dict(vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, head_dim=16,
+                                               patch_size=14, image_size=56))),
 }
 
 _BUILTIN = ("mixtral", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_local_experts=8,
@@ -74,10 +102,12 @@ _BUILTIN_VERSION = "v2"
 
 
 def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A transformers causal LM of `family` with seeded random weights (fp32, eval mode).
+    """A transformers causal LM of `family` with seeded random weights (fp32, eval mode); for a
+    family in `_COMPOSITE`, the composite model around its text model (`overrides` go to the text config).
 
-    Router weights, DeepSeek's score-correction bias and gpt-oss's biases are randomised too (their
-    defaults are zeros, which would make every token pick the same experts).
+    Router weights, DeepSeek's score-correction bias, gpt-oss's biases and DeepSeek-V4's token ->
+    experts tables are randomised too (their defaults are zeros, which would make every token pick
+    the same experts).
     """
     import transformers
 
@@ -85,8 +115,12 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
         raise ValueError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
     class_name, kwargs = FAMILIES[family]
     config = getattr(transformers, class_name)(**{**_ATTENTION, **kwargs, **overrides})
+    auto_class = "AutoModelForCausalLM"
+    if family in _COMPOSITE:
+        auto_class, composite_class, parts = _COMPOSITE[family]
+        config = getattr(transformers, composite_class)(text_config=config.to_dict(), **parts)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = getattr(transformers, auto_class).from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight", "gate_up_proj", "down_proj")):
@@ -96,6 +130,8 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.uniform_(-0.1, 0.1)
+            elif name.endswith("tid2eid"):  # DeepSeek-V4's token -> experts table
+                buffer.copy_(torch.randint(0, model.config.num_local_experts, buffer.shape))
     return model
 
 

@@ -3,7 +3,8 @@
 Layouts read (per layer, detected from the tensor names):
 - per-expert ("legacy", what `save_pretrained` writes by default):
   `<block>.experts.<e>.{gate_proj,up_proj,down_proj}.weight` (Mixtral, MiniMax-M2: `w1, w3, w2` under
-  `block_sparse_moe`: the spec names them);
+  `block_sparse_moe`; Mistral Large 3: `w1, w3, w2` with no block segment, `layers.N.experts.E.w1`,
+  its shared experts' too: the spec names them);
 - fused (`save_pretrained(..., save_original_format=False)`, Llama 4 and gpt-oss always):
   `<block>.experts.gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
   (Llama 4: `[E, H, 2I]` and `[E, I, H]`, transposed; gpt-oss: transposed with gate and up
@@ -42,6 +43,7 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own bound
+_HF_NAMES = ("gate_proj", "up_proj", "down_proj")  # transformers' names of an MLP's gate, up, down
 
 
 def _regular_file(path: Path) -> None:
@@ -141,6 +143,7 @@ class GateWeights:
     weight: torch.Tensor                 # [E, H]
     bias: torch.Tensor | None = None     # [E] float32, DeepSeek-V3 score correction (for the choice only)
     logit_bias: torch.Tensor | None = None   # [E], gpt-oss: the router linear's bias
+    token_experts: torch.Tensor | None = None  # [vocab, k] int64, DeepSeek-V4's hash layers: experts per token id
 
 
 @dataclasses.dataclass
@@ -321,23 +324,44 @@ class CheckpointReader:
         candidates = [*self.spec.checkpoint_blocks, self.spec.block_attr]
         gate = self.spec.gate_attr
         for block in candidates:
-            prefix = f"{self._layer_prefix}{layer}.{block}."
+            prefix = f"{self._layer_prefix}{layer}." + (f"{block}." if block else "")
             if f"{prefix}{gate}.weight" in self._files:
                 return prefix
         raise CheckpointError(f"checkpoint {self.path} has no tensor "
                               f"{self._layer_prefix}{layer}.{candidates[-1]}.{gate}.weight (gate of layer {layer})")
+
+    def _first_present(self, prefix: str, names: list[str]) -> str:
+        """prefix + the first of `names` that the checkpoint has (the last one, to name it in the
+        error, when none is there)."""
+        return next((prefix + n for n in names if prefix + n in self._files), prefix + names[-1])
 
     # -- MoE parts -------------------------------------------------------------------------------
 
     def gate(self, layer: int) -> GateWeights:
         spec, block = self.spec, self._block(layer)
         weight = self._weight(f"{block}{spec.gate_attr}.weight", (spec.num_experts, spec.hidden_size))[0]
+        if layer in spec.hash_layers:  # no score bias: the experts come from the token table
+            return GateWeights(weight, token_experts=self._token_experts(f"{block}{spec.gate_attr}.tid2eid"))
         bias = logit_bias = None
         if spec.has_score_bias:
-            bias = self._read(f"{block}{spec.score_bias}", (spec.num_experts,))[0].float()
+            bias = self._read(self._first_present(block, list(spec.score_bias)), (spec.num_experts,))[0].float()
         if spec.has_gate_bias:
             logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
         return GateWeights(weight, bias, logit_bias)
+
+    def _token_experts(self, name: str) -> torch.Tensor:
+        """A hash layer's table [vocab, k] int64 of the experts each token id goes to, checked."""
+        spec, file = self.spec, self._file(name)
+        shape = file.shape(name)
+        if len(shape) != 2 or shape[1] != spec.top_k:
+            raise CheckpointError(f"tensor {name!r} has shape {list(shape)}, expected [vocab, {spec.top_k}]")
+        if file.entries[name]["dtype"] != "I64":
+            raise CheckpointError(f"tensor {name!r} in {self.path} is {file.entries[name]['dtype']}, expected I64")
+        table = file.read(name, dtypes=(torch.int64,))[0]
+        if table.numel() and not 0 <= int(table.min()) <= int(table.max()) < spec.num_experts:
+            raise CheckpointError(f"tensor {name!r} names experts {int(table.min())}..{int(table.max())}, "
+                                  f"outside [0, {spec.num_experts})")
+        return table
 
     def shared(self, layer: int) -> SharedWeights | None:
         spec, block = self.spec, self._block(layer)
@@ -345,9 +369,11 @@ class CheckpointReader:
             return None
         hidden, size = spec.hidden_size, spec.shared_intermediate_size
         mlp = f"{block}{spec.shared_attr}."
-        gate_proj = self._weight(f"{mlp}gate_proj.weight", (size, hidden))[0]
-        up_proj = self._weight(f"{mlp}up_proj.weight", (size, hidden))[0]
-        down = self._weight(f"{mlp}down_proj.weight", (hidden, size))[0]
+        names = next((n for n in (spec.shared_expert_names, _HF_NAMES) if f"{mlp}{n[0]}.weight" in self._files),
+                     _HF_NAMES)
+        gate_proj = self._weight(f"{mlp}{names[0]}.weight", (size, hidden))[0]
+        up_proj = self._weight(f"{mlp}{names[1]}.weight", (size, hidden))[0]
+        down = self._weight(f"{mlp}{names[2]}.weight", (hidden, size))[0]
         gate = self._weight(f"{block}shared_expert_gate.weight", (1, hidden))[0] if spec.has_shared_gate else None
         return SharedWeights(torch.cat([gate_proj, up_proj]), down, gate)
 

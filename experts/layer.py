@@ -15,7 +15,8 @@ import torch
 from experts.checkpoint import CheckpointReader, GateWeights, SharedWeights
 from experts.group import ExpertGroup, LayerExperts
 from experts.spec import MoESpec
-from kernels import align_tokens, combine, grouped_mlp, topk_sigmoid_grouped, topk_softmax, topk_then_sigmoid
+from kernels import (align_tokens, combine, grouped_mlp, hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_softmax,
+                     topk_sqrtsoftplus, topk_then_sigmoid)
 
 __all__ = ["Gate", "MoELayer", "SharedExpert", "DispatchedTokens", "dispatch"]
 
@@ -29,23 +30,53 @@ class Gate:
         self.weight = cast(weights.weight)  # [E, H]
         self.bias = weights.bias  # [E] float32 or None: for the choice only
         self.logit_bias = cast(weights.logit_bias)  # [E] or None: added to the logits (gpt-oss)
+        self.token_experts = weights.token_experts  # [vocab, k] int64 or None: DeepSeek-V4's hash layers
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H]. Returns (weights [T, k] float, ids [T, k] int64)."""
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a hash-routed layer's table covers (0: the layer is not hash-routed)."""
+        return 0 if self.token_experts is None else self.token_experts.shape[0]
+
+    def __call__(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H]; token_ids: [T] int64, needed by a hash-routed layer (ignored by the others).
+        Returns (weights [T, k] float, ids [T, k] int64)."""
         spec = self.spec
         if spec.scoring == "sigmoid_grouped":
             logits = x.float() @ self.weight.float().t()
             return topk_sigmoid_grouped(logits, self.bias, spec.top_k, spec.num_groups, spec.topk_groups,
                                         spec.renormalize, spec.scaling)
-        bias = None if self.logit_bias is None else self.logit_bias.to(x.dtype)
-        logits = torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)  # [T, E]
+        logits = self._logits(x)  # [T, E]
+        if spec.scoring == "sqrtsoftplus" and self.token_experts is not None:
+            ids = self._hashed_ids(token_ids, x.shape[0]).to(logits.device)
+            return hashed_sqrtsoftplus(logits, ids, spec.renormalize, spec.scaling)
+        if spec.scoring == "sqrtsoftplus":
+            return topk_sqrtsoftplus(logits, self.bias, spec.top_k, spec.renormalize, spec.scaling)
         if spec.scoring == "topk_then_sigmoid":
             return topk_then_sigmoid(logits, spec.top_k)
-        return topk_softmax(logits, spec.top_k, spec.renormalize)
+        weights, ids = topk_softmax(logits, spec.top_k, spec.renormalize)
+        return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> router logits [T, E], in x's dtype or (`is_router_fp32`) float32."""
+        dtype = torch.float32 if self.spec.is_router_fp32 else x.dtype
+        bias = None if self.logit_bias is None else self.logit_bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+    def _hashed_ids(self, token_ids: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
+        """The experts [T, k] that the token table picks for token_ids [T]; ValueError naming token_ids."""
+        if token_ids is None:
+            raise ValueError("token_ids are needed: this layer routes tokens by their id")
+        if token_ids.shape != (num_tokens,) or token_ids.dtype != torch.int64:
+            raise ValueError(f"token_ids must be [{num_tokens}] int64, got {tuple(token_ids.shape)} {token_ids.dtype}")
+        if num_tokens and not 0 <= int(token_ids.min()) <= int(token_ids.max()) < self.vocab_size:
+            raise ValueError(f"token_ids must be in [0, {self.vocab_size}), got {int(token_ids.min())}.."
+                             f"{int(token_ids.max())}")
+        return self.token_experts[token_ids.to(self.token_experts.device)]
 
 
 class SharedExpert:
-    """The always-on expert(s) of a layer (Qwen2-MoE with its sigmoid gate, DeepSeek-V3, Llama 4)."""
+    """The always-on expert(s) of a layer (Qwen2-MoE with its sigmoid gate, DeepSeek-V3, Llama 4,
+    Mistral Large 3)."""
 
     def __init__(self, spec: MoESpec, weights: SharedWeights, dtype: torch.dtype | None = None):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
@@ -113,12 +144,17 @@ class MoELayer(torch.nn.Module):
         return self.experts.layers[self.layer].w_gate_up.dtype
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [T, H] or [B, S, H]; token_ids: [T] or [B, S] int64 (hidden's leading dims), needed
+        by a hash-routed layer (DeepSeek-V4) and ignored by the others."""
         if hidden.dim() not in (2, 3) or hidden.shape[-1] != self.spec.hidden_size:
             raise ValueError(f"hidden must be [T, {self.spec.hidden_size}] or [B, S, {self.spec.hidden_size}], "
                              f"got shape {tuple(hidden.shape)}")
+        if token_ids is not None and token_ids.shape != hidden.shape[:-1]:
+            raise ValueError(f"token_ids must have hidden's leading dims {list(hidden.shape[:-1])}, "
+                             f"got {list(token_ids.shape)}")
         x = hidden.reshape(-1, self.spec.hidden_size).to(self.dtype)  # [T, H]
-        weights, ids = self.gate(x)  # [T, k], [T, k]
+        weights, ids = self.gate(x, None if token_ids is None else token_ids.reshape(-1))  # [T, k], [T, k]
         tokens = dispatch(self.spec, x, weights, ids)
         experts = [e for e, c in enumerate(tokens.counts) if c]
         y = self.experts.forward(self.layer, tokens.rows, experts, [tokens.counts[e] for e in experts], tokens.scale)

@@ -2,7 +2,8 @@
 
 Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, qwen3_next,
 qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, deepseek_v3, deepseek_v32,
-glm4_moe, minimax_m2, gpt_oss, llama4_text (and llama4, whose `text_config` is used). A family is one entry
+glm4_moe, minimax_m2, gpt_oss, llama4_text (and llama4, whose `text_config` is used), mistral_large4_text
+(and mistral_large4, whose `text_config` is used), deepseek_v4. A family is one entry
 of `_FAMILIES`: a function from its config.json to the spec.
 """
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MoESpec", "SUPPORTED_MODEL_TYPES", "load_config", "load_spec", "spec_from_config"]
 
-Scoring = Literal["softmax", "sigmoid_grouped", "topk_then_sigmoid"]
+Scoring = Literal["softmax", "sigmoid_grouped", "topk_then_sigmoid", "sqrtsoftplus"]
 # How a fused checkpoint stores the experts: "rows" gate_up_proj [E, 2I, H] (gate rows, then up rows)
 # and down_proj [E, H, I]; "transposed" [E, H, 2I] and [E, I, H] (Llama 4); "transposed_interleaved"
 # as transposed with gate and up alternating along 2I (gpt-oss).
@@ -47,12 +48,19 @@ class MoESpec:
     topk_groups: int = 1
     scaling: float = 1.0
     has_score_bias: bool = False    # DeepSeek-V3 e_score_correction_bias
+    is_router_fp32: bool = False    # the router's logits are computed in float32 whatever the model dtype
     shared_intermediate_size: int = 0   # 0: no shared expert
     has_shared_gate: bool = False   # Qwen2-MoE: sigmoid(x @ w) scales the shared expert
     shared_attr: str = "shared_expert"  # attribute of the MoE block holding the shared expert(s)
-    score_bias: str = "gate.e_score_correction_bias"   # where the score bias is, under the block
-    checkpoint_blocks: tuple[str, ...] = ()  # other names of the block in checkpoints (vendors' own)
+    # where the score bias is, under the block: the first of these names that the checkpoint has
+    score_bias: tuple[str, ...] = ("gate.e_score_correction_bias",)
+    # other names of the block in checkpoints (vendors' own); "": the gate and experts sit directly
+    # in the decoder layer (Mistral's `layers.N.gate.weight`)
+    checkpoint_blocks: tuple[str, ...] = ()
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert names: gate, up, down
+    # the shared expert's gate, up, down in vendors' checkpoints (transformers' gate_proj, up_proj,
+    # down_proj are read where these are absent)
+    shared_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     gate_on_input: bool = False     # Llama 4: gate weights scale the expert input
     block_attr: str = "mlp"         # attribute of the decoder layer holding the MoE block
     gate_attr: str = "gate"         # attribute of the MoE block holding the router
@@ -63,6 +71,9 @@ class MoESpec:
     swiglu_alpha: float = 1.0       # gpt-oss: act(gate) = gate * sigmoid(alpha * gate)
     swiglu_up_offset: float = 0.0   # gpt-oss: act(gate) * (up + 1)
     block_output: BlockOutput = "hidden"
+    # DeepSeek-V4: MoE layers whose experts a token-id table (`gate.tid2eid [vocab, k]`) picks; the
+    # gate's scores only weigh them. A Forward of such a layer needs the token ids.
+    hash_layers: tuple[int, ...] = ()
 
     def check_layer(self, layer: int) -> None:
         """Raise ValueError unless `layer` (a decoder-layer index) is an MoE layer."""
@@ -89,9 +100,8 @@ class MoESpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoESpec":
-        data = dict(data, moe_layers=tuple(data["moe_layers"]), checkpoint_blocks=tuple(data["checkpoint_blocks"]),
-                    expert_names=tuple(data["expert_names"]))
-        return cls(**data)
+        tuples = ("moe_layers", "score_bias", "checkpoint_blocks", "expert_names", "shared_expert_names", "hash_layers")
+        return cls(**{**data, **{name: tuple(data[name]) for name in tuples}})
 
 
 def _get(config: dict[str, Any], key: str, model_type: str) -> Any:
@@ -138,7 +148,7 @@ def _minimax_m2(config: dict[str, Any], mt: str) -> MoESpec:
                    num_experts=int(_get(config, "num_local_experts", mt)),
                    intermediate_size=int(_get(config, "intermediate_size", mt)),
                    scoring="sigmoid_grouped", renormalize=True, has_score_bias=True,
-                   score_bias="e_score_correction_bias", **_MIXTRAL_NAMES)
+                   score_bias=("e_score_correction_bias",), **_MIXTRAL_NAMES)
 
 
 def _qwen2_moe(config: dict[str, Any], mt: str) -> MoESpec:
@@ -179,13 +189,30 @@ def _deepseek_v3(config: dict[str, Any], mt: str) -> MoESpec:
                    shared_attr="shared_experts")
 
 
-def _deepseek_moe_layers(config: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+def _deepseek_moe_layers(config: dict[str, Any], num_layers: int, first_dense: int = 0) -> tuple[int, ...]:
     """`mlp_layer_types` ("dense" / "sparse" per layer, DeepSeek-V3.2) when given, else every layer
-    from `first_k_dense_replace` on."""
+    from `first_k_dense_replace` (default `first_dense`) on."""
     kinds = config.get("mlp_layer_types")
     if kinds:
         return tuple(i for i, kind in enumerate(kinds[:num_layers]) if kind == "sparse")
-    return tuple(range(int(config.get("first_k_dense_replace", 0)), num_layers))
+    return tuple(range(int(config.get("first_k_dense_replace", first_dense)), num_layers))
+
+
+def _mistral_large4_text(config: dict[str, Any], mt: str) -> MoESpec:
+    """Mistral Large 3: DeepSeek-V3's block scored by a float32 softmax, always renormalised, times
+    `routed_scaling_factor`; Mistral's own names (`layers.N.gate`, `experts.E.w1|w3|w2`,
+    `shared_experts.w1|w3|w2`) or transformers' under `mlp.`."""
+    common = _common(config, mt)
+    if int(config.get("n_group") or 1) > 1:
+        raise UnsupportedModelError(f"{mt} with n_group={config['n_group']} (group-limited softmax) is not served")
+    moe_size = int(_get(config, "moe_intermediate_size", mt))
+    return MoESpec(**common, moe_layers=_deepseek_moe_layers(config, common["num_layers"], first_dense=1),
+                   num_experts=int(_get(config, "n_routed_experts|num_local_experts", mt)),
+                   intermediate_size=moe_size, scoring="softmax", renormalize=True,
+                   scaling=float(config.get("routed_scaling_factor", 1.0)), is_router_fp32=True,
+                   shared_intermediate_size=moe_size * int(config.get("n_shared_experts") or 0),
+                   shared_attr="shared_experts", checkpoint_blocks=("",), expert_names=("w1", "w3", "w2"),
+                   shared_expert_names=("w1", "w3", "w2"))
 
 
 def _qwen3_next(config: dict[str, Any], mt: str) -> MoESpec:
@@ -225,6 +252,31 @@ def _gpt_oss(config: dict[str, Any], mt: str) -> MoESpec:
                    block_output="hidden_and_router")
 
 
+def _deepseek_v4(config: dict[str, Any], mt: str) -> MoESpec:
+    """DeepSeek-V4: sqrt(softplus) scores + score bias, top-k, always renormalised, x
+    `routed_scaling_factor`; the "hash_moe" layers of `mlp_layer_types` pick experts by token id;
+    routed and shared experts are SwiGLU clamped at `swiglu_limit`. Vendor names: the block is
+    `ffn.`, experts `w1|w3|w2`, the score bias `gate.bias`."""
+    common = _common(config, mt)
+    if config.get("scoring_func", "sqrtsoftplus") != "sqrtsoftplus":
+        raise UnsupportedModelError(f"{mt} with scoring_func={config['scoring_func']!r} is not served "
+                                    f"(only 'sqrtsoftplus')")
+    num_layers, moe_size = common["num_layers"], int(_get(config, "moe_intermediate_size|intermediate_size", mt))
+    kinds = config.get("mlp_layer_types")
+    if not kinds:  # hub configs: the first `num_hash_layers` (default 3)
+        num_hash = min(num_layers, int(config.get("num_hash_layers", 3)))
+        kinds = ["hash_moe"] * num_hash + ["moe"] * (num_layers - num_hash)
+    return MoESpec(**common, moe_layers=tuple(range(num_layers)),
+                   num_experts=int(_get(config, "n_routed_experts|num_local_experts", mt)),
+                   intermediate_size=moe_size, scoring="sqrtsoftplus", renormalize=True,
+                   scaling=float(config.get("routed_scaling_factor", 1.5)), has_score_bias=True,
+                   score_bias=("gate.e_score_correction_bias", "gate.bias"),
+                   shared_intermediate_size=moe_size, shared_attr="shared_experts", checkpoint_blocks=("ffn",),
+                   expert_names=("w1", "w3", "w2"), shared_expert_names=("w1", "w3", "w2"),
+                   swiglu_limit=float(config.get("swiglu_limit", 10.0)),
+                   hash_layers=tuple(i for i, kind in enumerate(kinds[:num_layers]) if kind == "hash_moe"))
+
+
 _FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -238,8 +290,11 @@ _FAMILIES = {
     "qwen3_5_moe_text": _qwen3_5_moe_text,
     "llama4_text": _llama4_text,
     "gpt_oss": _gpt_oss,
+    "mistral_large4_text": _mistral_large4_text,
+    "deepseek_v4": _deepseek_v4,
 }
-_TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}  # multimodal: the text model is served
+_TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",
+                "mistral_large4": "mistral_large4_text"}  # multimodal: the text model is served
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 

@@ -9,7 +9,8 @@ reference (`*_reference`, same signature) otherwise.
 from kernels.align import align_tokens
 from kernels.combine import combine
 from kernels.expert_mlp import ACTIVATIONS, GatedActivation, grouped_mlp
-from kernels.gating import topk_sigmoid_grouped, topk_softmax, topk_then_sigmoid
+from kernels.gating import (hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_softmax, topk_sqrtsoftplus,
+                            topk_then_sigmoid)
 
 __all__ = [
     "ACTIVATIONS",
@@ -17,7 +18,9 @@ __all__ = [
     "align_tokens",
     "combine",
     "grouped_mlp",
+    "hashed_sqrtsoftplus",
     "topk_sigmoid_grouped",
     "topk_softmax",
+    "topk_sqrtsoftplus",
     "topk_then_sigmoid",
 ]

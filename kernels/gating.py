@@ -1,12 +1,15 @@
 """Top-k gating: which experts each token goes to, and with what weight.
 
-Three scoring rules cover the supported families:
+Four scoring rules cover the supported families:
 
 - `topk_softmax`: softmax over all experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE).
 - `topk_sigmoid_grouped`: sigmoid scores, a per-expert score-correction bias used only for the choice,
   group-limited selection (best `topk_groups` of `num_groups` groups, a group scored by the sum of
   its two best experts), optional renormalisation, then `scaling` (DeepSeek-V3).
 - `topk_then_sigmoid`: top-k over raw logits, then sigmoid of the chosen logits (Llama 4).
+- `topk_sqrtsoftplus`: scores sqrt(softplus(logits)), a score-correction bias used only for the
+  choice, top-k, optional renormalisation, then `scaling` (DeepSeek-V4); `hashed_sqrtsoftplus`
+  weighs experts picked elsewhere (V4's hash layers pick them by token id) with the same scores.
 
 Ties go to the lower expert index in every rule, in the reference and in the Triton kernels.
 
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["topk_softmax", "topk_sigmoid_grouped", "topk_then_sigmoid"]
+__all__ = ["hashed_sqrtsoftplus", "sqrtsoftplus_scores", "topk_softmax", "topk_sigmoid_grouped",
+           "topk_sqrtsoftplus", "topk_then_sigmoid"]
 
 
 def _stable_topk(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,9 +98,14 @@ def topk_sigmoid_grouped_reference(
     renormalize: bool,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    num_tokens, num_experts = logits.shape
-    # Step 1: scores, and the biased scores that only decide the choice.
-    scores = logits.float().sigmoid()
+    return _biased_topk(logits.float().sigmoid(), bias, top_k, num_groups, topk_groups, renormalize, scaling)
+
+
+def _biased_topk(scores: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
+                 renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of scores [T, E] float32 (+ bias [E] for the choice), among the best groups."""
+    num_tokens, num_experts = scores.shape
+    # Step 1: the biased scores that only decide the choice.
     choice = scores if bias is None else scores + bias.float()
     # Step 2: keep the best `topk_groups` groups, a group scored by the sum of its two best experts.
     grouped = choice.view(num_tokens, num_groups, num_experts // num_groups)
@@ -107,9 +116,13 @@ def topk_sigmoid_grouped_reference(
     # Step 3: top-k experts among the kept groups; weights are the unbiased scores.
     ids = _stable_topk(choice, top_k)[1]
     weights = scores.gather(1, ids)
+    return _normalized(weights, renormalize, scaling), ids
+
+
+def _normalized(weights: torch.Tensor, renormalize: bool, scaling: float) -> torch.Tensor:
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * scaling, ids
+    return weights * scaling
 
 
 def topk_then_sigmoid(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,3 +141,43 @@ def topk_then_sigmoid(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
 def topk_then_sigmoid_reference(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, ids = _stable_topk(logits, top_k)
     return values.float().sigmoid().to(logits.dtype), ids
+
+
+def sqrtsoftplus_scores(logits: torch.Tensor) -> torch.Tensor:
+    """sqrt(softplus(logits)) [T, E], computed in logits.dtype as DeepSeek-V4 does, returned as float32."""
+    return torch.nn.functional.softplus(logits).sqrt().float()
+
+
+def topk_sqrtsoftplus(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
+                      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4 gate: top-k of sqrt(softplus(logits)) + bias (the bias only for the choice).
+
+    logits: [T, E] (scored in their dtype, as the model does); bias: [E] float32 or None.
+    Returns (weights [T, k] float32: the chosen scores, renormalised, x scaling; ids [T, k] int64).
+    """
+    _check_logits(logits, top_k)
+    if bias is not None and bias.shape != (logits.shape[1],):
+        raise ValueError(f"bias must be [{logits.shape[1]}], got shape {tuple(bias.shape)}")
+    if logits.is_cuda:
+        from kernels.triton_gating import topk_sqrtsoftplus_triton
+
+        return topk_sqrtsoftplus_triton(logits, bias, top_k, renormalize, scaling)
+    return topk_sqrtsoftplus_reference(logits, bias, top_k, renormalize, scaling)
+
+
+def topk_sqrtsoftplus_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
+                                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _biased_topk(sqrtsoftplus_scores(logits), bias, top_k, 1, 1, renormalize, scaling)
+
+
+def hashed_sqrtsoftplus(logits: torch.Tensor, ids: torch.Tensor, renormalize: bool,
+                        scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4's hash-layer gate: the experts `ids` [T, k] int64 are given (picked by token id);
+    their weights are the sqrt(softplus(logits [T, E])) scores, renormalised, x scaling.
+    Returns (weights [T, k] float32, ids)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
+    if ids.dim() != 2 or ids.shape[0] != logits.shape[0] or ids.dtype != torch.int64:
+        raise ValueError(f"ids must be [{logits.shape[0]}, k] int64, got {tuple(ids.shape)} {ids.dtype}")
+    weights = sqrtsoftplus_scores(logits).gather(1, ids)
+    return _normalized(weights, renormalize, scaling), ids

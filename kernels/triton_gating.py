@@ -2,6 +2,8 @@
 
 [logits] -> [scores] -> [group mask (DeepSeek-V3)] -> [top-k, ties to the lower expert] -> (weights, ids)
 
+DeepSeek-V4's sqrt(softplus) gate is the grouped kernel with one group and SQRT_SOFTPLUS.
+
 One program gates BLOCK_T tokens held as a [BLOCK_T, BLOCK_E] tile. The top-k (`_topk`) takes k rounds
 of "row maximum, the lowest expert id among the lanes equal to it, mark that lane taken": the first k
 entries of the references' stable descending sort, ties included. Scores are float32 as in the
@@ -19,7 +21,8 @@ import triton.language as tl
 
 from kernels.triton_common import check_device, tile
 
-__all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_triton", "topk_then_sigmoid_triton"]
+__all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_triton", "topk_sqrtsoftplus_triton",
+           "topk_then_sigmoid_triton"]
 
 _NO_EXPERT = tl.constexpr(2**30)  # id of padding lanes: larger than any expert id, so never the lowest
 _MAX_TILE = 4096  # elements of one program's logits tile
@@ -81,10 +84,23 @@ def _topk_softmax_kernel(
 
 
 @triton.jit
+def _sqrt_softplus(logits):
+    """sqrt(softplus(logits)) in float32, each step rounded to logits' dtype as torch computes it
+    there. softplus(x) = max(x, 0) + log1p(exp(-|x|)), log1p(u) = log(w) * u / (w - 1) with w = 1 + u
+    (exact to a few ulps where 1 + u rounds; u itself where w == 1)."""
+    x = logits.to(tl.float32)
+    u = tl.exp(-tl.abs(x))
+    w = 1.0 + u
+    softplus = tl.maximum(x, 0.0) + tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
+    softplus = softplus.to(logits.dtype).to(tl.float32)
+    return tl.sqrt(softplus).to(logits.dtype).to(tl.float32)
+
+
+@triton.jit
 def _topk_sigmoid_grouped_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k, num_groups, topk_groups, scaling,
-    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
 ):
     # The tile is [BT, BG, BS]: lane (g, s) holds expert g * S + s.
     group_size = num_experts // num_groups
@@ -97,8 +113,11 @@ def _topk_sigmoid_grouped_kernel(
     is_valid = tl.broadcast_to(is_expert, (BLOCK_T, BLOCK_G, BLOCK_S))  # padding rows are gated too, not stored
     logits = tl.load(logits_ptr + rows[:, None, None] * num_experts + experts, mask=is_row[:, None, None] & is_valid,
                      other=0.0)
-    # Step 1: scores, and the biased scores that only decide the choice.
-    scores = tl.sigmoid(logits.to(tl.float32))
+    # Step 1: scores (sigmoid, or DeepSeek-V4's sqrt(softplus)), and the biased scores that only decide the choice.
+    if SQRT_SOFTPLUS:
+        scores = _sqrt_softplus(logits)
+    else:
+        scores = tl.sigmoid(logits.to(tl.float32))
     choice = scores
     if HAS_BIAS:
         choice += tl.load(bias_ptr + experts, mask=is_expert, other=0.0).to(tl.float32)
@@ -210,6 +229,22 @@ def topk_sigmoid_grouped_triton(
     Returns (weights [T, k] float32, ids [T, k] int64).
     """
     _check_grouped(logits, bias, top_k, num_groups, topk_groups)
+    return _launch_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, sqrt_softplus=False)
+
+
+def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
+                             scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4 gate: top-k of sqrt(softplus(logits)) + bias (the bias only for the choice).
+
+    logits: [T, E] (scored in their dtype); bias: [E] float or None. Returns (weights [T, k] float32, ids [T, k] int64).
+    """
+    _check_grouped(logits, bias, top_k, 1, 1)
+    return _launch_grouped(logits, bias, top_k, 1, 1, renormalize, scaling, sqrt_softplus=True)
+
+
+def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
+                    renormalize: bool, scaling: float, sqrt_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped kernel on checked arguments, scoring by sigmoid or (sqrt_softplus) sqrt(softplus)."""
     check_device(_topk_sigmoid_grouped_kernel, logits=logits, bias=bias)
     num_tokens, num_experts = logits.shape
     weights, ids = _outputs(logits, top_k, torch.float32)
@@ -220,8 +255,9 @@ def topk_sigmoid_grouped_triton(
         _topk_sigmoid_grouped_kernel[(triton.cdiv(num_tokens, block_t),)](
             logits.contiguous(), logits if bias is None else bias.contiguous(), weights, ids,
             num_tokens, num_experts, top_k, num_groups, topk_groups, float(scaling),
-            HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_G=block_g,
-            BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_KG=triton.next_power_of_2(topk_groups),
+            HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize), SQRT_SOFTPLUS=sqrt_softplus,
+            BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k),
+            BLOCK_KG=triton.next_power_of_2(topk_groups),
         )
     return weights, ids
 

@@ -10,19 +10,21 @@ import torch
 from experts.errors import WireError
 from protos import expert_mesh_pb2 as pb
 
-__all__ = ["DTYPES", "ECHO_LAYER", "WireError", "decode_into", "from_proto", "to_proto"]
+__all__ = ["DTYPES", "ECHO_LAYER", "TOKEN_DTYPES", "WireError", "decode_into", "from_proto", "to_proto"]
 
 MAX_DIMS, MAX_DIM = 8, (1 << 31) - 1  # no tensor of the mesh is bigger: element counts and strides fit int64
 ECHO_LAYER = -1  # a batch for this layer comes back as sent: bench_mesh's bandwidth through the boundary
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_NAMES = {v: k for k, v in DTYPES.items()}
+TOKEN_DTYPES: dict[str, torch.dtype] = {"int64": torch.int64}  # ForwardRequest.token_ids
+_NAMES = {v: k for k, v in {**DTYPES, **TOKEN_DTYPES}.items()}
 
 
-def to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
-    """Encode a CPU tensor of a supported dtype (one copy into the message's bytes)."""
-    if tensor.dtype not in _NAMES:
-        raise WireError(f"dtype {tensor.dtype} cannot be sent; supported: {', '.join(DTYPES)}")
+def to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None,
+             dtypes: dict[str, torch.dtype] = DTYPES) -> pb.Tensor:
+    """Encode a CPU tensor of one of `dtypes` (one copy into the message's bytes)."""
+    if tensor.dtype not in dtypes.values():
+        raise WireError(f"dtype {tensor.dtype} cannot be sent; supported: {', '.join(dtypes)}")
     out = pb.Tensor() if out is None else out
     raw = tensor.detach().contiguous().cpu()
     # bytes through a uint8 view: works for bf16, which numpy cannot represent
@@ -47,13 +49,14 @@ def decode_into(message: pb.Tensor, out: torch.Tensor, field: str = "tensor") ->
         out.view(torch.uint8).numpy().reshape(-1)[:] = np.frombuffer(data, dtype=np.uint8)
 
 
-def from_proto(message: pb.Tensor, field: str = "tensor", copy: bool = False) -> torch.Tensor:
-    """Decode; WireError naming `field` if dtype, shape or byte count are wrong. The tensor is a
-    read-only view of the message's bytes (no copy: the mesh never writes into its inputs);
-    `copy`: a tensor of its own (what a client hands its caller)."""
-    dtype = DTYPES.get(message.dtype)
+def from_proto(message: pb.Tensor, field: str = "tensor", copy: bool = False,
+               dtypes: dict[str, torch.dtype] = DTYPES) -> torch.Tensor:
+    """Decode; WireError naming `field` if dtype (one of `dtypes`), shape or byte count are wrong.
+    The tensor is a read-only view of the message's bytes (no copy: the mesh never writes into its
+    inputs); `copy`: a tensor of its own (what a client hands its caller)."""
+    dtype = dtypes.get(message.dtype)
     if dtype is None:
-        raise WireError(f"{field}.dtype must be one of {', '.join(DTYPES)}, got {message.dtype!r}")
+        raise WireError(f"{field}.dtype must be one of {', '.join(dtypes)}, got {message.dtype!r}")
     shape = tuple(message.shape)
     if len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM for d in shape):
         raise WireError(f"{field}.shape must have at most {MAX_DIMS} dims, each in [0, {MAX_DIM}], "

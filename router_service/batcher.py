@@ -70,14 +70,17 @@ class _Entry:
     x: torch.Tensor                 # [t, H]
     future: asyncio.Future
     caller: str = ""                # who sent it (the gRPC peer): callers take turns
+    token_ids: torch.Tensor | None = None  # [t] int64, for a layer that picks experts by token id
 
 
-RunBatch = Callable[[torch.Tensor, list[slice]], Awaitable[tuple[list[torch.Tensor | BaseException], int]]]
+RunBatch = Callable[[torch.Tensor, list[slice], torch.Tensor | None],
+                    Awaitable[tuple[list[torch.Tensor | BaseException], int]]]
 
 
 class LayerBatcher:
-    """Batches for one layer. `run_batch(x [T, H], parts)` returns (one result or exception per
-    part, the batch's tag: the epoch of the routing table that served it)."""
+    """Batches for one layer. `run_batch(x [T, H], parts, token_ids [T] or None)` returns (one
+    result or exception per part, the batch's tag: the epoch of the routing table that served it).
+    Token ids travel with their rows: every request of a layer has them, or none does."""
 
     def __init__(self, run_batch: RunBatch, config: BatchingConfig, max_queue_tokens: int,
                  on_batch: Callable[[int, int], None] | None = None):
@@ -98,15 +101,20 @@ class LayerBatcher:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
-    async def submit(self, x: torch.Tensor, caller: str = "") -> tuple[torch.Tensor, int]:
-        """x: [T, H] from `caller`. Returns (the layer's output [T, H], the batch's tag; the newest of its chunks'
-        tags when the request was split); raises what the batch raised for it."""
+    async def submit(self, x: torch.Tensor, caller: str = "",
+                     token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """x: [T, H] from `caller`, token_ids: [T] or None. Returns (the layer's output [T, H], the
+        batch's tag; the newest of its chunks' tags when the request was split); raises what the
+        batch raised for it."""
         if self._queued_tokens + x.shape[0] > self._max_queue_tokens:
             raise QueueFullError(f"router queue full: {self._queued_tokens} tokens queued, "
                                  f"max_queue_tokens={self._max_queue_tokens}")
         loop = asyncio.get_running_loop()
         step = self._config.max_batch_tokens
-        entries = [_Entry(chunk, loop.create_future(), caller) for chunk in torch.split(x, step)]
+        chunks = torch.split(x, step)
+        id_chunks = [None] * len(chunks) if token_ids is None else torch.split(token_ids, step)
+        entries = [_Entry(chunk, loop.create_future(), caller, ids)
+                   for chunk, ids in zip(chunks, id_chunks, strict=True)]
         self._queue.extend(entries)
         self._queued_tokens += x.shape[0]
         self._wakeup.set()
@@ -180,7 +188,7 @@ class LayerBatcher:
             parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
             self._on_batch(x.shape[0], len(batch))
             try:
-                results, tag = await self._run_batch(x, parts)
+                results, tag = await self._run_batch(x, parts, _joined([e.token_ids for e in batch]))
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
                 results, tag = [exc] * len(batch), 0
             for entry, result in zip(batch, results):
@@ -194,3 +202,12 @@ class LayerBatcher:
             self._busy -= collections.Counter({e.caller for e in batch})  # -= drops callers left at 0
             self._free[lane] += 1
             self._wakeup.set()
+
+
+def _joined(token_ids: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The entries' token ids [T] in batch order; None when none has them (ValueError when only some do)."""
+    if all(ids is None for ids in token_ids):
+        return None
+    if any(ids is None for ids in token_ids):
+        raise ValueError("a batch mixes requests with token ids and requests without")
+    return token_ids[0] if len(token_ids) == 1 else torch.cat(token_ids)

@@ -7,7 +7,8 @@
   and the address that answered is remembered for the next calls.
 - `RemoteMoE`: a torch module that stands in for one sparse MoE block and calls the mesh.
 - `patch_model`: checks through GetInfo that the mesh serves this model, then swaps every sparse
-  MoE block of `model.model.layers` for a `RemoteMoE`.
+  MoE block of `model.model.layers` (a composite model's `model.model.language_model.layers`) for a
+  `RemoteMoE`.
 
 Every failure raises `MeshClientError`, carrying the gRPC status code and its details.
 
@@ -30,7 +31,7 @@ from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos import serving
 from protos.serving import TLSConfig
-from protos.wire import DTYPES, WireError, from_proto, to_proto
+from protos.wire import DTYPES, TOKEN_DTYPES, WireError, from_proto, to_proto
 
 __all__ = ["AsyncMeshClient", "MeshClient", "MeshClientError", "MeshInfo", "RemoteMoE", "patch_model"]
 
@@ -98,8 +99,9 @@ def _check_timeout(timeout_s: float) -> float:
     return float(timeout_s)
 
 
-def _forward_request(layer: int, hidden: torch.Tensor) -> pb.ForwardRequest:
-    """Validate and encode; hidden: [T, H] or [B, S, H] float32/bfloat16/float16."""
+def _forward_request(layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> pb.ForwardRequest:
+    """Validate and encode; hidden: [T, H] or [B, S, H] float32/bfloat16/float16; token_ids: None
+    or an integer tensor of hidden's leading dims ([T] or [B, S]), sent as int64."""
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise _invalid(f"layer must be an int, got {layer!r}")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
@@ -109,6 +111,14 @@ def _forward_request(layer: int, hidden: torch.Tensor) -> pb.ForwardRequest:
         raise _invalid(f"hidden.dtype must be one of {', '.join(DTYPES)}, got {hidden.dtype}")
     request = pb.ForwardRequest(layer=layer)
     to_proto(hidden, out=request.hidden)
+    if token_ids is not None:
+        if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
+            kind = token_ids.dtype if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+            raise _invalid(f"token_ids must be an integer tensor, got {kind}")
+        if token_ids.shape != hidden.shape[:-1]:
+            raise _invalid(f"token_ids must have hidden's leading dims {list(hidden.shape[:-1])}, "
+                           f"got {list(token_ids.shape)}")
+        to_proto(token_ids.to(torch.int64), out=request.token_ids, dtypes=TOKEN_DTYPES)
     return request
 
 
@@ -170,13 +180,16 @@ class MeshClient:
         """The address the next call goes to first (the last one that answered)."""
         return self._failover.addresses[self._failover.current]
 
-    def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The MoE layer `layer` applied to hidden [T, H] or [B, S, H]; same shape and dtype, on CPU."""
-        return self.forward_with_epoch(layer, hidden)[0]
+    def forward(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The MoE layer `layer` applied to hidden [T, H] or [B, S, H]; same shape and dtype, on CPU.
+        token_ids ([T] or [B, S], the tokens' ids) are needed by layers that pick experts by token
+        id (DeepSeek-V4's hash layers), and ignored by the others."""
+        return self.forward_with_epoch(layer, hidden, token_ids)[0]
 
-    def forward_with_epoch(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def forward_with_epoch(self, layer: int, hidden: torch.Tensor,
+                           token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """`forward`, and the epoch of the routing table that served the request."""
-        request = _forward_request(layer, hidden)
+        request = _forward_request(layer, hidden, token_ids)
         response, address = self._call("Forward", request)
         return _forward_result(response, hidden, address), response.epoch
 
@@ -237,9 +250,10 @@ class AsyncMeshClient:
     def address(self) -> str:
         return self._failover.addresses[self._failover.current]
 
-    async def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The MoE layer `layer` applied to hidden [T, H] or [B, S, H]; same shape and dtype, on CPU."""
-        request = _forward_request(layer, hidden)
+    async def forward(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The MoE layer `layer` applied to hidden [T, H] or [B, S, H]; same shape and dtype, on CPU
+        (token_ids: as `MeshClient.forward`)."""
+        request = _forward_request(layer, hidden, token_ids)
         response, address = await self._call("Forward", request)
         return _forward_result(response, hidden, address)
 
@@ -296,19 +310,28 @@ class RemoteMoE(torch.nn.Module):
     call, so that `output_router_logits=True` still records the logits (transformers hooks the
     router modules) and the tuple carries them. Expert weights are never kept. No gradient
     flows through the mesh call.
+
+    `sends_token_ids`: the layer picks experts by token id (DeepSeek-V4's hash layers, whose decoder
+    layer calls `mlp(hidden_states, input_ids=input_ids)`): the `input_ids` go with the request.
     """
 
     def __init__(self, client: MeshClient, layer: int, *, router: torch.nn.Module | None = None,
-                 block_output: BlockOutput = "hidden"):
+                 block_output: BlockOutput = "hidden", sends_token_ids: bool = False):
         super().__init__()
         self.client, self.layer = client, layer
         self.router = router
         self.block_output = block_output
+        self.sends_token_ids = sends_token_ids
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, hidden_states: torch.Tensor,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states: [B, S, H]; input_ids: [B, S], used by a layer that `sends_token_ids`."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-        router_out = None if self.router is None else self.router(flat)
-        out = self.client.forward(self.layer, hidden_states).to(hidden_states.device)
+        token_ids = input_ids.cpu() if self.sends_token_ids and input_ids is not None else None
+        router_out = None
+        if self.router is not None:
+            router_out = self.router(flat) if not self.sends_token_ids else self.router(flat, input_ids)
+        out = self.client.forward(self.layer, hidden_states, token_ids).to(hidden_states.device)
         if self.block_output == "hidden":
             return out
         # Llama4Router returns (scores, logits), GptOssTopKRouter (logits, scores, ids): the blocks return the second
@@ -335,11 +358,12 @@ def _mismatch(spec: MoESpec, info: MeshInfo) -> str | None:
 
 
 def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    """`model.model.layers`, or `model.model.language_model.layers` (the text model of a composite)."""
     inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
+    layers = getattr(getattr(inner, "language_model", inner), "layers", None)
     if layers is None:
         raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{type(model).__name__} has no model.layers to patch")
+                              f"{type(model).__name__} has no model.layers (or model.language_model.layers) to patch")
     return layers
 
 
@@ -368,6 +392,7 @@ def patch_model(model: torch.nn.Module, client: MeshClient, keep_router: bool = 
         router = None
         if keep_router:
             router = block.router if isinstance(block, RemoteMoE) else getattr(block, spec.gate_attr)
-        setattr(layers[i], spec.block_attr, RemoteMoE(client, i, router=router, block_output=spec.block_output))
+        setattr(layers[i], spec.block_attr, RemoteMoE(client, i, router=router, block_output=spec.block_output,
+                                                      sends_token_ids=i in spec.hash_layers))
     logger.info("patched %d MoE blocks of a %s model to call %s", len(spec.moe_layers), spec.model_type, client.address)
     return len(spec.moe_layers)

@@ -49,6 +49,8 @@ class Router:
         finally:
             reader.close()
         self.shared = {layer: SharedExpert(self.spec, w, dtype) for layer, w in shared.items() if w is not None}
+        # layers that pick experts by token id (DeepSeek-V4) -> token ids their table covers
+        self.vocab_sizes = {layer: gate.vocab_size for layer, gate in self.gates.items() if gate.vocab_size}
         self.dtype = dtype
         self.config = config
         self.transport = transport
@@ -83,14 +85,16 @@ class Router:
         """Epoch of the table in force (0: none yet)."""
         return self.table.epoch if self.table else 0
 
-    async def forward(self, layer: int, x: torch.Tensor, caller: str = "") -> tuple[torch.Tensor, int]:
-        """x: [T, H] (already validated) from `caller` (callers take turns in a batch). Returns (output [T, H] in x.dtype, epoch of the table)."""
+    async def forward(self, layer: int, x: torch.Tensor, caller: str = "",
+                      token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """x: [T, H] (already validated) from `caller` (callers take turns in a batch); token_ids: [T]
+        int64, for a layer in `vocab_sizes` (validated). Returns (output [T, H] in x.dtype, epoch of the table)."""
         batcher = self._batchers.get(layer)
         if batcher is None:
             batcher = self._batchers[layer] = LayerBatcher(
-                lambda xb, parts, layer=layer: self._run_batch(layer, xb, parts),
+                lambda xb, parts, ids, layer=layer: self._run_batch(layer, xb, parts, ids),
                 self.config.batching, self.config.max_queue_tokens, self._observe_batch)
-        out, epoch = await batcher.submit(x.to(self.dtype), caller)
+        out, epoch = await batcher.submit(x.to(self.dtype), caller, token_ids if layer in self.vocab_sizes else None)
         return out.to(x.dtype), epoch
 
     async def close(self) -> None:
@@ -104,9 +108,10 @@ class Router:
         if self.metrics is not None:
             self.metrics.observe_batch(num_tokens, num_requests)
 
-    async def _run_batch(self, layer: int, x: torch.Tensor,
-                         parts: list[slice]) -> tuple[list[torch.Tensor | BaseException], int]:
-        """Returns (per caller its output or error, the epoch of the one table that served the batch)."""
+    async def _run_batch(self, layer: int, x: torch.Tensor, parts: list[slice],
+                         token_ids: torch.Tensor | None) -> tuple[list[torch.Tensor | BaseException], int]:
+        """x [T, H], token_ids [T] or None. Returns (per caller its output or error, the epoch of the
+        one table that served the batch)."""
         table = self.table  # one table for the whole batch
         if table is None:
             raise NoRoutingTableError("router has no routing table yet")
@@ -117,7 +122,7 @@ class Router:
         # a thread, so that health, admin and small requests are not held behind it.
         is_large = x.numel() >= LARGE_BATCH_ELEMENTS
         start = time.perf_counter()
-        weights, ids, order, counts = await self._off_loop(is_large, self._gate, layer, x)
+        weights, ids, order, counts = await self._off_loop(is_large, self._gate, layer, x, token_ids)
         self.tally.add(layer, counts, ids)  # on the event loop, as flush_counts: no lost counts
         counts = counts.tolist()
         self.stage_s["gate"] += time.perf_counter() - start
@@ -133,9 +138,9 @@ class Router:
         # Step 5: split back per caller; callers whose tokens hit a failed group get its error.
         return self._split(out, parts, failed), table.epoch
 
-    def _gate(self, layer: int, x: torch.Tensor):
+    def _gate(self, layer: int, x: torch.Tensor, token_ids: torch.Tensor | None):
         """(weights [T, k], ids [T, k], order [N] copies sorted by expert, counts [E] per expert)."""
-        weights, ids = self.gates[layer](x)
+        weights, ids = self.gates[layer](x, token_ids)
         order, counts, _ = align_tokens(ids, self.spec.num_experts)
         return weights, ids, order, counts
 

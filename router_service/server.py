@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Protocol
 
 import grpc
@@ -22,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from experts.errors import InvalidRequestError, UnavailableError, one_line
 from protos import expert_mesh_pb2 as pb
 from protos.serving import BUDGETED_SERVER_OPTIONS, ByteBudget, add_service, bearer_token, bind, status_of
-from protos.wire import DTYPES, from_proto, to_proto
+from protos.wire import DTYPES, TOKEN_DTYPES, from_proto, to_proto
 from router_service.router import Router
 
 __all__ = ["RouterServer", "validate_forward"]
@@ -46,8 +48,11 @@ SERVICE_NAMES = (
 
 
 def validate_forward(request: pb.ForwardRequest, moe_layers: tuple[int, ...], hidden_size: int,
-                     max_request_tokens: int) -> torch.Tensor:
-    """Decode and check a ForwardRequest; returns hidden as [T, H]. Raises InvalidRequestError."""
+                     max_request_tokens: int,
+                     vocab_sizes: Mapping[int, int] = MappingProxyType({})) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode and check a ForwardRequest; returns (hidden as [T, H], token_ids [T] int64 for a
+    layer that picks experts by token id, else None). `vocab_sizes`: such layer -> its number of
+    token ids. Raises InvalidRequestError."""
     if request.layer not in moe_layers:
         raise InvalidRequestError(f"layer {request.layer} is not an MoE layer; the MoE layers are {list(moe_layers)}")
     shape = list(request.hidden.shape)
@@ -62,7 +67,23 @@ def validate_forward(request: pb.ForwardRequest, moe_layers: tuple[int, ...], hi
         raise InvalidRequestError(f"hidden holds {x.shape[0]} tokens, more than max_request_tokens={max_request_tokens}")
     if not torch.isfinite(x).all():
         raise InvalidRequestError("hidden contains NaN or Inf")
-    return x
+    if request.layer not in vocab_sizes:
+        return x, None  # token ids are not needed here (and ignored if sent)
+    return x, _token_ids(request, shape[:-1], vocab_sizes[request.layer])
+
+
+def _token_ids(request: pb.ForwardRequest, leading: list[int], vocab_size: int) -> torch.Tensor:
+    """token_ids [T] int64 of a hash-routed layer's request (shape `leading`, ids < vocab_size)."""
+    if not request.HasField("token_ids"):
+        raise InvalidRequestError(f"token_ids are needed for layer {request.layer}: it picks experts by token id")
+    if list(request.token_ids.shape) != leading:
+        raise InvalidRequestError(f"token_ids.shape must be hidden's leading dims {leading}, "
+                                  f"got {list(request.token_ids.shape)}")
+    ids = from_proto(request.token_ids, "token_ids", dtypes=TOKEN_DTYPES).reshape(-1)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise InvalidRequestError(f"token_ids must be in [0, {vocab_size}) (the vocabulary), got {low}..{high}")
+    return ids
 
 
 class AdminBackend(Protocol):
@@ -208,8 +229,10 @@ class RouterServer:
         generator = torch.Generator().manual_seed(0)
         for layer in self.router.spec.moe_layers:
             x = torch.randn(num_tokens, self.router.spec.hidden_size, generator=generator)
+            vocab_size = self.router.vocab_sizes.get(layer)
+            token_ids = None if vocab_size is None else torch.randint(0, vocab_size, (num_tokens,), generator=generator)
             try:
-                await self.router.forward(layer, x)
+                await self.router.forward(layer, x, token_ids=token_ids)
                 self.layers_ok.add(layer)
             except Exception as exc:  # noqa: BLE001 - reported through health, retried on the next table
                 logger.warning("warm-up of layer %d failed: %s", layer, exc)
@@ -223,9 +246,10 @@ class RouterServer:
         code = grpc.StatusCode.OK
         try:
             spec, config = self.router.spec, self.router.config
-            x = validate_forward(request, spec.moe_layers, spec.hidden_size, config.max_request_tokens)
+            x, token_ids = validate_forward(request, spec.moe_layers, spec.hidden_size, config.max_request_tokens,
+                                            self.router.vocab_sizes)
             decoded = time.perf_counter()
-            out, epoch = await self.router.forward(request.layer, x, context.peer())
+            out, epoch = await self.router.forward(request.layer, x, context.peer(), token_ids)
             routed = time.perf_counter()
             reply = pb.ForwardResponse(epoch=epoch)
             to_proto(out.reshape(tuple(request.hidden.shape)), reply.hidden)

@@ -59,18 +59,19 @@ def gate_counts(path: Path, layer: int, x: torch.Tensor) -> dict[str, int]:
     return {f"{layer}/{expert}": n for expert, n in enumerate(counts) if n}
 
 
-def call_concurrently(address: str, requests: list[tuple[int, torch.Tensor]], return_errors: bool = False) -> list:
-    """Every request from its own thread and MeshClient, released together. Returns the outputs
-    (with `return_errors`, a MeshClientError in place of a failed request's output)."""
+def call_concurrently(address: str, requests: list[tuple], return_errors: bool = False) -> list:
+    """Every request, (layer, x) or (layer, x, token_ids), from its own thread and MeshClient,
+    released together. Returns the outputs (with `return_errors`, a MeshClientError in place of a
+    failed request's output)."""
     barrier = threading.Barrier(len(requests))
 
     def call(request):
-        layer, x = request
+        layer, x, *token_ids = request
         with MeshClient(address, timeout_s=60) as client:
             client.info()  # connected before the barrier, so that the Forwards arrive together
             barrier.wait()
             try:
-                return client.forward(layer, x)
+                return client.forward(layer, x, *token_ids)
             except MeshClientError as exc:
                 if return_errors:
                     return exc

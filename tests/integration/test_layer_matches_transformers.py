@@ -9,7 +9,7 @@ import torch
 
 from experts import CheckpointReader, ExpertGroup, MoELayer, dispatch, load_spec
 from experts.layer import Gate
-from tests.checkpoints import FAMILIES, LAYOUTS, block_output, moe_block
+from tests.checkpoints import FAMILIES, LAYOUTS, block_output, moe_block, token_ids_for
 
 FP32_TOL = 1e-5   # max abs error <= FP32_TOL * max|ref|
 BF16_TOL = 3e-2   # bf16 keeps 8 mantissa bits; both sides round differently in the combine
@@ -28,25 +28,29 @@ def test_every_moe_layer_matches_transformers_fp32(zoo, family, layout):
     torch.manual_seed(0)
     x = torch.randn(3, 11, spec.hidden_size)
     for layer in spec.moe_layers:
-        ref = block_output(moe_block(zoo.model(family), layer, spec.block_attr), x)
-        out = MoELayer.from_pretrained(path, layer=layer)(x)
+        ids = token_ids_for(spec, layer, (3, 11))  # [B, S] for a hash-routed layer, else None
+        ref = block_output(moe_block(zoo.model(family), layer, spec.block_attr), x, ids)
+        out = MoELayer.from_pretrained(path, layer=layer)(x, ids)
         assert out.shape == x.shape and out.dtype == torch.float32
         assert _rel_err(out, ref) <= FP32_TOL, (family, layout, layer)
-        flat = MoELayer.from_pretrained(path, layer=layer)(x.reshape(-1, spec.hidden_size))
+        flat = MoELayer.from_pretrained(path, layer=layer)(x.reshape(-1, spec.hidden_size),
+                                                           None if ids is None else ids.reshape(-1))
         assert torch.equal(flat, out.reshape(-1, spec.hidden_size))
 
 
-def _gate(block, spec, x):
+def _gate(block, spec, x, token_ids=None):
     """transformers' gate of `block` on x: (logits, weights, ids); MiniMax-M2 keeps its score bias
-    on the block and hands it to the gate."""
+    on the block and hands it to the gate; DeepSeek-V4's hash layers take the token ids."""
     gate, bias = getattr(block, spec.gate_attr), getattr(block, "e_score_correction_bias", None)
+    if token_ids is not None:
+        return gate(x, token_ids)
     return gate(x) if bias is None else gate(x, bias)
 
 
-def _router_logits(block, spec, x):
+def _router_logits(block, spec, x, token_ids=None):
     """[T, E] logits of the transformers router (what ties are judged on)."""
     with torch.no_grad():
-        return block.router(x)[1] if spec.gate_on_input else _gate(block, spec, x)[0]
+        return block.router(x)[1] if spec.gate_on_input else _gate(block, spec, x, token_ids)[0]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -60,11 +64,14 @@ def test_bf16_matches_transformers_within_stated_tolerance(zoo, family):
     x = torch.randn(18, spec.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     for layer in spec.moe_layers:
         block = moe_block(model_bf16, layer, spec.block_attr)
-        ref = block_output(block, x[None])[0]
-        out = MoELayer.from_pretrained(path, layer=layer, dtype=torch.bfloat16)(x)
+        ids = token_ids_for(spec, layer, (18,))
+        ref = block_output(block, x[None], None if ids is None else ids[None])[0]
+        out = MoELayer.from_pretrained(path, layer=layer, dtype=torch.bfloat16)(x, ids)
         assert out.dtype == torch.bfloat16
-        top = _router_logits(block, spec, x).float().sort(dim=1, descending=True).values
+        top = _router_logits(block, spec, x, ids).float().sort(dim=1, descending=True).values
         is_tied = top[:, spec.top_k - 1] == top[:, spec.top_k]
+        if ids is not None:  # the token table picks the experts: no tie can change them
+            is_tied[:] = False
         token_err = (out.float() - ref.float()).abs().max(dim=1).values / ref.float().abs().max()
         assert (token_err[~is_tied] <= BF16_TOL).all(), (family, layer, token_err)
         assert is_tied.sum() <= 2, "too many exact ties for this check to mean anything"
@@ -163,3 +170,24 @@ def test_group_versions_follow_source_bytes(zoo):
     fused = ExpertGroup.from_checkpoint(zoo.checkpoint("mixtral", "fused"), {1: [0, 3]})
     assert legacy.checksum() == fused.checksum()  # same bytes, in either layout
     assert legacy.version(1, 0) != legacy.version(1, 3)
+
+
+def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
+    """DeepSeek-V4 as the vendor publishes it: no `model.` prefix (`layers.N.ffn.gate.bias`,
+    `layers.N.ffn.experts.E.w1`, `embed.weight`) and a multi-token-prediction block `mtp.0.*`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = zoo.checkpoint("deepseek_v4")
+    tensors = {name.removeprefix("model.").replace("embed_tokens.", "embed."): t
+               for name, t in load_file(source / "model.safetensors").items()}
+    extra = {name.replace("layers.0.", "mtp.0."): t.clone()
+             for name, t in tensors.items() if name.startswith("layers.0.")}
+    save_file({**tensors, **extra}, tmp_path / "model.safetensors")
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    x = torch.randn(11, 64, generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 128, (11,), generator=torch.Generator().manual_seed(5))
+    for layer in load_spec(source).moe_layers:
+        assert torch.equal(MoELayer.from_pretrained(tmp_path, layer=layer)(x, ids),
+                           MoELayer.from_pretrained(source, layer=layer)(x, ids)), layer

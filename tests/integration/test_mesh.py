@@ -29,7 +29,7 @@ from cluster.local import start_mesh
 from experts import ExpertGroup, MoELayer, load_spec
 from mesh.config import MeshConfig
 from router_service import AsyncMeshClient, MeshClient, RemoteMoE, patch_model
-from tests.checkpoints import FAMILIES, block_output, moe_block
+from tests.checkpoints import FAMILIES, block_output, moe_block, token_ids_for
 from tests.integration.mesh_helpers import (FP32_TOL, MeshUp, call_concurrently, free_port, gate_counts, load_report,
                                              mesh_cli, rel_err, stats_delta, tokens_delta)
 
@@ -41,19 +41,24 @@ PROMPT = [[1, 17, 42, 99, 5, 63, 8, 120, 33]]
 BATCH16 = {"router": {"batching": {"max_batch_tokens": 16, "max_wait_ms": 5.0}}}
 
 
-def caller_requests(spec, seed: int) -> list[tuple[int, torch.Tensor]]:
-    """NUM_CALLERS requests of 1..40 tokens (all different), over the MoE layers in turn."""
+def caller_requests(spec, seed: int) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """NUM_CALLERS requests (layer, x, token ids or None) of 1..40 tokens (all different), over the
+    MoE layers in turn; token ids for the layers that pick experts by them."""
     generator = torch.Generator().manual_seed(seed)
-    return [(spec.moe_layers[i % len(spec.moe_layers)],
-             torch.randn(1 + (7 * i) % 40, spec.hidden_size, generator=generator)) for i in range(NUM_CALLERS)]
+    requests = []
+    for i in range(NUM_CALLERS):
+        layer, num_tokens = spec.moe_layers[i % len(spec.moe_layers)], 1 + (7 * i) % 40
+        requests.append((layer, torch.randn(num_tokens, spec.hidden_size, generator=generator),
+                         token_ids_for(spec, layer, (num_tokens,), seed=seed + i)))
+    return requests
 
 
 def check_own_answers(path: Path, requests, outputs) -> None:
-    layers = {layer: MoELayer.from_pretrained(path, layer=layer) for layer, _ in requests}
+    layers = {layer: MoELayer.from_pretrained(path, layer=layer) for layer, _, _ in requests}
     assert len(outputs) == len(requests)
-    for i, ((layer, x), out) in enumerate(zip(requests, outputs)):
+    for i, ((layer, x, ids), out) in enumerate(zip(requests, outputs)):
         assert out.shape == x.shape and out.dtype == x.dtype, i
-        assert rel_err(out, layers[layer](x)) <= FP32_TOL, (i, layer, x.shape[0])
+        assert rel_err(out, layers[layer](x, ids)) <= FP32_TOL, (i, layer, x.shape[0])
 
 
 # ---- one mesh per family, started for this module's tests of that family and stopped after ----
@@ -74,10 +79,11 @@ def test_every_moe_layer_equals_the_transformers_block(family_mesh, zoo):
     with MeshClient(mesh.address) as client:
         info = client.info()
         for layer in spec.moe_layers:
-            ref = block_output(moe_block(model, layer, spec.block_attr), x)
-            out_bsh = client.forward(layer, x)
-            out_th = client.forward(layer, x.reshape(-1, spec.hidden_size))
-            one = client.forward(layer, x[0, :1])
+            ids = token_ids_for(spec, layer, (3, 7))  # [B, S] for a hash-routed layer, else None
+            ref = block_output(moe_block(model, layer, spec.block_attr), x, ids)
+            out_bsh = client.forward(layer, x, ids)
+            out_th = client.forward(layer, x.reshape(-1, spec.hidden_size), None if ids is None else ids.reshape(-1))
+            one = client.forward(layer, x[0, :1], None if ids is None else ids[0, :1])
             assert out_bsh.shape == x.shape and out_bsh.dtype == torch.float32
             assert out_th.shape == (21, spec.hidden_size)
             assert rel_err(out_bsh, ref) <= FP32_TOL, (family, layer)
@@ -104,9 +110,9 @@ class CountingClient(MeshClient):
         super().__init__(*args, **kwargs)
         self.tokens_sent: dict[int, int] = {}
 
-    def forward(self, layer, hidden):
+    def forward(self, layer, hidden, token_ids=None):
         self.tokens_sent[layer] = self.tokens_sent.get(layer, 0) + hidden.numel() // hidden.shape[-1]
-        return super().forward(layer, hidden)
+        return super().forward(layer, hidden, token_ids)
 
 
 def test_patched_model_generates_the_unpatched_tokens(family_mesh, zoo):
@@ -124,7 +130,7 @@ def test_patched_model_generates_the_unpatched_tokens(family_mesh, zoo):
     after = mesh.status()
     with torch.no_grad():
         ref_logits = reference(torch.tensor(PROMPT)).logits
-    assert all(isinstance(getattr(patched.model.layers[i], spec.block_attr), RemoteMoE) for i in spec.moe_layers)
+    assert all(isinstance(moe_block(patched, i, spec.block_attr), RemoteMoE) for i in spec.moe_layers)
     assert len(tokens) == NUM_NEW_TOKENS and tokens == _generate(reference), family
     assert rel_err(logits, ref_logits) <= FP32_TOL, family
     # prefill (9) + 19 single-token decode steps + the logits pass (9), per MoE layer
@@ -146,7 +152,7 @@ def test_concurrent_callers_get_their_own_answers(family_mesh):
     delta = stats_delta(before, load_report(mesh))
     check_own_answers(path, requests, outputs)
     assert delta["entries"] == NUM_CALLERS  # every request in exactly one batch (no chunking at 2048)
-    assert delta["tokens"] == sum(x.shape[0] for _, x in requests)
+    assert delta["tokens"] == sum(x.shape[0] for _, x, _ in requests)
     assert 1 <= delta["batches"] <= NUM_CALLERS, (family, delta)
 
 
@@ -168,7 +174,7 @@ def test_chunked_batches_still_give_every_caller_its_answer(batch16):
         clients = [AsyncMeshClient(mesh.address, timeout_s=60) for _ in requests]
         try:
             await asyncio.gather(*(c.info() for c in clients))
-            return await asyncio.gather(*(c.forward(layer, x) for c, (layer, x) in zip(clients, requests)))
+            return await asyncio.gather(*(c.forward(layer, x, ids) for c, (layer, x, ids) in zip(clients, requests)))
         finally:
             await asyncio.gather(*(c.close() for c in clients))
 
@@ -177,8 +183,8 @@ def test_chunked_batches_still_give_every_caller_its_answer(batch16):
     after = load_report(mesh)
     check_own_answers(path, requests, outputs)
     delta = stats_delta(before, after)
-    assert delta["entries"] == sum(math.ceil(x.shape[0] / 16) for _, x in requests)  # chunks, each batched once
-    assert delta["tokens"] == sum(x.shape[0] for _, x in requests)
+    assert delta["entries"] == sum(math.ceil(x.shape[0] / 16) for _, x, _ in requests)  # chunks, each batched once
+    assert delta["tokens"] == sum(x.shape[0] for _, x, _ in requests)
     assert delta["batches"] < delta["entries"], delta  # chunks of different requests were merged
     assert after["batches"]["max_tokens"] <= 16
 

@@ -132,6 +132,39 @@ def test_client_gets_invalid_argument_from_the_mesh(limits, case, layer, x, word
     assert_serves(mesh.address, layers, num_tokens=5)
 
 
+def test_hash_layer_needs_its_token_ids_and_the_other_layers_serve_old_clients(meshes, zoo):
+    """DeepSeek-V4 (layer 0 picks experts by token id, layers 1 and 2 by the gate): a request to
+    layer 0 without token ids (as an old client sends it), or with bad ones, gets
+    INVALID_ARGUMENT naming token_ids; with them it equals the in-process layer; layers 1 and 2
+    answer requests without token ids as before."""
+    path = zoo.checkpoint("deepseek_v4")
+    spec = load_spec(path)
+    assert spec.hash_layers == (0,) and spec.moe_layers == (0, 1, 2)
+    mesh = meshes.get(path, key="deepseek_v4")
+    x = torch.randn(2, 3, spec.hidden_size, generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(0, 128, (2, 3), generator=torch.Generator().manual_seed(7))
+    hidden = raw(0, [2, 3, spec.hidden_size]).hidden
+    bad_raw = [(pb.Tensor(data=bytes(32), dtype="int64", shape=[2, 2]),
+                "token_ids.shape must be hidden's leading dims [2, 3], got [2, 2]"),
+               (pb.Tensor(data=bytes(24), dtype="float32", shape=[2, 3]), "token_ids.dtype must be one of int64")]
+    with grpc.insecure_channel(mesh.address) as channel:
+        for token_ids, words in bad_raw:
+            with pytest.raises(grpc.RpcError) as error:
+                pb_grpc.ExpertMeshStub(channel).Forward(pb.ForwardRequest(layer=0, hidden=hidden, token_ids=token_ids),
+                                                        timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.value.details(), words
+    with MeshClient(mesh.address) as client:
+        for token_ids, words in [(None, "token_ids are needed for layer 0"),
+                                 (ids + 128, "token_ids must be in [0, 128)")]:
+            with pytest.raises(MeshClientError) as error:
+                client.forward(0, x, token_ids)
+            assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and words in error.value.details, words
+            assert error.value.address == mesh.address  # the server said so, not the client
+        assert rel_err(client.forward(0, x, ids), MoELayer.from_pretrained(path, layer=0)(x, ids)) <= FP32_TOL
+        for layer in (1, 2):
+            assert rel_err(client.forward(layer, x), MoELayer.from_pretrained(path, layer=layer)(x)) <= FP32_TOL
+
+
 def test_full_queue_gives_resource_exhausted_not_a_hang(limits):
     """64 requests of 48..64 tokens at once against a 64-token queue: each either gets its own
     right answer or RESOURCE_EXHAUSTED naming max_queue_tokens, within a bounded time; then a

@@ -39,7 +39,40 @@ SPEC_CASES = [
     ("qwen3_5_moe", dict(text_config=dict(model_type="qwen3_5_moe_text", hidden_size=8, num_hidden_layers=2,
                                           num_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
                                           shared_expert_intermediate_size=10)), ((0, 1), 8, 2, "softmax", 10)),
+    ("mistral_large4", dict(text_config=dict(model_type="mistral_large4_text", hidden_size=8, num_hidden_layers=3,
+                                             n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
+                                             n_shared_experts=1)), ((1, 2), 8, 2, "softmax", 6)),  # 1 dense layer
+    ("deepseek_v4", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=6, mlp_layer_types=["hash_moe", "moe", "moe"]),
+     ((0, 1, 2), 8, 2, "sqrtsoftplus", 6)),
 ]
+
+
+@pytest.mark.parametrize("config,hash_layers", [
+    (dict(mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"]), (0, 1)),
+    (dict(num_hash_layers=1), (0,)),  # a hub config.json: no mlp_layer_types
+    (dict(), (0, 1, 2)),              # transformers' default: 3
+])
+def test_deepseek_v4_hash_layers(config, hash_layers):
+    base = dict(model_type="deepseek_v4", hidden_size=8, num_hidden_layers=4, n_routed_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=6)
+    spec = spec_from_config({**base, **config})
+    assert spec.hash_layers == hash_layers and spec.moe_layers == (0, 1, 2, 3)
+    assert (spec.swiglu_limit, spec.scaling, spec.renormalize) == (10.0, 1.5, True)
+
+
+def test_deepseek_v4_with_another_scoring_func_is_refused():
+    config = dict(model_type="deepseek_v4", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=6, scoring_func="sigmoid")
+    with pytest.raises(UnsupportedModelError, match="scoring_func='sigmoid'"):
+        spec_from_config(config)
+
+
+def test_mistral_large4_with_gate_groups_is_refused():
+    config = dict(model_type="mistral_large4_text", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=6, n_group=2, topk_group=1)
+    with pytest.raises(UnsupportedModelError, match="n_group=2"):
+        spec_from_config(config)
 
 
 @pytest.mark.parametrize("config,renormalize", [
@@ -108,6 +141,33 @@ def test_wrong_shape_is_named_with_both_shapes(zoo, tmp_path):
     path = _rewrite(zoo.checkpoint("qwen3_moe", "fused"), tmp_path / "ckpt", shrink)
     with pytest.raises(CheckpointError, match=rf"{name.replace('.', '[.]')}.*\[6, 47, 48\].*\[6, 48, 48\]"):
         MoELayer.from_pretrained(path, layer=0)
+
+
+@pytest.mark.parametrize("table,message", [
+    (lambda t: t.float(), r"tid2eid.*is F32, expected I64"),
+    (lambda t: t + 8, r"tid2eid.*names experts .*outside \[0, 8\)"),
+    (lambda t: t[:, :1].contiguous(), r"tid2eid.*shape \[128, 1\], expected \[vocab, 2\]"),
+])
+def test_bad_token_table_is_named(zoo, tmp_path, table, message):
+    name = "model.layers.0.ffn.gate.tid2eid"
+
+    def edit(tensors):
+        tensors[name] = table(tensors[name])
+
+    path = _rewrite(zoo.checkpoint("deepseek_v4"), tmp_path / "ckpt", edit)
+    with pytest.raises(CheckpointError, match=message):
+        MoELayer.from_pretrained(path, layer=0)
+
+
+def test_hash_layer_needs_token_ids_of_the_vocabulary(zoo):
+    layer = MoELayer.from_pretrained(zoo.checkpoint("deepseek_v4"), layer=0)
+    x = torch.randn(2, 3, 64)
+    with pytest.raises(ValueError, match="token_ids are needed"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"token_ids must have hidden's leading dims \[2, 3\], got \[6\]"):
+        layer(x, torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"token_ids must be in \[0, 128\), got 0..128"):
+        layer(x, torch.tensor([[0, 1, 2], [3, 4, 128]]))
 
 
 def test_wrong_hidden_size_input_is_refused(zoo):

@@ -94,11 +94,56 @@ def test_topk_then_sigmoid_triton_matches_reference(triton_gating, num_tokens, n
     assert_gate_matches(got, gating.topk_then_sigmoid_reference(logits, top_k), dtype)
 
 
+SQRTSOFTPLUS_CASES = [
+    # T, E, k, bias, renormalize, scaling, dtype, ties
+    (5, 8, 2, True, True, 1.5, torch.float32, False),  # DeepSeek-V4 shaped
+    (5, 8, 2, False, True, 1.0, torch.float32, True),
+    (3, 6, 6, True, False, 2.5, torch.float32, True),  # k == E
+    (7, 16, 4, True, True, 1.5, torch.bfloat16, False),  # scored in bf16, as the model does
+    (1100, 8, 2, True, True, 1.5, torch.float32, False),  # several programs
+]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,has_bias,renormalize,scaling,dtype,ties", SQRTSOFTPLUS_CASES)
+def test_topk_sqrtsoftplus_triton_matches_reference(triton_gating, num_tokens, num_experts, top_k, has_bias,
+                                                    renormalize, scaling, dtype, ties):
+    logits = 4 * make_logits(num_tokens, num_experts, ties=ties).to(dtype)  # beyond softplus' bend both ways
+    bias = 0.1 * torch.randn(num_experts, generator=torch.Generator().manual_seed(1)) if has_bias else None
+    args = (logits, bias, top_k, renormalize, scaling)
+    got = triton_gating.topk_sqrtsoftplus_triton(*args)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
+    assert_gate_matches(got, gating.topk_sqrtsoftplus_reference(*args), dtype)
+
+
+def test_sqrtsoftplus_scores_are_those_of_the_formula_in_float64():
+    logits = torch.tensor([[-30.0, -16.0, -1.0, 0.0, 1.0, 19.0, 25.0]], dtype=torch.float64)
+    expected = torch.log1p(torch.exp(logits)).sqrt()
+    assert torch.allclose(gating.sqrtsoftplus_scores(logits.float()).double(), expected, rtol=1e-6, atol=0)
+
+
+def test_sqrtsoftplus_bias_steers_the_choice_not_the_weight():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    weights, ids = gating.topk_sqrtsoftplus_reference(logits, torch.tensor([0.0, 0.0, 0.0, 5.0]), 2, False, 2.0)
+    assert ids.tolist() == [[3, 0]]
+    assert torch.allclose(weights, 2.0 * gating.sqrtsoftplus_scores(logits)[:, [3, 0]])
+
+
+def test_hashed_gate_weighs_the_given_experts_with_renormalised_scores():
+    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[0, 7], [3, 3], [5, 1], [2, 6]])
+    weights, got_ids = gating.hashed_sqrtsoftplus(logits, ids, renormalize=True, scaling=1.5)
+    scores = gating.sqrtsoftplus_scores(logits).gather(1, ids)
+    assert got_ids is ids and torch.allclose(weights, 1.5 * scores / scores.sum(1, keepdim=True))
+    with pytest.raises(ValueError, match=r"ids must be \[4, k\] int64"):
+        gating.hashed_sqrtsoftplus(logits, ids.int(), True, 1.5)
+
+
 def test_no_tokens_gives_empty_gates(triton_gating):
     logits = torch.empty(0, 6)
     for weights, ids in (triton_gating.topk_softmax_triton(logits, 2, True),
                          triton_gating.topk_sigmoid_grouped_triton(logits, None, 2, 2, 1, True, 1.0),
-                         triton_gating.topk_then_sigmoid_triton(logits, 2)):
+                         triton_gating.topk_then_sigmoid_triton(logits, 2),
+                         triton_gating.topk_sqrtsoftplus_triton(logits, None, 2, True, 1.5)):
         assert weights.shape == ids.shape == (0, 2) and ids.dtype == torch.int64
 
 
@@ -144,8 +189,11 @@ ERROR_CASES = [
     ("grouped", (None, 2, 3, 4, True, 1.0), r"topk_groups must be in \[1, 3\]"),
     ("grouped", (None, 5, 3, 2, True, 1.0), "top_k=5 exceeds the experts of 2 selected groups"),
     ("grouped", (torch.zeros(5), 2, 3, 2, True, 1.0), r"bias must be \[6\]"),
+    ("sqrtsoftplus", (None, 7, True, 1.0), r"top_k must be in \[1, 6\]"),
+    ("sqrtsoftplus", (torch.zeros(5), 2, True, 1.0), r"bias must be \[6\]"),
 ]
-FUNCTIONS = {"softmax": "topk_softmax", "grouped": "topk_sigmoid_grouped", "then_sigmoid": "topk_then_sigmoid"}
+FUNCTIONS = {"softmax": "topk_softmax", "grouped": "topk_sigmoid_grouped", "then_sigmoid": "topk_then_sigmoid",
+             "sqrtsoftplus": "topk_sqrtsoftplus"}
 
 
 @pytest.mark.parametrize("scoring,args,message", ERROR_CASES)
@@ -157,7 +205,8 @@ def test_bad_arguments_raise_value_error(triton_gating, scoring, args, message):
 
 
 @pytest.mark.parametrize("name,args", [("topk_softmax", (1, True)), ("topk_then_sigmoid", (1,)),
-                                       ("topk_sigmoid_grouped", (None, 1, 1, 1, True, 1.0))])
+                                       ("topk_sigmoid_grouped", (None, 1, 1, 1, True, 1.0)),
+                                       ("topk_sqrtsoftplus", (None, 1, True, 1.0))])
 def test_logits_must_be_two_dimensional(triton_gating, name, args):
     for function in (getattr(gating, name), getattr(triton_gating, f"{name}_triton")):
         with pytest.raises(ValueError, match=r"logits must be \[T, E\], got shape \(6,\)"):

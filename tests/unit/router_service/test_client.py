@@ -18,7 +18,7 @@ import torch
 from experts import MoELayer, load_spec
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from protos.wire import DTYPES, WireError, from_proto, to_proto
+from protos.wire import DTYPES, TOKEN_DTYPES, WireError, from_proto, to_proto
 from router_service import AsyncMeshClient, MeshClient, MeshClientError, MeshInfo, RemoteMoE, patch_model
 from router_service.client import CHANNEL_OPTIONS
 from tests.checkpoints import FAMILIES, moe_block
@@ -48,9 +48,11 @@ class InProcessExpertMesh(pb_grpc.ExpertMeshServicer):
                           f"layer {request.layer} is not an MoE layer; they are {list(self.layers)}")
         try:
             hidden = from_proto(request.hidden, field="hidden")
+            token_ids = (from_proto(request.token_ids, field="token_ids", dtypes=TOKEN_DTYPES)
+                         if request.HasField("token_ids") else None)
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return pb.ForwardResponse(hidden=to_proto(self.layers[request.layer](hidden)), epoch=1)
+        return pb.ForwardResponse(hidden=to_proto(self.layers[request.layer](hidden, token_ids)), epoch=1)
 
     def GetInfo(self, request, context):
         fields = dict(model_type=self.spec.model_type, config_hash=self.spec.config_hash(),
@@ -140,6 +142,20 @@ def test_bad_calls_raise_invalid_argument(mesh, name, layer, make, code, words):
         with pytest.raises(MeshClientError) as caught:
             client.forward(layer, make(servicer.spec.hidden_size))
     assert caught.value.code == code and words in caught.value.details
+
+
+@pytest.mark.parametrize("token_ids,words", [
+    (torch.zeros(3), "token_ids must be an integer tensor, got torch.float32"),
+    ([1, 2, 3], "token_ids must be an integer tensor, got list"),
+    (torch.zeros(4, dtype=torch.int64), "token_ids must have hidden's leading dims [3], got [4]"),
+])
+def test_bad_token_ids_are_refused_before_sending(mesh, token_ids, words):
+    address, servicer = mesh
+    with MeshClient(address) as client:
+        with pytest.raises(MeshClientError) as caught:
+            client.forward(0, torch.randn(3, servicer.spec.hidden_size), token_ids)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and words in caught.value.details
+    assert servicer.num_forwards == 0
 
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
@@ -262,13 +278,12 @@ def test_patched_model_generates_the_same_tokens(zoo, family):
         tokens = _generate(patched)
         with torch.no_grad():
             logits, ref_logits = patched(input_ids).logits, reference(input_ids).logits
-    layers = patched.model.layers
     for i in range(spec.num_layers):
-        block = getattr(layers[i], spec.block_attr)
+        block = moe_block(patched, i, spec.block_attr)
         if i in spec.moe_layers:
             assert isinstance(block, RemoteMoE) and sum(p.numel() for p in block.parameters()) == 0
         else:
-            assert type(block) is type(getattr(reference.model.layers[i], spec.block_attr))
+            assert type(block) is type(moe_block(reference, i, spec.block_attr))
     assert servicer.num_forwards == len(spec.moe_layers) * (NUM_NEW_TOKENS + 1)  # prefill, 19 decodes, logits
     assert (logits - ref_logits).abs().max() <= LOGITS_TOL * ref_logits.abs().max()
     assert len(tokens) == NUM_NEW_TOKENS

@@ -68,7 +68,7 @@ def test_a_caller_is_not_held_behind_a_flooders_batches_in_flight():
     answer: the express lane must serve that caller meanwhile (else this times out)."""
     light_done = None
 
-    async def run_batch(x, parts):
+    async def run_batch(x, parts, token_ids):
         if x[0, 0] < 0:   # the light caller's rows
             return [x[p] for p in parts], 1
         await light_done.wait()
@@ -94,7 +94,7 @@ def test_a_caller_is_not_held_behind_a_flooders_batches_in_flight():
 def test_batcher_merges_splits_and_answers_each_caller():
     batches = []
 
-    async def run_batch(x, parts):
+    async def run_batch(x, parts, token_ids):
         batches.append(x.shape[0])
         await asyncio.sleep(0.01)
         return [x[p] * 2 for p in parts], len(batches)
@@ -113,9 +113,27 @@ def test_batcher_merges_splits_and_answers_each_caller():
     assert len(batches) < 8  # requests were merged (one at a time would be 3 + 1 + 1 + 1 + 1 + chunks)
 
 
+def test_token_ids_travel_with_their_rows_through_merges_and_chunks():
+    """Each row of a batch meets its own token id: the fake layer answers row + id."""
+    async def run_batch(x, parts, token_ids):
+        assert token_ids.shape == (x.shape[0],)
+        return [(x + token_ids[:, None])[p] for p in parts], 1
+
+    async def main():
+        batcher = LayerBatcher(run_batch, BatchingConfig(max_batch_tokens=8, max_inflight_batches=1), 1000)
+        inputs = [(torch.full((n, 2), 100.0 * i), torch.arange(n) + 10 * i) for i, n in enumerate([3, 20, 1, 5])]
+        outs = await asyncio.gather(*(batcher.submit(x, f"caller{i}", ids) for i, (x, ids) in enumerate(inputs)))
+        await batcher.close()
+        return inputs, outs
+
+    inputs, outs = asyncio.run(main())
+    for (x, ids), (out, _) in zip(inputs, outs):
+        assert torch.equal(out, x + ids[:, None])
+
+
 def test_batcher_refuses_beyond_queue_limit():
     async def main():
-        async def run_batch(x, parts):
+        async def run_batch(x, parts, token_ids):
             await asyncio.sleep(0.05)
             return [x[p] for p in parts], 1
 
