@@ -171,8 +171,10 @@ class ExpertWeights:
                              [self.checksums[i] for i in rows], pick(self.b_gate_up), pick(self.b_down))
 
     def cast(self, dtype: torch.dtype | None) -> "ExpertWeights":
-        """The same experts in `dtype` (None: as they are), contiguous."""
-        to = (lambda t: None if t is None else (t if dtype is None else t.to(dtype)).contiguous())
+        """The same experts in `dtype`, contiguous; None: the weights' dtype, which the biases take
+        too (an MXFP4 checkpoint's weights are dequantized, its biases stored as they are)."""
+        dtype = dtype or self.w_gate_up.dtype
+        to = (lambda t: None if t is None else t.to(dtype).contiguous())
         return ExpertWeights(self.experts, to(self.w_gate_up), to(self.w_down), self.checksums,
                              to(self.b_gate_up), to(self.b_down))
 

@@ -81,6 +81,18 @@ def test_moe_layer_equals_transformers_dequantized_load(quantized, case, dtype, 
         assert out.dtype == dtype and _rel_err(out, ref) <= tol, (case, layer)
 
 
+def test_with_no_dtype_given_a_quantized_checkpoint_is_served_in_bfloat16(quantized):
+    """Dequantized weights come as bfloat16; gpt-oss's float32 biases follow them."""
+    path, model = quantized.get("gpt_oss-mxfp4")
+    spec = load_spec(path)
+    layer = MoELayer.from_pretrained(path, layer=spec.moe_layers[0])
+    held = layer.experts.layers[spec.moe_layers[0]]
+    assert layer.dtype == held.b_gate_up.dtype == held.b_down.dtype == torch.bfloat16
+    x = torch.randn(1, 9, spec.hidden_size, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    ref = block_output(moe_block(copy.deepcopy(model).to(torch.bfloat16), spec.moe_layers[0], spec.block_attr), x)
+    assert _rel_err(layer(x), ref) <= BF16_TOL
+
+
 def _stored_bytes(path, names: list[str], per_row: bool = False) -> int:
     """Bytes of the named tensors (of one row along dim 0 of each, if `per_row`) as the header states them."""
     file = SafetensorsFile(path / "model.safetensors")
