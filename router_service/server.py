@@ -36,8 +36,9 @@ _CONTROLLER_GONE = {"RayActorError", "ActorDiedError", "ActorUnavailableError", 
 # Bytes a Forward holds in the router per byte of its body, at its peak: the body, its parsed
 # message, the batch, the rows sent to groups (k = 2 copies per token) and their answers, the
 # output and the serialized reply. Measured by tests/integration/test_flood.py, one 4 MB Forward
-# at a time: 48-61 MB of peak RSS over idle, so 12 to 15 (its bound, the budget + 20%, holds the rest).
-FORWARD_FOOTPRINT = 12.0
+# at a time: 47-76 MB of peak RSS over idle (the top under a loaded machine), so 12 to 19; 16
+# with its bound (the budget + 20%) holds the worst seen. 12 was exceeded once in a full suite run.
+FORWARD_FOOTPRINT = 16.0
 
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["ExpertMesh"].full_name,

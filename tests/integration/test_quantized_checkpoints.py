@@ -151,20 +151,20 @@ def test_the_mesh_serves_an_fp8_checkpoint_and_generates_as_transformers_dequant
 # ---- memory: a group holds its experts' share, never the whole layer ----
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import torch
     from experts.group import ExpertGroup
     from experts.memory import keep_freed_memory
 
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+    def status_kib(field):  # of this process's own memory (ru_maxrss would count the forking parent's peak)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
     keep_freed_memory()  # as the group actor does: freed memory stays with the process
     path, experts = sys.argv[1], json.loads(sys.argv[2])
-    before = rss()
+    before = status_kib("VmRSS") * 1024
     group = ExpertGroup.from_checkpoint(path, {0: experts}, torch.bfloat16)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status_kib("VmHWM") * 1024
     print(json.dumps({"growth": peak - before, "held": group.nbytes(), "bytes_read": group.bytes_read,
                       "packed": group.layers[0].packed is not None}))
 """)
