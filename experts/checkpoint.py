@@ -186,6 +186,10 @@ class ExpertWeights:
                              cat(self.b_gate_up, other.b_gate_up), cat(self.b_down, other.b_down))
 
 
+# one expert as read: (gate_up [2I, H], down [H, I], b_gate_up [2I] | None, b_down [H] | None, checksum)
+_OneExpert = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", str]
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> file, for a single-file or sharded checkpoint folder."""
     index = path / "model.safetensors.index.json"
@@ -401,7 +405,7 @@ class CheckpointReader:
         stacks = stacks or [torch.empty(0, *shape) for shape in shapes]
         return ExpertWeights(experts, stacks[0], stacks[1], checksums, *stacks[2:])
 
-    def _fused_expert(self, block: str, expert: int) -> tuple:
+    def _fused_expert(self, block: str, expert: int) -> _OneExpert:
         """(gate_up [2I, H], down [H, I], b_gate_up [2I] | None, b_down [H] | None, checksum) of one expert."""
         hidden, inter, layout = self.spec.hidden_size, self.spec.intermediate_size, self.spec.fused_layout
         name_gu, name_d = f"{block}experts.gate_up_proj", f"{block}experts.down_proj"
@@ -422,7 +426,8 @@ class CheckpointReader:
             b_gate_up = None if b_gate_up is None else torch.cat([b_gate_up[0::2], b_gate_up[1::2]])
         return gate_up, down, b_gate_up, b_down, hashlib.sha256(b"".join(raws)).hexdigest()
 
-    def _legacy_expert(self, block: str, expert: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _legacy_expert(self, block: str, expert: int) -> _OneExpert:
+        """As `_fused_expert`, from per-expert names (no biases)."""
         hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
         names = self.spec.expert_names
         prefix = f"{block}experts.{expert}."
