@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from cluster import state
+from router_service import state
 
 __all__ = ["main"]
 
@@ -248,6 +248,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"mesh {snapshot['mesh']}: {snapshot['model_type']} from {snapshot['model']}, epoch {snapshot['epoch']}, "
           f"up {snapshot['uptime_s']:.0f} s, routers {', '.join(snapshot['routers'])}")
+    for client in snapshot.get("direct_clients", []):
+        print(f"  direct client {client['name']} on node {client['node'][:12]}: epoch {client['epoch']}, "
+              f"lease {client['lease_left_s']:.0f} s left")
     for group in snapshot["groups"]:
         experts = " ".join(f"L{layer}:{','.join(map(str, e))}" for layer, e in group["experts"].items())
         print(f"  {group['name']:<16} {'live' if group['alive'] else 'DEAD':<5} node {group['node'][:12]} "

@@ -70,6 +70,9 @@ class MeshConfig(BaseModel):
     push_timeout_s: float = Field(2.0, gt=0, description=(
         "A router that takes no routing table within this is skipped and resynced next round."))
     drain_s: float = Field(1.0, ge=0, description="Wait between moving traffic off a copy and releasing it.")
+    direct_lease_s: float = Field(10.0, gt=0, description=(
+        "Lease of a direct client (router_service/direct.py), renewed by its polls: a change's drain waits "
+        "for every live direct client to leave the older epochs, and for a silent one no longer than this."))
     admin_token: str | None = Field(None, description=(
         "Token that mutating admin calls must carry (EXPERT_MESH_ADMIN_TOKEN overrides); none: refused."))
     swap_roots: list[str] = Field(default_factory=list, description=(

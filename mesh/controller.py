@@ -27,6 +27,7 @@ from mesh.autoscale import plan_autoscale
 from mesh.changes import plan_copies, plan_swap
 from mesh.config import MeshConfig
 from mesh.handles import NAMESPACE, RayLauncher, alive_nodes, pinning
+from mesh.leases import Leases
 from mesh.load import Load, aggregate_load, by_name
 from mesh.placement import (group_latency, initial_assignment, pairs_kept, pick_groups, placement_cost,
                             placement_moves, plan_placement, replicate_layer, spread_groups)
@@ -78,6 +79,10 @@ class MeshController:
         self._tasks: list[asyncio.Task] = []
         self._recovering: asyncio.Future | None = None
         self._wake = asyncio.Event()  # set: the reconcile loop runs its next round now
+        self.leases = Leases(self.config.direct_lease_s)  # direct clients (router_service/direct.py)
+        self._published = asyncio.Event()  # set (and replaced) at every new table: answers the polls
+        self.rec.on_publish = self._on_publish
+        self.rec.drain_wait = self._drain_direct_clients
         _call_ready_soon()  # after a restart by Ray, adopt the mesh without waiting for a caller
 
     # -- deployment and recovery ---------------------------------------------------------------------
@@ -211,6 +216,55 @@ class MeshController:
         self.rec.routers[name] = handle
         self.rec.save(self.rec.state.replace(routers={**self.rec.state.routers, name: int(address.rsplit(":", 1)[1])}))
         return await handle.set_table(self.rec.table.encode())
+
+    # -- direct clients (routers in model servers' processes, fed by long polling) -----------------
+
+    async def attach_direct(self, client: str, node: str) -> dict:
+        """A direct client `client` on Ray node `node` starts: a lease, and what it routes with
+        (checkpoint path, router config and dtype, the data-plane secret and TLS, the table)."""
+        await self.ready()
+        self.leases.attach(client, node, time.monotonic())
+        return {"model": self.model_path, "router": self.config.router.model_dump(), "dtype": self.config.router_dtype,
+                "lease_s": self.config.direct_lease_s, "secret": await self.data_secret(), "tls": self.internal_tls(),
+                "table": self.rec.table.encode()}
+
+    async def router_weights(self):
+        """The gates and shared experts (RouterWeights), for a direct client whose node cannot read the checkpoint."""
+        from protos.wire import DTYPES
+        from router_service.router import RouterWeights
+
+        return await asyncio.to_thread(RouterWeights.from_checkpoint, self.model_path, DTYPES[self.config.router_dtype])
+
+    async def poll_direct(self, client: str, epoch: int, oldest_inflight: int, report: bytes,
+                          wait_s: float) -> tuple[bool, bytes | None]:
+        """Long poll: renews `client`'s lease with what it reports, then answers as soon as a table
+        newer than `epoch` is in force, or after `wait_s`. Returns (lease held: False asks the client
+        to attach anew, the new table or None)."""
+        if not self.leases.renew(client, time.monotonic(), epoch, oldest_inflight, report):
+            return False, None
+        if self.rec.table.epoch <= epoch:
+            try:
+                await asyncio.wait_for(self._published.wait(), wait_s)
+            except asyncio.TimeoutError:
+                pass
+        return True, self.rec.table.encode() if self.rec.table.epoch > epoch else None
+
+    def detach_direct(self, client: str) -> None:
+        """A direct client closed: its lease ends now."""
+        self.leases.detach(client)
+
+    def _on_publish(self, table) -> None:
+        self._published.set()
+        self._published = asyncio.Event()
+
+    async def _drain_direct_clients(self, epoch: int) -> None:
+        """Until every live direct client serves nothing on an epoch older than `epoch` (a silent one
+        counts until its lease ends)."""
+        start = time.monotonic()
+        while not self.leases.drained(epoch, time.monotonic()):
+            await asyncio.sleep(0.02)
+        if time.monotonic() - start > 1.0:
+            logger.info("direct clients drained to epoch %d in %.1f s", epoch, time.monotonic() - start)
 
     # -- admin -------------------------------------------------------------------------------------
 
@@ -396,6 +450,7 @@ class MeshController:
         links = await self.measure_links()
         router_nodes = [n for n in await asyncio.gather(*(r.actor.node_id.remote() for r in self.rec.routers.values()),
                                                         return_exceptions=True) if isinstance(n, str)]
+        router_nodes += [lease.node for lease in self.leases.live(time.monotonic()).values()]  # direct clients
         current = self._live()
         latency = group_latency({n: self.rec.state.groups[n] for n in current}, router_nodes, links)
         tokens, rates, pairs = await self.load()
@@ -451,7 +506,8 @@ class MeshController:
         """Tokens since start, tokens/s over the routers' window and co-activated pairs/s, all routers."""
         reports = await asyncio.gather(*(r.actor.load_report.remote() for r in self.rec.routers.values()),
                                        return_exceptions=True)
-        return aggregate_load([r for r in reports if isinstance(r, bytes)], self.spec.top_k)
+        direct = [lease.report for lease in self.leases.live(time.monotonic()).values() if lease.report]
+        return aggregate_load([r for r in reports if isinstance(r, bytes)] + direct, self.spec.top_k)
 
     async def snapshot(self) -> bytes:
         """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive), routers,
@@ -470,6 +526,7 @@ class MeshController:
             "mesh": self.config.name, "model": self.model_path, "model_type": self.spec.model_type,
             "epoch": self.rec.table.epoch, "revision": state.revision, "uptime_s": time.time() - self.started_at,
             "autoscale": state.autoscale, "groups": groups, "routers": list(self.rec.routers), "copies": copies,
+            "direct_clients": self.leases.describe(time.monotonic()),
             "sources": {f"{l}/{e}": rs[0].source for (l, e), rs in state.copies.items() if rs[0].source},
             "tokens_per_expert": by_name(tokens), "tokens_per_s": by_name(rates), **self.rec.pending(),
         })

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 
 from mesh.config import MeshConfig
+from router_service.config import NAMESPACE
 
 __all__ = ["NAMESPACE", "RayGroup", "RayLauncher", "RayRouter", "alive_nodes", "has_labels", "pinning"]
 
 logger = logging.getLogger(__name__)
-
-NAMESPACE = "expert-mesh"
 
 
 def alive_nodes(labels: dict[str, str] | None = None) -> list[dict]:

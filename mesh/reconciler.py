@@ -83,6 +83,8 @@ class Reconciler:
         self.table = RoutingTable(0, {})
         self.lock = asyncio.Lock()                      # one change at a time
         self.crash_hook: CrashHook | None = None
+        self.on_publish: Callable[[RoutingTable], None] | None = None   # told of every new table first
+        self.drain_wait: Callable[[int], Awaitable[None]] | None = None  # drain: until callers left older epochs
         self._queued: set[str] = set()                  # groups whose restart is queued
 
     # -- state ---------------------------------------------------------------------------------------
@@ -108,6 +110,8 @@ class Reconciler:
         layers = table_layers(state, self.seen, self.moe_layers, self.num_experts)
         self.save(state.replace(epoch=state.epoch + 1))
         self.table = RoutingTable(self.state.epoch, layers)
+        if self.on_publish is not None:
+            self.on_publish(self.table)
         await self.push(list(self.routers))
 
     async def push(self, names: list[str]) -> None:
@@ -176,6 +180,8 @@ class Reconciler:
             await self.publish(published_state(self.state, intent))
         elif step == "drain":
             await self.sleep(self.drain_s)
+            if self.drain_wait is not None:
+                await self.drain_wait(self.table.epoch)
         elif step == "load":
             await self._load(intent)
         elif step == "stage":

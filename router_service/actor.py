@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 
-import msgpack
 import torch
 
 from experts.memory import keep_freed_memory
@@ -18,19 +17,18 @@ from protos.serving import TLSConfig
 from protos.wire import DTYPES
 from router_service.config import RouterConfig
 from router_service.routing import RoutingTable
-from router_service.router import Router
+from router_service.router import Router, RouterWeights
 from router_service.server import RouterServer
 from router_service.transport import make_transport
 
-__all__ = ["RouterActor"]
+__all__ = ["ControllerAdmin", "RouterActor"]
 
 logger = logging.getLogger(__name__)
 
 FLUSH_S = 0.5  # the router's token tally goes to its load window and metrics this often
-PAIRS_PER_EXPERT = 4  # co-activated pairs reported per layer: this many times its number of experts
 
 
-class _ControllerAdmin:
+class ControllerAdmin:
     """MeshAdmin backend: the controller actor, found by name on every call (it may restart)."""
 
     def __init__(self, name: str, namespace: str):
@@ -112,23 +110,15 @@ class RouterActor:
         transport = make_transport(self.config, self.namespace, ray.get_runtime_context().get_actor_name() or "router",
                                    spec.num_experts, self.config.batching.max_batch_tokens * spec.top_k, self.dtype,
                                    secret, TLSConfig(**tls) if tls else None)
-        router = Router(self.model_path, self.config, transport, self.dtype, metrics)
-        admin = _ControllerAdmin(self.controller, self.namespace) if self.controller else None
+        router = Router(RouterWeights.from_checkpoint(self.model_path, self.dtype), self.config, transport, self.dtype,
+                        metrics)
+        admin = ControllerAdmin(self.controller, self.namespace) if self.controller else None
         if admin is not None:
             router.on_group_failure = admin.group_failed
         self.server = RouterServer(router, admin, metrics)
         port = await self.server.start()
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_counts())
+        self._flusher = asyncio.get_running_loop().create_task(router.flush_forever(FLUSH_S))
         return f"{self.config.host}:{port}"
-
-    async def _flush_counts(self) -> None:
-        """The router's token tally into its load window and metrics, every FLUSH_S (off the hot path)."""
-        while True:
-            await asyncio.sleep(FLUSH_S)
-            try:
-                self.server.router.flush_counts()
-            except Exception:  # noqa: BLE001 - logged; the next flush tries again
-                logger.exception("flushing token counts failed")
 
     async def set_table(self, blob: bytes) -> bool:
         """Install a routing table; warm every layer up if not yet serving. Returns is_serving."""
@@ -157,26 +147,8 @@ class RouterActor:
         return ray.get_runtime_context().get_node_id()
 
     def load_report(self) -> bytes:
-        """msgpack {"tokens": [[layer, expert, count since start], ...],
-                    "rates": [[layer, expert, tokens/s over the load window], ...],
-                    "pairs": [[layer, a, b, share of the layer's tokens that picked both a < b], ...],
-                    "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls"} since start,
-                    "segments": {transport: destination slices sent over it} since start,
-                    "stage_s": {stage: seconds spent in it since start; "forwards": Forwards served}}
-        (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
-        expert groups). Pairs: the commonest PAIRS_PER_EXPERT x num_experts of each layer, recent
-        batches weighted more (exp(-age / load_window_s))."""
-        import time
-
-        router = self.server.router
-        router.flush_counts()
-        now = time.monotonic()
-        tokens = [[layer, expert, n] for (layer, expert), n in router.tokens_per_expert.items()]
-        rates = [[layer, expert, r] for (layer, expert), r in router.load.rates(now).items()]
-        per_layer = PAIRS_PER_EXPERT * router.spec.num_experts
-        pairs = [[layer, a, b, share] for (layer, a, b), share in router.pairs.shares(per_layer).items()]
-        return msgpack.packb({"tokens": tokens, "rates": rates, "pairs": pairs, "batches": dict(router.batch_stats),
-                              "segments": dict(router.transport.segments), "stage_s": dict(router.stage_s)})
+        """The router's load report (Router.load_report)."""
+        return self.server.router.load_report()
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -1,8 +1,9 @@
 """Dynamic batching: merge concurrent requests for one layer into batches.
 
-[callers] -> submit() -> queue -> (take_batch policy) -> run_batch(x [T, H]) -> split -> [callers]
+[callers] -> submit() -> queue -> (take_batch policy) -> runner.run_batch(x [T, H]) -> split -> [callers]
 
-A request larger than `max_batch_tokens` is cut into chunks that travel as separate entries.
+A request larger than `max_batch_tokens` is cut into chunks that travel as separate entries; the
+caller may pin them to one routing table (a batch only ever holds entries of one pin).
 When the router is idle a batch leaves at once (no added latency); requests that arrive while
 `max_inflight_batches` batches are in flight wait and form the next batch, which is where
 cross-request batching pays. `max_wait_ms` > 0 additionally holds a batch open for stragglers.
@@ -19,14 +20,14 @@ import collections
 import dataclasses
 import time
 from collections import deque
-from typing import Awaitable, Callable
+from typing import Any, Protocol
 
 import torch
 
 from experts.errors import ResourceExhaustedError
 from router_service.config import BatchingConfig
 
-__all__ = ["LayerBatcher", "QueueFullError", "first_of_idle", "take_batch"]
+__all__ = ["BatchRunner", "LayerBatcher", "QueueFullError", "first_of_idle", "take_batch"]
 
 
 class QueueFullError(ResourceExhaustedError):
@@ -71,23 +72,29 @@ class _Entry:
     future: asyncio.Future
     caller: str = ""                # who sent it (the gRPC peer): callers take turns
     token_ids: torch.Tensor | None = None  # [t] int64, for a layer that picks experts by token id
+    pin: Any = None                 # the routing table a chunked request's chunks are all served by
 
 
-RunBatch = Callable[[torch.Tensor, list[slice], torch.Tensor | None],
-                    Awaitable[tuple[list[torch.Tensor | BaseException], int]]]
+class BatchRunner(Protocol):
+    """What runs the batches (the Router)."""
+
+    async def run_batch(self, layer: int, x: torch.Tensor, parts: list[slice], token_ids: torch.Tensor | None,
+                        table: Any = None) -> tuple[list[torch.Tensor | BaseException], int]:
+        """x [T, H], token_ids [T] or None, `table`: the entries' pin (None: the one in force).
+        Returns (one result or exception per part, the batch's tag: the epoch that served it)."""
+
+    def observe_batch(self, num_tokens: int, num_requests: int) -> None:
+        """A batch of `num_tokens` from `num_requests` queue entries leaves."""
 
 
 class LayerBatcher:
-    """Batches for one layer. `run_batch(x [T, H], parts, token_ids [T] or None)` returns (one
-    result or exception per part, the batch's tag: the epoch of the routing table that served it).
-    Token ids travel with their rows: every request of a layer has them, or none does."""
+    """Batches of one layer, run by `runner`. Token ids travel with their rows: every request of a
+    layer has them, or none does."""
 
-    def __init__(self, run_batch: RunBatch, config: BatchingConfig, max_queue_tokens: int,
-                 on_batch: Callable[[int, int], None] | None = None):
-        self._run_batch = run_batch
+    def __init__(self, runner: BatchRunner, layer: int, config: BatchingConfig, max_queue_tokens: int):
+        self._runner, self._layer = runner, layer
         self._config = config
         self._max_queue_tokens = max_queue_tokens
-        self._on_batch = on_batch or (lambda num_tokens, num_requests: None)
         self._queue: deque[_Entry] = deque()
         self._queued_tokens = 0
         self._wakeup = asyncio.Event()
@@ -101,11 +108,11 @@ class LayerBatcher:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
-    async def submit(self, x: torch.Tensor, caller: str = "",
-                     token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """x: [T, H] from `caller`, token_ids: [T] or None. Returns (the layer's output [T, H], the
-        batch's tag; the newest of its chunks' tags when the request was split); raises what the
-        batch raised for it."""
+    async def submit(self, x: torch.Tensor, caller: str = "", token_ids: torch.Tensor | None = None,
+                     pin: Any = None) -> tuple[torch.Tensor, int]:
+        """x: [T, H] from `caller`, token_ids: [T] or None, `pin`: what its chunks' batches are served
+        by (given to the runner). Returns (the layer's output [T, H], the batch's tag; the newest of
+        its chunks' tags when the request was split); raises what the batch raised for it."""
         if self._queued_tokens + x.shape[0] > self._max_queue_tokens:
             raise QueueFullError(f"router queue full: {self._queued_tokens} tokens queued, "
                                  f"max_queue_tokens={self._max_queue_tokens}")
@@ -113,7 +120,7 @@ class LayerBatcher:
         step = self._config.max_batch_tokens
         chunks = torch.split(x, step)
         id_chunks = [None] * len(chunks) if token_ids is None else torch.split(token_ids, step)
-        entries = [_Entry(chunk, loop.create_future(), caller, ids)
+        entries = [_Entry(chunk, loop.create_future(), caller, ids, pin)
                    for chunk, ids in zip(chunks, id_chunks, strict=True)]
         self._queue.extend(entries)
         self._queued_tokens += x.shape[0]
@@ -173,6 +180,7 @@ class LayerBatcher:
         limit = self._config.max_batch_tokens if self._config.enabled else 0
         queued = list(self._queue)  # deque indexing is O(n): index a list once
         eligible = first_of_idle([e.caller for e in queued], set(self._busy)) if express else list(range(len(queued)))
+        eligible = [i for i in eligible if queued[i].pin is queued[eligible[0]].pin] if eligible else eligible
         chosen = [eligible[i] for i in take_batch([(queued[i].caller, queued[i].x.shape[0]) for i in eligible], limit)]
         taken = set(chosen)
         batch = [queued[i] for i in chosen]
@@ -186,9 +194,10 @@ class LayerBatcher:
             x = batch[0].x if len(batch) == 1 else torch.cat([e.x for e in batch])
             bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
             parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-            self._on_batch(x.shape[0], len(batch))
+            self._runner.observe_batch(x.shape[0], len(batch))
             try:
-                results, tag = await self._run_batch(x, parts, _joined([e.token_ids for e in batch]))
+                results, tag = await self._runner.run_batch(self._layer, x, parts, _joined([e.token_ids for e in batch]),
+                                                            batch[0].pin)
             except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
                 results, tag = [exc] * len(batch), 0
             for entry, result in zip(batch, results):

@@ -1,18 +1,15 @@
-"""The client library: call the mesh once per MoE layer, or drop it into a transformers model.
+"""The client library: call the mesh once per MoE layer (`patching` drops it into a transformers model).
 
     [attention side] --Forward(layer, hidden [T, H])--> [router] --> ... --> hidden [T, H]
 
 - `MeshClient` / `AsyncMeshClient`: Forward and GetInfo over gRPC (sync / grpc.aio), with failover
   between routers: on UNAVAILABLE the same call moves on to the next address (once per address),
   and the address that answered is remembered for the next calls.
-- `RemoteMoE`: a torch module that stands in for one sparse MoE block and calls the mesh.
-- `patch_model`: checks through GetInfo that the mesh serves this model, then swaps every sparse
-  MoE block of `model.model.layers` (a composite model's `model.model.language_model.layers`) for a
-  `RemoteMoE`.
+- `MeshInfo`: what GetInfo says about the model the mesh serves.
 
 Every failure raises `MeshClientError`, carrying the gRPC status code and its details.
 
-Shape legend: B = batch, S = sequence, T = tokens (B * S), H = hidden, E = experts.
+Shape legend: B = batch, S = sequence, T = tokens (B * S), H = hidden.
 """
 
 from __future__ import annotations
@@ -26,14 +23,13 @@ import grpc
 import torch
 
 from experts.errors import MeshError
-from experts.spec import BlockOutput, MoESpec, spec_from_config
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos import serving
 from protos.serving import TLSConfig
 from protos.wire import DTYPES, TOKEN_DTYPES, WireError, from_proto, to_proto
 
-__all__ = ["AsyncMeshClient", "MeshClient", "MeshClientError", "MeshInfo", "RemoteMoE", "patch_model"]
+__all__ = ["AsyncMeshClient", "MeshClient", "MeshClientError", "MeshInfo"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,31 +131,68 @@ def _forward_result(response: pb.ForwardResponse, hidden: torch.Tensor, address:
     return out
 
 
-class _Failover:
-    """The addresses in the order to try them: the last one that worked first."""
+@dataclasses.dataclass
+class _Attempt:
+    """One try of a call on one address: the driver sets `response`, or `error` when the call raised."""
 
-    def __init__(self, addresses: list[str]):
-        self.addresses, self.current = addresses, 0
+    index: int
+    address: str
+    response: Any = None
+    error: grpc.RpcError | None = None
 
-    def order(self) -> Iterator[int]:
-        n = len(self.addresses)
-        return ((self.current + i) % n for i in range(n))
 
-    def on_error(self, index: int, error: MeshClientError) -> None:
-        if error.code != grpc.StatusCode.UNAVAILABLE:
-            raise error
-        if len(self.addresses) > 1:
-            logger.warning("router %s unavailable (%s); trying the next address", self.addresses[index], error.details)
+class _FailoverClient:
+    """What both clients share: the addresses, the timeout, and the one failover loop, `_attempts`.
 
-    def worked(self, index: int) -> None:
-        if index != self.current:
-            logger.info("switched to router %s", self.addresses[index])
-        self.current = index
+    Each client drives the loop with its own call, blocking or awaited:
+
+        for attempt in self._attempts():
+            try:
+                attempt.response = stubs[attempt.index].Forward(request, timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                attempt.error = exc
+        return attempt.response, attempt.address  # the loop ended: the call was answered
+    """
+
+    def __init__(self, addresses: str | Sequence[str], timeout_s: float):
+        self.timeout_s = _check_timeout(timeout_s)
+        self._addresses = _parse_addresses(addresses)
+        self._current = 0  # the address that answered last
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """The address the next call goes to first (the last one that answered)."""
+        return self._addresses[self._current]
+
+    def _attempts(self) -> Iterator[_Attempt]:
+        """Each address once, the last one that answered first, until one answers (it then goes first
+        in the next calls). UNAVAILABLE moves on to the next address; any other error, and the last
+        UNAVAILABLE when no address is left, raises as MeshClientError; FAILED_PRECONDITION when closed."""
+        if self._closed:
+            raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
+        num_addresses = len(self._addresses)
+        for step in range(num_addresses):
+            index = (self._current + step) % num_addresses
+            attempt = _Attempt(index, self._addresses[index])
+            yield attempt
+            if attempt.error is None:
+                if index != self._current:
+                    logger.info("switched to router %s", attempt.address)
+                self._current = index
+                return
+            error = MeshClientError.from_rpc(attempt.error, attempt.address)
+            if error.code != grpc.StatusCode.UNAVAILABLE or step == num_addresses - 1:
+                raise error from attempt.error
+            logger.warning("router %s unavailable (%s); trying the next address", attempt.address, error.details)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._addresses!r}, timeout_s={self.timeout_s})"
 
 
 # ---- clients ----
 
-class MeshClient:
+class MeshClient(_FailoverClient):
     """Blocking client of `expert_mesh.v1.ExpertMesh`; thread-safe, one channel per address.
 
     Several addresses: on UNAVAILABLE the call is retried on the next one (once per address);
@@ -169,16 +202,9 @@ class MeshClient:
     def __init__(self, addresses: str | Sequence[str], timeout_s: float = 30.0, tls: TLSConfig | None = None):
         """`tls`: reach the router over TLS, checking it against `tls.ca` (and `tls.server_name`),
         presenting `tls.cert`/`tls.key` when the router asks for a client certificate."""
-        self.timeout_s = _check_timeout(timeout_s)
-        self._failover = _Failover(_parse_addresses(addresses))
-        self._channels = [serving.channel(a, tls, CHANNEL_OPTIONS, aio=False) for a in self._failover.addresses]
+        super().__init__(addresses, timeout_s)
+        self._channels = [serving.channel(a, tls, CHANNEL_OPTIONS, aio=False) for a in self._addresses]
         self._stubs = [pb_grpc.ExpertMeshStub(c) for c in self._channels]
-        self._closed = False
-
-    @property
-    def address(self) -> str:
-        """The address the next call goes to first (the last one that answered)."""
-        return self._failover.addresses[self._failover.current]
 
     def forward(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The MoE layer `layer` applied to hidden [T, H] or [B, S, H]; same shape and dtype, on CPU.
@@ -189,8 +215,7 @@ class MeshClient:
     def forward_with_epoch(self, layer: int, hidden: torch.Tensor,
                            token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """`forward`, and the epoch of the routing table that served the request."""
-        request = _forward_request(layer, hidden, token_ids)
-        response, address = self._call("Forward", request)
+        response, address = self._call("Forward", _forward_request(layer, hidden, token_ids))
         return _forward_result(response, hidden, address), response.epoch
 
     def info(self) -> MeshInfo:
@@ -198,21 +223,12 @@ class MeshClient:
         return MeshInfo.from_proto(response)
 
     def _call(self, method: str, request: Any) -> tuple[Any, str]:
-        if self._closed:
-            raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
-        error = None
-        for index in self._failover.order():
-            address = self._failover.addresses[index]
+        for attempt in self._attempts():
             try:
-                response = getattr(self._stubs[index], method)(request, timeout=self.timeout_s)
+                attempt.response = getattr(self._stubs[attempt.index], method)(request, timeout=self.timeout_s)
             except grpc.RpcError as exc:
-                error = MeshClientError.from_rpc(exc, address)
-                error.__cause__ = exc
-                self._failover.on_error(index, error)
-                continue
-            self._failover.worked(index)
-            return response, address
-        raise error
+                attempt.error = exc
+        return attempt.response, attempt.address
 
     def close(self) -> None:
         self._closed = True
@@ -228,58 +244,47 @@ class MeshClient:
     def __deepcopy__(self, memo: dict) -> "MeshClient":
         return self
 
-    def __repr__(self) -> str:
-        return f"MeshClient({self._failover.addresses!r}, timeout_s={self.timeout_s})"
 
-
-class AsyncMeshClient:
+class AsyncMeshClient(_FailoverClient):
     """`MeshClient` on grpc.aio: `await forward(...)`, `await info()`, `await close()`.
 
     Channels are opened on the first call, in the event loop that makes it.
     """
 
     def __init__(self, addresses: str | Sequence[str], timeout_s: float = 30.0, tls: TLSConfig | None = None):
-        self.timeout_s = _check_timeout(timeout_s)
-        self._failover = _Failover(_parse_addresses(addresses))
+        super().__init__(addresses, timeout_s)
         self._tls = tls
         self._channels: list[grpc.aio.Channel] = []
         self._stubs: list[pb_grpc.ExpertMeshStub] = []
-        self._closed = False
-
-    @property
-    def address(self) -> str:
-        return self._failover.addresses[self._failover.current]
 
     async def forward(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The MoE layer `layer` applied to hidden [T, H] or [B, S, H]; same shape and dtype, on CPU
         (token_ids: as `MeshClient.forward`)."""
-        request = _forward_request(layer, hidden, token_ids)
-        response, address = await self._call("Forward", request)
-        return _forward_result(response, hidden, address)
+        return (await self.forward_with_epoch(layer, hidden, token_ids))[0]
+
+    async def forward_with_epoch(self, layer: int, hidden: torch.Tensor,
+                                 token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """`forward`, and the epoch of the routing table that served the request."""
+        response, address = await self._call("Forward", _forward_request(layer, hidden, token_ids))
+        return _forward_result(response, hidden, address), response.epoch
 
     async def info(self) -> MeshInfo:
         response, _ = await self._call("GetInfo", pb.GetInfoRequest())
         return MeshInfo.from_proto(response)
 
     async def _call(self, method: str, request: Any) -> tuple[Any, str]:
-        if self._closed:
-            raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, "the client is closed")
-        if not self._channels:
-            self._channels = [serving.channel(a, self._tls, CHANNEL_OPTIONS) for a in self._failover.addresses]
-            self._stubs = [pb_grpc.ExpertMeshStub(c) for c in self._channels]
-        error = None
-        for index in self._failover.order():
-            address = self._failover.addresses[index]
+        for attempt in self._attempts():
             try:
-                response = await getattr(self._stubs[index], method)(request, timeout=self.timeout_s)
+                attempt.response = await getattr(self._stub(attempt.index), method)(request, timeout=self.timeout_s)
             except grpc.RpcError as exc:  # grpc.aio.AioRpcError is one
-                error = MeshClientError.from_rpc(exc, address)
-                error.__cause__ = exc
-                self._failover.on_error(index, error)
-                continue
-            self._failover.worked(index)
-            return response, address
-        raise error
+                attempt.error = exc
+        return attempt.response, attempt.address
+
+    def _stub(self, index: int) -> pb_grpc.ExpertMeshStub:
+        if not self._stubs:  # the first call: open the channels in its event loop
+            self._channels = [serving.channel(a, self._tls, CHANNEL_OPTIONS) for a in self._addresses]
+            self._stubs = [pb_grpc.ExpertMeshStub(c) for c in self._channels]
+        return self._stubs[index]
 
     async def close(self) -> None:
         self._closed = True
@@ -291,108 +296,3 @@ class AsyncMeshClient:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return f"AsyncMeshClient({self._failover.addresses!r}, timeout_s={self.timeout_s})"
-
-
-# ---- transformers integration ----
-
-class RemoteMoE(torch.nn.Module):
-    """Stands in for one sparse MoE block of a transformers model; the experts run on the mesh.
-
-    forward(hidden_states [B, S, H]) returns what the replaced block returned (`block_output`, as
-    `MoESpec.block_output`): [B, S, H], or the tuple (out, the router's second output or None):
-    Llama 4's (out [T, H], logits [T, E]), gpt-oss's (out [B, S, H], top-k scores [T, k]). Their
-    decoder layers discard the second element, so None is enough unless a `router` is kept.
-
-    `router`: the original block's router module (optional). When kept it runs locally on every
-    call, so that `output_router_logits=True` still records the logits (transformers hooks the
-    router modules) and the tuple carries them. Expert weights are never kept. No gradient
-    flows through the mesh call.
-
-    `sends_token_ids`: the layer picks experts by token id (DeepSeek-V4's hash layers, whose decoder
-    layer calls `mlp(hidden_states, input_ids=input_ids)`): the `input_ids` go with the request.
-    """
-
-    def __init__(self, client: MeshClient, layer: int, *, router: torch.nn.Module | None = None,
-                 block_output: BlockOutput = "hidden", sends_token_ids: bool = False):
-        super().__init__()
-        self.client, self.layer = client, layer
-        self.router = router
-        self.block_output = block_output
-        self.sends_token_ids = sends_token_ids
-
-    def forward(self, hidden_states: torch.Tensor,
-                input_ids: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states: [B, S, H]; input_ids: [B, S], used by a layer that `sends_token_ids`."""
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
-        token_ids = input_ids.cpu() if self.sends_token_ids and input_ids is not None else None
-        router_out = None
-        if self.router is not None:
-            router_out = self.router(flat) if not self.sends_token_ids else self.router(flat, input_ids)
-        out = self.client.forward(self.layer, hidden_states, token_ids).to(hidden_states.device)
-        if self.block_output == "hidden":
-            return out
-        # Llama4Router returns (scores, logits), GptOssTopKRouter (logits, scores, ids): the blocks return the second
-        out = out.reshape(flat.shape) if self.block_output == "flat_and_router" else out
-        return out, None if router_out is None else router_out[1]
-
-    def extra_repr(self) -> str:
-        return f"layer={self.layer}, client={self.client!r}"
-
-
-def _mismatch(spec: MoESpec, info: MeshInfo) -> str | None:
-    """What differs between the local model's spec and what the mesh serves, or None."""
-    if spec.config_hash() == info.config_hash and tuple(spec.moe_layers) == info.moe_layers:
-        return None
-    parts = []
-    if spec.model_type != info.model_type:
-        parts.append(f"model_type {spec.model_type!r} here, {info.model_type!r} on the mesh")
-    if tuple(spec.moe_layers) != info.moe_layers:
-        parts.append(f"moe_layers {list(spec.moe_layers)} here, {list(info.moe_layers)} on the mesh")
-    if spec.hidden_size != info.hidden_size:
-        parts.append(f"hidden_size {spec.hidden_size} here, {info.hidden_size} on the mesh")
-    parts.append(f"config_hash {spec.config_hash()[:12]} here, {info.config_hash[:12]} on the mesh")
-    return "the mesh serves a different model: " + "; ".join(parts)
-
-
-def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
-    """`model.model.layers`, or `model.model.language_model.layers` (the text model of a composite)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(getattr(inner, "language_model", inner), "layers", None)
-    if layers is None:
-        raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{type(model).__name__} has no model.layers (or model.language_model.layers) to patch")
-    return layers
-
-
-def patch_model(model: torch.nn.Module, client: MeshClient, keep_router: bool = False) -> int:
-    """Replace every sparse MoE block of `model` (in place) with a RemoteMoE calling `client`.
-
-    Checks first, through GetInfo, that the mesh serves this model (same MoE spec hash and MoE
-    layers) and accepts its dtype; MeshClientError FAILED_PRECONDITION naming the difference otherwise. `keep_router`
-    keeps each block's router module (see RemoteMoE). Returns the number of blocks replaced.
-    """
-    config = model.config.to_dict()
-    try:
-        spec = spec_from_config(config)
-    except MeshError as exc:
-        raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, f"this model cannot be patched: {exc}") from exc
-    info = client.info()
-    difference = _mismatch(spec, info)
-    dtype_name = str(getattr(model, "dtype", "")).removeprefix("torch.")
-    if difference is None and info.dtypes and dtype_name not in info.dtypes:
-        difference = f"the model is {dtype_name}; the mesh accepts {', '.join(info.dtypes)}"
-    if difference is not None:
-        raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, difference, client.address)
-    layers = _decoder_layers(model)
-    for i in spec.moe_layers:
-        block = getattr(layers[i], spec.block_attr)
-        router = None
-        if keep_router:
-            router = block.router if isinstance(block, RemoteMoE) else getattr(block, spec.gate_attr)
-        setattr(layers[i], spec.block_attr, RemoteMoE(client, i, router=router, block_output=spec.block_output,
-                                                      sends_token_ids=i in spec.hash_layers))
-    logger.info("patched %d MoE blocks of a %s model to call %s", len(spec.moe_layers), spec.model_type, client.address)
-    return len(spec.moe_layers)

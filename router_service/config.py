@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protos.serving import TLSConfig
 
-__all__ = ["BatchingConfig", "RouterConfig"]
+__all__ = ["BatchingConfig", "NAMESPACE", "RouterConfig"]
+
+NAMESPACE = "expert-mesh"  # the Ray namespace of every mesh's actors
 
 
 class BatchingConfig(BaseModel):

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
+import msgpack
 import torch
 
-from experts import CheckpointReader, Gate, MoESpec, SharedExpert
+from experts import CheckpointReader, Gate, GateWeights, MoESpec, SharedExpert, SharedWeights
 from experts.errors import UnavailableError
 from kernels import align_tokens, combine
 from router_service.batcher import LayerBatcher
@@ -25,30 +28,49 @@ from router_service.load import LoadWindow, PairShares, TokenTally
 from router_service.routing import RoutingTable, plan_batch
 from router_service.transport import ExpertUnavailableError, Transport
 
-__all__ = ["LARGE_BATCH_ELEMENTS", "NoRoutingTableError", "Router"]
+__all__ = ["LARGE_BATCH_ELEMENTS", "NoRoutingTableError", "Router", "RouterWeights"]
 
 logger = logging.getLogger(__name__)
 
 LARGE_BATCH_ELEMENTS = 1 << 18  # T x H from which gating, the row gather and combine run in a thread
+PAIRS_PER_EXPERT = 4  # co-activated pairs reported per layer: this many times its number of experts
 
 
 class NoRoutingTableError(UnavailableError):
     """The router has not received a routing table yet (or every copy of an expert is gone)."""
 
 
-class Router:
-    """Holds the gates and shared experts of every MoE layer; the experts live elsewhere."""
+@dataclasses.dataclass(frozen=True)
+class RouterWeights:
+    """What a router holds of a model: its spec, every MoE layer's gate and the shared experts of
+    the layers that have them. Read from a checkpoint, or handed over (the controller gives them
+    to a direct client whose node cannot read the checkpoint)."""
 
-    def __init__(self, model_path: str | Path, config: RouterConfig, transport: Transport,
-                 dtype: torch.dtype = torch.float32, metrics=None):
-        reader = CheckpointReader(model_path, dtype=dtype)
+    spec: MoESpec
+    gates: dict[int, GateWeights]
+    shared: dict[int, SharedWeights]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "RouterWeights":
+        reader = CheckpointReader(path, dtype=dtype)
         try:
-            self.spec: MoESpec = reader.spec
-            self.gates = {layer: Gate(self.spec, reader.gate(layer), dtype) for layer in self.spec.moe_layers}
-            shared = {layer: reader.shared(layer) for layer in self.spec.moe_layers}
+            layers = reader.spec.moe_layers
+            shared = {layer: reader.shared(layer) for layer in layers}
+            return cls(reader.spec, {layer: reader.gate(layer) for layer in layers},
+                       {layer: w for layer, w in shared.items() if w is not None})
         finally:
             reader.close()
-        self.shared = {layer: SharedExpert(self.spec, w, dtype) for layer, w in shared.items() if w is not None}
+
+
+class Router:
+    """Holds the gates and shared experts of every MoE layer; the experts live elsewhere. Run by the
+    router actor behind its gRPC port, and by a DirectClient in its caller's process."""
+
+    def __init__(self, weights: RouterWeights, config: RouterConfig, transport: Transport,
+                 dtype: torch.dtype = torch.float32, metrics=None):
+        self.spec: MoESpec = weights.spec
+        self.gates = {layer: Gate(self.spec, w, dtype) for layer, w in weights.gates.items()}
+        self.shared = {layer: SharedExpert(self.spec, w, dtype) for layer, w in weights.shared.items()}
         # layers that pick experts by token id (DeepSeek-V4) -> token ids their table covers
         self.vocab_sizes = {layer: gate.vocab_size for layer, gate in self.gates.items() if gate.vocab_size}
         self.dtype = dtype
@@ -64,6 +86,7 @@ class Router:
         self.pairs = PairShares(self.spec.num_experts, config.load_window_s)  # co-activated experts
         self.tally = TokenTally(list(self.spec.moe_layers), self.spec.num_experts)  # flushed by flush_counts
         self._batchers: dict[int, LayerBatcher] = {}
+        self.inflight: collections.Counter[int] = collections.Counter()  # epoch -> batches and pinned requests
         self._turn = 0
         self.on_group_failure = None  # callable(group name): told when a call to a group fails
         # seconds spent per stage since start (gate, plan, dispatch, combine; the server adds
@@ -85,36 +108,64 @@ class Router:
         """Epoch of the table in force (0: none yet)."""
         return self.table.epoch if self.table else 0
 
+    @property
+    def oldest_inflight(self) -> int:
+        """The oldest epoch a batch in flight (or a chunked request) is served by; 0: none in flight."""
+        return min(self.inflight, default=0)
+
     async def forward(self, layer: int, x: torch.Tensor, caller: str = "",
                       token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """x: [T, H] (already validated) from `caller` (callers take turns in a batch); token_ids: [T]
-        int64, for a layer in `vocab_sizes` (validated). Returns (output [T, H] in x.dtype, epoch of the table)."""
+        int64, for a layer in `vocab_sizes` (validated). Returns (output [T, H] in x.dtype, epoch of
+        the table). A request larger than one batch is served in chunks, all by the table in force now."""
         batcher = self._batchers.get(layer)
         if batcher is None:
-            batcher = self._batchers[layer] = LayerBatcher(
-                lambda xb, parts, ids, layer=layer: self._run_batch(layer, xb, parts, ids),
-                self.config.batching, self.config.max_queue_tokens, self._observe_batch)
-        out, epoch = await batcher.submit(x.to(self.dtype), caller, token_ids if layer in self.vocab_sizes else None)
+            batcher = self._batchers[layer] = LayerBatcher(self, layer, self.config.batching,
+                                                           self.config.max_queue_tokens)
+        ids = token_ids if layer in self.vocab_sizes else None
+        if x.shape[0] <= self.config.batching.max_batch_tokens or self.table is None:
+            out, epoch = await batcher.submit(x.to(self.dtype), caller, ids)
+            return out.to(x.dtype), epoch
+        pinned = self.table
+        with self._in_flight(pinned.epoch):
+            out, epoch = await batcher.submit(x.to(self.dtype), caller, ids, pinned)
         return out.to(x.dtype), epoch
+
+    @contextlib.contextmanager
+    def _in_flight(self, epoch: int):
+        self.inflight[epoch] += 1
+        try:
+            yield
+        finally:
+            self.inflight[epoch] -= 1
+            if not self.inflight[epoch]:
+                del self.inflight[epoch]
 
     async def close(self) -> None:
         for batcher in self._batchers.values():
             await batcher.close()
         await self.transport.close()
 
-    def _observe_batch(self, num_tokens: int, num_requests: int) -> None:
+    def observe_batch(self, num_tokens: int, num_requests: int) -> None:
+        """The batcher's news of a batch leaving (BatchRunner)."""
         self.batch_stats.update(batches=1, entries=num_requests, tokens=num_tokens)
         self.batch_stats["max_tokens"] = max(self.batch_stats["max_tokens"], num_tokens)
         if self.metrics is not None:
             self.metrics.observe_batch(num_tokens, num_requests)
 
-    async def _run_batch(self, layer: int, x: torch.Tensor, parts: list[slice],
-                         token_ids: torch.Tensor | None) -> tuple[list[torch.Tensor | BaseException], int]:
-        """x [T, H], token_ids [T] or None. Returns (per caller its output or error, the epoch of the
+    async def run_batch(self, layer: int, x: torch.Tensor, parts: list[slice], token_ids: torch.Tensor | None,
+                        table: RoutingTable | None = None) -> tuple[list[torch.Tensor | BaseException], int]:
+        """One batch (BatchRunner): x [T, H], token_ids [T] or None, served by `table` (a chunked
+        request's) or the table in force. Returns (per caller its output or error, the epoch of the
         one table that served the batch)."""
-        table = self.table  # one table for the whole batch
+        table = table or self.table  # one table for the whole batch
         if table is None:
             raise NoRoutingTableError("router has no routing table yet")
+        with self._in_flight(table.epoch):
+            return await self._run_batch(table, layer, x, parts, token_ids)
+
+    async def _run_batch(self, table: RoutingTable, layer: int, x: torch.Tensor, parts: list[slice],
+                         token_ids: torch.Tensor | None) -> tuple[list[torch.Tensor | BaseException], int]:
         # Step 1: shared experts start at once, in a thread, while the routed tokens travel.
         shared = self.shared.get(layer)
         shared_task = asyncio.get_running_loop().run_in_executor(None, shared, x) if shared else None
@@ -185,15 +236,32 @@ class Router:
         errors = {**errors, **errors2}
         failed = [(second.order[d.start:d.stop], errors2[d.group]) for d in second.destinations if d.group in errors2]
         if second.unroutable.numel():
-            error = next(iter(errors.values()), None) or ExpertUnavailableError(
-                f"layer {layer}: experts {sorted(set(ids.reshape(-1)[second.unroutable].tolist()))} have no live copy")
-            failed.append((second.unroutable, error))
+            failed += self._blame(second.unroutable, plan, errors, ids, layer)
         for d in second.destinations:
             if d.group in errors2:
                 y2[d.start:d.stop] = 0
         unrouted = y.new_zeros(second.unroutable.shape[0], y.shape[1])
         return (torch.cat([y[is_kept], y2, unrouted]), torch.cat([plan.order[is_kept], second.order, second.unroutable]),
                 failed)
+
+    @staticmethod
+    def _blame(copies: torch.Tensor, plan, errors: dict[str, BaseException], ids: torch.Tensor,
+               layer: int) -> list[tuple[torch.Tensor, BaseException]]:
+        """The copies (flat indices) left with no live copy after the retry, grouped by who failed
+        them: the group of the first plan that failed them, else (no copy at all) ExpertUnavailableError."""
+        is_left = torch.zeros(ids.numel(), dtype=torch.bool)
+        is_left[copies] = True
+        failed = []
+        for d in plan.destinations:
+            if d.group in errors:
+                mine = plan.order[d.start:d.stop]
+                failed.append((mine[is_left[mine]], errors[d.group]))
+                is_left[mine] = False
+        if is_left.any():
+            rest = is_left.nonzero().reshape(-1)
+            failed.append((rest, ExpertUnavailableError(
+                f"layer {layer}: experts {sorted(set(ids.reshape(-1)[rest].tolist()))} have no live copy")))
+        return [(c, e) for c, e in failed if c.numel()]
 
     async def _send(self, table: RoutingTable, layer: int, x: torch.Tensor, weights: torch.Tensor, plan,
                     excluded: dict | None = None, is_large: bool = False) -> tuple[torch.Tensor, dict[str, BaseException]]:
@@ -213,12 +281,41 @@ class Router:
                 self.on_group_failure(group)
         return y, errors
 
+    async def flush_forever(self, period_s: float) -> None:
+        """flush_counts every `period_s` (off the hot path), until cancelled."""
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                self.flush_counts()
+            except Exception:  # noqa: BLE001 - logged; the next flush tries again
+                logger.exception("flushing token counts failed")
+
+    def load_report(self) -> bytes:
+        """msgpack {"tokens": [[layer, expert, count since start], ...],
+                    "rates": [[layer, expert, tokens/s over the load window], ...],
+                    "pairs": [[layer, a, b, share of the layer's tokens that picked both a < b], ...],
+                    "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls"} since start,
+                    "segments": {transport: destination slices sent over it} since start,
+                    "stage_s": {stage: seconds spent in it since start; "forwards": Forwards served}}
+        (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
+        expert groups). Pairs: the commonest PAIRS_PER_EXPERT x num_experts of each layer, recent
+        batches weighted more (exp(-age / load_window_s))."""
+        self.flush_counts()
+        now = time.monotonic()
+        tokens = [[layer, expert, n] for (layer, expert), n in self.tokens_per_expert.items()]
+        rates = [[layer, expert, r] for (layer, expert), r in self.load.rates(now).items()]
+        per_layer = PAIRS_PER_EXPERT * self.spec.num_experts
+        pairs = [[layer, a, b, share] for (layer, a, b), share in self.pairs.shares(per_layer).items()]
+        return msgpack.packb({"tokens": tokens, "rates": rates, "pairs": pairs, "batches": dict(self.batch_stats),
+                              "segments": dict(self.transport.segments), "stage_s": dict(self.stage_s)})
+
     def _split(self, out: torch.Tensor, parts: list[slice], failed: list) -> list:
-        """Per caller (rows `parts` of out [T, H]) its output, or the error of a failed copy of its tokens."""
+        """Per caller (rows `parts` of out [T, H]) its output, or the error of the group that failed
+        its tokens (the first such failure of its rows)."""
         if not failed:
             return [out[p] for p in parts]
-        is_failed = torch.zeros(out.shape[0], dtype=torch.bool)
-        for copies, _ in failed:
-            is_failed[copies // self.spec.top_k] = True
-        error = failed[0][1]
-        return [error if is_failed[p].any() else out[p] for p in parts]
+        failure = torch.full((out.shape[0],), len(failed), dtype=torch.int64)  # [T]: index into failed
+        for index in reversed(range(len(failed))):
+            failure[failed[index][0] // self.spec.top_k] = index
+        first = [int(failure[p].min()) for p in parts]
+        return [failed[i][1] if i < len(failed) else out[p] for p, i in zip(parts, first)]

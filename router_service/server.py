@@ -27,7 +27,8 @@ from protos.serving import BUDGETED_SERVER_OPTIONS, ByteBudget, add_service, bea
 from protos.wire import DTYPES, TOKEN_DTYPES, from_proto, to_proto
 from router_service.router import Router
 
-__all__ = ["RouterServer", "validate_forward"]
+__all__ = ["RouterServer", "check_rows", "check_shape", "check_token_ids", "check_token_shape", "info_of",
+           "validate_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,34 +54,47 @@ def validate_forward(request: pb.ForwardRequest, moe_layers: tuple[int, ...], hi
                      vocab_sizes: Mapping[int, int] = MappingProxyType({})) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode and check a ForwardRequest; returns (hidden as [T, H], token_ids [T] int64 for a
     layer that picks experts by token id, else None). `vocab_sizes`: such layer -> its number of
-    token ids. Raises InvalidRequestError."""
-    if request.layer not in moe_layers:
-        raise InvalidRequestError(f"layer {request.layer} is not an MoE layer; the MoE layers are {list(moe_layers)}")
+    token ids. The shape is checked before any byte is decoded. Raises InvalidRequestError."""
     shape = list(request.hidden.shape)
+    check_shape(request.layer, shape, moe_layers, hidden_size)
+    x = from_proto(request.hidden, "hidden").reshape(-1, hidden_size)
+    check_rows(x, shape, max_request_tokens)
+    if request.layer not in vocab_sizes:
+        return x, None  # token ids are not needed here (and ignored if sent)
+    if not request.HasField("token_ids"):
+        raise InvalidRequestError(f"token_ids are needed for layer {request.layer}: it picks experts by token id")
+    check_token_shape(list(request.token_ids.shape), shape[:-1])
+    ids = from_proto(request.token_ids, "token_ids", dtypes=TOKEN_DTYPES).reshape(-1)
+    return x, check_token_ids(ids, vocab_sizes[request.layer])
+
+
+def check_shape(layer: int, shape: list[int], moe_layers: tuple[int, ...], hidden_size: int) -> None:
+    """The layer is an MoE layer and hidden's `shape` is [T, H] or [B, S, H]."""
+    if layer not in moe_layers:
+        raise InvalidRequestError(f"layer {layer} is not an MoE layer; the MoE layers are {list(moe_layers)}")
     if len(shape) not in (2, 3):
         raise InvalidRequestError(f"hidden.shape must be [T, {hidden_size}] or [B, S, {hidden_size}], got {shape}")
     if shape[-1] != hidden_size:
         raise InvalidRequestError(f"hidden.shape[-1] must be the hidden size {hidden_size}, got {shape[-1]}")
-    x = from_proto(request.hidden, "hidden").reshape(-1, hidden_size)
+
+
+def check_rows(x: torch.Tensor, shape: list[int], max_request_tokens: int) -> None:
+    """x [T, H] (hidden of `shape`, flattened): at least one token, at most max_request_tokens, finite."""
     if x.shape[0] == 0:
         raise InvalidRequestError(f"hidden holds no token (shape {shape})")
     if x.shape[0] > max_request_tokens:
         raise InvalidRequestError(f"hidden holds {x.shape[0]} tokens, more than max_request_tokens={max_request_tokens}")
     if not torch.isfinite(x).all():
         raise InvalidRequestError("hidden contains NaN or Inf")
-    if request.layer not in vocab_sizes:
-        return x, None  # token ids are not needed here (and ignored if sent)
-    return x, _token_ids(request, shape[:-1], vocab_sizes[request.layer])
 
 
-def _token_ids(request: pb.ForwardRequest, leading: list[int], vocab_size: int) -> torch.Tensor:
-    """token_ids [T] int64 of a hash-routed layer's request (shape `leading`, ids < vocab_size)."""
-    if not request.HasField("token_ids"):
-        raise InvalidRequestError(f"token_ids are needed for layer {request.layer}: it picks experts by token id")
-    if list(request.token_ids.shape) != leading:
-        raise InvalidRequestError(f"token_ids.shape must be hidden's leading dims {leading}, "
-                                  f"got {list(request.token_ids.shape)}")
-    ids = from_proto(request.token_ids, "token_ids", dtypes=TOKEN_DTYPES).reshape(-1)
+def check_token_shape(shape: list[int], leading: list[int]) -> None:
+    if shape != leading:
+        raise InvalidRequestError(f"token_ids.shape must be hidden's leading dims {leading}, got {shape}")
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """ids [T] int64 of a hash-routed layer's request, each < vocab_size; returns them."""
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
         raise InvalidRequestError(f"token_ids must be in [0, {vocab_size}) (the vocabulary), got {low}..{high}")
@@ -273,15 +287,20 @@ class RouterServer:
                 self.metrics.observe_request(layer, code.name, (time.perf_counter() - start) * 1e3)
 
     def info(self) -> pb.InfoResponse:
-        spec, table = self.router.spec, self.router.table
-        versions = {}
-        if table is not None:
-            for layer, experts in table.layers.items():
-                for expert, copies in enumerate(experts):
-                    if copies:
-                        versions[f"{layer}/{expert}"] = copies[0].version
-        return pb.InfoResponse(model_type=spec.model_type, config_hash=spec.config_hash(),
-                               moe_layers=list(spec.moe_layers), hidden_size=spec.hidden_size,
-                               dtypes=list(DTYPES), weight_versions=versions,
-                               max_request_tokens=self.router.config.max_request_tokens,
-                               epoch=table.epoch if table else 0)
+        return info_of(self.router)
+
+
+def info_of(router: Router) -> pb.InfoResponse:
+    """What GetInfo says of the model `router` serves and of its table in force."""
+    spec, table = router.spec, router.table
+    versions = {}
+    if table is not None:
+        for layer, experts in table.layers.items():
+            for expert, copies in enumerate(experts):
+                if copies:
+                    versions[f"{layer}/{expert}"] = copies[0].version
+    return pb.InfoResponse(model_type=spec.model_type, config_hash=spec.config_hash(),
+                           moe_layers=list(spec.moe_layers), hidden_size=spec.hidden_size,
+                           dtypes=list(DTYPES), weight_versions=versions,
+                           max_request_tokens=router.config.max_request_tokens,
+                           epoch=table.epoch if table else 0)

@@ -3,6 +3,7 @@ concurrent callers, continuous load (`Load`), the `mesh` CLI in a child process 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -19,6 +20,42 @@ from experts import CheckpointReader, Gate, load_spec
 from router_service import MeshClient, MeshClientError
 
 FP32_TOL = 1e-5  # max abs error <= FP32_TOL * max|ref|
+# the elastic tests' small Mixtral: one MoE layer of 6 experts
+SMALL = dict(hidden_size=48, intermediate_size=40, num_hidden_layers=1, num_local_experts=6, num_experts_per_tok=2)
+
+
+def small_checkpoints(root: Path, **seeds: int) -> dict[str, Path]:
+    """One small Mixtral checkpoint per name, under `root`, from the seed it is given."""
+    from experts.builtin import build_model, save_checkpoint
+
+    for name, seed in seeds.items():
+        save_checkpoint(build_model("mixtral", seed=seed, **SMALL), root / name)
+    return {name: root / name for name in seeds}
+
+
+def swapped_reference(old: Path, new: Path, experts: list[int], x: torch.Tensor) -> torch.Tensor:
+    """Layer 0 of checkpoint `old` with `experts` taken from `new`, applied to x [T, H]."""
+    from experts import MoELayer
+    from experts.group import LayerExperts
+
+    layer = MoELayer.from_pretrained(old, layer=0)
+    weights = CheckpointReader(new).experts(0, experts)
+    held = layer.experts.layers[0]
+    w_gate_up, w_down = held.w_gate_up.clone(), held.w_down.clone()
+    w_gate_up[experts], w_down[experts] = weights.w_gate_up, weights.w_down
+    layer.experts.layers[0] = LayerExperts(held.experts, w_gate_up, w_down, held.checksums)
+    return layer(x)
+
+
+def wait_for(predicate, timeout_s: float = 60.0, period_s: float = 0.5):
+    """`predicate()`'s first true value, polled every period_s; AssertionError after timeout_s."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(period_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -84,8 +121,11 @@ def call_concurrently(address: str, requests: list[tuple], return_errors: bool =
 class Load:
     """Callers sending the same batch in a loop; each answer is classified against references."""
 
-    def __init__(self, addresses, x: torch.Tensor, refs: dict[str, torch.Tensor], num_callers: int = 3):
-        self.x, self.refs = x, refs
+    def __init__(self, addresses, x: torch.Tensor, refs: dict[str, torch.Tensor], num_callers: int = 3,
+                 client=None):
+        """Each caller its own MeshClient of `addresses`, or all of them the one `client` given (a
+        DirectClient: its process's calls are batched together; the caller closes it)."""
+        self.x, self.refs, self.client = x, refs, client
         self.counts = dict.fromkeys([*refs, "wrong", "failed"], 0)
         self.last: list[str] = []
         self.answers: list[tuple[str, int]] = []  # (kind, epoch that served it), in order
@@ -95,7 +135,7 @@ class Load:
         self._threads = [threading.Thread(target=self._run, args=(addresses,)) for _ in range(num_callers)]
 
     def _run(self, addresses) -> None:
-        with MeshClient(addresses, timeout_s=30) as client:
+        with contextlib.nullcontext(self.client) if self.client else MeshClient(addresses, timeout_s=30) as client:
             while not self._stop.is_set():
                 epoch = 0
                 try:

@@ -12,24 +12,21 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from experts import CheckpointReader, MoELayer, load_spec
-from experts.builtin import build_model, save_checkpoint
-from experts.group import LayerExperts
+from experts import MoELayer, load_spec
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from tests.integration.mesh_helpers import Load, load_gate, rel_err
+from tests.integration.mesh_helpers import (SMALL, Load, load_gate, rel_err, small_checkpoints, swapped_reference,
+                                            wait_for)
 
 TOKEN = "test-token"
-SMALL = dict(hidden_size=48, intermediate_size=40, num_hidden_layers=1, num_local_experts=6, num_experts_per_tok=2)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """old and new weights of one small Mixtral, and `new` with a NaN in expert 2 (corrupted)."""
     root = tmp_path_factory.mktemp("elastic")
-    old, new, bad = root / "old", root / "new", root / "bad"
-    save_checkpoint(build_model("mixtral", seed=0, **SMALL), old)
-    save_checkpoint(build_model("mixtral", seed=5, **SMALL), new)
+    old, new = small_checkpoints(root, old=0, new=5).values()
+    bad = root / "bad"
     shutil.copytree(new, bad)
     tensors = load_file(bad / "model.safetensors")
     tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"][0, 0] = float("nan")
@@ -39,16 +36,6 @@ def checkpoints(tmp_path_factory):
 
 def _admin(mesh) -> pb_grpc.MeshAdminStub:
     return pb_grpc.MeshAdminStub(grpc.insecure_channel(mesh.address))
-
-
-def _wait(predicate, timeout_s: float = 60.0, period_s: float = 0.5):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(period_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")
 
 
 @pytest.fixture(scope="module", params=["grpc", "collective"])
@@ -114,9 +101,9 @@ def test_autoscale_follows_skew_and_back(elastic, checkpoints):
     try:
         with Load(mesh.addresses, hot, {"ref": ref}) as load:
             # rebalance_experts plans the layer: EPLB's slots, as many copies on every group
-            _wait(lambda: _hot_and_even(mesh.status(), "0/4"), timeout_s=60)
+            wait_for(lambda: _hot_and_even(mesh.status(), "0/4"), timeout_s=60)
         assert load.counts["failed"] == 0 and load.counts["wrong"] == 0, load.lost()
-        _wait(lambda: mesh.status()["copies"]["0/4"] == 1, timeout_s=60)  # skew over: copies removed
+        wait_for(lambda: mesh.status()["copies"]["0/4"] == 1, timeout_s=60)  # skew over: copies removed
         assert set(mesh.status()["copies"].values()) == {1}  # 6 experts on 3 groups: 2 slots each
     finally:
         _admin(mesh).Autoscale(pb.AutoscaleRequest(token=TOKEN, enabled=False))
@@ -132,20 +119,10 @@ def _set_autoscale_target(controller, target: float) -> None:
     controller.config.autoscale.period_s = 0.5
 
 
-def _swapped_reference(old, new, experts: list[int], x: torch.Tensor) -> torch.Tensor:
-    layer = MoELayer.from_pretrained(old, layer=0)
-    weights = CheckpointReader(new).experts(0, experts)
-    held = layer.experts.layers[0]
-    w_gate_up, w_down = held.w_gate_up.clone(), held.w_down.clone()
-    w_gate_up[experts], w_down[experts] = weights.w_gate_up, weights.w_down
-    layer.experts.layers[0] = LayerExperts(held.experts, w_gate_up, w_down, held.checksums)
-    return layer(x)
-
-
 def test_hot_swap_under_load_and_corrupted_checkpoint_rejected(elastic, checkpoints):
     mesh, x, ref_old = elastic
     old, new, bad = checkpoints
-    ref_new = _swapped_reference(old, new, [2, 5], x)
+    ref_new = swapped_reference(old, new, [2, 5], x)
     assert rel_err(ref_new, ref_old) > 1e-2
     versions_before = _versions(mesh)
     with Load(mesh.addresses, x, {"old": ref_old, "new": ref_new}) as load:
@@ -186,11 +163,11 @@ def test_killed_copy_and_removed_node_lose_nothing_with_two_copies(ray_cluster, 
         before = _endpoint(mesh, "group-0")
         ray.kill(ray.get_actor(f"{mesh.name}/group-0"))
         # restored = a new incarnation serves (the controller may not have noticed the kill yet)
-        _wait(lambda: _endpoint(mesh, "group-0") != before and _restored(mesh, 4, spec.num_experts, 2), 90)
+        wait_for(lambda: _endpoint(mesh, "group-0") != before and _restored(mesh, 4, spec.num_experts, 2), 90)
         victims = [g["name"] for g in mesh.status()["groups"] if g["node"] == node.node_id]
         assert victims, "a group was placed on the added node"
         ray_cluster.remove_node(node, allow_graceful=False)
-        _wait(lambda: _restored(mesh, 4, spec.num_experts, 2, avoid=node.node_id), timeout_s=120)
+        wait_for(lambda: _restored(mesh, 4, spec.num_experts, 2, avoid=node.node_id), timeout_s=120)
         for expert in range(spec.num_experts):  # the restored group went where no other copy was
             nodes = [g["node"] for g in mesh.status()["groups"] if expert in g["experts"]["0"]]
             assert len(set(nodes)) == 2, (expert, nodes)
@@ -227,7 +204,7 @@ def test_controller_restart_keeps_traffic_and_state(meshes, checkpoints, transpo
     with Load(mesh.addresses, x, {"ref": ref}) as load:
         ray.kill(mesh.controller, no_restart=False)  # Ray restarts it; it adopts the mesh from GCS
         time.sleep(1)
-        after = _wait(lambda: _status_or_none(mesh), timeout_s=60)
+        after = wait_for(lambda: _status_or_none(mesh), timeout_s=60)
     assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 5, load.lost()
     assert after["epoch"] > before["epoch"]
     assert after["copies"] == before["copies"] and after["copies"]["0/0"] == 2

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import grpc
@@ -28,7 +29,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from cluster.local import start_mesh
 from experts import ExpertGroup, MoELayer, load_spec
 from mesh.config import MeshConfig
-from router_service import AsyncMeshClient, MeshClient, RemoteMoE, patch_model
+from router_service import AsyncMeshClient, DirectClient, MeshClient, MeshClientError, RemoteMoE, patch_model
 from tests.checkpoints import FAMILIES, block_output, moe_block, token_ids_for
 from tests.integration.mesh_helpers import (FP32_TOL, MeshUp, call_concurrently, free_port, gate_counts, load_report,
                                              mesh_cli, rel_err, stats_delta, tokens_delta)
@@ -139,6 +140,83 @@ def test_patched_model_generates_the_unpatched_tokens(family_mesh, zoo):
     for layer in spec.moe_layers:
         in_layer = sum(n for key, n in routed.items() if key.startswith(f"{layer}/"))
         assert in_layer == spec.top_k * client.tokens_sent[layer], (family, layer)
+
+
+# ---- the direct client (router core in this process) on the same meshes ----
+
+DIRECT_FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "deepseek_v4")  # v4: token ids
+
+
+@pytest.mark.parametrize("transport", ["grpc", "collective"])
+def test_direct_client_equals_transformers_and_generates_the_unpatched_tokens(family_mesh, zoo, transport):
+    """Every MoE layer through a DirectClient equals the transformers block; 20 greedy tokens through
+    patch_model(model, DirectClient) equal the unpatched model's; the slices went over `transport`
+    (collective: after its channels opened, none over grpc) straight to the groups."""
+    family, path, mesh = family_mesh
+    if family not in DIRECT_FAMILIES:
+        pytest.skip("the direct client is checked on the issue's families (and deepseek_v4's token ids)")
+    spec, model = load_spec(path), zoo.model(family)
+    x = torch.randn(3, 7, spec.hidden_size, generator=torch.Generator().manual_seed(0))  # [B, S, H]
+    with DirectClient(mesh.name, transport=transport) as client:
+        segments = client._core.router.transport.segments
+        if transport == "collective":
+            _wait_for_channels(client, x, spec)
+            segments.clear()
+        for layer in spec.moe_layers:
+            ids = token_ids_for(spec, layer, (3, 7))
+            ref = block_output(moe_block(model, layer, spec.block_attr), x, ids)
+            out, epoch = client.forward_with_epoch(layer, x, ids)
+            assert out.shape == x.shape and out.dtype == torch.float32 and epoch >= 1
+            assert rel_err(out, ref) <= FP32_TOL, (family, transport, layer)
+        patched = copy.deepcopy(model)
+        assert patch_model(patched, client) == len(spec.moe_layers)
+        assert _generate(patched) == _generate(model), (family, transport)
+        assert set(segments) == {transport} and segments[transport] > 0, dict(segments)
+        assert client.name in [c["name"] for c in mesh.status()["direct_clients"]]
+    assert client.name not in [c["name"] for c in mesh.status()["direct_clients"]]  # close() ended the lease
+
+
+def _wait_for_channels(client, x, spec, timeout_s: float = 30.0) -> None:
+    """Calls until the collective channels to every group are open (until then slices go over grpc)."""
+    transport, deadline = client._core.router.transport, time.time() + timeout_s
+    groups = set(client._core.router.table.groups())
+    while set(transport.channels) != groups:
+        assert time.time() < deadline, f"channels {sorted(transport.channels)} of {sorted(groups)}"
+        layer = spec.moe_layers[-1]
+        client.forward(layer, x, token_ids_for(spec, layer, tuple(x.shape[:-1])))
+        time.sleep(0.05)
+
+
+def test_bad_input_to_a_direct_client_names_the_field_and_sends_nothing(family_mesh):
+    family, path, mesh = family_mesh
+    if family not in ("deepseek_v3", "deepseek_v4"):
+        pytest.skip("checked where a dense layer (deepseek_v3) or a hash-routed one (deepseek_v4) exists")
+    spec = load_spec(path)
+    H, layer = spec.hidden_size, spec.moe_layers[-1]
+    nan = torch.randn(4, H)
+    nan[1, 2] = float("nan")
+    cases = [((layer, torch.randn(4, H + 1)), "hidden size"), ((layer, torch.randn(4, H).to(torch.int32)), "dtype"),
+             ((layer, torch.randn(H)), "hidden must be"), ((layer, torch.randn(1, 2, 3, H)), "hidden must be"),
+             ((layer, nan), "NaN"), ((99, torch.randn(4, H)), "not an MoE layer"),
+             ((layer, torch.randn(0, H)), "no token")]
+    if family == "deepseek_v3":
+        cases.append(((0, torch.randn(4, H)), "not an MoE layer"))  # layer 0 is dense
+    else:
+        hashed = min(spec.hash_layers)
+        cases += [((hashed, torch.randn(4, H)), "token_ids"),
+                  ((hashed, torch.randn(4, H), torch.zeros(3, dtype=torch.int64)), "token_ids.shape"),
+                  ((hashed, torch.randn(4, H), torch.zeros(4)), "token_ids must be an integer")]
+    with DirectClient(mesh.name) as client:
+        router = client._core.router
+        before = (dict(router.batch_stats), dict(router.transport.segments))
+        for args, field in cases:
+            with pytest.raises(MeshClientError) as info:
+                client.forward(*args)
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and field in info.value.details, (field, info.value)
+        assert (dict(router.batch_stats), dict(router.transport.segments)) == before  # nothing was sent
+        x = torch.randn(4, H)
+        ids = token_ids_for(spec, layer, (4,))
+        assert rel_err(client.forward(layer, x, ids), MoELayer.from_pretrained(path, layer=layer)(x, ids)) <= FP32_TOL
 
 
 def test_concurrent_callers_get_their_own_answers(family_mesh):

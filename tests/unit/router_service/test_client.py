@@ -1,5 +1,6 @@
 """MeshClient, AsyncMeshClient, RemoteMoE and patch_model against real gRPC servers on 127.0.0.1
-that serve a zoo checkpoint with the in-process MoELayer."""
+that serve a zoo checkpoint with the in-process MoELayer; the clients' shared failover loop and
+patch_model with a client that is not a MeshClient, without a server."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos.wire import DTYPES, TOKEN_DTYPES, WireError, from_proto, to_proto
 from router_service import AsyncMeshClient, MeshClient, MeshClientError, MeshInfo, RemoteMoE, patch_model
-from router_service.client import CHANNEL_OPTIONS
+from router_service.client import CHANNEL_OPTIONS, _FailoverClient
 from tests.checkpoints import FAMILIES, moe_block
 
 PROMPT = [[1, 17, 42, 99, 5, 63, 8, 120, 33]]
@@ -254,6 +255,85 @@ def test_async_client_forward_info_and_failover(mixtral):
     assert used == address and code == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_async_client_forward_with_epoch_and_close(mesh):
+    address, servicer = mesh
+    x = torch.randn(3, 48, generator=torch.Generator().manual_seed(7))
+
+    async def calls() -> tuple[torch.Tensor, int, grpc.StatusCode]:
+        client = AsyncMeshClient(address)
+        out, epoch = await client.forward_with_epoch(0, x)
+        await client.close()
+        try:
+            await client.forward(0, x)
+        except MeshClientError as exc:
+            return out, epoch, exc.code
+
+    out, epoch, code = asyncio.run(calls())
+    assert torch.equal(out, servicer.layers[0](x)) and epoch == 1
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and servicer.num_forwards == 1
+
+
+# ---- the failover loop both clients drive ----
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return f"fake {self._code.name}"
+
+
+UNAVAILABLE, INVALID = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT
+FAILOVER_CASES = [
+    # name, addresses, each one tried answers (None) or fails (a code), the code raised (None: the
+    # call was answered), the address first for the next call
+    ("first answers", ["a:1", "b:2", "c:3"], [None], None, "a:1"),
+    ("unavailable moves on", ["a:1", "b:2", "c:3"], [UNAVAILABLE, UNAVAILABLE, None], None, "c:3"),
+    ("other errors raise at once", ["a:1", "b:2"], [INVALID], INVALID, "a:1"),
+    ("all unavailable", ["a:1", "b:2"], [UNAVAILABLE, UNAVAILABLE], UNAVAILABLE, "a:1"),
+    ("one address", ["a:1"], [UNAVAILABLE], UNAVAILABLE, "a:1"),
+]
+
+
+def drive(client: _FailoverClient, outcomes: list[grpc.StatusCode | None], tried: list[str]) -> None:
+    """One call through the loop: the addresses tried answer (None) or fail (a code) in turn."""
+    codes = iter(outcomes)
+    for attempt in client._attempts():
+        code = next(codes)
+        tried.append(attempt.address)
+        if code is None:
+            attempt.response = "answer"
+        else:
+            attempt.error = FakeRpcError(code)
+
+
+@pytest.mark.parametrize("name,addresses,outcomes,code,next_first", FAILOVER_CASES, ids=[c[0] for c in FAILOVER_CASES])
+def test_failover_loop(name, addresses, outcomes, code, next_first):
+    client, tried = _FailoverClient(addresses, timeout_s=1.0), []
+    if code is None:
+        drive(client, outcomes, tried)
+    else:
+        with pytest.raises(MeshClientError) as caught:
+            drive(client, outcomes, tried)
+        assert caught.value.code == code and caught.value.address == tried[-1]
+        assert isinstance(caught.value.__cause__, FakeRpcError)
+    assert tried == addresses[:len(outcomes)] and client.address == next_first
+
+
+def test_failover_loop_starts_at_the_address_that_answered_last():
+    client, tried = _FailoverClient(["a:1", "b:2", "c:3"], timeout_s=1.0), []
+    drive(client, [UNAVAILABLE, None], tried)
+    drive(client, [None], tried)
+    assert tried == ["a:1", "b:2", "b:2"] and client.address == "b:2"
+    client._closed = True
+    with pytest.raises(MeshClientError) as caught:
+        drive(client, [None], tried)
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION and len(tried) == 3
+
+
 # ---- transformers models ----
 
 def _generate(model: torch.nn.Module) -> list[int]:
@@ -346,3 +426,36 @@ def test_patch_model_refuses_a_mismatched_mesh(zoo, mixtral, overrides, words):
             patch_model(model, client)
     assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert words in caught.value.details
+
+
+class FakeDirectClient:
+    """An in-process client of the MoEClient protocol: MoELayer called directly, no gRPC."""
+
+    def __init__(self, servicer: InProcessExpertMesh):
+        self.servicer = servicer
+
+    def info(self) -> MeshInfo:
+        return MeshInfo.from_proto(self.servicer.GetInfo(pb.GetInfoRequest(), None))
+
+    def forward(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self.servicer.num_forwards += 1
+        return self.servicer.layers[layer](hidden, token_ids)
+
+    def __repr__(self) -> str:
+        return "FakeDirectClient(mixtral)"
+
+
+def test_patch_model_takes_any_client(zoo, mixtral):
+    servicer = InProcessExpertMesh(mixtral)
+    reference = zoo.model("mixtral")
+    patched, refused = copy.deepcopy(reference), copy.deepcopy(reference)
+    client = FakeDirectClient(servicer)
+    assert patch_model(patched, client) == len(servicer.spec.moe_layers)
+    assert _generate(patched) == _generate(reference)
+    assert servicer.num_forwards == len(servicer.spec.moe_layers) * NUM_NEW_TOKENS
+    assert "client=FakeDirectClient(mixtral)" in repr(moe_block(patched, 0, servicer.spec.block_attr))
+    servicer.info_overrides = dict(moe_layers=[1])
+    with pytest.raises(MeshClientError) as caught:
+        patch_model(refused, client)
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.address == "FakeDirectClient(mixtral)"

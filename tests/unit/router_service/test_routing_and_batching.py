@@ -11,7 +11,7 @@ import torch
 from experts import ExpertGroup, MoELayer, load_spec
 from router_service.batcher import LayerBatcher, QueueFullError, first_of_idle, take_batch
 from router_service.config import BatchingConfig, RouterConfig
-from router_service.router import Router
+from router_service.router import Router, RouterWeights
 from router_service.routing import Copy, RoutingTable, expert_segments, plan_dispatch
 from router_service.transport import ExpertUnavailableError, Transport
 
@@ -63,6 +63,20 @@ def test_first_of_idle_takes_one_entry_per_caller_with_nothing_in_flight(callers
     assert first_of_idle(callers, busy) == expected
 
 
+class FakeRouter:
+    """The batcher's runner: `run_batch(x, parts, token_ids)` answers each batch; pins are recorded."""
+
+    def __init__(self, run_batch):
+        self._run_batch, self.pins = run_batch, []
+
+    async def run_batch(self, layer, x, parts, token_ids, table=None):
+        self.pins.append(table)
+        return await self._run_batch(x, parts, token_ids)
+
+    def observe_batch(self, num_tokens, num_requests):
+        pass
+
+
 def test_a_caller_is_not_held_behind_a_flooders_batches_in_flight():
     """The flooder's batches fill the main lane and finish only once the other caller has its
     answer: the express lane must serve that caller meanwhile (else this times out)."""
@@ -77,7 +91,7 @@ def test_a_caller_is_not_held_behind_a_flooders_batches_in_flight():
     async def main():
         nonlocal light_done
         light_done = asyncio.Event()
-        batcher = LayerBatcher(run_batch, BatchingConfig(max_batch_tokens=4, max_inflight_batches=2), 1000)
+        batcher = LayerBatcher(FakeRouter(run_batch), 0, BatchingConfig(max_batch_tokens=4, max_inflight_batches=2), 1000)
         flood = [asyncio.ensure_future(batcher.submit(torch.ones(4, 2), "flood")) for _ in range(8)]
         await asyncio.sleep(0.01)   # the flood's first batches are in flight, the rest queued
         out, _ = await asyncio.wait_for(batcher.submit(-torch.ones(1, 2), "light"), 2.0)
@@ -100,7 +114,7 @@ def test_batcher_merges_splits_and_answers_each_caller():
         return [x[p] * 2 for p in parts], len(batches)
 
     async def main():
-        batcher = LayerBatcher(run_batch, BatchingConfig(max_batch_tokens=8, max_inflight_batches=1), 1000)
+        batcher = LayerBatcher(FakeRouter(run_batch), 0, BatchingConfig(max_batch_tokens=8, max_inflight_batches=1), 1000)
         inputs = [torch.full((n, 2), float(i)) for i, n in enumerate([3, 20, 1, 5, 2])]
         outs = await asyncio.gather(*(batcher.submit(x) for x in inputs))
         await batcher.close()
@@ -120,7 +134,7 @@ def test_token_ids_travel_with_their_rows_through_merges_and_chunks():
         return [(x + token_ids[:, None])[p] for p in parts], 1
 
     async def main():
-        batcher = LayerBatcher(run_batch, BatchingConfig(max_batch_tokens=8, max_inflight_batches=1), 1000)
+        batcher = LayerBatcher(FakeRouter(run_batch), 0, BatchingConfig(max_batch_tokens=8, max_inflight_batches=1), 1000)
         inputs = [(torch.full((n, 2), 100.0 * i), torch.arange(n) + 10 * i) for i, n in enumerate([3, 20, 1, 5])]
         outs = await asyncio.gather(*(batcher.submit(x, f"caller{i}", ids) for i, (x, ids) in enumerate(inputs)))
         await batcher.close()
@@ -137,7 +151,7 @@ def test_batcher_refuses_beyond_queue_limit():
             await asyncio.sleep(0.05)
             return [x[p] for p in parts], 1
 
-        batcher = LayerBatcher(run_batch, BatchingConfig(max_inflight_batches=1), max_queue_tokens=10)
+        batcher = LayerBatcher(FakeRouter(run_batch), 0, BatchingConfig(max_inflight_batches=1), max_queue_tokens=10)
         first = asyncio.ensure_future(batcher.submit(torch.zeros(8, 2)))
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError, match="max_queue_tokens=10"):
@@ -169,7 +183,7 @@ def _router(path, assignment: dict[str, list[int]], layer: int, dead: set[str]):
     copies = [[Copy(n, n, groups[n].version(layer, e)) for n, experts in assignment.items() if e in experts]
               for e in range(spec.num_experts)]
     transport = FakeGroupTransport(groups, dead)
-    router = Router(path, RouterConfig(), transport)
+    router = Router(RouterWeights.from_checkpoint(path), RouterConfig(), transport)
     router.set_table(RoutingTable(1, {layer: copies}))
     return router, transport
 
@@ -205,6 +219,45 @@ def test_only_callers_needing_a_dead_group_fail(zoo):
         assert not isinstance(result, BaseException)
         assert ((result[0] - ref).abs().max() / ref.abs().max()) <= 1e-5
     assert all(isinstance(r, ExpertUnavailableError) for r in results[2:])
+
+
+def test_each_failed_caller_gets_the_error_of_the_group_that_failed_it(zoo):
+    """Two dead groups, one batch: a caller whose tokens needed only g1 hears of g1, not of g0."""
+    path = zoo.checkpoint("mixtral")
+    router, _ = _router(path, {"g0": [0, 1, 2], "g1": [3, 4, 5]}, 0, dead={"g0", "g1"})
+    spec = load_spec(path)
+    candidates = torch.randn(256, spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    ids = router.gates[0](candidates)[1]
+    only_g0, only_g1 = candidates[(ids < 3).all(dim=1)][:1], candidates[(ids >= 3).all(dim=1)][:1]
+    assert len(only_g0) == 1 and len(only_g1) == 1
+
+    async def main():
+        return await asyncio.gather(router.forward(0, only_g1, "a"), router.forward(0, only_g0, "b"),
+                                    return_exceptions=True)
+
+    to_g1, to_g0 = asyncio.run(main())
+    assert "g1 is dead" in str(to_g1) and "g0 is dead" in str(to_g0), (to_g1, to_g0)
+
+
+def test_a_chunked_request_is_served_by_one_table_even_when_the_table_changes():
+    """A request of 3 chunks pinned to the table of its arrival; a table pushed meanwhile serves
+    only later requests."""
+    async def run_batch(x, parts, token_ids):
+        await asyncio.sleep(0.01)
+        return [x[p] for p in parts], 1
+
+    async def main():
+        runner = FakeRouter(run_batch)
+        batcher = LayerBatcher(runner, 0, BatchingConfig(max_batch_tokens=4, max_inflight_batches=1), 1000)
+        chunked = asyncio.ensure_future(batcher.submit(torch.ones(12, 2), "a", pin="epoch-1"))
+        await asyncio.sleep(0.005)
+        later = asyncio.ensure_future(batcher.submit(torch.zeros(2, 2), "b"))
+        await asyncio.gather(chunked, later)
+        await batcher.close()
+        return runner.pins
+
+    pins = asyncio.run(main())
+    assert pins.count("epoch-1") == 3 and pins.count(None) == 1  # never a batch mixing the two
 
 
 def test_plan_batch_gives_every_destination_one_slice_sorted_by_destination_then_expert():

@@ -1,4 +1,5 @@
-"""State files of running meshes (`mesh up` writes one; `mesh status` / `mesh down` read it)."""
+"""State files of running meshes (`mesh up` writes one; `mesh status` / `mesh down` and a DirectClient with no
+address read it)."""
 
 from __future__ import annotations
 
