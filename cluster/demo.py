@@ -1,5 +1,6 @@
-"""`make demo`: bring the mesh up on the built-in model, send traffic through the client, show the
-outputs equal the in-process MoELayer, and shut down.
+"""`make demo`: bring the mesh up on the built-in model, send traffic through the gRPC client (two
+hops: client -> router -> groups) and through a DirectClient in this process (one hop: the router
+core here, straight to the groups), show both equal the in-process MoELayer, and shut down.
 
 Runs the real CLI (`mesh up` in a child process, `mesh down` at the end) on port 50051 or --port.
 """
@@ -39,9 +40,10 @@ def _wait_ready(process: subprocess.Popen, timeout_s: float) -> str:
     return found[0]
 
 
-def _traffic(address: str, model_dir: str, num_callers: int, requests_per_caller: int) -> float:
+def _traffic(connect, model_dir: str, num_callers: int, requests_per_caller: int, label: str) -> float:
+    """`num_callers` threads, each with the client `connect()` gives, send requests of 1..24 tokens
+    over the MoE layers; returns the worst relative error against the in-process MoELayer."""
     from experts import MoELayer, load_spec
-    from router_service import MeshClient
 
     spec = load_spec(model_dir)
     local = {layer: MoELayer.from_pretrained(model_dir, layer=layer) for layer in spec.moe_layers}
@@ -51,22 +53,45 @@ def _traffic(address: str, model_dir: str, num_callers: int, requests_per_caller
     def caller(index: int):
         nonlocal worst, count
         generator = torch.Generator().manual_seed(index)
-        with MeshClient(address, timeout_s=60) as client:
-            for i in range(requests_per_caller):
-                layer = spec.moe_layers[(index + i) % len(spec.moe_layers)]
-                x = torch.randn(1 + (index * 7 + i) % 24, spec.hidden_size, generator=generator)
-                out = client.forward(layer, x)
-                ref = local[layer](x)
-                err = ((out - ref).abs().max() / ref.abs().max()).item()
-                with lock:
-                    worst, count = max(worst, err), count + 1
+        client = connect()
+        for i in range(requests_per_caller):
+            layer = spec.moe_layers[(index + i) % len(spec.moe_layers)]
+            x = torch.randn(1 + (index * 7 + i) % 24, spec.hidden_size, generator=generator)
+            out = client.forward(layer, x)
+            ref = local[layer](x)
+            err = ((out - ref).abs().max() / ref.abs().max()).item()
+            with lock:
+                worst, count = max(worst, err), count + 1
 
     start = time.perf_counter()
     with ThreadPoolExecutor(num_callers) as pool:
         list(pool.map(caller, range(num_callers)))
     elapsed = time.perf_counter() - start
-    print(f"{count} requests from {num_callers} concurrent callers in {elapsed:.2f} s; "
+    print(f"{label}: {count} requests from {num_callers} concurrent callers in {elapsed:.2f} s; "
           f"worst max|mesh - local| / max|local| = {worst:.2e}")
+    return worst
+
+
+def _both_paths(address: str, model_dir: str, num_callers: int, requests_per_caller: int) -> float:
+    """The router path (a MeshClient per caller), then the direct path (one DirectClient shared by
+    this process's callers, on the Ray cluster `mesh up` started); returns the worst error of both."""
+    from router_service import DirectClient, MeshClient
+
+    clients = []
+
+    def grpc_client():
+        clients.append(MeshClient(address, timeout_s=60))
+        return clients[-1]
+
+    worst = _traffic(grpc_client, model_dir, num_callers, requests_per_caller, f"router at {address}")
+    for client in clients:
+        client.close()
+    print("$ python -c 'DirectClient(\"demo\")'   # this process joins the Ray cluster and routes its own tokens")
+    with DirectClient("demo") as direct:
+        worst = max(worst, _traffic(lambda: direct, model_dir, num_callers, requests_per_caller,
+                                    f"direct client {direct.name}"))
+        print("$ mesh status   # lists the direct client beside the router while its lease lives")
+        subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--name", "demo"], check=False)
     return worst
 
 
@@ -89,8 +114,7 @@ def main() -> int:
         address = _wait_ready(process, timeout_s=300)
         print("$ mesh status")
         subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--name", "demo"], check=False)
-        worst = _traffic(address, model_dir, args.callers, args.requests)
-        subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--name", "demo"], check=False)
+        worst = _both_paths(address, model_dir, args.callers, args.requests)
     finally:
         print("$ mesh down")
         subprocess.run([sys.executable, "-m", "cluster.cli", "down", "--name", "demo"], check=False)

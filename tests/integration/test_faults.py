@@ -21,15 +21,13 @@ import ray
 import torch
 
 from experts import MoELayer
-from experts.builtin import build_model, save_checkpoint
 from experts.links import LINK_DELAY_LABEL
 from mesh.handles import NAMESPACE
 from mesh.state import MeshState
 from mesh.store import GcsKVStore, StateStore
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from tests.integration.mesh_helpers import Load, load_gate, rel_err
-from tests.integration.test_elastic import SMALL, _swapped_reference
+from tests.integration.mesh_helpers import SMALL, Load, load_gate, rel_err, small_checkpoints, swapped_reference
 
 TOKEN = "faults-token"
 ALL = list(range(SMALL["num_local_experts"]))
@@ -41,7 +39,7 @@ class World:
         self.cluster, self.mesh, self.old, self.new, self.far_node = cluster, mesh, old, new, far_node
         self.x = torch.randn(16, SMALL["hidden_size"], generator=torch.Generator().manual_seed(21))
         self.refs = {"old": MoELayer.from_pretrained(old, layer=0)(self.x),
-                     "new": _swapped_reference(old, new, ALL, self.x)}
+                     "new": swapped_reference(old, new, ALL, self.x)}
         assert rel_err(self.refs["old"], self.refs["new"]) > 1e-2
         self.admin = pb_grpc.MeshAdminStub(grpc.insecure_channel(mesh.addresses[1]))
         self.serving = "old"  # which weights layer 0 serves now
@@ -49,10 +47,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(ray_cluster, meshes, tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    old, new = root / "old", root / "new"
-    save_checkpoint(build_model("mixtral", seed=0, **SMALL), old)
-    save_checkpoint(build_model("mixtral", seed=5, **SMALL), new)
+    old, new = small_checkpoints(tmp_path_factory.mktemp("faults"), old=0, new=5).values()
     far = ray_cluster.add_node(num_cpus=2, labels={LINK_DELAY_LABEL: "30"})
     ray_cluster.wait_for_nodes()
     mesh = meshes.get(old, key="faults", admin_token=TOKEN, num_routers=2, drain_s=0.5, placement_balance=1.0,
@@ -211,7 +206,7 @@ def test_d_controller_killed_mid_rebalance_rolls_forward(world):
     candidates = torch.randn(20000, SMALL["hidden_size"], generator=torch.Generator().manual_seed(2))
     picks = load_gate(w.old, 0)(candidates)[1]
     hot = candidates[torch.isin(picks, torch.tensor(sorted(far))).all(dim=1)][:16]  # tokens for far experts
-    refs = {"new": _swapped_reference(w.old, w.new, ALL, hot)}
+    refs = {"new": swapped_reference(w.old, w.new, ALL, hot)}
     with Load(w.mesh.addresses, hot, refs) as load:
         time.sleep(3)  # the routers' load window fills
         crash_during(w, "rebalance", "release", True, lambda: w.admin.Rebalance(pb.RebalanceRequest(token=TOKEN)))
