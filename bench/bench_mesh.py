@@ -14,6 +14,10 @@ Prints one table (progress goes to stderr):
 the "mesh collective" column is the mesh with router.transport: collective (gloo);
 and the worst relative error of every implementation against MoELayer (a fast but wrong peer
 cannot win), beside the issue's goals.
+(d) CPU per tiny Forward (T=8, H=64), summed over the processes on the path (this process as the
+    client, the router actor, the expert-group actors; from /proc), beside the design's floor from
+    the same run: the in-process MoELayer + one grpc echo (client -> router) + per destination one
+    grpc echo (grpc transport) or one gloo send/recv (collective); see bench/cpu.py.
 
 Peers (bench/peers.py), same checkpoint, cluster and split of experts over 3 groups as the mesh:
 "plain actors" = ray.remote actors holding an ExpertGroup, gate/dispatch/combine in the caller;
@@ -21,7 +25,7 @@ Peers (bench/peers.py), same checkpoint, cluster and split of experts over 3 gro
 behind Serve's gRPC proxy, batch_wait_timeout_s 0.01 (Serve's default, "as configured") and 0.1
 ("tuned"). Everything runs on this machine: the 3 "nodes" share its cores.
 
-    .venv/bin/python bench/bench_mesh.py [--quick] [--only mesh,collective,actors,serve] [--threads N]
+    .venv/bin/python bench/bench_mesh.py [--quick] [--only mesh,collective,cpu,actors,serve] [--threads N]
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ import grpc  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-import floors  # noqa: E402  (bench/ is the script's folder)
+import cpu  # noqa: E402  (bench/ is the script's folder)
+import floors  # noqa: E402
 import peers  # noqa: E402
 from cluster.local import start_local_cluster, start_mesh  # noqa: E402
 from experts import MoELayer  # noqa: E402
@@ -63,6 +68,7 @@ from experts.memory import keep_freed_memory  # noqa: E402
 from kernels import combine  # noqa: E402
 from protos.wire import ECHO_LAYER  # noqa: E402
 from router_service import MeshClient  # noqa: E402
+from router_service.direct import DirectClient  # noqa: E402
 from router_service.config import RouterConfig  # noqa: E402
 from router_service.routing import Copy, plan_batch  # noqa: E402
 from router_service.transport import make_transport  # noqa: E402
@@ -104,10 +110,12 @@ class Effort:
     window_s: float
     transport_reps: int
     serve_tuned: bool
+    cpu_calls: int                   # (d): tiny Forwards per CPU window (cpu.WINDOWS windows)
+    cpu_floor_calls: int             # (d): round trips per floor window
 
 
-FULL = Effort({8: 300, 64: 150, 512: 30, BATCHED_TOKENS: 30}, 500, 8.0, 2.0, 8.0, 30, True)
-QUICK = Effort({8: 60, 64: 30, 512: 8, BATCHED_TOKENS: 8}, 100, 3.0, 1.0, 3.0, 8, False)
+FULL = Effort({8: 300, 64: 150, 512: 30, BATCHED_TOKENS: 30}, 500, 8.0, 2.0, 8.0, 30, True, 1000, 2000)
+QUICK = Effort({8: 60, 64: 30, 512: 8, BATCHED_TOKENS: 8}, 100, 3.0, 1.0, 3.0, 8, False, 300, 1000)
 
 NOTES = (
     "mesh: defaults (grpc transport, batching on, max_wait_ms 0); mesh no-batch: router.batching.enabled=False. "
@@ -260,6 +268,8 @@ class Results:
         self.floors: dict[str, dict[str, float]] = {}           # kind -> size -> p50 round trip ms
         self.fallbacks: dict[str, int] = {}                      # column -> slices sent over grpc after warm-up
         self.breakdown: dict[str, dict[str, float]] = {}         # column -> stage -> us per tiny Forward
+        self.cpu_floors: cpu.CpuFloors | None = None
+        self.cpu_rows: list[cpu.CpuRow] = []
         self.failures: list[str] = []
 
     def add_error(self, column: str, value: float) -> None:
@@ -714,6 +724,76 @@ def bench_collective(models: dict[str, Model], effort: Effort, r: Results) -> No
     r.fallbacks[MESH_COLL] = fallbacks
 
 
+# ---- CPU per Forward ----
+
+def _actor_pid(handle) -> int:
+    return ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def path_pids(mesh) -> dict[str, list[int]]:
+    """The processes on a Forward's path through the router: {role: pids}."""
+    groups = [ray.get_actor(f"{mesh.name}/group-{k}", namespace=NAMESPACE) for k in range(NUM_NODES)]
+    return {"client": [os.getpid()], "router": [_actor_pid(mesh.router)], "groups": [_actor_pid(g) for g in groups]}
+
+
+def _group_calls(mesh) -> int:
+    """Messages the router has sent to expert groups since it started (its batch statistics)."""
+    import msgpack
+
+    return msgpack.unpackb(ray.get(mesh.router.load_report.remote()))["batches"].get("group_calls", 0)
+
+
+def bench_cpu(models: dict[str, Model], effort: Effort, r: Results) -> None:
+    """(d) CPU per tiny Forward over each path, beside its floor (bench/cpu.py)."""
+    tiny = models["tiny"]
+    x = _tokens(OVERHEAD_TOKENS, tiny.hidden_size)
+    progress("measuring the CPU floors (grpc.aio echo, gloo send/recv, in-process MoELayer)")
+    r.cpu_floors = cpu.measure_cpu_floors(tiny.reference, x, effort.cpu_floor_calls)
+    progress(f"CPU floors: {r.cpu_floors}")
+    wires = {"grpc": r.cpu_floors.grpc_us, "collective": r.cpu_floors.gloo_us}
+    for transport, wire_us in wires.items():
+        with running_mesh(f"bench-cpu-{transport}", tiny, transport=transport) as mesh, \
+                MeshClient(mesh.address, timeout_s=120) as client:
+            if transport == "collective":
+                _warm_collective(mesh, client, tiny.hidden_size)
+            forward = lambda: client.forward(LAYER, x)  # noqa: E731
+            for _ in range(effort.cpu_calls):
+                forward()
+            pids = path_pids(mesh)
+            rows = [cpu.cpu_row(f"router, {transport}", pids, forward, effort.cpu_calls, lambda: _group_calls(mesh), 1,
+                                wire_us, r.cpu_floors)]
+            with DirectClient(mesh.name, transport=transport, timeout_s=120) as direct:
+                router = direct._core.router
+                _warm_direct(router, lambda: direct.forward(LAYER, x))
+                direct_pids = {role: p for role, p in pids.items() if role != "router"}
+                rows.append(cpu.cpu_row(f"direct, {transport}", direct_pids, lambda: direct.forward(LAYER, x),
+                                        effort.cpu_calls, lambda: router.batch_stats["group_calls"], 0, wire_us,
+                                        r.cpu_floors))
+            for row in rows:
+                r.cpu_rows.append(row)
+                progress(f"CPU {row.label}: {row.total_us:.0f} us per Forward {row.cpu_us}, floor {row.floor_us:.0f}")
+
+
+def _warm_direct(router, forward: Callable[[], object], timeout_s: float = 60.0) -> None:
+    """Forwards until one goes out with no slice over grpc where the transport is collective
+    (its channels open in the background), then 100 more."""
+    deadline = time.perf_counter() + timeout_s
+    while router.config.transport == "collective" and time.perf_counter() < deadline:
+        before = router.transport.segments.get("grpc", 0)
+        forward()
+        if router.transport.segments.get("grpc", 0) == before:
+            break
+        time.sleep(0.2)
+    for _ in range(100):
+        forward()
+
+
+def print_cpu(r: Results) -> None:
+    if r.cpu_floors and r.cpu_rows:
+        cpu.print_rows(r.cpu_rows, r.cpu_floors, f"(d) CPU per tiny Forward (T={OVERHEAD_TOKENS}, H=64), microseconds, "
+                       f"summed over the processes on the path (median of {cpu.WINDOWS} windows)")
+
+
 # ---- plain Ray actors ----
 
 @contextlib.contextmanager
@@ -800,7 +880,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter windows, no tuned Serve run")
     parser.add_argument("--only", type=lambda v: v.split(","), default=None,
-                        help="comma-separated phases to run (mesh, collective, actors, serve; in-process always)")
+                        help="comma-separated phases to run (mesh, collective, cpu, actors, serve; in-process always)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (callers, in-process)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -821,7 +901,8 @@ def main() -> None:
         cluster = start_local_cluster(num_nodes=NUM_NODES)
         try:
             ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
-            phases = {"mesh": bench_mesh, "collective": bench_collective, "actors": bench_actors, "serve": bench_serve}
+            phases = {"mesh": bench_mesh, "collective": bench_collective, "cpu": bench_cpu, "actors": bench_actors,
+                      "serve": bench_serve}
             for name, phase in phases.items():
                 if args.only is None or name in args.only:
                     try:
@@ -838,6 +919,7 @@ def main() -> None:
               f"{'--quick' if args.quick else 'full'} run")
     print_table(results, header)
     print_breakdown(results)
+    print_cpu(results)
     for failure in results.failures:
         print(f"FAILED {failure}")
     sys.exit(1 if results.failures else 0)

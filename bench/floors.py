@@ -70,17 +70,21 @@ def grpc_echo_floor() -> dict[str, float]:
         server.terminate()
 
 
-def _gloo_peer(port: int) -> None:
+def _gloo_peer(port: int, rounds: list[tuple[int, int]] | None = None) -> None:
+    """Rank 1: echoes `rounds` [(bytes, round trips)] (default: REPS of each of SIZES, + 1 warm-up),
+    then waits for one last message before it exits (so that a caller can read its CPU idle)."""
     import torch
     import torch.distributed as dist
 
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=datetime.timedelta(seconds=60))
     pg = dist.ProcessGroupGloo(store, 1, 2, datetime.timedelta(seconds=60))
-    for label, size in SIZES.items():
+    for size, reps in rounds or [(size, REPS[label] + 1) for label, size in SIZES.items()]:
         buf = torch.empty(size, dtype=torch.uint8)
-        for _ in range(REPS[label] + 1):
+        for _ in range(reps):
             pg.recv([buf], 0, 0).wait()
             pg.send([buf], 0, 0).wait()
+    if rounds:
+        pg.recv([torch.empty(1, dtype=torch.uint8)], 0, 0).wait()
 
 
 def gloo_floor() -> dict[str, float]:

@@ -17,7 +17,7 @@ import time
 import grpc
 import torch
 
-from experts.errors import InvalidRequestError
+from experts.errors import ChannelRefusedError, InvalidRequestError
 from experts.group import ExpertGroup
 from experts.links import emulated_delay_s, serve_delay
 from experts.memory import keep_freed_memory
@@ -33,17 +33,18 @@ INLINE_MAX_MACS = 1 << 22  # rows * H * I below this: compute on the event loop 
 BULK_MIN_MACS = 1 << 28    # from this (~100 rows at H=1024, I=2816): the group's one bulk thread
 
 
-def validate_batch(request: pb.ExpertBatch, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(rows [N, H], scale [N] or None) of an ExpertBatch, checked as Forward checks its input;
-    which experts and versions the group holds, ExpertGroup.forward checks. InvalidRequestError
-    names the field."""
+def validate_batch(request: pb.ExpertBatch,
+                   hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None, list[int], list[int]]:
+    """(rows [N, H], scale [N] or None, experts, counts) of an ExpertBatch, checked as Forward
+    checks its input; which experts and versions the group holds, ExpertGroup.forward checks.
+    InvalidRequestError names the field."""
     rows = from_proto(request.hidden, "ExpertBatch.hidden")
     if rows.dim() != 2 or rows.shape[1] != hidden_size:
         raise InvalidRequestError(f"ExpertBatch.hidden must be [N, {hidden_size}], got {list(rows.shape)}")
-    counts = list(request.counts)
-    if len(counts) != len(request.experts) or any(c < 0 for c in counts) or sum(counts) != rows.shape[0]:
+    experts, counts = list(request.experts), list(request.counts)
+    if len(counts) != len(experts) or any(c < 0 for c in counts) or sum(counts) != rows.shape[0]:
         raise InvalidRequestError(f"ExpertBatch.counts {counts[:16]} must be one non-negative count per expert "
-                                  f"({len(request.experts)}) summing to the {rows.shape[0]} rows")
+                                  f"({len(experts)}) summing to the {rows.shape[0]} rows")
     scale = None
     if request.scale.dtype:
         scale = from_proto(request.scale, "ExpertBatch.scale")
@@ -51,7 +52,7 @@ def validate_batch(request: pb.ExpertBatch, hidden_size: int) -> tuple[torch.Ten
             raise InvalidRequestError(f"ExpertBatch.scale must be [{rows.shape[0]}], got {list(scale.shape)}")
     if not torch.isfinite(rows).all() or (scale is not None and not torch.isfinite(scale).all()):
         raise InvalidRequestError("ExpertBatch.hidden or .scale contains NaN or Inf")
-    return rows, scale
+    return rows, scale, experts, counts
 
 
 class ExpertGroupServer:
@@ -74,8 +75,9 @@ class ExpertGroupServer:
         with torch.inference_mode():
             out = self.group.forward(layer, rows, experts, counts, scale, versions).to(rows.dtype)  # the sender's
         self.compute_s += time.perf_counter() - start
+        served = self.tokens_served
         for expert, count in zip(experts, counts):
-            self.tokens_served[(layer, expert)] += count
+            served[(layer, expert)] += count
         return out
 
     async def compute(self, layer, rows, experts, counts, scale, versions=None) -> torch.Tensor:
@@ -93,19 +95,22 @@ class ExpertGroupServer:
 
     async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
         start = time.perf_counter()
-        rows, scale = validate_batch(request, self.group.spec.hidden_size)
+        rows, scale, experts, counts = validate_batch(request, self.group.spec.hidden_size)
         decoded = time.perf_counter()
         try:
-            out = await self.compute(request.layer, rows, list(request.experts), list(request.counts), scale,
-                                     list(request.versions) or None)
+            out = await self.compute(request.layer, rows, experts, counts, scale, list(request.versions) or None)
         except (KeyError, ValueError) as exc:  # a layer, expert or version this group does not hold
             raise InvalidRequestError(f"group {self.name}: {exc}") from exc
         computed = time.perf_counter()
         reply = pb.ExpertResult()
         to_proto(out, reply.hidden)
-        self.stage_s.update(decode=decoded - start, compute=computed - decoded, encode=time.perf_counter() - computed,
-                            calls=1)
-        await serve_delay(self.delay_s)
+        stage_s = self.stage_s
+        stage_s["decode"] += decoded - start
+        stage_s["compute"] += computed - decoded
+        stage_s["encode"] += time.perf_counter() - computed
+        stage_s["calls"] += 1
+        if self.delay_s > 0:
+            await serve_delay(self.delay_s)
         return reply
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
@@ -117,7 +122,7 @@ class ExpertGroupActor:
     """Ray actor body (wrapped with ray.remote by the controller, which sets placement and name)."""
 
     def __init__(self, name: str, model_path: str, assignment: dict[int, list[int]], dtype: str = "float32",
-                 torch_threads: int = 0):
+                 torch_threads: int = 0, channel_budget_bytes: int = 1 << 30):
         keep_freed_memory()
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
@@ -129,6 +134,7 @@ class ExpertGroupActor:
         self.endpoint = ""
         self._changing = threading.Lock()  # copies are added, staged and released from worker threads
         self._channels: dict = {}  # router -> ChannelWorker (collective transport)
+        self.channel_budget_bytes = channel_budget_bytes  # their receive buffers, together, at most
         logger.info("group %s holds %s", name, {k: v.experts for k, v in group.layers.items()})
 
     async def start(self, host: str = "", secret: str = "", tls: dict | None = None) -> str:
@@ -155,9 +161,10 @@ class ExpertGroupActor:
         """Collective transport: join the channel `channel_id` whose store the router `router`
         hosts at host:port, and serve it from a thread (receive buffers of `max_rows` rows of
         `dtype`). A new channel from the same router replaces its old one."""
-        from experts.channel import ChannelWorker
+        from experts.channel import ChannelWorker, channel_nbytes
 
         spec = self.server_impl.group.spec
+        self._check_channel_budget(router, channel_nbytes(max_rows, spec.hidden_size, DTYPES[dtype]))
         worker = ChannelWorker(channel_id, host, port, self.server_impl.compute_sync, spec.num_experts,
                                spec.hidden_size, DTYPES[dtype], max_rows,
                                self.server_impl.delay_s, self.server_impl.stage_s)
@@ -167,6 +174,17 @@ class ExpertGroupActor:
             old.close()
         self._channels[router] = worker
         worker.start()
+
+    def _check_channel_budget(self, router: str, nbytes: int) -> None:
+        """ChannelRefusedError when a channel of `nbytes` would take the channels' buffers past the
+        budget (closed channels and the one `router` replaces no longer count)."""
+        self._channels = {r: w for r, w in self._channels.items() if not w.closed.is_set()}
+        held = sum(w.nbytes for r, w in self._channels.items() if r != router)
+        if held + nbytes > self.channel_budget_bytes:
+            raise ChannelRefusedError(
+                f"group {self.name} refuses a collective channel to {router}: its receive buffers ({nbytes} bytes) "
+                f"beside the {len(self._channels)} channels held ({held} bytes) would pass groups.channel_budget_bytes "
+                f"({self.channel_budget_bytes}); that caller's slices go over grpc")
 
     def echo(self, payload):
         """Returns `payload` as received: the `ray` transport's raw round trip (bench_mesh)."""

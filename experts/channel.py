@@ -16,13 +16,18 @@ import torch
 
 from protos.collective import MESSAGE_BYTES, decode_header, header_size, process_group
 
-__all__ = ["ChannelWorker"]
+__all__ = ["ChannelWorker", "channel_nbytes"]
 
 logger = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # a group waits for the next batch this long; the router bounds each call
 
 Compute = Callable[[int, torch.Tensor, list[int], list[int], torch.Tensor | None, list[str]], torch.Tensor]
+
+
+def channel_nbytes(max_rows: int, hidden: int, dtype: torch.dtype) -> int:
+    """Bytes of the receive buffers of a channel of `max_rows` rows: rows [R, H] of dtype, scale [R] float32."""
+    return max_rows * (hidden * dtype.itemsize + 4)
 
 
 class ChannelWorker:
@@ -38,10 +43,16 @@ class ChannelWorker:
         self.rows = torch.empty(max_rows, hidden, dtype=dtype)      # [R, H], reused by every batch
         self.scale = torch.empty(max_rows, dtype=torch.float32)     # [R]
         self.status = torch.empty(2, dtype=torch.int64)
+        self._status = self.status.numpy()  # written through numpy: a torch setitem costs ~5 us each
         self.message = torch.zeros(MESSAGE_BYTES, dtype=torch.uint8)
         self.pg = None
         self.closed = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this channel's receive buffers hold (rows and scale)."""
+        return self.rows.nbytes + self.scale.nbytes
 
     def connect(self, timeout_s: float = 30.0) -> None:
         """Join the router's store and process group (blocks until the router has joined too)."""
@@ -76,16 +87,16 @@ class ChannelWorker:
             work.wait()
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
-                out = self.compute(layer, rows, experts, counts, scale, versions)
+            out = self.compute(layer, rows, experts, counts, scale, versions)  # its own inference_mode
         except (KeyError, ValueError, RuntimeError) as exc:
             self._send_error(f"{type(exc).__name__}: {exc}")
             return
         if self.stats is not None:
-            self.stats.update(compute=time.perf_counter() - start, calls=1)
+            self.stats["compute"] += time.perf_counter() - start
+            self.stats["calls"] += 1
         if self.delay_s > 0:  # the emulated link delay of this node (experts/links.py)
             time.sleep(self.delay_s)
-        self.status[0], self.status[1] = 1, n
+        self._status[0], self._status[1] = 1, n
         posted = [pg.send([self.status], 0, 0), pg.send([out.contiguous()], 0, 0)]
         for work in posted:
             work.wait()
@@ -94,7 +105,7 @@ class ChannelWorker:
         raw = message.encode()[:MESSAGE_BYTES]
         self.message.zero_()
         self.message[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        self.status[0], self.status[1] = 0, len(raw)
+        self._status[0], self._status[1] = 0, len(raw)
         self.pg.send([self.status], 0, 0).wait()
         self.pg.send([self.message], 0, 0).wait()
 

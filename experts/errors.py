@@ -13,7 +13,7 @@ status, in one place (protos/serving.py `status_of`); a subclass names what went
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "IngressError", "InvalidRequestError", "MeshError", "PermissionDeniedError",
+__all__ = ["ChannelRefusedError", "CheckpointError", "IngressError", "InvalidRequestError", "MeshError", "PermissionDeniedError",
            "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError", "UnsupportedModelError",
            "WireError", "one_line"]
 
@@ -40,6 +40,11 @@ class PermissionDeniedError(MeshError):
 
 class ResourceExhaustedError(MeshError):
     """A bound is reached (queued tokens, request bytes in flight); the caller should back off."""
+
+
+class ChannelRefusedError(ResourceExhaustedError):
+    """An expert group holds as many collective channels' buffers as its budget allows; the caller's
+    slices go over grpc."""
 
 
 class UnavailableError(MeshError):

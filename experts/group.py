@@ -75,6 +75,7 @@ class ExpertGroup:
         self.dtype = dtype  # None: the checkpoint's
         self.staged: dict[int, LayerExperts] = {}  # layer -> new weights of some experts (hot swap)
         self.bytes_read = 0  # checkpoint bytes its first load read (quantized data and scales as stored)
+        self.activation = spec.gated_activation()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, assignment: dict[int, list[int]],
@@ -142,16 +143,17 @@ class ExpertGroup:
             raise ValueError(f"x must be [N, {self.spec.hidden_size}], got shape {tuple(x.shape)}")
         if experts != sorted(experts):
             raise ValueError(f"experts must come in ascending order, got {experts}")
-        runs, activation = self._runs(layer, experts, counts, versions), self.spec.gated_activation()
+        runs = self._runs(layer, experts, counts, versions)
         x = x.to(runs[0][0].w_gate_up.dtype)
         if scale is not None:
             x = x * scale.to(x.dtype).unsqueeze(1)
         outs, start = [], 0
         for held, run_experts, run_counts in runs:
             rows = sum(run_counts)
-            local_counts = torch.zeros(len(held.experts), dtype=torch.int64)
-            local_counts[[held.slot[e] for e in run_experts]] = torch.tensor(run_counts, dtype=torch.int64)
-            outs.append(held.mlp(x[start:start + rows], local_counts, activation))
+            local_counts = [0] * len(held.experts)  # rows per held expert, in slot order
+            for expert, count in zip(run_experts, run_counts):
+                local_counts[held.slot[expert]] = count
+            outs.append(held.mlp(x[start:start + rows], torch.tensor(local_counts), self.activation))
             start += rows
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

@@ -41,6 +41,10 @@ class GroupsConfig(BaseModel):
         "Ray's own such as ray.io/accelerator-type); empty: on any node."))
     memory_fraction: float = Field(0.8, gt=0, le=1, description=(
         "Share of a node's Ray memory that its groups' expert weights may take."))
+    channel_budget_bytes: int = Field(1 << 30, ge=0, description=(
+        "Memory a group gives the receive buffers of its collective channels (one per router or direct "
+        "client, max_batch_tokens x top_k rows each); past it, a new channel is refused and that caller's "
+        "slices go over grpc."))
     simulated: SimulatedConfig | None = Field(None, description=(
         "Run simulated devices instead of real experts (benchmarks of skew and scaling; outputs are junk)."))
 

@@ -117,7 +117,7 @@ class RayLauncher:
         else:
             has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in alive_nodes(groups.node_labels))
             actor = ray.remote(ExpertGroupActor).options(num_gpus=1 if has_gpus else 0, **options).remote(
-                name, self.model_path, own, groups.dtype, groups.torch_threads)
+                name, self.model_path, own, groups.dtype, groups.torch_threads, groups.channel_budget_bytes)
         for layer, experts, source in loads:
             if source is not None:
                 await actor.load_experts.remote(layer, experts, source)

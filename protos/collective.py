@@ -42,20 +42,18 @@ def version_from_int(value: int) -> str:
 
 def encode_header(out: torch.Tensor, layer: int, epoch: int, experts, counts, versions, num_rows: int,
                   has_scale: bool) -> None:
-    """Fill `out` (int64 [header_size(E)]) in place."""
+    """Fill `out` (int64 [header_size(E)]) in place (one copy from one list)."""
     n = len(experts)
-    out.zero_()
-    out[:HEADER_FIXED] = torch.tensor([layer, epoch, num_rows, n, int(has_scale)])
-    base = HEADER_FIXED
-    out[base:base + n] = torch.tensor(experts)
-    out[base + n:base + 2 * n] = torch.tensor(counts)
-    out[base + 2 * n:base + 3 * n] = torch.tensor([version_to_int(v) for v in versions])
+    values = [layer, epoch, num_rows, n, int(has_scale), *experts, *counts, *map(version_to_int, versions)]
+    values += [0] * (out.shape[0] - len(values))
+    out.copy_(torch.tensor(values, dtype=torch.int64))
 
 
 def decode_header(header: torch.Tensor) -> tuple[int, int, int, list[int], list[int], list[str], bool]:
     """(layer, epoch, rows, experts, counts, versions, has_scale) of a received header."""
-    layer, epoch, num_rows, n, has_scale = header[:HEADER_FIXED].tolist()
-    rest = header[HEADER_FIXED:HEADER_FIXED + 3 * n].tolist()
+    values = header.tolist()
+    layer, epoch, num_rows, n, has_scale = values[:HEADER_FIXED]
+    rest = values[HEADER_FIXED:HEADER_FIXED + 3 * n]
     return (layer, epoch, num_rows, rest[:n], rest[n:2 * n], [version_from_int(v) for v in rest[2 * n:]],
             bool(has_scale))
 

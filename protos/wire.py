@@ -26,7 +26,9 @@ def to_proto(tensor: torch.Tensor, out: pb.Tensor | None = None,
     if tensor.dtype not in dtypes.values():
         raise WireError(f"dtype {tensor.dtype} cannot be sent; supported: {', '.join(dtypes)}")
     out = pb.Tensor() if out is None else out
-    raw = tensor.detach().contiguous().cpu()
+    raw = tensor.detach().contiguous()
+    if raw.device.type != "cpu":
+        raw = raw.cpu()
     # bytes through a uint8 view: works for bf16, which numpy cannot represent
     out.data = raw.view(torch.uint8).numpy().tobytes() if raw.numel() else b""
     out.dtype = _NAMES[tensor.dtype]
@@ -62,8 +64,9 @@ def from_proto(message: pb.Tensor, field: str = "tensor", copy: bool = False,
         raise WireError(f"{field}.shape must have at most {MAX_DIMS} dims, each in [0, {MAX_DIM}], "
                         f"got {list(shape)[:MAX_DIMS + 1]}")
     numel = math.prod(shape)
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    if math.prod(max(d, 1) for d in shape) * itemsize >= 1 << 62:  # strides of an empty tensor too
+    itemsize = dtype.itemsize
+    span = numel or math.prod(max(d, 1) for d in shape)  # the strides of an empty tensor too
+    if span * itemsize >= 1 << 62:
         raise WireError(f"{field}.shape {list(shape)} has more elements than a tensor can address")
     data = message.data  # upb copies the field's bytes on every access: once
     if len(data) != numel * itemsize:

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from experts.errors import ChannelRefusedError
 from protos.collective import MESSAGE_BYTES, encode_header, header_size, process_group
 from router_service.routing import Destination, RoutingTable
 from router_service.transport import ExpertUnavailableError, GrpcTransport, Transport
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 30.0
 REOPEN_AFTER_S = 1.0  # a group whose channel failed is not asked again sooner
+REFUSED_RETRY_S = 30.0  # a group that refused a channel (its budget) is asked again this much later
 CLOSE_GRACE_S = 10.0  # a channel outlives the last table naming its group by this (batches in flight)
 
 
@@ -89,6 +91,7 @@ class CollectiveTransport(Transport):
         self.segments: collections.Counter[str] = collections.Counter()
         self._opening: dict[str, asyncio.Task] = {}
         self._failed_at: dict[str, float] = {}
+        self.refused: dict[str, str] = {}  # group -> why it refused this caller a channel (the last time)
         self._named: set[str] = set()  # groups the table in force names
         self._ids = itertools.count()
 
@@ -161,11 +164,21 @@ class CollectiveTransport(Transport):
             channel_id = f"{self.router}/{group}/{next(self._ids)}/{secrets.token_hex(16)}"  # told by a Ray call only
             joined = actor.open_channel.remote(channel_id, self.router, host, store.port, self.max_rows,
                                                _dtype_name(self.dtype))
-            pg = await asyncio.to_thread(process_group, dist.PrefixStore(channel_id + "/", store), 0,
-                                         torch.device("cpu"), OPEN_TIMEOUT_S)  # each call waits timeout_s
-            await asyncio.wait_for(joined, OPEN_TIMEOUT_S)
+            joining = asyncio.ensure_future(asyncio.wait_for(joined, OPEN_TIMEOUT_S))
+            forming = asyncio.ensure_future(asyncio.to_thread(
+                process_group, dist.PrefixStore(channel_id + "/", store), 0, torch.device("cpu"), OPEN_TIMEOUT_S))
+            await asyncio.wait([joining, forming], return_when=asyncio.FIRST_EXCEPTION)
+            if joining.done() and joining.exception() is not None:  # refused: the rendezvous would wait in vain
+                forming.add_done_callback(lambda f: f.exception())  # it times out on its own; nothing to log
+                raise joining.exception()
+            pg = await forming
+            await joining
             self.channels[group] = Channel(group, pg, store, self.num_experts, self.timeout_s)
             logger.info("collective channel to %s open (%s)", group, channel_id)
+        except ChannelRefusedError as exc:  # over the group's budget: grpc for this caller, asked again later
+            self._failed_at[group] = time.monotonic() + REFUSED_RETRY_S
+            self.refused[group] = str(getattr(exc, "cause", exc))  # a RayTaskError carries the group's error
+            logger.warning("collective channel to %s refused (grpc instead): %s", group, self.refused[group])
         except Exception as exc:  # noqa: BLE001 - grpc carries its traffic; tried again later
             self._failed_at[group] = time.monotonic()
             logger.warning("collective channel to %s not opened (grpc meanwhile): %r", group, exc)

@@ -21,7 +21,8 @@ from experts import MoELayer
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from router_service import DirectClient
-from tests.integration.mesh_helpers import SMALL, Load, small_checkpoints, swapped_reference, wait_for
+from tests.integration.mesh_helpers import (FP32_TOL, SMALL, Load, rel_err, small_checkpoints, swapped_reference,
+                                            wait_for)
 
 TOKEN = "test-token"
 LEASE_S = 3.0
@@ -80,6 +81,32 @@ def test_scale_and_hot_swap_under_direct_load(meshes, checkpoints, transport):
     assert load.counts["old"] > 10 and load.counts["new"] > 10, load.counts
     _one_epoch_per_kind(load, reply.epoch)
     assert segments.get(transport, 0) > 0, segments
+
+
+def test_a_group_over_its_channel_budget_refuses_a_direct_client_which_goes_over_grpc(meshes, checkpoints):
+    """Room for one channel per group (the router's): the direct client's collective channels are
+    refused with the reason, its slices go over grpc (counted), and every answer is right."""
+    old = checkpoints["old"]
+    one_channel = 4096 * (SMALL["hidden_size"] * 4 + 4)  # max_batch_tokens 2048 x top_k 2 rows, fp32, + scale
+    mesh = meshes.get(old, key="direct-budget", groups={"channel_budget_bytes": one_channel + 1000},
+                      router={"transport": "collective"})
+    x = torch.randn(16, SMALL["hidden_size"], generator=torch.Generator().manual_seed(9))
+    ref = MoELayer.from_pretrained(old, layer=0)(x)
+    groups = {g["name"] for g in mesh.status()["groups"]}
+    wait_for(lambda: set(ray.get(mesh.router.__ray_call__.remote(_channels))) == groups, 30)  # the router's first
+    with DirectClient(mesh.name, transport="collective") as client:
+        transport = client._core.router.transport
+        wait_for(lambda: client.forward(0, x) is not None and set(transport.refused) == groups, 30, 0.05)
+        for _ in range(10):
+            assert rel_err(client.forward(0, x), ref) <= FP32_TOL
+        assert "channel_budget_bytes" in next(iter(transport.refused.values()))
+        assert not transport.channels and transport.segments["grpc"] >= 10 and not transport.segments["collective"]
+    assert set(ray.get(mesh.router.__ray_call__.remote(_channels))) == groups  # the router's channels stand
+    meshes.stop("direct-budget")
+
+
+def _channels(router_actor) -> list[str]:
+    return list(router_actor.server.router.transport.channels)
 
 
 def test_killed_group_with_two_copies_loses_nothing_on_a_direct_client(meshes, checkpoints, transport):

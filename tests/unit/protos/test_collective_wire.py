@@ -23,3 +23,11 @@ def test_a_version_that_is_not_a_sha_prefix_is_refused():
 @pytest.mark.parametrize("device,backend", [("cpu", "gloo"), ("cuda", "nccl"), ("cuda:1", "nccl")])
 def test_backend_follows_the_tensors_device(device, backend):
     assert backend_for(torch.device(device)) == backend
+
+
+def test_a_reused_header_keeps_nothing_of_the_previous_batch():
+    header = torch.full((header_size(8),), -1, dtype=torch.int64)
+    encode_header(header, 0, 1, [0, 1, 2, 3], [1, 1, 1, 1], ["0123456789ab"] * 4, 4, True)
+    encode_header(header, 2, 5, [6], [3], ["ffffffffffff"], 3, False)
+    assert decode_header(header) == (2, 5, 3, [6], [3], ["ffffffffffff"], False)
+    assert header[5 + 3:].eq(0).all()  # past the one expert's fields: zeros, not the last batch's
