@@ -11,7 +11,8 @@ Prints one table (progress goes to stderr):
     warm-up (must be 0), and the round-trip bandwidth of 8 MB of rows (2048 x 1024 fp32) through the
     transport boundary (plan_batch, Transport.dispatch to a group on another node that echoes the
     rows, combine) over grpc, ray and collective, as a share of its floor;
-the "mesh collective" column is the mesh with router.transport: collective (gloo);
+the "mesh collective" column is the mesh with router.transport: collective (gloo); "direct" and
+"direct collective" are a DirectClient in this process (the router core here, one hop to the groups);
 and the worst relative error of every implementation against MoELayer (a fast but wrong peer
 cannot win), beside the issue's goals.
 (d) CPU per tiny Forward (T=8, H=64), summed over the processes on the path (this process as the
@@ -25,7 +26,7 @@ Peers (bench/peers.py), same checkpoint, cluster and split of experts over 3 gro
 behind Serve's gRPC proxy, batch_wait_timeout_s 0.01 (Serve's default, "as configured") and 0.1
 ("tuned"). Everything runs on this machine: the 3 "nodes" share its cores.
 
-    .venv/bin/python bench/bench_mesh.py [--quick] [--only mesh,collective,cpu,actors,serve] [--threads N]
+    .venv/bin/python bench/bench_mesh.py [--quick] [--only mesh,collective,direct,cpu,actors,serve] [--threads N]
 """
 
 from __future__ import annotations
@@ -93,10 +94,11 @@ TOLERANCE = 1e-5                              # max |out - ref| <= TOLERANCE * m
 SERVE_WAIT_S = {"serve": 0.01, "serve_tuned": 0.1}
 
 # columns of the table
-MESH, MESH_COLL, MESH_NB, ACTORS, SERVE, SERVE_TUNED, LOCAL = ("mesh", "mesh_coll", "mesh_nb", "actors", "serve",
-                                                               "serve_tuned", "local")
-COLUMNS = {MESH: "mesh", MESH_COLL: "mesh collective", MESH_NB: "mesh no-batch", ACTORS: "plain actors",
-           SERVE: "Serve as-cfg", SERVE_TUNED: "Serve tuned", LOCAL: "in-process"}
+MESH, MESH_COLL, DIRECT, DIRECT_COLL, MESH_NB, ACTORS, SERVE, SERVE_TUNED, LOCAL = (
+    "mesh", "mesh_coll", "direct", "direct_coll", "mesh_nb", "actors", "serve", "serve_tuned", "local")
+COLUMNS = {MESH: "mesh", MESH_COLL: "mesh collective", DIRECT: "direct", DIRECT_COLL: "direct collective",
+           MESH_NB: "mesh no-batch", ACTORS: "plain actors", SERVE: "Serve as-cfg", SERVE_TUNED: "Serve tuned",
+           LOCAL: "in-process"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,18 +325,23 @@ Row = tuple[str, dict[str, str], str, str]  # (label, {column: text}, goal, met)
 
 def _latency_rows(r: Results) -> list[Row]:
     rows = [("(a) Forward latency, big: p50 / p90 ms", {}, "", "")]
+    paths = (MESH, MESH_COLL, DIRECT, DIRECT_COLL)
     for t in TOKENS:
-        rows.append((f"  T={t}", {c: _ms(r.lat.get((c, "big", t))) for c in (MESH, MESH_COLL, LOCAL)}, "", ""))
+        rows.append((f"  T={t}", {c: _ms(r.lat.get((c, "big", t))) for c in (*paths, LOCAL)}, "", ""))
     for t in TOKENS:
-        ratios = {c: r.ratio(c, "big", t) for c in (MESH, MESH_COLL)}
-        goal, met = ("<= 1.15", _met(all(v <= 1.15 for v in ratios.values() if v) if any(ratios.values()) else None)) \
+        ratios = {c: r.ratio(c, "big", t) for c in paths}
+        goal, met = ("direct collective <= 1.15", _met(ratios[DIRECT_COLL] <= 1.15 if ratios[DIRECT_COLL] else None)) \
             if t == 512 else ("", "")
         rows.append((f"  mesh / in-process p50, T={t}", {c: _ratio(v) for c, v in ratios.items()}, goal, met))
-    tiny = {c: r.lat.get((c, "tiny", OVERHEAD_TOKENS)) for c in (MESH, MESH_COLL, ACTORS, SERVE, SERVE_TUNED, LOCAL)}
+    tiny = {c: r.lat.get((c, "tiny", OVERHEAD_TOKENS)) for c in (*paths, ACTORS, SERVE, SERVE_TUNED, LOCAL)}
     rows.append((f"  fixed overhead, tiny T={OVERHEAD_TOKENS}: p50 / p90 ms", {c: _ms(v) for c, v in tiny.items() if v},
                  "", ""))
-    rows.append(("  ... / in-process p50, tiny",
-                 {c: _ratio(r.ratio(c, "tiny", OVERHEAD_TOKENS)) for c in tiny if c != LOCAL}, "", ""))
+    tiny_ratios = {c: r.ratio(c, "tiny", OVERHEAD_TOKENS) for c in tiny if c != LOCAL}
+    limits = {MESH: 4.0, MESH_COLL: 4.0, DIRECT: 2.5, DIRECT_COLL: 1.5}
+    measured = {c: v for c, v in tiny_ratios.items() if c in limits and v}
+    rows.append(("  ... / in-process p50, tiny", {c: _ratio(v) for c, v in tiny_ratios.items()},
+                 "router <= 4, direct <= 2.5, direct coll. <= 1.5",
+                 _met(all(v <= limits[c] for c, v in measured.items())) if measured else "n/a"))
     grpc_floor = r.floors.get("grpc", {}).get("64 B")
     if grpc_floor:
         multiples = {c: p50(tiny[c]) / grpc_floor for c in (MESH, MESH_COLL) if tiny[c]}
@@ -724,6 +731,34 @@ def bench_collective(models: dict[str, Model], effort: Effort, r: Results) -> No
     r.fallbacks[MESH_COLL] = fallbacks
 
 
+def bench_direct(models: dict[str, Model], effort: Effort, r: Results) -> None:
+    """A DirectClient in this process (the router core here, one hop to the groups) over grpc and
+    over collective, on the same meshes' groups."""
+    for model, name in ((models["big"], "bench-direct-big"), (models["tiny"], "bench-direct-tiny")):
+        with running_mesh(name, model) as mesh:
+            for column, transport in ((DIRECT, "grpc"), (DIRECT_COLL, "collective")):
+                with DirectClient(mesh.name, transport=transport, timeout_s=120) as client:
+                    forward = lambda x: client.forward(LAYER, x)  # noqa: E731
+                    _warm_direct(client, model.hidden_size)
+                    r.add_error(column, rel_error(forward, model.reference))
+                    if model is models["big"]:
+                        for t in TOKENS:
+                            measure_latency(r, column, model, t, forward, effort.latency_reps[t], effort)
+                    else:
+                        measure_latency(r, column, model, OVERHEAD_TOKENS, forward, effort.overhead_reps, effort)
+
+
+def _warm_direct(client, hidden_size: int, timeout_s: float = 60.0) -> None:
+    """Calls until every group has a channel of the client's transport (a collective one opens in the
+    background; until then its slices go over grpc)."""
+    transport, deadline = client._core.router.transport, time.time() + timeout_s
+    while hasattr(transport, "channels") and set(transport.channels) != set(client._core.router.table.groups()):
+        if time.time() > deadline:
+            raise RuntimeError(f"collective channels of {client.name} not up within {timeout_s} s")
+        client.forward(LAYER, _tokens(OVERHEAD_TOKENS, hidden_size))
+        time.sleep(0.05)
+
+
 # ---- CPU per Forward ----
 
 def _actor_pid(handle) -> int:
@@ -880,7 +915,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter windows, no tuned Serve run")
     parser.add_argument("--only", type=lambda v: v.split(","), default=None,
-                        help="comma-separated phases to run (mesh, collective, cpu, actors, serve; in-process always)")
+                        help="comma-separated phases to run (mesh, collective, direct, cpu, actors, serve; in-process "
+                             "always)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (callers, in-process)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -901,8 +937,8 @@ def main() -> None:
         cluster = start_local_cluster(num_nodes=NUM_NODES)
         try:
             ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
-            phases = {"mesh": bench_mesh, "collective": bench_collective, "cpu": bench_cpu, "actors": bench_actors,
-                      "serve": bench_serve}
+            phases = {"mesh": bench_mesh, "collective": bench_collective, "direct": bench_direct, "cpu": bench_cpu,
+                      "actors": bench_actors, "serve": bench_serve}
             for name, phase in phases.items():
                 if args.only is None or name in args.only:
                     try:

@@ -122,6 +122,11 @@ class LayerBatcher:
         id_chunks = [None] * len(chunks) if token_ids is None else torch.split(token_ids, step)
         entries = [_Entry(chunk, loop.create_future(), caller, ids, pin)
                    for chunk, ids in zip(chunks, id_chunks, strict=True)]
+        lane = self._idle_lane(caller) if len(entries) == 1 else None
+        if lane is not None:  # nothing queued and a slot free: it is the next batch, run here
+            self._take(lane, entries)
+            await self._run(entries, lane)
+            return entries[0].future.result()
         self._queue.extend(entries)
         self._queued_tokens += x.shape[0]
         self._wakeup.set()
@@ -133,6 +138,21 @@ class LayerBatcher:
         if len(results) == 1:
             return results[0]
         return torch.cat([out for out, _ in results]), max(tag for _, tag in results)
+
+    def _idle_lane(self, caller: str) -> str | None:
+        """With nothing queued, the lane a request of `caller` would leave in at once (None: it queues):
+        what the loop would do, without its round trip."""
+        if self._queue:
+            return None
+        if self._free["express"] and caller not in self._busy:
+            return "express"
+        holds_open = self._config.enabled and self._config.max_wait_ms > 0
+        return "main" if self._free["main"] and not holds_open else None
+
+    def _take(self, lane: str, batch: list[_Entry]) -> None:
+        """A slot of `lane` for `batch`; its callers count as busy until it is done."""
+        self._free[lane] -= 1
+        self._busy.update({e.caller for e in batch})
 
     async def close(self) -> None:
         self._worker.cancel()
@@ -150,10 +170,10 @@ class LayerBatcher:
             if lane == "main" and self._config.enabled and self._config.max_wait_ms > 0:
                 await self._hold_open()
             batch = self._pop_batch(lane == "express")
+            self._free[lane] += 1
             if not batch:
-                self._free[lane] += 1
                 continue
-            self._busy.update({e.caller for e in batch})  # now, so the next batch's lane sees it
+            self._take(lane, batch)  # now, so the next batch's lane sees its callers busy
             task = asyncio.get_running_loop().create_task(self._run(batch, lane))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -12,9 +12,10 @@ authenticated nor encrypted (README, Security).
     set_table -> open a channel to every group the table names that has none (in the background;
                  until it is up, that group's slices go over grpc, counted as such) -> close the
                  ones no table names, 10 s later
-    send      -> in the channel's own thread (never the event loop): header, rows (+ scale) out,
-                 status and outputs straight into the batch's output slice; every wait bounded by
-                 `timeout_s`. A failed or timed-out channel is dropped and a new one opened.
+    dispatch  -> one hop to the transport's thread (never the event loop) per batch: every
+                 destination's header, rows (+ scale) posted at once, then each status and outputs
+                 straight into the batch's output slice, all within one deadline of `timeout_s`. A
+                 failed or timed-out channel is dropped and a new one opened.
 """
 
 from __future__ import annotations
@@ -54,27 +55,55 @@ class Channel:
         self.header = torch.empty(header_size(num_experts), dtype=torch.int64)
         self.status = torch.empty(2, dtype=torch.int64)
         self.message = torch.empty(MESSAGE_BYTES, dtype=torch.uint8)
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix=f"channel-{group}")
 
     def call(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None, dest: Destination,
-             out: torch.Tensor) -> None:
-        """Runs in `thread`: one destination's slice out, its outputs into out[start:stop]."""
+             out: torch.Tensor, timeout_s: float | None = None) -> None:
+        """One destination's slice out, its outputs into out[start:stop] (blocking: never on the event loop)."""
+        self.finish(self.post(layer, epoch, rows, scale, dest), dest, out, timeout_s)
+
+    def post(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None, dest: Destination) -> list:
+        """Header, rows [start, stop) (and scale) sent and the status asked for, all posted at once."""
         a, b = dest.start, dest.stop
         encode_header(self.header, layer, epoch, dest.experts, dest.counts, dest.versions, b - a, scale is not None)
-        posted = [self.pg.send([self.header], 1, 0), self.pg.send([rows[a:b]], 1, 0)]  # posted together, one wait
+        posted = [self.pg.send([self.header], 1, 0), self.pg.send([rows[a:b]], 1, 0)]
         if scale is not None:
             posted.append(self.pg.send([scale[a:b]], 1, 0))
         posted.append(self.pg.recv([self.status], 1, 0))
+        return posted
+
+    def finish(self, posted: list, dest: Destination, out: torch.Tensor, timeout_s: float | None = None) -> None:
+        """Wait for what `post` posted, then the outputs into out[start:stop]; ValueError when the
+        group answered with an error. Every wait bounded by `timeout_s` (default the channel's)."""
+        timeout = self.timeout if timeout_s is None else datetime.timedelta(seconds=max(timeout_s, 1e-3))
         for work in posted:
-            work.wait(self.timeout)
+            work.wait(timeout)
         if int(self.status[0]) != 1:
-            self.pg.recv([self.message], 1, 0).wait(self.timeout)
+            self.pg.recv([self.message], 1, 0).wait(timeout)
             raise ValueError(bytes(self.message[:int(self.status[1])].tolist()).decode(errors="replace"))
-        self.pg.recv([out[a:b]], 1, 0).wait(self.timeout)
+        self.pg.recv([out[dest.start:dest.stop]], 1, 0).wait(timeout)
 
     def close(self) -> None:
-        self.thread.shutdown(wait=False)
         self.pg = self.store = None
+
+
+def exchange(calls: list[tuple[Channel, Destination]], layer: int, epoch: int, rows: torch.Tensor,
+             scale: torch.Tensor | None, out: torch.Tensor, timeout_s: float) -> dict[str, BaseException]:
+    """Every destination's slice posted at once, then each answer awaited, all within one deadline of
+    `timeout_s` (a frozen group costs the batch one timeout, not one per group). Blocking: runs in
+    the transport's thread. Returns {group: error} of the destinations that failed."""
+    deadline, errors, posted = time.monotonic() + timeout_s, {}, {}
+    for channel, dest in calls:
+        try:
+            posted[dest.group] = channel.post(layer, epoch, rows, scale, dest)
+        except Exception as exc:  # noqa: BLE001 - a broken channel: that destination failed
+            errors[dest.group] = exc
+    for channel, dest in calls:
+        if dest.group in posted:
+            try:
+                channel.finish(posted[dest.group], dest, out, deadline - time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - timed out, broken, or the group's error (ValueError)
+                errors[dest.group] = exc
+    return errors
 
 
 class CollectiveTransport(Transport):
@@ -94,6 +123,7 @@ class CollectiveTransport(Transport):
         self.refused: dict[str, str] = {}  # group -> why it refused this caller a channel (the last time)
         self._named: set[str] = set()  # groups the table in force names
         self._ids = itertools.count()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"collective-{router}")  # every channel's waits
 
     def on_table(self, table: RoutingTable) -> None:
         """Open channels to the groups `table` names; close the ones it no longer names once the
@@ -121,21 +151,40 @@ class CollectiveTransport(Transport):
         if group not in self._named and group in self.channels:
             self.channels.pop(group).close()
 
-    async def send(self, layer, epoch, rows, scale, dest, out) -> None:
-        channel = self.channels.get(dest.group)
-        if channel is None:
+    async def dispatch(self, layer, epoch, rows, scale, destinations, out) -> dict[str, BaseException]:
+        """The destinations with a channel in one `exchange` on the transport's thread (one thread hop
+        per batch), the others over grpc meanwhile (their channels opened in the background)."""
+        calls = [(self.channels[d.group], d) for d in destinations if d.group in self.channels]
+        others = [d for d in destinations if d.group not in self.channels]
+        for dest in others:
             self._open_soon(dest.group)
-            self.segments["grpc"] += 1
-            return await self.fallback.send(layer, epoch, rows, scale, dest, out)
-        try:
-            await asyncio.get_running_loop().run_in_executor(channel.thread, channel.call, layer, epoch, rows, scale,
-                                                             dest, out)
-        except ValueError as exc:  # the group answered with an error: the channel is fine
-            raise ExpertUnavailableError(f"expert group {dest.group} (collective): {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - timed out or broken: never reused
+        for kind, num_slices in (("collective", len(calls)), ("grpc", len(others))):
+            if num_slices:  # counted as sent; a failed one is taken back (_failed)
+                self.segments[kind] += num_slices
+        results = await asyncio.gather(
+            asyncio.get_running_loop().run_in_executor(self._thread, exchange, calls, layer, epoch, rows, scale, out,
+                                                       self.timeout_s),
+            *(self.fallback.send(layer, epoch, rows, scale, d, out) for d in others), return_exceptions=True)
+        errors = {d.group: r for d, r in zip(others, results[1:]) if isinstance(r, BaseException)}
+        for channel, dest in calls:
+            error = results[0].get(dest.group) if isinstance(results[0], dict) else results[0]
+            if error is not None:
+                errors[dest.group] = self._failed(channel, dest, error)
+        return errors
+
+    def _failed(self, channel: Channel, dest: Destination, error: BaseException) -> ExpertUnavailableError:
+        """A destination that failed on its channel; a channel that timed out or broke is dropped (a
+        group that answered with an error keeps it)."""
+        self.segments["collective"] -= 1
+        if not isinstance(error, ValueError):
             self._drop(dest.group, channel)
-            raise ExpertUnavailableError(f"expert group {dest.group} (collective): {str(exc).splitlines()[0]}") from exc
-        self.segments["collective"] += 1
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return ExpertUnavailableError(f"expert group {dest.group} (collective): {reason}")
+
+    async def send(self, layer, epoch, rows, scale, dest, out) -> None:
+        errors = await self.dispatch(layer, epoch, rows, scale, [dest], out)
+        if errors:
+            raise errors[dest.group]
 
     def _drop(self, group: str, channel: Channel) -> None:
         if self.channels.get(group) is channel:
@@ -189,6 +238,7 @@ class CollectiveTransport(Transport):
         for channel in self.channels.values():
             channel.close()
         self.channels.clear()
+        self._thread.shutdown(wait=False)
         await self.fallback.close()
 
 

@@ -37,5 +37,4 @@ def test_a_row_sums_its_roles_and_sets_its_floor():
     sent = iter([0, 30])  # the counter before and after: 30 messages over 5 windows x 2 calls
     row = cpu.cpu_row("x", {"client": [os.getpid()]}, lambda: _spin(0.005), 2, lambda: next(sent), 1, 100.0, floors)
     assert row.destinations == 3.0
-    assert row.floor_us == 300.0 + 400.0 + 3 * 100.0
-    assert row.total_us == pytest.approx(5000, rel=0.5)
+    assert row.floor_us == 300.0 + 400.0 + 3 * 100.0  # (its measured CPU is test_cpu_per_call's)

@@ -152,11 +152,13 @@ def test_batcher_refuses_beyond_queue_limit():
             return [x[p] for p in parts], 1
 
         batcher = LayerBatcher(FakeRouter(run_batch), 0, BatchingConfig(max_inflight_batches=1), max_queue_tokens=10)
-        first = asyncio.ensure_future(batcher.submit(torch.zeros(8, 2)))
-        await asyncio.sleep(0)
+        # one slot per lane: two batches in flight (queued tokens leave the queue), the third waits
+        running = [asyncio.ensure_future(batcher.submit(torch.zeros(8, 2))) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert batcher.queued_tokens == 8
         with pytest.raises(QueueFullError, match="max_queue_tokens=10"):
-            await batcher.submit(torch.zeros(8, 2))
-        await first
+            await batcher.submit(torch.zeros(4, 2))
+        await asyncio.gather(*running)
         await batcher.close()
 
     asyncio.run(main())
