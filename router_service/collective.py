@@ -120,7 +120,8 @@ class CollectiveTransport(Transport):
         self.segments: collections.Counter[str] = collections.Counter()
         self._opening: dict[str, asyncio.Task] = {}
         self._failed_at: dict[str, float] = {}
-        self.refused: dict[str, str] = {}  # group -> why it refused this caller a channel (the last time)
+        self.refused: dict[str, str] = {}
+        self._abandoned: set[asyncio.Future] = set()  # rendezvous left to time out after a refusal  # group -> why it refused this caller a channel (the last time)
         self._named: set[str] = set()  # groups the table in force names
         self._ids = itertools.count()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"collective-{router}")  # every channel's waits
@@ -218,7 +219,9 @@ class CollectiveTransport(Transport):
                 process_group, dist.PrefixStore(channel_id + "/", store), 0, torch.device("cpu"), OPEN_TIMEOUT_S))
             await asyncio.wait([joining, forming], return_when=asyncio.FIRST_EXCEPTION)
             if joining.done() and joining.exception() is not None:  # refused: the rendezvous would wait in vain
-                forming.add_done_callback(lambda f: f.exception())  # it times out on its own; nothing to log
+                self._abandoned.add(forming)  # it times out on its own (close cancels the wait for it)
+                forming.add_done_callback(self._abandoned.discard)
+                forming.add_done_callback(lambda f: f.cancelled() or f.exception())  # nothing to log
                 raise joining.exception()
             pg = await forming
             await joining
@@ -233,7 +236,7 @@ class CollectiveTransport(Transport):
             logger.warning("collective channel to %s not opened (grpc meanwhile): %r", group, exc)
 
     async def close(self) -> None:
-        for task in list(self._opening.values()):
+        for task in [*self._opening.values(), *self._abandoned]:
             task.cancel()
         for channel in self.channels.values():
             channel.close()
