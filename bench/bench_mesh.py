@@ -19,6 +19,9 @@ cannot win), beside the issue's goals.
     client, the router actor, the expert-group actors; from /proc), beside the design's floor from
     the same run: the in-process MoELayer + one grpc echo (client -> router) + per destination one
     grpc echo (grpc transport) or one gloo send/recv (collective); see bench/cpu.py.
+(e) one layer of DeepSeek-V3's shape (58 MoE layers x 256 experts, top-8, H=64, bf16) on 32 simulated
+    groups over 4 nodes, T=64, router and direct, beside as many concurrent grpc echoes of the same
+    bytes to as many plain servers.
 
 Peers (bench/peers.py), same checkpoint, cluster and split of experts over 3 groups as the mesh:
 "plain actors" = ray.remote actors holding an ExpertGroup, gate/dispatch/combine in the caller;
@@ -26,7 +29,7 @@ Peers (bench/peers.py), same checkpoint, cluster and split of experts over 3 gro
 behind Serve's gRPC proxy, batch_wait_timeout_s 0.01 (Serve's default, "as configured") and 0.1
 ("tuned"). Everything runs on this machine: the 3 "nodes" share its cores.
 
-    .venv/bin/python bench/bench_mesh.py [--quick] [--only mesh,collective,direct,cpu,actors,serve] [--threads N]
+    .venv/bin/python bench/bench_mesh.py [--quick] [--only mesh,collective,direct,cpu,actors,serve,v3] [--threads N]
 """
 
 from __future__ import annotations
@@ -272,6 +275,8 @@ class Results:
         self.breakdown: dict[str, dict[str, float]] = {}         # column -> stage -> us per tiny Forward
         self.cpu_floors: cpu.CpuFloors | None = None
         self.cpu_rows: list[cpu.CpuRow] = []
+        self.v3: dict[str, float] = {}                            # "router" / "direct" / "floor" -> p50 ms per layer
+        self.v3_destinations, self.v3_bytes = 0.0, 0
         self.failures: list[str] = []
 
     def add_error(self, column: str, value: float) -> None:
@@ -829,6 +834,71 @@ def print_cpu(r: Results) -> None:
                        f"summed over the processes on the path (median of {cpu.WINDOWS} windows)")
 
 
+# ---- DeepSeek-V3's shape on simulated devices ----
+
+V3 = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=61, first_k_dense_replace=3,
+          n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1)
+V3_GROUPS, V3_NODES, V3_TOKENS = 32, 4, 64
+
+
+def bench_v3(cluster, root: Path, effort: Effort, r: Results) -> None:
+    """(e) One layer of DeepSeek-V3's shape (58 MoE layers x 256 experts, top-8, H=64, bf16 gates and
+    shared experts) on V3_GROUPS simulated groups (no compute: latency_ms 0) over V3_NODES nodes,
+    T=V3_TOKENS, through the router and a direct client (grpc), beside its floor: this process
+    making as many concurrent grpc.aio round trips of the same bytes to as many plain echo servers."""
+    path = root / "v3"
+    save_checkpoint(build_model("deepseek_v3", seed=0, **V3), path)
+    while len([n for n in ray.nodes() if n["Alive"]]) < V3_NODES:
+        cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    config = MeshConfig(name="bench-v3", router={"port": 0}, router_dtype="bfloat16",
+                        groups={"num_groups": V3_GROUPS, "simulated": {"latency_ms": 0.0}})
+    progress(f"starting mesh bench-v3 ({V3_GROUPS} simulated groups on {V3_NODES} nodes)")
+    mesh = start_mesh(config, path, progress=progress)
+    reps = max(50, effort.overhead_reps // 4)
+    try:
+        layers = list(MeshClient(mesh.address).info().moe_layers)
+        x = torch.randn(V3_TOKENS, V3["hidden_size"], generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+        with MeshClient(mesh.address, timeout_s=120) as client:
+            r.v3["router"] = _per_layer_ms(lambda layer: client.forward(layer, x), layers, reps)
+        with DirectClient(mesh.name, timeout_s=120) as client:
+            r.v3["direct"] = _per_layer_ms(lambda layer: client.forward(layer, x), layers, reps)
+            stats = client._core.router.batch_stats
+            r.v3_destinations = stats["group_calls"] / stats["batches"]
+    finally:
+        mesh.stop()
+    num_bytes = V3_TOKENS * V3["num_experts_per_tok"] * V3["hidden_size"] * 2 // max(1, round(r.v3_destinations))
+    r.v3["floor"] = floors.concurrent_echo_ms(round(r.v3_destinations), num_bytes, reps)
+    r.v3_bytes = num_bytes
+    progress(f"V3 shape: {r.v3}, {r.v3_destinations:.1f} destinations per batch")
+
+
+def _per_layer_ms(forward: Callable[[int], object], layers: list[int], reps: int) -> float:
+    """p50 ms of one Forward, the MoE layers taken in turn (a decode step's order)."""
+    for layer in layers[:8]:
+        forward(layer)
+    times = []
+    for i in range(reps):
+        start = time.perf_counter()
+        forward(layers[i % len(layers)])
+        times.append((time.perf_counter() - start) * 1e3)
+    return p50(times)
+
+
+def print_v3(r: Results) -> None:
+    if not r.v3.get("floor"):
+        return
+    floor = r.v3["floor"]
+    print(f"(e) DeepSeek-V3 shape: {len(range(V3['first_k_dense_replace'], V3['num_hidden_layers']))} MoE layers x "
+          f"{V3['n_routed_experts']} experts, top-{V3['num_experts_per_tok']}, H={V3['hidden_size']}, bf16; "
+          f"{V3_GROUPS} simulated groups (latency_ms 0) on {V3_NODES} nodes; T={V3_TOKENS}, p50 ms per layer")
+    print(f"  floor: {r.v3_destinations:.1f} concurrent grpc.aio echoes of {r.v3_bytes} B to as many plain servers "
+          f"(the destinations per batch): {floor:.2f} ms")
+    for path in ("router", "direct"):
+        ratio = r.v3[path] / floor
+        print(f"  {path:<6} {r.v3[path]:7.2f} ms = {ratio:5.2f}x the floor (goal <= 2x: {_met(ratio <= 2)})")
+
+
 # ---- plain Ray actors ----
 
 @contextlib.contextmanager
@@ -915,8 +985,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, shorter windows, no tuned Serve run")
     parser.add_argument("--only", type=lambda v: v.split(","), default=None,
-                        help="comma-separated phases to run (mesh, collective, direct, cpu, actors, serve; in-process "
-                             "always)")
+                        help="comma-separated phases to run (mesh, collective, direct, cpu, actors, serve, v3; "
+                             "in-process always)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process (callers, in-process)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -938,7 +1008,8 @@ def main() -> None:
         try:
             ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
             phases = {"mesh": bench_mesh, "collective": bench_collective, "direct": bench_direct, "cpu": bench_cpu,
-                      "actors": bench_actors, "serve": bench_serve}
+                      "actors": bench_actors, "serve": bench_serve,
+                      "v3": lambda _models, e, r: bench_v3(cluster, Path(tmp), e, r)}
             for name, phase in phases.items():
                 if args.only is None or name in args.only:
                     try:
@@ -956,6 +1027,7 @@ def main() -> None:
     print_table(results, header)
     print_breakdown(results)
     print_cpu(results)
+    print_v3(results)
     for failure in results.failures:
         print(f"FAILED {failure}")
     sys.exit(1 if results.failures else 0)

@@ -70,6 +70,39 @@ def grpc_echo_floor() -> dict[str, float]:
         server.terminate()
 
 
+def concurrent_echo_ms(num_servers: int, size: int, reps: int) -> float:
+    """p50 (ms) of `num_servers` grpc.aio echoes of `size` bytes sent at once from this process, one to
+    each of as many plain echo servers (one process each): the floor of a batch fanned out to that
+    many destinations."""
+    import grpc
+
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    servers = [ctx.Process(target=_grpc_server, args=(ports,), daemon=True) for _ in range(num_servers)]
+    for server in servers:
+        server.start()
+    addresses = [f"127.0.0.1:{ports.get(timeout=120)}" for _ in servers]
+
+    async def measure() -> float:
+        channels = [grpc.aio.insecure_channel(a) for a in addresses]
+        echoes, payload = [c.unary_unary("/floor.Echo/Echo") for c in channels], b"x" * size
+        times = []
+        for i in range(reps + 10):
+            start = time.perf_counter()
+            await asyncio.gather(*(echo(payload) for echo in echoes))
+            if i >= 10:  # the first ones connect
+                times.append((time.perf_counter() - start) * 1e3)
+        for channel in channels:
+            await channel.close()
+        return statistics.median(times)
+
+    try:
+        return asyncio.run(measure())
+    finally:
+        for server in servers:
+            server.terminate()
+
+
 def _gloo_peer(port: int, rounds: list[tuple[int, int]] | None = None) -> None:
     """Rank 1: echoes `rounds` [(bytes, round trips)] (default: REPS of each of SIZES, + 1 warm-up),
     then waits for one last message before it exits (so that a caller can read its CPU idle)."""
