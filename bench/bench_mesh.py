@@ -744,24 +744,14 @@ def bench_direct(models: dict[str, Model], effort: Effort, r: Results) -> None:
             for column, transport in ((DIRECT, "grpc"), (DIRECT_COLL, "collective")):
                 with DirectClient(mesh.name, transport=transport, timeout_s=120) as client:
                     forward = lambda x: client.forward(LAYER, x)  # noqa: E731
-                    _warm_direct(client, model.hidden_size)
+                    warm = _tokens(OVERHEAD_TOKENS, model.hidden_size)
+                    _warm_direct(client._core.router, lambda: client.forward(LAYER, warm))
                     r.add_error(column, rel_error(forward, model.reference))
                     if model is models["big"]:
                         for t in TOKENS:
                             measure_latency(r, column, model, t, forward, effort.latency_reps[t], effort)
                     else:
                         measure_latency(r, column, model, OVERHEAD_TOKENS, forward, effort.overhead_reps, effort)
-
-
-def _warm_direct(client, hidden_size: int, timeout_s: float = 60.0) -> None:
-    """Calls until every group has a channel of the client's transport (a collective one opens in the
-    background; until then its slices go over grpc)."""
-    transport, deadline = client._core.router.transport, time.time() + timeout_s
-    while hasattr(transport, "channels") and set(transport.channels) != set(client._core.router.table.groups()):
-        if time.time() > deadline:
-            raise RuntimeError(f"collective channels of {client.name} not up within {timeout_s} s")
-        client.forward(LAYER, _tokens(OVERHEAD_TOKENS, hidden_size))
-        time.sleep(0.05)
 
 
 # ---- CPU per Forward ----
