@@ -95,9 +95,10 @@ def _check_timeout(timeout_s: float) -> float:
     return float(timeout_s)
 
 
-def _forward_request(layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> pb.ForwardRequest:
-    """Validate and encode; hidden: [T, H] or [B, S, H] float32/bfloat16/float16; token_ids: None
-    or an integer tensor of hidden's leading dims ([T] or [B, S]), sent as int64."""
+def check_call(layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
+    """What a client checks before it sends: layer an int; hidden [T, H] or [B, S, H] of a dtype the
+    wire carries; token_ids None or an integer tensor of hidden's leading dims. MeshClientError
+    INVALID_ARGUMENT naming the field otherwise."""
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise _invalid(f"layer must be an int, got {layer!r}")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
@@ -105,8 +106,6 @@ def _forward_request(layer: int, hidden: torch.Tensor, token_ids: torch.Tensor |
         raise _invalid(f"hidden must be a [T, H] or [B, S, H] tensor, got {shape}")
     if hidden.dtype not in DTYPES.values():
         raise _invalid(f"hidden.dtype must be one of {', '.join(DTYPES)}, got {hidden.dtype}")
-    request = pb.ForwardRequest(layer=layer)
-    to_proto(hidden, out=request.hidden)
     if token_ids is not None:
         if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
             kind = token_ids.dtype if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
@@ -114,6 +113,14 @@ def _forward_request(layer: int, hidden: torch.Tensor, token_ids: torch.Tensor |
         if token_ids.shape != hidden.shape[:-1]:
             raise _invalid(f"token_ids must have hidden's leading dims {list(hidden.shape[:-1])}, "
                            f"got {list(token_ids.shape)}")
+
+
+def _forward_request(layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> pb.ForwardRequest:
+    """Validate (check_call) and encode; token_ids are sent as int64."""
+    check_call(layer, hidden, token_ids)
+    request = pb.ForwardRequest(layer=layer)
+    to_proto(hidden, out=request.hidden)
+    if token_ids is not None:
         to_proto(token_ids.to(torch.int64), out=request.token_ids, dtypes=TOKEN_DTYPES)
     return request
 

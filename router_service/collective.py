@@ -47,7 +47,8 @@ CLOSE_GRACE_S = 10.0  # a channel outlives the last table naming its group by th
 
 
 class Channel:
-    """The router's end of one channel: its process group and the thread its waits run in."""
+    """The router's end of one channel: its process group and the buffers of its header and status
+    (its waits run in the transport's thread)."""
 
     def __init__(self, group: str, pg, store, num_experts: int, timeout_s: float):
         self.group, self.pg, self.store = group, pg, store
@@ -120,8 +121,8 @@ class CollectiveTransport(Transport):
         self.segments: collections.Counter[str] = collections.Counter()
         self._opening: dict[str, asyncio.Task] = {}
         self._failed_at: dict[str, float] = {}
-        self.refused: dict[str, str] = {}
-        self._abandoned: set[asyncio.Future] = set()  # rendezvous left to time out after a refusal  # group -> why it refused this caller a channel (the last time)
+        self.refused: dict[str, str] = {}  # group -> why it refused this caller a channel (the last time)
+        self._abandoned: set[asyncio.Future] = set()  # rendezvous left to time out after a refusal
         self._named: set[str] = set()  # groups the table in force names
         self._ids = itertools.count()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"collective-{router}")  # every channel's waits

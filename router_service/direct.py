@@ -34,16 +34,16 @@ from typing import Any
 import grpc
 import torch
 
-from experts.errors import InvalidRequestError, MeshError
+from experts.errors import InvalidRequestError
 from protos.serving import TLSConfig, status_of
 from protos.wire import DTYPES
 from router_service import state
 from router_service.actor import ControllerAdmin
-from router_service.client import MeshClientError, MeshInfo
+from router_service.client import MeshClientError, MeshInfo, check_call
 from router_service.config import NAMESPACE, RouterConfig
 from router_service.router import Router, RouterWeights
 from router_service.routing import RoutingTable
-from router_service.server import check_rows, check_shape, check_token_ids, check_token_shape, info_of
+from router_service.server import check_rows, check_shape, check_token_ids, info_of
 from router_service.transport import make_transport
 
 __all__ = ["AsyncDirectClient", "DirectClient"]
@@ -158,18 +158,10 @@ class _Core:
                 await asyncio.sleep(DRAIN_POLL_S)
 
     def check(self, layer: Any, hidden: Any, token_ids: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What a router checks of a Forward, on tensors: returns (hidden as [T, H], token ids [T] int64
-        or None). Raises InvalidRequestError naming the field."""
-        spec = self.router.spec
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise InvalidRequestError(f"layer must be an int, got {layer!r}")
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
-            shape = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise InvalidRequestError(f"hidden must be a [T, {spec.hidden_size}] or [B, S, {spec.hidden_size}] "
-                                      f"tensor, got {shape}")
-        if hidden.dtype not in DTYPES.values():
-            raise InvalidRequestError(f"hidden.dtype must be one of {', '.join(DTYPES)}, got {hidden.dtype}")
-        shape = list(hidden.shape)
+        """What a client and then a router check of a Forward, on tensors: returns (hidden as [T, H],
+        token ids [T] int64 or None). Raises MeshClientError / InvalidRequestError naming the field."""
+        check_call(layer, hidden, token_ids)
+        spec, shape = self.router.spec, list(hidden.shape)
         check_shape(layer, shape, spec.moe_layers, spec.hidden_size)
         x = hidden.reshape(-1, spec.hidden_size)
         check_rows(x, shape, self.router.config.max_request_tokens)
@@ -178,10 +170,6 @@ class _Core:
             return x, None
         if token_ids is None:
             raise InvalidRequestError(f"token_ids are needed for layer {layer}: it picks experts by token id")
-        if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
-            kind = token_ids.dtype if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
-            raise InvalidRequestError(f"token_ids must be an integer tensor, got {kind}")
-        check_token_shape(list(token_ids.shape), shape[:-1])
         return x, check_token_ids(token_ids.reshape(-1).to(torch.int64), vocab_size)
 
     async def forward(self, layer: Any, hidden: Any, token_ids: Any, caller: str) -> tuple[torch.Tensor, int]:

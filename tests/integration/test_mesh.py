@@ -204,7 +204,7 @@ def test_bad_input_to_a_direct_client_names_the_field_and_sends_nothing(family_m
     else:
         hashed = min(spec.hash_layers)
         cases += [((hashed, torch.randn(4, H)), "token_ids"),
-                  ((hashed, torch.randn(4, H), torch.zeros(3, dtype=torch.int64)), "token_ids.shape"),
+                  ((hashed, torch.randn(4, H), torch.zeros(3, dtype=torch.int64)), "token_ids must have hidden's"),
                   ((hashed, torch.randn(4, H), torch.zeros(4)), "token_ids must be an integer")]
     with DirectClient(mesh.name) as client:
         router = client._core.router
