@@ -134,7 +134,7 @@ class ExpertGroupActor:
         self.endpoint = ""
         self._changing = threading.Lock()  # copies are added, staged and released from worker threads
         self._channels: dict = {}  # router -> ChannelWorker (collective transport)
-        self.channel_budget_bytes = channel_budget_bytes  # their receive buffers, together, at most
+        self.channel_budget_bytes = channel_budget_bytes  # their buffers (request and reply), together, at most
         logger.info("group %s holds %s", name, {k: v.experts for k, v in group.layers.items()})
 
     async def start(self, host: str = "", secret: str = "", tls: dict | None = None) -> str:
@@ -159,12 +159,12 @@ class ExpertGroupActor:
     async def open_channel(self, channel_id: str, router: str, host: str, port: int, max_rows: int,
                            dtype: str) -> None:
         """Collective transport: join the channel `channel_id` whose store the router `router`
-        hosts at host:port, and serve it from a thread (receive buffers of `max_rows` rows of
+        hosts at host:port, and serve it from a thread (buffers for `max_rows` rows of
         `dtype`). A new channel from the same router replaces its old one."""
         from experts.channel import ChannelWorker, channel_nbytes
 
         spec = self.server_impl.group.spec
-        self._check_channel_budget(router, channel_nbytes(max_rows, spec.hidden_size, DTYPES[dtype]))
+        self._check_channel_budget(router, channel_nbytes(spec.num_experts, max_rows, spec.hidden_size, DTYPES[dtype]))
         worker = ChannelWorker(channel_id, host, port, self.server_impl.compute_sync, spec.num_experts,
                                spec.hidden_size, DTYPES[dtype], max_rows,
                                self.server_impl.delay_s, self.server_impl.stage_s)
@@ -182,7 +182,7 @@ class ExpertGroupActor:
         held = sum(w.nbytes for r, w in self._channels.items() if r != router)
         if held + nbytes > self.channel_budget_bytes:
             raise ChannelRefusedError(
-                f"group {self.name} refuses a collective channel to {router}: its receive buffers ({nbytes} bytes) "
+                f"group {self.name} refuses a collective channel to {router}: its buffers ({nbytes} bytes) "
                 f"beside the {len(self._channels)} channels held ({held} bytes) would pass groups.channel_budget_bytes "
                 f"({self.channel_budget_bytes}); that caller's slices go over grpc")
 

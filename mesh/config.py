@@ -42,7 +42,7 @@ class GroupsConfig(BaseModel):
     memory_fraction: float = Field(0.8, gt=0, le=1, description=(
         "Share of a node's Ray memory that its groups' expert weights may take."))
     channel_budget_bytes: int = Field(1 << 30, ge=0, description=(
-        "Memory a group gives the receive buffers of its collective channels (one per router or direct "
+        "Memory a group gives the buffers (request and reply) of its collective channels (one per router or direct "
         "client, max_batch_tokens x top_k rows each); past it, a new channel is refused and that caller's "
         "slices go over grpc."))
     simulated: SimulatedConfig | None = Field(None, description=(

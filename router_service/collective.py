@@ -13,9 +13,9 @@ authenticated nor encrypted (README, Security).
                  until it is up, that group's slices go over grpc, counted as such) -> close the
                  ones no table names, 10 s later
     dispatch  -> one hop to the transport's thread (never the event loop) per batch: every
-                 destination's header, rows (+ scale) posted at once, then each status and outputs
-                 straight into the batch's output slice, all within one deadline of `timeout_s`. A
-                 failed or timed-out channel is dropped and a new one opened.
+                 destination's request (one message: header, rows, scale) posted at once, then
+                 each reply's outputs into the batch's output slice, all within one deadline of
+                 `timeout_s`. A failed or timed-out channel is dropped and a new one opened.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from experts.errors import ChannelRefusedError
-from protos.collective import MESSAGE_BYTES, encode_header, header_size, process_group
+from protos.collective import (exact_counts, header_nbytes, pack_request, process_group, reply_nbytes, request_nbytes,
+                               unpack_reply)
 from router_service.routing import Destination, RoutingTable
 from router_service.transport import ExpertUnavailableError, GrpcTransport, Transport
 
@@ -47,15 +48,17 @@ CLOSE_GRACE_S = 10.0  # a channel outlives the last table naming its group by th
 
 
 class Channel:
-    """The router's end of one channel: its process group and the buffers of its header and status
-    (its waits run in the transport's thread)."""
+    """The router's end of one channel: its process group and its request and reply buffers, grown
+    to the largest batch sent so far (its waits run in the transport's thread)."""
 
-    def __init__(self, group: str, pg, store, num_experts: int, timeout_s: float):
+    def __init__(self, group: str, pg, store, num_experts: int, timeout_s: float,
+                 device: torch.device = torch.device("cpu")):
         self.group, self.pg, self.store = group, pg, store
+        self.num_experts, self.device = num_experts, device
+        self.exact = exact_counts(device)  # the header first, then the rest at its announced size
         self.timeout = datetime.timedelta(seconds=timeout_s)
-        self.header = torch.empty(header_size(num_experts), dtype=torch.int64)
-        self.status = torch.empty(2, dtype=torch.int64)
-        self.message = torch.empty(MESSAGE_BYTES, dtype=torch.uint8)
+        self.request = torch.empty(0, dtype=torch.uint8, device=device)
+        self.reply = torch.empty(0, dtype=torch.uint8, device=device)
 
     def call(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None, dest: Destination,
              out: torch.Tensor, timeout_s: float | None = None) -> None:
@@ -63,14 +66,17 @@ class Channel:
         self.finish(self.post(layer, epoch, rows, scale, dest), dest, out, timeout_s)
 
     def post(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None, dest: Destination) -> list:
-        """Header, rows [start, stop) (and scale) sent and the status asked for, all posted at once."""
+        """The request (rows [start, stop), scale) sent and its reply's receive posted, at once."""
         a, b = dest.start, dest.stop
-        encode_header(self.header, layer, epoch, dest.experts, dest.counts, dest.versions, b - a, scale is not None)
-        posted = [self.pg.send([self.header], 1, 0), self.pg.send([rows[a:b]], 1, 0)]
-        if scale is not None:
-            posted.append(self.pg.send([scale[a:b]], 1, 0))
-        posted.append(self.pg.recv([self.status], 1, 0))
-        return posted
+        hidden, dtype = rows.shape[1], rows.dtype
+        self.request = _at_least(self.request, request_nbytes(self.num_experts, b - a, hidden, dtype, scale is not None))
+        self.reply = _at_least(self.reply, reply_nbytes(b - a, hidden, dtype))
+        message = pack_request(self.request, self.num_experts, layer, epoch, dest.experts, dest.counts, dest.versions,
+                               rows[a:b], None if scale is None else scale[a:b])
+        header = header_nbytes(self.num_experts)
+        parts = [message[:header], message[header:]] if self.exact else [message]
+        posted = [self.pg.send([part], 1, 0) for part in parts]
+        return posted + [self.pg.recv([self.reply[:reply_nbytes(b - a, hidden, dtype)]], 1, 0)]
 
     def finish(self, posted: list, dest: Destination, out: torch.Tensor, timeout_s: float | None = None) -> None:
         """Wait for what `post` posted, then the outputs into out[start:stop]; ValueError when the
@@ -78,13 +84,16 @@ class Channel:
         timeout = self.timeout if timeout_s is None else datetime.timedelta(seconds=max(timeout_s, 1e-3))
         for work in posted:
             work.wait(timeout)
-        if int(self.status[0]) != 1:
-            self.pg.recv([self.message], 1, 0).wait(timeout)
-            raise ValueError(bytes(self.message[:int(self.status[1])].tolist()).decode(errors="replace"))
-        self.pg.recv([out[dest.start:dest.stop]], 1, 0).wait(timeout)
+        a, b = dest.start, dest.stop
+        out[a:b] = unpack_reply(self.reply, b - a, out.shape[1], out.dtype)
 
     def close(self) -> None:
         self.pg = self.store = None
+
+
+def _at_least(buf: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """`buf`, or a new buffer of `nbytes` when it is smaller (a batch larger than any before)."""
+    return buf if buf.shape[0] >= nbytes else torch.empty(nbytes, dtype=torch.uint8, device=buf.device)
 
 
 def exchange(calls: list[tuple[Channel, Destination]], layer: int, epoch: int, rows: torch.Tensor,

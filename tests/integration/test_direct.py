@@ -18,6 +18,7 @@ import ray
 import torch
 
 from experts import MoELayer
+from experts.channel import channel_nbytes
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from router_service import DirectClient
@@ -87,7 +88,7 @@ def test_a_group_over_its_channel_budget_refuses_a_direct_client_which_goes_over
     """Room for one channel per group (the router's): the direct client's collective channels are
     refused with the reason, its slices go over grpc (counted), and every answer is right."""
     old = checkpoints["old"]
-    one_channel = 4096 * (SMALL["hidden_size"] * 4 + 4)  # max_batch_tokens 2048 x top_k 2 rows, fp32, + scale
+    one_channel = channel_nbytes(SMALL["num_local_experts"], 2048 * 2, SMALL["hidden_size"], torch.float32)  # max_batch_tokens x top_k
     mesh = meshes.get(old, key="direct-budget", groups={"channel_budget_bytes": one_channel + 1000},
                       router={"transport": "collective"})
     x = torch.randn(16, SMALL["hidden_size"], generator=torch.Generator().manual_seed(9))

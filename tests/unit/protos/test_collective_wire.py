@@ -1,18 +1,62 @@
-"""The collective channel's wire contract: headers round-trip; the backend follows the device."""
+"""The collective channel's wire contract: requests and replies round-trip through one buffer each,
+a reused buffer keeps nothing of the last batch, an error reply carries the group's message, and
+the backend follows the device."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from protos.collective import backend_for, decode_header, encode_header, header_size, version_to_int
+from protos.collective import (MESSAGE_BYTES, announced_nbytes, backend_for, exact_counts, header_nbytes, pack_error,
+                               pack_reply, pack_request, reply_nbytes, request_nbytes, unpack_reply, unpack_request,
+                               version_to_int)
+
+VERSIONS = ["0123456789ab", "ffffffffffff", "000000000000"]
 
 
-def test_header_round_trips():
-    header = torch.empty(header_size(8), dtype=torch.int64)
-    encode_header(header, 3, 17, [1, 5, 7], [4, 2, 9], ["0123456789ab", "ffffffffffff", "000000000000"], 15, True)
-    assert decode_header(header) == (3, 17, 15, [1, 5, 7], [4, 2, 9],
-                                     ["0123456789ab", "ffffffffffff", "000000000000"], True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_a_request_round_trips_through_one_message(dtype, with_scale):
+    rows, scale = torch.randn(15, 7).to(dtype), torch.rand(15)  # 15 x 7 bf16: rows end off an 8-byte boundary
+    buf = torch.empty(request_nbytes(8, 32, 7, dtype), dtype=torch.uint8)
+    message = pack_request(buf, 8, 3, 17, [1, 5, 7], [4, 2, 9], VERSIONS, rows, scale if with_scale else None)
+    assert message.shape[0] == request_nbytes(8, 15, 7, dtype, with_scale)
+    assert announced_nbytes(buf, 8, 7, dtype) == message.shape[0]
+    layer, epoch, experts, counts, versions, got_rows, got_scale = unpack_request(buf, 8, 7, dtype)
+    assert (layer, epoch, experts, counts, versions) == (3, 17, [1, 5, 7], [4, 2, 9], VERSIONS)
+    assert torch.equal(got_rows, rows)
+    assert torch.equal(got_scale, scale) if with_scale else got_scale is None
+
+
+def test_a_reused_buffer_keeps_nothing_of_the_previous_batch():
+    buf = torch.full((request_nbytes(8, 8, 4, torch.float32),), 255, dtype=torch.uint8)
+    pack_request(buf, 8, 0, 1, [0, 1, 2, 3], [1, 1, 1, 1], ["0123456789ab"] * 4, torch.ones(4, 4), torch.ones(4))
+    pack_request(buf, 8, 2, 5, [6], [3], ["ffffffffffff"], torch.zeros(3, 4), None)
+    assert unpack_request(buf, 8, 4, torch.float32)[:5] == (2, 5, [6], [3], ["ffffffffffff"])
+    assert buf[:header_nbytes(8)].view(torch.int64)[5 + 3:].eq(0).all()  # past the one expert's fields: zeros
+
+
+def test_a_header_announcing_more_than_the_buffer_holds_is_refused():
+    buf = torch.empty(request_nbytes(8, 4, 4, torch.float32), dtype=torch.uint8)
+    big = torch.empty(request_nbytes(8, 64, 4, torch.float32), dtype=torch.uint8)
+    pack_request(big, 8, 0, 1, [0], [64], ["0" * 12], torch.ones(64, 4), None)
+    buf.copy_(big[:buf.shape[0]])
+    with pytest.raises(ValueError, match="64 rows"):
+        unpack_request(buf, 8, 4, torch.float32)
+
+
+def test_a_reply_carries_the_outputs_or_the_groups_error():
+    out = torch.randn(6, 5)
+    buf = torch.empty(reply_nbytes(16, 5, torch.float32), dtype=torch.uint8)
+    assert pack_reply(buf, out).shape[0] == reply_nbytes(6, 5, torch.float32)
+    assert torch.equal(unpack_reply(buf, 6, 5, torch.float32), out)
+    with pytest.raises(ValueError, match="answered 6 rows for 7"):
+        unpack_reply(buf, 7, 5, torch.float32)
+    message = pack_error(buf, "KeyError: expert 9" + "!" * 2 * MESSAGE_BYTES, 2, 5, torch.float32)
+    assert message.shape[0] == reply_nbytes(2, 5, torch.float32)  # the size the router posted for 2 rows
+    with pytest.raises(ValueError, match="KeyError: expert 9!!!") as error:
+        unpack_reply(buf, 2, 5, torch.float32)
+    assert len(str(error.value)) == MESSAGE_BYTES
 
 
 def test_a_version_that_is_not_a_sha_prefix_is_refused():
@@ -23,11 +67,4 @@ def test_a_version_that_is_not_a_sha_prefix_is_refused():
 @pytest.mark.parametrize("device,backend", [("cpu", "gloo"), ("cuda", "nccl"), ("cuda:1", "nccl")])
 def test_backend_follows_the_tensors_device(device, backend):
     assert backend_for(torch.device(device)) == backend
-
-
-def test_a_reused_header_keeps_nothing_of_the_previous_batch():
-    header = torch.full((header_size(8),), -1, dtype=torch.int64)
-    encode_header(header, 0, 1, [0, 1, 2, 3], [1, 1, 1, 1], ["0123456789ab"] * 4, 4, True)
-    encode_header(header, 2, 5, [6], [3], ["ffffffffffff"], 3, False)
-    assert decode_header(header) == (2, 5, 3, [6], [3], ["ffffffffffff"], False)
-    assert header[5 + 3:].eq(0).all()  # past the one expert's fields: zeros, not the last batch's
+    assert exact_counts(torch.device(device)) == (backend == "nccl")

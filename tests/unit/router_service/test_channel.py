@@ -1,0 +1,74 @@
+"""A collective channel's two ends (router_service.collective.Channel, experts.channel.ChannelWorker)
+over a real 2-rank gloo process group in this process: batches of changing sizes come back equal
+to the computation, in one message each way or, as over NCCL, header first; a group's error
+reaches the router with its message and the channel keeps serving."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from experts.channel import ChannelWorker
+from protos.collective import process_group
+from router_service.collective import Channel
+from router_service.routing import Destination
+
+HIDDEN, EXPERTS, MAX_ROWS = 6, 8, 32
+VERSION = "0123456789ab"
+
+
+def compute(layer, rows, experts, counts, scale, versions):
+    """A stand-in for the experts: refuses expert 7, else rows x (layer + 1) x scale."""
+    if 7 in experts:
+        raise KeyError(f"expert 7 of layer {layer} is not held here")
+    out = rows * (layer + 1)
+    return out if scale is None else out * scale[:, None]
+
+
+@pytest.fixture(params=["one message", "header first"])
+def channel(request):
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    worker = ChannelWorker("test/0", "127.0.0.1", store.port, compute, EXPERTS, HIDDEN, torch.float32, MAX_ROWS)
+    worker.exact = request.param == "header first"
+    joined = threading.Thread(target=worker.connect)
+    joined.start()
+    pg = process_group(dist.PrefixStore("test/0/", store), 0, torch.device("cpu"), 30)
+    joined.join()
+    worker.start()
+    router_end = Channel("group-0", pg, store, EXPERTS, 10.0)
+    router_end.exact = worker.exact
+    yield router_end
+    router_end.close()
+    worker.close()
+
+
+def _dest(start: int, stop: int, experts: list[int]) -> Destination:
+    counts = [(stop - start) // len(experts)] * len(experts)
+    counts[-1] += (stop - start) - sum(counts)
+    return Destination("group-0", "", start, stop, experts, counts, [VERSION] * len(experts))
+
+
+def test_batches_of_changing_sizes_come_back_computed(channel):
+    generator = torch.Generator().manual_seed(0)
+    for layer, rows_in in [(0, 3), (2, 29), (1, 1), (3, 12)]:
+        rows, scale = torch.randn(rows_in + 2, HIDDEN, generator=generator), torch.rand(rows_in + 2, generator=generator)
+        out = torch.full_like(rows, float("nan"))
+        dest = _dest(1, 1 + rows_in, [0, 3])
+        channel.call(layer, 5, rows, scale if layer % 2 else None, dest, out)
+        expected = compute(layer, rows[1:1 + rows_in], [0], None, scale[1:1 + rows_in] if layer % 2 else None, None)
+        assert torch.equal(out[1:1 + rows_in], expected), layer
+        assert out[0].isnan().all() and out[-1].isnan().all()  # only the destination's slice is written
+
+
+def test_a_groups_error_reaches_the_router_and_the_channel_serves_on(channel):
+    rows = torch.randn(4, HIDDEN)
+    out = torch.empty_like(rows)
+    with pytest.raises(ValueError, match="KeyError: 'expert 7 of layer 2 is not held here'"):
+        channel.call(2, 5, rows, None, _dest(0, 4, [7]), out)
+    channel.call(2, 5, rows, None, _dest(0, 4, [1]), out)
+    assert torch.equal(out, rows * 3)
