@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from protos.collective import (announced_nbytes, exact_counts, header_nbytes, pack_error, pack_reply, process_group,
-                               reply_nbytes, request_nbytes, unpack_request)
+from protos.collective import (exact_counts, header_nbytes, pack_error, pack_reply, pack_status, process_group,
+                               reply_nbytes, request_nbytes, request_views, status_nbytes, unpack_header)
 
 __all__ = ["ChannelWorker", "channel_nbytes"]
 
@@ -76,33 +76,35 @@ class ChannelWorker:
         finally:
             self.closed.set()
 
-    def _receive(self) -> None:
-        """One request into self.request: one message, or over NCCL its header and then the rest."""
-        if not self.exact:
-            self.pg.recv([self.request], 0, 0).wait()
-            return
-        header = header_nbytes(self.num_experts)
-        self.pg.recv([self.request[:header]], 0, 0).wait()
-        nbytes = announced_nbytes(self.request, self.num_experts, self.hidden, self.dtype)
-        self.pg.recv([self.request[header:nbytes]], 0, 0).wait()
-
     def _serve_one(self) -> None:
-        self._receive()
-        layer, _epoch, experts, counts, versions, rows, scale = unpack_request(self.request, self.num_experts,
-                                                                              self.hidden, self.dtype)
+        """One request in, computed, its reply out (protos/collective.py: one message, or split)."""
+        first = self.request[:header_nbytes(self.num_experts)] if self.exact else self.request
+        self.pg.recv([first], 0, 0).wait()
+        header = unpack_header(self.request, self.num_experts, self.hidden, self.dtype)
+        rows, scale = request_views(self.request, self.num_experts, header.num_rows, self.hidden, self.dtype,
+                                    header.has_scale)
+        if header.split:
+            for work in [self.pg.recv([t], 0, 0) for t in (rows, scale) if t is not None]:
+                work.wait()
         start = time.perf_counter()
         try:
-            out = self.compute(layer, rows, experts, counts, scale, versions)  # its own inference_mode
-        except (KeyError, ValueError, RuntimeError) as exc:
-            message = pack_error(self.reply, f"{type(exc).__name__}: {exc}", rows.shape[0], self.hidden, self.dtype)
-            self.pg.send([message], 0, 0).wait()
+            out = self.compute(header.layer, rows, header.experts, header.counts, scale, header.versions)
+        except (KeyError, ValueError, RuntimeError) as exc:  # the group's own error: the router gets its message
+            message = f"{type(exc).__name__}: {exc}"
+            size = status_nbytes() if header.split else reply_nbytes(rows.shape[0], self.hidden, self.dtype)
+            self._send([pack_error(self.reply, message, size)] + ([rows] if header.split else []))
             return
         if self.stats is not None:
             self.stats["compute"] += time.perf_counter() - start
             self.stats["calls"] += 1
         if self.delay_s > 0:  # the emulated link delay of this node (experts/links.py)
             time.sleep(self.delay_s)
-        self.pg.send([pack_reply(self.reply, out)], 0, 0).wait()
+        self._send([pack_status(self.reply, out.shape[0]), out.contiguous()] if header.split
+                   else [pack_reply(self.reply, out)])
+
+    def _send(self, tensors: list[torch.Tensor]) -> None:
+        for work in [self.pg.send([t], 0, 0) for t in tensors]:
+            work.wait()
 
     def close(self) -> None:
         self.closed.set()

@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from experts.errors import ChannelRefusedError
-from protos.collective import (exact_counts, header_nbytes, pack_request, process_group, reply_nbytes, request_nbytes,
-                               unpack_reply)
+from protos.collective import (SPLIT_MIN_BYTES, check_status, exact_counts, header_nbytes, pack_header, pack_request,
+                               process_group, reply_nbytes, request_nbytes, status_nbytes, unpack_reply)
 from router_service.routing import Destination, RoutingTable
 from router_service.transport import ExpertUnavailableError, GrpcTransport, Transport
 
@@ -55,37 +55,53 @@ class Channel:
                  device: torch.device = torch.device("cpu")):
         self.group, self.pg, self.store = group, pg, store
         self.num_experts, self.device = num_experts, device
-        self.exact = exact_counts(device)  # the header first, then the rest at its announced size
+        self.exact = exact_counts(device)  # every request split (NCCL: equal counts at both ends)
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.request = torch.empty(0, dtype=torch.uint8, device=device)
-        self.reply = torch.empty(0, dtype=torch.uint8, device=device)
+        self.reply = torch.empty(status_nbytes(), dtype=torch.uint8, device=device)
 
     def call(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None, dest: Destination,
              out: torch.Tensor, timeout_s: float | None = None) -> None:
         """One destination's slice out, its outputs into out[start:stop] (blocking: never on the event loop)."""
-        self.finish(self.post(layer, epoch, rows, scale, dest), dest, out, timeout_s)
+        self.finish(self.post(layer, epoch, rows, scale, dest, out), dest, out, timeout_s)
 
-    def post(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None, dest: Destination) -> list:
-        """The request (rows [start, stop), scale) sent and its reply's receive posted, at once."""
+    def post(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None, dest: Destination,
+             out: torch.Tensor) -> list:
+        """The request (rows [start, stop), scale) sent and its reply's receives posted, at once: one
+        message each way, or split for large rows (straight into out[start:stop])."""
         a, b = dest.start, dest.stop
+        rows, scale = rows[a:b], None if scale is None else scale[a:b]
         hidden, dtype = rows.shape[1], rows.dtype
-        self.request = _at_least(self.request, request_nbytes(self.num_experts, b - a, hidden, dtype, scale is not None))
-        self.reply = _at_least(self.reply, reply_nbytes(b - a, hidden, dtype))
-        message = pack_request(self.request, self.num_experts, layer, epoch, dest.experts, dest.counts, dest.versions,
-                               rows[a:b], None if scale is None else scale[a:b])
-        header = header_nbytes(self.num_experts)
-        parts = [message[:header], message[header:]] if self.exact else [message]
-        posted = [self.pg.send([part], 1, 0) for part in parts]
-        return posted + [self.pg.recv([self.reply[:reply_nbytes(b - a, hidden, dtype)]], 1, 0)]
+        if self._is_split(rows):
+            self.request = _at_least(self.request, header_nbytes(self.num_experts))
+            header = pack_header(self.request, self.num_experts, layer, epoch, dest.experts, dest.counts,
+                                 dest.versions, b - a, scale is not None, True)
+            sends, receives = [header, rows, scale], [self.reply[:status_nbytes()], out[a:b]]
+        else:
+            self.request = _at_least(self.request, request_nbytes(self.num_experts, b - a, hidden, dtype))
+            self.reply = _at_least(self.reply, reply_nbytes(b - a, hidden, dtype))
+            sends = [pack_request(self.request, self.num_experts, layer, epoch, dest.experts, dest.counts,
+                                  dest.versions, rows, scale)]
+            receives = [self.reply[:reply_nbytes(b - a, hidden, dtype)]]
+        return ([self.pg.send([t], 1, 0) for t in sends if t is not None]
+                + [self.pg.recv([t], 1, 0) for t in receives])
 
     def finish(self, posted: list, dest: Destination, out: torch.Tensor, timeout_s: float | None = None) -> None:
-        """Wait for what `post` posted, then the outputs into out[start:stop]; ValueError when the
-        group answered with an error. Every wait bounded by `timeout_s` (default the channel's)."""
+        """Wait for what `post` posted, then the outputs into out[start:stop] (a split reply is there
+        already); ValueError when the group answered with an error. Every wait bounded by
+        `timeout_s` (default the channel's)."""
         timeout = self.timeout if timeout_s is None else datetime.timedelta(seconds=max(timeout_s, 1e-3))
         for work in posted:
             work.wait(timeout)
         a, b = dest.start, dest.stop
-        out[a:b] = unpack_reply(self.reply, b - a, out.shape[1], out.dtype)
+        if self._is_split(out[a:b]):  # the outputs came straight into out[a:b]
+            check_status(self.reply, b - a)
+        else:
+            out[a:b] = unpack_reply(self.reply, b - a, out.shape[1], out.dtype)
+
+    def _is_split(self, rows: torch.Tensor) -> bool:
+        """Whether `rows` travel split (protos/collective.py): always over NCCL, else from SPLIT_MIN_BYTES."""
+        return self.exact or rows.numel() * rows.element_size() >= SPLIT_MIN_BYTES
 
     def close(self) -> None:
         self.pg = self.store = None
@@ -104,7 +120,7 @@ def exchange(calls: list[tuple[Channel, Destination]], layer: int, epoch: int, r
     deadline, errors, posted = time.monotonic() + timeout_s, {}, {}
     for channel, dest in calls:
         try:
-            posted[dest.group] = channel.post(layer, epoch, rows, scale, dest)
+            posted[dest.group] = channel.post(layer, epoch, rows, scale, dest, out)
         except Exception as exc:  # noqa: BLE001 - a broken channel: that destination failed
             errors[dest.group] = exc
     for channel, dest in calls:

@@ -1,7 +1,8 @@
 """A collective channel's two ends (router_service.collective.Channel, experts.channel.ChannelWorker)
 over a real 2-rank gloo process group in this process: batches of changing sizes come back equal
-to the computation, in one message each way or, as over NCCL, header first; a group's error
-reaches the router with its message and the channel keeps serving."""
+to the computation, whichever way they travel (one message each way; split above a size; split
+always, as over NCCL); a group's error reaches the router with its message and the channel keeps
+serving."""
 
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ def compute(layer, rows, experts, counts, scale, versions):
     return out if scale is None else out * scale[:, None]
 
 
-@pytest.fixture(params=["one message", "header first"])
-def channel(request):
+@pytest.fixture(params=["one message", "split above 64 bytes", "split always"])
+def channel(request, monkeypatch):
+    if request.param == "split above 64 bytes":
+        monkeypatch.setattr("router_service.collective.SPLIT_MIN_BYTES", 64)
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=30))
     worker = ChannelWorker("test/0", "127.0.0.1", store.port, compute, EXPERTS, HIDDEN, torch.float32, MAX_ROWS)
-    worker.exact = request.param == "header first"
+    worker.exact = request.param == "split always"
     joined = threading.Thread(target=worker.connect)
     joined.start()
     pg = process_group(dist.PrefixStore("test/0/", store), 0, torch.device("cpu"), 30)
