@@ -185,10 +185,14 @@ class ExpertGroup:
         self.staged[layer] = LayerExperts.from_weights(weights, self.dtype)
 
     def commit(self, layer: int) -> None:
-        """The staged weights of `layer` become the current ones; the old ones are released."""
-        staged = self.staged.pop(layer)
-        self.remove_experts(layer, staged.experts)
-        self.add_experts(layer, staged.weights())
+        """The staged weights of `layer` become the current ones, the old ones released, in one
+        assignment of the layer: a forward in another thread sees the old layer (with the staged
+        weights beside it) or the new one, never experts missing."""
+        staged, held = self.staged[layer], self.layers[layer]
+        keep = [i for i, e in enumerate(held.experts) if e not in staged.slot]
+        weights = held.weights().select(keep).concat(staged.weights()) if keep else staged.weights()
+        self.layers[layer] = LayerExperts.from_weights(weights, self.dtype)
+        del self.staged[layer]
 
     def unstage(self, layer: int) -> None:
         self.staged.pop(layer, None)
