@@ -231,6 +231,8 @@ def format_convergence(snapshot: dict) -> str:
     parts = [f"change {change['id']} ({change['summary']}) at step {change['step']}" if change else "no change in progress"]
     if snapshot.get("dead_groups"):
         parts.append(f"groups being restored: {', '.join(snapshot['dead_groups'])}")
+    if snapshot.get("suspect_groups"):
+        parts.append(f"groups suspect (missed an observation, still routed): {', '.join(snapshot['suspect_groups'])}")
     if snapshot.get("routers_behind"):
         parts.append(f"routers behind epoch {snapshot['epoch']}: {', '.join(snapshot['routers_behind'])}")
     if snapshot.get("sources"):
@@ -253,7 +255,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
               f"lease {client['lease_left_s']:.0f} s left")
     for group in snapshot["groups"]:
         experts = " ".join(f"L{layer}:{','.join(map(str, e))}" for layer, e in group["experts"].items())
-        print(f"  {group['name']:<16} {'live' if group['alive'] else 'DEAD':<5} node {group['node'][:12]} "
+        health = "SUSPECT" if group.get("suspect") else "live" if group["alive"] else "DEAD"
+        print(f"  {group['name']:<16} {health:<7} node {group['node'][:12]} "
               f"{group['endpoint']:<21} {experts}")
     tokens, rates, copies = snapshot["tokens_per_expert"], snapshot["tokens_per_s"], snapshot["copies"]
     print(f"  tokens routed since start: {sum(tokens.values())} over {len(tokens)} (layer, expert) pairs; "

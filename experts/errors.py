@@ -8,12 +8,13 @@ status, in one place (protos/serving.py `status_of`); a subclass names what went
       PermissionDeniedError    PERMISSION_DENIED   a token that is not the right one
       ResourceExhaustedError   RESOURCE_EXHAUSTED  over a bound (queued tokens, bytes in flight)
       UnavailableError         UNAVAILABLE         an expert group or the controller cannot answer
+        GroupGoneError                             Ray reports the group's actor dead
       UnsupportedModelError, CheckpointError, IngressError, ...  (not request errors)
 """
 
 from __future__ import annotations
 
-__all__ = ["ChannelRefusedError", "CheckpointError", "IngressError", "InvalidRequestError", "MeshError", "PermissionDeniedError",
+__all__ = ["ChannelRefusedError", "CheckpointError", "GroupGoneError", "IngressError", "InvalidRequestError", "MeshError", "PermissionDeniedError",
            "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError", "UnsupportedModelError",
            "WireError", "one_line"]
 
@@ -49,6 +50,11 @@ class ChannelRefusedError(ResourceExhaustedError):
 
 class UnavailableError(MeshError):
     """Something the call needs (an expert group, the controller, a routing table) cannot answer."""
+
+
+class GroupGoneError(UnavailableError):
+    """Ray reports an expert group's actor dead, or no actor goes by its name: evidence of death,
+    unlike a call that timed out."""
 
 
 class UnsupportedModelError(MeshError, ValueError):

@@ -70,7 +70,13 @@ class MeshConfig(BaseModel):
     health_period_s: float = Field(1.0, gt=0, description=(
         "Period of the reconcile loop: groups observed, routers resynced, dead groups restored."))
     group_timeout_s: float = Field(5.0, gt=0, description=(
-        "A group that answers no control call within this is treated as dead (dropped, restarted)."))
+        "A control call to a group (an observation, a load) that takes longer than this has failed."))
+    failure_threshold: int = Field(3, ge=1, description=(
+        "A group is dead when Ray reports its actor dead, or after this many observations in a row it "
+        "missed; one that missed fewer is `suspect` in `mesh status` and still routed."))
+    max_timeout_deaths: int | None = Field(None, ge=1, description=(
+        "Most groups one round declares dead on missed observations alone (Ray's word of a death always "
+        "counts); more than this together and it waits and logs. None: the most crowded node's groups + 1."))
     push_timeout_s: float = Field(2.0, gt=0, description=(
         "A router that takes no routing table within this is skipped and resynced next round."))
     drain_s: float = Field(1.0, ge=0, description="Wait between moving traffic off a copy and releasing it.")

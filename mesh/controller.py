@@ -73,7 +73,9 @@ class MeshController:
         self.store = StateStore(GcsKVStore(NAMESPACE), self.config.name)
         self.rec = Reconciler(self.store, RayLauncher(self.config, model_path, self.spec),
                               list(self.spec.moe_layers), self.spec.num_experts, drain_s=self.config.drain_s,
-                              call_timeout_s=self.config.group_timeout_s, push_timeout_s=self.config.push_timeout_s)
+                              call_timeout_s=self.config.group_timeout_s, push_timeout_s=self.config.push_timeout_s,
+                              failure_threshold=self.config.failure_threshold,
+                              max_timeout_deaths=self.config.max_timeout_deaths)
         self.started_at = time.time()
         self.probes: dict[str, object] = {}  # node id -> LatencyProbe handle
         self._tasks: list[asyncio.Task] = []
@@ -510,7 +512,7 @@ class MeshController:
         return aggregate_load([r for r in reports if isinstance(r, bytes)] + direct, self.spec.top_k)
 
     async def snapshot(self) -> bytes:
-        """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive), routers,
+        """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive, suspect), routers,
         copies per expert in the table, tokens per expert since start and tokens/s over the load
         window, the change in progress and what has not converged yet."""
         await self.ready()
@@ -518,6 +520,7 @@ class MeshController:
         state, seen = self.rec.state, self.rec.seen
         held = held_by(state.copies)
         groups = [{"name": n, "node": node, "endpoint": seen[n].endpoint if n in seen else "", "alive": n in seen,
+                   "suspect": n in self.rec.verdict.suspect,
                    "experts": {str(l): e for l, e in held.get(n, {}).items()},
                    "versions": {str(l): [state.version(l, x) for x in e] for l, e in held.get(n, {}).items()}}
                   for n, node in state.groups.items()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from experts.errors import GroupGoneError, one_line
 from mesh.config import MeshConfig
 from router_service.config import NAMESPACE
 
@@ -38,7 +39,14 @@ class RayGroup:
         self.actor = actor
 
     async def info(self) -> dict:
-        return await self.actor.info.remote()
+        """The group's holdings; GroupGoneError when Ray reports its actor dead (a timeout is no
+        such evidence: mesh/health.py)."""
+        import ray
+
+        try:
+            return await self.actor.info.remote()
+        except ray.exceptions.ActorDiedError as exc:
+            raise GroupGoneError(f"Ray reports the actor dead: {one_line(exc)}") from exc
 
     async def load(self, layer: int, experts: list[int], source: str | None) -> list[str]:
         return await self.actor.load_experts.remote(layer, experts, source)

@@ -5,6 +5,8 @@
     round()        -> observe groups and routers -> drop dead groups from the table (never waits for
                       a change) -> re-push to routers behind -> (no change running) restart dead or
                       diverged groups, release / commit / unstage what nothing names
+                      (dead: Ray's word, or `failure_threshold` observations missed in a row:
+                      mesh/health.py; a group that missed fewer is suspect and still routed)
 
 It drives groups and routers through small async handles (GroupHandle, RouterHandle, Launcher):
 Ray actors in the controller (mesh/handles.py), fakes in unit tests. No Ray here.
@@ -17,8 +19,9 @@ import logging
 import time
 from typing import Awaitable, Callable, Protocol
 
-from experts.errors import MeshError
+from experts.errors import GroupGoneError, MeshError
 from mesh.changes import GroupView, Tidy, plan_restart, published_state, table_layers, tidy
+from mesh.health import Verdict, default_max_timeout_deaths, judge
 from mesh.placement import restore_node
 from mesh.state import Intent, MeshState, held_by
 from mesh.store import StateStore
@@ -69,10 +72,15 @@ def view_of(info: dict) -> GroupView:
 class Reconciler:
     def __init__(self, store: StateStore, launcher: Launcher, moe_layers: list[int], num_experts: int,
                  drain_s: float = 1.0, call_timeout_s: float = 5.0, push_timeout_s: float = 2.0,
-                 sleep=asyncio.sleep):
+                 sleep=asyncio.sleep, failure_threshold: int = 3, max_timeout_deaths: int | None = None,
+                 max_concurrent_calls: int = 32):
         self.store, self.launcher = store, launcher
         self.moe_layers, self.num_experts = list(moe_layers), num_experts
         self.drain_s, self.call_timeout_s, self.push_timeout_s = drain_s, call_timeout_s, push_timeout_s
+        self.failure_threshold, self.max_timeout_deaths = failure_threshold, max_timeout_deaths
+        self._observing = asyncio.Semaphore(max_concurrent_calls)  # observation calls in flight at once
+        self.missed: dict[str, int] = {}                # group -> observations missed in a row
+        self.verdict = Verdict([], [], [])              # the last observation's
         self.sleep = sleep
         self.state = MeshState()
         self.groups: dict[str, GroupHandle] = {}
@@ -290,23 +298,46 @@ class Reconciler:
     # -- the reconcile loop ------------------------------------------------------------------------------
 
     async def observe(self) -> None:
-        """Which groups live and what they hold; which epoch each router has."""
+        """Which groups live and what they hold (mesh/health.py decides which are dead); which epoch
+        each router has. Each group's call bounded by call_timeout_s, at most max_concurrent_calls
+        at once."""
         names, seq = list(self.state.groups), self._seen_seq
-        infos = await asyncio.gather(*(self._call(self.groups[n].info()) if n in self.groups else _missing(n)
-                                       for n in names), return_exceptions=True)
-        seen = {}
+        infos = await asyncio.gather(*(self._observe(n) for n in names), return_exceptions=True)
+        seen, missed, gone = {}, {}, set()
         for name, info in zip(names, infos):
-            if isinstance(info, BaseException):
-                if name in self.seen:
-                    logger.warning("expert group %s is dead: %r", name, info)
+            if isinstance(info, GroupGoneError):
+                gone.add(name)
+            elif isinstance(info, BaseException):
+                missed[name] = self.missed.get(name, 0) + 1
+                logger.warning("expert group %s missed an observation (%d in a row): %r", name, missed[name], info)
             else:
                 seen[name] = view_of(info)
+        verdict = judge(missed, gone, self.failure_threshold, self._max_timeout_deaths())
+        for name in verdict.dead:
+            if name in self.seen:
+                logger.warning("expert group %s is dead: %s", name, "Ray reports it dead" if name in gone
+                               else f"{missed[name]} observations missed in a row")
+        if verdict.held_back:
+            logger.warning("%d groups missed %d observations in a row: more than a round declares dead on "
+                           "timeouts alone (%d); routed as last seen until Ray's word or an answer",
+                           len(verdict.held_back), self.failure_threshold, self._max_timeout_deaths())
+        seen.update({n: self.seen[n] for n in verdict.suspect if n in self.seen})  # still routed as last seen
         if seq == self._seen_seq:  # else a step changed a group meanwhile: this view may be older
             self.seen, self._seen_seq = seen, seq + 1
+            self.missed, self.verdict = missed, verdict
         routers = list(self.routers)
         epochs = await asyncio.gather(*(asyncio.wait_for(self.routers[n].epoch(), self.push_timeout_s)
                                         for n in routers), return_exceptions=True)
         self.router_epochs = {n: e for n, e in zip(routers, epochs) if not isinstance(e, BaseException)}
+
+    async def _observe(self, name: str) -> dict:
+        if name not in self.groups:
+            raise GroupGoneError(f"no actor named {name}")
+        async with self._observing:
+            return await self._call(self.groups[name].info())
+
+    def _max_timeout_deaths(self) -> int:
+        return self.max_timeout_deaths or default_max_timeout_deaths(self.state.groups)
 
     async def round(self) -> list[asyncio.Task]:
         """One level-triggered round. Returns the restart tasks it queued (each a change of its own)."""
@@ -319,8 +350,11 @@ class Reconciler:
         async with self.lock:  # no change may start while copies nothing names are released
             fix = tidy(self.state, self.seen)
             await self._tidy(fix)
-        dead = [n for n in self.state.groups if n not in self.seen]
-        return [self._queue_restart(n) for n in [*dead, *fix.restart] if n not in self._queued]
+        return [self._queue_restart(n) for n in [*self.dead_groups(), *fix.restart] if n not in self._queued]
+
+    def dead_groups(self) -> list[str]:
+        """Groups of the desired state that are not routed and not merely suspect: to restore."""
+        return [n for n in self.state.groups if n not in self.seen and n not in self.verdict.suspect]
 
     async def _resync_routers(self) -> None:
         behind = [n for n in self.routers if self.router_epochs.get(n, -1) < self.table.epoch]
@@ -382,9 +416,7 @@ class Reconciler:
         intent = self.state.intent
         return {"change": None if intent is None else {"id": intent.change_id, "kind": intent.kind,
                                                        "step": intent.step, "summary": intent.summary},
-                "dead_groups": sorted(n for n in self.state.groups if n not in self.seen),
+                "dead_groups": sorted(self.dead_groups()),
+                "suspect_groups": list(self.verdict.suspect),
                 "routers_behind": sorted(n for n in self.routers if self.router_epochs.get(n, -1) < self.table.epoch)}
 
-
-async def _missing(name: str):
-    raise LookupError(f"no actor named {name}")

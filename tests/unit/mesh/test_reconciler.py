@@ -12,6 +12,7 @@ import asyncio
 
 import pytest
 
+from experts.errors import GroupGoneError
 from mesh.changes import STEPS, plan_copies, plan_swap, tidy
 from mesh.reconciler import Reconciler, StepError
 from mesh.state import Intent, MeshState, Replica, StateError, held_by
@@ -55,16 +56,19 @@ class FakeGroupActor:
 
     def __init__(self, name: str, loads):
         self.name, self.alive = name, True
+        self.slow = False  # info() times out (a frozen process, a slow round), but Ray reports it alive
         self.held = {(l, e): version(s, l, e) for l, es, s in loads for e in es}
         self.staged: dict[tuple[int, int], str] = {}
         self.block: asyncio.Event | None = None  # set: load waits on it
 
     def _check(self):
         if not self.alive:
-            raise ConnectionError(f"{self.name} is dead")
+            raise GroupGoneError(f"{self.name} is dead")
 
     async def info(self):
         self._check()
+        if self.slow:
+            raise asyncio.TimeoutError()
         experts, versions, staged = {}, {}, {}
         for (l, e), v in sorted(self.held.items()):
             experts.setdefault(l, []).append(e)
@@ -466,5 +470,58 @@ def test_a_publish_that_cannot_be_persisted_rolls_back_and_publishes_nothing():
         kv.refuse_epoch = None
         await converge(rec)
         assert_converged(rec, world)  # the copies loaded for the change were released
+
+    asyncio.run(main())
+
+
+def test_a_group_missing_observations_stays_routed_until_the_threshold_then_is_restored():
+    async def main():
+        kv, world, rec = await started()
+        world.actors["g1"].slow = True
+        for missed in (1, 2):
+            assert await rec.round() == []
+            assert "g1" in rec.table.groups() and rec.pending()["suspect_groups"] == ["g1"], missed
+            assert rec.pending()["dead_groups"] == [] and world.starts == []
+        restarts = await rec.round()  # the third miss in a row: dead, dropped, restored
+        assert "g1" not in rec.table.groups() and len(restarts) == 1
+        await asyncio.gather(*restarts)
+        await converge(rec)
+        assert world.starts == ["g1"] and "g1" in rec.table.groups()
+        assert rec.pending()["suspect_groups"] == []
+        assert_converged(rec, world)
+
+    asyncio.run(main())
+
+
+def test_an_answer_between_misses_starts_the_count_again():
+    async def main():
+        kv, world, rec = await started()
+        for slow in (True, True, False, True, True, False):
+            world.actors["g2"].slow = slow
+            await converge(rec, rounds=1)
+        assert world.starts == [] and "g2" in rec.table.groups()
+
+    asyncio.run(main())
+
+
+def test_a_round_that_times_out_on_every_group_kills_none_and_rays_word_still_counts():
+    async def main():
+        kv, world, rec = await started()
+        epoch = rec.table.epoch
+        for actor in world.actors.values():
+            actor.slow = True
+        for _ in range(5):
+            assert await rec.round() == []  # 3 groups over the default cap of 2 (one per node, + 1): held back
+        assert rec.table.epoch == epoch and world.starts == []
+        assert rec.verdict.held_back == ["g0", "g1", "g2"]
+        rec.max_timeout_deaths = 1
+        world.actors["g0"].alive = False  # Ray's word: dead at once, whatever the cap
+        world.actors["g0"].held = {}
+        await converge(rec, rounds=1)
+        assert world.starts == ["g0"]
+        for actor in world.actors.values():
+            actor.slow = False
+        await converge(rec)
+        assert_converged(rec, world)
 
     asyncio.run(main())
