@@ -231,6 +231,10 @@ def format_convergence(snapshot: dict) -> str:
     parts = [f"change {change['id']} ({change['summary']}) at step {change['step']}" if change else "no change in progress"]
     if snapshot.get("dead_groups"):
         parts.append(f"groups being restored: {', '.join(snapshot['dead_groups'])}")
+    if snapshot.get("copies_sharing_a_node"):
+        shared = snapshot["copies_sharing_a_node"]
+        parts.append(f"{len(shared)} experts have two copies on one node although the nodes could keep them apart "
+                     f"(e.g. {', '.join(shared[:4])}): a node's loss takes both")
     if snapshot.get("suspect_groups"):
         parts.append(f"groups suspect (missed an observation, still routed): {', '.join(snapshot['suspect_groups'])}")
     if snapshot.get("routers_behind"):

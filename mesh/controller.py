@@ -30,7 +30,7 @@ from mesh.handles import NAMESPACE, RayLauncher, alive_nodes, pinning
 from mesh.leases import Leases
 from mesh.load import Load, aggregate_load, by_name
 from mesh.placement import (group_latency, initial_assignment, pairs_kept, pick_groups, placement_cost,
-                            placement_moves, plan_placement, replicate_layer, spread_groups)
+                            placement_moves, plan_placement, replicate_layer, shared_nodes, spread_groups)
 from mesh.probes import LatencyProbe, link_matrix
 from protos.serving import same_token
 from mesh.reconciler import Reconciler, view_of
@@ -125,7 +125,7 @@ class MeshController:
                                  f"the nodes' labels are {labels}")
         num_groups = self.config.groups.num_groups or len(nodes)
         assignment = initial_assignment(list(self.spec.moe_layers), self.spec.num_experts, num_groups,
-                                        self.config.groups.replicas)
+                                        self.config.groups.replicas, num_nodes=len(nodes))
         placement = spread_groups(num_groups, [n["NodeID"] for n in nodes])
         self._check_memory(assignment, placement, nodes)
         names = [f"{self.config.name}/group-{k}" for k in range(num_groups)]
@@ -336,7 +336,7 @@ class MeshController:
             async def make_plan():
                 plan = self._live()
                 held = sum(expert in e.get(layer, []) for e in plan.values())
-                for group in pick_groups(plan, rates, layer, expert, replicas - held):
+                for group in pick_groups(plan, rates, layer, expert, replicas - held, self.rec.state.groups):
                     experts = plan[group].setdefault(layer, [])
                     experts.append(expert) if replicas > held else experts.remove(expert)
                 return plan
@@ -532,6 +532,8 @@ class MeshController:
             "direct_clients": self.leases.describe(time.monotonic()),
             "sources": {f"{l}/{e}": rs[0].source for (l, e), rs in state.copies.items() if rs[0].source},
             "tokens_per_expert": by_name(tokens), "tokens_per_s": by_name(rates), **self.rec.pending(),
+            "copies_sharing_a_node": [f"{l}/{e}" for l, e in shared_nodes(
+                {key: [r.group for r in rs] for key, rs in state.copies.items()}, state.groups)],
         })
 
     async def shutdown(self) -> None:

@@ -2,34 +2,52 @@
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from mesh.replication import rebalance_experts  # the replication policy's entry point, EPLB's signature
 
-__all__ = ["group_latency", "group_loads", "initial_assignment", "latency_tiers", "pairs_kept", "pick_groups",
+__all__ = ["copy_offsets", "group_latency", "group_loads", "initial_assignment", "latency_tiers", "pairs_kept", "pick_groups",
            "placement_cost", "placement_moves", "plan_placement", "rebalance_experts", "replicate_layer", "restore_node",
-           "spread_groups"]
+           "shared_nodes", "spread_groups"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,
-                       replicas: int = 1) -> list[dict[int, list[int]]]:
+                       replicas: int = 1, num_nodes: int | None = None) -> list[dict[int, list[int]]]:
     """Copies of every expert of every layer over `num_groups` groups.
 
-    Copy r of expert e of layer l goes to group (e + l + r * stride) % G with stride = G // replicas,
-    so an expert's copies land on distinct groups and each layer starts on a different group.
+    Copy r of expert e of layer l goes to group (e + l + offset_r) % G, offset_0 = 0 and offset_r
+    near r * G / replicas: each copy set is a rotation, so every group holds as many copies as the
+    next, an expert's copies land on distinct groups, and each layer starts on a different group.
+    With `num_nodes` (groups on nodes as `spread_groups` lays them: group k on node k % num_nodes),
+    the offsets also put an expert's copies on distinct nodes while replicas <= num_nodes.
     Returns one {layer: [experts]} per group. Raises ValueError if replicas > num_groups.
     """
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
     if not 1 <= replicas <= num_groups:
         raise ValueError(f"replicas must be in [1, num_groups={num_groups}], got {replicas}")
-    stride = num_groups // replicas
+    offsets = copy_offsets(num_groups, replicas, num_nodes or num_groups)
     groups: list[dict[int, list[int]]] = [{layer: [] for layer in moe_layers} for _ in range(num_groups)]
     for layer in moe_layers:
         for expert in range(num_experts):
-            for copy in range(replicas):
-                groups[(expert + layer + copy * stride) % num_groups][layer].append(expert)
+            for offset in offsets:
+                groups[(expert + layer + offset) % num_groups][layer].append(expert)
     return [{layer: sorted(experts) for layer, experts in g.items() if experts} for g in groups]
+
+
+def copy_offsets(num_groups: int, replicas: int, num_nodes: int) -> list[int]:
+    """Group offsets of the copies of an expert: distinct groups always, distinct nodes (offset mod
+    num_nodes) while replicas <= num_nodes; each the first that qualifies from r * G // replicas."""
+    offsets: list[int] = []
+    for copy in range(replicas):
+        start = copy * num_groups // replicas
+        candidates = [(start + d) % num_groups for d in range(num_groups)]
+        free = [o for o in candidates if o not in offsets]
+        on_new_node = [o for o in free if o % num_nodes not in {x % num_nodes for x in offsets}]
+        offsets.append((on_new_node or free)[0])
+    return offsets
 
 
 def spread_groups(num_groups: int, node_ids: list[str]) -> list[str]:
@@ -256,18 +274,41 @@ def group_loads(assignment: Assignment, load: dict[tuple[int, int], float]) -> d
 
 
 def pick_groups(assignment: Assignment, load: dict[tuple[int, int], float], layer: int, expert: int,
-                count: int) -> list[str]:
+                count: int, nodes: dict[str, str] | None = None) -> list[str]:
     """Groups that gain (count > 0) or lose (count < 0) a copy of (layer, expert), |count| of them.
 
-    Gains go to the least-loaded groups without a copy, losses come from the most-loaded holders;
-    ties go by copies held (fewest gain, most lose), then by name. Copies already in place stay.
+    With `nodes` (group -> node), gains go first to groups on nodes that hold no copy of it yet and
+    losses come first from nodes holding two or more; then gains go to the least-loaded groups
+    without a copy, losses come from the most-loaded holders; ties go by copies held (fewest gain,
+    most lose), then by name. Copies already in place stay.
     """
     loads = group_loads(assignment, load)
     held = {g: expert in a.get(layer, []) for g, a in assignment.items()}
     copies = {g: sum(len(es) for es in a.values()) for g, a in assignment.items()}
-    if count >= 0:
-        return sorted((g for g in assignment if not held[g]), key=lambda g: (loads[g], copies[g], g))[:count]
-    return sorted((g for g in assignment if held[g]), key=lambda g: (-loads[g], -copies[g], g))[:-count]
+    node_of = nodes or {g: g for g in assignment}
+    per_node = collections.Counter(node_of.get(g, g) for g in assignment if held[g])
+    picked: list[str] = []
+    for _ in range(abs(count)):  # one at a time: each pick changes which nodes hold a copy
+        if count >= 0:
+            pool = [g for g in assignment if not held[g] and g not in picked]
+            key = (lambda g: (per_node[node_of.get(g, g)] > 0, loads[g], copies[g], g))
+        else:
+            pool = [g for g in assignment if held[g] and g not in picked]
+            key = (lambda g: (per_node[node_of.get(g, g)] < 2, -loads[g], -copies[g], g))
+        if not pool:
+            break
+        best = min(pool, key=key)
+        picked.append(best)
+        per_node[node_of.get(best, best)] += 1 if count >= 0 else -1
+    return picked
+
+
+def shared_nodes(copies: dict[tuple[int, int], list[str]], nodes: dict[str, str]) -> list[tuple[int, int]]:
+    """(layer, expert) pairs two of whose copies (groups) sit on one node although the nodes holding
+    groups are enough to keep them apart: what `mesh status` reports. Pure policy."""
+    num_nodes = len(set(nodes.values()))
+    return sorted(key for key, groups in copies.items()
+                  if len(groups) <= num_nodes and len({nodes.get(g, g) for g in groups}) < len(groups))
 
 
 def placement_moves(old: Assignment, new: Assignment) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:
