@@ -19,6 +19,7 @@ import secrets
 import time
 from pathlib import Path
 
+import grpc
 import msgpack
 
 from experts import load_spec
@@ -32,7 +33,7 @@ from mesh.load import Load, aggregate_load, by_name
 from mesh.placement import (group_latency, initial_assignment, pairs_kept, pick_groups, placement_cost,
                             placement_moves, plan_placement, replicate_layer, shared_nodes, spread_groups)
 from mesh.probes import LatencyProbe, link_matrix
-from protos.serving import same_token
+from protos.serving import same_token, status_of
 from mesh.reconciler import Reconciler, view_of
 from mesh.state import MeshState, Replica, held_by
 from mesh.store import GcsKVStore, StateStore
@@ -55,6 +56,10 @@ class PlacementError(MeshError):
 def _str_keys(assignment: dict) -> dict:
     """msgpack keeps int keys, but JSON and the CLI want str: {group: {"layer": experts}}."""
     return {g: {str(layer): e for layer, e in held.items()} for g, held in assignment.items()}
+
+
+def _failed(future: asyncio.Future) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 def _call_ready_soon() -> None:
@@ -91,8 +96,9 @@ class MeshController:
 
     async def ready(self) -> int:
         """After Ray restarted this actor, adopt the previous incarnation's mesh (from the persisted
-        state); called by every public method and by `mesh up`'s watchdog. Returns the epoch."""
-        if self._recovering is None:
+        state); called by every public method and by `mesh up`'s watchdog. Returns the epoch. A
+        recovery that failed (the GCS busy, a group call timed out) is tried again by the next call."""
+        if self._recovering is None or _failed(self._recovering):
             self._recovering = asyncio.ensure_future(self._recover())
         await self._recovering
         return self.rec.table.epoch
@@ -304,8 +310,9 @@ class MeshController:
             self._check_token(token)
             message, change_id = await change()
         except (AdminError, MeshError, ValueError) as exc:
+            code = status_of(exc) or grpc.StatusCode.INVALID_ARGUMENT  # a plan the mesh refuses: the caller's to fix
             return {"ok": False, "message": f"{verb} refused, nothing changed: {exc}", "epoch": self.rec.table.epoch,
-                    "denied": isinstance(exc, AdminError)}
+                    "code": code.name, "denied": isinstance(exc, AdminError)}
         return {"ok": True, "message": message, "epoch": self.rec.table.epoch, "change_id": change_id}
 
     def _live(self) -> dict[str, dict[int, list[int]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from experts.errors import GroupGoneError, one_line
+from experts.errors import GroupGoneError, UnavailableError, one_line
 from mesh.config import MeshConfig
 from router_service.config import NAMESPACE
 
@@ -33,35 +33,40 @@ def pinning(node_id: str) -> dict:
 
 
 class RayGroup:
-    """An expert-group actor (ExpertGroupActor or SimulatedGroupActor)."""
+    """An expert-group actor (ExpertGroupActor or SimulatedGroupActor). Ray's word that it is gone
+    becomes GroupGoneError, an actor Ray cannot reach now UnavailableError (mesh/health.py tells
+    them apart from a timeout); the group's own errors come through as they are."""
 
     def __init__(self, actor):
         self.actor = actor
 
-    async def info(self) -> dict:
-        """The group's holdings; GroupGoneError when Ray reports its actor dead (a timeout is no
-        such evidence: mesh/health.py)."""
+    async def _call(self, method: str, *args):
         import ray
 
         try:
-            return await self.actor.info.remote()
+            return await getattr(self.actor, method).remote(*args)
         except ray.exceptions.ActorDiedError as exc:
             raise GroupGoneError(f"Ray reports the actor dead: {one_line(exc)}") from exc
+        except ray.exceptions.RayActorError as exc:  # ActorUnavailableError: unreachable for now
+            raise UnavailableError(f"Ray cannot reach the actor now: {one_line(exc)}") from exc
+
+    async def info(self) -> dict:
+        return await self._call("info")
 
     async def load(self, layer: int, experts: list[int], source: str | None) -> list[str]:
-        return await self.actor.load_experts.remote(layer, experts, source)
+        return await self._call("load_experts", layer, experts, source)
 
     async def release(self, layer: int, experts: list[int]) -> None:
-        await self.actor.release_experts.remote(layer, experts)
+        await self._call("release_experts", layer, experts)
 
     async def stage(self, layer: int, experts: list[int], source: str, probe) -> dict:
-        return await self.actor.stage_experts.remote(layer, experts, source, probe)
+        return await self._call("stage_experts", layer, experts, source, probe)
 
     async def commit(self, layer: int) -> None:
-        await self.actor.commit_staged.remote(layer)
+        await self._call("commit_staged", layer)
 
     async def unstage(self, layer: int) -> None:
-        await self.actor.unstage.remote(layer)
+        await self._call("unstage", layer)
 
 
 class RayRouter:

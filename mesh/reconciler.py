@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Awaitable, Callable, Protocol
 
-from experts.errors import GroupGoneError, MeshError
+from experts.errors import GroupGoneError, MeshError, UnavailableError
 from mesh.changes import GroupView, Tidy, plan_restart, published_state, table_layers, tidy
 from mesh.health import Verdict, default_max_timeout_deaths, judge
 from mesh.placement import restore_node
@@ -27,13 +27,23 @@ from mesh.state import Intent, MeshState, held_by
 from mesh.store import StateStore
 from router_service.routing import RoutingTable
 
-__all__ = ["CrashHook", "GroupHandle", "Launcher", "Reconciler", "RouterHandle", "StepError"]
+__all__ = ["CrashHook", "GroupHandle", "Launcher", "Reconciler", "RouterHandle", "StepError", "StepUnavailableError"]
 
 logger = logging.getLogger(__name__)
 
 
 class StepError(MeshError):
     """A step of a change failed; the change rolled back (before its publish) or carries on."""
+
+
+class StepUnavailableError(StepError, UnavailableError):
+    """A step failed because a group or router did not answer (gone, timed out): worth a retry."""
+
+
+def step_error(message: str, cause: BaseException) -> StepError:
+    """StepError for `cause`, StepUnavailableError when it is a peer that did not answer."""
+    unavailable = isinstance(cause, (UnavailableError, asyncio.TimeoutError, ConnectionError))
+    return (StepUnavailableError if unavailable else StepError)(message)
 
 
 class GroupHandle(Protocol):
@@ -176,8 +186,8 @@ class Reconciler:
                 else:
                     await self._roll_back(intent)
                     self.save(self.state.with_intent(None))
-                    raise StepError(f"{intent.kind} {intent.change_id} failed at {intent.step}, nothing "
-                                    f"changed: {exc}") from exc
+                    raise step_error(f"{intent.kind} {intent.change_id} failed at {intent.step}, nothing "
+                                     f"changed: {exc}", exc) from exc
             intent = self.state.intent.advanced()  # the publish step flips the intent it persists
             self.save(self.state.with_intent(intent) if intent.step else self.state.done(intent))
         return intent
@@ -212,7 +222,8 @@ class Reconciler:
                                        return_exceptions=True)
         for (group, layer, experts, _), versions in zip(intent.loads, results):
             if isinstance(versions, BaseException):
-                raise StepError(f"could not load layer {layer} experts {list(experts)} on {group}: {versions!r}")
+                raise step_error(f"could not load layer {layer} experts {list(experts)} on {group}: {versions!r}",
+                                 versions) from versions
             self._check_versions(intent, group, layer, experts, versions)
             self._saw(group, held={(layer, e): v for e, v in zip(experts, versions)})
 
@@ -223,7 +234,7 @@ class Reconciler:
         results = await asyncio.gather(*calls, return_exceptions=True)
         for (group, layer, experts, _), result in zip(intent.loads, results):
             if isinstance(result, BaseException):
-                raise StepError(f"group {group} could not stage the new weights: {result!r}")
+                raise step_error(f"group {group} could not stage the new weights: {result!r}", result) from result
             self._check_versions(intent, group, layer, experts, result["versions"])
             if verifier is not None:
                 verifier.check(group, layer, list(experts), result)

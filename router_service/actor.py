@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from experts.errors import MeshError, UnavailableError, one_line
 from experts.memory import keep_freed_memory
 from protos.serving import TLSConfig
 from protos.wire import DTYPES
@@ -40,20 +41,39 @@ class ControllerAdmin:
 
         return ray.get_actor(self.name, namespace=self.namespace)
 
+    async def _remote(self, method: str, *args):
+        """One controller call. The controller gone (no actor by its name, Ray reports it dead or
+        unreachable, a Ray timeout) -> UnavailableError; an error it raised on purpose (a MeshError)
+        -> that error; anything else as it came."""
+        import ray
+
+        try:
+            handle = self._handle()
+        except ValueError as exc:  # ray.get_actor: no actor by that name
+            raise UnavailableError(f"controller {self.name} is not running: {exc}") from exc
+        try:
+            return await getattr(handle, method).remote(*args)
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, MeshError):
+                raise exc.cause from exc
+            raise
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            raise UnavailableError(f"controller {self.name} did not answer: {one_line(exc)}") from exc
+
     async def read(self, verb: str, token: str | None) -> dict:
-        return await self._handle().read.remote(verb, token)
+        return await self._remote("read", verb, token)
 
     async def scale(self, token: str, layer: int, expert: int, replicas: int) -> dict:
-        return await self._handle().scale.remote(token, layer, expert, replicas)
+        return await self._remote("scale", token, layer, expert, replicas)
 
     async def set_autoscale(self, token: str, enabled: bool) -> dict:
-        return await self._handle().set_autoscale.remote(token, enabled)
+        return await self._remote("set_autoscale", token, enabled)
 
     async def swap(self, token: str, layer: int, experts: list[int], source: str) -> dict:
-        return await self._handle().swap.remote(token, layer, experts, source)
+        return await self._remote("swap", token, layer, experts, source)
 
     async def rebalance(self, token: str, dry_run: bool) -> dict:
-        return await self._handle().rebalance.remote(token, dry_run)
+        return await self._remote("rebalance", token, dry_run)
 
     def group_failed(self, group: str) -> None:
         """Tell the controller at once (no reply awaited), at most once a second per group: it
@@ -87,8 +107,10 @@ class RouterActor:
     async def start(self, port: int | None = None) -> str:
         """Bind the gRPC port (`port`, when given, instead of the configured one: the controller
         re-binds a router that Ray restarted on the port it had); returns "host:port". Idempotent:
-        later calls (a Serve replica adopting this router) get the same address."""
-        if self._starting is None:
+        later calls (a Serve replica adopting this router) get the same address; a start that
+        failed (the controller restarting, the port taken) is tried again by the next call."""
+        if self._starting is None or (self._starting.done() and (self._starting.cancelled()
+                                                                 or self._starting.exception() is not None)):
             if port is not None:
                 self.config = self.config.model_copy(update={"port": port})
             self._starting = asyncio.ensure_future(self._start())

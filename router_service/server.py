@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from experts.errors import InvalidRequestError, UnavailableError, one_line
+from experts.errors import InvalidRequestError, MeshError, UnavailableError, one_line
 from protos import expert_mesh_pb2 as pb
 from protos.serving import BUDGETED_SERVER_OPTIONS, ByteBudget, add_service, bearer_token, bind, status_of
 from protos.wire import DTYPES, TOKEN_DTYPES, from_proto, to_proto
@@ -31,8 +31,6 @@ __all__ = ["RouterServer", "check_rows", "check_shape", "check_token_ids", "chec
            "validate_forward"]
 
 logger = logging.getLogger(__name__)
-
-_CONTROLLER_GONE = {"RayActorError", "ActorDiedError", "ActorUnavailableError", "GetTimeoutError"}
 
 # Bytes a Forward holds in the router per byte of its body, at its peak: the body, its parsed
 # message, the batch, the rows sent to groups (k = 2 copies per token) and their answers, the
@@ -140,9 +138,9 @@ class _AdminService:
             raise UnavailableError("this router has no controller attached")
         try:
             return await getattr(self.server.admin, method)(*args)
+        except MeshError:
+            raise  # the controller gone (UnavailableError, from ControllerAdmin) or its typed error
         except Exception as exc:  # noqa: BLE001 - reported to the caller; the router keeps serving
-            if type(exc).__name__ in _CONTROLLER_GONE:
-                raise UnavailableError(f"controller {method} failed: {one_line(exc)}") from exc
             logger.exception("MeshAdmin %s failed", method)
             await context.abort(grpc.StatusCode.INTERNAL, f"controller {method} failed: {one_line(exc)}")
 
@@ -188,7 +186,7 @@ async def _refused(reply: dict, context) -> None:
     """A refusal from the controller -> the status code it means."""
     if not reply["ok"]:
         code = grpc.StatusCode.PERMISSION_DENIED if reply.get("denied") else grpc.StatusCode.INVALID_ARGUMENT
-        await context.abort(code, reply["message"])
+        await context.abort(grpc.StatusCode[reply["code"]] if "code" in reply else code, reply["message"])
 
 
 class RouterServer:

@@ -14,7 +14,7 @@ import pytest
 
 from experts.errors import GroupGoneError
 from mesh.changes import STEPS, plan_copies, plan_swap, tidy
-from mesh.reconciler import Reconciler, StepError
+from mesh.reconciler import Reconciler, StepError, StepUnavailableError
 from mesh.state import Intent, MeshState, Replica, StateError, held_by
 from mesh.store import StateStore
 from router_service.routing import RoutingTable
@@ -315,10 +315,25 @@ def test_a_failed_load_rolls_back_and_names_the_group():
         kv, world, rec = await started()
         before = rec.state.copies
         world.actors["g1"].alive = False  # loads on g1 fail
-        with pytest.raises(StepError, match="g1"):
+        with pytest.raises(StepUnavailableError, match="g1"):  # a group gone: worth a retry (UNAVAILABLE)
             await rec.submit(make_plan("scale"))
         assert rec.state.copies == before and rec.state.intent is None
         assert (0, 1) not in world.actors["g0"].held  # the copy loaded on g0 was released
+
+    asyncio.run(main())
+
+
+def test_a_load_the_group_refuses_is_a_step_error_not_an_unavailable_one():
+    async def main():
+        kv, world, rec = await started()
+
+        async def refuse(layer, experts, source):
+            raise ValueError("checkpoint is not the same architecture as the served model")
+
+        world.actors["g1"].load = refuse
+        with pytest.raises(StepError, match="same architecture") as info:
+            await rec.submit(make_plan("scale"))
+        assert not isinstance(info.value, StepUnavailableError)
 
     asyncio.run(main())
 
