@@ -97,15 +97,19 @@ def plan_swap(state: MeshState, layer: int, versions: dict[int, str], source: st
                   target=target, summary=f"layer {layer} experts {experts} -> {source}")
 
 
-def plan_restart(state: MeshState, group: str, node: str, change_id: str) -> Intent:
-    """(Re)start `group` on `node` with the copies the desired state names for it, each from its source."""
-    loads: dict[tuple[int, str | None], list[int]] = {}
-    for layer, experts in held_by(state.copies).get(group, {}).items():
-        for expert in experts:
-            loads.setdefault((layer, state.source(layer, expert)), []).append(expert)
-    return Intent(change_id, "restart", STEPS["restart"],
-                  loads=tuple((group, l, tuple(e), s) for (l, s), e in sorted(loads.items(), key=_by_layer)),
-                  nodes={group: node}, summary=f"restart {group} on node {node[:12]}")
+def plan_restart(state: MeshState, nodes: dict[str, str], change_id: str) -> Intent:
+    """(Re)start each group of `nodes` (group -> node) with the copies the desired state names for
+    it, each from its source: a lost node's groups come back as one change."""
+    held, all_loads = held_by(state.copies), []
+    for group in sorted(nodes):
+        loads: dict[tuple[int, str | None], list[int]] = {}
+        for layer, experts in held.get(group, {}).items():
+            for expert in experts:
+                loads.setdefault((layer, state.source(layer, expert)), []).append(expert)
+        all_loads += [(group, l, tuple(e), s) for (l, s), e in sorted(loads.items(), key=_by_layer)]
+    where = ", ".join(f"{g} on node {n[:12]}" for g, n in sorted(nodes.items()))
+    return Intent(change_id, "restart", STEPS["restart"], loads=tuple(all_loads), nodes=dict(nodes),
+                  summary=f"restart {where}")
 
 
 def published_state(state: MeshState, intent: Intent) -> MeshState:

@@ -43,6 +43,7 @@ __all__ = ["AdminError", "MeshController", "NAMESPACE", "PlacementError"]
 logger = logging.getLogger(__name__)
 
 _BYTES = {"float32": 4, "bfloat16": 2}
+PROBE_TIMEOUT_S = 60.0  # a latency probe starts, or measures every link, within this (a pending one fails the plan)
 
 
 class AdminError(PermissionDeniedError):
@@ -80,7 +81,8 @@ class MeshController:
                               list(self.spec.moe_layers), self.spec.num_experts, drain_s=self.config.drain_s,
                               call_timeout_s=self.config.group_timeout_s, push_timeout_s=self.config.push_timeout_s,
                               failure_threshold=self.config.failure_threshold,
-                              max_timeout_deaths=self.config.max_timeout_deaths)
+                              max_timeout_deaths=self.config.max_timeout_deaths,
+                              start_timeout_s=self.config.group_start_timeout_s)
         self.started_at = time.time()
         self.probes: dict[str, object] = {}  # node id -> LatencyProbe handle
         self._tasks: list[asyncio.Task] = []
@@ -445,14 +447,15 @@ class MeshController:
                 self.probes[node] = ray.remote(LatencyProbe).options(
                     name=f"{self.config.name}/probe-{node[:12]}", namespace=NAMESPACE, lifetime="detached",
                     num_cpus=0, get_if_exists=True, **pinning(node)).remote()
-        started = await asyncio.gather(*(self.probes[n].start.remote(self.rec.state.secret, self.internal_tls())
-                                       for n in nodes))
+        started = await asyncio.wait_for(asyncio.gather(
+            *(self.probes[n].start.remote(self.rec.state.secret, self.internal_tls()) for n in nodes)), PROBE_TIMEOUT_S)
         return nodes, [endpoint for _, endpoint in started]
 
     async def measure_links(self) -> dict:
         """Every probe in turn times echoes to every probe: {"nodes", "rtt_ms" [from][to], "mbps" [from][to]}."""
         nodes, endpoints = await self._ensure_probes()
-        rows = [await self.probes[n].measure.remote(endpoints) for n in nodes]  # one at a time: no cross-talk
+        rows = [await asyncio.wait_for(self.probes[n].measure.remote(endpoints), PROBE_TIMEOUT_S)
+                for n in nodes]  # one at a time: no cross-talk
         return link_matrix(nodes, rows)
 
     async def _placement_plan(self) -> dict:

@@ -83,11 +83,12 @@ class Reconciler:
     def __init__(self, store: StateStore, launcher: Launcher, moe_layers: list[int], num_experts: int,
                  drain_s: float = 1.0, call_timeout_s: float = 5.0, push_timeout_s: float = 2.0,
                  sleep=asyncio.sleep, failure_threshold: int = 3, max_timeout_deaths: int | None = None,
-                 max_concurrent_calls: int = 32):
+                 max_concurrent_calls: int = 32, start_timeout_s: float = 300.0):
         self.store, self.launcher = store, launcher
         self.moe_layers, self.num_experts = list(moe_layers), num_experts
         self.drain_s, self.call_timeout_s, self.push_timeout_s = drain_s, call_timeout_s, push_timeout_s
         self.failure_threshold, self.max_timeout_deaths = failure_threshold, max_timeout_deaths
+        self.start_timeout_s = start_timeout_s  # a group start (pending actor, slow load) holds the lock no longer
         self._observing = asyncio.Semaphore(max_concurrent_calls)  # observation calls in flight at once
         self.missed: dict[str, int] = {}                # group -> observations missed in a row
         self.verdict = Verdict([], [], [])              # the last observation's
@@ -241,17 +242,32 @@ class Reconciler:
             self._saw(group, staged={(layer, e): v for e, v in zip(experts, result["versions"])})
 
     async def _start(self, intent: Intent) -> None:
-        """(Re)start the group on its node with its named copies; it must hold exactly those versions."""
-        (group, node), = intent.nodes.items()
-        loads = [(l, list(e), s) for _, l, e, s in intent.loads]
-        handle = await self.launcher.start_group(group, node, loads)
-        view = view_of(await self._call(handle.info()))
-        wanted = {(l, e): r.version for (l, e), rs in self.state.copies.items() for r in rs if r.group == group}
-        wrong = sorted(k for k, v in wanted.items() if view.held.get(k) != v)
-        if wrong:
-            raise StepError(f"restarted {group} does not hold the named versions of (layer, expert) {wrong}")
-        self.groups[group] = handle
-        self._saw(group, view=view)
+        """(Re)start the groups on their nodes, together, with their named copies; each must hold
+        exactly those versions. Each start bounded by start_timeout_s."""
+        names = sorted(intent.nodes)
+        loads = {g: [(l, list(e), s) for owner, l, e, s in intent.loads if owner == g] for g in names}
+        handles = await asyncio.gather(*(self._call(self.launcher.start_group(g, intent.nodes[g], loads[g]),
+                                                    timeout_s=self.start_timeout_s) for g in names),
+                                       return_exceptions=True)
+        infos = await asyncio.gather(*(self._call(h.info()) for h in handles if not isinstance(h, BaseException)),
+                                     return_exceptions=True)
+        infos, failures = iter(infos), []
+        for group, handle in zip(names, handles):
+            info = handle if isinstance(handle, BaseException) else next(infos)
+            if isinstance(info, BaseException):
+                failures.append((group, info))
+                continue
+            view = view_of(info)
+            wanted = {(l, e): r.version for (l, e), rs in self.state.copies.items() for r in rs if r.group == group}
+            wrong = sorted(k for k, v in wanted.items() if view.held.get(k) != v)
+            if wrong:
+                failures.append((group, ValueError(f"does not hold the named versions of (layer, expert) {wrong}")))
+                continue
+            self.groups[group] = handle
+            self._saw(group, view=view)
+        if failures:
+            group, error = failures[0]
+            raise step_error(f"restarting {group} failed: {error!r}", error) from error
 
     def _saw(self, group: str, view: GroupView | None = None, held: dict | None = None,
              staged: dict | None = None) -> None:
@@ -361,7 +377,8 @@ class Reconciler:
         async with self.lock:  # no change may start while copies nothing names are released
             fix = tidy(self.state, self.seen)
             await self._tidy(fix)
-        return [self._queue_restart(n) for n in [*self.dead_groups(), *fix.restart] if n not in self._queued]
+        todo = [n for n in dict.fromkeys([*self.dead_groups(), *fix.restart]) if n not in self._queued]
+        return [self._queue_restart(todo)] if todo else []
 
     def dead_groups(self) -> list[str]:
         """Groups of the desired state that are not routed and not merely suspect: to restore."""
@@ -386,41 +403,49 @@ class Reconciler:
             logger.info("tidying: release %s, commit %s, unstage %s", fix.release, fix.commit, fix.unstage)
             await self._each(calls)
 
-    def _queue_restart(self, group: str) -> asyncio.Task:
-        self._queued.add(group)
-        return asyncio.get_running_loop().create_task(self._restart(group))
+    def _queue_restart(self, groups: list[str]) -> asyncio.Task:
+        self._queued.update(groups)
+        return asyncio.get_running_loop().create_task(self._restart(groups))
 
-    async def _restart(self, group: str) -> None:
+    async def _restart(self, groups: list[str]) -> None:
+        """Restore `groups` as one change (a lost node's groups together, not one after another)."""
         try:
             async with self.lock:
-                if group in self.seen and group not in tidy(self.state, self.seen).restart:
-                    return  # came back, holding what it should
-                if group in self.seen:  # alive but diverged: traffic leaves it before it restarts
-                    del self.seen[group]
+                restart = tidy(self.state, self.seen).restart
+                todo = [g for g in groups if g in self.state.groups and (g not in self.seen or g in restart)]
+                if not todo:
+                    return  # came back, holding what they should
+                diverged = [g for g in todo if g in self.seen]
+                if diverged:  # alive but diverged: traffic leaves them before they restart
+                    for group in diverged:
+                        del self.seen[group]
                     self._seen_seq += 1
                     await self.publish()
                     await self.sleep(self.drain_s)
-                node = self._restart_node(group)
-                intent = plan_restart(self.state, group, node, f"restart-{self.state.revision + 1}")
+                nodes = self._restart_nodes(todo)
+                intent = plan_restart(self.state, nodes, f"restart-{self.state.revision + 1}")
                 self.save(self.state.with_intent(intent))
                 start = time.perf_counter()
                 await self._carry_out(intent, None)
-                logger.warning("expert group %s restored on node %s in %.2f s", group, node[:12],
-                               time.perf_counter() - start)
-        except Exception as exc:  # noqa: BLE001 - the next round queues it again
-            logger.warning("could not restore group %s yet: %r", group, exc)
+                logger.warning("expert groups restored in %.2f s: %s", time.perf_counter() - start, intent.summary)
+        except Exception as exc:  # noqa: BLE001 - the next round queues them again
+            logger.warning("could not restore groups %s yet: %r", groups, exc)
         finally:
-            self._queued.discard(group)
+            self._queued.difference_update(groups)
 
-    def _restart_node(self, group: str) -> str:
-        """Its own node while that node lives (a killed actor), else the node holding the fewest
-        other copies of its experts."""
+    def _restart_nodes(self, groups: list[str]) -> dict[str, str]:
+        """Each group's node: its own while that node lives (a killed actor), else the node holding
+        the fewest other copies of its experts (the groups placed before it counted)."""
         nodes = self.launcher.alive_nodes()
-        own = self.state.groups[group]
-        order = [own, *(n for n in nodes if n != own)] if own in nodes else nodes
         held = held_by(self.state.copies)
-        live = [(self.state.groups[g], held.get(g, {})) for g in self.seen if g != group]
-        return restore_node(held.get(group, {}), order, live)
+        live = [(self.state.groups[g], held.get(g, {})) for g in self.seen if g not in groups]
+        chosen = {}
+        for group in groups:
+            own = self.state.groups[group]
+            order = [own, *(n for n in nodes if n != own)] if own in nodes else nodes
+            chosen[group] = restore_node(held.get(group, {}), order, live)
+            live.append((chosen[group], held.get(group, {})))
+        return chosen
 
     def pending(self) -> dict:
         """What has not converged yet, for `mesh status`."""

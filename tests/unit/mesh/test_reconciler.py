@@ -241,7 +241,7 @@ def swap(state: MeshState) -> Intent:
 def restart(state: MeshState) -> Intent:
     from mesh.changes import plan_restart
 
-    return plan_restart(state, "g1", "n2", f"restart-{state.revision + 1}")
+    return plan_restart(state, {"g1": "n2"}, f"restart-{state.revision + 1}")
 
 
 PLANS = {"scale": scale_up, "swap": swap, "restart": restart}
@@ -536,6 +536,56 @@ def test_a_round_that_times_out_on_every_group_kills_none_and_rays_word_still_co
         assert world.starts == ["g0"]
         for actor in world.actors.values():
             actor.slow = False
+        await converge(rec)
+        assert_converged(rec, world)
+
+    asyncio.run(main())
+
+
+def test_a_group_start_that_never_ends_fails_within_its_timeout_and_frees_the_lock():
+    async def main():
+        kv, world, rec = await started()
+        rec.start_timeout_s = 0.05
+        started_group = world.start_group
+
+        async def pending(name, node, loads):  # an actor Ray cannot place: it never serves
+            await asyncio.Event().wait()
+
+        world.start_group = pending
+        world.actors["g1"].alive = False
+        world.actors["g1"].held = {}
+        await asyncio.wait_for(converge(rec, rounds=1), 5)  # the restart fails within its timeout
+        assert not rec.lock.locked() and rec.state.intent is None
+        assert "g1" in rec.pending()["dead_groups"]
+        world.start_group = started_group  # the node is back: the next round restores it
+        await converge(rec)
+        assert world.starts == ["g1"]
+        assert_converged(rec, world)
+
+    asyncio.run(main())
+
+
+def test_a_lost_nodes_groups_restore_as_one_change_started_together():
+    async def main():
+        kv, world, rec = await started()
+        in_flight, most = set(), []
+        start_group = world.start_group
+
+        async def slow_start(name, node, loads):
+            in_flight.add(name)
+            most.append(len(in_flight))
+            await asyncio.sleep(0.01)
+            in_flight.discard(name)
+            return await start_group(name, node, loads)
+
+        world.start_group = slow_start
+        for name in ("g0", "g2"):
+            world.actors[name].alive = False
+            world.actors[name].held = {}
+        tasks = await rec.round()
+        assert len(tasks) == 1  # one change for both
+        await asyncio.gather(*tasks)
+        assert sorted(world.starts) == ["g0", "g2"] and max(most) == 2  # started together
         await converge(rec)
         assert_converged(rec, world)
 
