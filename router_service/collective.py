@@ -35,7 +35,7 @@ from experts.errors import ChannelRefusedError
 from protos.collective import (SPLIT_MIN_BYTES, check_status, exact_counts, header_nbytes, pack_header, pack_request,
                                process_group, reply_nbytes, request_nbytes, status_nbytes, unpack_reply)
 from router_service.routing import Destination, RoutingTable
-from router_service.transport import ExpertUnavailableError, GrpcTransport, Transport
+from router_service.transport import ExpertUnavailableError, GrpcTransport, Outcome, Transport
 
 __all__ = ["Channel", "CollectiveTransport"]
 
@@ -112,24 +112,27 @@ def _at_least(buf: torch.Tensor, nbytes: int) -> torch.Tensor:
     return buf if buf.shape[0] >= nbytes else torch.empty(nbytes, dtype=torch.uint8, device=buf.device)
 
 
-def exchange(calls: list[tuple[Channel, Destination]], layer: int, epoch: int, rows: torch.Tensor,
-             scale: torch.Tensor | None, out: torch.Tensor, timeout_s: float) -> dict[str, BaseException]:
+def exchange(calls: list[tuple[Channel, Destination, float | None]], layer: int, epoch: int, rows: torch.Tensor,
+             scale: torch.Tensor | None, out: torch.Tensor, timeout_s: float) -> Outcome:
     """Every destination's slice posted at once, then each answer awaited, all within one deadline of
-    `timeout_s` (a frozen group costs the batch one timeout, not one per group). Blocking: runs in
-    the transport's thread. Returns {group: error} of the destinations that failed."""
-    deadline, errors, posted = time.monotonic() + timeout_s, {}, {}
-    for channel, dest in calls:
+    `timeout_s` (a frozen group costs the batch one timeout, not one per group) and each within its
+    own deadline where it has one (seconds from the post). Blocking: runs in the transport's thread."""
+    start = time.monotonic()
+    errors, seconds, posted = {}, {}, {}
+    for channel, dest, _ in calls:
         try:
             posted[dest.group] = channel.post(layer, epoch, rows, scale, dest, out)
         except Exception as exc:  # noqa: BLE001 - a broken channel: that destination failed
             errors[dest.group] = exc
-    for channel, dest in calls:
+    for channel, dest, deadline in calls:
         if dest.group in posted:
+            left = min(timeout_s, deadline or timeout_s) - (time.monotonic() - start)
             try:
-                channel.finish(posted[dest.group], dest, out, deadline - time.monotonic())
+                channel.finish(posted[dest.group], dest, out, left)
+                seconds[dest.group] = time.monotonic() - start
             except Exception as exc:  # noqa: BLE001 - timed out, broken, or the group's error (ValueError)
                 errors[dest.group] = exc
-    return errors
+    return Outcome(errors, seconds)
 
 
 class CollectiveTransport(Transport):
@@ -178,26 +181,31 @@ class CollectiveTransport(Transport):
         if group not in self._named and group in self.channels:
             self.channels.pop(group).close()
 
-    async def dispatch(self, layer, epoch, rows, scale, destinations, out) -> dict[str, BaseException]:
+    async def dispatch(self, layer, epoch, rows, scale, destinations, out, deadlines=None) -> Outcome:
         """The destinations with a channel in one `exchange` on the transport's thread (one thread hop
         per batch), the others over grpc meanwhile (their channels opened in the background)."""
-        calls = [(self.channels[d.group], d) for d in destinations if d.group in self.channels]
-        others = [d for d in destinations if d.group not in self.channels]
-        for dest in others:
+        deadlines = deadlines or [None] * len(destinations)
+        calls = [(self.channels[d.group], d, t) for d, t in zip(destinations, deadlines) if d.group in self.channels]
+        others = [(d, t) for d, t in zip(destinations, deadlines) if d.group not in self.channels]
+        for dest, _ in others:
             self._open_soon(dest.group)
         for kind, num_slices in (("collective", len(calls)), ("grpc", len(others))):
             if num_slices:  # counted as sent; a failed one is taken back (_failed)
                 self.segments[kind] += num_slices
-        results = await asyncio.gather(
+        exchanged, grpc_sent = await asyncio.gather(
             asyncio.get_running_loop().run_in_executor(self._thread, exchange, calls, layer, epoch, rows, scale, out,
                                                        self.timeout_s),
-            *(self.fallback.send(layer, epoch, rows, scale, d, out) for d in others), return_exceptions=True)
-        errors = {d.group: r for d, r in zip(others, results[1:]) if isinstance(r, BaseException)}
-        for channel, dest in calls:
-            error = results[0].get(dest.group) if isinstance(results[0], dict) else results[0]
-            if error is not None:
-                errors[dest.group] = self._failed(channel, dest, error)
-        return errors
+            self.fallback.dispatch(layer, epoch, rows, scale, [d for d, _ in others], out, [t for _, t in others]),
+            return_exceptions=True)
+        if isinstance(exchanged, BaseException):  # the thread itself failed: every channel's slice did
+            exchanged = Outcome({d.group: exchanged for _, d, _ in calls}, {})
+        if isinstance(grpc_sent, BaseException):
+            grpc_sent = Outcome({d.group: grpc_sent for d, _ in others}, {})
+        errors = dict(grpc_sent.errors)
+        for channel, dest, _ in calls:
+            if dest.group in exchanged.errors:
+                errors[dest.group] = self._failed(channel, dest, exchanged.errors[dest.group])
+        return Outcome(errors, {**grpc_sent.seconds, **exchanged.seconds})
 
     def _failed(self, channel: Channel, dest: Destination, error: BaseException) -> ExpertUnavailableError:
         """A destination that failed on its channel; a channel that timed out or broke is dropped (a
@@ -208,8 +216,8 @@ class CollectiveTransport(Transport):
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         return ExpertUnavailableError(f"expert group {dest.group} (collective): {reason}")
 
-    async def send(self, layer, epoch, rows, scale, dest, out) -> None:
-        errors = await self.dispatch(layer, epoch, rows, scale, [dest], out)
+    async def send(self, layer, epoch, rows, scale, dest, out, timeout_s=None) -> None:
+        errors = (await self.dispatch(layer, epoch, rows, scale, [dest], out, [timeout_s])).errors
         if errors:
             raise errors[dest.group]
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protos.serving import TLSConfig
 
-__all__ = ["BatchingConfig", "NAMESPACE", "RouterConfig"]
+__all__ = ["BatchingConfig", "HedgeConfig", "NAMESPACE", "RouterConfig"]
 
 NAMESPACE = "expert-mesh"  # the Ray namespace of every mesh's actors
 
@@ -24,6 +24,20 @@ class BatchingConfig(BaseModel):
         "Batches of one layer in flight at once, per lane: the express lane carries the next request of "
         "callers with nothing in flight, the main lane the rest (router_service/batcher.py)."))
     enabled: bool = Field(True, description="False: every request is its own batch (for benchmarks).")
+
+
+class HedgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Hedge slow destinations (router_service/hedging.py).")
+    factor: float = Field(3.0, gt=1, description="A destination's deadline: factor x the p99 of its group's calls...")
+    min_ms: float = Field(50.0, gt=0, description="... at least this ...")
+    max_ms: float = Field(500.0, gt=0, description="... at most this.")
+    window: int = Field(200, ge=10, description="Calls per group the p99 is taken over.")
+    min_samples: int = Field(20, ge=1, description="Calls a group must have answered before it is hedged.")
+    budget: float = Field(0.05, ge=0, le=1, description="Hedges per call at most, over time (a retry budget).")
+    eject_after: int = Field(3, ge=1, description="Deadlines missed in a row that eject a group from routing...")
+    eject_s: float = Field(5.0, gt=0, description="... for this long, doubling while it keeps missing (to 60 s).")
 
 
 class RouterConfig(BaseModel):
@@ -51,6 +65,7 @@ class RouterConfig(BaseModel):
     max_concurrent_rpcs: int = Field(1024, ge=1, description=(
         "Calls the router's port takes at once; beyond it callers get RESOURCE_EXHAUSTED."))
     expert_timeout_s: float = Field(30.0, gt=0, description="Deadline of one call to an expert group.")
+    hedging: HedgeConfig = Field(default_factory=HedgeConfig)
     load_window_s: float = Field(10.0, gt=0, description="Window of the tokens-per-expert rates reported.")
 
     @model_validator(mode="after")

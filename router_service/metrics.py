@@ -14,6 +14,7 @@ METRIC_NAMES = {
     "latency": "expert_mesh_request_latency_ms",      # histogram, tags: mesh
     "batch_tokens": "expert_mesh_batch_tokens",       # histogram, tags: mesh
     "batch_requests": "expert_mesh_batch_requests",   # histogram, tags: mesh
+    "hedges": "expert_mesh_hedges",                   # counter, tags: mesh, group, kind (hedge, ejection)
 }
 
 _LATENCY_BOUNDS_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
@@ -40,8 +41,10 @@ class RouterMetrics:
                                                boundaries=_TOKEN_BOUNDS, tag_keys=("mesh",))
         self._batch_requests = metrics.Histogram(METRIC_NAMES["batch_requests"], "Requests merged per batch.",
                                                  boundaries=_REQUEST_BOUNDS, tag_keys=("mesh",))
+        self._hedges = metrics.Counter(METRIC_NAMES["hedges"], "Slices hedged past their deadline, and groups "
+                                       "ejected from routing, per expert group.", tag_keys=("mesh", "group", "kind"))
         for metric in (self._tokens, self._requests, self._errors, self._latency, self._batch_tokens,
-                       self._batch_requests):
+                       self._batch_requests, self._hedges):
             metric.set_default_tags(tags)
 
     def observe_tokens(self, layer: int, counts: list[int]) -> None:
@@ -52,6 +55,12 @@ class RouterMetrics:
     def observe_batch(self, num_tokens: int, num_requests: int) -> None:
         self._batch_tokens.observe(num_tokens)
         self._batch_requests.observe(num_requests)
+
+    def observe_hedge(self, group: str, ejected: bool) -> None:
+        """A slice to `group` was hedged; `ejected`: that miss ejected the group."""
+        self._hedges.inc(1, {"group": group, "kind": "hedge"})
+        if ejected:
+            self._hedges.inc(1, {"group": group, "kind": "ejection"})
 
     def observe_request(self, layer: str, code: str, latency_ms: float) -> None:
         """layer: an MoE layer's number or "other"; code: a grpc.StatusCode name (bounded labels)."""

@@ -24,16 +24,21 @@ from experts.errors import UnavailableError
 from kernels import align_tokens, combine
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
+from router_service.hedging import Hedging
 from router_service.load import LoadWindow, PairShares, TokenTally
 from router_service.routing import RoutingTable, plan_batch
 from router_service.transport import ExpertUnavailableError, Transport
 
-__all__ = ["LARGE_BATCH_ELEMENTS", "NoRoutingTableError", "Router", "RouterWeights"]
+__all__ = ["HedgedError", "LARGE_BATCH_ELEMENTS", "NoRoutingTableError", "Router", "RouterWeights"]
 
 logger = logging.getLogger(__name__)
 
 LARGE_BATCH_ELEMENTS = 1 << 18  # T x H from which gating, the row gather and combine run in a thread
 PAIRS_PER_EXPERT = 4  # co-activated pairs reported per layer: this many times its number of experts
+
+
+class HedgedError(ExpertUnavailableError):
+    """A destination passed its hedge deadline (slow, not known dead): its slice went elsewhere."""
 
 
 class NoRoutingTableError(UnavailableError):
@@ -77,6 +82,7 @@ class Router:
         self.config = config
         self.transport = transport
         self.metrics = metrics
+        self.hedging = Hedging(config.hedging)
         self.table: RoutingTable | None = None
         self.tokens_per_expert: collections.Counter[tuple[int, int]] = collections.Counter()
         # batches run, queue entries (requests or their chunks) merged into them, their tokens, largest
@@ -217,7 +223,7 @@ class Router:
         are retried once on the others (that group excluded). Returns (y [N, H], order [N]: the
         flat copy index of each row of y, failed: [(flat copy indices, error)] of copies that
         found no live copy (their rows of y are zero))."""
-        plan = plan_batch(order, counts, table.layers[layer], self._turn)
+        plan = plan_batch(order, counts, table.layers[layer], self._turn, self._ejected(table.layers[layer], counts))
         self._turn += 1
         y, errors = await self._send(table, layer, x, weights, plan, is_large=is_large)
         if not errors and not plan.unroutable.numel():
@@ -231,7 +237,8 @@ class Router:
         flat_ids = ids.reshape(-1)[retry]
         retry = retry[torch.argsort(flat_ids, stable=True)]
         retry_counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
-        second = plan_batch(retry, retry_counts, table.layers[layer], self._turn, frozenset(errors))
+        slow = {g: self.hedging.misses(g) for g, e in errors.items() if isinstance(e, HedgedError)}  # alive
+        second = plan_batch(retry, retry_counts, table.layers[layer], self._turn, frozenset(errors), slow)
         y2, errors2 = await self._send(table, layer, x, weights, second, excluded=errors)
         errors = {**errors, **errors2}
         failed = [(second.order[d.start:d.stop], errors2[d.group]) for d in second.destinations if d.group in errors2]
@@ -243,6 +250,13 @@ class Router:
         unrouted = y.new_zeros(second.unroutable.shape[0], y.shape[1])
         return (torch.cat([y[is_kept], y2, unrouted]), torch.cat([plan.order[is_kept], second.order, second.unroutable]),
                 failed)
+
+    def _ejected(self, copies: list[list], counts: list[int]) -> frozenset[str]:
+        """The ejected groups (hedging), unless that leaves an expert of this batch without a copy."""
+        ejected = self.hedging.ejected()
+        if ejected and any(n and all(c.group in ejected for c in copies[e]) for e, n in enumerate(counts)):
+            return frozenset()
+        return ejected
 
     @staticmethod
     def _blame(copies: torch.Tensor, plan, errors: dict[str, BaseException], ids: torch.Tensor,
@@ -265,21 +279,43 @@ class Router:
 
     async def _send(self, table: RoutingTable, layer: int, x: torch.Tensor, weights: torch.Tensor, plan,
                     excluded: dict | None = None, is_large: bool = False) -> tuple[torch.Tensor, dict[str, BaseException]]:
-        """Rows of the plan (one gather of x), out through the transport; returns (y, {group: error})."""
+        """Rows of the plan (one gather of x), out through the transport; returns (y, {group: error}).
+        A first send hedges (router_service/hedging.py): a destination past its deadline fails here
+        and goes to other copies with the retry."""
         start = time.perf_counter()
         rows = await self._off_loop(is_large, torch.index_select, x, 0, plan.order // self.spec.top_k)  # [M, H]
         scale = weights.reshape(-1)[plan.order].float() if self.spec.gate_on_input else None
         y = torch.empty_like(rows)
         self.batch_stats["group_calls"] += len(plan.destinations)
+        deadlines = None if excluded is not None else self._deadlines(table.layers[layer], plan.destinations)
         sent = time.perf_counter()
         self.stage_s["plan"] += sent - start
-        errors = await self.transport.dispatch(layer, table.epoch, rows, scale, plan.destinations, y)
+        errors, seconds = await self.transport.dispatch(layer, table.epoch, rows, scale, plan.destinations, y,
+                                                        deadlines)
         self.stage_s["dispatch"] += time.perf_counter() - sent
-        for group, error in errors.items():
-            logger.warning("layer %d: group %s failed: %s", layer, group, error)
-            if self.on_group_failure is not None:
-                self.on_group_failure(group)
+        for d, deadline in zip(plan.destinations, deadlines or [None] * len(plan.destinations)):
+            if d.group in seconds:
+                self.hedging.answered(d.group, seconds[d.group], d.stop - d.start)
+            elif deadline is not None and time.perf_counter() - sent >= deadline:
+                ejected = self.hedging.missed(d.group)  # slow, not known dead: the retry takes its slice elsewhere
+                self.batch_stats.update(hedges=1, ejections=int(ejected))
+                if self.metrics is not None:
+                    self.metrics.observe_hedge(d.group, ejected)
+                errors[d.group] = HedgedError(f"expert group {d.group} passed its {deadline * 1e3:.0f} ms deadline: "
+                                              f"{errors[d.group]}")
+                logger.info("layer %d: %s; hedged", layer, errors[d.group])
+                continue
+            if d.group in errors:
+                logger.warning("layer %d: group %s failed: %s", layer, d.group, errors[d.group])
+                if self.on_group_failure is not None:
+                    self.on_group_failure(d.group)
         return y, errors
+
+    def _deadlines(self, copies: list[list], destinations: list) -> list[float | None]:
+        """Per destination its hedge deadline, where every one of its experts has a copy elsewhere."""
+        return [self.hedging.deadline_s(d.group, d.stop - d.start)
+                if all(any(c.group != d.group for c in copies[e]) for e in d.experts) else None
+                for d in destinations]
 
     async def flush_forever(self, period_s: float) -> None:
         """flush_counts every `period_s` (off the hot path), until cancelled."""
@@ -294,11 +330,13 @@ class Router:
         """msgpack {"tokens": [[layer, expert, count since start], ...],
                     "rates": [[layer, expert, tokens/s over the load window], ...],
                     "pairs": [[layer, a, b, share of the layer's tokens that picked both a < b], ...],
-                    "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls"} since start,
+                    "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls", "hedges",
+                                "ejections"} since start,
                     "segments": {transport: destination slices sent over it} since start,
                     "stage_s": {stage: seconds spent in it since start; "forwards": Forwards served}}
         (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
-        expert groups). Pairs: the commonest PAIRS_PER_EXPERT x num_experts of each layer, recent
+        expert groups; hedges: slices cancelled past their deadline and sent elsewhere; ejections:
+        groups ejected from routing for missing deadlines). Pairs: the commonest PAIRS_PER_EXPERT x num_experts of each layer, recent
         batches weighted more (exp(-age / load_window_s))."""
         self.flush_counts()
         now = time.monotonic()

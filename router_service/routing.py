@@ -74,15 +74,20 @@ def expert_segments(counts: list[int]) -> list[tuple[int, int, int]]:
 
 
 def plan_dispatch(segments: list[tuple[int, int, int]], copies: list[list[Copy]], turn: int = 0,
-                  excluded: frozenset[str] = frozenset()) -> DispatchPlan:
+                  excluded: frozenset[str] = frozenset(), slow: dict[str, int] | None = None) -> DispatchPlan:
     """Assign each segment's rows to its expert's copies: split evenly (contiguous chunks) across
     the copies not in `excluded` (groups that just failed). `turn` rotates which copy gets the
-    larger chunk so that remainders spread over time. Pure policy."""
+    larger chunk so that remainders spread over time. An expert whose every copy is excluded goes
+    to the one copy in `slow` (excluded groups that were only slow: group -> deadlines missed in a
+    row) that missed fewest, if any. Pure policy."""
     endpoints: dict[str, str] = {}
     planned: dict[str, list[tuple[int, int, int]]] = {}
     unroutable = []
+    slow = slow or {}
     for expert, start, count in segments:
         options = [c for c in copies[expert] if c.group not in excluded]
+        rescue = [c for c in copies[expert] if c.group in slow]
+        options = options or ([min(rescue, key=lambda c: (slow[c.group], c.group))] if rescue else [])
         if not options:
             unroutable.append((expert, start, count))
             continue
@@ -125,11 +130,11 @@ class BatchPlan:
 
 
 def plan_batch(order: torch.Tensor, counts: list[int], copies: list[list[Copy]], turn: int = 0,
-               excluded: frozenset[str] = frozenset()) -> BatchPlan:
+               excluded: frozenset[str] = frozenset(), slow: dict[str, int] | None = None) -> BatchPlan:
     """The whole-batch plan from copies sorted by expert (`order` [N], `counts` per expert, as
     `align_tokens` gives them): `plan_dispatch` picks each segment's copies, then the copy indices
     are regrouped by destination (indices only; no row moves here). Pure policy."""
-    dispatch = plan_dispatch(expert_segments(counts), copies, turn, excluded)
+    dispatch = plan_dispatch(expert_segments(counts), copies, turn, excluded, slow)
     pieces, destinations, start = [], [], 0
     for group, segments in dispatch.segments.items():
         pieces += [order[s:s + n] for _, s, n in segments]

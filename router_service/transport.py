@@ -15,6 +15,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import time
+from typing import NamedTuple
 
 import grpc
 import torch
@@ -27,7 +29,7 @@ from protos.serving import TLSConfig, secret_metadata
 from protos.wire import decode_into, to_proto
 from router_service.routing import Destination
 
-__all__ = ["ExpertUnavailableError", "GrpcTransport", "RayTransport", "Transport", "make_transport"]
+__all__ = ["ExpertUnavailableError", "GrpcTransport", "Outcome", "RayTransport", "Transport", "make_transport"]
 
 _MAX_MESSAGE = 1 << 30
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
@@ -37,23 +39,34 @@ class ExpertUnavailableError(UnavailableError):
     """An expert group did not answer (dead, unreachable, timed out)."""
 
 
+class Outcome(NamedTuple):
+    """What `dispatch` tells of each destination: why it failed, or how long its answer took."""
+
+    errors: dict[str, BaseException]  # group -> its error (its slice of out left as it was)
+    seconds: dict[str, float]         # group -> seconds until its answer (the ones that answered)
+
+
 class Transport(abc.ABC):
     """The whole-batch boundary: one call sends every destination's slice of a batch plan."""
 
     async def dispatch(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None,
-                       destinations: list[Destination], out: torch.Tensor) -> dict[str, BaseException]:
+                       destinations: list[Destination], out: torch.Tensor,
+                       deadlines: list[float | None] | None = None) -> Outcome:
         """rows [M, H] (scale [M] float32 or None) in plan order; every destination computes its
         slice [start, stop) with the table's weight versions and its outputs land in the same
-        slice of `out` [M, H]. Returns {group: error} of the destinations that failed (their
-        slices of `out` are left as they were)."""
-        results = await asyncio.gather(*(self.send(layer, epoch, rows, scale, d, out) for d in destinations),
-                                       return_exceptions=True)
-        return {d.group: r for d, r in zip(destinations, results) if isinstance(r, BaseException)}
+        slice of `out` [M, H]. deadlines: seconds per destination (None: the transport's own
+        timeout); one passed fails that destination (the router hedges it elsewhere)."""
+        deadlines = deadlines or [None] * len(destinations)
+        results = await asyncio.gather(*(_timed(self.send(layer, epoch, rows, scale, d, out, t))
+                                         for d, t in zip(destinations, deadlines)), return_exceptions=True)
+        return Outcome({d.group: r for d, r in zip(destinations, results) if isinstance(r, BaseException)},
+                       {d.group: r for d, r in zip(destinations, results) if not isinstance(r, BaseException)})
 
     @abc.abstractmethod
     async def send(self, layer: int, epoch: int, rows: torch.Tensor, scale: torch.Tensor | None,
-                   dest: Destination, out: torch.Tensor) -> None:
-        """One destination of `dispatch`. Raises ExpertUnavailableError when the group cannot answer."""
+                   dest: Destination, out: torch.Tensor, timeout_s: float | None = None) -> None:
+        """One destination of `dispatch`, within `timeout_s` (None: the transport's). Raises
+        ExpertUnavailableError when the group cannot answer."""
 
     def on_table(self, table) -> None:
         """A new routing table is in force (a transport with channels opens and closes them)."""
@@ -84,7 +97,7 @@ class GrpcTransport(Transport):
             stub = self._stubs[endpoint] = pb_grpc.ExpertWorkerStub(channel)
         return stub
 
-    async def send(self, layer, epoch, rows, scale, dest, out) -> None:
+    async def send(self, layer, epoch, rows, scale, dest, out, timeout_s=None) -> None:
         self.segments["grpc"] += 1
         request = pb.ExpertBatch(layer=layer, experts=dest.experts, counts=dest.counts, epoch=epoch,
                                  versions=dest.versions)
@@ -92,7 +105,8 @@ class GrpcTransport(Transport):
         if scale is not None:
             to_proto(scale[dest.start:dest.stop], request.scale)
         try:
-            reply = await self._stub(dest.endpoint).Compute(request, timeout=self._timeout_s, metadata=self._metadata)
+            reply = await self._stub(dest.endpoint).Compute(request, timeout=timeout_s or self._timeout_s,
+                                                            metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise ExpertUnavailableError(f"expert group {dest.group} at {dest.endpoint}: {exc.code().name} "
                                          f"{exc.details()}") from exc
@@ -114,7 +128,7 @@ class RayTransport(Transport):
         self._timeout_s = timeout_s
         self._handles: dict[str, object] = {}
 
-    async def send(self, layer, epoch, rows, scale, dest, out) -> None:
+    async def send(self, layer, epoch, rows, scale, dest, out, timeout_s=None) -> None:
         import ray
 
         a, b = dest.start, dest.stop
@@ -128,10 +142,17 @@ class RayTransport(Transport):
             part_scale = None if scale is None else scale[a:b].clone()
             ref = handle.compute.remote(layer, part, list(dest.experts), list(dest.counts), part_scale,
                                         list(dest.versions))
-            out[a:b] = await asyncio.wait_for(ref, self._timeout_s)
+            out[a:b] = await asyncio.wait_for(ref, timeout_s or self._timeout_s)
         except (ray.exceptions.RayError, ValueError, asyncio.TimeoutError) as exc:
             self._handles.pop(dest.group, None)
             raise ExpertUnavailableError(f"expert group {dest.group}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _timed(call) -> float:
+    """Seconds `call` (an awaitable) took."""
+    start = time.perf_counter()
+    await call
+    return time.perf_counter() - start
 
 
 def make_transport(config, namespace: str, router: str, num_experts: int, max_rows: int,

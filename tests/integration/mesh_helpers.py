@@ -130,6 +130,7 @@ class Load:
         self.last: list[str] = []
         self.answers: list[tuple[str, int]] = []  # (kind, epoch that served it), in order
         self.errors: list[str] = []
+        self.slowest_s = 0.0  # the longest call, answered or failed
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(addresses,)) for _ in range(num_callers)]
@@ -137,7 +138,7 @@ class Load:
     def _run(self, addresses) -> None:
         with contextlib.nullcontext(self.client) if self.client else MeshClient(addresses, timeout_s=30) as client:
             while not self._stop.is_set():
-                epoch = 0
+                epoch, start = 0, time.perf_counter()
                 try:
                     out, epoch = client.forward_with_epoch(0, self.x)
                     kind = next((k for k, ref in self.refs.items() if rel_err(out, ref) <= FP32_TOL), "wrong")
@@ -146,6 +147,7 @@ class Load:
                     with self._lock:
                         self.errors.append(f"{time.strftime('%H:%M:%S')} {exc}"[:300])
                 with self._lock:
+                    self.slowest_s = max(self.slowest_s, time.perf_counter() - start)
                     self.counts[kind] += 1
                     self.last.append(kind)
                     self.answers.append((kind, epoch))

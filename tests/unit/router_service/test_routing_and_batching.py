@@ -4,6 +4,7 @@ batcher and router with fakes of their transport (no Ray, no network)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -165,15 +166,19 @@ def test_batcher_refuses_beyond_queue_limit():
 
 
 class FakeGroupTransport(Transport):
-    """Computes on in-process ExpertGroups; groups named in `dead` raise ExpertUnavailableError."""
+    """Computes on in-process ExpertGroups; groups named in `dead` raise ExpertUnavailableError,
+    groups in `frozen` answer nothing until the call's deadline (then raise, as grpc does)."""
 
     def __init__(self, groups: dict[str, ExpertGroup], dead: set[str]):
-        self.groups, self.dead, self.calls = groups, dead, []
+        self.groups, self.dead, self.frozen, self.calls = groups, dead, set(), []
 
-    async def send(self, layer, epoch, rows, scale, dest, out):
+    async def send(self, layer, epoch, rows, scale, dest, out, timeout_s=None):
         self.calls.append(dest.group)
         if dest.group in self.dead:
             raise ExpertUnavailableError(f"expert group {dest.group} is dead")
+        if dest.group in self.frozen:
+            await asyncio.sleep(timeout_s or 30.0)
+            raise ExpertUnavailableError(f"expert group {dest.group}: DEADLINE_EXCEEDED")
         part = None if scale is None else scale[dest.start:dest.stop]
         out[dest.start:dest.stop] = self.groups[dest.group].forward(
             layer, rows[dest.start:dest.stop], list(dest.experts), list(dest.counts), part, list(dest.versions))
@@ -199,6 +204,36 @@ def test_failed_copy_is_retried_on_another_copy(zoo):
     ref = MoELayer.from_pretrained(path, layer=0)(x)
     assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-5
     assert "g0" in transport.calls and "g1" in transport.calls
+
+
+def test_a_frozen_group_costs_one_deadline_then_is_ejected_and_answers_stay_right(zoo):
+    """Two copies of every expert; g0 freezes (no answer, no error). Each batch that still goes to
+    it is hedged at its deadline (3 x the p99 of its calls, at least 50 ms) and served by g1; after
+    3 misses in a row g0 is ejected and batches go to g1 alone."""
+    path = zoo.checkpoint("mixtral")
+    everything = list(range(load_spec(path).num_experts))
+    router, transport = _router(path, {"g0": everything, "g1": everything}, 0, dead=set())
+    x = torch.randn(12, 48, generator=torch.Generator().manual_seed(0))
+    ref = MoELayer.from_pretrained(path, layer=0)(x)
+
+    async def main():
+        for _ in range(25):  # the groups' times: what their deadlines come from
+            await router.forward(0, x)
+        transport.frozen.add("g0")
+        slowest = 0.0
+        for _ in range(6):
+            start = time.perf_counter()
+            out, _ = await router.forward(0, x)
+            slowest = max(slowest, time.perf_counter() - start)
+            assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+        return slowest
+
+    transport.calls.clear()
+    slowest = asyncio.run(main())
+    assert slowest < 1.0  # one deadline (<= 500 ms) and the retry, never the 30 s timeout
+    assert router.batch_stats["hedges"] == 3 and router.hedging.ejections == 1
+    assert router.hedging.ejected() == {"g0"}
+    assert transport.calls[-3:] == ["g1"] * 3  # ejected: the last batches did not try g0
 
 
 def test_only_callers_needing_a_dead_group_fail(zoo):
@@ -293,3 +328,11 @@ def test_token_tally_accumulates_and_hands_over_once():
     taken = tally.take()
     assert list(taken) == [3] and taken[3][0] == [1, 1, 3, 1] and taken[3][1].tolist() == [[0, 2], [2, 3], [1, 2]]
     assert tally.take() == {}  # reset: nothing is counted twice
+
+
+def test_an_expert_whose_copies_were_all_hedged_goes_to_the_one_that_missed_fewest():
+    copies = [[Copy("g0", "a", "v"), Copy("g1", "b", "v")], [Copy("g1", "b", "v"), Copy("g2", "c", "v")]]
+    plan = plan_dispatch([(0, 0, 4), (1, 4, 2)], copies, excluded=frozenset({"g0", "g1"}), slow={"g0": 1, "g1": 5})
+    assert plan.segments == {"g0": [(0, 0, 4)], "g2": [(1, 4, 2)]} and plan.unroutable == []
+    dead = plan_dispatch([(0, 0, 4)], copies, excluded=frozenset({"g0", "g1"}), slow={})
+    assert dead.unroutable == [(0, 0, 4)]  # failed for real: no copy left

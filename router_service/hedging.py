@@ -1,0 +1,80 @@
+"""Hedged dispatch with ejection: a pure policy over the times of each group's calls.
+
+A destination whose group has answered `min_samples` calls gets a deadline of factor x the p99 of
+its last `window` calls, clamped to [min_ms, max_ms] ("The Tail at Scale"), when its slice is no
+larger than the largest those calls carried (a larger one may take longer on its own merit).
+Past it the slice is cancelled and sent to another copy of each of its experts (the router's
+retry), so a frozen group costs its callers one deadline, not the transport's timeout. Hedges
+spend a budget that calls refill (`budget` per call, as Envoy's and Finagle's retry budgets), so a
+slow mesh does not double its own load. A group that misses `eject_after` deadlines in a row is
+ejected from routing for `eject_s`, doubling while it keeps missing (Envoy's outlier ejection),
+wherever its experts have another copy.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+
+from router_service.config import HedgeConfig
+
+__all__ = ["Hedging"]
+
+MAX_EJECT_S = 60.0
+MAX_BUDGET = 10.0  # hedges saved up at most
+
+
+class Hedging:
+    def __init__(self, config: HedgeConfig, clock=time.monotonic):
+        self.config, self.clock = config, clock
+        self._times: dict[str, collections.deque[tuple[float, int]]] = {}  # group -> (seconds, rows) of calls
+        self._missed: collections.Counter[str] = collections.Counter()       # deadlines missed in a row
+        self._ejected: dict[str, tuple[float, float]] = {}                   # group -> (until, period)
+        self._budget = 1.0
+        self.hedges = self.ejections = 0
+
+    def deadline_s(self, group: str, rows: int) -> float | None:
+        """The deadline of a slice of `rows` rows to `group`; None: not hedged (too few calls seen,
+        a slice larger than they carried, hedging off, or the budget spent)."""
+        calls = self._times.get(group)
+        if not self.config.enabled or not calls or len(calls) < self.config.min_samples or self._budget < 1:
+            return None
+        if rows > max(r for _, r in calls):
+            return None
+        times = sorted(t for t, _ in calls)
+        p99 = times[min(len(times) - 1, math.ceil(0.99 * len(times)) - 1)]
+        return min(max(self.config.factor * p99, self.config.min_ms / 1e3), self.config.max_ms / 1e3)
+
+    def answered(self, group: str, seconds: float, rows: int) -> None:
+        """A call to `group` answered in `seconds`: its times, the budget refilled, its misses cleared."""
+        window = self._times.setdefault(group, collections.deque(maxlen=self.config.window))
+        window.append((seconds, rows))
+        self._budget = min(MAX_BUDGET, self._budget + self.config.budget)
+        self._missed.pop(group, None)
+        if self._ejected.get(group, (math.inf, 0.0))[0] <= self.clock():
+            del self._ejected[group]  # back and answering: the next ejection starts from eject_s again
+
+    def missed(self, group: str) -> bool:
+        """A slice to `group` passed its deadline and went elsewhere: a hedge spent; after
+        eject_after in a row the group is ejected (returns whether this miss ejected it)."""
+        self.hedges += 1
+        self._budget -= 1
+        self._missed[group] += 1
+        if self._missed[group] >= self.config.eject_after:
+            _, period = self._ejected.get(group, (0.0, self.config.eject_s / 2))
+            period = min(2 * period, MAX_EJECT_S)
+            self._ejected[group] = (self.clock() + period, period)
+            self._missed[group] = 0
+            self.ejections += 1
+            return True
+        return False
+
+    def misses(self, group: str) -> int:
+        """Deadlines `group` missed in a row."""
+        return self._missed.get(group, 0)
+
+    def ejected(self) -> frozenset[str]:
+        """Groups out of routing now (each stays out only where its experts have another copy)."""
+        now = self.clock()
+        return frozenset(g for g, (until, _) in self._ejected.items() if until > now)
