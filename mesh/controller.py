@@ -552,6 +552,7 @@ class MeshController:
 
         for task in self._tasks:
             task.cancel()
+        await self.rec.close()  # restarts in flight end here, before the state is deleted
         self.store.delete()
         await asyncio.gather(*(r.actor.stop.remote() for r in self.rec.routers.values()), return_exceptions=True)
         probes = []  # by name: an earlier incarnation of this controller may have started them

@@ -105,11 +105,15 @@ class Reconciler:
         self.on_publish: Callable[[RoutingTable], None] | None = None   # told of every new table first
         self.drain_wait: Callable[[int], Awaitable[None]] | None = None  # drain: until callers left older epochs
         self._queued: set[str] = set()                  # groups whose restart is queued
+        self._restarts: set[asyncio.Task] = set()        # restarts in flight (close cancels them)
+        self.closed = False                              # set by close: nothing is persisted after it
 
     # -- state ---------------------------------------------------------------------------------------
 
     def save(self, state: MeshState) -> None:
         """Persist, then adopt: nothing takes effect that is not persisted first."""
+        if self.closed:
+            raise StepError("the mesh is shutting down: nothing more is persisted")
         self.store.save(state)
         self.state = state
 
@@ -405,7 +409,18 @@ class Reconciler:
 
     def _queue_restart(self, groups: list[str]) -> asyncio.Task:
         self._queued.update(groups)
-        return asyncio.get_running_loop().create_task(self._restart(groups))
+        task = asyncio.get_running_loop().create_task(self._restart(groups))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+        return task
+
+    async def close(self) -> None:
+        """The mesh is shutting down: restarts in flight are cancelled and nothing is persisted
+        after this (a restart finishing later would write the deleted state back)."""
+        self.closed = True
+        for task in list(self._restarts):
+            task.cancel()
+        await asyncio.gather(*self._restarts, return_exceptions=True)
 
     async def _restart(self, groups: list[str]) -> None:
         """Restore `groups` as one change (a lost node's groups together, not one after another)."""

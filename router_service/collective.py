@@ -166,16 +166,18 @@ class CollectiveTransport(Transport):
             loop.call_later(CLOSE_GRACE_S, self._close_unnamed, group)
 
     async def open(self, groups: list[str], fresh: bool = False) -> None:
-        """Channels to `groups`, waiting for any being opened; `fresh`: anew (the groups were
-        restarted: their old channels are dead)."""
-        for group in groups:
-            channel = self.channels.pop(group, None) if fresh else None
-            if channel is not None:
-                channel.close()
-            self._failed_at.pop(group, None)
-        pending = [self._opening[g] for g in groups if g in self._opening]
-        await asyncio.gather(*(self._open(g) for g in groups if g not in self.channels and g not in self._opening),
-                             *pending, return_exceptions=True)
+        """Channels to `groups`, waiting for any being opened (one channel per group, ever: an open
+        in flight is joined, not doubled); `fresh`: anew (the groups were restarted: their old
+        channels, and any opened meanwhile, reach the dead incarnation)."""
+        if fresh:
+            await asyncio.gather(*(self._opening[g] for g in groups if g in self._opening), return_exceptions=True)
+            for group in groups:
+                channel = self.channels.pop(group, None)
+                if channel is not None:
+                    channel.close()
+                self._failed_at.pop(group, None)
+        await asyncio.gather(*(self._opening.get(g) or self._start_open(g) for g in groups if g not in self.channels),
+                             return_exceptions=True)
 
     def _close_unnamed(self, group: str) -> None:
         if group not in self._named and group in self.channels:
@@ -201,9 +203,15 @@ class CollectiveTransport(Transport):
             exchanged = Outcome({d.group: exchanged for _, d, _ in calls}, {})
         if isinstance(grpc_sent, BaseException):
             grpc_sent = Outcome({d.group: grpc_sent for d, _ in others}, {})
+        closed = [(d, t) for channel, d, t in calls if d.group in exchanged.errors and channel.pg is None]
+        if closed:  # closed under the batch (a table moved on, a reopen): grpc carries those slices
+            self.segments.update(collective=-len(closed), grpc=len(closed))
+            resent = await self.fallback.dispatch(layer, epoch, rows, scale, [d for d, _ in closed], out,
+                                                  [t for _, t in closed])
+            grpc_sent = Outcome({**grpc_sent.errors, **resent.errors}, {**grpc_sent.seconds, **resent.seconds})
         errors = dict(grpc_sent.errors)
         for channel, dest, _ in calls:
-            if dest.group in exchanged.errors:
+            if dest.group in exchanged.errors and channel.pg is not None:
                 errors[dest.group] = self._failed(channel, dest, exchanged.errors[dest.group])
         return Outcome(errors, {**grpc_sent.seconds, **exchanged.seconds})
 
@@ -232,9 +240,14 @@ class CollectiveTransport(Transport):
             return
         if time.monotonic() - self._failed_at.get(group, -1e9) < REOPEN_AFTER_S:
             return
+        self._start_open(group)
+
+    def _start_open(self, group: str) -> asyncio.Task:
+        """The one open of `group`'s channel in flight (registered, so that no second one starts)."""
         task = asyncio.get_running_loop().create_task(self._open(group))
         self._opening[group] = task
         task.add_done_callback(lambda _t, g=group: self._opening.pop(g, None))
+        return task
 
     async def _open(self, group: str) -> None:
         import ray
@@ -259,6 +272,9 @@ class CollectiveTransport(Transport):
                 raise joining.exception()
             pg = await forming
             await joining
+            old = self.channels.get(group)
+            if old is not None:
+                old.close()
             self.channels[group] = Channel(group, pg, store, self.num_experts, self.timeout_s)
             logger.info("collective channel to %s open (%s)", group, channel_id)
         except ChannelRefusedError as exc:  # over the group's budget: grpc for this caller, asked again later

@@ -590,3 +590,27 @@ def test_a_lost_nodes_groups_restore_as_one_change_started_together():
         assert_converged(rec, world)
 
     asyncio.run(main())
+
+
+def test_close_cancels_a_restart_in_flight_and_nothing_is_written_after_it():
+    async def main():
+        kv, world, rec = await started()
+        gate = asyncio.Event()
+        start_group = world.start_group
+
+        async def slow_start(name, node, loads):
+            await gate.wait()
+            return await start_group(name, node, loads)
+
+        world.start_group = slow_start
+        world.actors["g1"].alive = False
+        tasks = await rec.round()
+        await asyncio.sleep(0.01)  # the restart waits in its start
+        await rec.close()
+        kv.data.clear()  # the controller deletes the state
+        gate.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        assert kv.data == {} and all(t.done() for t in tasks)
+
+    asyncio.run(main())

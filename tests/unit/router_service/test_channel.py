@@ -6,6 +6,7 @@ serving."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import threading
 
@@ -15,8 +16,9 @@ import torch.distributed as dist
 
 from experts.channel import ChannelWorker
 from protos.collective import process_group
-from router_service.collective import Channel
+from router_service.collective import Channel, CollectiveTransport
 from router_service.routing import Destination
+from router_service.transport import Transport
 
 HIDDEN, EXPERTS, MAX_ROWS = 6, 8, 32
 VERSION = "0123456789ab"
@@ -75,3 +77,58 @@ def test_a_groups_error_reaches_the_router_and_the_channel_serves_on(channel):
         channel.call(2, 5, rows, None, _dest(0, 4, [7]), out)
     channel.call(2, 5, rows, None, _dest(0, 4, [1]), out)
     assert torch.equal(out, rows * 3)
+
+
+class FakeGrpcTransport(Transport):
+    """The grpc fallback: computes as the channel's group would, and counts its slices."""
+
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, layer, epoch, rows, scale, dest, out, timeout_s=None):
+        self.sent.append(dest.group)
+        out[dest.start:dest.stop] = compute(layer, rows[dest.start:dest.stop], list(dest.experts), None, None, None)
+
+
+def _transport() -> CollectiveTransport:
+    transport = CollectiveTransport("router", "ns", EXPERTS, MAX_ROWS, torch.float32, "secret")
+    transport.fallback = FakeGrpcTransport()
+    return transport
+
+
+def test_one_open_per_group_at_a_time_and_fresh_waits_for_the_one_in_flight():
+    transport, opens, in_flight = _transport(), [], []
+
+    async def fake_open(group):
+        in_flight.append(group)
+        assert in_flight.count(group) == 1, "a second channel opened while one was opening"
+        opens.append(group)
+        await asyncio.sleep(0.02)
+        transport.channels[group] = Channel(group, object(), None, EXPERTS, 1.0)
+        in_flight.remove(group)
+
+    transport._open = fake_open
+
+    async def main():
+        transport._open_soon("group-0")  # a dispatch's background open
+        await transport.open(["group-0"])  # the reconciler's connect step joins it
+        assert opens == ["group-0"]
+        transport.channels.pop("group-0")
+        transport._open_soon("group-0")
+        await transport.open(["group-0"], fresh=True)  # waits for that one, then opens anew
+        assert opens == ["group-0"] * 3 and "group-0" in transport.channels
+
+    asyncio.run(main())
+
+
+def test_a_channel_closed_under_a_batch_sends_its_slice_over_grpc():
+    transport = _transport()
+    closed = Channel("group-0", None, None, EXPERTS, 1.0)  # closed: a table moved on meanwhile
+    transport.channels["group-0"] = closed
+    transport._open_soon = lambda group: None
+    rows = torch.randn(4, HIDDEN)
+    out = torch.empty_like(rows)
+    errors, _ = asyncio.run(transport.dispatch(1, 5, rows, None, [_dest(0, 4, [2])], out))
+    assert errors == {} and transport.fallback.sent == ["group-0"]
+    assert torch.equal(out, rows * 2)
+    assert transport.segments == {"collective": 0, "grpc": 1}
