@@ -35,7 +35,7 @@ from experts.errors import ChannelRefusedError
 from protos.collective import (SPLIT_MIN_BYTES, check_status, exact_counts, header_nbytes, pack_header, pack_request,
                                process_group, reply_nbytes, request_nbytes, status_nbytes, unpack_reply)
 from router_service.routing import Destination, RoutingTable
-from router_service.transport import ExpertUnavailableError, GrpcTransport, Outcome, Transport
+from router_service.transport import ExpertTimeoutError, ExpertUnavailableError, GrpcTransport, Outcome, Transport
 
 __all__ = ["Channel", "CollectiveTransport"]
 
@@ -126,12 +126,13 @@ def exchange(calls: list[tuple[Channel, Destination, float | None]], layer: int,
             errors[dest.group] = exc
     for channel, dest, deadline in calls:
         if dest.group in posted:
-            left = min(timeout_s, deadline or timeout_s) - (time.monotonic() - start)
+            limit = min(timeout_s, deadline or timeout_s)
             try:
-                channel.finish(posted[dest.group], dest, out, left)
+                channel.finish(posted[dest.group], dest, out, limit - (time.monotonic() - start))
                 seconds[dest.group] = time.monotonic() - start
             except Exception as exc:  # noqa: BLE001 - timed out, broken, or the group's error (ValueError)
-                errors[dest.group] = exc
+                late = not isinstance(exc, ValueError) and time.monotonic() - start >= limit
+                errors[dest.group] = TimeoutError(str(exc)) if late else exc
     return Outcome(errors, seconds)
 
 
@@ -222,7 +223,8 @@ class CollectiveTransport(Transport):
         if not isinstance(error, ValueError):
             self._drop(dest.group, channel)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return ExpertUnavailableError(f"expert group {dest.group} (collective): {reason}")
+        kind = ExpertTimeoutError if isinstance(error, TimeoutError) else ExpertUnavailableError
+        return kind(f"expert group {dest.group} (collective): {reason}")
 
     async def send(self, layer, epoch, rows, scale, dest, out, timeout_s=None) -> None:
         errors = (await self.dispatch(layer, epoch, rows, scale, [dest], out, [timeout_s])).errors

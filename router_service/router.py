@@ -27,7 +27,7 @@ from router_service.config import RouterConfig
 from router_service.hedging import Hedging
 from router_service.load import LoadWindow, PairShares, TokenTally
 from router_service.routing import RoutingTable, plan_batch
-from router_service.transport import ExpertUnavailableError, Transport
+from router_service.transport import ExpertTimeoutError, ExpertUnavailableError, Transport
 
 __all__ = ["HedgedError", "LARGE_BATCH_ELEMENTS", "NoRoutingTableError", "Router", "RouterWeights"]
 
@@ -237,7 +237,8 @@ class Router:
         flat_ids = ids.reshape(-1)[retry]
         retry = retry[torch.argsort(flat_ids, stable=True)]
         retry_counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
-        slow = {g: self.hedging.misses(g) for g, e in errors.items() if isinstance(e, HedgedError)}  # alive
+        ejected = self.hedging.ejected()
+        slow = {g: (g in ejected, self.hedging.misses(g)) for g, e in errors.items() if isinstance(e, HedgedError)}
         second = plan_batch(retry, retry_counts, table.layers[layer], self._turn, frozenset(errors), slow)
         y2, errors2 = await self._send(table, layer, x, weights, second, excluded=errors)
         errors = {**errors, **errors2}
@@ -296,13 +297,13 @@ class Router:
         for d, deadline in zip(plan.destinations, deadlines or [None] * len(plan.destinations)):
             if d.group in seconds:
                 self.hedging.answered(d.group, seconds[d.group], d.stop - d.start)
-            elif deadline is not None and time.perf_counter() - sent >= deadline:
+            elif deadline is not None and isinstance(errors.get(d.group), ExpertTimeoutError):
                 ejected = self.hedging.missed(d.group)  # slow, not known dead: the retry takes its slice elsewhere
                 self.batch_stats.update(hedges=1, ejections=int(ejected))
                 if self.metrics is not None:
                     self.metrics.observe_hedge(d.group, ejected)
                 errors[d.group] = HedgedError(f"expert group {d.group} passed its {deadline * 1e3:.0f} ms deadline: "
-                                              f"{errors[d.group]}")
+                                              f"{errors.get(d.group)}")
                 logger.info("layer %d: %s; hedged", layer, errors[d.group])
                 continue
             if d.group in errors:

@@ -74,12 +74,12 @@ def expert_segments(counts: list[int]) -> list[tuple[int, int, int]]:
 
 
 def plan_dispatch(segments: list[tuple[int, int, int]], copies: list[list[Copy]], turn: int = 0,
-                  excluded: frozenset[str] = frozenset(), slow: dict[str, int] | None = None) -> DispatchPlan:
+                  excluded: frozenset[str] = frozenset(), slow: dict[str, tuple] | None = None) -> DispatchPlan:
     """Assign each segment's rows to its expert's copies: split evenly (contiguous chunks) across
     the copies not in `excluded` (groups that just failed). `turn` rotates which copy gets the
     larger chunk so that remainders spread over time. An expert whose every copy is excluded goes
-    to the one copy in `slow` (excluded groups that were only slow: group -> deadlines missed in a
-    row) that missed fewest, if any. Pure policy."""
+    to the one copy in `slow` (excluded groups that were only slow: group -> a sort key, e.g.
+    (ejected, deadlines missed in a row)) that sorts first, if any. Pure policy."""
     endpoints: dict[str, str] = {}
     planned: dict[str, list[tuple[int, int, int]]] = {}
     unroutable = []
@@ -130,7 +130,7 @@ class BatchPlan:
 
 
 def plan_batch(order: torch.Tensor, counts: list[int], copies: list[list[Copy]], turn: int = 0,
-               excluded: frozenset[str] = frozenset(), slow: dict[str, int] | None = None) -> BatchPlan:
+               excluded: frozenset[str] = frozenset(), slow: dict[str, tuple] | None = None) -> BatchPlan:
     """The whole-batch plan from copies sorted by expert (`order` [N], `counts` per expert, as
     `align_tokens` gives them): `plan_dispatch` picks each segment's copies, then the copy indices
     are regrouped by destination (indices only; no row moves here). Pure policy."""

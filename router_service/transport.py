@@ -29,7 +29,7 @@ from protos.serving import TLSConfig, secret_metadata
 from protos.wire import decode_into, to_proto
 from router_service.routing import Destination
 
-__all__ = ["ExpertUnavailableError", "GrpcTransport", "Outcome", "RayTransport", "Transport", "make_transport"]
+__all__ = ["ExpertTimeoutError", "ExpertUnavailableError", "GrpcTransport", "Outcome", "RayTransport", "Transport", "make_transport"]
 
 _MAX_MESSAGE = 1 << 30
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
@@ -37,6 +37,10 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_re
 
 class ExpertUnavailableError(UnavailableError):
     """An expert group did not answer (dead, unreachable, timed out)."""
+
+
+class ExpertTimeoutError(ExpertUnavailableError):
+    """An expert group did not answer within the call's deadline (slow or frozen; not known dead)."""
 
 
 class Outcome(NamedTuple):
@@ -108,8 +112,8 @@ class GrpcTransport(Transport):
             reply = await self._stub(dest.endpoint).Compute(request, timeout=timeout_s or self._timeout_s,
                                                             metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise ExpertUnavailableError(f"expert group {dest.group} at {dest.endpoint}: {exc.code().name} "
-                                         f"{exc.details()}") from exc
+            kind = ExpertTimeoutError if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ExpertUnavailableError
+            raise kind(f"expert group {dest.group} at {dest.endpoint}: {exc.code().name} {exc.details()}") from exc
         decode_into(reply.hidden, out[dest.start:dest.stop], "ExpertResult.hidden")  # one copy
 
     async def close(self) -> None:
@@ -145,7 +149,8 @@ class RayTransport(Transport):
             out[a:b] = await asyncio.wait_for(ref, timeout_s or self._timeout_s)
         except (ray.exceptions.RayError, ValueError, asyncio.TimeoutError) as exc:
             self._handles.pop(dest.group, None)
-            raise ExpertUnavailableError(f"expert group {dest.group}: {type(exc).__name__}: {exc}") from exc
+            kind = ExpertTimeoutError if isinstance(exc, asyncio.TimeoutError) else ExpertUnavailableError
+            raise kind(f"expert group {dest.group}: {type(exc).__name__}: {exc}") from exc
 
 
 async def _timed(call) -> float:

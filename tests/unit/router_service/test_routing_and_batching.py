@@ -14,7 +14,7 @@ from router_service.batcher import LayerBatcher, QueueFullError, first_of_idle, 
 from router_service.config import BatchingConfig, RouterConfig
 from router_service.router import Router, RouterWeights
 from router_service.routing import Copy, RoutingTable, expert_segments, plan_dispatch
-from router_service.transport import ExpertUnavailableError, Transport
+from router_service.transport import ExpertTimeoutError, ExpertUnavailableError, Transport
 
 A, B, C = (Copy(g, f"{g}:1", "v1") for g in ("a", "b", "c"))
 
@@ -178,7 +178,7 @@ class FakeGroupTransport(Transport):
             raise ExpertUnavailableError(f"expert group {dest.group} is dead")
         if dest.group in self.frozen:
             await asyncio.sleep(timeout_s or 30.0)
-            raise ExpertUnavailableError(f"expert group {dest.group}: DEADLINE_EXCEEDED")
+            raise ExpertTimeoutError(f"expert group {dest.group}: DEADLINE_EXCEEDED")
         part = None if scale is None else scale[dest.start:dest.stop]
         out[dest.start:dest.stop] = self.groups[dest.group].forward(
             layer, rows[dest.start:dest.stop], list(dest.experts), list(dest.counts), part, list(dest.versions))
@@ -330,9 +330,10 @@ def test_token_tally_accumulates_and_hands_over_once():
     assert tally.take() == {}  # reset: nothing is counted twice
 
 
-def test_an_expert_whose_copies_were_all_hedged_goes_to_the_one_that_missed_fewest():
+def test_an_expert_whose_copies_were_all_hedged_goes_to_the_one_not_ejected_that_missed_fewest():
     copies = [[Copy("g0", "a", "v"), Copy("g1", "b", "v")], [Copy("g1", "b", "v"), Copy("g2", "c", "v")]]
-    plan = plan_dispatch([(0, 0, 4), (1, 4, 2)], copies, excluded=frozenset({"g0", "g1"}), slow={"g0": 1, "g1": 5})
+    plan = plan_dispatch([(0, 0, 4), (1, 4, 2)], copies, excluded=frozenset({"g0", "g1"}),
+                         slow={"g0": (False, 1), "g1": (True, 0)})  # g1 ejected: g0, though it missed once
     assert plan.segments == {"g0": [(0, 0, 4)], "g2": [(1, 4, 2)]} and plan.unroutable == []
     dead = plan_dispatch([(0, 0, 4)], copies, excluded=frozenset({"g0", "g1"}), slow={})
     assert dead.unroutable == [(0, 0, 4)]  # failed for real: no copy left
