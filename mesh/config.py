@@ -92,8 +92,8 @@ class MeshConfig(BaseModel):
         "Folders a hot swap may read checkpoints from (resolved on the controller's node); empty: the "
         "model checkpoint's parent folder."))
     read_token: str | None = Field(None, description=(
-        "Token that Status and Placement must carry (EXPERT_MESH_READ_TOKEN overrides; the admin token "
-        "also works); none: they are open to every caller of the router's port."))
+        "Token that Status and Placement may carry (EXPERT_MESH_READ_TOKEN overrides): once it or the "
+        "admin token is set, they need one of the two; with neither, they are open to every caller of the router's port."))
     internal_tls: TLSConfig | None = Field(None, description=(
         "Mutual TLS between routers and expert groups (gRPC): groups serve with cert/key and routers "
         "present them; each side checks the other against `ca` (routers: for `server_name`). Not with "

@@ -43,7 +43,8 @@ __all__ = ["AdminError", "MeshController", "NAMESPACE", "PlacementError"]
 logger = logging.getLogger(__name__)
 
 _BYTES = {"float32": 4, "bfloat16": 2}
-PROBE_TIMEOUT_S = 60.0  # a latency probe starts, or measures every link, within this (a pending one fails the plan)
+PROBE_TIMEOUT_S = 60.0
+LINKS_EVERY_S = 10.0  # the links are measured at most this often (Placement, rebalance): each measurement loads every node  # a latency probe starts, or measures every link, within this (a pending one fails the plan)
 
 
 class AdminError(PermissionDeniedError):
@@ -87,6 +88,7 @@ class MeshController:
         self.probes: dict[str, object] = {}  # node id -> LatencyProbe handle
         self._tasks: list[asyncio.Task] = []
         self._recovering: asyncio.Future | None = None
+        self._links: tuple[float, dict] | None = None  # (when, link matrix) of the last measurement
         self._wake = asyncio.Event()  # set: the reconcile loop runs its next round now
         self.leases = Leases(self.config.direct_lease_s)  # direct clients (router_service/direct.py)
         self._published = asyncio.Event()  # set (and replaced) at every new table: answers the polls
@@ -290,10 +292,12 @@ class MeshController:
             raise AdminError("admin token missing or wrong")
 
     def _check_read(self, token: str | bytes | None) -> None:
-        """Status and Placement: open unless a read token is configured; then it or the admin token."""
-        expected = os.environ.get("EXPERT_MESH_READ_TOKEN") or self.config.read_token
-        if expected and not (same_token(token, expected) or same_token(token, self._admin_token())):
-            raise AdminError("read token missing or wrong (read_token is set: Status and Placement need it)")
+        """Status and Placement: open while no token is configured; once a read or an admin token
+        is, they need one of them (Placement makes every probe time echoes to every other)."""
+        read, admin = os.environ.get("EXPERT_MESH_READ_TOKEN") or self.config.read_token, self._admin_token()
+        if (read or admin) and not ((read and same_token(token, read)) or (admin and same_token(token, admin))):
+            raise AdminError("read or admin token missing or wrong (a token is configured: Status and Placement "
+                             "need the read token or the admin token)")
 
     async def read(self, verb: str, token: str | bytes | None) -> dict:
         """Status ("status") or Placement ("placement") for a router's caller: {ok, report} or
@@ -452,11 +456,17 @@ class MeshController:
         return nodes, [endpoint for _, endpoint in started]
 
     async def measure_links(self) -> dict:
-        """Every probe in turn times echoes to every probe: {"nodes", "rtt_ms" [from][to], "mbps" [from][to]}."""
+        """Every probe in turn times echoes to every probe: {"nodes", "rtt_ms" [from][to], "mbps" [from][to]}.
+        At most once per LINKS_EVERY_S (each measurement loads every node): sooner, the last one."""
+        nodes = sorted(n["NodeID"] for n in alive_nodes())
+        if self._links is not None and time.monotonic() - self._links[0] < LINKS_EVERY_S \
+                and sorted(self._links[1]["nodes"]) == nodes:
+            return self._links[1]
         nodes, endpoints = await self._ensure_probes()
         rows = [await asyncio.wait_for(self.probes[n].measure.remote(endpoints), PROBE_TIMEOUT_S)
                 for n in nodes]  # one at a time: no cross-talk
-        return link_matrix(nodes, rows)
+        self._links = (time.monotonic(), link_matrix(nodes, rows))
+        return self._links[1]
 
     async def _placement_plan(self) -> dict:
         links = await self.measure_links()

@@ -144,7 +144,8 @@ def test_a_direct_client_dying_mid_swap_holds_the_drain_until_its_lease_ends(ray
             result = {}
             swap = threading.Thread(target=lambda: result.update(reply=_admin(mesh).Swap(pb.SwapRequest(
                 token=TOKEN, layer=0, experts=[0, 3], source_dir=str(new)))))
-            start = time.monotonic()
+            child.send_signal(signal.SIGSTOP)  # silent from here: it cannot hear of the swap's epoch (a small
+            start = time.monotonic()           # swap can publish before a kill 0.1 s in, and a quick child acks)
             swap.start()
             time.sleep(0.1)
             child.send_signal(signal.SIGKILL)

@@ -77,7 +77,8 @@ def test_rebalance_moves_hot_experts_off_the_far_node(far_mesh):
     ref = MoELayer.from_pretrained(path, layer=0)(x)
     before_ms = _mean_latency_ms(mesh, x)
 
-    report = msgpack.unpackb(_admin(mesh).Placement(pb.PlacementRequest()).report, strict_map_key=False)
+    bearer = [("authorization", f"Bearer {TOKEN}")]  # an admin token is set: Placement needs it
+    report = msgpack.unpackb(_admin(mesh).Placement(pb.PlacementRequest(), metadata=bearer).report, strict_map_key=False)
     nodes, rtt = report["links"]["nodes"], report["links"]["rtt_ms"]
     router = nodes.index(report["router_nodes"][0])
     far_rtt = rtt[router][nodes.index(far)]

@@ -1,7 +1,7 @@
 """Who gets in, on a real 3-node Ray cluster: no group or probe port computes or echoes for a caller
 without the mesh's secret; admin calls take `authorization: Bearer` metadata (the old field still
 works) and any token bytes get PERMISSION_DENIED, never INTERNAL; Status and Placement need the
-read token once one is set; a body that does not decode is INVALID_ARGUMENT naming its type;
+read token or the admin token once either is set; a body that does not decode is INVALID_ARGUMENT naming its type;
 ExpertWorker.Compute checks its input as Forward does. After each, the mesh still answers right.
 """
 
@@ -130,6 +130,22 @@ def test_status_and_placement_need_the_read_token_once_set(secured):
             assert msgpack.unpackb(reply.snapshot, strict_map_key=False)["mesh"] == mesh.name
         info = pb_grpc.ExpertMeshStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30)  # stays open
         assert list(info.moe_layers) == list(spec.moe_layers)
+
+
+def test_with_only_an_admin_token_status_and_placement_need_it(meshes, zoo):
+    """Placement makes every probe time echoes to every other: an admin token alone closes it too."""
+    mesh = meshes.get(zoo.checkpoint("mixtral"), key="admin-only", admin_token=TOKEN)
+    try:
+        with grpc.insecure_channel(mesh.address) as channel:
+            admin = pb_grpc.MeshAdminStub(channel)
+            for call, request in ((admin.Status, pb.StatusRequest()), (admin.Placement, pb.PlacementRequest())):
+                assert refused(call, request).code() == grpc.StatusCode.PERMISSION_DENIED
+                assert refused(call, request, metadata=[("authorization", f"Bearer {READ}")]).code() == \
+                    grpc.StatusCode.PERMISSION_DENIED
+            reply = admin.Status(pb.StatusRequest(), timeout=30, metadata=[("authorization", f"Bearer {TOKEN}")])
+            assert msgpack.unpackb(reply.snapshot, strict_map_key=False)["mesh"] == mesh.name
+    finally:
+        meshes.stop("admin-only")
 
 
 METHODS = ["/expert_mesh.v1.ExpertMesh/Forward", "/expert_mesh.v1.ExpertMesh/GetInfo",
