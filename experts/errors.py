@@ -14,7 +14,8 @@ status, in one place (protos/serving.py `status_of`); a subclass names what went
 
 from __future__ import annotations
 
-__all__ = ["ChannelRefusedError", "CheckpointError", "GroupGoneError", "IngressError", "InvalidRequestError", "MeshError", "PermissionDeniedError",
+__all__ = ["ChannelRefusedError", "CheckpointError", "GroupGoneError", "IngressError", "InvalidRequestError",
+           "MeshError", "PermissionDeniedError",
            "ResourceExhaustedError", "UnauthenticatedError", "UnavailableError", "UnsupportedModelError",
            "WireError", "one_line"]
 

@@ -93,7 +93,8 @@ class MeshConfig(BaseModel):
         "model checkpoint's parent folder."))
     read_token: str | None = Field(None, description=(
         "Token that Status and Placement may carry (EXPERT_MESH_READ_TOKEN overrides): once it or the "
-        "admin token is set, they need one of the two; with neither, they are open to every caller of the router's port."))
+        "admin token is set, they need one of the two; with neither, they are open to every caller of the "
+        "router's port."))
     internal_tls: TLSConfig | None = Field(None, description=(
         "Mutual TLS between routers and expert groups (gRPC): groups serve with cert/key and routers "
         "present them; each side checks the other against `ca` (routers: for `server_name`). Not with "

@@ -43,8 +43,8 @@ __all__ = ["AdminError", "MeshController", "NAMESPACE", "PlacementError"]
 logger = logging.getLogger(__name__)
 
 _BYTES = {"float32": 4, "bfloat16": 2}
-PROBE_TIMEOUT_S = 60.0
-LINKS_EVERY_S = 10.0  # the links are measured at most this often (Placement, rebalance): each measurement loads every node  # a latency probe starts, or measures every link, within this (a pending one fails the plan)
+PROBE_TIMEOUT_S = 60.0  # a latency probe starts, or measures every link, within this (a pending one fails the plan)
+LINKS_EVERY_S = 10.0  # links measured at most this often (Placement, rebalance): each measurement loads every node
 
 
 class AdminError(PermissionDeniedError):

@@ -8,9 +8,9 @@ import torch
 
 from mesh.replication import rebalance_experts  # the replication policy's entry point, EPLB's signature
 
-__all__ = ["copy_offsets", "group_latency", "group_loads", "initial_assignment", "latency_tiers", "pairs_kept", "pick_groups",
-           "placement_cost", "placement_moves", "plan_placement", "rebalance_experts", "replicate_layer", "restore_node",
-           "shared_nodes", "spread_groups"]
+__all__ = ["copy_offsets", "group_latency", "group_loads", "initial_assignment", "latency_tiers", "pairs_kept",
+           "pick_groups", "placement_cost", "placement_moves", "plan_placement", "rebalance_experts", "replicate_layer",
+           "restore_node", "shared_nodes", "spread_groups"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,

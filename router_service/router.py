@@ -337,8 +337,8 @@ class Router:
                     "stage_s": {stage: seconds spent in it since start; "forwards": Forwards served}}
         (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
         expert groups; hedges: slices cancelled past their deadline and sent elsewhere; ejections:
-        groups ejected from routing for missing deadlines). Pairs: the commonest PAIRS_PER_EXPERT x num_experts of each layer, recent
-        batches weighted more (exp(-age / load_window_s))."""
+        groups ejected from routing for missing deadlines). Pairs: the commonest PAIRS_PER_EXPERT x
+        num_experts of each layer, recent batches weighted more (exp(-age / load_window_s))."""
         self.flush_counts()
         now = time.monotonic()
         tokens = [[layer, expert, n] for (layer, expert), n in self.tokens_per_expert.items()]

@@ -29,7 +29,8 @@ from protos.serving import TLSConfig, secret_metadata
 from protos.wire import decode_into, to_proto
 from router_service.routing import Destination
 
-__all__ = ["ExpertTimeoutError", "ExpertUnavailableError", "GrpcTransport", "Outcome", "RayTransport", "Transport", "make_transport"]
+__all__ = ["ExpertTimeoutError", "ExpertUnavailableError", "GrpcTransport", "Outcome", "RayTransport", "Transport",
+           "make_transport"]
 
 _MAX_MESSAGE = 1 << 30
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]

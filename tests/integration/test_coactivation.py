@@ -65,7 +65,8 @@ def test_rebalance_puts_coactivated_experts_on_one_group(paired):
 
     admin = pb_grpc.MeshAdminStub(grpc.insecure_channel(mesh.address))
     bearer = [("authorization", f"Bearer {TOKEN}")]  # an admin token is set: Placement needs it
-    report = msgpack.unpackb(admin.Placement(pb.PlacementRequest(), metadata=bearer).report, strict_map_key=False)
+    reply = admin.Placement(pb.PlacementRequest(), metadata=bearer)
+    report = msgpack.unpackb(reply.report, strict_map_key=False)
     # the four pairs, and those of the router's 4-token warm-up: at most 4 of the 44 tokens counted
     assert report["pairs"] >= len(PAIRS)
     assert report["current"]["pairs_kept"] <= 0.1 and report["proposed"]["pairs_kept"] >= 0.9

@@ -88,7 +88,8 @@ def test_a_group_over_its_channel_budget_refuses_a_direct_client_which_goes_over
     """Room for one channel per group (the router's): the direct client's collective channels are
     refused with the reason, its slices go over grpc (counted), and every answer is right."""
     old = checkpoints["old"]
-    one_channel = channel_nbytes(SMALL["num_local_experts"], 2048 * 2, SMALL["hidden_size"], torch.float32)  # max_batch_tokens x top_k
+    one_channel = channel_nbytes(SMALL["num_local_experts"], 2048 * 2, SMALL["hidden_size"],  # max_batch_tokens x k
+                                 torch.float32)
     mesh = meshes.get(old, key="direct-budget", groups={"channel_budget_bytes": one_channel + 1000},
                       router={"transport": "collective"})
     x = torch.randn(16, SMALL["hidden_size"], generator=torch.Generator().manual_seed(9))

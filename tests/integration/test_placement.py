@@ -78,7 +78,8 @@ def test_rebalance_moves_hot_experts_off_the_far_node(far_mesh):
     before_ms = _mean_latency_ms(mesh, x)
 
     bearer = [("authorization", f"Bearer {TOKEN}")]  # an admin token is set: Placement needs it
-    report = msgpack.unpackb(_admin(mesh).Placement(pb.PlacementRequest(), metadata=bearer).report, strict_map_key=False)
+    reply = _admin(mesh).Placement(pb.PlacementRequest(), metadata=bearer)
+    report = msgpack.unpackb(reply.report, strict_map_key=False)
     nodes, rtt = report["links"]["nodes"], report["links"]["rtt_ms"]
     router = nodes.index(report["router_nodes"][0])
     far_rtt = rtt[router][nodes.index(far)]

@@ -61,6 +61,10 @@ class FakeGroupActor:
         self.staged: dict[tuple[int, int], str] = {}
         self.block: asyncio.Event | None = None  # set: load waits on it
 
+    def die(self):
+        """The actor is gone: Ray reports it dead, and what it held is lost."""
+        self.alive, self.held = False, {}
+
     def _check(self):
         if not self.alive:
             raise GroupGoneError(f"{self.name} is dead")
@@ -344,8 +348,7 @@ def test_a_dead_group_leaves_the_table_while_a_change_runs_and_restarts_after_it
         world.actors["g0"].block = asyncio.Event()  # the scale's load on g0 hangs
         change = asyncio.ensure_future(rec.submit(make_plan("scale")))
         await asyncio.sleep(0)
-        world.actors["g2"].alive = False
-        world.actors["g2"].held = {}
+        world.actors["g2"].die()
         queued = await rec.round()  # publishes without g2 at once, queues nothing while locked
         assert queued == [] and "g2" not in rec.table.groups()
         assert world.router_actors["r0"].epoch_ == rec.table.epoch
@@ -530,8 +533,7 @@ def test_a_round_that_times_out_on_every_group_kills_none_and_rays_word_still_co
         assert rec.table.epoch == epoch and world.starts == []
         assert rec.verdict.held_back == ["g0", "g1", "g2"]
         rec.max_timeout_deaths = 1
-        world.actors["g0"].alive = False  # Ray's word: dead at once, whatever the cap
-        world.actors["g0"].held = {}
+        world.actors["g0"].die()  # Ray's word: dead at once, whatever the cap
         await converge(rec, rounds=1)
         assert world.starts == ["g0"]
         for actor in world.actors.values():
@@ -552,8 +554,7 @@ def test_a_group_start_that_never_ends_fails_within_its_timeout_and_frees_the_lo
             await asyncio.Event().wait()
 
         world.start_group = pending
-        world.actors["g1"].alive = False
-        world.actors["g1"].held = {}
+        world.actors["g1"].die()
         await asyncio.wait_for(converge(rec, rounds=1), 5)  # the restart fails within its timeout
         assert not rec.lock.locked() and rec.state.intent is None
         assert "g1" in rec.pending()["dead_groups"]
@@ -580,8 +581,7 @@ def test_a_lost_nodes_groups_restore_as_one_change_started_together():
 
         world.start_group = slow_start
         for name in ("g0", "g2"):
-            world.actors[name].alive = False
-            world.actors[name].held = {}
+            world.actors[name].die()
         tasks = await rec.round()
         assert len(tasks) == 1  # one change for both
         await asyncio.gather(*tasks)

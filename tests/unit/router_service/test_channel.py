@@ -61,7 +61,8 @@ def _dest(start: int, stop: int, experts: list[int]) -> Destination:
 def test_batches_of_changing_sizes_come_back_computed(channel):
     generator = torch.Generator().manual_seed(0)
     for layer, rows_in in [(0, 3), (2, 29), (1, 1), (3, 12)]:
-        rows, scale = torch.randn(rows_in + 2, HIDDEN, generator=generator), torch.rand(rows_in + 2, generator=generator)
+        rows = torch.randn(rows_in + 2, HIDDEN, generator=generator)
+        scale = torch.rand(rows_in + 2, generator=generator)
         out = torch.full_like(rows, float("nan"))
         dest = _dest(1, 1 + rows_in, [0, 3])
         channel.call(layer, 5, rows, scale if layer % 2 else None, dest, out)
