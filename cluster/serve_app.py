@@ -56,12 +56,11 @@ class MeshIngress:
     each forwarded to a router's own port (round robin; the next router on UNAVAILABLE)."""
 
     async def __init__(self, config: dict):
-        import grpc
-
         from cluster.local import find_or_start_mesh
         from experts import load_spec
         from experts.builtin import builtin_model_dir
         from protos import expert_mesh_pb2_grpc as pb_grpc
+        from protos.serving import channel
 
         self.config = MeshConfig(**config)
         model = self.config.model or str(await asyncio.to_thread(builtin_model_dir))
@@ -70,7 +69,9 @@ class MeshIngress:
                     ", ".join(self.mesh.addresses))
         limit = self.config.router.max_message_bytes(load_spec(model).hidden_size)
         options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
-        self._channels = [grpc.aio.insecure_channel(a, options=options) for a in self.mesh.addresses]
+        # With router.tls the routers take TLS only: this replica checks them against its `ca` and
+        # presents its cert and key (mutual TLS), as a caller inside the mesh's PKI.
+        self._channels = [channel(a, self.config.router.tls, options) for a in self.mesh.addresses]
         self._stubs = [pb_grpc.ExpertMeshStub(c) for c in self._channels]
         self._turn = 0
         # batching wait, then the slowest expert call and its one retry on another copy

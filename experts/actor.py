@@ -213,14 +213,23 @@ class ExpertGroupActor:
         try:
             if reader.spec != self.server_impl.group.spec:
                 raise ValueError(f"checkpoint {source} is not the same architecture as the served model")
-            return reader.experts(layer, experts)
+            weights = reader.experts(layer, experts)
         finally:
             reader.close()
+        parts = [t for t in (weights.w_gate_up, weights.w_down, weights.b_gate_up, weights.b_down) if t is not None]
+        finite = torch.stack([torch.isfinite(t.flatten(1)).all(dim=1) for t in parts]).all(dim=0)  # [n]
+        if not finite.all():
+            bad = [e for e, ok in zip(weights.experts, finite.tolist()) if not ok]
+            raise ValueError(f"checkpoint {source or self.model_path}: layer {layer} experts {bad} have NaN or Inf "
+                             f"weights")
+        return weights
 
-    async def stage_experts(self, layer: int, experts: list[int], source: str, probe: torch.Tensor) -> dict:
+    async def stage_experts(self, layer: int, experts: list[int], source: str, probed: list[int],
+                            probe: torch.Tensor | None) -> dict:
         """Hot swap, step 1: load new weights of `experts` from `source` beside the current ones and
-        run `probe` [n, H] (n rows per expert, experts ascending) through them. Returns
-        {"versions", "checksums", "probe": outputs [len(experts) * n, H]}; nothing is served yet."""
+        run `probe` [len(probed) * n, H] (n rows per expert of `probed`, a sample of `experts`,
+        ascending) through them. Returns {"versions", "checksums" (of `experts`, ascending), "probe":
+        outputs [len(probed) * n, H] or None}; nothing is served yet."""
 
         def stage():
             weights = self._read(layer, experts, source)
@@ -229,9 +238,12 @@ class ExpertGroupActor:
                 group.stage(layer, weights)
             staged = group.staged[layer]
             versions = [staged.version(e) for e in sorted(experts)]
-            per_expert = probe.shape[0] // len(experts)
-            with torch.inference_mode():
-                out = group.forward(layer, probe, sorted(experts), [per_expert] * len(experts), None, versions)
+            out = None
+            if probed:
+                per_expert = probe.shape[0] // len(probed)
+                with torch.inference_mode():
+                    out = group.forward(layer, probe, probed, [per_expert] * len(probed), None,
+                                        [staged.version(e) for e in probed])
             return {"versions": versions, "checksums": [staged.checksums[staged.slot[e]] for e in sorted(experts)],
                     "probe": out}
 

@@ -1,8 +1,13 @@
 """A simulated device: an expert group whose compute takes the time a cost model gives, asleep.
 
-For benchmarks of the control plane (skew, replication) with many devices on a small machine: the
-process imports neither torch nor the checkpoint, so dozens fit on 2 cores. Never used by
-correctness tests: its outputs are its inputs.
+For benchmarks of the control plane (skew, replication, swaps, restores) with many devices on a
+small machine: the process imports neither torch nor the checkpoint's weights, so dozens fit on 2
+cores. Never used by correctness tests: its outputs are its inputs.
+
+It takes part in changes as bookkeeping: experts loaded or staged from a checkpoint get the version
+its bytes hash to (experts/safetensors.py streams them), the model's own experts the version
+"simulated"; stage, commit and release move those versions as a real group moves weights. It holds
+no weights to probe, so a mesh of simulated devices swaps with `swap_probe_experts: 0`.
 
     time(batch) = latency_ms / 1e3 + 6 * H * I * rows / (tflops * 1e12)
 
@@ -65,13 +70,29 @@ class _Device:
         return pb.PingReply(payload=request.payload, group=self.name)
 
 
+MODEL_VERSION = "simulated"  # the version of the experts a simulated device starts with
+
+
+def source_checksums(source: str, layer: int, experts: list[int]) -> list[str]:
+    """sha256 of the stored bytes of `experts` of `layer` in checkpoint `source`, one expert at a time."""
+    from experts.safetensors import CheckpointLayout
+
+    layout = CheckpointLayout(source)
+    try:
+        return [layout.checksum(layer, e) for e in experts]
+    finally:
+        layout.close()
+
+
 class SimulatedGroupActor:
-    """Ray actor body with the controller-facing methods of ExpertGroupActor (no hot swap)."""
+    """Ray actor body with the controller-facing methods of ExpertGroupActor."""
 
     def __init__(self, name: str, assignment: dict[int, list[int]], cost: CostModel):
         self.name = name
         self.device = _Device(name, cost, {int(layer): set(e) for layer, e in assignment.items()},
                               emulated_delay_s())
+        self.versions = {(int(layer), e): MODEL_VERSION for layer, experts in assignment.items() for e in experts}
+        self.staged: dict[int, dict[int, str]] = {}  # layer -> expert -> checksum of its staged bytes
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
         self.started = time.time()
@@ -91,20 +112,38 @@ class SimulatedGroupActor:
         return self.name
 
     async def load_experts(self, layer: int, experts: list[int], source: str | None = None) -> list[str]:
+        versions = ([c[:12] for c in await asyncio.to_thread(source_checksums, source, layer, experts)]
+                    if source else [MODEL_VERSION] * len(experts))
         self.device.held.setdefault(layer, set()).update(experts)
-        return ["simulated"] * len(experts)
+        self.versions.update({(layer, e): v for e, v in zip(experts, versions)})
+        return versions
 
     def release_experts(self, layer: int, experts: list[int]) -> None:
         self.device.held.get(layer, set()).difference_update(experts)
+        for expert in experts:
+            self.versions.pop((layer, expert), None)
 
-    async def stage_experts(self, *args, **kwargs) -> dict:
-        raise NotImplementedError(f"group {self.name} is a simulated device: it holds no weights to swap")
+    async def stage_experts(self, layer: int, experts: list[int], source: str, probed: list[int], probe) -> dict:
+        """Hot swap, step 1, as bookkeeping: the checksums of `experts` in `source` become their staged
+        versions. No weights, so no probe output (None)."""
+        experts = sorted(experts)
+        checksums = await asyncio.to_thread(source_checksums, source, layer, experts)
+        self.staged[layer] = dict(zip(experts, checksums))
+        return {"versions": [c[:12] for c in checksums], "checksums": checksums, "probe": None}
+
+    def commit_staged(self, layer: int) -> None:
+        self.versions.update({(layer, e): c[:12] for e, c in self.staged.pop(layer, {}).items()})
+
+    def unstage(self, layer: int) -> None:
+        self.staged.pop(layer, None)
 
     def info(self) -> dict:
         import ray
 
         held = {layer: sorted(e) for layer, e in self.device.held.items()}
         return {"name": self.name, "node_id": ray.get_runtime_context().get_node_id(), "endpoint": self.endpoint,
-                "pid": os.getpid(), "experts": held, "versions": {l: ["simulated"] * len(e) for l, e in held.items()},
+                "pid": os.getpid(), "experts": held,
+                "versions": {l: [self.versions[(l, e)] for e in experts] for l, experts in held.items()},
+                "staged": {l: {e: c[:12] for e, c in staged.items()} for l, staged in self.staged.items()},
                 "nbytes": 0, "compute_s": self.device.compute_s,
                 "tokens_served": [[l, e, n] for (l, e), n in self.device.tokens_served.items()]}

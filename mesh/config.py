@@ -91,6 +91,9 @@ class MeshConfig(BaseModel):
     swap_roots: list[str] = Field(default_factory=list, description=(
         "Folders a hot swap may read checkpoints from (resolved on the controller's node); empty: the "
         "model checkpoint's parent folder."))
+    swap_probe_experts: int = Field(8, ge=0, description=(
+        "Experts of a hot swap whose probe outputs are checked against this controller's own compute (one "
+        "expert in its memory at a time); every swapped expert's sha256 is checked on every holder."))
     read_token: str | None = Field(None, description=(
         "Token that Status and Placement may carry (EXPERT_MESH_READ_TOKEN overrides): once it or the "
         "admin token is set, they need one of the two; with neither, they are open to every caller of the "

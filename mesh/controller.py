@@ -376,7 +376,7 @@ class MeshController:
             if not wanted or not all(0 <= e < self.spec.num_experts for e in wanted):
                 raise ValueError(f"experts must be a non-empty subset of [0, {self.spec.num_experts}), got {wanted}")
             verifier = await asyncio.to_thread(SwapVerifier, self.spec, resolved, layer, wanted,
-                                               DTYPES[self.config.groups.dtype])
+                                               DTYPES[self.config.groups.dtype], self.config.swap_probe_experts)
 
             async def plan(state: MeshState):
                 return plan_swap(state, layer, verifier.versions(), resolved, set(self.rec.seen),
@@ -549,7 +549,7 @@ class MeshController:
             "mesh": self.config.name, "model": self.model_path, "model_type": self.spec.model_type,
             "epoch": self.rec.table.epoch, "revision": state.revision, "uptime_s": time.time() - self.started_at,
             "autoscale": state.autoscale, "groups": groups, "routers": list(self.rec.routers), "copies": copies,
-            "direct_clients": self.leases.describe(time.monotonic()),
+            "direct_clients": self.leases.describe(time.monotonic()), "last_push": self.rec.last_push,
             "sources": {f"{l}/{e}": rs[0].source for (l, e), rs in state.copies.items() if rs[0].source},
             "tokens_per_expert": by_name(tokens), "tokens_per_s": by_name(rates), **self.rec.pending(),
             "copies_sharing_a_node": [f"{l}/{e}" for l, e in shared_nodes(

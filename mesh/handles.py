@@ -59,8 +59,8 @@ class RayGroup:
     async def release(self, layer: int, experts: list[int]) -> None:
         await self._call("release_experts", layer, experts)
 
-    async def stage(self, layer: int, experts: list[int], source: str, probe) -> dict:
-        return await self._call("stage_experts", layer, experts, source, probe)
+    async def stage(self, layer: int, experts: list[int], source: str, probed: list[int], probe) -> dict:
+        return await self._call("stage_experts", layer, experts, source, probed, probe)
 
     async def commit(self, layer: int) -> None:
         await self._call("commit_staged", layer)

@@ -50,7 +50,7 @@ class GroupHandle(Protocol):
     async def info(self) -> dict: ...
     async def load(self, layer: int, experts: list[int], source: str | None) -> list[str]: ...
     async def release(self, layer: int, experts: list[int]) -> None: ...
-    async def stage(self, layer: int, experts: list[int], source: str, probe) -> dict: ...
+    async def stage(self, layer: int, experts: list[int], source: str, probed: list[int], probe) -> dict: ...
     async def commit(self, layer: int) -> None: ...
     async def unstage(self, layer: int) -> None: ...
 
@@ -99,6 +99,7 @@ class Reconciler:
         self.seen: dict[str, GroupView] = {}            # groups seen alive in the last observation
         self._seen_seq = 0                               # bumped by every update of `seen`
         self.router_epochs: dict[str, int] = {}
+        self.last_push: dict = {}  # the last table push: epoch, bytes, routers, seconds
         self.table = RoutingTable(0, {})
         self.lock = asyncio.Lock()                      # one change at a time
         self.crash_hook: CrashHook | None = None
@@ -138,9 +139,12 @@ class Reconciler:
         await self.push(list(self.routers))
 
     async def push(self, names: list[str]) -> None:
+        start = time.perf_counter()
         blob, epoch = self.table.encode(), self.table.epoch
         results = await asyncio.gather(*(asyncio.wait_for(self.routers[n].set_table(blob), self.push_timeout_s)
                                          for n in names), return_exceptions=True)
+        self.last_push = {"epoch": epoch, "bytes": len(blob), "routers": len(names),
+                          "seconds": round(time.perf_counter() - start, 4)}
         for name, result in zip(names, results):
             if isinstance(result, BaseException):
                 logger.warning("router %s did not take epoch %d (retried next round): %r", name, epoch, result)
@@ -234,7 +238,7 @@ class Reconciler:
 
     async def _stage(self, intent: Intent, verifier) -> None:
         """Live holders stage the new weights beside the old and run the verifier's probe through them."""
-        calls = [self._call(self.groups[g].stage(l, list(e), s, verifier.probe(l, list(e)) if verifier else None),
+        calls = [self._call(self.groups[g].stage(l, list(e), s, *(verifier.probe(list(e)) if verifier else ([], None))),
                             timeout_s=None) for g, l, e, s in intent.loads]
         results = await asyncio.gather(*calls, return_exceptions=True)
         for (group, layer, experts, _), result in zip(intent.loads, results):
@@ -242,7 +246,7 @@ class Reconciler:
                 raise step_error(f"group {group} could not stage the new weights: {result!r}", result) from result
             self._check_versions(intent, group, layer, experts, result["versions"])
             if verifier is not None:
-                verifier.check(group, layer, list(experts), result)
+                verifier.check(group, list(experts), result)
             self._saw(group, staged={(layer, e): v for e, v in zip(experts, result["versions"])})
 
     async def _start(self, intent: Intent) -> None:

@@ -243,14 +243,27 @@ def _serialize(message) -> bytes:
     return message.SerializeToString()
 
 
+async def _read_body(context, name: str) -> bytes:
+    raw = await context.read()
+    if raw is grpc.aio.EOF:
+        raise InvalidRequestError(f"the call carries no {name} message")
+    return raw
+
+
+async def _abort(context, exc: Exception, name: str) -> None:
+    """End the call with `exc`'s status (INTERNAL, logged, for an untyped one); the server goes on."""
+    code = status_of(exc)
+    if code is None:
+        logger.exception("%s failed", name)
+        code = grpc.StatusCode.INTERNAL
+    await context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else f"{type(exc).__name__}: {exc}")
+
+
 def _checked(handler, request_type, authorize, budget: ByteBudget | None):
     name = request_type.DESCRIPTOR.full_name
 
-    async def read_body(context) -> bytes:
-        raw = await context.read()
-        if raw is grpc.aio.EOF:
-            raise InvalidRequestError(f"the call carries no {name} message")
-        return raw
+    def read_body(context) -> Awaitable[bytes]:
+        return _read_body(context, name)
 
     async def parse_and_handle(raw: bytes, context):
         try:
@@ -275,10 +288,84 @@ def _checked(handler, request_type, authorize, budget: ByteBudget | None):
         except grpc.aio.AbortError:
             raise  # the servicer chose its status
         except Exception as exc:  # noqa: BLE001 - the server keeps serving
-            code = status_of(exc)
-            if code is None:
-                logger.exception("%s failed", name)
-                code = grpc.StatusCode.INTERNAL
-            await context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else f"{type(exc).__name__}: {exc}")
+            await _abort(context, exc, name)
 
     return call
+
+
+class _EndOfStream(Exception):
+    """A streaming call's client sent its last message."""
+
+
+class BudgetedServer:
+    """Stands for a grpc.aio server in a generated `add_<Service>Servicer_to_server` (grpc's health,
+    reflection): every method it registers is taken within `budget`, as `add_service` takes ours.
+    Each request message is read only once the budget has room for it; a unary request's charge is
+    held while its handler runs, a streamed one's while it is parsed."""
+
+    def __init__(self, server, budget: ByteBudget):
+        self.server, self.budget = server, budget
+
+    def add_generic_rpc_handlers(self, generic_handlers) -> None:
+        """Ignored: generated code registers the same methods through add_registered_method_handlers."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        wrapped = {method: _budgeted(handler, f"{service}/{method}", self.budget)
+                   for method, handler in handlers.items()}
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+
+
+def _budgeted(handler, name: str, budget: ByteBudget):
+    """`handler` taken as a client-streaming method (the same on the wire), its bodies read within `budget`."""
+    serialize = handler.response_serializer
+
+    def parse(raw: bytes):
+        try:
+            return handler.request_deserializer(raw)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise InvalidRequestError(f"the request body is not a valid {name} message") from exc
+
+    async def parsed(raw: bytes):
+        return parse(raw)
+
+    async def one(context):
+        return await budget.run(lambda: _read_body(context, name), parsed)
+
+    if not handler.request_streaming and not handler.response_streaming:
+        async def unary(_, context):
+            try:
+                return await budget.run(lambda: _read_body(context, name),
+                                        lambda raw: handler.unary_unary(parse(raw), context))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the server keeps serving
+                await _abort(context, exc, name)
+        return grpc.stream_unary_rpc_method_handler(unary, response_serializer=serialize)
+    if not handler.request_streaming:  # unary request, streamed replies (health's Watch: context.write)
+        async def watch(_, context):
+            try:
+                request = await one(context)
+            except Exception as exc:  # noqa: BLE001 - the server keeps serving
+                await _abort(context, exc, name)
+            await handler.unary_stream(request, context)
+        return grpc.stream_stream_rpc_method_handler(watch, response_serializer=serialize)
+
+    async def read_or_end(context) -> bytes:
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            raise _EndOfStream
+        return raw
+
+    async def requests(context):  # streamed both ways (reflection): each message within the budget
+        while True:
+            try:
+                yield await budget.run(lambda: read_or_end(context), parsed)
+            except _EndOfStream:  # the client ended its stream
+                return
+            except Exception as exc:  # noqa: BLE001 - the server keeps serving
+                await _abort(context, exc, name)
+
+    async def both(_, context):
+        async for reply in handler.stream_stream(requests(context), context):
+            yield reply
+    return grpc.stream_stream_rpc_method_handler(both, response_serializer=serialize)

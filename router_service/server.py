@@ -19,11 +19,12 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from experts.errors import InvalidRequestError, MeshError, UnavailableError, one_line
 from protos import expert_mesh_pb2 as pb
-from protos.serving import BUDGETED_SERVER_OPTIONS, ByteBudget, add_service, bearer_token, bind, status_of
+from protos.serving import (BUDGETED_SERVER_OPTIONS, BudgetedServer, ByteBudget, add_service, bearer_token, bind,
+                            status_of)
 from protos.wire import DTYPES, TOKEN_DTYPES, from_proto, to_proto
 from router_service.router import Router
 
@@ -207,9 +208,11 @@ class RouterServer:
                                                 *BUDGETED_SERVER_OPTIONS],
                                        maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         add_service(self._server, "ExpertMesh", _ExpertMeshService(self), budget=self.budget)
-        add_service(self._server, "MeshAdmin", _AdminService(self))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(SERVICE_NAMES, self._server)
+        add_service(self._server, "MeshAdmin", _AdminService(self), budget=self.budget)
+        budgeted = BudgetedServer(self._server, self.budget)  # health and reflection within the budget too
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, budgeted)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(SERVICE_NAMES),
+                                                                   budgeted)
 
     async def start(self) -> int:
         config = self.router.config

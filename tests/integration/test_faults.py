@@ -367,3 +367,82 @@ def test_j_a_removed_node_holding_one_of_two_copies(world):
         nodes = [g["node"] for g in w.mesh.status()["groups"] if expert in g["experts"]["0"]]
         assert len(set(nodes)) == 2, (expert, nodes)
     actual_matches_desired(w)
+
+
+def _slow_observations(controller, misses: int) -> None:
+    """Runs inside the controller: every group's next `misses` observations outlast group_timeout_s,
+    all at once (one slow round after another, as an overloaded controller or a stalled network sees
+    them); the groups themselves keep serving."""
+    import asyncio
+
+    class Slow:
+        def __init__(self, handle):
+            self.handle, self.left = handle, misses
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        async def info(self):
+            if self.left > 0:
+                self.left -= 1
+                await asyncio.sleep(controller.config.group_timeout_s + 1)
+            return await self.handle.info()
+    controller.rec.groups = {name: Slow(handle) for name, handle in controller.rec.groups.items()}
+
+
+def test_k_slow_observation_rounds_on_every_group_kill_nothing(world):
+    """Two rounds in a row in which no group answers in time: every group SUSPECT, none declared dead
+    (failure_threshold 3), none restarted, no caller failed; then all answer and none is suspect."""
+    w = world
+    before = {g["name"]: g["endpoint"] for g in w.mesh.status()["groups"]}
+    suspects_seen: set[str] = set()
+
+    def all_suspect() -> bool:
+        suspects_seen.update(status(w)["suspect_groups"])
+        return suspects_seen == set(before)
+
+    with Load(w.mesh.addresses, w.x, w.refs) as load:
+        ray.get(w.mesh.controller.__ray_call__.remote(_slow_observations, 2))
+        wait(all_suspect)
+        start = time.perf_counter()
+        wait(lambda: converged(w) and not status(w)["suspect_groups"])
+        seconds = time.perf_counter() - start
+    report("(k) slow observation rounds: every group suspect, then answering", seconds)
+    check_answers(load, w)
+    assert {g["name"]: g["endpoint"] for g in w.mesh.status()["groups"]} == before  # nobody restarted
+    ray.get(w.mesh.controller.__ray_call__.remote(
+        lambda c: setattr(c.rec, "groups", {n: getattr(h, "handle", h) for n, h in c.rec.groups.items()})))
+
+
+PACKED = dict(SMALL, hidden_size=768, intermediate_size=2048, num_local_experts=4)  # groups pack and thread
+
+
+def test_l_a_swap_under_load_at_a_size_groups_pack_and_thread(ray_cluster, meshes, tmp_path_factory):
+    """The hot swap at H=768, I=2048 (18.9 MB an expert, fp32: groups pack their weights and compute
+    in threads), every expert on 2 groups, 3 callers throughout: no failure, no answer equal to
+    neither reference, every answer before the flip's epoch the old weights' and from it the new's."""
+    from experts.builtin import build_model, save_checkpoint
+
+    root = tmp_path_factory.mktemp("packed")
+    old, new = (save_checkpoint(build_model("mixtral", seed=seed, **PACKED), root / name)
+                for name, seed in (("old", 0), ("new", 5)))
+    experts = list(range(PACKED["num_local_experts"]))
+    x = torch.randn(16, PACKED["hidden_size"], generator=torch.Generator().manual_seed(3))
+    refs = {"old": MoELayer.from_pretrained(old, layer=0)(x), "new": swapped_reference(old, new, experts, x)}
+    mesh = meshes.get(old, key="packed", admin_token=TOKEN, drain_s=0.5, groups={"replicas": 2, "num_groups": 2})
+    admin = pb_grpc.MeshAdminStub(grpc.insecure_channel(mesh.address))
+    try:
+        with Load(mesh.addresses, x, refs) as load:
+            time.sleep(1.0)
+            start = time.perf_counter()
+            reply = admin.Swap(pb.SwapRequest(layer=0, experts=experts, source_dir=str(new)), timeout=120,
+                               metadata=[("authorization", f"Bearer {TOKEN}")])
+            seconds = time.perf_counter() - start
+            time.sleep(1.0)
+        report(f"(l) swap of {len(experts)} experts of 18.9 MB under load, returned", seconds)
+        assert reply.ok, reply.message
+        assert load.counts["failed"] == 0 and load.counts["wrong"] == 0, load.lost()
+        misfits = [(k, e) for k, e in load.answers if k != ("new" if e >= reply.epoch else "old")]
+        assert not misfits and load.counts["old"] > 0 and load.counts["new"] > 0, (reply.epoch, misfits[:5])
+    finally:
+        meshes.stop("packed")

@@ -25,6 +25,7 @@ from mesh.config import ConfigError, load_config
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos.serving import SECRET_KEY, TLSConfig, channel
+from protos.wire import from_proto, to_proto
 from router_service import AsyncMeshClient, MeshClient, MeshClientError
 from tests.integration.mesh_helpers import FP32_TOL, rel_err
 
@@ -113,6 +114,34 @@ def test_forward_admin_health_and_reflection_over_mutual_tls(tls_mesh, pki):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
         services = {s.name for s in listing.list_services_response.service}
         assert {"expert_mesh.v1.ExpertMesh", "expert_mesh.v1.MeshAdmin", "grpc.health.v1.Health"} <= services
+
+
+def test_the_serve_ingress_reaches_a_tls_router_over_mutual_tls(tls_mesh, pki, zoo):
+    """The Serve replica's body (cluster/serve_app.MeshIngress, built here as Serve builds it) adopts
+    the TLS mesh and forwards over mutual TLS with router.tls: answers equal the in-process layer."""
+    from cluster.serve_app import MeshIngress
+
+    mesh, spec, layers = tls_mesh
+    server_cert, server_key = pki["server"]
+    config = {"name": mesh.name, "model": str(zoo.checkpoint("mixtral")), "admin_token": TOKEN,
+              "router": {"port": 0, "tls": {"cert": server_cert, "key": server_key, "ca": pki["ca"][0],
+                                            "server_name": NAME}},
+              "internal_tls": {"cert": server_cert, "key": server_key, "ca": pki["ca"][0], "server_name": NAME}}
+    x = torch.randn(5, spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    layer = min(layers)
+
+    async def forward():
+        ingress = MeshIngress.__new__(MeshIngress)
+        await ingress.__init__(config)
+        assert not ingress.created and ingress.mesh.addresses == mesh.addresses  # adopted, not deployed
+        request = pb.ForwardRequest(layer=layer)
+        to_proto(x, request.hidden)
+        try:
+            return from_proto((await ingress.Forward(request)).hidden, "hidden")
+        finally:
+            await asyncio.gather(*(c.close() for c in ingress._channels))
+
+    assert rel_err(asyncio.run(forward()), layers[layer](x)) <= FP32_TOL
 
 
 @pytest.mark.parametrize("who", ["plaintext", "no client certificate", "stranger"])

@@ -93,7 +93,7 @@ class FakeGroupActor:
         for e in experts:
             self.held.pop((layer, e), None)
 
-    async def stage(self, layer, experts, source, probe):
+    async def stage(self, layer, experts, source, probed, probe):
         self._check()
         self.staged = {k: v for k, v in self.staged.items() if k[0] != layer}
         self.staged.update({(layer, e): version(source, layer, e) for e in experts})
