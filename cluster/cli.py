@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from router_service import state
+from protos.errors import MeshError
 
 __all__ = ["main"]
 
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from experts.errors import MeshError
+    from protos.errors import MeshError
 
     try:
         return args.func(args)

@@ -17,18 +17,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from experts.errors import MeshError
+from protos.errors import MeshConflictError
 from mesh.config import MeshConfig
 from mesh.controller import NAMESPACE, MeshController
 from router_service.actor import RouterActor
 
-__all__ = ["MeshConflictError", "MeshHandle", "find_or_start_mesh", "start_local_cluster", "start_mesh"]
+__all__ = ["MeshHandle", "find_or_start_mesh", "start_local_cluster", "start_mesh"]
 
 logger = logging.getLogger(__name__)
-
-
-class MeshConflictError(MeshError):
-    """A mesh of that name already runs, with another checkpoint."""
 
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -21,11 +21,11 @@ import copy
 import logging
 from pathlib import Path
 
-from experts.errors import IngressError
-from mesh.config import ConfigError, MeshConfig, load_config
+from protos.errors import ConfigError, IngressError
+from mesh.config import MeshConfig, load_config
 
-__all__ = ["IMPORT_PATH", "SERVICER_FUNCTIONS", "IngressError", "MeshIngress", "build_app", "grpc_options",
-           "mesh_config", "serve_config"]
+__all__ = ["IMPORT_PATH", "SERVICER_FUNCTIONS", "MeshIngress", "build_app", "grpc_options", "mesh_config",
+           "serve_config"]
 
 logger = logging.getLogger(__name__)
 

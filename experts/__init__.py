@@ -10,7 +10,6 @@ import importlib
 _EXPORTS = {
     "CheckpointReader": "checkpoint", "ExpertWeights": "checkpoint", "GateWeights": "checkpoint",
     "SharedWeights": "checkpoint",
-    "CheckpointError": "errors", "MeshError": "errors", "UnsupportedModelError": "errors",
     "ExpertGroup": "group", "LayerExperts": "group",
     "Gate": "layer", "MoELayer": "layer", "SharedExpert": "layer", "dispatch": "layer",
     "QuantizedTensor": "quantized", "quantize_checkpoint": "quantized",

@@ -17,7 +17,7 @@ import time
 import grpc
 import torch
 
-from experts.errors import ChannelRefusedError, InvalidRequestError
+from protos.errors import ChannelRefusedError, InvalidRequestError
 from experts.group import ExpertGroup
 from experts.links import emulated_delay_s, serve_delay
 from experts.memory import keep_freed_memory

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from experts.errors import CheckpointError
+from protos.errors import CheckpointError
 from experts.quantized import QuantizationConfig, QuantizedTensor
 from experts.safetensors import CheckpointLayout, SafetensorsHeader
 from experts.spec import MoESpec, load_config, spec_from_config

@@ -22,7 +22,7 @@ import stat
 import struct
 from pathlib import Path
 
-from experts.errors import CheckpointError
+from protos.errors import CheckpointError
 from experts.spec import MoESpec, load_config, spec_from_config
 
 __all__ = ["ITEMSIZES", "MAX_HEADER_BYTES", "CheckpointLayout", "SafetensorsHeader", "weight_files"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from experts.errors import InvalidRequestError
+from protos.errors import InvalidRequestError
 from experts.links import emulated_delay_s, serve_delay
 from protos import expert_mesh_pb2 as pb
 from protos.serving import TLSConfig, bind, worker_server

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from experts.errors import UnsupportedModelError
+from protos.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from kernels.expert_mlp import GatedActivation

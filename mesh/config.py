@@ -8,15 +8,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from experts.errors import MeshError
+from protos.errors import ConfigError
 from protos.serving import TLSConfig
 from router_service.config import RouterConfig
 
-__all__ = ["AutoscaleConfig", "ConfigError", "GroupsConfig", "MeshConfig", "SimulatedConfig", "load_config"]
-
-
-class ConfigError(MeshError, ValueError):
-    """A config file that cannot be used; the message names the field."""
+__all__ = ["AutoscaleConfig", "GroupsConfig", "MeshConfig", "SimulatedConfig", "load_config"]
 
 
 class SimulatedConfig(BaseModel):

@@ -14,45 +14,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from pathlib import Path
 
-import grpc
 import msgpack
 
 from experts import load_spec
-from experts.errors import MeshError, PermissionDeniedError
+from protos.errors import AdminError, MeshError, PlacementError
+from mesh.admin import AdminAuth, accepted, refused
 from mesh.autoscale import plan_autoscale
 from mesh.changes import plan_copies, plan_swap
 from mesh.config import MeshConfig
-from mesh.handles import NAMESPACE, RayLauncher, alive_nodes, pinning
+from mesh.handles import NAMESPACE, RayLauncher, alive_nodes
 from mesh.leases import Leases
 from mesh.load import Load, aggregate_load, by_name
-from mesh.placement import (group_latency, initial_assignment, pairs_kept, pick_groups, placement_cost,
-                            placement_moves, plan_placement, replicate_layer, shared_nodes, spread_groups)
-from mesh.probes import LatencyProbe, link_matrix
-from protos.serving import same_token, status_of
+from mesh.placement import (initial_assignment, pick_groups, placement_report, replicate_layer, shared_nodes,
+                            spread_groups)
+from mesh.probes import ProbeFleet
 from mesh.reconciler import Reconciler, view_of
 from mesh.state import MeshState, Replica, held_by
 from mesh.store import GcsKVStore, StateStore
 
-__all__ = ["AdminError", "MeshController", "NAMESPACE", "PlacementError"]
+__all__ = ["MeshController", "NAMESPACE"]
 
 logger = logging.getLogger(__name__)
 
 _BYTES = {"float32": 4, "bfloat16": 2}
-PROBE_TIMEOUT_S = 60.0  # a latency probe starts, or measures every link, within this (a pending one fails the plan)
-LINKS_EVERY_S = 10.0  # links measured at most this often (Placement, rebalance): each measurement loads every node
-
-
-class AdminError(PermissionDeniedError):
-    """An admin call without the right token."""
-
-
-class PlacementError(MeshError):
-    """Expert groups cannot be placed as asked (no node, not enough memory)."""
 
 
 def _str_keys(assignment: dict) -> dict:
@@ -85,10 +73,10 @@ class MeshController:
                               max_timeout_deaths=self.config.max_timeout_deaths,
                               start_timeout_s=self.config.group_start_timeout_s)
         self.started_at = time.time()
-        self.probes: dict[str, object] = {}  # node id -> LatencyProbe handle
+        self.probes = ProbeFleet(self.config.name)
+        self.auth = AdminAuth(self.config.admin_token, self.config.read_token)
         self._tasks: list[asyncio.Task] = []
         self._recovering: asyncio.Future | None = None
-        self._links: tuple[float, dict] | None = None  # (when, link matrix) of the last measurement
         self._wake = asyncio.Event()  # set: the reconcile loop runs its next round now
         self.leases = Leases(self.config.direct_lease_s)  # direct clients (router_service/direct.py)
         self._published = asyncio.Event()  # set (and replaced) at every new table: answers the polls
@@ -125,9 +113,17 @@ class MeshController:
 
     async def deploy(self) -> bytes:
         """Create every expert group (or adopt them after a controller restart), wait until all
-        serve, persist the desired state, publish epoch 1; returns the table."""
+        serve, persist the desired state, publish epoch 1; returns the table. Under the change lock:
+        two deploys at once create the groups once."""
         if await self.ready():
             return self.rec.table.encode()
+        async with self.rec.lock:
+            if self.rec.state.revision == 0:
+                await self._create_groups()
+        self._start_loops()
+        return self.rec.table.encode()
+
+    async def _create_groups(self) -> None:
         nodes = alive_nodes(self.config.groups.node_labels)
         if not nodes:
             labels = [n.get("Labels") or {} for n in alive_nodes()]
@@ -152,8 +148,6 @@ class MeshController:
                                 copies={k: tuple(v) for k, v in copies.items()},
                                 autoscale=self.config.autoscale.enabled, secret=secret))
         await self.rec.publish()
-        self._start_loops()
-        return self.rec.table.encode()
 
     def _check_memory(self, assignment: list[dict], placement: list[str], nodes: list[dict]) -> None:
         spec, groups = self.spec, self.config.groups
@@ -173,6 +167,8 @@ class MeshController:
                     f"add nodes or groups, or lower groups.replicas")
 
     def _start_loops(self) -> None:
+        if self._tasks:
+            return
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._reconcile_loop()), loop.create_task(self._autoscale_loop())]
 
@@ -224,10 +220,8 @@ class MeshController:
         handle = self.rec.launcher.find_router(name)
         if handle is None:
             raise MeshError(f"no router actor named {name}")
-        address = await handle.actor.start.remote()  # idempotent: the address it already has
-        self.rec.routers[name] = handle
-        self.rec.save(self.rec.state.replace(routers={**self.rec.state.routers, name: int(address.rsplit(":", 1)[1])}))
-        return await handle.set_table(self.rec.table.encode())
+        address = await handle.start()  # idempotent: the address it already has
+        return await self.rec.add_router(name, handle, int(address.rsplit(":", 1)[1]))
 
     # -- direct clients (routers in model servers' processes, fed by long polling) -----------------
 
@@ -280,30 +274,11 @@ class MeshController:
 
     # -- admin -------------------------------------------------------------------------------------
 
-    def _admin_token(self) -> str:
-        return os.environ.get("EXPERT_MESH_ADMIN_TOKEN") or self.config.admin_token or ""
-
-    def _check_token(self, token: str | bytes | None) -> None:
-        expected = self._admin_token()
-        if not expected:
-            raise AdminError("no admin token is configured (admin_token or EXPERT_MESH_ADMIN_TOKEN): "
-                             "mutating calls are refused")
-        if not same_token(token, expected):
-            raise AdminError("admin token missing or wrong")
-
-    def _check_read(self, token: str | bytes | None) -> None:
-        """Status and Placement: open while no token is configured; once a read or an admin token
-        is, they need one of them (Placement makes every probe time echoes to every other)."""
-        read, admin = os.environ.get("EXPERT_MESH_READ_TOKEN") or self.config.read_token, self._admin_token()
-        if (read or admin) and not ((read and same_token(token, read)) or (admin and same_token(token, admin))):
-            raise AdminError("read or admin token missing or wrong (a token is configured: Status and Placement "
-                             "need the read token or the admin token)")
-
     async def read(self, verb: str, token: str | bytes | None) -> dict:
         """Status ("status") or Placement ("placement") for a router's caller: {ok, report} or
         {ok: False, denied, message}."""
         try:
-            self._check_read(token)
+            self.auth.check_read(token)
         except AdminError as exc:
             return {"ok": False, "denied": True, "message": f"{verb} refused: {exc}"}
         return {"ok": True, "report": await (self.snapshot() if verb == "status" else self.placement())}
@@ -313,13 +288,11 @@ class MeshController:
         `change` returns (message, change id or "")."""
         await self.ready()
         try:
-            self._check_token(token)
+            self.auth.check_admin(token)
             message, change_id = await change()
         except (AdminError, MeshError, ValueError) as exc:
-            code = status_of(exc) or grpc.StatusCode.INVALID_ARGUMENT  # a plan the mesh refuses: the caller's to fix
-            return {"ok": False, "message": f"{verb} refused, nothing changed: {exc}", "epoch": self.rec.table.epoch,
-                    "code": code.name, "denied": isinstance(exc, AdminError)}
-        return {"ok": True, "message": message, "epoch": self.rec.table.epoch, "change_id": change_id}
+            return refused(verb, exc, self.rec.table.epoch)
+        return accepted(message, self.rec.table.epoch, change_id)
 
     def _live(self) -> dict[str, dict[int, list[int]]]:
         """{group: {layer: experts}} of the desired copies on groups seen alive."""
@@ -402,7 +375,7 @@ class MeshController:
 
     async def set_autoscale(self, token: str, enabled: bool) -> dict:
         async def change():
-            self.rec.save(self.rec.state.replace(autoscale=enabled))
+            await self.rec.update(lambda state: state.replace(autoscale=enabled))
             return f"autoscale {'on' if enabled else 'off'}", ""
 
         return await self._admin("autoscale", token, change)
@@ -439,34 +412,9 @@ class MeshController:
 
     # -- placement by measured latency ---------------------------------------------------------------
 
-    async def _ensure_probes(self) -> tuple[list[str], list[str]]:
-        """One LatencyProbe per live node (started on first use, dropped with their node); returns
-        (node ids, their probes' endpoints), in one order."""
-        import ray
-
-        nodes = [n["NodeID"] for n in alive_nodes()]
-        self.probes = {n: p for n, p in self.probes.items() if n in nodes}
-        for node in nodes:
-            if node not in self.probes:
-                self.probes[node] = ray.remote(LatencyProbe).options(
-                    name=f"{self.config.name}/probe-{node[:12]}", namespace=NAMESPACE, lifetime="detached",
-                    num_cpus=0, get_if_exists=True, **pinning(node)).remote()
-        started = await asyncio.wait_for(asyncio.gather(
-            *(self.probes[n].start.remote(self.rec.state.secret, self.internal_tls()) for n in nodes)), PROBE_TIMEOUT_S)
-        return nodes, [endpoint for _, endpoint in started]
-
     async def measure_links(self) -> dict:
-        """Every probe in turn times echoes to every probe: {"nodes", "rtt_ms" [from][to], "mbps" [from][to]}.
-        At most once per LINKS_EVERY_S (each measurement loads every node): sooner, the last one."""
-        nodes = sorted(n["NodeID"] for n in alive_nodes())
-        if self._links is not None and time.monotonic() - self._links[0] < LINKS_EVERY_S \
-                and sorted(self._links[1]["nodes"]) == nodes:
-            return self._links[1]
-        nodes, endpoints = await self._ensure_probes()
-        rows = [await asyncio.wait_for(self.probes[n].measure.remote(endpoints), PROBE_TIMEOUT_S)
-                for n in nodes]  # one at a time: no cross-talk
-        self._links = (time.monotonic(), link_matrix(nodes, rows))
-        return self._links[1]
+        """The link matrix the latency probes measure (mesh/probes.py; at most every LINKS_EVERY_S)."""
+        return await self.probes.links(self.rec.state.secret, self.internal_tls())
 
     async def _placement_plan(self) -> dict:
         links = await self.measure_links()
@@ -474,24 +422,8 @@ class MeshController:
                                                         return_exceptions=True) if isinstance(n, str)]
         router_nodes += [lease.node for lease in self.leases.live(time.monotonic()).values()]  # direct clients
         current = self._live()
-        latency = group_latency({n: self.rec.state.groups[n] for n in current}, router_nodes, links)
-        tokens, rates, pairs = await self.load()
-        source = "tokens/s over the load window" if rates else "tokens since start"
-        load = rates or tokens
-        top_k = self.spec.top_k
-        proposed = plan_placement(current, latency, load, self.config.placement_balance, pairs=pairs, top_k=top_k)
-        total = sum(load.values()) or 1.0
-        adds, removes = placement_moves(current, proposed)
-
-        def summary(plan: dict) -> dict:
-            cost = placement_cost(plan, latency, load, pairs, top_k)
-            return {"assignment": plan, "cost": cost, "mean_latency_ms": cost / total,
-                    "pairs_kept": pairs_kept(plan, pairs)}
-
-        return {"links": links, "router_nodes": router_nodes, "load_source": source,
-                "groups": {n: {"node": self.rec.state.groups[n], "latency_ms": latency[n]} for n in current},
-                "pairs": len(pairs), "current": summary(current), "proposed": summary(proposed),
-                "adds": adds, "removes": removes}
+        return placement_report(links, router_nodes, current, {n: self.rec.state.groups[n] for n in current},
+                                await self.load(), self.config.placement_balance, self.spec.top_k)
 
     async def placement(self) -> bytes:
         """msgpack report for `mesh placement`: the measured links, each group's latency from the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from experts.errors import GroupGoneError, UnavailableError, one_line
+from protos.errors import GroupGoneError, UnavailableError, one_line
 from mesh.config import MeshConfig
 from router_service.config import NAMESPACE
 
@@ -79,7 +79,7 @@ class RayRouter:
     async def set_table(self, blob: bytes) -> bool:
         return await self.actor.set_table.remote(blob)
 
-    async def start(self, port: int) -> str:
+    async def start(self, port: int | None = None) -> str:
         return await self.actor.start.remote(port)
 
     async def open_channels(self, groups: list[str], fresh: bool) -> None:

@@ -9,8 +9,8 @@ import torch
 from mesh.replication import rebalance_experts  # the replication policy's entry point, EPLB's signature
 
 __all__ = ["copy_offsets", "group_latency", "group_loads", "initial_assignment", "latency_tiers", "pairs_kept",
-           "pick_groups", "placement_cost", "placement_moves", "plan_placement", "rebalance_experts", "replicate_layer",
-           "restore_node", "shared_nodes", "spread_groups"]
+           "pick_groups", "placement_cost", "placement_moves", "placement_report", "plan_placement", "rebalance_experts",
+           "replicate_layer", "restore_node", "shared_nodes", "spread_groups"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,
@@ -320,3 +320,27 @@ def placement_moves(old: Assignment, new: Assignment) -> tuple[list[tuple[int, i
             adds += [(layer, e, g) for e in sorted(after - before)]
             removes += [(layer, e, g) for e in sorted(before - after)]
     return sorted(adds), sorted(removes)
+
+
+def placement_report(links: dict, router_nodes: list[str], current: Assignment, group_nodes: dict[str, str],
+                     load: tuple[dict, dict, Pairs], balance: float, top_k: int) -> dict:
+    """`mesh placement`'s report (and `mesh rebalance`'s plan): each group's latency from the
+    routers over the measured `links`, the current and the proposed placement (plan_placement) with
+    their cost and mean latency per token copy, and the moves between them. `load`: (tokens since
+    start, tokens/s over the window, co-activated pairs), as mesh.load aggregates them."""
+    tokens, rates, pairs = load
+    latency = group_latency(group_nodes, router_nodes, links)
+    weights = rates or tokens
+    proposed = plan_placement(current, latency, weights, balance, pairs=pairs, top_k=top_k)
+    total = sum(weights.values()) or 1.0
+    adds, removes = placement_moves(current, proposed)
+
+    def summary(plan: Assignment) -> dict:
+        cost = placement_cost(plan, latency, weights, pairs, top_k)
+        return {"assignment": plan, "cost": cost, "mean_latency_ms": cost / total, "pairs_kept": pairs_kept(plan, pairs)}
+
+    return {"links": links, "router_nodes": router_nodes,
+            "load_source": "tokens/s over the load window" if rates else "tokens since start",
+            "groups": {n: {"node": group_nodes[n], "latency_ms": latency[n]} for n in current},
+            "pairs": len(pairs), "current": summary(current), "proposed": summary(proposed),
+            "adds": adds, "removes": removes}

@@ -8,6 +8,7 @@ optimises; nothing else feeds it link costs.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 
@@ -18,7 +19,10 @@ from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos.serving import TLSConfig, add_service, bind, channel, require_secret, secret_metadata
 
-__all__ = ["LatencyProbe", "link_matrix"]
+__all__ = ["LINKS_EVERY_S", "PROBE_TIMEOUT_S", "LatencyProbe", "ProbeFleet", "link_matrix"]
+
+PROBE_TIMEOUT_S = 60.0  # a latency probe starts, or measures every link, within this (a pending one fails the plan)
+LINKS_EVERY_S = 10.0  # links measured at most this often (Placement, rebalance): each measurement loads every node
 
 ECHO_BYTES = 64
 BANDWIDTH_BYTES = 1 << 20
@@ -91,3 +95,45 @@ def link_matrix(nodes: list[str], rows: list[list[tuple[float, float]]]) -> dict
     """{"nodes", "rtt_ms" [from][to], "mbps" [from][to]} from each node's measure() row."""
     return {"nodes": nodes, "rtt_ms": [[round(r, 3) for r, _ in row] for row in rows],
             "mbps": [[round(b, 1) for _, b in row] for row in rows]}
+
+
+class ProbeFleet:
+    """The latency probes of mesh `name` (one LatencyProbe actor per live node, `<name>/probe-<node>`,
+    started on first use, dropped with their node) and the link matrix they measure: at most once
+    per LINKS_EVERY_S (each measurement loads every node), sooner the last one."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.probes: dict[str, object] = {}  # node id -> LatencyProbe handle
+        self._links: tuple[float, dict] | None = None  # (when, link matrix) of the last measurement
+
+    async def links(self, secret: str, tls: dict | None) -> dict:
+        """{"nodes", "rtt_ms" [from][to], "mbps" [from][to]}: every probe in turn times echoes to every probe."""
+        from mesh.handles import alive_nodes
+
+        nodes = sorted(n["NodeID"] for n in alive_nodes())
+        if self._links is not None and time.monotonic() - self._links[0] < LINKS_EVERY_S \
+                and sorted(self._links[1]["nodes"]) == nodes:
+            return self._links[1]
+        nodes, endpoints = await self._start(secret, tls)
+        rows = [await asyncio.wait_for(self.probes[n].measure.remote(endpoints), PROBE_TIMEOUT_S)
+                for n in nodes]  # one at a time: no cross-talk
+        self._links = (time.monotonic(), link_matrix(nodes, rows))
+        return self._links[1]
+
+    async def _start(self, secret: str, tls: dict | None) -> tuple[list[str], list[str]]:
+        """A serving probe on every live node; returns (node ids, their probes' endpoints), in one order."""
+        import ray
+
+        from mesh.handles import NAMESPACE, alive_nodes, pinning
+
+        nodes = [n["NodeID"] for n in alive_nodes()]
+        self.probes = {n: p for n, p in self.probes.items() if n in nodes}
+        for node in nodes:
+            if node not in self.probes:
+                self.probes[node] = ray.remote(LatencyProbe).options(
+                    name=f"{self.name}/probe-{node[:12]}", namespace=NAMESPACE, lifetime="detached",
+                    num_cpus=0, get_if_exists=True, **pinning(node)).remote()
+        started = await asyncio.wait_for(asyncio.gather(*(self.probes[n].start.remote(secret, tls) for n in nodes)),
+                                         PROBE_TIMEOUT_S)
+        return nodes, [endpoint for _, endpoint in started]

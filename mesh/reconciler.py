@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Awaitable, Callable, Protocol
 
-from experts.errors import GroupGoneError, MeshError, UnavailableError
+from protos.errors import GroupGoneError, StepError, StepUnavailableError, UnavailableError
 from mesh.changes import GroupView, Tidy, plan_restart, published_state, table_layers, tidy
 from mesh.health import Verdict, default_max_timeout_deaths, judge
 from mesh.placement import restore_node
@@ -27,17 +27,9 @@ from mesh.state import Intent, MeshState, held_by
 from mesh.store import StateStore
 from router_service.routing import RoutingTable
 
-__all__ = ["CrashHook", "GroupHandle", "Launcher", "Reconciler", "RouterHandle", "StepError", "StepUnavailableError"]
+__all__ = ["GroupHandle", "Launcher", "Reconciler", "RouterHandle"]
 
 logger = logging.getLogger(__name__)
-
-
-class StepError(MeshError):
-    """A step of a change failed; the change rolled back (before its publish) or carries on."""
-
-
-class StepUnavailableError(StepError, UnavailableError):
-    """A step failed because a group or router did not answer (gone, timed out): worth a retry."""
 
 
 def step_error(message: str, cause: BaseException) -> StepError:
@@ -59,7 +51,7 @@ class RouterHandle(Protocol):
     async def epoch(self) -> int: ...
     async def open_channels(self, groups: list[str], fresh: bool) -> None: ...
     async def set_table(self, blob: bytes) -> bool: ...
-    async def start(self, port: int) -> str: ...
+    async def start(self, port: int | None = None) -> str: ...
 
 
 class Launcher(Protocol):
@@ -69,7 +61,6 @@ class Launcher(Protocol):
     async def start_group(self, name: str, node: str, loads: list[tuple[int, list[int], str | None]]) -> GroupHandle: ...
 
 
-CrashHook = Callable[[Intent], None]  # test-only: called before each step; may end the process
 
 
 def view_of(info: dict) -> GroupView:
@@ -102,7 +93,6 @@ class Reconciler:
         self.last_push: dict = {}  # the last table push: epoch, bytes, routers, seconds
         self.table = RoutingTable(0, {})
         self.lock = asyncio.Lock()                      # one change at a time
-        self.crash_hook: CrashHook | None = None
         self.on_publish: Callable[[RoutingTable], None] | None = None   # told of every new table first
         self.drain_wait: Callable[[int], Awaitable[None]] | None = None  # drain: until callers left older epochs
         self._queued: set[str] = set()                  # groups whose restart is queued
@@ -167,6 +157,20 @@ class Reconciler:
             self.save(self.state.with_intent(intent))
             return await self._carry_out(intent, verifier)
 
+    async def update(self, change: Callable[[MeshState], MeshState]) -> None:
+        """A change of the desired state that takes no steps (autoscale on or off): under the change
+        lock, so it never lands between a change's steps; persisted before it returns."""
+        async with self.lock:
+            self.save(change(self.state))
+
+    async def add_router(self, name: str, handle: RouterHandle, port: int) -> bool:
+        """Register router `name` (serving on `port`) under the change lock and push it the table in
+        force; returns whether it serves."""
+        async with self.lock:
+            self.routers[name] = handle
+            self.save(self.state.replace(routers={**self.state.routers, name: port}))
+            return await handle.set_table(self.table.encode())
+
     async def resume(self) -> None:
         """After a restart: the change in progress rolls back (not yet published) or forward."""
         async with self.lock:
@@ -184,8 +188,6 @@ class Reconciler:
 
     async def _carry_out(self, intent: Intent, verifier) -> Intent:
         while intent.step is not None:
-            if self.crash_hook is not None:
-                self.crash_hook(intent)
             try:
                 await self._run_step(intent, verifier)
             except Exception as exc:

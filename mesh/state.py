@@ -14,17 +14,14 @@ from __future__ import annotations
 import dataclasses
 
 import msgpack
+from protos.errors import StateError
 
-__all__ = ["Intent", "MeshState", "Replica", "SCHEMA", "StateError", "held_by"]
+__all__ = ["Intent", "MeshState", "Replica", "SCHEMA", "held_by"]
 
 SCHEMA = 1  # version of the persisted snapshot's layout
 APPLIED_KEPT = 64  # change ids remembered, so that a repeated call is recognised
 
 Key = tuple[int, int]  # (layer, expert)
-
-
-class StateError(ValueError):
-    """A persisted snapshot that this code cannot read (another schema, missing fields)."""
 
 
 @dataclasses.dataclass(frozen=True)

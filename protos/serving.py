@@ -1,7 +1,7 @@
 """How every gRPC server of the mesh takes a call, before its servicer sees it:
 
     call -> authorize (the mesh's secret, or nothing) -> memory budget -> read the body -> parse
-         -> servicer -> errors: the one map from the typed errors (experts/errors.py) to gRPC status
+         -> servicer -> errors: the one map from the typed errors (protos/errors.py) to gRPC status
 
 A body that does not parse is INVALID_ARGUMENT naming the message type (one log line a minute at
 most, never a traceback); a call the memory budget has no room for is RESOURCE_EXHAUSTED before
@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field
 
-from experts.errors import (InvalidRequestError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
+from protos.errors import (InvalidRequestError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError,
                             UnavailableError)
 from protos import expert_mesh_pb2 as pb
 

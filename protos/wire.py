@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from experts.errors import WireError
+from protos.errors import WireError
 from protos import expert_mesh_pb2 as pb
 
 __all__ = ["DTYPES", "ECHO_LAYER", "TOKEN_DTYPES", "WireError", "decode_into", "from_proto", "to_proto"]

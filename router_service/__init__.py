@@ -1,8 +1,9 @@
 """The data plane: gRPC router, batcher, dispatch and transports, client library."""
 
-from router_service.client import AsyncMeshClient, MeshClient, MeshClientError, MeshInfo
+from router_service.client import AsyncMeshClient, MeshClient, MeshInfo
 from router_service.direct import AsyncDirectClient, DirectClient
 from router_service.patching import MoEClient, RemoteMoE, patch_model
+from protos.errors import MeshClientError
 
 __all__: list[str] = [
     "AsyncDirectClient",

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from experts.errors import MeshError, UnavailableError, one_line
+from protos.errors import MeshError, UnavailableError, one_line
 from experts.memory import keep_freed_memory
 from protos.serving import TLSConfig
 from protos.wire import DTYPES

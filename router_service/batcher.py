@@ -24,14 +24,10 @@ from typing import Any, Protocol
 
 import torch
 
-from experts.errors import ResourceExhaustedError
+from protos.errors import QueueFullError
 from router_service.config import BatchingConfig
 
-__all__ = ["BatchRunner", "LayerBatcher", "QueueFullError", "first_of_idle", "take_batch"]
-
-
-class QueueFullError(ResourceExhaustedError):
-    """The router holds more queued tokens than allowed; the caller should back off."""
+__all__ = ["BatchRunner", "LayerBatcher", "first_of_idle", "take_batch"]
 
 
 def take_batch(queued: list[tuple[str, int]], max_batch_tokens: int) -> list[int]:

@@ -22,14 +22,14 @@ from typing import Any
 import grpc
 import torch
 
-from experts.errors import MeshError
+from protos.errors import MeshClientError, WireError
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos import serving
 from protos.serving import TLSConfig
-from protos.wire import DTYPES, TOKEN_DTYPES, WireError, from_proto, to_proto
+from protos.wire import DTYPES, TOKEN_DTYPES, from_proto, to_proto
 
-__all__ = ["AsyncMeshClient", "MeshClient", "MeshClientError", "MeshInfo"]
+__all__ = ["AsyncMeshClient", "MeshClient", "MeshInfo"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,21 +38,6 @@ CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
-
-
-class MeshClientError(MeshError):
-    """A call to the mesh failed: `code` is a grpc.StatusCode, `details` says why."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, address: str | None = None):
-        where = f" (from {address})" if address else ""
-        super().__init__(f"{code.name}: {details}{where}")
-        self.code, self.details, self.address = code, details, address
-
-    @classmethod
-    def from_rpc(cls, exc: grpc.RpcError, address: str) -> "MeshClientError":
-        code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
-        details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "", address)
 
 
 @dataclasses.dataclass(frozen=True)

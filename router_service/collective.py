@@ -31,11 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from experts.errors import ChannelRefusedError
+from protos.errors import ChannelRefusedError, ExpertTimeoutError, ExpertUnavailableError
 from protos.collective import (SPLIT_MIN_BYTES, check_status, exact_counts, header_nbytes, pack_header, pack_request,
                                process_group, reply_nbytes, request_nbytes, status_nbytes, unpack_reply)
 from router_service.routing import Destination, RoutingTable
-from router_service.transport import ExpertTimeoutError, ExpertUnavailableError, GrpcTransport, Outcome, Transport
+from router_service.transport import GrpcTransport, Outcome, Transport
 
 __all__ = ["Channel", "CollectiveTransport"]
 

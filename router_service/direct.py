@@ -34,12 +34,12 @@ from typing import Any
 import grpc
 import torch
 
-from experts.errors import InvalidRequestError
+from protos.errors import InvalidRequestError, MeshClientError
 from protos.serving import TLSConfig, status_of
 from protos.wire import DTYPES
 from router_service import state
 from router_service.actor import ControllerAdmin
-from router_service.client import MeshClientError, MeshInfo, check_call
+from router_service.client import MeshInfo, check_call
 from router_service.config import NAMESPACE, RouterConfig
 from router_service.router import Router, RouterWeights
 from router_service.routing import RoutingTable

@@ -20,9 +20,9 @@ from typing import Protocol
 import grpc
 import torch
 
-from experts.errors import MeshError
+from protos.errors import MeshClientError, MeshError
 from experts.spec import BlockOutput, MoESpec, spec_from_config
-from router_service.client import MeshClientError, MeshInfo
+from router_service.client import MeshInfo
 
 __all__ = ["MoEClient", "RemoteMoE", "patch_model"]
 

@@ -20,29 +20,21 @@ import msgpack
 import torch
 
 from experts import CheckpointReader, Gate, GateWeights, MoESpec, SharedExpert, SharedWeights
-from experts.errors import UnavailableError
+from protos.errors import ExpertTimeoutError, ExpertUnavailableError, HedgedError, NoRoutingTableError
 from kernels import align_tokens, combine
 from router_service.batcher import LayerBatcher
 from router_service.config import RouterConfig
 from router_service.hedging import Hedging
 from router_service.load import LoadWindow, PairShares, TokenTally
 from router_service.routing import RoutingTable, plan_batch
-from router_service.transport import ExpertTimeoutError, ExpertUnavailableError, Transport
+from router_service.transport import Transport
 
-__all__ = ["HedgedError", "LARGE_BATCH_ELEMENTS", "NoRoutingTableError", "Router", "RouterWeights"]
+__all__ = ["LARGE_BATCH_ELEMENTS", "Router", "RouterWeights"]
 
 logger = logging.getLogger(__name__)
 
 LARGE_BATCH_ELEMENTS = 1 << 18  # T x H from which gating, the row gather and combine run in a thread
 PAIRS_PER_EXPERT = 4  # co-activated pairs reported per layer: this many times its number of experts
-
-
-class HedgedError(ExpertUnavailableError):
-    """A destination passed its hedge deadline (slow, not known dead): its slice went elsewhere."""
-
-
-class NoRoutingTableError(UnavailableError):
-    """The router has not received a routing table yet (or every copy of an expert is gone)."""
 
 
 @dataclasses.dataclass(frozen=True)

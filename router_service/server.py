@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from experts.errors import InvalidRequestError, MeshError, UnavailableError, one_line
+from protos.errors import InvalidRequestError, MeshError, UnavailableError, one_line
 from protos import expert_mesh_pb2 as pb
 from protos.serving import (BUDGETED_SERVER_OPTIONS, BudgetedServer, ByteBudget, add_service, bearer_token, bind,
                             status_of)

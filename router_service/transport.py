@@ -21,7 +21,7 @@ from typing import NamedTuple
 import grpc
 import torch
 
-from experts.errors import UnavailableError
+from protos.errors import ExpertTimeoutError, ExpertUnavailableError
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos import serving
@@ -29,19 +29,10 @@ from protos.serving import TLSConfig, secret_metadata
 from protos.wire import decode_into, to_proto
 from router_service.routing import Destination
 
-__all__ = ["ExpertTimeoutError", "ExpertUnavailableError", "GrpcTransport", "Outcome", "RayTransport", "Transport",
-           "make_transport"]
+__all__ = ["GrpcTransport", "Outcome", "RayTransport", "Transport", "make_transport"]
 
 _MAX_MESSAGE = 1 << 30
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
-
-
-class ExpertUnavailableError(UnavailableError):
-    """An expert group did not answer (dead, unreachable, timed out)."""
-
-
-class ExpertTimeoutError(ExpertUnavailableError):
-    """An expert group did not answer within the call's deadline (slow or frozen; not known dead)."""
 
 
 class Outcome(NamedTuple):

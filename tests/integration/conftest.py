@@ -32,10 +32,13 @@ def ray_cluster():
 
 
 class MeshFactory:
-    """Starts meshes (one per (checkpoint, config) key) and stops them at the end of the session."""
+    """Starts meshes (one per (checkpoint, config) key); each is stopped when the test module that
+    started it ends (an idle mesh still runs its health rounds: a dozen left running took most of
+    the 2 cores from the modules after them), the rest at the end of the session."""
 
     def __init__(self):
         self.meshes = {}
+        self.modules: dict[str, str] = {}  # key -> the test module that started it
         self._started = 0  # names are never reused, even after stop()
 
     def get(self, model_path, key: str | None = None, **config):
@@ -45,19 +48,38 @@ class MeshFactory:
             self._started += 1
             config.setdefault("router", {}).setdefault("port", 0)
             self.meshes[key] = start_mesh(MeshConfig(name=name, **config), model_path)
+            self.modules[key] = _MODULE
         return self.meshes[key]
 
     def stop(self, key: str) -> None:
+        self.modules.pop(key, None)
         self.meshes.pop(key).stop()
 
+    def stop_module(self, module: str) -> None:
+        for key in [k for k, m in self.modules.items() if m == module]:
+            self.stop(key)
+
     def stop_all(self) -> None:
-        for mesh in self.meshes.values():
-            mesh.stop()
-        self.meshes.clear()
+        for key in list(self.meshes):
+            self.stop(key)
+
+
+_FACTORY: MeshFactory | None = None
+_MODULE = ""  # the test module running now
 
 
 @pytest.fixture(scope="session")
 def meshes(ray_cluster):
-    factory = MeshFactory()
-    yield factory
-    factory.stop_all()
+    global _FACTORY
+    _FACTORY = MeshFactory()
+    yield _FACTORY
+    _FACTORY.stop_all()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _meshes_end_with_their_module(request):
+    global _MODULE
+    _MODULE = request.module.__name__
+    yield
+    if _FACTORY is not None:
+        _FACTORY.stop_module(request.module.__name__)

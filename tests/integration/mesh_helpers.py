@@ -17,7 +17,8 @@ import ray
 import torch
 
 from experts import CheckpointReader, Gate, load_spec
-from router_service import MeshClient, MeshClientError
+from router_service import MeshClient
+from protos.errors import MeshClientError
 
 FP32_TOL = 1e-5  # max abs error <= FP32_TOL * max|ref|
 # the elastic tests' small Mixtral: one MoE layer of 6 experts

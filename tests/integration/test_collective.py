@@ -17,8 +17,9 @@ from cluster.local import start_mesh
 from experts import MoELayer, load_spec
 from mesh.config import MeshConfig
 from mesh.handles import NAMESPACE
-from router_service import MeshClient, MeshClientError
+from router_service import MeshClient
 from tests.integration.mesh_helpers import FP32_TOL, rel_err
+from protos.errors import MeshClientError
 
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "llama4"]
 TIMEOUT_S = 1.0

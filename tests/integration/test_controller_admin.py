@@ -10,7 +10,7 @@ import asyncio
 import pytest
 import ray
 
-from experts.errors import PermissionDeniedError, UnavailableError
+from protos.errors import PermissionDeniedError, UnavailableError
 from router_service.actor import ControllerAdmin
 from router_service.config import NAMESPACE
 

@@ -62,12 +62,15 @@ def _arm(controller, kind: str, step: str) -> None:
     """Runs inside the controller: exit the process right before `step` of the next `kind` change,
     keeping a copy of the snapshot persisted at that moment (the restarted controller resumes at
     once and moves on)."""
-    def hook(intent):
+    run_step = controller.rec._run_step
+
+    async def crash_before_the_step(intent, verifier):
         if intent.kind == kind and intent.step == step:
             kv = controller.store.kv
             kv.put(controller.store.key + "/at-crash", kv.get(controller.store.key))
             os._exit(1)
-    controller.rec.crash_hook = hook
+        await run_step(intent, verifier)
+    controller.rec._run_step = crash_before_the_step
 
 
 def crash_at(w: World, kind: str, step: str) -> None:

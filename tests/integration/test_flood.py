@@ -16,8 +16,9 @@ import torch
 
 from experts import MoELayer
 from experts.builtin import build_model, save_checkpoint
-from router_service import AsyncMeshClient, MeshClientError
+from router_service import AsyncMeshClient
 from tests.integration.mesh_helpers import FP32_TOL, rel_err
+from protos.errors import MeshClientError
 
 HIDDEN, MAX_TOKENS, FLOOD = 1024, 1024, 84
 BUDGET = 80 << 20  # FORWARD_FOOTPRINT x the largest message (5 MiB); 84 requests of 4 MB (1000 tokens x 1024 x fp32) are over 4x this

@@ -29,10 +29,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from cluster.local import start_mesh
 from experts import ExpertGroup, MoELayer, load_spec
 from mesh.config import MeshConfig
-from router_service import AsyncMeshClient, DirectClient, MeshClient, MeshClientError, RemoteMoE, patch_model
+from router_service import AsyncMeshClient, DirectClient, MeshClient, RemoteMoE, patch_model
 from tests.checkpoints import FAMILIES, block_output, moe_block, token_ids_for
 from tests.integration.mesh_helpers import (FP32_TOL, MeshUp, call_concurrently, free_port, gate_counts, load_report,
                                              mesh_cli, rel_err, stats_delta, tokens_delta)
+from protos.errors import MeshClientError
 
 NUM_CALLERS = 32
 NUM_NEW_TOKENS = 20

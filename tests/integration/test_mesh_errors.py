@@ -23,8 +23,9 @@ from mesh.config import MeshConfig
 from mesh.controller import NAMESPACE
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from router_service import AsyncMeshClient, MeshClient, MeshClientError
+from router_service import AsyncMeshClient, MeshClient
 from tests.integration.mesh_helpers import FP32_TOL, call_concurrently, load_gate, load_report, rel_err
+from protos.errors import MeshClientError
 
 MAX_TOKENS = 64  # max_request_tokens == max_queue_tokens of the `limits` mesh
 LIMITS = {"router": {"max_request_tokens": MAX_TOKENS, "max_queue_tokens": MAX_TOKENS}}

@@ -29,8 +29,8 @@ import torch
 
 from experts import CheckpointReader, Gate, load_spec
 from router_service import MeshClient
-from router_service.client import MeshClientError
 from router_service.metrics import METRIC_NAMES
+from protos.errors import MeshClientError
 
 SCRAPE_TIMEOUT_S = 45.0
 SIZES = (1, 5, 24, 9, 16, 3, 7, 12)   # tokens per Forward request

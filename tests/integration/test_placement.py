@@ -25,6 +25,7 @@ from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from router_service import MeshClient
 from tests.integration.mesh_helpers import FP32_TOL, Load, load_gate, rel_err
+from protos.errors import PlacementError
 
 TOKEN = "placement-token"
 DELAY_MS = 60  # well above the mesh's own latency on a busy 2-core machine (8-25 ms)
@@ -108,8 +109,6 @@ def test_groups_run_only_on_nodes_with_the_labels_asked_for(meshes, zoo):
     """groups.node_labels: every group lands on a node carrying the labels (here Ray's own node-id
     label of the last node) and the mesh answers right; labels no node carries are refused by name."""
     import ray
-
-    from mesh.controller import PlacementError
 
     path = zoo.checkpoint("mixtral")
     node = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])[-1]

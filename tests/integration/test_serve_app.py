@@ -24,13 +24,14 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.cli import main as mesh_cli
-from cluster.local import MeshConflictError, MeshHandle, find_or_start_mesh
+from cluster.local import MeshHandle, find_or_start_mesh
 from cluster.serve_app import mesh_config
 from experts import CheckpointReader, Gate, MoELayer, load_spec
 from mesh.controller import NAMESPACE
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos.wire import from_proto, to_proto
+from protos.errors import MeshConflictError
 
 FP32_TOL = 1e-5          # max abs error <= FP32_TOL * max|ref|
 MESH = "serve-t"

@@ -21,13 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from experts import MoELayer, load_spec
-from mesh.config import ConfigError, load_config
+from mesh.config import load_config
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos.serving import SECRET_KEY, TLSConfig, channel
 from protos.wire import from_proto, to_proto
-from router_service import AsyncMeshClient, MeshClient, MeshClientError
+from router_service import AsyncMeshClient, MeshClient
 from tests.integration.mesh_helpers import FP32_TOL, rel_err
+from protos.errors import ConfigError, MeshClientError
 
 TOKEN = "tls-admin"
 NAME = "expert-mesh"  # the name on the servers' certificate

@@ -41,11 +41,12 @@ from cluster.local import MeshHandle, start_local_cluster, start_mesh
 from experts import load_spec
 from mesh.config import MeshConfig
 from mesh.controller import NAMESPACE
-from router_service import MeshClient, MeshClientError
+from router_service import MeshClient
 from router_service.metrics import METRIC_NAMES
 from tests.grafana import load_dashboard, queries
 from tests.integration.mesh_helpers import gate_counts
 from tests.monitoring.servers import SCRAPE_INTERVAL_S, Prometheus, chromium, free_port, http_json
+from protos.errors import MeshClientError
 
 PROMETHEUS = shutil.which("prometheus")
 CHROMIUM = shutil.which("chromium")

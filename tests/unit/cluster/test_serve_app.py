@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from cluster.cli import main as mesh_cli
-from cluster.serve_app import SERVICER_FUNCTIONS, IngressError, MeshIngress, build_app, mesh_config, serve_config
-from mesh.config import ConfigError, MeshConfig
+from cluster.serve_app import SERVICER_FUNCTIONS, MeshIngress, build_app, mesh_config, serve_config
+from mesh.config import MeshConfig
 from protos import expert_mesh_pb2 as pb
+from protos.errors import ConfigError, IngressError
 
 
 def test_serve_config_validates_and_carries_the_mesh_config():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from experts import CheckpointError
 from experts.checkpoint import CheckpointReader, SafetensorsFile
+from protos.errors import CheckpointError
 
 
 def write(path: Path, header, data: bytes = b"", header_len: int | None = None) -> Path:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experts.checkpoint import CheckpointReader
-from experts.errors import CheckpointError
+from protos.errors import CheckpointError
 from experts.quantized import (E2M1_VALUES, QuantizationConfig, dequantize_fp8_block, dequantize_mxfp4,
                                quantize_fp8_block, quantize_mxfp4)
 

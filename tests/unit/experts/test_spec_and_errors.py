@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from experts import CheckpointError, MoELayer, UnsupportedModelError, load_spec, spec_from_config
+from experts import MoELayer, load_spec, spec_from_config
+from protos.errors import CheckpointError, UnsupportedModelError
 
 SPEC_CASES = [
     # model_type, config, expected (moe_layers, num_experts, top_k, scoring, shared size)

@@ -10,7 +10,7 @@ import pytest
 
 from experts.builtin import build_model, save_checkpoint
 from experts.checkpoint import CheckpointReader
-from experts.errors import CheckpointError
+from protos.errors import CheckpointError
 from experts.quantized import quantize_checkpoint
 from experts.safetensors import CheckpointLayout
 from tests.checkpoints import LAYOUTS, zoo  # noqa: F401

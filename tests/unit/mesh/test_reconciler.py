@@ -12,10 +12,10 @@ import asyncio
 
 import pytest
 
-from experts.errors import GroupGoneError
+from protos.errors import GroupGoneError, StateError, StepError, StepUnavailableError
 from mesh.changes import STEPS, plan_copies, plan_swap, tidy
-from mesh.reconciler import Reconciler, StepError, StepUnavailableError
-from mesh.state import Intent, MeshState, Replica, StateError, held_by
+from mesh.reconciler import Reconciler
+from mesh.state import Intent, MeshState, Replica, held_by
 from mesh.store import StateStore
 from router_service.routing import RoutingTable
 
@@ -271,10 +271,13 @@ def test_a_crash_at_any_step_resumes_or_rolls_back_and_converges(kind, crash_bef
         else:
             crash_step = crash_before
 
-            def hook(intent):
+            run_step = rec._run_step
+
+            async def crash_before_the_step(intent, verifier):  # the process ends right before that step
                 if intent.next_step == crash_before:
                     raise FakeCrash()
-            rec.crash_hook = hook
+                await run_step(intent, verifier)
+            rec._run_step = crash_before_the_step
         with pytest.raises(FakeCrash):
             await rec.submit(make_plan(kind))
         kv.crash_on_epoch = None

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from experts.errors import ResourceExhaustedError
+from protos.errors import ResourceExhaustedError
 from protos.serving import ByteBudget
 
 

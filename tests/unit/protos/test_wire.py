@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from protos import expert_mesh_pb2 as pb
-from protos.wire import WireError, decode_into, from_proto, to_proto
+from protos.wire import decode_into, from_proto, to_proto
+from protos.errors import WireError
 
 
 def _parsed(tensor: torch.Tensor) -> pb.Tensor:

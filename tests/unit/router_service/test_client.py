@@ -19,10 +19,11 @@ import torch
 from experts import MoELayer, load_spec
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
-from protos.wire import DTYPES, TOKEN_DTYPES, WireError, from_proto, to_proto
-from router_service import AsyncMeshClient, MeshClient, MeshClientError, MeshInfo, RemoteMoE, patch_model
+from protos.wire import DTYPES, TOKEN_DTYPES, from_proto, to_proto
+from router_service import AsyncMeshClient, MeshClient, MeshInfo, RemoteMoE, patch_model
 from router_service.client import CHANNEL_OPTIONS, _FailoverClient
 from tests.checkpoints import FAMILIES, moe_block
+from protos.errors import MeshClientError, WireError
 
 PROMPT = [[1, 17, 42, 99, 5, 63, 8, 120, 33]]
 NUM_NEW_TOKENS = 20

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts.errors import InvalidRequestError
+from protos.errors import InvalidRequestError
 from protos import expert_mesh_pb2 as pb
 from protos.wire import TOKEN_DTYPES, to_proto
 from router_service.server import validate_forward

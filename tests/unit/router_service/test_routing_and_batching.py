@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from experts import ExpertGroup, MoELayer, load_spec
-from router_service.batcher import LayerBatcher, QueueFullError, first_of_idle, take_batch
+from router_service.batcher import LayerBatcher, first_of_idle, take_batch
 from router_service.config import BatchingConfig, RouterConfig
 from router_service.router import Router, RouterWeights
 from router_service.routing import Copy, RoutingTable, expert_segments, plan_dispatch
-from router_service.transport import ExpertTimeoutError, ExpertUnavailableError, Transport
+from router_service.transport import Transport
+from protos.errors import ExpertTimeoutError, ExpertUnavailableError, QueueFullError
 
 A, B, C = (Copy(g, f"{g}:1", "v1") for g in ("a", "b", "c"))
 
