@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-# glibc returns a freed allocation of 128 KB or more to the system at once (by default the threshold
-# rises after the first large free and the heap keeps what a swap's verifier held: measured, 2.3
-# experts' bytes kept after a swap that peaked at 2.9).
-CONTROLLER_ENV = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}}
 
 
 def start_local_cluster(num_nodes: int = 2, cpus_per_node: int = 2, dashboard: bool = False,
@@ -117,7 +113,7 @@ def _bring_up(config: MeshConfig, model_path: str | Path, progress: Callable[[st
     if created:
         controller = ray.remote(MeshController).options(
             name=f"{config.name}/controller", namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-            max_restarts=-1, get_if_exists=adopt, runtime_env=CONTROLLER_ENV, **pin_here,
+            max_restarts=-1, get_if_exists=adopt, **pin_here,
         ).remote(config.model_dump(), model_path)
     else:
         _check_same_model(controller, config.name, model_path)

@@ -35,6 +35,7 @@ from mesh.probes import ProbeFleet
 from mesh.reconciler import Reconciler, view_of
 from mesh.state import MeshState, Replica, held_by
 from mesh.store import GcsKVStore, StateStore
+from mesh.verify import hand_back_large_frees
 
 __all__ = ["MeshController", "NAMESPACE"]
 
@@ -82,6 +83,7 @@ class MeshController:
         self._published = asyncio.Event()  # set (and replaced) at every new table: answers the polls
         self.rec.on_publish = self._on_publish
         self.rec.drain_wait = self._drain_direct_clients
+        hand_back_large_frees()  # a swap's verification reads experts one at a time: their memory goes back
         _call_ready_soon()  # after a restart by Ray, adopt the mesh without waiting for a caller
 
     # -- deployment and recovery ---------------------------------------------------------------------

@@ -5,18 +5,30 @@ the bytes it read, and for the sampled experts it holds, the same probe outputs.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
 import time
 
 import torch
 
-__all__ = ["PROBE_ROWS_PER_EXPERT", "SwapVerifier", "probe_sample"]
+__all__ = ["PROBE_ROWS_PER_EXPERT", "SwapVerifier", "hand_back_large_frees", "probe_sample"]
 
 logger = logging.getLogger(__name__)
 
 PROBE_ROWS_PER_EXPERT = 4
 PROBE_TOLERANCE = 1e-5  # max abs error <= this x max |reference|
+
+
+def hand_back_large_frees() -> None:
+    """Have glibc serve allocations of 128 KB or more with mmap, returned to the system when freed.
+    By default its threshold rises after the first large free and the heap then keeps such memory:
+    measured, 2.3 experts' bytes still held after a verification that peaked at 2.9. The
+    controller calls this once; elsewhere (not glibc) it does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def probe_sample(experts: list[int], num_sampled: int, seed: int) -> list[int]:

@@ -21,7 +21,9 @@ from router_service import MeshClient
 from tests.integration.mesh_helpers import FP32_TOL, rel_err
 from protos.errors import MeshClientError
 
-FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "llama4"]
+# The channel moves rows of H whatever the family: one plain family and the one that scales its
+# inputs (Llama 4); every family's math is checked over grpc (test_mesh.py).
+FAMILIES = ["mixtral", "llama4"]
 TIMEOUT_S = 1.0
 COLLECTIVE = {"transport": "collective", "collective_timeout_s": TIMEOUT_S, "port": 0}
 

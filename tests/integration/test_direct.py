@@ -60,6 +60,7 @@ def _one_epoch_per_kind(load: Load, flip_epoch: int) -> None:
         assert kind == ("old" if epoch < flip_epoch else "new"), (kind, epoch, flip_epoch)
 
 
+@pytest.mark.parametrize("transport", ["collective"])  # the direct client over grpc: the lease test below
 def test_scale_and_hot_swap_under_direct_load(meshes, checkpoints, transport):
     old, new = checkpoints["old"], checkpoints["new"]
     mesh = meshes.get(old, key=f"direct-{transport}", admin_token=TOKEN, drain_s=0.2, health_period_s=0.5,
@@ -111,6 +112,7 @@ def _channels(router_actor) -> list[str]:
     return list(router_actor.server.router.transport.channels)
 
 
+@pytest.mark.parametrize("transport", ["collective"])
 def test_killed_group_with_two_copies_loses_nothing_on_a_direct_client(meshes, checkpoints, transport):
     old = checkpoints["old"]
     mesh = meshes.get(old, key=f"direct-failover-{transport}", groups={"replicas": 2}, health_period_s=0.5,

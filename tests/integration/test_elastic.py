@@ -149,6 +149,7 @@ def _versions(mesh) -> dict[tuple[str, int], str]:
             for e, v in zip(g["experts"]["0"], g["versions"]["0"])}
 
 
+@pytest.mark.parametrize("transport", ["collective"])  # over grpc: the fault matrix's (e), (i) and (j)
 def test_killed_copy_and_removed_node_lose_nothing_with_two_copies(ray_cluster, meshes, checkpoints, transport):
     old = checkpoints[0]
     node = ray_cluster.add_node(num_cpus=2)
@@ -194,6 +195,7 @@ def _restored(mesh, num_groups: int, num_experts: int, copies: int, avoid: str |
     return len(live) == num_groups and all(status["copies"][f"0/{e}"] == copies for e in range(num_experts))
 
 
+@pytest.mark.parametrize("transport", ["collective"])  # over grpc: the fault matrix's controller kills
 def test_controller_restart_keeps_traffic_and_state(meshes, checkpoints, transport):
     old = checkpoints[0]
     mesh = meshes.get(old, key=f"restart-{transport}", admin_token=TOKEN, router={"transport": transport})
