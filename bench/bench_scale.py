@@ -232,7 +232,8 @@ def run_steps(mesh, root: Path, args, figures: dict[str, str], rss: RssSampler) 
                                                  timeout=600, metadata=bearer))
         bound = 1.5 * files_s + 10
         figures["mesh swap (256 experts)"] = (f"{swap_s:.2f} s (goal <= 1.5 x {files_s:.2f} s + 10 = {bound:.1f} s: "
-                                              f"{'met' if swap_s <= bound else 'NOT met'}); {reply.message}")
+                                              f"{'met' if swap_s <= bound else 'NOT met'}); "
+                                              f"{'ok' if reply.ok else reply.message}")
         figures["sha256 once, here"] = (f"the 256 experts' bytes {experts_s:.3f} s; the files whole "
                                         f"({nbytes / 1e6:.0f} MB) {files_s:.2f} s")
         figures["controller RssAnon"] = (f"idle {idle / 2**20:.1f} MiB, peak during the swap "

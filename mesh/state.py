@@ -135,7 +135,7 @@ def held_by(copies: dict[Key, tuple[Replica, ...]]) -> dict[str, dict[int, list[
 
 
 def _copies_out(copies: dict[Key, tuple[Replica, ...]]) -> dict[str, list]:
-    return {f"{l}/{e}": [dataclasses.astuple(r) for r in rs] for (l, e), rs in copies.items()}
+    return {f"{l}/{e}": [(r.group, r.source, r.version) for r in rs] for (l, e), rs in copies.items()}
 
 
 def _copies_in(data: dict[str, list]) -> dict[Key, tuple[Replica, ...]]:
