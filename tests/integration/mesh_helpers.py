@@ -131,7 +131,7 @@ class Load:
         self.last: list[str] = []
         self.answers: list[tuple[str, int]] = []  # (kind, epoch that served it), in order
         self.errors: list[str] = []
-        self.slowest_s = 0.0  # the longest call, answered or failed
+        self.calls: list[tuple[float, float]] = []  # (perf_counter at its start, seconds) of every call
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(addresses,)) for _ in range(num_callers)]
@@ -148,10 +148,15 @@ class Load:
                     with self._lock:
                         self.errors.append(f"{time.strftime('%H:%M:%S')} {exc}"[:300])
                 with self._lock:
-                    self.slowest_s = max(self.slowest_s, time.perf_counter() - start)
+                    self.calls.append((start, time.perf_counter() - start))
                     self.counts[kind] += 1
                     self.last.append(kind)
                     self.answers.append((kind, epoch))
+
+    def slowest_s(self, since: float = 0.0) -> float:
+        """The longest call, answered or failed, of those still running at `since` (perf_counter) or
+        started after it."""
+        return max((s for start, s in self.calls if start + s >= since), default=0.0)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
