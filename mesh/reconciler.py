@@ -174,14 +174,12 @@ class Reconciler:
             self.save(change(self.state))
 
     async def add_router(self, name: str, handle: RouterHandle, port: int) -> bool:
-        """Register router `name` (serving on `port`) under the change lock, then push it the table in
-        force outside it (its warm-up may take long; a router ignores a table older than its own);
-        returns whether it serves."""
+        """Register router `name` (serving on `port`) under the change lock and push it the table in
+        force; returns whether it serves."""
         async with self.lock:
             self.routers[name] = handle
             self.save(self.state.replace(routers={**self.state.routers, name: port}))
-            blob = self.table.encode()
-        return await handle.set_table(blob)
+            return await handle.set_table(self.table.encode())
 
     async def resume(self) -> None:
         """After a restart: the change in progress rolls back (not yet published) or forward."""
