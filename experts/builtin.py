@@ -135,13 +135,16 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
     return model
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | Path, fused: bool = False) -> Path:
-    """Write `model` as a safetensors checkpoint: per-expert names (default) or fused."""
+def save_checkpoint(model: torch.nn.Module, path: str | Path, fused: bool = False,
+                    max_shard_size: str | None = None) -> Path:
+    """Write `model` as a safetensors checkpoint: per-expert names (default) or fused; in shards
+    of at most `max_shard_size` ("4MB") with an index, as published checkpoints are, when given."""
     path = Path(path)
+    shards = {"max_shard_size": max_shard_size} if max_shard_size else {}
     if fused:
-        model.save_pretrained(path, save_original_format=False)
+        model.save_pretrained(path, save_original_format=False, **shards)
     else:
-        model.save_pretrained(path)
+        model.save_pretrained(path, **shards)
     return path
 
 

@@ -44,33 +44,42 @@ def regular_file(path: Path) -> None:
 
 def _entries(path: Path, header: object, data_bytes: int) -> dict[str, dict]:
     """The tensor entries of a parsed header, each checked: a known dtype, a shape of non-negative
-    ints, offsets inside the data and not overlapping, bytes = shape x dtype."""
+    ints, offsets inside the data and not overlapping, bytes = shape x dtype. One pass, no work but
+    the checks per entry: a V3 checkpoint's headers name 90k tensors."""
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is a {type(header).__name__}, not a JSON object")
     header.pop("__metadata__", None)
     spans = []
     for name, entry in header.items():
-        where = f"tensor {name!r} in {path}"
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise CheckpointError(f"{where}: an entry needs dtype, shape and data_offsets")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if type(entry) is not dict:
+            raise CheckpointError(f"tensor {name!r} in {path}: an entry needs dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in ITEMSIZES:
-            raise CheckpointError(f"{where} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape):
-            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative ints")
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
-            raise CheckpointError(f"{where}: data_offsets {offsets!r} are not inside the file's {data_bytes} bytes")
+            raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {dtype!r}")
+        if type(shape) is not list or not _dims(shape):
+            raise CheckpointError(f"tensor {name!r} in {path}: shape {shape!r} is not a list of non-negative ints")
+        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
+                or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise CheckpointError(f"tensor {name!r} in {path}: data_offsets {offsets!r} are not inside the file's "
+                                  f"{data_bytes} bytes")
         expected = math.prod(shape) * ITEMSIZES[dtype]
         if offsets[1] - offsets[0] != expected:
-            raise CheckpointError(f"{where} has {offsets[1] - offsets[0]} bytes, shape {shape} {dtype} needs "
-                                  f"{expected}")
+            raise CheckpointError(f"tensor {name!r} in {path} has {offsets[1] - offsets[0]} bytes, shape {shape} "
+                                  f"{dtype} needs {expected}")
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
     for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
         if start < end:
             raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap")
     return header
+
+
+def _dims(shape: list) -> bool:
+    """Whether every dimension is an int in [0, 2^40) (a loop: twice as fast as all() on 2-3 dims)."""
+    for d in shape:
+        if type(d) is not int or not 0 <= d < 1 << 40:
+            return False
+    return True
 
 
 class SafetensorsHeader:
@@ -136,17 +145,21 @@ class SafetensorsHeader:
         os.close(self._fd)
 
 
-def weight_files(path: Path) -> dict[str, Path]:
-    """tensor name -> file, for a single-file or sharded checkpoint folder."""
+def weight_files(path: Path, opener: type[SafetensorsHeader] = SafetensorsHeader,
+                 opened: dict[Path, SafetensorsHeader] | None = None) -> dict[str, Path]:
+    """tensor name -> file, for a single-file or sharded checkpoint folder. Without an index every
+    file's header is read: kept open in `opened` when given (a header of 45k tensors takes 0.1 s to
+    parse), else closed."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         regular_file(index)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-            files = {str(name): _confined(path, file) for name, file in weight_map.items()}
+            inside = {file: _confined(path, file) for file in set(weight_map.values())}
+            files = {str(name): inside[file] for name, file in weight_map.items()}
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index} is not a safetensors index: {type(exc).__name__}: {exc}") from exc
-        for file in set(files.values()):
+        for file in inside.values():
             regular_file(file)
         return files
     files = sorted(path.glob("*.safetensors"))
@@ -154,9 +167,12 @@ def weight_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"no *.safetensors file in {path}")
     names: dict[str, Path] = {}
     for file in files:
-        header = SafetensorsHeader(file)
+        header = opener(file)
         names.update(dict.fromkeys(header.entries, file))
-        header.close()
+        if opened is None:
+            header.close()
+        else:
+            opened[file] = header
     return names
 
 
@@ -176,8 +192,9 @@ def _decoder_prefix(path: Path, names: list[str]) -> str:
     most layers. Published checkpoints carry other stacks beside it (multi-token-prediction heads:
     `mtp.layers.0...`); they hold fewer."""
     indices: dict[str, set[str]] = {}
+    match = re.compile(r"^(.*?\blayers\.)(\d+)\.").match
     for name in names:
-        if m := re.match(r"^(.*?\blayers\.)(\d+)\.", name):
+        if m := match(name):
             indices.setdefault(m.group(1), set()).add(m.group(2))
     ranked = sorted(indices, key=lambda prefix: len(indices[prefix]), reverse=True)
     if not ranked or (len(ranked) > 1 and len(indices[ranked[0]]) == len(indices[ranked[1]])):
@@ -192,11 +209,15 @@ class CheckpointLayout:
     def __init__(self, path: str | Path, spec: MoESpec | None = None, opener: type = SafetensorsHeader):
         self.path = Path(path)
         self.spec = spec or spec_from_config(load_config(self.path))
-        self.files = weight_files(self.path)
-        self.layer_prefix = _decoder_prefix(self.path, list(self.files))
         self.opener = opener  # SafetensorsHeader or a subclass (experts.checkpoint's, which makes tensors)
         self.opened: dict[Path, SafetensorsHeader] = {}
         self._closed_bytes_read = 0
+        try:
+            self.files = weight_files(self.path, opener, self.opened)
+            self.layer_prefix = _decoder_prefix(self.path, list(self.files))
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def bytes_read(self) -> int:

@@ -22,8 +22,8 @@ import dataclasses
 from mesh.state import Intent, MeshState, Replica, held_by
 from router_service.routing import Copy
 
-__all__ = ["GroupView", "STEPS", "Tidy", "plan_copies", "plan_restart", "plan_swap", "published_state",
-           "table_layers", "tidy"]
+__all__ = ["GroupView", "STEPS", "Tidy", "named_versions", "plan_copies", "plan_restart", "plan_swap",
+           "published_state", "rows_match", "table_layers", "tidy"]
 
 STEPS = {"copies": ("load", "connect", "publish", "drain", "release"),
          "swap": ("stage", "publish", "drain", "commit"),
@@ -123,7 +123,7 @@ def table_layers(state: MeshState, seen: dict[str, GroupView], moe_layers: list[
     """layer -> expert -> copies for the routing table: the desired copies whose group was seen
     serving (or staging) exactly that version."""
     layers: dict[int, list[list[Copy]]] = {l: [[] for _ in range(num_experts)] for l in moe_layers}
-    for (layer, expert), replicas in sorted(state.copies.items()):
+    for (layer, expert), replicas in state.copies.items():  # 30k copies at V3's shape: kept to one pass
         for r in replicas:
             view = seen.get(r.group)
             if view is not None and view.serves(layer, expert, r.version):
@@ -144,20 +144,41 @@ class Tidy:
         return bool(self.release or self.commit or self.unstage or self.restart)
 
 
+def named_versions(copies: dict[tuple[int, int], tuple[Replica, ...]]) -> dict[str, dict[tuple[int, int], str]]:
+    """{group: {(layer, expert): version}} of the copies named."""
+    named: dict[str, dict[tuple[int, int], str]] = {}
+    for key, replicas in copies.items():
+        for r in replicas:
+            named.setdefault(r.group, {})[key] = r.version
+    return named
+
+
+def rows_match(layers: dict[int, list[list[Copy]]], group: str, named: dict[tuple[int, int], str],
+               view: GroupView | None) -> bool:
+    """Whether a table's rows of `group` are what `table_layers` makes of the copies `named` for it
+    (its `named_versions`) and its `view`: the check of one group whose view changed."""
+    for (layer, expert), version in named.items():
+        want = [Copy(group, view.endpoint, version)] if view is not None and view.serves(layer, expert, version) else []
+        if [c for c in layers[layer][expert] if c.group == group] != want:
+            return False
+    return True
+
+
 def tidy(state: MeshState, seen: dict[str, GroupView]) -> Tidy:
     """Compare what live groups hold with what the desired state names (call with no change in progress)."""
-    wanted = {(r.group, layer, expert): r.version for (layer, expert), rs in state.copies.items() for r in rs}
+    wanted = named_versions(state.copies)
     release, commit, unstage, restart = {}, set(), set(), []
     for group, view in sorted(seen.items()):
+        named = wanted.get(group, {})
         for layer in sorted({l for l, _ in view.staged}):
             staged = {e: v for (l, e), v in view.staged.items() if l == layer}
-            named = all(wanted.get((group, layer, e)) == v for e, v in staged.items())
-            (commit if named else unstage).add((group, layer))
+            ok = all(named.get((layer, e)) == v for e, v in staged.items())
+            (commit if ok else unstage).add((group, layer))
         for (layer, expert), version in sorted(view.held.items()):
-            if (group, layer, expert) not in wanted:
+            if (layer, expert) not in named:
                 release.setdefault((group, layer), []).append(expert)
         committed = {**view.held, **{(l, e): v for (l, e), v in view.staged.items() if (group, l) in commit}}
-        if any(committed.get((l, e)) != v for (g, l, e), v in wanted.items() if g == group):
+        if any(committed.get(key) != v for key, v in named.items()):
             restart.append(group)
     return Tidy(tuple((g, l, tuple(e)) for (g, l), e in sorted(release.items())), tuple(sorted(commit)),
                 tuple(sorted(unstage)), tuple(restart))

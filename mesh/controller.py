@@ -53,6 +53,29 @@ def _failed(future: asyncio.Future) -> bool:
     return future.done() and (future.cancelled() or future.exception() is not None)
 
 
+def _log_to_stderr() -> None:
+    """The mesh's loggers at INFO on this actor's stderr (the dashboard's actor logs): every change's
+    steps with their times, restores, drains. Ray leaves the root logger at WARNING."""
+    mesh_logger = logging.getLogger("mesh")
+    if not mesh_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        mesh_logger.addHandler(handler)
+        mesh_logger.setLevel(logging.INFO)
+        mesh_logger.propagate = False
+
+
+def _held_lists(named: dict[tuple[int, int], str]) -> dict:
+    """{"experts": {"layer": [experts ascending]}, "versions": {"layer": [their versions]}} of one
+    group's named copies ((layer, expert) -> version), the snapshot's form."""
+    experts: dict[str, list[int]] = {}
+    versions: dict[str, list[str]] = {}
+    for (layer, expert), version in sorted(named.items()):
+        experts.setdefault(str(layer), []).append(expert)
+        versions.setdefault(str(layer), []).append(version)
+    return {"experts": experts, "versions": versions}
+
+
 def _call_ready_soon() -> None:
     import ray
 
@@ -72,7 +95,8 @@ class MeshController:
                               call_timeout_s=self.config.group_timeout_s, push_timeout_s=self.config.push_timeout_s,
                               failure_threshold=self.config.failure_threshold,
                               max_timeout_deaths=self.config.max_timeout_deaths,
-                              start_timeout_s=self.config.group_start_timeout_s)
+                              start_timeout_s=self.config.group_start_timeout_s,
+                              restart_settle_s=self.config.health_period_s)
         self.started_at = time.time()
         self.probes = ProbeFleet(self.config.name)
         self.auth = AdminAuth(self.config.admin_token, self.config.read_token)
@@ -83,6 +107,7 @@ class MeshController:
         self._published = asyncio.Event()  # set (and replaced) at every new table: answers the polls
         self.rec.on_publish = self._on_publish
         self.rec.drain_wait = self._drain_direct_clients
+        _log_to_stderr()
         hand_back_large_frees()  # a swap's verification reads experts one at a time: their memory goes back
         _call_ready_soon()  # after a restart by Ray, adopt the mesh without waiting for a caller
 
@@ -425,7 +450,7 @@ class MeshController:
         router_nodes += [lease.node for lease in self.leases.live(time.monotonic()).values()]  # direct clients
         current = self._live()
         return placement_report(links, router_nodes, current, {n: self.rec.state.groups[n] for n in current},
-                                await self.load(), self.config.placement_balance, self.spec.top_k)
+                                await self.load(pairs=True), self.config.placement_balance, self.spec.top_k)
 
     async def placement(self) -> bytes:
         """msgpack report for `mesh placement`: the measured links, each group's latency from the
@@ -458,9 +483,10 @@ class MeshController:
 
     # -- status ----------------------------------------------------------------------------------
 
-    async def load(self) -> Load:
-        """Tokens since start, tokens/s over the routers' window and co-activated pairs/s, all routers."""
-        reports = await asyncio.gather(*(r.actor.load_report.remote() for r in self.rec.routers.values()),
+    async def load(self, pairs: bool = False) -> Load:
+        """Tokens since start, tokens/s over the routers' window and, with `pairs`, co-activated
+        pairs/s (up to 60k of them at V3's shape: only placement reads them), all routers."""
+        reports = await asyncio.gather(*(r.actor.load_report.remote(pairs) for r in self.rec.routers.values()),
                                        return_exceptions=True)
         direct = [lease.report for lease in self.leases.live(time.monotonic()).values() if lease.report]
         return aggregate_load([r for r in reports if isinstance(r, bytes)] + direct, self.spec.top_k)
@@ -471,12 +497,9 @@ class MeshController:
         window, the change in progress and what has not converged yet."""
         await self.ready()
         tokens, rates, _ = await self.load()
-        state, seen = self.rec.state, self.rec.seen
-        held = held_by(state.copies)
+        state, seen, named = self.rec.state, self.rec.seen, self.rec.named()
         groups = [{"name": n, "node": node, "endpoint": seen[n].endpoint if n in seen else "", "alive": n in seen,
-                   "suspect": n in self.rec.verdict.suspect,
-                   "experts": {str(l): e for l, e in held.get(n, {}).items()},
-                   "versions": {str(l): [state.version(l, x) for x in e] for l, e in held.get(n, {}).items()}}
+                   "suspect": n in self.rec.verdict.suspect, **_held_lists(named.get(n, {}))}
                   for n, node in state.groups.items()]
         copies = {f"{l}/{e}": len(c) for l, experts in self.rec.table.layers.items() for e, c in enumerate(experts)}
         return msgpack.packb({

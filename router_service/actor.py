@@ -168,9 +168,9 @@ class RouterActor:
 
         return ray.get_runtime_context().get_node_id()
 
-    def load_report(self) -> bytes:
+    def load_report(self, pairs: bool = True) -> bytes:
         """The router's load report (Router.load_report)."""
-        return self.server.router.load_report()
+        return self.server.router.load_report(pairs)
 
     async def stop(self) -> None:
         if self.server is not None:

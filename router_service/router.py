@@ -319,7 +319,7 @@ class Router:
             except Exception:  # noqa: BLE001 - logged; the next flush tries again
                 logger.exception("flushing token counts failed")
 
-    def load_report(self) -> bytes:
+    def load_report(self, pairs: bool = True) -> bytes:
         """msgpack {"tokens": [[layer, expert, count since start], ...],
                     "rates": [[layer, expert, tokens/s over the load window], ...],
                     "pairs": [[layer, a, b, share of the layer's tokens that picked both a < b], ...],
@@ -330,14 +330,16 @@ class Router:
         (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
         expert groups; hedges: slices cancelled past their deadline and sent elsewhere; ejections:
         groups ejected from routing for missing deadlines). Pairs: the commonest PAIRS_PER_EXPERT x
-        num_experts of each layer, recent batches weighted more (exp(-age / load_window_s))."""
+        num_experts of each layer, recent batches weighted more (exp(-age / load_window_s)); an
+        empty list unless `pairs`."""
         self.flush_counts()
         now = time.monotonic()
         tokens = [[layer, expert, n] for (layer, expert), n in self.tokens_per_expert.items()]
         rates = [[layer, expert, r] for (layer, expert), r in self.load.rates(now).items()]
         per_layer = PAIRS_PER_EXPERT * self.spec.num_experts
-        pairs = [[layer, a, b, share] for (layer, a, b), share in self.pairs.shares(per_layer).items()]
-        return msgpack.packb({"tokens": tokens, "rates": rates, "pairs": pairs, "batches": dict(self.batch_stats),
+        shares = self.pairs.shares(per_layer) if pairs else {}
+        return msgpack.packb({"tokens": tokens, "rates": rates,
+                              "pairs": [[layer, a, b, share] for (layer, a, b), share in shares.items()], "batches": dict(self.batch_stats),
                               "segments": dict(self.transport.segments), "stage_s": dict(self.stage_s)})
 
     def _split(self, out: torch.Tensor, parts: list[slice], failed: list) -> list:

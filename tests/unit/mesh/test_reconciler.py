@@ -419,6 +419,42 @@ def test_tidy_releases_unnamed_copies_commits_named_staging_drops_the_rest():
     assert fix.unstage == (("g0", 0),) and fix.restart == ("g0",)
 
 
+def test_checking_the_rows_of_changed_groups_agrees_with_rebuilding_the_table():
+    """table_is_current's shortcut: given a table built from some views, the rows of the groups whose
+    view changed match exactly when the whole table rebuilt from the new views is equal."""
+    import random
+
+    from mesh.changes import GroupView, named_versions, rows_match, table_layers
+
+    rng = random.Random(0)
+    groups = [f"g{i}" for i in range(5)]
+    state = MeshState(groups={g: "n0" for g in groups},
+                      copies={(l, e): tuple(Replica(g, None, f"v{rng.randint(0, 1)}") for g in rng.sample(groups, 2))
+                              for l in LAYERS for e in range(NUM_EXPERTS)})
+    named = named_versions(state.copies)
+
+    def random_view(group):
+        if rng.random() < 0.1:
+            return None  # not seen
+        versions = {k: rng.choice(["v0", "v1"]) for k in named.get(group, {}) if rng.random() < 0.9}
+        staged = {k: rng.choice(["v0", "v1"]) for k in named.get(group, {}) if rng.random() < 0.2}
+        return GroupView(rng.choice([f"{group}:1", f"{group}:2"]), versions, staged)
+
+    outcomes = set()
+    for _ in range(300):
+        before = {g: v for g in groups if (v := random_view(g)) is not None}
+        table = table_layers(state, before, LAYERS, NUM_EXPERTS)
+        after = dict(before)
+        for g in rng.sample(groups, rng.randint(1, 2)):
+            view = random_view(g) if rng.random() < 0.7 else before.get(g)
+            after.pop(g, None) if view is None else after.update({g: view})
+        changed = {g for g in groups if after.get(g) is not before.get(g)}
+        shortcut = all(rows_match(table, g, named.get(g, {}), after.get(g)) for g in changed)
+        assert shortcut == (table == table_layers(state, after, LAYERS, NUM_EXPERTS))
+        outcomes.add(shortcut)
+    assert outcomes == {True, False}  # both answers were exercised
+
+
 def test_state_round_trips_and_garbage_is_a_clear_error():
     intent = scale_up(MeshState(groups={"g0": "n0", "g1": "n1", "g2": "n2"},
                                 copies={(l, e): (Replica(f"g{e % 3}", None, "v"),) for l in LAYERS
@@ -590,6 +626,33 @@ def test_a_lost_nodes_groups_restore_as_one_change_started_together():
         await asyncio.gather(*tasks)
         assert sorted(world.starts) == ["g0", "g2"] and max(most) == 2  # started together
         await converge(rec)
+        assert_converged(rec, world)
+
+    asyncio.run(main())
+
+
+def test_groups_found_dead_while_a_restore_settles_join_it():
+    """A node's groups die over a few rounds: the ones seen dead during the restore's settle wait
+    come back in the same change (one start step for all), not in a second one after it."""
+    async def main():
+        kv, world, rec = await started()
+        settles = []
+
+        async def settle(seconds):  # the next round runs during the first restore's wait
+            settles.append(seconds)
+            if len(settles) == 1:
+                world.actors["g2"].die()
+                await rec.observe()
+
+        rec.sleep, rec.restart_settle_s = settle, 1.0
+        world.actors["g0"].die()
+        first = await rec.round()
+        await asyncio.gather(*first)
+        assert sorted(world.starts) == ["g0", "g2"] and settles[0] == 1.0
+        restarts = [i for i in rec.state.applied if i.startswith("restart-")]
+        assert len(restarts) == 1, restarts
+        await converge(rec)
+        assert sorted(world.starts) == ["g0", "g2"]  # nothing restarted twice
         assert_converged(rec, world)
 
     asyncio.run(main())
