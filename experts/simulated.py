@@ -27,6 +27,7 @@ import grpc
 
 from protos.errors import InvalidRequestError
 from experts.links import emulated_delay_s, serve_delay
+from experts.safetensors import CheckpointLayout  # torch-free; imported with the process, not at its first swap
 from protos import expert_mesh_pb2 as pb
 from protos.serving import TLSConfig, bind, worker_server
 
@@ -75,8 +76,6 @@ MODEL_VERSION = "simulated"  # the version of the experts a simulated device sta
 
 def source_checksums(source: str, layer: int, experts: list[int]) -> list[str]:
     """sha256 of the stored bytes of `experts` of `layer` in checkpoint `source`, one expert at a time."""
-    from experts.safetensors import CheckpointLayout
-
     layout = CheckpointLayout(source)
     try:
         return [layout.checksum(layer, e) for e in experts]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 from mesh.state import Intent, MeshState, Replica, held_by
-from router_service.routing import Copy
+from router_service.routing import Copy, paused_gc
 
 __all__ = ["GroupView", "STEPS", "Tidy", "named_versions", "plan_copies", "plan_restart", "plan_swap",
            "published_state", "rows_match", "table_layers", "tidy"]
@@ -122,12 +122,13 @@ def table_layers(state: MeshState, seen: dict[str, GroupView], moe_layers: list[
                  num_experts: int) -> dict[int, list[list[Copy]]]:
     """layer -> expert -> copies for the routing table: the desired copies whose group was seen
     serving (or staging) exactly that version."""
-    layers: dict[int, list[list[Copy]]] = {l: [[] for _ in range(num_experts)] for l in moe_layers}
-    for (layer, expert), replicas in state.copies.items():  # 30k copies at V3's shape: kept to one pass
-        for r in replicas:
-            view = seen.get(r.group)
-            if view is not None and view.serves(layer, expert, r.version):
-                layers[layer][expert].append(Copy(r.group, view.endpoint, r.version))
+    with paused_gc():
+        layers: dict[int, list[list[Copy]]] = {l: [[] for _ in range(num_experts)] for l in moe_layers}
+        for (layer, expert), replicas in state.copies.items():  # 30k copies at V3's shape: kept to one pass
+            for r in replicas:
+                view = seen.get(r.group)
+                if view is not None and view.serves(layer, expert, r.version):
+                    layers[layer][expert].append(Copy(r.group, view.endpoint, r.version))
     return layers
 
 
