@@ -424,7 +424,7 @@ class MeshController:
             wanted = {**counts, **plan_autoscale(rates, counts, settings.target_tokens_per_s, most, settings.hysteresis)}
             for layer in sorted({l for (l, e), n in wanted.items() if n != counts[(l, e)]}):
                 total = sum(n for (l, _), n in wanted.items() if l == layer)
-                plan = replicate_layer(plan, layer, rates, total, self.spec.num_experts, most)
+                plan = replicate_layer(plan, layer, rates, total, self.spec.num_experts, most, self.rec.state.groups)
             return plan
 
         await self._submit_copies("autoscale", make_plan)

@@ -10,7 +10,7 @@ from mesh.replication import rebalance_experts  # the replication policy's entry
 
 __all__ = ["copy_offsets", "group_latency", "group_loads", "initial_assignment", "latency_tiers", "pairs_kept",
            "pick_groups", "placement_cost", "placement_moves", "placement_report", "plan_placement", "rebalance_experts",
-           "replicate_layer", "restore_node", "shared_nodes", "spread_groups"]
+           "replicate_layer", "restore_node", "shared_nodes", "spread_groups", "spread_layer"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,
@@ -160,7 +160,7 @@ def pairs_kept(assignment: Assignment, pairs: Pairs) -> float:
 
 def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict[tuple[int, int], float],
                    balance: float = 0.5, min_gap: float = 0.5, pairs: Pairs | None = None,
-                   top_k: int = 2, min_saving: float = 0.1) -> Assignment:
+                   top_k: int = 2, min_saving: float = 0.1, nodes: dict[str, str] | None = None) -> Assignment:
     """A placement with lower `placement_cost`: copies of one layer swap groups, so a hotter copy
     moves to a group with lower latency, or next to the experts its tokens also pick. Every group
     keeps its number of copies (its memory).
@@ -170,7 +170,9 @@ def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict
     expert. Noise moves nothing: latencies are planned in tiers (`latency_tiers(latency, min_gap)`),
     and a swap must save at least `min_saving` of what the two copies it moves cost (sampled pair
     counts of independent experts differ a little; moving copies is not free). Never two copies of
-    one expert in one group. Pure; returns a new assignment.
+    one expert in one group; with `nodes` (group -> node), a copy moves to another node only if that
+    node holds fewer copies of its expert than the one it leaves (copies spread stay spread). Pure;
+    returns a new assignment.
     """
     if balance < 0 or min_gap < 0 or top_k < 1 or min_saving < 0:
         raise ValueError(f"need balance >= 0, min_gap >= 0, top_k >= 1, min_saving >= 0; got {balance}, "
@@ -178,13 +180,17 @@ def plan_placement(assignment: Assignment, latency: dict[str, float], load: dict
     groups = sorted(assignment)
     tiers = latency_tiers({g: latency[g] for g in groups}, min_gap)
     lat = torch.tensor([tiers[g] for g in groups], dtype=torch.float64)  # [G]
+    node_ids = {n: i for i, n in enumerate(sorted({(nodes or {}).get(g, g) for g in groups}))}
+    on_node = torch.zeros(len(groups), len(node_ids), dtype=torch.float64)  # [G, N] one-hot
+    for k, g in enumerate(groups):
+        on_node[k, node_ids[(nodes or {}).get(g, g)]] = 1.0
     layers = {layer: _layer_state(assignment, groups, layer, load, pairs or {}, 2 / max(top_k, 2))
               for layer in sorted({layer for held in assignment.values() for layer in held})}
     group_load = sum((holds.double().T @ share for _, holds, share, _ in layers.values()),
                      torch.zeros(len(groups), dtype=torch.float64))  # [G]
     cap = (1 + balance) * float(group_load.mean()) if groups else 0.0
     for _ in range(4 * sum(int(holds.sum()) for _, holds, _, _ in layers.values())):
-        best = max(((*_best_swap(holds, share, weight, lat, group_load, cap, min_saving), layer)
+        best = max(((*_best_swap(holds, share, weight, lat, group_load, cap, min_saving, on_node), layer)
                     for layer, (_, holds, share, weight) in layers.items()), default=None)
         if best is None or best[0] <= 1e-9 * (1 + float(group_load.sum() * lat.max())):
             break
@@ -220,10 +226,12 @@ def _layer_state(assignment: Assignment, groups: list[str], layer: int, load: di
 
 
 def _best_swap(holds: torch.Tensor, share: torch.Tensor, weight: torch.Tensor, lat: torch.Tensor,
-               group_load: torch.Tensor, cap: float, min_saving: float) -> tuple[float, int, int, int, int]:
+               group_load: torch.Tensor, cap: float, min_saving: float,
+               on_node: torch.Tensor) -> tuple[float, int, int, int, int]:
     """(gain, a, g, b, h) of the best swap within one layer: the copy of expert a leaves group g for h,
-    the copy of b leaves h for g. Shapes: holds [M, G], share [M], weight [M, M], lat [G], group_load [G].
-    The gain is the drop in placement_cost; -inf if no swap is allowed."""
+    the copy of b leaves h for g. Shapes: holds [M, G], share [M], weight [M, M], lat [G], group_load [G],
+    on_node [G, N] (each group's node, one-hot). The gain is the drop in placement_cost; -inf if no
+    swap is allowed."""
     # what x's copy costs in g given the copies there: lat[g] x (share[x] - what its pairs save in g)
     cost_in = lat * (share[:, None] - weight @ holds.double())  # [M, G]
     expert, group = holds.nonzero(as_tuple=True)               # the copies, [C] each
@@ -235,7 +243,10 @@ def _best_swap(holds: torch.Tensor, share: torch.Tensor, weight: torch.Tensor, l
     blocked = holds[expert][:, group]                          # [C, C]: j's group already holds i's expert
     copy_cost = lat[group] * share[expert]                     # [C]: a copy's load x latency, no pair saving
     worth_it = gain >= min_saving * (copy_cost[:, None] + copy_cost[None, :])
-    allowed = ~blocked & ~blocked.T & (gained <= cap * (1 + 1e-12)) & worth_it
+    per_node = holds.double() @ on_node                        # [M, N]: copies of each expert per node
+    node = on_node[group].argmax(dim=1)                        # [C]: each copy's node
+    spread = (node[:, None] == node[None, :]) | (per_node[expert][:, node] < per_node[expert, node][:, None])
+    allowed = ~blocked & ~blocked.T & spread & spread.T & (gained <= cap * (1 + 1e-12)) & worth_it
     gain = torch.where(allowed, gain, torch.tensor(-float("inf"), dtype=torch.float64))
     if gain.numel() == 0:
         return -float("inf"), 0, 0, 0, 0
@@ -244,12 +255,13 @@ def _best_swap(holds: torch.Tensor, share: torch.Tensor, weight: torch.Tensor, l
 
 
 def replicate_layer(assignment: Assignment, layer: int, load: dict[tuple[int, int], float], num_copies: int,
-                    num_experts: int, max_copies: int) -> Assignment:
+                    num_experts: int, max_copies: int, nodes: dict[str, str] | None = None) -> Assignment:
     """`assignment` with the copies of `layer` re-planned by `rebalance_experts` (the groups, in name
     order, are its devices): copies per expert by load, packed so that every group holds the same
     number S of them, copies in force kept where that costs little. S is num_copies / groups rounded
     up, within [E / groups, E]; no expert gets more than max_copies copies unless the S x groups
-    slots need it. Other layers are unchanged. Pure; returns a new assignment."""
+    slots need it. With `nodes` (group -> node), copies then move apart (`spread_layer`). Other
+    layers are unchanged. Pure; returns a new assignment."""
     groups = sorted(assignment)
     if not groups:
         raise ValueError("no expert group to place copies on")
@@ -264,7 +276,40 @@ def replicate_layer(assignment: Assignment, layer: int, load: dict[tuple[int, in
     phy2log, _, _ = rebalance_experts(weight, num_slots, 1, 1, len(groups), current_phy2log=current.view(1, -1),
                                       max_copies=most)
     rows = phy2log.view(len(groups), per_group).tolist()
-    return {g: {**assignment[g], layer: sorted(rows[k])} for k, g in enumerate(groups)}
+    planned = {g: {**assignment[g], layer: sorted(rows[k])} for k, g in enumerate(groups)}
+    return spread_layer(planned, layer, nodes, load) if nodes else planned
+
+
+def spread_layer(assignment: Assignment, layer: int, nodes: dict[str, str],
+                 load: dict[tuple[int, int], float]) -> Assignment:
+    """`assignment` with copies of `layer` exchanged between groups until no node holds two copies of
+    an expert while another node holds fewer than one less: a copy of expert a on a crowded node
+    trades groups with a copy of some b on the emptier node, b chosen so that it lands on a node
+    with fewer of its copies than it leaves, and with the load nearest a's (group loads stay near
+    EPLB's balance). Every group keeps its number of copies; what cannot be spread is left (and
+    reported by `shared_nodes`). Pure; returns a new assignment."""
+    held = {g: set(a.get(layer, [])) for g, a in assignment.items()}
+    count = collections.Counter((e, nodes[g]) for g, es in held.items() for e in es)
+    copies = collections.Counter(e for es in held.values() for e in es)
+    share = {e: load.get((layer, e), 0.0) / n for e, n in copies.items()}
+    node_set = sorted(set(nodes[g] for g in held))
+    for a in sorted(copies):
+        for _ in range(copies[a]):
+            crowded = max(node_set, key=lambda n: (count[(a, n)], n))
+            empty = min(node_set, key=lambda n: (count[(a, n)], n))
+            if count[(a, crowded)] - count[(a, empty)] < 2:
+                break
+            trade = min(((abs(share[b] - share[a]), g, h, b) for g in sorted(held) if nodes[g] == crowded and a in held[g]
+                         for h in sorted(held) if nodes[h] == empty for b in sorted(held[h])
+                         if b not in held[g] and count[(b, crowded)] < count[(b, empty)]), default=None)
+            if trade is None:
+                break
+            _, g, h, b = trade
+            held[g].symmetric_difference_update({a, b})
+            held[h].symmetric_difference_update({a, b})
+            count.update({(a, empty): 1, (b, crowded): 1})
+            count.subtract({(a, crowded): 1, (b, empty): 1})
+    return {g: {**a, layer: sorted(held[g])} if layer in a else dict(a) for g, a in assignment.items()}
 
 
 def group_loads(assignment: Assignment, load: dict[tuple[int, int], float]) -> dict[str, float]:
@@ -331,7 +376,7 @@ def placement_report(links: dict, router_nodes: list[str], current: Assignment, 
     tokens, rates, pairs = load
     latency = group_latency(group_nodes, router_nodes, links)
     weights = rates or tokens
-    proposed = plan_placement(current, latency, weights, balance, pairs=pairs, top_k=top_k)
+    proposed = plan_placement(current, latency, weights, balance, pairs=pairs, top_k=top_k, nodes=group_nodes)
     total = sum(weights.values()) or 1.0
     adds, removes = placement_moves(current, proposed)
 

@@ -8,7 +8,8 @@ import collections
 
 import pytest
 
-from mesh.placement import copy_offsets, initial_assignment, pick_groups, shared_nodes, spread_groups
+from mesh.placement import (copy_offsets, group_loads, initial_assignment, pick_groups, placement_cost, plan_placement,
+                            replicate_layer, shared_nodes, spread_groups)
 
 NODES = [f"n{k}" for k in range(8)]
 
@@ -59,3 +60,48 @@ def test_scale_puts_a_new_copy_on_a_node_without_one():
 def test_copies_sharing_a_node_are_reported_only_when_the_nodes_could_keep_them_apart():
     nodes = {"g0": "n0", "g1": "n0", "g2": "n1"}
     assert shared_nodes({(0, 1): ["g0", "g1"], (0, 2): ["g0", "g2"], (0, 3): ["g0", "g1", "g2"]}, nodes) == [(0, 1)]
+
+
+def _v3_groups(replicas: int) -> tuple[dict[str, dict[int, list[int]]], dict[str, str]]:
+    """64 groups on 8 nodes holding layer 3's 256 experts, `replicas` copies each, spread as mesh up does."""
+    names = [f"group-{k}" for k in range(64)]
+    nodes = dict(zip(names, spread_groups(64, NODES)))
+    return dict(zip(names, initial_assignment([3], 256, 64, replicas, num_nodes=8))), nodes
+
+
+def _copies(assignment: dict[str, dict[int, list[int]]], layer: int) -> dict[tuple[int, int], list[str]]:
+    copies = collections.defaultdict(list)
+    for group, held in assignment.items():
+        for expert in held.get(layer, []):
+            copies[(layer, expert)].append(group)
+    return dict(copies)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_autoscale_replans_a_skewed_layer_with_every_experts_copies_on_distinct_nodes(replicas):
+    assignment, nodes = _v3_groups(replicas)
+    load = {(3, e): (400.0 if e < 16 else 1.0) for e in range(256)}  # 16 hot experts want 8 copies each
+    total = 256 * replicas + 16 * 6
+    eplb = replicate_layer(assignment, 3, load, total, 256, max_copies=8)
+    assert shared_nodes(_copies(eplb, 3), nodes), "the test needs a plan that EPLB alone leaves crowded"
+    plan = replicate_layer(assignment, 3, load, total, 256, max_copies=8, nodes=nodes)
+    copies = _copies(plan, 3)
+    assert shared_nodes(copies, nodes) == []
+    assert sorted(len(c) for c in copies.values()) == sorted(len(c) for c in _copies(eplb, 3).values())
+    assert {len(held[3]) for held in plan.values()} == {len(held[3]) for held in eplb.values()}  # slots kept
+    loads = group_loads(plan, load)
+    eplb_loads = group_loads(eplb, load)
+    assert max(loads.values()) <= 1.25 * max(eplb_loads.values())  # balance near EPLB's
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_rebalance_by_latency_never_brings_two_copies_onto_one_node(replicas):
+    assignment, nodes = _v3_groups(replicas)
+    latency = {g: (0.2 if nodes[g] in ("n0", "n1") else 2.0) for g in assignment}  # two near nodes
+    load = {(3, e): float(256 - e) for e in range(256)}
+    free = plan_placement(assignment, latency, load, balance=3.0)
+    assert shared_nodes(_copies(free, 3), nodes), "the test needs a plan that crowds without the rule"
+    plan = plan_placement(assignment, latency, load, balance=3.0, nodes=nodes)
+    assert plan != assignment  # hot copies still move to the near nodes
+    assert shared_nodes(_copies(plan, 3), nodes) == []
+    assert placement_cost(plan, latency, load) < placement_cost(assignment, latency, load)
