@@ -449,3 +449,57 @@ def test_l_a_swap_under_load_at_a_size_groups_pack_and_thread(ray_cluster, meshe
         assert not misfits and load.counts["old"] > 0 and load.counts["new"] > 0, (reply.epoch, misfits[:5])
     finally:
         meshes.stop("packed")
+
+
+def _pending_starts(controller, times: int, timeout_s: float) -> None:
+    """Runs inside the controller: group starts time out after `timeout_s`, and the next `times` of
+    them wait on an actor that no node can place (it asks for a resource none has), as a start does
+    on a cluster with no free GPU."""
+    import ray
+
+    launcher, left = controller.rec.launcher, [times]
+    start_group = getattr(launcher.start_group, "original", launcher.start_group)
+
+    async def start(name, node, loads):
+        if left[0] > 0:
+            left[0] -= 1
+            blocker = ray.remote(num_cpus=0, resources={"no-such-device": 1})(_Unplaceable).remote()
+            try:
+                await blocker.ping.remote()  # pending until the reconciler's start timeout cancels it
+            finally:
+                ray.kill(blocker)
+        return await start_group(name, node, loads)
+    start.original = start_group
+    launcher.start_group = start
+    controller.rec.start_timeout_s = timeout_s
+
+
+class _Unplaceable:
+    def ping(self) -> None:
+        pass
+
+
+def test_m_a_pending_group_start_blocks_no_later_change(world):
+    """A killed group's restart waits on an actor no node can place: it gives up after the start
+    timeout (4 s here), a scale asked for meanwhile goes through, and the next round restores the
+    group. No caller fails: every expert has a second copy."""
+    w = world
+    timeout_s = 4.0
+    ray.get(w.mesh.controller.__ray_call__.remote(_pending_starts, 1, timeout_s))
+    try:
+        with Load(w.mesh.addresses, w.x, w.refs) as load:
+            restored = kill_group(w, 0)
+            wait(lambda: ((s := status(w)) or {}).get("change") and s["change"]["kind"] == "restart")
+            start = time.perf_counter()
+            reply = w.admin.Scale(pb.ScaleRequest(token=TOKEN, layer=0, expert=1, replicas=3), timeout=60)
+            scale_s = time.perf_counter() - start
+            assert reply.ok, reply.message
+            assert scale_s < timeout_s + 15, scale_s
+            assert w.admin.Scale(pb.ScaleRequest(token=TOKEN, layer=0, expert=1, replicas=2), timeout=60).ok
+            seconds = wait(restored)
+        report(f"(m) a pending group start: a scale waited {scale_s:.1f} s (start timeout {timeout_s:.0f} s); "
+               f"restored after", seconds)
+        check_answers(load, w)
+        actual_matches_desired(w)
+    finally:
+        ray.get(w.mesh.controller.__ray_call__.remote(_pending_starts, 0, 300.0))
