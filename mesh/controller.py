@@ -29,8 +29,8 @@ from mesh.config import MeshConfig
 from mesh.handles import NAMESPACE, RayLauncher, alive_nodes
 from mesh.leases import Leases
 from mesh.load import Load, aggregate_load, by_name
-from mesh.placement import (initial_assignment, pick_groups, placement_report, replicate_layer, shared_nodes,
-                            spread_groups)
+from mesh.placement import (initial_assignment, pick_groups, placement_report, replicate_layer, scale_count,
+                            shared_nodes, spread_groups)
 from mesh.probes import ProbeFleet
 from mesh.reconciler import Reconciler, view_of
 from mesh.state import MeshState, Replica, held_by
@@ -348,10 +348,11 @@ class MeshController:
 
             async def make_plan():
                 plan = self._live()
-                held = sum(expert in e.get(layer, []) for e in plan.values())
-                for group in pick_groups(plan, rates, layer, expert, replicas - held, self.rec.state.groups):
+                count = scale_count(replicas, len(self.rec.state.copies.get((layer, expert), ())),
+                                    sum(expert in e.get(layer, []) for e in plan.values()))
+                for group in pick_groups(plan, rates, layer, expert, count, self.rec.state.groups):
                     experts = plan[group].setdefault(layer, [])
-                    experts.append(expert) if replicas > held else experts.remove(expert)
+                    experts.append(expert) if count > 0 else experts.remove(expert)
                 return plan
 
             change_id = await self._submit_copies("scale", make_plan)

@@ -10,7 +10,7 @@ from mesh.replication import rebalance_experts  # the replication policy's entry
 
 __all__ = ["copy_offsets", "group_latency", "group_loads", "initial_assignment", "latency_tiers", "pairs_kept",
            "pick_groups", "placement_cost", "placement_moves", "placement_report", "plan_placement", "rebalance_experts",
-           "replicate_layer", "restore_node", "shared_nodes", "spread_groups", "spread_layer"]
+           "replicate_layer", "restore_node", "scale_count", "shared_nodes", "spread_groups", "spread_layer"]
 
 
 def initial_assignment(moe_layers: list[int], num_experts: int, num_groups: int,
@@ -346,6 +346,14 @@ def pick_groups(assignment: Assignment, load: dict[tuple[int, int], float], laye
         picked.append(best)
         per_node[node_of.get(best, best)] += 1 if count >= 0 else -1
     return picked
+
+
+def scale_count(replicas: int, named: int, live: int) -> int:
+    """Copies to add (> 0) on live groups, or remove (< 0) from them, for `replicas` copies in all:
+    `named` copies the desired state names (a dead group's among them: its restart brings it back),
+    `live` of them on live groups. Never the last live copy. Pure."""
+    change = replicas - named
+    return change if change >= 0 else -min(-change, live - 1)
 
 
 def shared_nodes(copies: dict[tuple[int, int], list[str]], nodes: dict[str, str]) -> list[tuple[int, int]]:

@@ -9,7 +9,7 @@ import collections
 import pytest
 
 from mesh.placement import (copy_offsets, group_loads, initial_assignment, pick_groups, placement_cost, plan_placement,
-                            replicate_layer, shared_nodes, spread_groups)
+                            replicate_layer, scale_count, shared_nodes, spread_groups)
 
 NODES = [f"n{k}" for k in range(8)]
 
@@ -43,6 +43,13 @@ def test_without_nodes_copies_still_spread_as_before():
 def test_more_replicas_than_nodes_keeps_distinct_groups():
     groups = initial_assignment([0], 16, 8, 4, num_nodes=2)
     assert all(len(set(h)) == 4 for h in _holders(groups, 0).values())
+
+
+def test_scale_counts_the_copies_of_dead_groups_and_keeps_a_live_one():
+    assert scale_count(3, named=2, live=1) == 1   # the dead holder comes back: one more makes 3, not two
+    assert scale_count(2, named=4, live=3) == -2
+    assert scale_count(1, named=2, live=1) == 0   # the only live copy stays until the dead one is back
+    assert scale_count(2, named=2, live=2) == 0
 
 
 def test_scale_puts_a_new_copy_on_a_node_without_one():
