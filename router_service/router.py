@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 LARGE_BATCH_ELEMENTS = 1 << 18  # T x H from which gating, the row gather and combine run in a thread
 PAIRS_PER_EXPERT = 4  # co-activated pairs reported per layer: this many times its number of experts
+RETRIES = 2  # sends after the first for copies whose group failed: three groups tried at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,36 +213,40 @@ class Router:
     async def _scatter_gather(self, table: RoutingTable, layer: int, x: torch.Tensor, weights: torch.Tensor,
                               ids: torch.Tensor, order: torch.Tensor, counts: list[int], is_large: bool = False):
         """Compute every token copy on some copy of its expert; the copies of a group that fails
-        are retried once on the others (that group excluded). Returns (y [N, H], order [N]: the
-        flat copy index of each row of y, failed: [(flat copy indices, error)] of copies that
-        found no live copy (their rows of y are zero))."""
-        plan = plan_batch(order, counts, table.layers[layer], self._turn, self._ejected(table.layers[layer], counts))
+        are retried on the others, every group that failed this batch excluded, up to RETRIES times
+        (a node's groups die one after another: a retry may meet the next). Returns (y [N, H],
+        order [N]: the flat copy index of each row of y, failed: [(flat copy indices, error)] of
+        copies that found no live copy (their rows of y are zero))."""
+        first = plan = plan_batch(order, counts, table.layers[layer], self._turn,
+                                  self._ejected(table.layers[layer], counts))
         self._turn += 1
         y, errors = await self._send(table, layer, x, weights, plan, is_large=is_large)
         if not errors and not plan.unroutable.numel():
             return y, plan.order, []
-        # Retry once: the copies of failed destinations and unroutable ones, failed groups excluded.
-        is_kept = torch.ones(plan.order.shape[0], dtype=torch.bool)
-        for d in plan.destinations:
-            if d.group in errors:
-                is_kept[d.start:d.stop] = False
-        retry = torch.cat([plan.order[~is_kept], plan.unroutable])
-        flat_ids = ids.reshape(-1)[retry]
-        retry = retry[torch.argsort(flat_ids, stable=True)]
-        retry_counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
-        ejected = self.hedging.ejected()
-        slow = {g: (g in ejected, self.hedging.misses(g)) for g, e in errors.items() if isinstance(e, HedgedError)}
-        second = plan_batch(retry, retry_counts, table.layers[layer], self._turn, frozenset(errors), slow)
-        y2, errors2 = await self._send(table, layer, x, weights, second, excluded=errors)
-        errors = {**errors, **errors2}
-        failed = [(second.order[d.start:d.stop], errors2[d.group]) for d in second.destinations if d.group in errors2]
-        if second.unroutable.numel():
-            failed += self._blame(second.unroutable, plan, errors, ids, layer)
-        for d in second.destinations:
-            if d.group in errors2:
-                y2[d.start:d.stop] = 0
-        unrouted = y.new_zeros(second.unroutable.shape[0], y.shape[1])
-        return (torch.cat([y[is_kept], y2, unrouted]), torch.cat([plan.order[is_kept], second.order, second.unroutable]),
+        failed_groups, kept_y, kept_order = dict(errors), [], []
+        for attempt in range(RETRIES + 1):
+            is_kept = torch.ones(plan.order.shape[0], dtype=torch.bool)
+            for d in plan.destinations:
+                if d.group in errors:
+                    is_kept[d.start:d.stop] = False
+            kept_y.append(y[is_kept])
+            kept_order.append(plan.order[is_kept])
+            pending = torch.cat([plan.order[~is_kept], plan.unroutable])
+            if not pending.numel() or attempt == RETRIES:
+                break
+            flat_ids = ids.reshape(-1)[pending]
+            pending = pending[torch.argsort(flat_ids, stable=True)]
+            pending_counts = torch.bincount(flat_ids, minlength=self.spec.num_experts).tolist()
+            ejected = self.hedging.ejected()
+            slow = {g: (g in ejected, self.hedging.misses(g)) for g, e in failed_groups.items()
+                    if isinstance(e, HedgedError)}
+            plan = plan_batch(pending, pending_counts, table.layers[layer], self._turn, frozenset(failed_groups), slow)
+            y, errors = await self._send(table, layer, x, weights, plan, excluded=failed_groups)
+            failed_groups.update(errors)
+        failed = [(plan.order[d.start:d.stop], errors[d.group]) for d in plan.destinations if d.group in errors]
+        if plan.unroutable.numel():
+            failed += self._blame(plan.unroutable, first, failed_groups, ids, layer)
+        return (torch.cat([*kept_y, y.new_zeros(pending.shape[0], y.shape[1])]), torch.cat([*kept_order, pending]),
                 failed)
 
     def _ejected(self, copies: list[list], counts: list[int]) -> frozenset[str]:

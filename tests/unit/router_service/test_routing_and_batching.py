@@ -172,10 +172,11 @@ class FakeGroupTransport(Transport):
 
     def __init__(self, groups: dict[str, ExpertGroup], dead: set[str]):
         self.groups, self.dead, self.frozen, self.calls = groups, dead, set(), []
+        self.doomed: set[str] = set()  # answer their first call, then are dead
 
     async def send(self, layer, epoch, rows, scale, dest, out, timeout_s=None):
         self.calls.append(dest.group)
-        if dest.group in self.dead:
+        if dest.group in self.dead or (dest.group in self.doomed and self.calls.count(dest.group) > 1):
             raise ExpertUnavailableError(f"expert group {dest.group} is dead")
         if dest.group in self.frozen:
             await asyncio.sleep(timeout_s or 30.0)
@@ -205,6 +206,21 @@ def test_failed_copy_is_retried_on_another_copy(zoo):
     ref = MoELayer.from_pretrained(path, layer=0)(x)
     assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-5
     assert "g0" in transport.calls and "g1" in transport.calls
+
+
+def test_a_retry_that_meets_the_next_dead_group_is_retried_again(zoo):
+    """Three copies of every expert: g0 is dead, g1 dies right after its first answer (a node's
+    groups die one after another). g0's tokens are retried on g1 and g2; g1's share of that retry
+    fails and goes to g2: the caller gets the right answer, not g1's error."""
+    path = zoo.checkpoint("mixtral")
+    everything = list(range(load_spec(path).num_experts))
+    router, transport = _router(path, {"g0": everything, "g1": everything, "g2": everything}, 0, dead={"g0"})
+    transport.doomed.add("g1")
+    x = torch.randn(12, 48, generator=torch.Generator().manual_seed(0))
+    out, _ = asyncio.run(router.forward(0, x))
+    ref = MoELayer.from_pretrained(path, layer=0)(x)
+    assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert transport.calls.count("g1") == 2 and transport.calls[-1] == "g2"  # three sends: g2 took g1's retry
 
 
 def test_a_frozen_group_costs_one_deadline_then_is_ejected_and_answers_stay_right(zoo):
