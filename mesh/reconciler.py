@@ -196,12 +196,15 @@ class Reconciler:
             self.save(change(self.state))
 
     async def add_router(self, name: str, handle: RouterHandle, port: int) -> bool:
-        """Register router `name` (serving on `port`) under the change lock and push it the table in
-        force; returns whether it serves."""
+        """Register router `name` (serving on `port`) under the change lock, then push it the table in
+        force outside it, within start_timeout_s (its warm-up opens a channel to every group; a
+        router ignores a table older than its own, and the reconcile loop pushes to one behind);
+        returns whether it serves."""
         async with self.lock:
             self.routers[name] = handle
             self.save(self.state.replace(routers={**self.state.routers, name: port}))
-            return await handle.set_table(self.table.encode())
+            blob = self.table.encode()
+        return await asyncio.wait_for(handle.set_table(blob), self.start_timeout_s)
 
     async def resume(self) -> None:
         """After a restart: the change in progress rolls back (not yet published) or forward."""

@@ -40,7 +40,7 @@ NUM_NEW_TOKENS = 20
 PROMPT = [[1, 17, 42, 99, 5, 63, 8, 120, 33]]
 # max_wait_ms holds a batch open for 5 ms: 32 callers released together merge reliably (with 0, an
 # idle router sends each request at once, and whether they merge depends on timing)
-BATCH16 = {"router": {"batching": {"max_batch_tokens": 16, "max_wait_ms": 5.0}}}
+BATCH16 = {"router": {"batching": {"max_batch_tokens": 16, "max_wait_ms": 50.0}}}  # chunks of callers merge
 
 
 def caller_requests(spec, seed: int) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
