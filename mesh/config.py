@@ -68,7 +68,7 @@ class MeshConfig(BaseModel):
     group_timeout_s: float = Field(5.0, gt=0, description=(
         "A control call to a group (an observation, a load) that takes longer than this has failed."))
     group_start_timeout_s: float = Field(300.0, gt=0, description=(
-        "A group (re)start that has not served within this has failed (an actor Ray cannot place, a node "
+        "A group start (deploy or restart) not serving within this has failed (an actor Ray cannot place, a node "
         "gone): the change rolls back and the lock is free for the next."))
     failure_threshold: int = Field(3, ge=1, description=(
         "A group is dead when Ray reports its actor dead, or after this many observations in a row it "

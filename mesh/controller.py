@@ -32,8 +32,8 @@ from mesh.load import Load, aggregate_load, by_name
 from mesh.placement import (initial_assignment, pick_groups, placement_report, replicate_layer, scale_count,
                             shared_nodes, spread_groups)
 from mesh.probes import ProbeFleet
-from mesh.reconciler import Reconciler, view_of
-from mesh.state import MeshState, Replica, held_by
+from mesh.reconciler import Reconciler
+from mesh.state import MeshState, held_by
 from mesh.store import GcsKVStore, StateStore
 from mesh.verify import hand_back_large_frees
 
@@ -162,19 +162,9 @@ class MeshController:
         placement = spread_groups(num_groups, [n["NodeID"] for n in nodes])
         self._check_memory(assignment, placement, nodes)
         names = [f"{self.config.name}/group-{k}" for k in range(num_groups)]
-        secret = self.rec.launcher.secret = secrets.token_urlsafe(32)  # the data plane's, persisted below
-        handles = await asyncio.gather(*(self.rec.launcher.start_group(n, node, [(l, e, None) for l, e in held.items()])
-                                         for n, held, node in zip(names, assignment, placement)))
-        views = [view_of(info) for info in await asyncio.gather(*(h.info() for h in handles))]
-        copies: dict[tuple[int, int], list[Replica]] = {}
-        for name, view in zip(names, views):
-            for (layer, expert), version in sorted(view.held.items()):
-                copies.setdefault((layer, expert), []).append(Replica(name, None, version))
-        self.rec.groups, self.rec.seen = dict(zip(names, handles)), dict(zip(names, views))
-        self.rec.save(MeshState(revision=1, groups=dict(zip(names, placement)),
-                                copies={k: tuple(v) for k, v in copies.items()},
-                                autoscale=self.config.autoscale.enabled, secret=secret))
-        await self.rec.publish()
+        secret = self.rec.launcher.secret = secrets.token_urlsafe(32)  # the data plane's, persisted by deploy
+        await self.rec.deploy({n: (node, held) for n, held, node in zip(names, assignment, placement)},
+                              MeshState(autoscale=self.config.autoscale.enabled, secret=secret))
 
     def _check_memory(self, assignment: list[dict], placement: list[str], nodes: list[dict]) -> None:
         spec, groups = self.spec, self.config.groups

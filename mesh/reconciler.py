@@ -23,7 +23,7 @@ from protos.errors import GroupGoneError, StepError, StepUnavailableError, Unava
 from mesh.changes import GroupView, Tidy, named_versions, plan_restart, published_state, rows_match, table_layers, tidy
 from mesh.health import Verdict, default_max_timeout_deaths, judge
 from mesh.placement import restore_node
-from mesh.state import Intent, MeshState, held_by
+from mesh.state import Intent, MeshState, Replica, held_by
 from mesh.store import StateStore
 from router_service.routing import RoutingTable
 
@@ -205,6 +205,24 @@ class Reconciler:
             self.save(self.state.replace(routers={**self.state.routers, name: port}))
             blob = self.table.encode()
         return await asyncio.wait_for(handle.set_table(blob), self.start_timeout_s)
+
+    async def deploy(self, groups: dict[str, tuple[str, dict[int, list[int]]]], base: MeshState) -> None:
+        """Start every group (name -> (node, {layer: experts}), the model's own weights), together,
+        each within start_timeout_s; then persist `base` (revision 0) + the groups and the copies
+        they report as revision 1, and publish epoch 1 (revision 2). Call under the change lock."""
+        names = list(groups)
+        handles = await asyncio.gather(*(self._call(self.launcher.start_group(n, groups[n][0], [
+            (l, e, None) for l, e in groups[n][1].items()]), timeout_s=self.start_timeout_s) for n in names))
+        views = [view_of(info) for info in await asyncio.gather(*(self._call(h.info()) for h in handles))]
+        copies: dict[tuple[int, int], list[Replica]] = {}
+        for name, view in zip(names, views):
+            for (layer, expert), version in sorted(view.held.items()):
+                copies.setdefault((layer, expert), []).append(Replica(name, None, version))
+        self.groups, self.seen = dict(zip(names, handles)), dict(zip(names, views))
+        self._seen_seq += 1
+        self.save(base.replace(groups={n: groups[n][0] for n in names},  # revision 1
+                               copies={k: tuple(v) for k, v in copies.items()}))
+        await self.publish()
 
     async def resume(self) -> None:
         """After a restart: the change in progress rolls back (not yet published) or forward."""

@@ -631,6 +631,46 @@ def test_a_lost_nodes_groups_restore_as_one_change_started_together():
     asyncio.run(main())
 
 
+def test_deploy_starts_the_groups_together_persists_what_they_report_and_publishes_epoch_1():
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = reconciler(kv, world)
+        groups = {f"g{k}": (NODES[k], {l: [e for e in range(NUM_EXPERTS) if e % 3 == k] for l in LAYERS})
+                  for k in range(3)}
+        async with rec.lock:
+            await rec.deploy(groups, MeshState(autoscale=True, secret="s"))
+        assert sorted(world.starts) == ["g0", "g1", "g2"]
+        assert rec.state.revision == 2 and rec.table.epoch == 1 and rec.state.autoscale and rec.state.secret == "s"
+        assert StateStore(kv, "m").load() == rec.state
+        assert {k: [r.group for r in rs] for k, rs in rec.state.copies.items()} == {
+            (l, e): [f"g{e % 3}"] for l in LAYERS for e in range(NUM_EXPERTS)}
+        assert rec.table_is_current() and rec.table.missing_experts() == []
+
+    asyncio.run(main())
+
+
+def test_a_deploy_whose_group_never_starts_gives_up_at_the_start_timeout_and_persists_nothing():
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = reconciler(kv, world)
+        rec.start_timeout_s = 0.05
+        start_group = world.start_group
+
+        async def pending(name, node, loads):  # g1's actor is never placed (no free GPU)
+            if name == "g1":
+                await asyncio.sleep(3600)
+            return await start_group(name, node, loads)
+
+        world.start_group = pending
+        groups = {f"g{k}": (NODES[k], {0: [k]}) for k in range(3)}
+        with pytest.raises(asyncio.TimeoutError):
+            async with rec.lock:
+                await rec.deploy(groups, MeshState())
+        assert kv.data == {} and rec.state.revision == 0 and not rec.lock.locked()
+
+    asyncio.run(main())
+
+
 def test_groups_found_dead_while_a_restore_settles_join_it():
     """A node's groups die over a few rounds: the ones seen dead during the restore's settle wait
     come back in the same change (one start step for all), not in a second one after it."""
