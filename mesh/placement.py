@@ -299,8 +299,9 @@ def spread_layer(assignment: Assignment, layer: int, nodes: dict[str, str],
             empty = min(node_set, key=lambda n: (count[(a, n)], n))
             if count[(a, crowded)] - count[(a, empty)] < 2:
                 break
-            trade = min(((abs(share[b] - share[a]), g, h, b) for g in sorted(held) if nodes[g] == crowded and a in held[g]
-                         for h in sorted(held) if nodes[h] == empty for b in sorted(held[h])
+            givers = [g for g in sorted(held) if nodes[g] == crowded and a in held[g]]
+            takers = [h for h in sorted(held) if nodes[h] == empty]
+            trade = min(((abs(share[b] - share[a]), g, h, b) for g in givers for h in takers for b in sorted(held[h])
                          if b not in held[g] and count[(b, crowded)] < count[(b, empty)]), default=None)
             if trade is None:
                 break

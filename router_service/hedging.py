@@ -9,7 +9,9 @@ retry), so a frozen group costs its callers one deadline, not the transport's ti
 spend a budget that calls refill (`budget` per call, as Envoy's and Finagle's retry budgets), so a
 slow mesh does not double its own load. A group that misses `eject_after` deadlines in a row is
 ejected from routing for `eject_s`, doubling while it keeps missing (Envoy's outlier ejection),
-wherever its experts have another copy.
+wherever its experts have another copy. Before that, a group that missed a deadline and has not
+answered since is avoided by new batches for one deadline (`avoided()`): batches queued behind the
+one that missed would otherwise each meet the frozen group and wait a deadline of their own.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Hedging:
         self._answers: collections.Counter[str] = collections.Counter()   # calls answered, per group
         self._missed: collections.Counter[str] = collections.Counter()       # deadlines missed in a row
         self._ejected: dict[str, tuple[float, float]] = {}                   # group -> (until, period)
+        self._avoid_until: dict[str, float] = {}  # group -> end of the avoidance after a miss
         self._budget = 1.0
         self.hedges = self.ejections = 0
 
@@ -65,6 +68,7 @@ class Hedging:
             self._refresh(group)
         self._budget = min(MAX_BUDGET, self._budget + self.config.budget)
         self._missed.pop(group, None)
+        self._avoid_until.pop(group, None)
         if self._ejected.get(group, (math.inf, 0.0))[0] <= self.clock():
             del self._ejected[group]  # back and answering: the next ejection starts from eject_s again
 
@@ -74,6 +78,8 @@ class Hedging:
         self.hedges += 1
         self._budget -= 1
         self._missed[group] += 1
+        deadline = self._limits.get(group, (self.config.max_ms / 1e3, 0))[0]
+        self._avoid_until[group] = self.clock() + deadline
         if self._missed[group] >= self.config.eject_after:
             _, period = self._ejected.get(group, (0.0, self.config.eject_s / 2))
             period = min(2 * period, MAX_EJECT_S)
@@ -91,3 +97,8 @@ class Hedging:
         """Groups out of routing now (each stays out only where its experts have another copy)."""
         now = self.clock()
         return frozenset(g for g, (until, _) in self._ejected.items() if until > now)
+
+    def avoided(self) -> frozenset[str]:
+        """The ejected groups, and those within one deadline of a miss they have not answered since."""
+        now = self.clock()
+        return self.ejected() | frozenset(g for g, until in self._avoid_until.items() if until > now)

@@ -250,8 +250,9 @@ class Router:
                 failed)
 
     def _ejected(self, copies: list[list], counts: list[int]) -> frozenset[str]:
-        """The ejected groups (hedging), unless that leaves an expert of this batch without a copy."""
-        ejected = self.hedging.ejected()
+        """The groups hedging avoids (ejected, or just missed a deadline), unless that leaves an expert of
+        this batch without a copy."""
+        ejected = self.hedging.avoided()
         if ejected and any(n and all(c.group in ejected for c in copies[e]) for e, n in enumerate(counts)):
             return frozenset()
         return ejected
@@ -344,8 +345,9 @@ class Router:
         per_layer = PAIRS_PER_EXPERT * self.spec.num_experts
         shares = self.pairs.shares(per_layer) if pairs else {}
         return msgpack.packb({"tokens": tokens, "rates": rates,
-                              "pairs": [[layer, a, b, share] for (layer, a, b), share in shares.items()], "batches": dict(self.batch_stats),
-                              "segments": dict(self.transport.segments), "stage_s": dict(self.stage_s)})
+                              "pairs": [[layer, a, b, share] for (layer, a, b), share in shares.items()],
+                              "batches": dict(self.batch_stats), "segments": dict(self.transport.segments),
+                              "stage_s": dict(self.stage_s)})
 
     def _split(self, out: torch.Tensor, parts: list[slice], failed: list) -> list:
         """Per caller (rows `parts` of out [T, H]) its output, or the error of the group that failed

@@ -43,10 +43,12 @@ def test_a_frozen_group_with_two_copies_costs_no_caller_and_is_hedged(ray_cluste
             time.sleep(1)
         batches = msgpack.unpackb(ray.get(mesh.router.load_report.remote()))["batches"]
         assert load.counts["failed"] == 0 and load.counts["wrong"] == 0 and load.counts["ref"] > 20, load.lost()
-        # The goal is 1.5 s; over grpc the calls the freeze meets took 1.25-1.55 s alone and
-        # up to 1.9 s in a full suite on 2 cores (a slice can miss two hedge deadlines in a row): the
-        # test holds the bound it keeps, the README states the goal as not reliably met.
+        # The goal is 1.5 s; over grpc the calls the freeze meets took 1.02-1.43 s alone and
+        # (before a missed group was avoided for one deadline) up to 1.9 s in a full suite on 2
+        # cores: the test holds the bound it keeps on a loaded machine; the README gives the figures.
         slowest = load.slowest_s(since=frozen_at)
+        print(f"\n{transport}: the slowest answer the freeze met took {slowest:.2f} s; "
+              f"{batches.get('hedges', 0)} hedges")
         assert slowest <= 2.0, slowest
         assert batches.get("hedges", 0) >= 1, batches
     finally:

@@ -60,3 +60,19 @@ def test_a_group_that_keeps_missing_is_ejected_for_longer_each_time():
     assert h.ejected() == {"g0"}  # 10 s this time
     clock.now = 5.1 + 10.1
     assert h.ejected() == frozenset()
+
+
+def test_a_group_that_just_missed_is_avoided_for_one_deadline_until_it_answers():
+    clock = FakeClock()
+    h = Hedging(HedgeConfig(eject_after=3), clock)
+    _warm(h, "g0", 0.01)  # deadline: 3 x 10 ms, at least 50 ms
+    _warm(h, "g1", 0.01)
+    h.missed("g0")
+    assert h.avoided() == {"g0"} and h.ejected() == frozenset()  # avoided, not ejected
+    clock.now = 0.049
+    assert h.avoided() == {"g0"}
+    clock.now = 0.051
+    assert h.avoided() == frozenset()  # one deadline later it is tried again
+    h.missed("g0")
+    h.answered("g0", 0.01, 8)
+    assert h.avoided() == frozenset() and h.misses("g0") == 0  # an answer ends it at once

@@ -224,33 +224,44 @@ def test_a_retry_that_meets_the_next_dead_group_is_retried_again(zoo):
 
 
 def test_a_frozen_group_costs_one_deadline_then_is_ejected_and_answers_stay_right(zoo):
-    """Two copies of every expert; g0 freezes (no answer, no error). Each batch that still goes to
-    it is hedged at its deadline (3 x the p99 of its calls, at least 50 ms) and served by g1; after
-    3 misses in a row g0 is ejected and batches go to g1 alone."""
+    """Two copies of every expert; g0 freezes (no answer, no error). A batch that goes to it is
+    hedged at its deadline (3 x the p99 of its calls, at least 50 ms) and served by g1; batches right
+    after that miss avoid g0 for one deadline; each later batch that meets it is hedged again, and
+    after 3 misses in a row g0 is ejected and batches go to g1 alone."""
     path = zoo.checkpoint("mixtral")
     everything = list(range(load_spec(path).num_experts))
     router, transport = _router(path, {"g0": everything, "g1": everything}, 0, dead=set())
     x = torch.randn(12, 48, generator=torch.Generator().manual_seed(0))
     ref = MoELayer.from_pretrained(path, layer=0)(x)
 
+    async def forward() -> float:
+        start = time.perf_counter()
+        out, _ = await router.forward(0, x)
+        assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+        return time.perf_counter() - start
+
     async def main():
         for _ in range(25):  # the groups' times: what their deadlines come from
             await router.forward(0, x)
         transport.frozen.add("g0")
-        slowest = 0.0
-        for _ in range(6):
-            start = time.perf_counter()
-            out, _ = await router.forward(0, x)
-            slowest = max(slowest, time.perf_counter() - start)
-            assert ((out - ref).abs().max() / ref.abs().max()) <= 1e-5
-        return slowest
+        slowest = await forward()
+        assert router.batch_stats["hedges"] == 1
+        mark = len(transport.calls)
+        slowest = max(slowest, await forward())  # right after the miss: g0 avoided, no second deadline
+        assert "g0" not in transport.calls[mark:] and router.batch_stats["hedges"] == 1
+        for _ in range(2):
+            await asyncio.sleep(0.55)  # past the avoidance (one deadline, at most 500 ms): g0 is met again
+            slowest = max(slowest, await forward())
+        mark = len(transport.calls)
+        for _ in range(3):
+            slowest = max(slowest, await forward())
+        return slowest, transport.calls[mark:]
 
-    transport.calls.clear()
-    slowest = asyncio.run(main())
+    slowest, last_calls = asyncio.run(main())
     assert slowest < 1.0  # one deadline (<= 500 ms) and the retry, never the 30 s timeout
     assert router.batch_stats["hedges"] == 3 and router.hedging.ejections == 1
     assert router.hedging.ejected() == {"g0"}
-    assert transport.calls[-3:] == ["g1"] * 3  # ejected: the last batches did not try g0
+    assert last_calls == ["g1"] * 3  # ejected: the last batches did not try g0
 
 
 def test_only_callers_needing_a_dead_group_fail(zoo):
