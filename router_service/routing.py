@@ -47,7 +47,7 @@ class RoutingTable:
     layers: dict[int, list[list[Copy]]]   # layer -> expert -> copies (at least one per live expert)
 
     @functools.cached_property
-    def blob(self) -> bytes:
+    def _encoded(self) -> bytes:
         """msgpack {"epoch", "groups": [[group, endpoint], ...], "layers": {layer: [[[group index,
         version], ...] per expert]}}: each group named once, not once per copy. Encoded once per table."""
         index: dict[tuple[str, str], int] = {}
@@ -56,7 +56,7 @@ class RoutingTable:
         return msgpack.packb({"epoch": self.epoch, "groups": list(index), "layers": layers})
 
     def encode(self) -> bytes:
-        return self.blob
+        return self._encoded
 
     @classmethod
     def decode(cls, blob: bytes) -> "RoutingTable":
