@@ -17,6 +17,7 @@ import time
 import grpc
 import torch
 
+from protos.collector import settle_gc
 from protos.errors import ChannelRefusedError, InvalidRequestError
 from experts.group import ExpertGroup
 from experts.links import emulated_delay_s, serve_delay
@@ -147,6 +148,7 @@ class ExpertGroupActor:
         port = bind(self._server, f"{host}:0", TLSConfig(**tls) if tls else None)
         await self._server.start()
         self.endpoint = f"{host}:{port}"
+        settle_gc()
         return self.endpoint
 
     async def compute(self, layer: int, rows: torch.Tensor, experts: list[int], counts: list[int],

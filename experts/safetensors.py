@@ -156,7 +156,7 @@ def weight_files(path: Path, opener: type[SafetensorsHeader] = SafetensorsHeader
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             inside = {file: _confined(path, file) for file in set(weight_map.values())}
-            files = {str(name): inside[file] for name, file in weight_map.items()}
+            files = {name: inside[file] for name, file in weight_map.items()}  # JSON keys are str
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index} is not a safetensors index: {type(exc).__name__}: {exc}") from exc
         for file in inside.values():
@@ -186,19 +186,22 @@ def _confined(folder: Path, file: object) -> Path:
     return resolved
 
 
-def _decoder_prefix(path: Path, names: list[str]) -> str:
+def _decoder_prefix(path: Path, names: list[str], gate: str) -> str:
     """The name prefix of the decoder layers ('model.layers.', 'layers.',
-    'model.language_model.layers.'): of the prefixes followed by a layer index, the one with the
-    most layers. Published checkpoints carry other stacks beside it (multi-token-prediction heads:
-    `mtp.layers.0...`); they hold fewer."""
+    'model.language_model.layers.'): of the prefixes followed by a layer index and, further on, the
+    family's gate weight, the one with the most such layers. Published checkpoints carry other
+    stacks beside it (multi-token-prediction heads: `mtp.layers.0...`); they hold fewer. Only gate
+    names are matched: a regex over a V3 index's 90k names took 40 ms at every group's stage."""
     indices: dict[str, set[str]] = {}
     match = re.compile(r"^(.*?\blayers\.)(\d+)\.").match
-    for name in names:
+    suffix = f".{gate}.weight"
+    for name in [name for name in names if name.endswith(suffix)]:
         if m := match(name):
             indices.setdefault(m.group(1), set()).add(m.group(2))
     ranked = sorted(indices, key=lambda prefix: len(indices[prefix]), reverse=True)
     if not ranked or (len(ranked) > 1 and len(indices[ranked[0]]) == len(indices[ranked[1]])):
-        raise CheckpointError(f"cannot find the decoder layers in {path} (prefixes {sorted(indices)})")
+        raise CheckpointError(f"cannot find the decoder layers in {path}: names ending {suffix!r} give the "
+                              f"prefixes {sorted(indices)}")
     return ranked[0]
 
 
@@ -214,7 +217,7 @@ class CheckpointLayout:
         self._closed_bytes_read = 0
         try:
             self.files = weight_files(self.path, opener, self.opened)
-            self.layer_prefix = _decoder_prefix(self.path, list(self.files))
+            self.layer_prefix = _decoder_prefix(self.path, list(self.files), self.spec.gate_attr)
         except BaseException:
             self.close()
             raise

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from protos.collector import settle_gc
 from protos.errors import InvalidRequestError
 from experts.links import emulated_delay_s, serve_delay
 from experts.safetensors import CheckpointLayout  # torch-free; imported with the process, not at its first swap
@@ -105,6 +106,7 @@ class SimulatedGroupActor:
             port = bind(self._server, f"{host}:0", TLSConfig(**tls) if tls else None)
             await self._server.start()
             self.endpoint = f"{host}:{port}"
+            settle_gc()
         return self.endpoint
 
     def ping(self) -> str:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 
 from mesh.state import Intent, MeshState, Replica, held_by
-from router_service.routing import Copy, paused_gc
+from protos.collector import paused_gc
+from router_service.routing import Copy
 
 __all__ = ["GroupView", "STEPS", "Tidy", "named_versions", "plan_copies", "plan_restart", "plan_swap",
            "published_state", "rows_match", "table_layers", "tidy"]

@@ -21,6 +21,7 @@ from pathlib import Path
 import msgpack
 
 from experts import load_spec
+from protos.collector import settle_gc
 from protos.errors import AdminError, MeshError, PlacementError
 from mesh.admin import AdminAuth, accepted, refused
 from mesh.autoscale import plan_autoscale
@@ -109,6 +110,7 @@ class MeshController:
         self.rec.drain_wait = self._drain_direct_clients
         _log_to_stderr()
         hand_back_large_frees()  # a swap's verification reads experts one at a time: their memory goes back
+        settle_gc()  # torch and Ray's objects out of every scan: full collections stalled change steps
         _call_ready_soon()  # after a restart by Ray, adopt the mesh without waiting for a caller
 
     # -- deployment and recovery ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ import dataclasses
 
 import msgpack
 from protos.errors import StateError
-from router_service.routing import paused_gc
+from protos.collector import paused_gc
 
 __all__ = ["Intent", "MeshState", "Replica", "SCHEMA", "held_by"]
 
@@ -25,7 +25,7 @@ APPLIED_KEPT = 64  # change ids remembered, so that a repeated call is recognise
 Key = tuple[int, int]  # (layer, expert)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Replica:
     """One copy of an expert that the desired state names: on `group`, weights from `source`
     (None: the model's own checkpoint), of weight `version` (sha256 prefix of the source bytes)."""

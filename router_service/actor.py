@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from protos.collector import settle_gc
 from protos.errors import MeshError, UnavailableError, one_line
 from experts.memory import keep_freed_memory
 from protos.serving import TLSConfig
@@ -140,6 +141,7 @@ class RouterActor:
         self.server = RouterServer(router, admin, metrics)
         port = await self.server.start()
         self._flusher = asyncio.get_running_loop().create_task(router.flush_forever(FLUSH_S))
+        settle_gc()
         return f"{self.config.host}:{port}"
 
     async def set_table(self, blob: bytes) -> bool:

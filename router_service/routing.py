@@ -6,30 +6,17 @@ the controller on the hot path, and one request is served by exactly one table.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import gc
 from typing import NamedTuple
 
 import msgpack
 import torch
 
-__all__ = ["BatchPlan", "Copy", "Destination", "DispatchPlan", "RoutingTable", "expert_segments", "paused_gc",
+from protos.collector import paused_gc
+
+__all__ = ["BatchPlan", "Copy", "Destination", "DispatchPlan", "RoutingTable", "expert_segments",
            "plan_batch", "plan_dispatch"]
-
-
-@contextlib.contextmanager
-def paused_gc():
-    """Python's cyclic collector paused while a large acyclic structure is built (a V3 table's 30k
-    copies: collections that free nothing took 85% of its decode). Reference counting still frees."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class Copy(NamedTuple):
