@@ -223,6 +223,7 @@ def part_b(args) -> None:
     import ray
 
     from experts.builtin import build_model, save_checkpoint
+    from experts.simulated import SimulatedGroupFactory
     from cluster.local import start_mesh
     from mesh.config import MeshConfig
 
@@ -237,9 +238,9 @@ def part_b(args) -> None:
     cluster = _local_cluster()
     try:
         config = MeshConfig(name="bench-b", admin_token="bench", router={"port": 0, "load_window_s": 4},
-                            groups={"num_groups": 16, "simulated": SIM_COST},
+                            groups={"num_groups": 16},
                             autoscale={"target_tokens_per_s": TARGET_LOAD * 1e3 / cost_ms, "period_s": 2, "max_copies": 8})
-        mesh = start_mesh(config, path, progress=lambda m: print(f"  {m}", flush=True))
+        mesh = start_mesh(config, path, lambda m: print(f"  {m}", flush=True), SimulatedGroupFactory(**SIM_COST))
         figures = {}
         asyncio.run(_closed_loop(mesh.address, requests, args.callers, 3))  # connect, warm up
         figures["off"] = _load_figures(asyncio.run(_closed_loop(mesh.address, requests, args.callers, args.seconds)),

@@ -69,6 +69,7 @@ from mesh.controller import NAMESPACE  # noqa: E402
 from mesh.placement import initial_assignment, spread_groups  # noqa: E402
 from protos import expert_mesh_pb2 as pb  # noqa: E402
 from experts.memory import keep_freed_memory  # noqa: E402
+from experts.simulated import SimulatedGroupFactory  # noqa: E402
 from kernels import combine  # noqa: E402
 from protos.wire import ECHO_LAYER  # noqa: E402
 from router_service import MeshClient  # noqa: E402
@@ -842,9 +843,9 @@ def bench_v3(cluster, root: Path, effort: Effort, r: Results) -> None:
         cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     config = MeshConfig(name="bench-v3", router={"port": 0}, router_dtype="bfloat16",
-                        groups={"num_groups": V3_GROUPS, "simulated": {"latency_ms": 0.0}})
+                        groups={"num_groups": V3_GROUPS})
     progress(f"starting mesh bench-v3 ({V3_GROUPS} simulated groups on {V3_NODES} nodes)")
-    mesh = start_mesh(config, path, progress=progress)
+    mesh = start_mesh(config, path, progress, SimulatedGroupFactory(latency_ms=0.0))
     reps = max(50, effort.overhead_reps // 4)
     try:
         layers = list(MeshClient(mesh.address).info().moe_layers)

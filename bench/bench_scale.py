@@ -51,6 +51,7 @@ from bench.bench_mesh import V3  # noqa: E402
 from cluster.local import start_local_cluster, start_mesh  # noqa: E402
 from experts.builtin import build_model, save_checkpoint  # noqa: E402
 from experts.safetensors import CheckpointLayout  # noqa: E402
+from experts.simulated import SimulatedGroupFactory  # noqa: E402
 from mesh.config import MeshConfig  # noqa: E402
 from mesh.controller import NAMESPACE  # noqa: E402
 from protos import expert_mesh_pb2 as pb  # noqa: E402
@@ -179,10 +180,9 @@ def main() -> None:
     cluster = start_local_cluster(num_nodes=args.nodes)
     ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
     config = MeshConfig(name="bench-scale", admin_token=TOKEN, router={"port": 0}, router_dtype="bfloat16",
-                        swap_probe_experts=0, groups={"num_groups": args.groups, "replicas": 2,
-                                                      "simulated": {"latency_ms": 0.0}})
+                        swap_probe_experts=0, groups={"num_groups": args.groups, "replicas": 2})
     progress(f"mesh up: {args.groups} simulated groups on {args.nodes} nodes, replicas 2")
-    up_s, mesh = timed(lambda: start_mesh(config, root / "old", progress=progress))
+    up_s, mesh = timed(lambda: start_mesh(config, root / "old", progress, SimulatedGroupFactory(latency_ms=0.0)))
     figures: dict[str, str] = {"mesh up": f"{up_s:.1f} s"}
     controller_pid = ray.get(mesh.controller.__ray_call__.remote(lambda self: os.getpid()))
     rss = RssSampler(controller_pid)

@@ -20,6 +20,7 @@ from typing import Callable
 from protos.errors import MeshConflictError
 from mesh.config import MeshConfig
 from mesh.controller import NAMESPACE, MeshController
+from mesh.handles import GroupFactory
 from router_service.actor import RouterActor
 
 __all__ = ["MeshHandle", "find_or_start_mesh", "start_local_cluster", "start_mesh"]
@@ -80,14 +81,15 @@ class MeshHandle:
             ray.kill(self.controller)
 
 
-def start_mesh(config: MeshConfig, model_path: str | Path,
-               progress: Callable[[str], None] = logger.info) -> MeshHandle:
+def start_mesh(config: MeshConfig, model_path: str | Path, progress: Callable[[str], None] = logger.info,
+               group_factory: GroupFactory | None = None) -> MeshHandle:
     """Deploy controller, expert groups and `config.num_routers` routers (on this node); return once
-    every router is SERVING.
+    every router is SERVING. `group_factory`: what runs as a group (default: ExpertGroupFactory, the
+    checkpoint's experts; benchmarks pass experts.simulated.SimulatedGroupFactory).
 
     Needs `ray.init(...)` done. Raises what deployment raised (e.g. PlacementError); raises
     ValueError if a mesh of that name already runs (see `find_or_start_mesh`)."""
-    return _bring_up(config, model_path, progress, adopt=False)[0]
+    return _bring_up(config, model_path, progress, adopt=False, group_factory=group_factory)[0]
 
 
 def find_or_start_mesh(config: MeshConfig, model_path: str | Path,
@@ -102,7 +104,7 @@ def find_or_start_mesh(config: MeshConfig, model_path: str | Path,
 
 
 def _bring_up(config: MeshConfig, model_path: str | Path, progress: Callable[[str], None],
-              adopt: bool) -> tuple[MeshHandle, bool]:
+              adopt: bool, group_factory: GroupFactory | None = None) -> tuple[MeshHandle, bool]:
     import ray
 
     model_path = str(Path(model_path).resolve())
@@ -114,7 +116,7 @@ def _bring_up(config: MeshConfig, model_path: str | Path, progress: Callable[[st
         controller = ray.remote(MeshController).options(
             name=f"{config.name}/controller", namespace=NAMESPACE, lifetime="detached", num_cpus=0,
             max_restarts=-1, get_if_exists=adopt, **pin_here,
-        ).remote(config.model_dump(), model_path)
+        ).remote(config.model_dump(), model_path, group_factory)
     else:
         _check_same_model(controller, config.name, model_path)
         progress(f"adopting the running mesh {config.name!r}")

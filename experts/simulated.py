@@ -32,7 +32,7 @@ from experts.safetensors import CheckpointLayout  # torch-free; imported with th
 from protos import expert_mesh_pb2 as pb
 from protos.serving import TLSConfig, bind, worker_server
 
-__all__ = ["CostModel", "SimulatedGroupActor"]
+__all__ = ["CostModel", "SimulatedGroupActor", "SimulatedGroupFactory"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +148,22 @@ class SimulatedGroupActor:
                 "staged": {l: {e: c[:12] for e, c in staged.items()} for l, staged in self.staged.items()},
                 "nbytes": 0, "compute_s": self.device.compute_s,
                 "tokens_served": [[l, e, n] for (l, e), n in self.device.tokens_served.items()]}
+
+
+@dataclass(frozen=True)
+class SimulatedGroupFactory:
+    """Simulated devices as a mesh's expert groups, for benchmarks: hand one to
+    `cluster.local.start_mesh(..., group_factory=...)` (mesh.handles.GroupFactory). Each group
+    holds no weights, so the memory check counts none, and asks Ray for no GPU."""
+
+    tflops: float = 1.0      # device throughput the cost model assumes
+    latency_ms: float = 0.2  # fixed cost of one batch on a device
+
+    def expert_bytes(self, spec, dtype: str) -> int:
+        return 0
+
+    def create(self, name: str, options: dict, own: dict[int, list[int]], model_path: str, spec, groups):
+        import ray
+
+        cost = CostModel(spec.hidden_size, spec.intermediate_size, self.tflops, self.latency_ms)
+        return ray.remote(SimulatedGroupActor).options(**options).remote(name, own, cost)

@@ -12,16 +12,7 @@ from protos.errors import ConfigError
 from protos.serving import TLSConfig
 from router_service.config import RouterConfig
 
-__all__ = ["AutoscaleConfig", "GroupsConfig", "MeshConfig", "SimulatedConfig", "load_config"]
-
-
-class SimulatedConfig(BaseModel):
-    """Simulated devices (experts/simulated.py): compute time from a cost model, spent asleep. Bench only."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tflops: float = Field(1.0, gt=0, description="Device throughput the cost model assumes.")
-    latency_ms: float = Field(0.2, ge=0, description="Fixed cost of one batch on a device.")
+__all__ = ["AutoscaleConfig", "GroupsConfig", "MeshConfig", "load_config"]
 
 
 class GroupsConfig(BaseModel):
@@ -41,8 +32,6 @@ class GroupsConfig(BaseModel):
         "Memory a group gives the buffers (request and reply) of its collective channels (one per router or direct "
         "client, max_batch_tokens x top_k rows each); past it, a new channel is refused and that caller's "
         "slices go over grpc."))
-    simulated: SimulatedConfig | None = Field(None, description=(
-        "Run simulated devices instead of real experts (benchmarks of skew and scaling; outputs are junk)."))
 
 
 class AutoscaleConfig(BaseModel):

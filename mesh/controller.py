@@ -27,7 +27,7 @@ from mesh.admin import AdminAuth, accepted, refused
 from mesh.autoscale import plan_autoscale
 from mesh.changes import plan_copies, plan_swap
 from mesh.config import MeshConfig
-from mesh.handles import NAMESPACE, RayLauncher, alive_nodes
+from mesh.handles import NAMESPACE, GroupFactory, RayLauncher, alive_nodes
 from mesh.leases import Leases
 from mesh.load import Load, aggregate_load, by_name
 from mesh.placement import (initial_assignment, pick_groups, placement_report, replicate_layer, scale_count,
@@ -41,8 +41,6 @@ from mesh.verify import hand_back_large_frees
 __all__ = ["MeshController", "NAMESPACE"]
 
 logger = logging.getLogger(__name__)
-
-_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def _str_keys(assignment: dict) -> dict:
@@ -86,12 +84,12 @@ def _call_ready_soon() -> None:
 class MeshController:
     """Ray actor body; created by the CLI (or the Serve app) as `<mesh>/controller`, detached."""
 
-    def __init__(self, config: dict, model_path: str):
+    def __init__(self, config: dict, model_path: str, group_factory: GroupFactory | None = None):
         self.config = MeshConfig(**config)
         self.model_path = model_path
         self.spec = load_spec(model_path)
         self.store = StateStore(GcsKVStore(NAMESPACE), self.config.name)
-        self.rec = Reconciler(self.store, RayLauncher(self.config, model_path, self.spec),
+        self.rec = Reconciler(self.store, RayLauncher(self.config, model_path, self.spec, group_factory),
                               list(self.spec.moe_layers), self.spec.num_experts, drain_s=self.config.drain_s,
                               call_timeout_s=self.config.group_timeout_s, push_timeout_s=self.config.push_timeout_s,
                               failure_threshold=self.config.failure_threshold,
@@ -169,10 +167,7 @@ class MeshController:
                               MeshState(autoscale=self.config.autoscale.enabled, secret=secret))
 
     def _check_memory(self, assignment: list[dict], placement: list[str], nodes: list[dict]) -> None:
-        spec, groups = self.spec, self.config.groups
-        if groups.simulated is not None:
-            return  # simulated devices hold no weights
-        per_expert = 3 * spec.hidden_size * spec.intermediate_size * _BYTES[groups.dtype] * 2  # + packed copy
+        groups, per_expert = self.config.groups, self.rec.launcher.expert_bytes()
         memory = {n["NodeID"]: n["Resources"].get("memory", 0) for n in nodes}
         need: dict[str, int] = {}
         for experts, node in zip(assignment, placement):

@@ -4,12 +4,14 @@ the launcher that starts groups pinned to nodes."""
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from protos.errors import GroupGoneError, UnavailableError, one_line
 from mesh.config import MeshConfig
 from router_service.config import NAMESPACE
 
-__all__ = ["NAMESPACE", "RayGroup", "RayLauncher", "RayRouter", "alive_nodes", "has_labels", "pinning"]
+__all__ = ["ExpertGroupFactory", "GroupFactory", "NAMESPACE", "RayGroup", "RayLauncher", "RayRouter", "alive_nodes",
+           "has_labels", "pinning"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +88,50 @@ class RayRouter:
         await self.actor.open_channels.remote(groups, fresh)
 
 
+class GroupFactory(Protocol):
+    """What runs as an expert group: ExpertGroupFactory in a mesh, a bench's simulated devices
+    (experts.simulated.SimulatedGroupFactory) where the launcher is handed one."""
+
+    def expert_bytes(self, spec, dtype: str) -> int:
+        """Memory one expert copy takes on its node (0: none, the memory check passes)."""
+
+    def create(self, name: str, options: dict, own: dict[int, list[int]], model_path: str, spec, groups):
+        """A new Ray actor `name` (`options`: name, pinning, lifetime...) holding the model's own
+        experts `own` ({layer: experts}), with the controller-facing methods of ExpertGroupActor;
+        `groups`: the mesh's GroupsConfig."""
+
+
+_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+class ExpertGroupFactory:
+    """Expert groups that hold the checkpoint's weights and compute (experts/actor.py), on a GPU
+    when the group's nodes have one."""
+
+    def expert_bytes(self, spec, dtype: str) -> int:
+        return 3 * spec.hidden_size * spec.intermediate_size * _BYTES[dtype] * 2  # + the packed copy
+
+    def create(self, name: str, options: dict, own: dict[int, list[int]], model_path: str, spec, groups):
+        import ray
+
+        from experts.actor import ExpertGroupActor
+
+        has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in alive_nodes(groups.node_labels))
+        return ray.remote(ExpertGroupActor).options(num_gpus=1 if has_gpus else 0, **options).remote(
+            name, model_path, own, groups.dtype, groups.torch_threads, groups.channel_budget_bytes)
+
+
 class RayLauncher:
     """Starts expert-group actors `<mesh>/group-<k>` (detached, pinned) and finds actors by name."""
 
-    def __init__(self, config: MeshConfig, model_path: str, spec):
+    def __init__(self, config: MeshConfig, model_path: str, spec, factory: GroupFactory | None = None):
         self.config, self.model_path, self.spec = config, model_path, spec
+        self.factory = factory or ExpertGroupFactory()
         self.secret = ""  # the mesh's data-plane secret: the controller sets it (deploy, adoption)
+
+    def expert_bytes(self) -> int:
+        """Memory one expert copy takes on its node."""
+        return self.factory.expert_bytes(self.spec, self.config.groups.dtype)
 
     def alive_nodes(self) -> list[str]:
         """The live nodes groups may run on (groups.node_labels)."""
@@ -110,9 +150,6 @@ class RayLauncher:
         (`source` not None) loaded from their checkpoints after; returns once it serves."""
         import ray
 
-        from experts.actor import ExpertGroupActor
-        from experts.simulated import CostModel, SimulatedGroupActor
-
         old = _named(name)
         if old is not None:  # hung, or a leftover: the name must be free
             ray.kill(old)
@@ -123,14 +160,7 @@ class RayLauncher:
                 own.setdefault(layer, []).extend(experts)
         options = dict(name=name, namespace=NAMESPACE, lifetime="detached", num_cpus=groups.num_cpus,
                        max_concurrency=64, **pinning(node))
-        if groups.simulated is not None:  # a cost model asleep: no weights, no GPU
-            cost = CostModel(self.spec.hidden_size, self.spec.intermediate_size, groups.simulated.tflops,
-                             groups.simulated.latency_ms)
-            actor = ray.remote(SimulatedGroupActor).options(**options).remote(name, own, cost)
-        else:
-            has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in alive_nodes(groups.node_labels))
-            actor = ray.remote(ExpertGroupActor).options(num_gpus=1 if has_gpus else 0, **options).remote(
-                name, self.model_path, own, groups.dtype, groups.torch_threads, groups.channel_budget_bytes)
+        actor = self.factory.create(name, options, own, self.model_path, self.spec, groups)
         for layer, experts, source in loads:
             if source is not None:
                 await actor.load_experts.remote(layer, experts, source)
