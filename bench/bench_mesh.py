@@ -66,12 +66,13 @@ from experts import MoELayer  # noqa: E402
 from experts.builtin import build_model, save_checkpoint  # noqa: E402
 from mesh.config import MeshConfig  # noqa: E402
 from mesh.controller import NAMESPACE  # noqa: E402
+from mesh.handles import ExpertGroupFactory  # noqa: E402
 from mesh.placement import initial_assignment, spread_groups  # noqa: E402
 from protos import expert_mesh_pb2 as pb  # noqa: E402
+from experts.actor import ExpertGroupActor, ExpertGroupServer  # noqa: E402
 from experts.memory import keep_freed_memory  # noqa: E402
 from experts.simulated import SimulatedGroupFactory  # noqa: E402
 from kernels import combine  # noqa: E402
-from protos.wire import ECHO_LAYER  # noqa: E402
 from router_service import MeshClient  # noqa: E402
 from router_service.direct import DirectClient  # noqa: E402
 from router_service.config import RouterConfig  # noqa: E402
@@ -475,11 +476,27 @@ def bench_in_process(models: dict[str, Model], effort: Effort, r: Results) -> No
 
 # ---- the mesh ----
 
+ECHO_LAYER = -1  # a batch for this layer comes back from an echoing group as sent
+
+
+class EchoingGroupServer(ExpertGroupServer):
+    """A group's server that hands ECHO_LAYER's rows back, for the bandwidth through the boundary
+    (plan, dispatch, combine) with the group's compute taken out; every other layer computes."""
+
+    def compute_sync(self, layer, rows, *args):
+        return rows if layer == ECHO_LAYER else super().compute_sync(layer, rows, *args)
+
+
+class EchoingGroupActor(ExpertGroupActor):
+    server_class = EchoingGroupServer
+
+
 @contextlib.contextmanager
-def running_mesh(name: str, model: Model, **router):
+def running_mesh(name: str, model: Model, echo: bool = False, **router):
+    """A mesh of `model`; `echo`: its groups also echo ECHO_LAYER (bench_boundary)."""
     config = MeshConfig(name=name, router={"port": 0, **router})
     progress(f"starting mesh {name} ({model.name}, router {router or 'defaults'})")
-    mesh = start_mesh(config, model.path, progress=progress)
+    mesh = start_mesh(config, model.path, progress, ExpertGroupFactory(EchoingGroupActor if echo else None))
     try:
         yield mesh
     finally:
@@ -507,9 +524,9 @@ def echo_through_boundary(mesh, kind: str, transport) -> Callable[[torch.Tensor]
         plan = plan_batch(order, counts, copies)
         rows = x.index_select(0, plan.order)
         y = torch.empty_like(rows)
-        failed = loop.run_until_complete(transport.dispatch(ECHO_LAYER, 0, rows, None, plan.destinations, y))
-        if failed:
-            raise RuntimeError(f"{kind} echo through the boundary failed: {failed}")
+        outcome = loop.run_until_complete(transport.dispatch(ECHO_LAYER, 0, rows, None, plan.destinations, y))
+        if outcome.errors:
+            raise RuntimeError(f"{kind} echo through the boundary failed: {outcome.errors}")
         return combine(y, plan.order, torch.ones(num_tokens, 1), num_tokens)
 
     call.loop = loop
@@ -606,7 +623,7 @@ def check_mesh_layout(mesh, model: Model) -> None:
 
 def bench_mesh(models: dict[str, Model], effort: Effort, r: Results) -> None:
     big, tiny = models["big"], models["tiny"]
-    with running_mesh("bench-big", big) as mesh, MeshClient(mesh.address, timeout_s=120) as client:
+    with running_mesh("bench-big", big, echo=True) as mesh, MeshClient(mesh.address, timeout_s=120) as client:
         check_mesh_layout(mesh, big)
         forward = lambda x: client.forward(LAYER, x)  # noqa: E731
         r.add_error(MESH, rel_error(forward, big.reference))
@@ -720,7 +737,7 @@ def bench_collective(models: dict[str, Model], effort: Effort, r: Results) -> No
     big, tiny = models["big"], models["tiny"]
     fallbacks = 0
     for model, name in ((big, "bench-coll-big"), (tiny, "bench-coll-tiny")):
-        with running_mesh(name, model, transport="collective") as mesh, \
+        with running_mesh(name, model, echo=model is big, transport="collective") as mesh, \
                 MeshClient(mesh.address, timeout_s=120) as client:
             warm = _warm_collective(mesh, client, model.hidden_size)
             forward = lambda x: client.forward(LAYER, x)  # noqa: E731

@@ -24,7 +24,7 @@ from experts.links import emulated_delay_s, serve_delay
 from experts.memory import keep_freed_memory
 from protos import expert_mesh_pb2 as pb
 from protos.serving import TLSConfig, bind, worker_server
-from protos.wire import DTYPES, ECHO_LAYER, from_proto, to_proto
+from protos.wire import DTYPES, from_proto, to_proto
 
 __all__ = ["ExpertGroupActor", "ExpertGroupServer"]
 
@@ -70,8 +70,6 @@ class ExpertGroupServer:
 
     def compute_sync(self, layer: int, rows: torch.Tensor, experts: list[int], counts: list[int],
                      scale: torch.Tensor | None, versions: list[str] | None = None) -> torch.Tensor:
-        if layer == ECHO_LAYER:
-            return rows
         start = time.perf_counter()
         with torch.inference_mode():
             out = self.group.forward(layer, rows, experts, counts, scale, versions).to(rows.dtype)  # the sender's
@@ -120,7 +118,10 @@ class ExpertGroupServer:
 
 
 class ExpertGroupActor:
-    """Ray actor body (wrapped with ray.remote by the controller, which sets placement and name)."""
+    """Ray actor body (wrapped with ray.remote by the controller, which sets placement and name).
+    `server_class`: what serves its group (a bench's subclass may echo instead of computing)."""
+
+    server_class = ExpertGroupServer
 
     def __init__(self, name: str, model_path: str, assignment: dict[int, list[int]], dtype: str = "float32",
                  torch_threads: int = 0, channel_budget_bytes: int = 1 << 30):
@@ -130,7 +131,7 @@ class ExpertGroupActor:
         self.name = name
         self.model_path = model_path
         group = ExpertGroup.from_checkpoint(model_path, assignment, DTYPES[dtype])
-        self.server_impl = ExpertGroupServer(name, group, emulated_delay_s())
+        self.server_impl = self.server_class(name, group, emulated_delay_s())
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
         self._changing = threading.Lock()  # copies are added, staged and released from worker threads

@@ -106,7 +106,10 @@ _BYTES = {"float32": 4, "bfloat16": 2}
 
 class ExpertGroupFactory:
     """Expert groups that hold the checkpoint's weights and compute (experts/actor.py), on a GPU
-    when the group's nodes have one."""
+    when the group's nodes have one. `actor_class`: ExpertGroupActor or a subclass of it."""
+
+    def __init__(self, actor_class: type | None = None):
+        self.actor_class = actor_class
 
     def expert_bytes(self, spec, dtype: str) -> int:
         return 3 * spec.hidden_size * spec.intermediate_size * _BYTES[dtype] * 2  # + the packed copy
@@ -117,7 +120,7 @@ class ExpertGroupFactory:
         from experts.actor import ExpertGroupActor
 
         has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in alive_nodes(groups.node_labels))
-        return ray.remote(ExpertGroupActor).options(num_gpus=1 if has_gpus else 0, **options).remote(
+        return ray.remote(self.actor_class or ExpertGroupActor).options(num_gpus=1 if has_gpus else 0, **options).remote(
             name, model_path, own, groups.dtype, groups.torch_threads, groups.channel_budget_bytes)
 
 

@@ -10,10 +10,9 @@ import torch
 from protos.errors import WireError
 from protos import expert_mesh_pb2 as pb
 
-__all__ = ["DTYPES", "ECHO_LAYER", "TOKEN_DTYPES", "WireError", "decode_into", "from_proto", "to_proto"]
+__all__ = ["DTYPES", "TOKEN_DTYPES", "WireError", "decode_into", "from_proto", "to_proto"]
 
 MAX_DIMS, MAX_DIM = 8, (1 << 31) - 1  # no tensor of the mesh is bigger: element counts and strides fit int64
-ECHO_LAYER = -1  # a batch for this layer comes back as sent: bench_mesh's bandwidth through the boundary
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKEN_DTYPES: dict[str, torch.dtype] = {"int64": torch.int64}  # ForwardRequest.token_ids
