@@ -34,7 +34,7 @@ from mesh.placement import (initial_assignment, pick_groups, placement_report, r
                             shared_nodes, spread_groups)
 from mesh.probes import ProbeFleet
 from mesh.reconciler import Reconciler
-from mesh.state import MeshState, held_by
+from mesh.state import MeshState
 from mesh.store import GcsKVStore, StateStore
 from mesh.verify import hand_back_large_frees
 
@@ -120,7 +120,7 @@ class MeshController:
         if self._recovering is None or _failed(self._recovering):
             self._recovering = asyncio.ensure_future(self._recover())
         await self._recovering
-        return self.rec.table.epoch
+        return self.rec.epoch
 
     async def _recover(self) -> bool:
         state = self.store.load()
@@ -134,7 +134,7 @@ class MeshController:
         await self.rec.publish()  # a new epoch: never one a previous incarnation used
         self._start_loops()
         logger.info("controller adopted %d groups (%d live), %d routers at epoch %d in %.2f s",
-                    len(state.groups), len(self.rec.seen), len(self.rec.routers), self.rec.table.epoch,
+                    len(state.groups), len(self.rec.seen), len(self.rec.routers), self.rec.epoch,
                     time.perf_counter() - start)
         return True
 
@@ -262,12 +262,12 @@ class MeshController:
         to attach anew, the new table or None)."""
         if not self.leases.renew(client, time.monotonic(), epoch, oldest_inflight, report):
             return False, None
-        if self.rec.table.epoch <= epoch:
+        if self.rec.epoch <= epoch:
             try:
                 await asyncio.wait_for(self._published.wait(), wait_s)
             except asyncio.TimeoutError:
                 pass
-        return True, self.rec.table.encode() if self.rec.table.epoch > epoch else None
+        return True, self.rec.table.encode() if self.rec.epoch > epoch else None
 
     def detach_direct(self, client: str) -> None:
         """A direct client closed: its lease ends now."""
@@ -305,13 +305,8 @@ class MeshController:
             self.auth.check_admin(token)
             message, change_id = await change()
         except (AdminError, MeshError, ValueError) as exc:
-            return refused(verb, exc, self.rec.table.epoch)
-        return accepted(message, self.rec.table.epoch, change_id)
-
-    def _live(self) -> dict[str, dict[int, list[int]]]:
-        """{group: {layer: experts}} of the desired copies on groups seen alive."""
-        held = held_by(self.rec.state.copies)
-        return {g: held.get(g, {}) for g in self.rec.state.groups if g in self.rec.seen}
+            return refused(verb, exc, self.rec.epoch)
+        return accepted(message, self.rec.epoch, change_id)
 
     async def _submit_copies(self, kind: str, make_plan) -> str:
         """Plan (under the lock, against the state in force) and carry out a change of copies;
@@ -334,7 +329,7 @@ class MeshController:
             rates = (await self.load()).rates
 
             async def make_plan():
-                plan = self._live()
+                plan = self.rec.live_holdings()
                 count = scale_count(replicas, len(self.rec.state.copies.get((layer, expert), ())),
                                     sum(expert in e.get(layer, []) for e in plan.values()))
                 for group in pick_groups(plan, rates, layer, expert, count, self.rec.state.groups):
@@ -403,10 +398,10 @@ class MeshController:
         little. New copies serve before old ones leave. Returns the counts that changed ("layer/expert")."""
         settings = self.config.autoscale
         rates = (await self.load()).rates
-        before = self._copy_counts()
+        before = self.rec.copy_counts()
 
         async def make_plan():
-            plan = self._live()
+            plan = self.rec.live_holdings()
             counts = {(l, e): len(rs) for (l, e), rs in self.rec.state.copies.items()}
             most = min(settings.max_copies or len(plan), len(plan))
             wanted = {**counts, **plan_autoscale(rates, counts, settings.target_tokens_per_s, most, settings.hysteresis)}
@@ -416,14 +411,10 @@ class MeshController:
             return plan
 
         await self._submit_copies("autoscale", make_plan)
-        changes = {f"{l}/{e}": n for (l, e), n in self._copy_counts().items() if n != before.get((l, e))}
+        changes = {f"{l}/{e}": n for (l, e), n in self.rec.copy_counts().items() if n != before.get((l, e))}
         if changes:
             logger.info("autoscale: %s", changes)
         return changes
-
-    def _copy_counts(self) -> dict[tuple[int, int], int]:
-        """Copies per (layer, expert) in the routing table (experts with none left out)."""
-        return {(l, e): len(c) for l, experts in self.rec.table.layers.items() for e, c in enumerate(experts) if c}
 
     # -- placement by measured latency ---------------------------------------------------------------
 
@@ -433,10 +424,9 @@ class MeshController:
 
     async def _placement_plan(self) -> dict:
         links = await self.measure_links()
-        router_nodes = [n for n in await asyncio.gather(*(r.actor.node_id.remote() for r in self.rec.routers.values()),
-                                                        return_exceptions=True) if isinstance(n, str)]
+        router_nodes = await self.rec.router_nodes()
         router_nodes += [lease.node for lease in self.leases.live(time.monotonic()).values()]  # direct clients
-        current = self._live()
+        current = self.rec.live_holdings()
         return placement_report(links, router_nodes, current, {n: self.rec.state.groups[n] for n in current},
                                 await self.load(pairs=True), self.config.placement_balance, self.spec.top_k)
 
@@ -474,10 +464,8 @@ class MeshController:
     async def load(self, pairs: bool = False) -> Load:
         """Tokens since start, tokens/s over the routers' window and, with `pairs`, co-activated
         pairs/s (up to 60k of them at V3's shape: only placement reads them), all routers."""
-        reports = await asyncio.gather(*(r.actor.load_report.remote(pairs) for r in self.rec.routers.values()),
-                                       return_exceptions=True)
         direct = [lease.report for lease in self.leases.live(time.monotonic()).values() if lease.report]
-        return aggregate_load([r for r in reports if isinstance(r, bytes)] + direct, self.spec.top_k)
+        return aggregate_load(await self.rec.router_reports(pairs) + direct, self.spec.top_k)
 
     async def snapshot(self) -> bytes:
         """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive, suspect), routers,
@@ -492,7 +480,7 @@ class MeshController:
         copies = {f"{l}/{e}": len(c) for l, experts in self.rec.table.layers.items() for e, c in enumerate(experts)}
         return msgpack.packb({
             "mesh": self.config.name, "model": self.model_path, "model_type": self.spec.model_type,
-            "epoch": self.rec.table.epoch, "revision": state.revision, "uptime_s": time.time() - self.started_at,
+            "epoch": self.rec.epoch, "revision": state.revision, "uptime_s": time.time() - self.started_at,
             "autoscale": state.autoscale, "groups": groups, "routers": list(self.rec.routers), "copies": copies,
             "direct_clients": self.leases.describe(time.monotonic()), "last_push": self.rec.last_push,
             "sources": {f"{l}/{e}": rs[0].source for (l, e), rs in state.copies.items() if rs[0].source},
@@ -503,23 +491,10 @@ class MeshController:
 
     async def shutdown(self) -> None:
         """Stop the routers and kill every group and probe of this mesh."""
-        import ray
-
         for task in self._tasks:
             task.cancel()
         await self.rec.close()  # restarts in flight end here, before the state is deleted
         self.store.delete()
-        await asyncio.gather(*(r.actor.stop.remote() for r in self.rec.routers.values()), return_exceptions=True)
-        probes = []  # by name: an earlier incarnation of this controller may have started them
-        for node in (n["NodeID"] for n in alive_nodes()):
-            try:
-                probes.append(ray.get_actor(f"{self.config.name}/probe-{node[:12]}", namespace=NAMESPACE))
-            except ValueError:
-                pass
-        actors = [r.actor for r in self.rec.routers.values()] + [g.actor for g in self.rec.groups.values()]
-        for handle in [*actors, *probes]:
-            try:
-                ray.kill(handle)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        await self.rec.stop_all()
+        self.probes.kill()
 

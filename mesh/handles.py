@@ -70,10 +70,25 @@ class RayGroup:
     async def unstage(self, layer: int) -> None:
         await self._call("unstage", layer)
 
+    def kill(self) -> None:
+        _kill(self.actor)
+
 
 class RayRouter:
     def __init__(self, actor):
         self.actor = actor
+
+    async def load_report(self, pairs: bool) -> bytes:
+        return await self.actor.load_report.remote(pairs)
+
+    async def node_id(self) -> str:
+        return await self.actor.node_id.remote()
+
+    async def stop(self) -> None:
+        await self.actor.stop.remote()
+
+    def kill(self) -> None:
+        _kill(self.actor)
 
     async def epoch(self) -> int:
         return await self.actor.epoch.remote()
@@ -179,3 +194,12 @@ def _named(name: str):
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return None
+
+
+def _kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - already gone
+        pass

@@ -45,6 +45,7 @@ class GroupHandle(Protocol):
     async def stage(self, layer: int, experts: list[int], source: str, probed: list[int], probe) -> dict: ...
     async def commit(self, layer: int) -> None: ...
     async def unstage(self, layer: int) -> None: ...
+    def kill(self) -> None: ...
 
 
 class RouterHandle(Protocol):
@@ -52,6 +53,10 @@ class RouterHandle(Protocol):
     async def open_channels(self, groups: list[str], fresh: bool) -> None: ...
     async def set_table(self, blob: bytes) -> bool: ...
     async def start(self, port: int | None = None) -> str: ...
+    async def load_report(self, pairs: bool) -> bytes: ...
+    async def node_id(self) -> str: ...
+    async def stop(self) -> None: ...
+    def kill(self) -> None: ...
 
 
 class Launcher(Protocol):
@@ -484,6 +489,38 @@ class Reconciler:
         for task in list(self._restarts):
             task.cancel()
         await asyncio.gather(*self._restarts, return_exceptions=True)
+
+    async def stop_all(self) -> None:
+        """After close: every router stopped, then every router and group killed."""
+        await asyncio.gather(*(r.stop() for r in self.routers.values()), return_exceptions=True)
+        for handle in [*self.routers.values(), *self.groups.values()]:
+            handle.kill()
+
+    # -- what the controller reads ----------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the table in force."""
+        return self.table.epoch
+
+    def live_holdings(self) -> dict[str, dict[int, list[int]]]:
+        """{group: {layer: experts}} of the desired copies on groups seen alive."""
+        held = held_by(self.state.copies)
+        return {g: held.get(g, {}) for g in self.state.groups if g in self.seen}
+
+    def copy_counts(self) -> dict[tuple[int, int], int]:
+        """Copies per (layer, expert) in the routing table (experts with none left out)."""
+        return {(l, e): len(c) for l, experts in self.table.layers.items() for e, c in enumerate(experts) if c}
+
+    async def router_reports(self, pairs: bool) -> list[bytes]:
+        """Every router's load report that came back (mesh/load.py aggregates them)."""
+        reports = await asyncio.gather(*(r.load_report(pairs) for r in self.routers.values()), return_exceptions=True)
+        return [r for r in reports if isinstance(r, bytes)]
+
+    async def router_nodes(self) -> list[str]:
+        """The nodes the routers that answered run on."""
+        nodes = await asyncio.gather(*(r.node_id() for r in self.routers.values()), return_exceptions=True)
+        return [n for n in nodes if isinstance(n, str)]
 
     async def _restart(self, groups: list[str]) -> None:
         """Restore `groups`, and every group found dead meanwhile, as one change: a lost node's

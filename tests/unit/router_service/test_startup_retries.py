@@ -42,7 +42,7 @@ def test_a_router_whose_start_failed_starts_on_the_next_call():
 def test_a_controller_whose_recovery_failed_recovers_on_the_next_call():
     recover, calls = _flaky(True)
     controller = types.SimpleNamespace(_recovering=None, _recover=recover,
-                                       rec=types.SimpleNamespace(table=types.SimpleNamespace(epoch=7)))
+                                       rec=types.SimpleNamespace(epoch=7))
 
     async def main():
         with pytest.raises(ConnectionError):
