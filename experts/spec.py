@@ -1,8 +1,8 @@
 """MoESpec: what one MoE model's expert layers are, derived from its config.json.
 
-Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, qwen3_next,
-qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, deepseek_v3, deepseek_v32,
-glm4_moe, minimax_m2, gpt_oss, llama4_text (and llama4, whose `text_config` is used), mistral_large4_text
+Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, mellum, qwen3_next,
+qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, flex_olmo, deepseek_v3,
+deepseek_v32, glm4_moe, glm4_moe_lite, dots1, exaone_moe, minimax_m2, gpt_oss, llama4_text (and llama4, whose `text_config` is used), mistral_large4_text
 (and mistral_large4, whose `text_config` is used), deepseek_v4. A family is one entry
 of `_FAMILIES`: a function from its config.json to the spec.
 """
@@ -123,9 +123,13 @@ def _common(config: dict[str, Any], model_type: str) -> dict[str, Any]:
 
 
 def _qwen_moe_layers(config: dict[str, Any], model_type: str) -> tuple[int, ...]:
+    """`mlp_layer_types` ("dense" / "sparse" per layer, Mellum) when given, else every
+    `decoder_sparse_step`-th layer not in `mlp_only_layers`."""
+    num_layers = int(_get(config, "num_hidden_layers", model_type))
+    if config.get("mlp_layer_types"):
+        return _deepseek_moe_layers(config, num_layers)
     step = int(config.get("decoder_sparse_step", 1))
     dense = set(config.get("mlp_only_layers") or [])
-    num_layers = int(_get(config, "num_hidden_layers", model_type))
     return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
 
 
@@ -176,17 +180,26 @@ def _olmoe(config: dict[str, Any], mt: str) -> MoESpec:
 
 
 def _deepseek_v3(config: dict[str, Any], mt: str) -> MoESpec:
-    """DeepSeek-V3 and the families with its MoE block (GLM-4.5 `glm4_moe`, DeepSeek-V3.2)."""
+    """DeepSeek-V3 and the families with its MoE block: GLM-4.5 `glm4_moe`, GLM-4.7-Flash
+    `glm4_moe_lite`, DeepSeek-V3.2, dots.llm1 `dots1`, K-EXAONE `exaone_moe` (`_exaone_moe`: its own
+    names `num_experts`, `num_shared_experts`)."""
     common = _common(config, mt)
     moe_size = int(_get(config, "moe_intermediate_size", mt))
+    shared = int(config.get("n_shared_experts") or config.get("num_shared_experts") or 0)
     return MoESpec(**common, moe_layers=_deepseek_moe_layers(config, common["num_layers"]),
-                   num_experts=int(_get(config, "n_routed_experts|num_local_experts", mt)),
+                   num_experts=int(_get(config, "n_routed_experts|num_local_experts|num_experts", mt)),
                    intermediate_size=moe_size, scoring="sigmoid_grouped",
                    renormalize=bool(config.get("norm_topk_prob", True)),
                    num_groups=int(config.get("n_group") or 1), topk_groups=int(config.get("topk_group") or 1),
                    scaling=float(config.get("routed_scaling_factor", 1.0)), has_score_bias=True,
-                   shared_intermediate_size=moe_size * int(config.get("n_shared_experts") or 0),
-                   shared_attr="shared_experts")
+                   shared_intermediate_size=moe_size * shared, shared_attr="shared_experts")
+
+
+def _exaone_moe(config: dict[str, Any], mt: str) -> MoESpec:
+    """DeepSeek-V3's block; its published checkpoints keep the score bias on the block
+    (`mlp.e_score_correction_bias`), transformers' fused layout under the gate."""
+    return dataclasses.replace(_deepseek_v3(config, mt),
+                               score_bias=("gate.e_score_correction_bias", "e_score_correction_bias"))
 
 
 def _deepseek_moe_layers(config: dict[str, Any], num_layers: int, first_dense: int = 0) -> tuple[int, ...]:
@@ -281,10 +294,15 @@ _FAMILIES = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
+    "mellum": _qwen3_moe,
     "olmoe": _olmoe,
+    "flex_olmo": _olmoe,
     "deepseek_v3": _deepseek_v3,
     "deepseek_v32": _deepseek_v3,
     "glm4_moe": _deepseek_v3,
+    "glm4_moe_lite": _deepseek_v3,
+    "dots1": _deepseek_v3,
+    "exaone_moe": _exaone_moe,
     "minimax_m2": _minimax_m2,
     "qwen3_next": _qwen3_next,
     "qwen3_5_moe_text": _qwen3_5_moe_text,
