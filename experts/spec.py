@@ -2,9 +2,10 @@
 
 Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, mellum, qwen3_next,
 qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, flex_olmo, deepseek_v3,
-deepseek_v32, glm4_moe, glm4_moe_lite, dots1, exaone_moe, minimax_m2, gpt_oss, llama4_text (and llama4, whose `text_config` is used), mistral_large4_text
-(and mistral_large4, whose `text_config` is used), deepseek_v4. A family is one entry
-of `_FAMILIES`: a function from its config.json to the spec.
+deepseek_v32, glm4_moe, glm4_moe_lite, dots1, exaone_moe, minimax_m2, gpt_oss, llama4_text (and
+llama4, whose `text_config` is used), mistral_large4_text (and mistral_large4, whose `text_config` is
+used), deepseek_v4. A family is one entry of `_FAMILIES`: a function from its config.json to the
+spec; `NOT_SERVED` names the others examined, with the reason.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from protos.errors import UnsupportedModelError
 if TYPE_CHECKING:
     from kernels.expert_mlp import GatedActivation
 
-__all__ = ["MoESpec", "SUPPORTED_MODEL_TYPES", "load_config", "load_spec", "spec_from_config"]
+__all__ = ["MoESpec", "NOT_SERVED", "SUPPORTED_MODEL_TYPES", "TEXT_MODELS", "load_config", "load_spec",
+           "spec_from_config"]
 
 Scoring = Literal["softmax", "sigmoid_grouped", "topk_then_sigmoid", "sqrtsoftplus"]
 # How a fused checkpoint stores the experts: "rows" gate_up_proj [E, 2I, H] (gate rows, then up rows)
@@ -311,7 +313,73 @@ _FAMILIES = {
     "mistral_large4_text": _mistral_large4_text,
     "deepseek_v4": _deepseek_v4,
 }
-_TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",
+# Examined in transformers 5.23 and not served: model_type -> why, as `mesh up` and `mesh check`
+# say it. The README's not-served table is this dict, and tests/unit/experts/test_family_inventory.py
+# holds both to the installed transformers' MoE model folders.
+NOT_SERVED: dict[str, str] = {
+    # the same block as a served family, not wired and tested yet
+    "kimi_linear": "DeepSeek-V3's router and experts beside linear attention; not wired and tested yet",
+    "mimo_v2_flash": "DeepSeek-V3's router and experts; not wired and tested yet",
+    "jamba": "Qwen2-MoE's softmax top-k without renormalisation, in Mamba and attention layers alike; not wired yet",
+    "granitemoe": "Mixtral's routing with its own expert storage; not wired and tested yet",
+    "granitemoeshared": "Mixtral's routing, and a shared MLP on the decoder layer beside the block; not wired yet",
+    "granitemoehybrid": "Mixtral's routing in a Mamba hybrid, a shared MLP beside the block; not wired yet",
+    "hunyuan_v1_moe": "float32 gate, a top-k per layer and a shared MLP; not wired yet",
+    "mistral4": "mistral_large4's block with the router's linear in the model dtype; not wired yet",
+    "solar_open": "GLM-4.5's block (glm4_moe) on every layer; not wired and tested yet",
+    "glm_moe_dsa": "DeepSeek-V3.2's block; not wired and tested yet",
+    "axk2": "DeepSeek-V3.2's block while n_group is unset (a set n_group masks groups with 0, not -inf); not wired yet",
+    "bailing_hybrid": "DeepSeek-V3's block under its own names (num_experts_per_token, moe_renormalize); not wired yet",
+    "hy_v3": "DeepSeek-V3's gate, always renormalised, its bias on the block; not wired and tested yet",
+    "afmoe": "DeepSeek-V3's gate with one group, the router's linear in the model dtype, its bias on the block; "
+             "not wired yet",
+    "minimax": "Mixtral's block beside lightning attention layers; not wired and tested yet",
+    "granitemoe_swa": "Mixtral's routing (an ungated shared MLP beside the block when shared_intermediate_size > 0); "
+                      "not wired yet",
+    "lfm2_moe": "MiniMax-M2's gate with the sigmoid in the model dtype, its block as feed_forward; not wired yet",
+    "glm4v_moe": "GLM-4.5's block in the text model of a vision-language model; not wired yet",
+    "qwen3_vl_moe": "Qwen3-MoE's block (always renormalised), experts stored transposed, in a vision-language "
+                    "model; not wired yet",
+    "qwen3_omni_moe": "Qwen3-MoE's block in the thinker's text model; the talker's differs (a gated shared "
+                      "expert); not wired yet",
+    "qwen4_exp": "Qwen3-Next's block in the text model, hyper-connections around it; not wired and tested yet",
+    "dots3_note": "dots1's block in a vision-language model, shared experts sized by their own field; not wired yet",
+    "aria": "top-k then softmax in the model dtype, experts stored transposed, in a vision-language model; "
+            "not wired yet",
+    # a gate or expert the kernels do not have
+    "deepseek_v2": "float32 softmax then top-k (greedy or group-limited), never renormalised, x routed_scaling_factor",
+    "deepseek_ocr2": "DeepSeek-V2's gate: softmax top-k never renormalised, with ungated shared experts",
+    "unlimited_ocr": "DeepSeek-V2's gate: softmax top-k never renormalised, with ungated shared experts",
+    "ernie4_5_vl_moe": "a selection-only bias, clamped renormalisation, and separate text and vision experts",
+    "flint": "sigmoid top-k with no score bias beside a shared expert (DeepSeek-V3's gate without its bias)",
+    "glm5_next": "DeepSeek-V3's gate with routed and shared SwiGLU clamped at swiglu_limit, hyper-connections",
+    "step3p7": "routed and shared experts clamped after SiLU on the layers swiglu_limits lists",
+    "hy_v4": "routed experts' SwiGLU clamped at swiglu_limit, the shared expert not",
+    "inkling2": "soft-capped SwiGLU experts (tanh caps on gate and up)",
+    "kolibri1": "top-k over raw logits + bias, weights the sigmoid of those logits, no renormalisation by default",
+    "minimax_m3_vl": "gpt-oss's clamped SwiGLU without biases, sigmoid + bias routing, x 2, a shared expert",
+    "muse_spark": "router logits scaled before the sigmoid, experts at a narrower width with norms around them",
+    "beam": "no shared expert, routed_scaling_factor after the sum, SwiGLU in float32",
+    "cohere2_moe": "shared experts averaged with the routed output ((routed + shared) / 2)",
+    "axk1": "the block's output (routed + shared) RMS-normed before the residual",
+    "dbrx": "p-norm renormalisation of the top-k weights (w1/v1/w2 storage under transformer.blocks)",
+    "phimoe": "sparsemixer routing (its own top-2 weighting), which the gate kernels lack",
+    "longcat_flash": "identity 'zero' experts among the routed ones",
+    "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
+    "ernie4_5_moe": "a score bias for the choice only, renormalisation clamped at moe_norm_min",
+    "laguna": "router logits soft-capped before the sigmoid",
+    "inkling": "routed and shared scores normalised together, times route_scale x global_scale",
+    # a different shape of layer
+    "diffusion_gemma": "a block-diffusion encoder-decoder, not a causal decoder",
+    "openai_privacy_filter": "a bidirectional encoder for token classification, not a causal decoder",
+    "gemma4": "router and experts on the decoder layer beside a dense MLP",
+    "doge": "product-key experts, not a routed top-k over expert MLPs",
+    "jetmoe": "mixture of attention experts as well as MLP experts",
+    "zaya": "router state carried from layer to layer",
+    "nllb_moe": "an encoder-decoder model",
+    "switch_transformers": "an encoder-decoder model",
+}
+TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",
                 "mistral_large4": "mistral_large4_text"}  # multimodal: the text model is served
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
@@ -319,8 +387,10 @@ SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 def spec_from_config(config: dict[str, Any]) -> MoESpec:
     """Derive the MoE spec from a config.json dict; UnsupportedModelError for other architectures."""
     model_type = config.get("model_type")
-    if model_type in _TEXT_MODELS:
-        config, model_type = config.get("text_config") or {}, _TEXT_MODELS[model_type]
+    if model_type in TEXT_MODELS:
+        config, model_type = config.get("text_config") or {}, TEXT_MODELS[model_type]
+    if model_type in NOT_SERVED:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not served: {NOT_SERVED[model_type]}")
     if model_type not in _FAMILIES:
         raise UnsupportedModelError(f"unsupported model_type {model_type!r} in config.json; "
                                     f"expert-mesh serves {', '.join(SUPPORTED_MODEL_TYPES)}")
