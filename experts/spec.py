@@ -2,7 +2,7 @@
 
 Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, mellum, qwen3_next,
 qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, flex_olmo, deepseek_v3,
-deepseek_v32, glm4_moe, glm4_moe_lite, dots1, exaone_moe, minimax_m2, gpt_oss, llama4_text (and
+deepseek_v32, glm4_moe, glm4_moe_lite, glm_moe_dsa, dots1, solar_open, exaone_moe, minimax_m2, gpt_oss, llama4_text (and
 llama4, whose `text_config` is used), mistral_large4_text (and mistral_large4, whose `text_config` is
 used), deepseek_v4. A family is one entry of `_FAMILIES`: a function from its config.json to the
 spec; `NOT_SERVED` names the others examined, with the reason.
@@ -183,8 +183,8 @@ def _olmoe(config: dict[str, Any], mt: str) -> MoESpec:
 
 def _deepseek_v3(config: dict[str, Any], mt: str) -> MoESpec:
     """DeepSeek-V3 and the families with its MoE block: GLM-4.5 `glm4_moe`, GLM-4.7-Flash
-    `glm4_moe_lite`, DeepSeek-V3.2, dots.llm1 `dots1`, K-EXAONE `exaone_moe` (`_exaone_moe`: its own
-    names `num_experts`, `num_shared_experts`)."""
+    `glm4_moe_lite`, DeepSeek-V3.2, GLM-5 `glm_moe_dsa`, dots.llm1 `dots1`, Solar Open `solar_open`,
+    K-EXAONE `exaone_moe` (`_exaone_moe`: its own names `num_experts`, `num_shared_experts`)."""
     common = _common(config, mt)
     moe_size = int(_get(config, "moe_intermediate_size", mt))
     shared = int(config.get("n_shared_experts") or config.get("num_shared_experts") or 0)
@@ -305,6 +305,8 @@ _FAMILIES = {
     "glm4_moe_lite": _deepseek_v3,
     "dots1": _deepseek_v3,
     "exaone_moe": _exaone_moe,
+    "solar_open": _deepseek_v3,
+    "glm_moe_dsa": _deepseek_v3,
     "minimax_m2": _minimax_m2,
     "qwen3_next": _qwen3_next,
     "qwen3_5_moe_text": _qwen3_5_moe_text,
@@ -326,8 +328,6 @@ NOT_SERVED: dict[str, str] = {
     "granitemoehybrid": "Mixtral's routing in a Mamba hybrid, a shared MLP beside the block; not wired yet",
     "hunyuan_v1_moe": "float32 gate, a top-k per layer and a shared MLP; not wired yet",
     "mistral4": "mistral_large4's block with the router's linear in the model dtype; not wired yet",
-    "solar_open": "GLM-4.5's block (glm4_moe) on every layer; not wired and tested yet",
-    "glm_moe_dsa": "DeepSeek-V3.2's block; not wired and tested yet",
     "axk2": "DeepSeek-V3.2's block while n_group is unset (a set n_group masks groups with 0, not -inf); not wired yet",
     "bailing_hybrid": "DeepSeek-V3's block under its own names (num_experts_per_token, moe_renormalize); not wired yet",
     "hy_v3": "DeepSeek-V3's gate, always renormalised, its bias on the block; not wired and tested yet",
