@@ -61,6 +61,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                            num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"],
                                            head_dim=12, num_experts=8, num_experts_per_tok=3, num_shared_experts=1,
                                            n_group=2, topk_group=1, routed_scaling_factor=1.5, sliding_window=4)),
+    "deepseek_v2": ("DeepseekV2Config", dict(_DEEPSEEK, topk_method="group_limited_greedy")),
     "deepseek_v3": ("DeepseekV3Config", _DEEPSEEK),
     "deepseek_v32": ("DeepseekV32Config", dict(_DEEPSEEK, index_topk=4, index_head_dim=16, index_n_heads=2)),
     "glm4_moe": ("Glm4MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,

@@ -16,7 +16,7 @@ from experts.checkpoint import CheckpointReader, GateWeights, SharedWeights
 from experts.group import ExpertGroup, LayerExperts
 from experts.spec import MoESpec
 from kernels import (align_tokens, combine, grouped_mlp, hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_softmax,
-                     topk_sqrtsoftplus, topk_then_sigmoid)
+                     topk_softmax_grouped, topk_sqrtsoftplus, topk_then_sigmoid)
 
 __all__ = ["Gate", "MoELayer", "SharedExpert", "DispatchedTokens", "dispatch"]
 
@@ -53,6 +53,9 @@ class Gate:
             return topk_sqrtsoftplus(logits, self.bias, spec.top_k, spec.renormalize, spec.scaling)
         if spec.scoring == "topk_then_sigmoid":
             return topk_then_sigmoid(logits, spec.top_k)
+        if spec.scoring == "softmax_grouped":
+            return topk_softmax_grouped(logits, spec.top_k, spec.num_groups, spec.topk_groups, spec.renormalize,
+                                        spec.scaling)
         weights, ids = topk_softmax(logits, spec.top_k, spec.renormalize)
         return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
 

@@ -1,7 +1,7 @@
 """MoESpec: what one MoE model's expert layers are, derived from its config.json.
 
 Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, mellum, qwen3_next,
-qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, flex_olmo, deepseek_v3,
+qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, flex_olmo, deepseek_v2, deepseek_v3,
 deepseek_v32, glm4_moe, glm4_moe_lite, glm_moe_dsa, dots1, solar_open, exaone_moe, minimax_m2, gpt_oss, llama4_text (and
 llama4, whose `text_config` is used), mistral_large4_text (and mistral_large4, whose `text_config` is
 used), deepseek_v4. A family is one entry of `_FAMILIES`: a function from its config.json to the
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["MoESpec", "NOT_SERVED", "SUPPORTED_MODEL_TYPES", "TEXT_MODELS", "load_config", "load_spec",
            "spec_from_config"]
 
-Scoring = Literal["softmax", "sigmoid_grouped", "topk_then_sigmoid", "sqrtsoftplus"]
+Scoring = Literal["softmax", "sigmoid_grouped", "softmax_grouped", "topk_then_sigmoid", "sqrtsoftplus"]
 # How a fused checkpoint stores the experts: "rows" gate_up_proj [E, 2I, H] (gate rows, then up rows)
 # and down_proj [E, H, I]; "transposed" [E, H, 2I] and [E, I, H] (Llama 4); "transposed_interleaved"
 # as transposed with gate and up alternating along 2I (gpt-oss).
@@ -46,7 +46,7 @@ class MoESpec:
     activation: str
     scoring: Scoring
     renormalize: bool
-    num_groups: int = 1             # sigmoid_grouped only
+    num_groups: int = 1             # sigmoid_grouped and softmax_grouped only
     topk_groups: int = 1
     scaling: float = 1.0
     has_score_bias: bool = False    # DeepSeek-V3 e_score_correction_bias
@@ -197,6 +197,28 @@ def _deepseek_v3(config: dict[str, Any], mt: str) -> MoESpec:
                    shared_intermediate_size=moe_size * shared, shared_attr="shared_experts")
 
 
+def _deepseek_v2(config: dict[str, Any], mt: str) -> MoESpec:
+    """DeepSeek-V2: a float32 softmax over all experts, top-k over all (`topk_method` "greedy") or
+    among the `topk_group` groups holding the best experts ("group_limited_greedy"), never
+    renormalised, x `routed_scaling_factor`; `n_shared_experts` ungated; MoE layers from
+    `first_k_dense_replace`."""
+    common = _common(config, mt)
+    method = config.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise UnsupportedModelError(f"{mt} with topk_method={method!r} is not served "
+                                    f"(only 'greedy' and 'group_limited_greedy')")
+    grouped = method == "group_limited_greedy"
+    moe_size = int(_get(config, "moe_intermediate_size", mt))
+    return MoESpec(**common, moe_layers=_deepseek_moe_layers(config, common["num_layers"]),
+                   num_experts=int(_get(config, "n_routed_experts|num_local_experts|num_experts", mt)),
+                   intermediate_size=moe_size, scoring="softmax_grouped", renormalize=False,
+                   num_groups=int(config.get("n_group") or 1) if grouped else 1,
+                   topk_groups=int(config.get("topk_group") or 1) if grouped else 1,
+                   scaling=float(config.get("routed_scaling_factor", 1.0)), is_router_fp32=True,
+                   shared_intermediate_size=moe_size * int(config.get("n_shared_experts") or 0),
+                   shared_attr="shared_experts")
+
+
 def _exaone_moe(config: dict[str, Any], mt: str) -> MoESpec:
     """DeepSeek-V3's block; its published checkpoints keep the score bias on the block
     (`mlp.e_score_correction_bias`), transformers' fused layout under the gate."""
@@ -299,6 +321,7 @@ _FAMILIES = {
     "mellum": _qwen3_moe,
     "olmoe": _olmoe,
     "flex_olmo": _olmoe,
+    "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
     "deepseek_v32": _deepseek_v3,
     "glm4_moe": _deepseek_v3,
@@ -347,7 +370,6 @@ NOT_SERVED: dict[str, str] = {
     "aria": "top-k then softmax in the model dtype, experts stored transposed, in a vision-language model; "
             "not wired yet",
     # a gate or expert the kernels do not have
-    "deepseek_v2": "float32 softmax then top-k (greedy or group-limited), never renormalised, x routed_scaling_factor",
     "deepseek_ocr2": "DeepSeek-V2's gate: softmax top-k never renormalised, with ungated shared experts",
     "unlimited_ocr": "DeepSeek-V2's gate: softmax top-k never renormalised, with ungated shared experts",
     "ernie4_5_vl_moe": "a selection-only bias, clamped renormalisation, and separate text and vision experts",

@@ -1,11 +1,13 @@
 """Top-k gating: which experts each token goes to, and with what weight.
 
-Four scoring rules cover the supported families:
+Five scoring rules cover the supported families:
 
 - `topk_softmax`: softmax over all experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE).
 - `topk_sigmoid_grouped`: sigmoid scores, a per-expert score-correction bias used only for the choice,
   group-limited selection (best `topk_groups` of `num_groups` groups, a group scored by the sum of
   its two best experts), optional renormalisation, then `scaling` (DeepSeek-V3).
+- `topk_softmax_grouped`: softmax over all experts, group-limited selection (a group scored by its
+  best expert), optional renormalisation, then `scaling` (DeepSeek-V2).
 - `topk_then_sigmoid`: top-k over raw logits, then sigmoid of the chosen logits (Llama 4).
 - `topk_sqrtsoftplus`: scores sqrt(softplus(logits)), a score-correction bias used only for the
   choice, top-k, optional renormalisation, then `scaling` (DeepSeek-V4); `hashed_sqrtsoftplus`
@@ -20,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["hashed_sqrtsoftplus", "sqrtsoftplus_scores", "topk_softmax", "topk_sigmoid_grouped",
-           "topk_sqrtsoftplus", "topk_then_sigmoid"]
+__all__ = ["check_grouped", "hashed_sqrtsoftplus", "sqrtsoftplus_scores", "topk_sigmoid_grouped", "topk_softmax",
+           "topk_softmax_grouped", "topk_sqrtsoftplus", "topk_then_sigmoid"]
 
 
 def _stable_topk(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +74,17 @@ def topk_sigmoid_grouped(
     logits: [T, E] (scored in float32); bias: [E] float32 or None (added for the choice only).
     Returns (weights [T, k] float32, ids [T, k] int64).
     """
+    if logits.is_cuda:
+        from kernels.triton_gating import topk_sigmoid_grouped_triton
+
+        return topk_sigmoid_grouped_triton(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
+    check_grouped(logits, bias, top_k, num_groups, topk_groups)
+    return topk_sigmoid_grouped_reference(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
+
+
+def check_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
+                  topk_groups: int) -> None:
+    """ValueError naming the argument of a group-limited gate that does not fit the logits [T, E]."""
     _check_logits(logits, top_k)
     num_experts = logits.shape[1]
     if num_groups < 1 or num_experts % num_groups:
@@ -82,11 +95,6 @@ def topk_sigmoid_grouped(
         raise ValueError(f"top_k={top_k} exceeds the experts of {topk_groups} selected groups")
     if bias is not None and bias.shape != (num_experts,):
         raise ValueError(f"bias must be [{num_experts}], got shape {tuple(bias.shape)}")
-    if logits.is_cuda:
-        from kernels.triton_gating import topk_sigmoid_grouped_triton
-
-        return topk_sigmoid_grouped_triton(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
-    return topk_sigmoid_grouped_reference(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
 
 
 def topk_sigmoid_grouped_reference(
@@ -101,15 +109,44 @@ def topk_sigmoid_grouped_reference(
     return _biased_topk(logits.float().sigmoid(), bias, top_k, num_groups, topk_groups, renormalize, scaling)
 
 
+def topk_softmax_grouped(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int, renormalize: bool,
+                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2 gate: softmax over all experts in float32; the best `topk_groups` of `num_groups`
+    groups kept, a group scored by its best expert (one group: top-k over all, V2's "greedy"); top-k
+    among them, optional renormalisation, then `scaling`.
+
+    logits: [T, E]. Returns (weights [T, k] float32, ids [T, k] int64).
+    """
+    if logits.is_cuda:
+        from kernels.triton_gating import topk_softmax_grouped_triton
+
+        return topk_softmax_grouped_triton(logits, top_k, num_groups, topk_groups, renormalize, scaling)
+    check_grouped(logits, None, top_k, num_groups, topk_groups)
+    return topk_softmax_grouped_reference(logits, top_k, num_groups, topk_groups, renormalize, scaling)
+
+
+def topk_softmax_grouped_reference(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
+                                   renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return _grouped_topk(probs, probs, top_k, num_groups, topk_groups, 1, renormalize, scaling)
+
+
 def _biased_topk(scores: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
                  renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of scores [T, E] float32 (+ bias [E] for the choice), among the best groups."""
-    num_tokens, num_experts = scores.shape
     # Step 1: the biased scores that only decide the choice.
     choice = scores if bias is None else scores + bias.float()
-    # Step 2: keep the best `topk_groups` groups, a group scored by the sum of its two best experts.
+    return _grouped_topk(scores, choice, top_k, num_groups, topk_groups, 2, renormalize, scaling)
+
+
+def _grouped_topk(scores: torch.Tensor, choice: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
+                  group_best: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of choice [T, E] among the best `topk_groups` groups (a group scored by the sum of its
+    `group_best` best choices); weights from scores [T, E]."""
+    num_tokens, num_experts = scores.shape
+    # Step 2: keep the best `topk_groups` groups.
     grouped = choice.view(num_tokens, num_groups, num_experts // num_groups)
-    group_scores = _stable_topk(grouped, min(2, grouped.shape[-1]))[0].sum(dim=-1)  # [T, G]
+    group_scores = _stable_topk(grouped, min(group_best, grouped.shape[-1]))[0].sum(dim=-1)  # [T, G]
     group_ids = _stable_topk(group_scores, topk_groups)[1]  # [T, topk_groups]
     is_kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)
     choice = choice.masked_fill(~is_kept.repeat_interleave(num_experts // num_groups, dim=1), float("-inf"))

@@ -2,7 +2,8 @@
 
 [logits] -> [scores] -> [group mask (DeepSeek-V3)] -> [top-k, ties to the lower expert] -> (weights, ids)
 
-DeepSeek-V4's sqrt(softplus) gate is the grouped kernel with one group and SQRT_SOFTPLUS.
+DeepSeek-V4's sqrt(softplus) gate is the grouped kernel with one group and SQRT_SOFTPLUS; DeepSeek-V2's
+softmax gate is the grouped kernel with SOFTMAX (a group scored by its best expert).
 
 One program gates BLOCK_T tokens held as a [BLOCK_T, BLOCK_E] tile. The top-k (`_topk`) takes k rounds
 of "row maximum, the lowest expert id among the lanes equal to it, mark that lane taken": the first k
@@ -19,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.gating import check_grouped
 from kernels.triton_common import check_device, tile
 
-__all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_triton", "topk_sqrtsoftplus_triton",
-           "topk_then_sigmoid_triton"]
+__all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_grouped_triton", "topk_softmax_triton",
+           "topk_sqrtsoftplus_triton", "topk_then_sigmoid_triton"]
 
 _NO_EXPERT = tl.constexpr(2**30)  # id of padding lanes: larger than any expert id, so never the lowest
 _MAX_TILE = 4096  # elements of one program's logits tile
@@ -99,7 +101,8 @@ def _sqrt_softplus(logits):
 @triton.jit
 def _topk_sigmoid_grouped_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k, num_groups, topk_groups, scaling,
-    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, SOFTMAX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
 ):
     # The tile is [BT, BG, BS]: lane (g, s) holds expert g * S + s.
@@ -113,20 +116,29 @@ def _topk_sigmoid_grouped_kernel(
     is_valid = tl.broadcast_to(is_expert, (BLOCK_T, BLOCK_G, BLOCK_S))  # padding rows are gated too, not stored
     logits = tl.load(logits_ptr + rows[:, None, None] * num_experts + experts, mask=is_row[:, None, None] & is_valid,
                      other=0.0)
-    # Step 1: scores (sigmoid, or DeepSeek-V4's sqrt(softplus)), and the biased scores that only decide the choice.
+    # Step 1: scores (sigmoid, DeepSeek-V4's sqrt(softplus) or DeepSeek-V2's softmax over all experts),
+    # and the biased scores that only decide the choice.
     if SQRT_SOFTPLUS:
         scores = _sqrt_softplus(logits)
+    elif SOFTMAX:
+        x = tl.where(is_valid, logits.to(tl.float32), float("-inf"))
+        exps = tl.exp(x - tl.max(tl.max(x, axis=2), axis=1)[:, None, None])
+        scores = exps / tl.sum(tl.sum(exps, axis=2), axis=1)[:, None, None]
     else:
         scores = tl.sigmoid(logits.to(tl.float32))
     choice = scores
     if HAS_BIAS:
         choice += tl.load(bias_ptr + experts, mask=is_expert, other=0.0).to(tl.float32)
     choice = tl.where(is_valid, choice, float("-inf"))
-    # Step 2: keep the best `topk_groups` groups, a group scored by the sum of its two best experts.
+    # Step 2: keep the best `topk_groups` groups, a group scored by the sum of its two best experts
+    # (softmax: by its best one).
     best = tl.max(choice, axis=2)  # [BT, BG]
-    first = tl.min(tl.where(choice == best[:, :, None], slots, BLOCK_S), axis=2)  # [BT, BG]
-    second = tl.max(tl.where(slots == first[:, :, None], float("-inf"), choice), axis=2)  # [BT, BG]
-    group_scores = tl.where(group_size > 1, best + second, best)
+    if SOFTMAX:
+        group_scores = best
+    else:
+        first = tl.min(tl.where(choice == best[:, :, None], slots, BLOCK_S), axis=2)  # [BT, BG]
+        second = tl.max(tl.where(slots == first[:, :, None], float("-inf"), choice), axis=2)  # [BT, BG]
+        group_scores = tl.where(group_size > 1, best + second, best)
     group_ids = tl.broadcast_to(tl.arange(0, BLOCK_G)[None, :], (BLOCK_T, BLOCK_G))
     is_group = group_ids < num_groups
     _, _, is_kept = _topk(group_scores, group_scores, group_ids, is_group, topk_groups, BLOCK_T, BLOCK_KG)
@@ -200,20 +212,6 @@ def topk_softmax_triton(logits: torch.Tensor, top_k: int, renormalize: bool) -> 
     return weights, ids
 
 
-def _check_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
-                   topk_groups: int) -> None:
-    _check_logits(logits, top_k)
-    num_experts = logits.shape[1]
-    if num_groups < 1 or num_experts % num_groups:
-        raise ValueError(f"num_groups must divide the {num_experts} experts, got {num_groups}")
-    if not 1 <= topk_groups <= num_groups:
-        raise ValueError(f"topk_groups must be in [1, {num_groups}] (num_groups), got {topk_groups}")
-    if top_k > topk_groups * (num_experts // num_groups):
-        raise ValueError(f"top_k={top_k} exceeds the experts of {topk_groups} selected groups")
-    if bias is not None and bias.shape != (num_experts,):
-        raise ValueError(f"bias must be [{num_experts}], got shape {tuple(bias.shape)}")
-
-
 def topk_sigmoid_grouped_triton(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
@@ -228,8 +226,18 @@ def topk_sigmoid_grouped_triton(
     logits: [T, E] (scored in float32); bias: [E] float or None (added for the choice only).
     Returns (weights [T, k] float32, ids [T, k] int64).
     """
-    _check_grouped(logits, bias, top_k, num_groups, topk_groups)
-    return _launch_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, sqrt_softplus=False)
+    check_grouped(logits, bias, top_k, num_groups, topk_groups)
+    return _launch_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, "sigmoid")
+
+
+def topk_softmax_grouped_triton(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
+                                renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2 gate: softmax over all experts, the groups with the best expert kept, top-k.
+
+    logits: [T, E] (scored in float32). Returns (weights [T, k] float32, ids [T, k] int64).
+    """
+    check_grouped(logits, None, top_k, num_groups, topk_groups)
+    return _launch_grouped(logits, None, top_k, num_groups, topk_groups, renormalize, scaling, "softmax")
 
 
 def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
@@ -238,13 +246,13 @@ def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, to
 
     logits: [T, E] (scored in their dtype); bias: [E] float or None. Returns (weights [T, k] float32, ids [T, k] int64).
     """
-    _check_grouped(logits, bias, top_k, 1, 1)
-    return _launch_grouped(logits, bias, top_k, 1, 1, renormalize, scaling, sqrt_softplus=True)
+    check_grouped(logits, bias, top_k, 1, 1)
+    return _launch_grouped(logits, bias, top_k, 1, 1, renormalize, scaling, "sqrt_softplus")
 
 
 def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
-                    renormalize: bool, scaling: float, sqrt_softplus: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grouped kernel on checked arguments, scoring by sigmoid or (sqrt_softplus) sqrt(softplus)."""
+                    renormalize: bool, scaling: float, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped kernel on checked arguments, scoring by "sigmoid", "sqrt_softplus" or "softmax"."""
     check_device(_topk_sigmoid_grouped_kernel, logits=logits, bias=bias)
     num_tokens, num_experts = logits.shape
     weights, ids = _outputs(logits, top_k, torch.float32)
@@ -255,7 +263,8 @@ def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int,
         _topk_sigmoid_grouped_kernel[(triton.cdiv(num_tokens, block_t),)](
             logits.contiguous(), logits if bias is None else bias.contiguous(), weights, ids,
             num_tokens, num_experts, top_k, num_groups, topk_groups, float(scaling),
-            HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize), SQRT_SOFTPLUS=sqrt_softplus,
+            HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize), SQRT_SOFTPLUS=scoring == "sqrt_softplus",
+            SOFTMAX=scoring == "softmax",
             BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k),
             BLOCK_KG=triton.next_power_of_2(topk_groups),
         )

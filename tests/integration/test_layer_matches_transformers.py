@@ -191,3 +191,24 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     for layer in load_spec(source).moe_layers:
         assert torch.equal(MoELayer.from_pretrained(tmp_path, layer=layer)(x, ids),
                            MoELayer.from_pretrained(source, layer=layer)(x, ids)), layer
+
+
+@pytest.mark.parametrize("family,changed", [
+    ("deepseek_v2", dict(num_groups=1, topk_groups=1)),  # group-limited, not greedy
+    ("deepseek_v2", dict(renormalize=True)),  # V2 never renormalises
+    ("deepseek_v2", dict(scaling=1.0)),  # x routed_scaling_factor
+])
+def test_the_tiny_models_routing_options_each_change_the_output(zoo, family, changed):
+    """The routing options of a family's tiny model are set where each matters: the block computed
+    without one differs from transformers' by more than 100x the fp32 tolerance, so the equality
+    tests above would catch a gate that ignored it."""
+    import dataclasses
+
+    path = zoo.checkpoint(family)
+    spec = load_spec(path)
+    x = torch.randn(3, 11, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    layer = spec.moe_layers[0]
+    ref = block_output(moe_block(zoo.model(family), layer, spec.block_attr), x)
+    altered = MoELayer.from_pretrained(path, layer=layer)
+    altered.gate.spec = dataclasses.replace(spec, **changed)
+    assert _rel_err(altered(x), ref) > 100 * FP32_TOL, changed
