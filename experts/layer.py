@@ -54,8 +54,8 @@ class Gate:
         if spec.scoring == "topk_then_sigmoid":
             return topk_then_sigmoid(logits, spec.top_k)
         if spec.scoring == "softmax_grouped":
-            return topk_softmax_grouped(logits, spec.top_k, spec.num_groups, spec.topk_groups, spec.renormalize,
-                                        spec.scaling)
+            return topk_softmax_grouped(logits, spec.top_k, spec.num_groups, spec.topk_groups, spec.group_best,
+                                        spec.renormalize, spec.scaling)
         weights, ids = topk_softmax(logits, spec.top_k, spec.renormalize)
         return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
 

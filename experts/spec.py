@@ -48,6 +48,7 @@ class MoESpec:
     renormalize: bool
     num_groups: int = 1             # sigmoid_grouped and softmax_grouped only
     topk_groups: int = 1
+    group_best: int = 2             # a group is scored by the sum of its best 1 or 2 experts' scores
     scaling: float = 1.0
     has_score_bias: bool = False    # DeepSeek-V3 e_score_correction_bias
     is_router_fp32: bool = False    # the router's logits are computed in float32 whatever the model dtype
@@ -213,7 +214,7 @@ def _deepseek_v2(config: dict[str, Any], mt: str) -> MoESpec:
                    num_experts=int(_get(config, "n_routed_experts|num_local_experts|num_experts", mt)),
                    intermediate_size=moe_size, scoring="softmax_grouped", renormalize=False,
                    num_groups=int(config.get("n_group") or 1) if grouped else 1,
-                   topk_groups=int(config.get("topk_group") or 1) if grouped else 1,
+                   topk_groups=int(config.get("topk_group") or 1) if grouped else 1, group_best=1,
                    scaling=float(config.get("routed_scaling_factor", 1.0)), is_router_fp32=True,
                    shared_intermediate_size=moe_size * int(config.get("n_shared_experts") or 0),
                    shared_attr="shared_experts")
@@ -237,15 +238,17 @@ def _deepseek_moe_layers(config: dict[str, Any], num_layers: int, first_dense: i
 
 def _mistral_large4_text(config: dict[str, Any], mt: str) -> MoESpec:
     """Mistral Large 3: DeepSeek-V3's block scored by a float32 softmax, always renormalised, times
-    `routed_scaling_factor`; Mistral's own names (`layers.N.gate`, `experts.E.w1|w3|w2`,
+    `routed_scaling_factor`; with `n_group` > 1, the top-k among the `topk_group` groups whose best
+    two scores sum highest. Mistral's own names (`layers.N.gate`, `experts.E.w1|w3|w2`,
     `shared_experts.w1|w3|w2`) or transformers' under `mlp.`."""
     common = _common(config, mt)
-    if int(config.get("n_group") or 1) > 1:
-        raise UnsupportedModelError(f"{mt} with n_group={config['n_group']} (group-limited softmax) is not served")
+    num_groups = int(config.get("n_group") or 1)
+    grouped = dict(scoring="softmax_grouped", num_groups=num_groups, topk_groups=int(config.get("topk_group") or 1))
     moe_size = int(_get(config, "moe_intermediate_size", mt))
     return MoESpec(**common, moe_layers=_deepseek_moe_layers(config, common["num_layers"], first_dense=1),
                    num_experts=int(_get(config, "n_routed_experts|num_local_experts", mt)),
-                   intermediate_size=moe_size, scoring="softmax", renormalize=True,
+                   intermediate_size=moe_size, **(grouped if num_groups > 1 else dict(scoring="softmax")),
+                   renormalize=True,
                    scaling=float(config.get("routed_scaling_factor", 1.0)), is_router_fp32=True,
                    shared_intermediate_size=moe_size * int(config.get("n_shared_experts") or 0),
                    shared_attr="shared_experts", checkpoint_blocks=("",), expert_names=("w1", "w3", "w2"),

@@ -7,7 +7,8 @@ Five scoring rules cover the supported families:
   group-limited selection (best `topk_groups` of `num_groups` groups, a group scored by the sum of
   its two best experts), optional renormalisation, then `scaling` (DeepSeek-V3).
 - `topk_softmax_grouped`: softmax over all experts, group-limited selection (a group scored by its
-  best expert), optional renormalisation, then `scaling` (DeepSeek-V2).
+  best expert, DeepSeek-V2, or the sum of its best two, Mistral Large 3), optional renormalisation,
+  then `scaling`.
 - `topk_then_sigmoid`: top-k over raw logits, then sigmoid of the chosen logits (Llama 4).
 - `topk_sqrtsoftplus`: scores sqrt(softplus(logits)), a score-correction bias used only for the
   choice, top-k, optional renormalisation, then `scaling` (DeepSeek-V4); `hashed_sqrtsoftplus`
@@ -83,8 +84,10 @@ def topk_sigmoid_grouped(
 
 
 def check_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
-                  topk_groups: int) -> None:
+                  topk_groups: int, group_best: int = 2) -> None:
     """ValueError naming the argument of a group-limited gate that does not fit the logits [T, E]."""
+    if group_best not in (1, 2):
+        raise ValueError(f"group_best must be 1 or 2 (a group scored by its best expert or two), got {group_best}")
     _check_logits(logits, top_k)
     num_experts = logits.shape[1]
     if num_groups < 1 or num_experts % num_groups:
@@ -109,26 +112,28 @@ def topk_sigmoid_grouped_reference(
     return _biased_topk(logits.float().sigmoid(), bias, top_k, num_groups, topk_groups, renormalize, scaling)
 
 
-def topk_softmax_grouped(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int, renormalize: bool,
-                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V2 gate: softmax over all experts in float32; the best `topk_groups` of `num_groups`
-    groups kept, a group scored by its best expert (one group: top-k over all, V2's "greedy"); top-k
-    among them, optional renormalisation, then `scaling`.
+def topk_softmax_grouped(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int, group_best: int,
+                         renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited softmax gate: softmax over all experts in float32; the best `topk_groups` of
+    `num_groups` groups kept, a group scored by the sum of its `group_best` best experts (DeepSeek-V2:
+    1, Mistral Large 3: 2; one group: top-k over all); top-k among them, optional renormalisation,
+    then `scaling`.
 
     logits: [T, E]. Returns (weights [T, k] float32, ids [T, k] int64).
     """
     if logits.is_cuda:
         from kernels.triton_gating import topk_softmax_grouped_triton
 
-        return topk_softmax_grouped_triton(logits, top_k, num_groups, topk_groups, renormalize, scaling)
-    check_grouped(logits, None, top_k, num_groups, topk_groups)
-    return topk_softmax_grouped_reference(logits, top_k, num_groups, topk_groups, renormalize, scaling)
+        return topk_softmax_grouped_triton(logits, top_k, num_groups, topk_groups, group_best, renormalize, scaling)
+    check_grouped(logits, None, top_k, num_groups, topk_groups, group_best)
+    return topk_softmax_grouped_reference(logits, top_k, num_groups, topk_groups, group_best, renormalize, scaling)
 
 
 def topk_softmax_grouped_reference(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
-                                   renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                   group_best: int, renormalize: bool,
+                                   scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    return _grouped_topk(probs, probs, top_k, num_groups, topk_groups, 1, renormalize, scaling)
+    return _grouped_topk(probs, probs, top_k, num_groups, topk_groups, group_best, renormalize, scaling)
 
 
 def _biased_topk(scores: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,

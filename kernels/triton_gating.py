@@ -3,7 +3,8 @@
 [logits] -> [scores] -> [group mask (DeepSeek-V3)] -> [top-k, ties to the lower expert] -> (weights, ids)
 
 DeepSeek-V4's sqrt(softplus) gate is the grouped kernel with one group and SQRT_SOFTPLUS; DeepSeek-V2's
-softmax gate is the grouped kernel with SOFTMAX (a group scored by its best expert).
+and Mistral Large 3's softmax gates are the grouped kernel with SOFTMAX (V2's groups scored by their best
+expert: GROUP_BY_BEST).
 
 One program gates BLOCK_T tokens held as a [BLOCK_T, BLOCK_E] tile. The top-k (`_topk`) takes k rounds
 of "row maximum, the lowest expert id among the lanes equal to it, mark that lane taken": the first k
@@ -102,7 +103,7 @@ def _sqrt_softplus(logits):
 def _topk_sigmoid_grouped_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k, num_groups, topk_groups, scaling,
     HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, SOFTMAX: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    GROUP_BY_BEST: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
 ):
     # The tile is [BT, BG, BS]: lane (g, s) holds expert g * S + s.
@@ -131,9 +132,9 @@ def _topk_sigmoid_grouped_kernel(
         choice += tl.load(bias_ptr + experts, mask=is_expert, other=0.0).to(tl.float32)
     choice = tl.where(is_valid, choice, float("-inf"))
     # Step 2: keep the best `topk_groups` groups, a group scored by the sum of its two best experts
-    # (softmax: by its best one).
+    # (GROUP_BY_BEST: by its best one).
     best = tl.max(choice, axis=2)  # [BT, BG]
-    if SOFTMAX:
+    if GROUP_BY_BEST:
         group_scores = best
     else:
         first = tl.min(tl.where(choice == best[:, :, None], slots, BLOCK_S), axis=2)  # [BT, BG]
@@ -231,13 +232,16 @@ def topk_sigmoid_grouped_triton(
 
 
 def topk_softmax_grouped_triton(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
-                                renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V2 gate: softmax over all experts, the groups with the best expert kept, top-k.
+                                group_best: int, renormalize: bool,
+                                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited softmax gate (DeepSeek-V2: groups scored by their best expert, `group_best` 1;
+    Mistral Large 3: by their best two, 2).
 
     logits: [T, E] (scored in float32). Returns (weights [T, k] float32, ids [T, k] int64).
     """
-    check_grouped(logits, None, top_k, num_groups, topk_groups)
-    return _launch_grouped(logits, None, top_k, num_groups, topk_groups, renormalize, scaling, "softmax")
+    check_grouped(logits, None, top_k, num_groups, topk_groups, group_best)
+    return _launch_grouped(logits, None, top_k, num_groups, topk_groups, renormalize, scaling, "softmax",
+                           group_best == 1)
 
 
 def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
@@ -251,8 +255,10 @@ def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, to
 
 
 def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
-                    renormalize: bool, scaling: float, scoring: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grouped kernel on checked arguments, scoring by "sigmoid", "sqrt_softplus" or "softmax"."""
+                    renormalize: bool, scaling: float, scoring: str,
+                    group_by_best: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped kernel on checked arguments, scoring by "sigmoid", "sqrt_softplus" or "softmax"; a
+    group scored by its best two experts or (group_by_best) its best one."""
     check_device(_topk_sigmoid_grouped_kernel, logits=logits, bias=bias)
     num_tokens, num_experts = logits.shape
     weights, ids = _outputs(logits, top_k, torch.float32)
@@ -264,7 +270,7 @@ def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int,
             logits.contiguous(), logits if bias is None else bias.contiguous(), weights, ids,
             num_tokens, num_experts, top_k, num_groups, topk_groups, float(scaling),
             HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize), SQRT_SOFTPLUS=scoring == "sqrt_softplus",
-            SOFTMAX=scoring == "softmax",
+            SOFTMAX=scoring == "softmax", GROUP_BY_BEST=group_by_best,
             BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k),
             BLOCK_KG=triton.next_power_of_2(topk_groups),
         )

@@ -212,3 +212,24 @@ def test_the_tiny_models_routing_options_each_change_the_output(zoo, family, cha
     altered = MoELayer.from_pretrained(path, layer=layer)
     altered.gate.spec = dataclasses.replace(spec, **changed)
     assert _rel_err(altered(x), ref) > 100 * FP32_TOL, changed
+
+
+def test_a_grouped_mistral_large4_matches_transformers(tmp_path):
+    """Mistral Large 3 with n_group > 1: transformers' group-limited softmax (a group scored by its
+    best two), in both layouts; without the groups the block differs by > 100x the tolerance."""
+    import dataclasses
+
+    from experts.builtin import build_model, save_checkpoint
+
+    model = build_model("mistral_large4", seed=3, n_group=4, topk_group=2, num_experts_per_tok=3)
+    x = torch.randn(3, 11, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for layout in LAYOUTS:
+        path = save_checkpoint(model, tmp_path / layout, fused=layout == "fused")
+        spec = load_spec(path)
+        assert (spec.scoring, spec.num_groups, spec.topk_groups, spec.group_best) == ("softmax_grouped", 4, 2, 2)
+        for layer in spec.moe_layers:
+            ref = block_output(moe_block(model, layer, spec.block_attr), x)
+            assert _rel_err(MoELayer.from_pretrained(path, layer=layer)(x), ref) <= FP32_TOL, (layout, layer)
+    ungrouped = MoELayer.from_pretrained(path, layer=spec.moe_layers[0])
+    ungrouped.gate.spec = dataclasses.replace(spec, num_groups=1, topk_groups=1)
+    assert _rel_err(ungrouped(x), block_output(moe_block(model, spec.moe_layers[0], spec.block_attr), x)) > 1e-3

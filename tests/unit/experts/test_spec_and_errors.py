@@ -69,11 +69,22 @@ def test_deepseek_v4_with_another_scoring_func_is_refused():
         spec_from_config(config)
 
 
-def test_mistral_large4_with_gate_groups_is_refused():
+def test_mistral_large4_with_gate_groups_takes_the_grouped_softmax():
     config = dict(model_type="mistral_large4_text", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=2, topk_group=1)
-    with pytest.raises(UnsupportedModelError, match="n_group=2"):
-        spec_from_config(config)
+    spec = spec_from_config(config)
+    assert (spec.scoring, spec.num_groups, spec.topk_groups, spec.group_best) == ("softmax_grouped", 2, 1, 2)
+    assert spec_from_config({**config, "n_group": 1}).scoring == "softmax"
+
+
+def test_deepseek_v2_reads_its_topk_method():
+    config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
+    greedy, grouped = (spec_from_config({**config, "topk_method": m}) for m in ("greedy", "group_limited_greedy"))
+    assert (greedy.num_groups, grouped.num_groups, grouped.topk_groups, grouped.group_best) == (1, 4, 2, 1)
+    assert not grouped.renormalize and grouped.is_router_fp32
+    with pytest.raises(UnsupportedModelError, match="topk_method='noaux_tc'"):
+        spec_from_config({**config, "topk_method": "noaux_tc"})
 
 
 @pytest.mark.parametrize("config,renormalize", [

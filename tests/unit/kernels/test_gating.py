@@ -77,22 +77,25 @@ def test_topk_sigmoid_grouped_triton_matches_reference(
 
 
 SOFTMAX_GROUPED_CASES = [
-    # T, E, k, groups, topk_groups, renormalize, scaling, dtype, ties
-    (5, 6, 2, 2, 1, False, 1.0, torch.float32, False),  # 3 experts per group
-    (5, 6, 3, 3, 2, True, 2.5, torch.float32, True),
-    (4, 16, 4, 4, 2, False, 16.0, torch.float32, False),  # DeepSeek-V2 shaped (its scaling 16)
-    (4, 16, 4, 4, 2, False, 1.0, torch.bfloat16, True),
-    (6, 8, 2, 1, 1, False, 1.0, torch.float32, True),  # one group: V2's "greedy"
-    (600, 8, 2, 2, 1, False, 1.0, torch.float32, False),  # two programs
+    # T, E, k, groups, topk_groups, group_best, renormalize, scaling, dtype, ties
+    (5, 6, 2, 2, 1, 1, False, 1.0, torch.float32, False),  # 3 experts per group
+    (5, 6, 3, 3, 2, 1, True, 2.5, torch.float32, True),
+    (4, 16, 4, 4, 2, 1, False, 16.0, torch.float32, False),  # DeepSeek-V2 shaped (its scaling 16)
+    (4, 16, 4, 4, 2, 1, False, 1.0, torch.bfloat16, True),
+    (6, 8, 2, 1, 1, 1, False, 1.0, torch.float32, True),  # one group: V2's "greedy"
+    (600, 8, 2, 2, 1, 1, False, 1.0, torch.float32, False),  # two programs
+    (4, 16, 4, 4, 2, 2, True, 1.5, torch.float32, False),  # Mistral Large 3 with groups
+    (5, 6, 3, 3, 2, 2, True, 1.0, torch.bfloat16, True),
 ]
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,num_groups,topk_groups,renormalize,scaling,dtype,ties",
-                         SOFTMAX_GROUPED_CASES)
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k,num_groups,topk_groups,group_best,renormalize,scaling,dtype,ties",
+    SOFTMAX_GROUPED_CASES)
 def test_topk_softmax_grouped_triton_matches_reference(triton_gating, num_tokens, num_experts, top_k, num_groups,
-                                                       topk_groups, renormalize, scaling, dtype, ties):
+                                                       topk_groups, group_best, renormalize, scaling, dtype, ties):
     logits = make_logits(num_tokens, num_experts, dtype, ties)
-    args = (logits, top_k, num_groups, topk_groups, renormalize, scaling)
+    args = (logits, top_k, num_groups, topk_groups, group_best, renormalize, scaling)
     got = triton_gating.topk_softmax_grouped_triton(*args)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
     assert_gate_matches(got, gating.topk_softmax_grouped_reference(*args), torch.float32)
@@ -193,11 +196,13 @@ def test_softmax_grouped_gate_keeps_the_group_with_the_best_expert():
     # expert: DeepSeek-V2 keeps group 0. Weights are the softmax over all four, not renormalised.
     logits = torch.tensor([[3.0, -3.0, 2.5, 2.5]])
     probs = torch.softmax(logits, dim=-1)
-    weights, ids = gating.topk_softmax_grouped_reference(logits, 2, 2, 1, renormalize=False, scaling=2.0)
+    weights, ids = gating.topk_softmax_grouped_reference(logits, 2, 2, 1, 1, renormalize=False, scaling=2.0)
     assert ids.tolist() == [[0, 1]]
     assert torch.allclose(weights, 2.0 * probs[:, :2])
-    weights, ids = gating.topk_softmax_grouped_reference(logits, 2, 1, 1, renormalize=False, scaling=1.0)
+    weights, ids = gating.topk_softmax_grouped_reference(logits, 2, 1, 1, 1, renormalize=False, scaling=1.0)
     assert ids.tolist() == [[0, 2]] and torch.allclose(weights, probs[:, [0, 2]])  # one group: greedy
+    _, ids = gating.topk_softmax_grouped_reference(logits, 2, 2, 1, 2, renormalize=True, scaling=1.0)
+    assert ids.tolist() == [[2, 3]]  # Mistral Large 3 scores a group by its best two
 
 
 def test_grouped_gate_bias_steers_the_choice_not_the_weight():
@@ -223,8 +228,9 @@ ERROR_CASES = [
     ("grouped", (None, 2, 3, 4, True, 1.0), r"topk_groups must be in \[1, 3\]"),
     ("grouped", (None, 5, 3, 2, True, 1.0), "top_k=5 exceeds the experts of 2 selected groups"),
     ("grouped", (torch.zeros(5), 2, 3, 2, True, 1.0), r"bias must be \[6\]"),
-    ("softmax_grouped", (2, 4, 1, False, 1.0), "num_groups must divide the 6 experts"),
-    ("softmax_grouped", (5, 3, 2, False, 1.0), "top_k=5 exceeds the experts of 2 selected groups"),
+    ("softmax_grouped", (2, 4, 1, 1, False, 1.0), "num_groups must divide the 6 experts"),
+    ("softmax_grouped", (5, 3, 2, 1, False, 1.0), "top_k=5 exceeds the experts of 2 selected groups"),
+    ("softmax_grouped", (2, 3, 2, 3, False, 1.0), "group_best must be 1 or 2"),
     ("sqrtsoftplus", (None, 7, True, 1.0), r"top_k must be in \[1, 6\]"),
     ("sqrtsoftplus", (torch.zeros(5), 2, True, 1.0), r"bias must be \[6\]"),
 ]
