@@ -69,6 +69,14 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                        n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1,
                                        n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                                        use_qk_norm=True)),
+    "glm4v_moe": ("Glm4vMoeTextConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                             num_hidden_layers=3, first_k_dense_replace=1, head_dim=12,
+                                             n_routed_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1,
+                                             n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                             rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                  partial_rotary_factor=0.5,
+                                                                  mrope_section=[1, 1, 1]),
+                                             eos_token_id=127)),  # the seed-7 model says 2 (eos) at token 7
     "minimax_m2": ("MiniMaxM2Config", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, head_dim=12,
                                            num_local_experts=8, num_experts_per_tok=2)),
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
@@ -112,6 +120,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 # Families served as the text model of a composite (multimodal) model: the composite's auto class,
 # its config class and the config's other parts, kept tiny (the text config is FAMILIES' entry).
 _COMPOSITE: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "glm4v_moe": ("AutoModelForImageTextToText", "Glm4vMoeConfig",
+                  dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                          out_hidden_size=48, patch_size=14, spatial_merge_size=2,
+                                          temporal_patch_size=2))),
     "mistral_large4": ("AutoModelForImageTextToText", "MistralLarge4Config",
                        dict(vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=1, num_attention_heads=2, head_dim=16,

@@ -1,11 +1,8 @@
 """MoESpec: what one MoE model's expert layers are, derived from its config.json.
 
-Supported families (config `model_type`): mixtral, qwen2_moe, qwen3_moe, mellum, qwen3_next,
-qwen3_5_moe_text (and qwen3_5_moe, whose `text_config` is used), olmoe, flex_olmo, deepseek_v2, deepseek_v3,
-deepseek_v32, glm4_moe, glm4_moe_lite, glm_moe_dsa, dots1, solar_open, exaone_moe, minimax_m2, gpt_oss, llama4_text (and
-llama4, whose `text_config` is used), mistral_large4_text (and mistral_large4, whose `text_config` is
-used), deepseek_v4. A family is one entry of `_FAMILIES`: a function from its config.json to the
-spec; `NOT_SERVED` names the others examined, with the reason.
+The families served are `_FAMILIES`' keys (SUPPORTED_MODEL_TYPES), each a function from its
+config.json to the spec; a composite (vision-language) model in TEXT_MODELS is served through its
+`text_config`. `NOT_SERVED` names the others examined, with the reason.
 """
 
 from __future__ import annotations
@@ -329,6 +326,7 @@ _FAMILIES = {
     "deepseek_v32": _deepseek_v3,
     "glm4_moe": _deepseek_v3,
     "glm4_moe_lite": _deepseek_v3,
+    "glm4v_moe_text": _deepseek_v3,
     "dots1": _deepseek_v3,
     "exaone_moe": _exaone_moe,
     "solar_open": _deepseek_v3,
@@ -363,7 +361,6 @@ NOT_SERVED: dict[str, str] = {
     "granitemoe_swa": "Mixtral's routing (an ungated shared MLP beside the block when shared_intermediate_size > 0); "
                       "not wired yet",
     "lfm2_moe": "MiniMax-M2's gate with the sigmoid in the model dtype, its block as feed_forward; not wired yet",
-    "glm4v_moe": "GLM-4.5's block in the text model of a vision-language model; not wired yet",
     "qwen3_vl_moe": "Qwen3-MoE's block (always renormalised), experts stored transposed, in a vision-language "
                     "model; not wired yet",
     "qwen3_omni_moe": "Qwen3-MoE's block in the thinker's text model; the talker's differs (a gated shared "
@@ -404,8 +401,8 @@ NOT_SERVED: dict[str, str] = {
     "nllb_moe": "an encoder-decoder model",
     "switch_transformers": "an encoder-decoder model",
 }
-TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",
-                "mistral_large4": "mistral_large4_text"}  # multimodal: the text model is served
+TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",  # multimodal: the text model is served
+               "mistral_large4": "mistral_large4_text", "glm4v_moe": "glm4v_moe_text"}
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 
