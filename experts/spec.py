@@ -316,6 +316,7 @@ def _deepseek_v4(config: dict[str, Any], mt: str) -> MoESpec:
 
 _FAMILIES = {
     "mixtral": _mixtral,
+    "minimax": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
     "mellum": _qwen3_moe,
@@ -354,10 +355,10 @@ NOT_SERVED: dict[str, str] = {
     "mistral4": "mistral_large4's block with the router's linear in the model dtype; not wired yet",
     "axk2": "DeepSeek-V3.2's block while n_group is unset (a set n_group masks groups with 0, not -inf); not wired yet",
     "bailing_hybrid": "DeepSeek-V3's block under its own names (num_experts_per_token, moe_renormalize); not wired yet",
-    "hy_v3": "DeepSeek-V3's gate, always renormalised, its bias on the block; not wired and tested yet",
+    "hy_v3": "DeepSeek-V3's gate, always renormalised; its published names (mlp.router.gate, mlp.expert_bias, "
+             "mlp.shared_mlp) are not read yet",
     "afmoe": "DeepSeek-V3's gate with one group, the router's linear in the model dtype, its bias on the block; "
              "not wired yet",
-    "minimax": "Mixtral's block beside lightning attention layers; not wired and tested yet",
     "granitemoe_swa": "Mixtral's routing (an ungated shared MLP beside the block when shared_intermediate_size > 0); "
                       "not wired yet",
     "lfm2_moe": "MiniMax-M2's gate with the sigmoid in the model dtype, its block as feed_forward; not wired yet",
