@@ -80,6 +80,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                                                   partial_rotary_factor=0.5,
                                                                   mrope_section=[1, 1, 1]),
                                              eos_token_id=127)),  # the seed-7 model says 2 (eos) at token 7
+    "lfm2_moe": ("Lfm2MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                       num_hidden_layers=3, num_dense_layers=1, num_experts=8, num_experts_per_tok=3,
+                                       routed_scaling_factor=1.5, layer_types=["full_attention", "conv",
+                                                                               "full_attention"])),
     "minimax_m2": ("MiniMaxM2Config", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, head_dim=12,
                                            num_local_experts=8, num_experts_per_tok=2)),
     "qwen3_next": ("Qwen3NextConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
@@ -165,7 +169,7 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
             elif name.endswith(("router.bias", "gate_up_proj_bias", "down_proj_bias")):  # gpt-oss
                 param.normal_(0.0, 0.5)
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):  # DeepSeek-V3's, LFM2-MoE's
                 buffer.uniform_(-0.1, 0.1)
             elif name.endswith("tid2eid"):  # DeepSeek-V4's token -> experts table
                 buffer.copy_(torch.randint(0, model.config.num_local_experts, buffer.shape))

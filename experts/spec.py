@@ -155,6 +155,20 @@ def _minimax_m2(config: dict[str, Any], mt: str) -> MoESpec:
                    score_bias=("e_score_correction_bias",), **_MIXTRAL_NAMES)
 
 
+def _lfm2_moe(config: dict[str, Any], mt: str) -> MoESpec:
+    """LFM2-MoE: MiniMax-M2's gate (sigmoid, `expert_bias` for the choice when `use_expert_bias`,
+    top-k, renormalised if `norm_topk_prob`) x `routed_scaling_factor`, its block the decoder
+    layer's `feed_forward`, from layer `num_dense_layers` on."""
+    common = _common(config, mt)
+    return MoESpec(**common, moe_layers=tuple(range(int(config.get("num_dense_layers", 0)), common["num_layers"])),
+                   num_experts=int(_get(config, "num_experts|num_local_experts", mt)),
+                   intermediate_size=int(_get(config, "moe_intermediate_size", mt)), scoring="sigmoid_grouped",
+                   renormalize=bool(config.get("norm_topk_prob", True)),
+                   scaling=float(config.get("routed_scaling_factor", 1.0)),
+                   has_score_bias=bool(config.get("use_expert_bias", True)), score_bias=("expert_bias",),
+                   block_attr="feed_forward", expert_names=("w1", "w3", "w2"))
+
+
 def _qwen2_moe(config: dict[str, Any], mt: str) -> MoESpec:
     shared = int(config.get("shared_expert_intermediate_size") or 0)
     return MoESpec(**_common(config, mt), moe_layers=_qwen_moe_layers(config, mt),
@@ -333,6 +347,7 @@ _FAMILIES = {
     "solar_open": _deepseek_v3,
     "glm_moe_dsa": _deepseek_v3,
     "minimax_m2": _minimax_m2,
+    "lfm2_moe": _lfm2_moe,
     "qwen3_next": _qwen3_next,
     "qwen3_5_moe_text": _qwen3_5_moe_text,
     "llama4_text": _llama4_text,
@@ -361,7 +376,6 @@ NOT_SERVED: dict[str, str] = {
              "not wired yet",
     "granitemoe_swa": "Mixtral's routing (an ungated shared MLP beside the block when shared_intermediate_size > 0); "
                       "not wired yet",
-    "lfm2_moe": "MiniMax-M2's gate with the sigmoid in the model dtype, its block as feed_forward; not wired yet",
     "qwen3_vl_moe": "Qwen3-MoE's block (always renormalised), experts stored transposed, in a vision-language "
                     "model; not wired yet",
     "qwen3_omni_moe": "Qwen3-MoE's block in the thinker's text model; the talker's differs (a gated shared "

@@ -39,9 +39,11 @@ def test_every_moe_layer_matches_transformers_fp32(zoo, family, layout):
 
 
 def _gate(block, spec, x, token_ids=None):
-    """transformers' gate of `block` on x: (logits, weights, ids); MiniMax-M2 keeps its score bias
-    on the block and hands it to the gate; DeepSeek-V4's hash layers take the token ids."""
-    gate, bias = getattr(block, spec.gate_attr), getattr(block, "e_score_correction_bias", None)
+    """transformers' gate of `block` on x: (logits, weights, ids); MiniMax-M2 and LFM2-MoE keep their
+    score bias on the block and hand it to the gate; DeepSeek-V4's hash layers take the token ids."""
+    gate = getattr(block, spec.gate_attr)
+    bias = getattr(block, "e_score_correction_bias", None)
+    bias = getattr(block, "expert_bias", None) if bias is None else bias
     if token_ids is not None:
         return gate(x, token_ids)
     return gate(x) if bias is None else gate(x, bias)
