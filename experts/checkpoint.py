@@ -199,7 +199,8 @@ class CheckpointReader:
 
     def gate(self, layer: int) -> GateWeights:
         spec, block = self.spec, self._block(layer)
-        weight = self._weight(f"{block}{spec.gate_attr}.weight", (spec.num_experts, spec.hidden_size))[0]
+        gate = self._first_present(block, [f"{name}.weight" for name in (*spec.checkpoint_gates, spec.gate_attr)])
+        weight = self._weight(gate, (spec.num_experts, spec.hidden_size))[0]
         if layer in spec.hash_layers:  # no score bias: the experts come from the token table
             return GateWeights(weight, token_experts=self._token_experts(f"{block}{spec.gate_attr}.tid2eid"))
         bias = logit_bias = None
@@ -228,9 +229,10 @@ class CheckpointReader:
         if not spec.shared_intermediate_size:
             return None
         hidden, size = spec.hidden_size, spec.shared_intermediate_size
-        mlp = f"{block}{spec.shared_attr}."
-        names = next((n for n in (spec.shared_expert_names, _HF_NAMES) if f"{mlp}{n[0]}.weight" in self._files),
-                     _HF_NAMES)
+        mlp, names = next(((f"{block}{attr}.", n) for attr in (*spec.checkpoint_shared, spec.shared_attr)
+                           for n in (spec.shared_expert_names, _HF_NAMES)
+                           if f"{block}{attr}.{n[0]}.weight" in self._files),
+                          (f"{block}{spec.shared_attr}.", _HF_NAMES))
         gate_proj = self._weight(f"{mlp}{names[0]}.weight", (size, hidden))[0]
         up_proj = self._weight(f"{mlp}{names[1]}.weight", (size, hidden))[0]
         down = self._weight(f"{mlp}{names[2]}.weight", (hidden, size))[0]

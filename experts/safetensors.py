@@ -248,7 +248,7 @@ class CheckpointLayout:
         gate = self.spec.gate_attr
         for block in candidates:
             prefix = f"{self.layer_prefix}{layer}." + (f"{block}." if block else "")
-            if f"{prefix}{gate}.weight" in self.files:
+            if any(f"{prefix}{name}.weight" in self.files for name in (*self.spec.checkpoint_gates, gate)):
                 return prefix
         raise CheckpointError(f"checkpoint {self.path} has no tensor "
                               f"{self.layer_prefix}{layer}.{candidates[-1]}.{gate}.weight (gate of layer {layer})")

@@ -64,6 +64,8 @@ class MoESpec:
     gate_on_input: bool = False     # Llama 4: gate weights scale the expert input
     block_attr: str = "mlp"         # attribute of the decoder layer holding the MoE block
     gate_attr: str = "gate"         # attribute of the MoE block holding the router
+    checkpoint_gates: tuple[str, ...] = ()   # other names of the router in checkpoints, tried first
+    checkpoint_shared: tuple[str, ...] = ()  # other names of the shared expert module in checkpoints
     has_gate_bias: bool = False     # gpt-oss: the router's linear has a bias (added to the logits)
     has_expert_bias: bool = False   # gpt-oss: biases on the experts' gate_up and down projections
     fused_layout: FusedLayout = "rows"
@@ -100,7 +102,8 @@ class MoESpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoESpec":
-        tuples = ("moe_layers", "score_bias", "checkpoint_blocks", "expert_names", "shared_expert_names", "hash_layers")
+        tuples = ("moe_layers", "score_bias", "checkpoint_blocks", "expert_names", "shared_expert_names", "hash_layers",
+                  "checkpoint_gates", "checkpoint_shared")
         return cls(**{**data, **{name: tuple(data[name]) for name in tuples}})
 
 
@@ -238,6 +241,16 @@ def _exaone_moe(config: dict[str, Any], mt: str) -> MoESpec:
                                score_bias=("gate.e_score_correction_bias", "e_score_correction_bias"))
 
 
+def _hy_v3(config: dict[str, Any], mt: str) -> MoESpec:
+    """Hunyuan 3: DeepSeek-V3's gate with one group, always renormalised, x `router_scaling_factor`;
+    `num_shared_experts`. Its published names: `mlp.router.gate`, the score bias `mlp.expert_bias`,
+    the shared expert `mlp.shared_mlp`."""
+    return dataclasses.replace(_deepseek_v3(config, mt), renormalize=True,
+                               scaling=float(config.get("router_scaling_factor", 1.0)),
+                               score_bias=("e_score_correction_bias", "expert_bias", "gate.e_score_correction_bias"),
+                               checkpoint_gates=("router.gate",), checkpoint_shared=("shared_mlp",))
+
+
 def _deepseek_moe_layers(config: dict[str, Any], num_layers: int, first_dense: int = 0) -> tuple[int, ...]:
     """`mlp_layer_types` ("dense" / "sparse" per layer, DeepSeek-V3.2) when given, else every layer
     from `first_k_dense_replace` (default `first_dense`) on."""
@@ -344,6 +357,7 @@ _FAMILIES = {
     "glm4v_moe_text": _deepseek_v3,
     "dots1": _deepseek_v3,
     "exaone_moe": _exaone_moe,
+    "hy_v3": _hy_v3,
     "solar_open": _deepseek_v3,
     "glm_moe_dsa": _deepseek_v3,
     "minimax_m2": _minimax_m2,
@@ -370,8 +384,6 @@ NOT_SERVED: dict[str, str] = {
     "mistral4": "mistral_large4's block with the router's linear in the model dtype; not wired yet",
     "axk2": "DeepSeek-V3.2's block while n_group is unset (a set n_group masks groups with 0, not -inf); not wired yet",
     "bailing_hybrid": "DeepSeek-V3's block under its own names (num_experts_per_token, moe_renormalize); not wired yet",
-    "hy_v3": "DeepSeek-V3's gate, always renormalised; its published names (mlp.router.gate, mlp.expert_bias, "
-             "mlp.shared_mlp) are not read yet",
     "afmoe": "DeepSeek-V3's gate with one group, the router's linear in the model dtype, its bias on the block; "
              "not wired yet",
     "granitemoe_swa": "Mixtral's routing (an ungated shared MLP beside the block when shared_intermediate_size > 0); "
