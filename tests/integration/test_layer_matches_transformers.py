@@ -199,6 +199,15 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("deepseek_v2", dict(num_groups=1, topk_groups=1)),  # group-limited, not greedy
     ("deepseek_v2", dict(renormalize=True)),  # V2 never renormalises
     ("deepseek_v2", dict(scaling=1.0)),  # x routed_scaling_factor
+    ("dots1", dict(num_groups=1, topk_groups=1)),
+    ("solar_open", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("exaone_moe", dict(scaling=1.0)),
+    ("glm4_moe_lite", dict(renormalize=True)),
+    ("hy_v3", dict(renormalize=False)),  # always renormalised
+    ("hy_v3", dict(scaling=1.0)),  # x router_scaling_factor
+    ("lfm2_moe", dict(scaling=1.0)),
+    ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("flex_olmo", dict(renormalize=False)),  # norm_topk_prob True in its tiny model
 ])
 def test_the_tiny_models_routing_options_each_change_the_output(zoo, family, changed):
     """The routing options of a family's tiny model are set where each matters: the block computed
