@@ -11,7 +11,7 @@ from mesh.config import MeshConfig
 from router_service.config import NAMESPACE
 
 __all__ = ["ExpertGroupFactory", "GroupFactory", "NAMESPACE", "RayGroup", "RayLauncher", "RayRouter", "alive_nodes",
-           "has_labels", "pinning"]
+           "has_labels", "kill_named", "pinning"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,7 @@ class RayLauncher:
     async def start_group(self, name: str, node: str, loads: list[tuple[int, list[int], str | None]]) -> RayGroup:
         """Create group `name` on `node`: the model's experts in its constructor, swapped-in ones
         (`source` not None) loaded from their checkpoints after; returns once it serves."""
-        import ray
-
-        old = _named(name)
-        if old is not None:  # hung, or a leftover: the name must be free
-            ray.kill(old)
+        kill_named(name)  # hung, or a leftover: the name must be free
         groups = self.config.groups
         own = {}
         for layer, experts, source in loads:
@@ -194,6 +190,13 @@ def _named(name: str):
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return None
+
+
+def kill_named(name: str) -> None:
+    """Kill the actor `name` of the mesh's namespace, if there is one."""
+    actor = _named(name)
+    if actor is not None:
+        _kill(actor)
 
 
 def _kill(actor) -> None:

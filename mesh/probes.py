@@ -124,15 +124,10 @@ class ProbeFleet:
     def kill(self) -> None:
         """Kill this mesh's probe on every live node, by name: an earlier incarnation of the
         controller may have started them."""
-        import ray
-
-        from mesh.handles import NAMESPACE, alive_nodes
+        from mesh.handles import alive_nodes, kill_named
 
         for node in (n["NodeID"] for n in alive_nodes()):
-            try:
-                ray.kill(ray.get_actor(f"{self.name}/probe-{node[:12]}", namespace=NAMESPACE))
-            except Exception:  # noqa: BLE001 - none there, or already gone
-                pass
+            kill_named(f"{self.name}/probe-{node[:12]}")
 
     async def _start(self, secret: str, tls: dict | None) -> tuple[list[str], list[str]]:
         """A serving probe on every live node; returns (node ids, their probes' endpoints), in one order."""
