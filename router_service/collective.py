@@ -204,17 +204,21 @@ class CollectiveTransport(Transport):
             exchanged = Outcome({d.group: exchanged for _, d, _ in calls}, {})
         if isinstance(grpc_sent, BaseException):
             grpc_sent = Outcome({d.group: grpc_sent for d, _ in others}, {})
-        closed = [(d, t) for channel, d, t in calls if d.group in exchanged.errors and channel.pg is None]
-        if closed:  # closed under the batch (a table moved on, a reopen): grpc carries those slices
+        # each failed slice decided once, before any await: closed under the batch (a table moved
+        # on, a reopen) -> resent over grpc; else failed (a channel closed later is still reported)
+        closed, errors = [], {}
+        for channel, d, t in calls:
+            if d.group in exchanged.errors:
+                if channel.pg is None:
+                    closed.append((d, t))
+                else:
+                    errors[d.group] = self._failed(channel, d, exchanged.errors[d.group])
+        if closed:
             self.segments.update(collective=-len(closed), grpc=len(closed))
             resent = await self.fallback.dispatch(layer, epoch, rows, scale, [d for d, _ in closed], out,
                                                   [t for _, t in closed])
             grpc_sent = Outcome({**grpc_sent.errors, **resent.errors}, {**grpc_sent.seconds, **resent.seconds})
-        errors = dict(grpc_sent.errors)
-        for channel, dest, _ in calls:
-            if dest.group in exchanged.errors and channel.pg is not None:
-                errors[dest.group] = self._failed(channel, dest, exchanged.errors[dest.group])
-        return Outcome(errors, {**grpc_sent.seconds, **exchanged.seconds})
+        return Outcome({**errors, **grpc_sent.errors}, {**grpc_sent.seconds, **exchanged.seconds})
 
     def _failed(self, channel: Channel, dest: Destination, error: BaseException) -> ExpertUnavailableError:
         """A destination that failed on its channel; a channel that timed out or broke is dropped (a

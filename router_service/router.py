@@ -292,6 +292,10 @@ class Router:
         errors, seconds = await self.transport.dispatch(layer, table.epoch, rows, scale, plan.destinations, y,
                                                         deadlines)
         self.stage_s["dispatch"] += time.perf_counter() - sent
+        for d in plan.destinations:  # the transport's contract; its slice of y is garbage otherwise
+            if d.group not in seconds and d.group not in errors:
+                logger.error("layer %d: the transport returned neither an answer nor an error for %s", layer, d.group)
+                errors[d.group] = ExpertUnavailableError(f"expert group {d.group}: no answer from the transport")
         for d, deadline in zip(plan.destinations, deadlines or [None] * len(plan.destinations)):
             if d.group in seconds:
                 self.hedging.answered(d.group, seconds[d.group], d.stop - d.start)

@@ -143,6 +143,10 @@ class Load:
                 try:
                     out, epoch = client.forward_with_epoch(0, self.x)
                     kind = next((k for k, ref in self.refs.items() if rel_err(out, ref) <= FP32_TOL), "wrong")
+                    if kind == "wrong":
+                        with self._lock:
+                            self.errors.append(f"{time.strftime('%H:%M:%S')} wrong at epoch {epoch}: "
+                                               f"{_misses(out, self.refs)}")
                 except Exception as exc:  # noqa: BLE001 - counted as failed, reason kept for the assert
                     kind = "failed"
                     with self._lock:
@@ -175,6 +179,15 @@ class Load:
     def lost(self) -> str:
         """What went wrong, for assertion messages: counts and the first few failure reasons."""
         return f"{self.counts}; first failures: {self.errors[:5]}"
+
+
+def _misses(out: torch.Tensor, refs: dict[str, torch.Tensor]) -> str:
+    """How a wrong answer [T, H] misses each reference: its relative error, and its rows off by
+    more than FP32_TOL."""
+    def rows(ref):
+        off = (out.float() - ref.float()).abs().amax(dim=1) > FP32_TOL * ref.float().abs().max()
+        return off.nonzero().flatten().tolist()
+    return "; ".join(f"{k} rel {rel_err(out, ref):.2e}, rows {rows(ref)}" for k, ref in refs.items())
 
 
 def free_port(host: str = "127.0.0.1") -> int:

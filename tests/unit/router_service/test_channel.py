@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import threading
+import time
 
 import pytest
 import torch
@@ -36,20 +37,27 @@ def compute(layer, rows, experts, counts, scale, versions):
 def channel(request, monkeypatch):
     if request.param == "split above 64 bytes":
         monkeypatch.setattr("router_service.collective.SPLIT_MIN_BYTES", 64)
+    router_end, worker = _open_pair(compute, exact=request.param == "split always")
+    yield router_end
+    router_end.close()
+    worker.close()
+
+
+def _open_pair(compute_fn, exact: bool = False) -> tuple[Channel, ChannelWorker]:
+    """A channel's two ends over a real gloo process group: the router's (rank 0) and the group's
+    (rank 1, serving `compute_fn` from its thread)."""
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=30))
-    worker = ChannelWorker("test/0", "127.0.0.1", store.port, compute, EXPERTS, HIDDEN, torch.float32, MAX_ROWS)
-    worker.exact = request.param == "split always"
+    worker = ChannelWorker("test/0", "127.0.0.1", store.port, compute_fn, EXPERTS, HIDDEN, torch.float32, MAX_ROWS)
+    worker.exact = exact
     joined = threading.Thread(target=worker.connect)
     joined.start()
     pg = process_group(dist.PrefixStore("test/0/", store), 0, torch.device("cpu"), 30)
     joined.join()
     worker.start()
     router_end = Channel("group-0", pg, store, EXPERTS, 10.0)
-    router_end.exact = worker.exact
-    yield router_end
-    router_end.close()
-    worker.close()
+    router_end.exact = exact
+    return router_end, worker
 
 
 def _dest(start: int, stop: int, experts: list[int]) -> Destination:
@@ -133,3 +141,57 @@ def test_a_channel_closed_under_a_batch_sends_its_slice_over_grpc():
     assert errors == {} and transport.fallback.sent == ["group-0"]
     assert torch.equal(out, rows * 2)
     assert transport.segments == {"collective": 0, "grpc": 1}
+
+
+def test_a_channel_past_its_deadline_never_carries_the_next_batch():
+    """A late reply never answers another batch: gloo closes a pair whose wait timed out, so a batch
+    queued behind the one that timed out (same size, other rows) fails on it, or goes over grpc
+    once the channel is dropped; either way it never takes the late reply for its own answer."""
+    first = threading.Event()
+
+    def slow_first(layer, rows, experts, counts, scale, versions):
+        if not first.is_set():
+            first.set()
+            time.sleep(0.5)  # past the first batch's deadline; its reply comes late
+        return compute(layer, rows, experts, counts, scale, versions)
+
+    router_end, worker = _open_pair(slow_first)
+    transport = _transport()
+    transport.channels["group-0"] = router_end
+    transport._open_soon = lambda group: None
+    late, queued = torch.randn(4, HIDDEN), torch.randn(4, HIDDEN)
+    out_late, out_queued = torch.empty_like(late), torch.empty_like(queued)
+
+    async def main():
+        return await asyncio.gather(
+            transport.dispatch(1, 5, late, None, [_dest(0, 4, [2])], out_late, [0.1]),
+            transport.dispatch(1, 5, queued, None, [_dest(0, 4, [2])], out_queued))
+
+    (late_errors, _), (queued_errors, _) = asyncio.run(main())
+    assert list(late_errors) == ["group-0"] and "group-0" not in transport.channels
+    assert list(queued_errors) == ["group-0"] or torch.equal(out_queued, queued * 2)
+    worker.close()
+
+
+def test_a_channel_closed_while_another_is_resent_still_reports_its_error():
+    """Each failed channel is either resent over grpc (closed under the batch) or reported failed,
+    decided once: a channel closed during the resend of another is never left with neither (its
+    slice of out unwritten and no error: an answer from garbage)."""
+    refusing, worker = _open_pair(compute)  # its group refuses expert 7
+    transport = _transport()
+    transport.channels = {"group-0": refusing, "group-1": Channel("group-1", None, None, EXPERTS, 1.0)}
+    transport._open_soon = lambda group: None
+    resend = transport.fallback.send
+
+    async def send_as_the_table_moves_on(*args, **kwargs):  # the group-0 channel closes meanwhile
+        refusing.close()
+        await resend(*args, **kwargs)
+
+    transport.fallback.send = send_as_the_table_moves_on
+    rows = torch.randn(8, HIDDEN)
+    out = torch.full_like(rows, float("nan"))
+    destinations = [_dest(0, 4, [7]), Destination("group-1", "", 4, 8, (1,), (4,), (VERSION,))]
+    errors, seconds = asyncio.run(transport.dispatch(1, 5, rows, None, destinations, out))
+    assert list(errors) == ["group-0"] and "expert 7 of layer 1 is not held here" in str(errors["group-0"])
+    assert torch.equal(out[4:], rows[4:] * 2) and transport.fallback.sent == ["group-1"]
+    worker.close()
