@@ -208,7 +208,7 @@ def _deepseek_v3(config: dict[str, Any], mt: str) -> MoESpec:
                    intermediate_size=moe_size, scoring="sigmoid_grouped",
                    renormalize=bool(config.get("norm_topk_prob", True)),
                    num_groups=int(config.get("n_group") or 1), topk_groups=int(config.get("topk_group") or 1),
-                   scaling=float(config.get("routed_scaling_factor", 1.0)), has_score_bias=True,
+                   scaling=float(config.get("routed_scaling_factor") or 1.0), has_score_bias=True,
                    shared_intermediate_size=moe_size * shared, shared_attr="shared_experts")
 
 
@@ -356,6 +356,7 @@ _FAMILIES = {
     "glm4_moe_lite": _deepseek_v3,
     "glm4v_moe_text": _deepseek_v3,
     "dots1": _deepseek_v3,
+    "mimo_v2_flash": _deepseek_v3,
     "exaone_moe": _exaone_moe,
     "hy_v3": _hy_v3,
     "solar_open": _deepseek_v3,
@@ -375,7 +376,6 @@ _FAMILIES = {
 NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
     "kimi_linear": "DeepSeek-V3's router and experts beside linear attention; not wired and tested yet",
-    "mimo_v2_flash": "DeepSeek-V3's router and experts; not wired and tested yet",
     "jamba": "Qwen2-MoE's softmax top-k without renormalisation, in Mamba and attention layers alike; not wired yet",
     "granitemoe": "Mixtral's routing with its own expert storage; not wired and tested yet",
     "granitemoeshared": "Mixtral's routing, and a shared MLP on the decoder layer beside the block; not wired yet",

@@ -207,6 +207,9 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("hy_v3", dict(scaling=1.0)),  # x router_scaling_factor
     ("lfm2_moe", dict(scaling=1.0)),
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("mimo_v2_flash", dict(num_groups=1, topk_groups=1)),
+    ("mimo_v2_flash", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("mimo_v2_flash", dict(scaling=1.0)),
     ("flex_olmo", dict(renormalize=False)),  # norm_topk_prob True in its tiny model
 ])
 def test_the_tiny_models_routing_options_each_change_the_output(zoo, family, changed):

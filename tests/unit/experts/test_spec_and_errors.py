@@ -87,6 +87,17 @@ def test_deepseek_v2_reads_its_topk_method():
         spec_from_config({**config, "topk_method": "noaux_tc"})
 
 
+def test_mimo_v2_flash_reads_its_hub_config():
+    """MiMo-V2-Flash's published config.json: `routed_scaling_factor` null (1.0), no shared expert,
+    the MoE layers from `mlp_layer_types`."""
+    config = dict(model_type="mimo_v2_flash", hidden_size=8, num_hidden_layers=3, n_routed_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=6, routed_scaling_factor=None, n_group=1,
+                  topk_group=1, mlp_layer_types=["dense", "sparse", "sparse"])
+    spec = spec_from_config(config)
+    assert (spec.scaling, spec.shared_intermediate_size, spec.moe_layers, spec.scoring) == \
+        (1.0, 0, (1, 2), "sigmoid_grouped")
+
+
 @pytest.mark.parametrize("config,renormalize", [
     (dict(model_type="qwen2_moe"), False),                          # qwen2_moe: off unless asked
     (dict(model_type="qwen3_next"), True),                          # qwen3_next: on unless turned off
