@@ -119,6 +119,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                                        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=12,
                                                        index_topk=4, index_head_dim=16, index_n_heads=2,
                                                        num_key_value_heads=4, max_position_embeddings=1048576)),
+    "mistral4": ("Mistral4Config", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                        num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=3,
+                                        n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=False,
+                                        routed_scaling_factor=1.5, q_lora_rank=16, kv_lora_rank=16,
+                                        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=12,
+                                        num_key_value_heads=4, max_position_embeddings=4096)),
     "deepseek_v4": ("DeepseekV4Config", dict(hidden_size=64, moe_intermediate_size=24, num_hidden_layers=3,
                                              num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                                              partial_rotary_factor=0.25, q_lora_rank=32, o_groups=2,
@@ -131,6 +137,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                                              "heavily_compressed_attention": 8},
                                              mlp_layer_types=["hash_moe", "moe", "moe"])),
 }
+
+# Families whose causal LM transformers registers under another auto class than AutoModelForCausalLM.
+_AUTO_CLASS = {"mistral4": "AutoModelForImageTextToText"}
 
 # Families served as the text model of a composite (multimodal) model: the composite's auto class,
 # its config class and the config's other parts, kept tiny (the text config is FAMILIES' entry).
@@ -164,7 +173,7 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
         raise ValueError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
     class_name, kwargs = FAMILIES[family]
     config = getattr(transformers, class_name)(**{**_ATTENTION, **kwargs, **overrides})
-    auto_class = "AutoModelForCausalLM"
+    auto_class = _AUTO_CLASS.get(family, "AutoModelForCausalLM")
     if family in _COMPOSITE:
         auto_class, composite_class, parts = _COMPOSITE[family]
         config = getattr(transformers, composite_class)(text_config=config.to_dict(), **parts)

@@ -279,6 +279,14 @@ def _mistral_large4_text(config: dict[str, Any], mt: str) -> MoESpec:
                    shared_expert_names=("w1", "w3", "w2"))
 
 
+def _mistral4(config: dict[str, Any], mt: str) -> MoESpec:
+    """Mistral Small 4: Mistral Large 3's block with the router's linear in the model dtype,
+    renormalised if `norm_topk_prob` (default on), MoE layers from `first_k_dense_replace` (default 0)."""
+    spec = _mistral_large4_text(config, mt)
+    return dataclasses.replace(spec, is_router_fp32=False, renormalize=bool(config.get("norm_topk_prob", True)),
+                               moe_layers=_deepseek_moe_layers(config, spec.num_layers))
+
+
 def _qwen3_next(config: dict[str, Any], mt: str) -> MoESpec:
     """Qwen2-MoE's block; norm_topk_prob defaults to True."""
     return dataclasses.replace(_qwen2_moe(config, mt), renormalize=bool(config.get("norm_topk_prob", True)))
@@ -368,6 +376,7 @@ _FAMILIES = {
     "llama4_text": _llama4_text,
     "gpt_oss": _gpt_oss,
     "mistral_large4_text": _mistral_large4_text,
+    "mistral4": _mistral4,
     "deepseek_v4": _deepseek_v4,
 }
 # Examined in transformers 5.23 and not served: model_type -> why, as `mesh up` and `mesh check`
@@ -381,7 +390,6 @@ NOT_SERVED: dict[str, str] = {
     "granitemoeshared": "Mixtral's routing, and a shared MLP on the decoder layer beside the block; not wired yet",
     "granitemoehybrid": "Mixtral's routing in a Mamba hybrid, a shared MLP beside the block; not wired yet",
     "hunyuan_v1_moe": "float32 gate, a top-k per layer and a shared MLP; not wired yet",
-    "mistral4": "mistral_large4's block with the router's linear in the model dtype; not wired yet",
     "axk2": "DeepSeek-V3.2's block while n_group is unset (a set n_group masks groups with 0, not -inf); not wired yet",
     "bailing_hybrid": "DeepSeek-V3's block under its own names (num_experts_per_token, moe_renormalize); not wired yet",
     "afmoe": "DeepSeek-V3's gate with one group, the router's linear in the model dtype, its bias on the block; "

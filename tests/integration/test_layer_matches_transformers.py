@@ -208,6 +208,9 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("lfm2_moe", dict(scaling=1.0)),
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("mimo_v2_flash", dict(num_groups=1, topk_groups=1)),
+    ("mistral4", dict(scoring="softmax", num_groups=1, topk_groups=1)),
+    ("mistral4", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("mistral4", dict(scaling=1.0)),
     ("mimo_v2_flash", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("mimo_v2_flash", dict(scaling=1.0)),
     ("flex_olmo", dict(renormalize=False)),  # norm_topk_prob True in its tiny model

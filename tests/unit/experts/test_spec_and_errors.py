@@ -77,6 +77,15 @@ def test_mistral_large4_with_gate_groups_takes_the_grouped_softmax():
     assert spec_from_config({**config, "n_group": 1}).scoring == "softmax"
 
 
+def test_mistral4_is_mistral_large4_with_its_router_in_the_model_dtype():
+    config = dict(model_type="mistral4", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=6)
+    spec = spec_from_config(config)  # transformers' defaults: every layer MoE, renormalised
+    assert (spec.moe_layers, spec.renormalize, spec.is_router_fp32, spec.scoring) == ((0, 1), True, False, "softmax")
+    assert not spec_from_config({**config, "norm_topk_prob": False}).renormalize
+    assert spec_from_config({**config, "first_k_dense_replace": 1}).moe_layers == (1,)
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
