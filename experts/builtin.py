@@ -41,6 +41,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                          num_hidden_layers=2, num_experts=6, num_experts_per_tok=3,
                                          head_dim=12, norm_topk_prob=True)),
+    "jamba": ("JambaConfig", dict(hidden_size=48, intermediate_size=40, num_hidden_layers=4, num_experts=6,
+                                  num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+                                  attn_layer_period=4, attn_layer_offset=1, mamba_d_state=4,
+                                  mamba_dt_rank=8)),  # MoE in layer 1 (attention) and 3 (Mamba)
     "olmoe": ("OlmoeConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,
                                   num_experts_per_tok=2)),
     "flex_olmo": ("FlexOlmoConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,

@@ -181,6 +181,18 @@ def _qwen2_moe(config: dict[str, Any], mt: str) -> MoESpec:
                    shared_intermediate_size=shared, has_shared_gate=shared > 0)
 
 
+def _jamba(config: dict[str, Any], mt: str) -> MoESpec:
+    """Jamba: a softmax top-k never renormalised, the block the decoder layer's `feed_forward` (in
+    Mamba and attention layers alike) with its router at `router`, on every `expert_layer_period`-th
+    layer from `expert_layer_offset`."""
+    common = _common(config, mt)
+    period, offset = int(config.get("expert_layer_period", 2)), int(config.get("expert_layer_offset", 1))
+    return MoESpec(**common, moe_layers=tuple(i for i in range(common["num_layers"]) if i % period == offset),
+                   num_experts=int(_get(config, "num_experts|num_local_experts", mt)),
+                   intermediate_size=int(_get(config, "intermediate_size", mt)), scoring="softmax",
+                   renormalize=False, block_attr="feed_forward", gate_attr="router")
+
+
 def _qwen3_moe(config: dict[str, Any], mt: str) -> MoESpec:
     return MoESpec(**_common(config, mt), moe_layers=_qwen_moe_layers(config, mt),
                    num_experts=int(_get(config, "num_experts|num_local_experts", mt)),
@@ -354,6 +366,7 @@ _FAMILIES = {
     "minimax": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
+    "jamba": _jamba,
     "mellum": _qwen3_moe,
     "olmoe": _olmoe,
     "flex_olmo": _olmoe,
@@ -385,7 +398,6 @@ _FAMILIES = {
 NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
     "kimi_linear": "DeepSeek-V3's router and experts beside linear attention; not wired and tested yet",
-    "jamba": "Qwen2-MoE's softmax top-k without renormalisation, in Mamba and attention layers alike; not wired yet",
     "granitemoe": "Mixtral's routing with its own expert storage; not wired and tested yet",
     "granitemoeshared": "Mixtral's routing, and a shared MLP on the decoder layer beside the block; not wired yet",
     "granitemoehybrid": "Mixtral's routing in a Mamba hybrid, a shared MLP beside the block; not wired yet",

@@ -68,7 +68,8 @@ def check_own_answers(path: Path, requests, outputs) -> None:
 # Families whose MoE block is another served family's (the spec differs in config names, MoE layers
 # or checkpoint names only): MoELayer and patch_model check each against transformers
 # (test_layer_matches_transformers.py, test_client.py); the mesh path is the other family's.
-SAME_BLOCK_AS = {"minimax": "mixtral", "flex_olmo": "olmoe", "mellum": "qwen3_moe", "glm4_moe_lite": "glm4_moe",
+SAME_BLOCK_AS = {"minimax": "mixtral", "flex_olmo": "olmoe", "jamba": "olmoe", "mellum": "qwen3_moe",
+                 "glm4_moe_lite": "glm4_moe",
                  "solar_open": "glm4_moe", "glm4v_moe": "glm4_moe", "glm_moe_dsa": "deepseek_v32",
                  "dots1": "deepseek_v3", "exaone_moe": "deepseek_v3", "hy_v3": "deepseek_v3",
                  "mimo_v2_flash": "deepseek_v3", "mistral4": "mistral_large4",

@@ -86,6 +86,14 @@ def test_mistral4_is_mistral_large4_with_its_router_in_the_model_dtype():
     assert spec_from_config({**config, "first_k_dense_replace": 1}).moe_layers == (1,)
 
 
+def test_jamba_reads_its_expert_layer_period_and_offset():
+    config = dict(model_type="jamba", hidden_size=8, num_hidden_layers=8, num_experts=16, num_experts_per_tok=2,
+                  intermediate_size=6)
+    assert spec_from_config(config).moe_layers == (1, 3, 5, 7)  # transformers' defaults: period 2, offset 1
+    spec = spec_from_config({**config, "expert_layer_period": 4, "expert_layer_offset": 2})
+    assert (spec.moe_layers, spec.renormalize, spec.block_attr) == ((2, 6), False, "feed_forward")
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
