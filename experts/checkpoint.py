@@ -266,7 +266,7 @@ class CheckpointReader:
     def _fused_expert(self, block: str, expert: int) -> _OneExpert:
         """(gate_up [2I, H], down [H, I], b_gate_up [2I] | None, b_down [H] | None, checksum) of one expert."""
         hidden, inter, layout = self.spec.hidden_size, self.spec.intermediate_size, self.spec.fused_layout
-        name_gu, name_d = f"{block}experts.gate_up_proj", f"{block}experts.down_proj"
+        name_gu, name_d = self.layout.fused_names(block)
         if layout == "rows" or f"{name_gu}_blocks" in self._files:  # MXFP4 stores output rows first: [E, 2I, H]
             gate_up, raw_gu = self._weight(name_gu, (2 * inter, hidden), rows=expert)
             down, raw_d = self._weight(name_d, (hidden, inter), rows=expert)

@@ -186,7 +186,7 @@ def _confined(folder: Path, file: object) -> Path:
     return resolved
 
 
-def _decoder_prefix(path: Path, names: list[str], gate: str) -> str:
+def _decoder_prefix(path: Path, names: list[str], gates: tuple[str, ...]) -> str:
     """The name prefix of the decoder layers ('model.layers.', 'layers.',
     'model.language_model.layers.'): of the prefixes followed by a layer index and, further on, the
     family's gate weight, the one with the most such layers. Published checkpoints carry other
@@ -194,15 +194,18 @@ def _decoder_prefix(path: Path, names: list[str], gate: str) -> str:
     names are matched: a regex over a V3 index's 90k names took 40 ms at every group's stage."""
     indices: dict[str, set[str]] = {}
     match = re.compile(r"^(.*?\blayers\.)(\d+)\.").match
-    suffix = f".{gate}.weight"
-    for name in [name for name in names if name.endswith(suffix)]:
+    suffixes = tuple(f".{gate}.weight" for gate in gates)
+    for name in [name for name in names if name.endswith(suffixes)]:
         if m := match(name):
             indices.setdefault(m.group(1), set()).add(m.group(2))
     ranked = sorted(indices, key=lambda prefix: len(indices[prefix]), reverse=True)
     if not ranked or (len(ranked) > 1 and len(indices[ranked[0]]) == len(indices[ranked[1]])):
-        raise CheckpointError(f"cannot find the decoder layers in {path}: names ending {suffix!r} give the "
+        raise CheckpointError(f"cannot find the decoder layers in {path}: names ending {' or '.join(suffixes)} give the "
                               f"prefixes {sorted(indices)}")
     return ranked[0]
+
+
+_FUSED_NAMES = ("experts.gate_up_proj", "experts.down_proj")  # transformers' fused experts, under the block
 
 
 class CheckpointLayout:
@@ -217,7 +220,8 @@ class CheckpointLayout:
         self._closed_bytes_read = 0
         try:
             self.files = weight_files(self.path, opener, self.opened)
-            self.layer_prefix = _decoder_prefix(self.path, list(self.files), self.spec.gate_attr)
+            self.layer_prefix = _decoder_prefix(self.path, list(self.files),
+                                                (*self.spec.checkpoint_gates, self.spec.gate_attr))
         except BaseException:
             self.close()
             raise
@@ -253,9 +257,17 @@ class CheckpointLayout:
         raise CheckpointError(f"checkpoint {self.path} has no tensor "
                               f"{self.layer_prefix}{layer}.{candidates[-1]}.{gate}.weight (gate of layer {layer})")
 
+    def fused_names(self, block: str) -> tuple[str, str] | None:
+        """(gate_up, down): the names of `block`'s experts stored fused ([E, ...] tensors), the
+        vendor's (`spec.checkpoint_fused`) or transformers'; None where they are stored one name each."""
+        for gate_up, down in [names for names in (self.spec.checkpoint_fused, _FUSED_NAMES) if names]:
+            if any(f"{block}{gate_up}{suffix}" in self.files for suffix in ("", "_blocks")):
+                return f"{block}{gate_up}", f"{block}{down}"
+        return None
+
     def is_fused(self, block: str) -> bool:
-        """Whether `block`'s experts are stored fused ([E, ...] tensors) rather than one name each."""
-        return any(f"{block}experts.gate_up_proj{suffix}" in self.files for suffix in ("", "_blocks"))
+        """Whether `block`'s experts are stored fused rather than one name each."""
+        return self.fused_names(block) is not None
 
     def stored(self, name: str) -> list[str]:
         """The stored tensors of weight `name`: itself and its fp8 scales, MXFP4 blocks and scales, or itself."""
@@ -274,8 +286,7 @@ class CheckpointLayout:
         if not self.is_fused(block):
             weights = [f"{block}experts.{expert}.{n}.weight" for n in self.spec.expert_names]
             return [(name, None) for weight in weights for name in self.stored(weight)]
-        weights = [f"{block}experts.gate_up_proj", f"{block}experts.down_proj"]
-        parts = [(name, expert) for weight in weights for name in self.stored(weight)]
+        parts = [(name, expert) for weight in self.fused_names(block) for name in self.stored(weight)]
         if self.spec.has_expert_bias:
             parts += [(f"{block}experts.gate_up_proj_bias", expert), (f"{block}experts.down_proj_bias", expert)]
         return parts

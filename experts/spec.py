@@ -66,6 +66,9 @@ class MoESpec:
     gate_attr: str = "gate"         # attribute of the MoE block holding the router
     checkpoint_gates: tuple[str, ...] = ()   # other names of the router in checkpoints, tried first
     checkpoint_shared: tuple[str, ...] = ()  # other names of the shared expert module in checkpoints
+    # the fused experts' gate_up [E, 2I, H] and down [E, H, I] in vendors' checkpoints, under the
+    # block (transformers' experts.gate_up_proj, experts.down_proj are read where these are absent)
+    checkpoint_fused: tuple[str, ...] = ()
     has_gate_bias: bool = False     # gpt-oss: the router's linear has a bias (added to the logits)
     has_expert_bias: bool = False   # gpt-oss: biases on the experts' gate_up and down projections
     fused_layout: FusedLayout = "rows"
@@ -103,7 +106,7 @@ class MoESpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoESpec":
         tuples = ("moe_layers", "score_bias", "checkpoint_blocks", "expert_names", "shared_expert_names", "hash_layers",
-                  "checkpoint_gates", "checkpoint_shared")
+                  "checkpoint_gates", "checkpoint_shared", "checkpoint_fused")
         return cls(**{**data, **{name: tuple(data[name]) for name in tuples}})
 
 
@@ -145,6 +148,19 @@ def _mixtral(config: dict[str, Any], mt: str) -> MoESpec:
                    num_experts=int(_get(config, "num_local_experts", mt)),
                    intermediate_size=int(_get(config, "intermediate_size", mt)),
                    scoring="softmax", renormalize=True, **_MIXTRAL_NAMES)
+
+
+def _granitemoe(config: dict[str, Any], mt: str) -> MoESpec:
+    """Granite MoE: Mixtral's routing (top-k of the logits, then their softmax), its block the decoder
+    layer's `block_sparse_moe`, published fused as `input_linear.weight` [E, 2I, H] and
+    `output_linear.weight` [E, H, I] with the router's linear at `router.layer`. The shared MLP of
+    `granitemoeshared`, `granitemoehybrid` and `granitemoe_swa` sits on the decoder layer beside the
+    block (`shared_mlp`): the model computes it, the mesh serves the block."""
+    if not int(_get(config, "num_local_experts", mt)):
+        raise UnsupportedModelError(f"{mt} with num_local_experts=0 has no MoE layer")
+    return dataclasses.replace(_mixtral(config, mt), block_attr="block_sparse_moe", gate_attr="router",
+                               checkpoint_blocks=(), checkpoint_gates=("router.layer",),
+                               checkpoint_fused=("input_linear.weight", "output_linear.weight"))
 
 
 def _minimax_m2(config: dict[str, Any], mt: str) -> MoESpec:
@@ -364,6 +380,10 @@ def _deepseek_v4(config: dict[str, Any], mt: str) -> MoESpec:
 _FAMILIES = {
     "mixtral": _mixtral,
     "minimax": _mixtral,
+    "granitemoe": _granitemoe,
+    "granitemoeshared": _granitemoe,
+    "granitemoehybrid": _granitemoe,
+    "granitemoe_swa": _granitemoe,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
     "jamba": _jamba,
@@ -398,16 +418,11 @@ _FAMILIES = {
 NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
     "kimi_linear": "DeepSeek-V3's router and experts beside linear attention; not wired and tested yet",
-    "granitemoe": "Mixtral's routing with its own expert storage; not wired and tested yet",
-    "granitemoeshared": "Mixtral's routing, and a shared MLP on the decoder layer beside the block; not wired yet",
-    "granitemoehybrid": "Mixtral's routing in a Mamba hybrid, a shared MLP beside the block; not wired yet",
     "hunyuan_v1_moe": "float32 gate, a top-k per layer and a shared MLP; not wired yet",
     "axk2": "DeepSeek-V3.2's block while n_group is unset (a set n_group masks groups with 0, not -inf); not wired yet",
     "bailing_hybrid": "DeepSeek-V3's block under its own names (num_experts_per_token, moe_renormalize); not wired yet",
     "afmoe": "DeepSeek-V3's gate with one group, the router's linear in the model dtype, its bias on the block; "
              "not wired yet",
-    "granitemoe_swa": "Mixtral's routing (an ungated shared MLP beside the block when shared_intermediate_size > 0); "
-                      "not wired yet",
     "qwen3_vl_moe": "Qwen3-MoE's block (always renormalised), experts stored transposed, in a vision-language "
                     "model; not wired yet",
     "qwen3_omni_moe": "Qwen3-MoE's block in the thinker's text model; the talker's differs (a gated shared "

@@ -207,6 +207,7 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("hy_v3", dict(scaling=1.0)),  # x router_scaling_factor
     ("lfm2_moe", dict(scaling=1.0)),
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("granitemoe", dict(renormalize=False)),  # the softmax over the top-k logits
     ("jamba", dict(renormalize=True)),  # never renormalised
     ("mimo_v2_flash", dict(num_groups=1, topk_groups=1)),
     ("mistral4", dict(scoring="softmax", num_groups=1, topk_groups=1)),

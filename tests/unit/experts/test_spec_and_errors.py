@@ -94,6 +94,16 @@ def test_jamba_reads_its_expert_layer_period_and_offset():
     assert (spec.moe_layers, spec.renormalize, spec.block_attr) == ((2, 6), False, "feed_forward")
 
 
+def test_granite_moe_families_read_the_published_names_and_refuse_no_experts():
+    config = dict(hidden_size=8, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=6)
+    for model_type in ("granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa"):
+        spec = spec_from_config({**config, "model_type": model_type, "shared_intermediate_size": 10})
+        assert (spec.block_attr, spec.checkpoint_gates, spec.shared_intermediate_size) == \
+            ("block_sparse_moe", ("router.layer",), 0)  # the shared MLP beside the block stays the model's
+    with pytest.raises(UnsupportedModelError, match="granitemoehybrid with num_local_experts=0 has no MoE layer"):
+        spec_from_config({**config, "model_type": "granitemoehybrid", "num_local_experts": 0})
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
