@@ -240,6 +240,21 @@ def _deepseek_v3(config: dict[str, Any], mt: str) -> MoESpec:
                    shared_intermediate_size=moe_size * shared, shared_attr="shared_experts")
 
 
+def _renamed(config: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """`config` with transformers' names (the keys of `names`) set from a vendor's (its values) where given."""
+    return {**config, **{ours: config[theirs] for ours, theirs in names.items() if theirs in config}}
+
+
+def _kimi_linear(config: dict[str, Any], mt: str) -> MoESpec:
+    """Kimi Linear: DeepSeek-V3's block beside linear attention, under its own config names; MoE
+    layers from `mlp_layer_types`, else from `first_k_dense_replace` (default 1); published as
+    `block_sparse_moe` with experts `w1, w3, w2`."""
+    names = dict(n_routed_experts="num_experts", num_experts_per_tok="num_experts_per_token",
+                 n_group="num_expert_group", norm_topk_prob="moe_renormalize", n_shared_experts="num_shared_experts")
+    spec = _deepseek_v3({"first_k_dense_replace": 1, **_renamed(config, names)}, mt)
+    return dataclasses.replace(spec, **_MIXTRAL_NAMES)
+
+
 def _deepseek_v2(config: dict[str, Any], mt: str) -> MoESpec:
     """DeepSeek-V2: a float32 softmax over all experts, top-k over all (`topk_method` "greedy") or
     among the `topk_group` groups holding the best experts ("group_limited_greedy"), never
@@ -397,6 +412,7 @@ _FAMILIES = {
     "glm4_moe_lite": _deepseek_v3,
     "glm4v_moe_text": _deepseek_v3,
     "dots1": _deepseek_v3,
+    "kimi_linear": _kimi_linear,
     "mimo_v2_flash": _deepseek_v3,
     "exaone_moe": _exaone_moe,
     "hy_v3": _hy_v3,
@@ -417,7 +433,6 @@ _FAMILIES = {
 # holds both to the installed transformers' MoE model folders.
 NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
-    "kimi_linear": "DeepSeek-V3's router and experts beside linear attention; not wired and tested yet",
     "hunyuan_v1_moe": "float32 gate, a top-k per layer and a shared MLP; not wired yet",
     "axk2": "DeepSeek-V3.2's block while n_group is unset (a set n_group masks groups with 0, not -inf); not wired yet",
     "bailing_hybrid": "DeepSeek-V3's block under its own names (num_experts_per_token, moe_renormalize); not wired yet",

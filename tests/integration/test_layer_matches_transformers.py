@@ -209,6 +209,9 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("granitemoe", dict(renormalize=False)),  # the softmax over the top-k logits
     ("jamba", dict(renormalize=True)),  # never renormalised
+    ("kimi_linear", dict(num_groups=1, topk_groups=1)),
+    ("kimi_linear", dict(renormalize=True)),  # moe_renormalize False in its tiny model
+    ("kimi_linear", dict(scaling=1.0)),
     ("mimo_v2_flash", dict(num_groups=1, topk_groups=1)),
     ("mistral4", dict(scoring="softmax", num_groups=1, topk_groups=1)),
     ("mistral4", dict(renormalize=True)),  # norm_topk_prob False in its tiny model

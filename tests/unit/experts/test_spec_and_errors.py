@@ -104,6 +104,15 @@ def test_granite_moe_families_read_the_published_names_and_refuse_no_experts():
         spec_from_config({**config, "model_type": "granitemoehybrid", "num_local_experts": 0})
 
 
+def test_kimi_linear_reads_its_own_config_names():
+    config = dict(model_type="kimi_linear", hidden_size=8, num_hidden_layers=3, num_experts=8, num_experts_per_token=2,
+                  moe_intermediate_size=6, num_expert_group=4, topk_group=2, moe_renormalize=False,
+                  num_shared_experts=2, routed_scaling_factor=2.5)
+    spec = spec_from_config(config)  # no mlp_layer_types: from first_k_dense_replace, default 1
+    assert (spec.moe_layers, spec.num_experts, spec.top_k, spec.num_groups, spec.topk_groups) == ((1, 2), 8, 2, 4, 2)
+    assert (spec.renormalize, spec.shared_intermediate_size, spec.scaling) == (False, 12, 2.5)
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
