@@ -96,6 +96,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                              layer_types=["linear_attention", "full_attention", "linear_attention"],
                                              mlp_layer_types=["dense", "sparse", "sparse"], linear_head_dim=12,
                                              linear_num_heads=4)),  # its published config names
+    "bailing_hybrid": ("BailingHybridConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                                   num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=16,
+                                                   qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=12, head_dim=12,
+                                                   num_experts=8, num_experts_per_token=3, num_expert_group=4,
+                                                   topk_group=2, num_shared_experts=1, moe_renormalize=False,
+                                                   first_k_dense_replace=1, layer_group_size=2)),
     "deepseek_v2": ("DeepseekV2Config", dict(_DEEPSEEK, topk_method="group_limited_greedy")),
     "deepseek_v3": ("DeepseekV3Config", _DEEPSEEK),
     "deepseek_v32": ("DeepseekV32Config", dict(_DEEPSEEK, index_topk=4, index_head_dim=16, index_n_heads=2)),

@@ -245,14 +245,25 @@ def _renamed(config: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     return {**config, **{ours: config[theirs] for ours, theirs in names.items() if theirs in config}}
 
 
+# Kimi Linear's and Ling's config names for DeepSeek-V3's (transformers' attribute_map)
+_KIMI_NAMES = dict(n_routed_experts="num_experts", num_experts_per_tok="num_experts_per_token",
+                   n_group="num_expert_group", norm_topk_prob="moe_renormalize", n_shared_experts="num_shared_experts")
+
+
 def _kimi_linear(config: dict[str, Any], mt: str) -> MoESpec:
     """Kimi Linear: DeepSeek-V3's block beside linear attention, under its own config names; MoE
     layers from `mlp_layer_types`, else from `first_k_dense_replace` (default 1); published as
     `block_sparse_moe` with experts `w1, w3, w2`."""
-    names = dict(n_routed_experts="num_experts", num_experts_per_tok="num_experts_per_token",
-                 n_group="num_expert_group", norm_topk_prob="moe_renormalize", n_shared_experts="num_shared_experts")
-    spec = _deepseek_v3({"first_k_dense_replace": 1, **_renamed(config, names)}, mt)
+    spec = _deepseek_v3({"first_k_dense_replace": 1, **_renamed(config, _KIMI_NAMES)}, mt)
     return dataclasses.replace(spec, **_MIXTRAL_NAMES)
+
+
+def _bailing_hybrid(config: dict[str, Any], mt: str) -> MoESpec:
+    """Ling hybrid (`bailing_hybrid`): Kimi Linear's config names with transformers' defaults (8
+    groups, the best 4, MoE from layer 2); its score bias published as `mlp.gate.expert_bias`."""
+    defaults = {"first_k_dense_replace": 2, "n_group": 8, "topk_group": 4}
+    spec = _deepseek_v3({**defaults, **_renamed(config, _KIMI_NAMES)}, mt)
+    return dataclasses.replace(spec, score_bias=("gate.e_score_correction_bias", "gate.expert_bias"))
 
 
 def _deepseek_v2(config: dict[str, Any], mt: str) -> MoESpec:
@@ -413,6 +424,7 @@ _FAMILIES = {
     "glm4v_moe_text": _deepseek_v3,
     "dots1": _deepseek_v3,
     "kimi_linear": _kimi_linear,
+    "bailing_hybrid": _bailing_hybrid,
     "mimo_v2_flash": _deepseek_v3,
     "exaone_moe": _exaone_moe,
     "hy_v3": _hy_v3,
@@ -435,7 +447,6 @@ NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
     "hunyuan_v1_moe": "float32 gate, a top-k per layer and a shared MLP; not wired yet",
     "axk2": "DeepSeek-V3.2's block while n_group is unset (a set n_group masks groups with 0, not -inf); not wired yet",
-    "bailing_hybrid": "DeepSeek-V3's block under its own names (num_experts_per_token, moe_renormalize); not wired yet",
     "afmoe": "DeepSeek-V3's gate with one group, the router's linear in the model dtype, its bias on the block; "
              "not wired yet",
     "qwen3_vl_moe": "Qwen3-MoE's block (always renormalised), experts stored transposed, in a vision-language "

@@ -113,6 +113,14 @@ def test_kimi_linear_reads_its_own_config_names():
     assert (spec.renormalize, spec.shared_intermediate_size, spec.scaling) == (False, 12, 2.5)
 
 
+def test_bailing_hybrid_takes_transformers_defaults_under_kimis_names():
+    config = dict(model_type="bailing_hybrid", hidden_size=8, num_hidden_layers=4, num_experts=16,
+                  num_experts_per_token=2, moe_intermediate_size=6)
+    spec = spec_from_config(config)  # transformers' defaults: 8 groups, the best 4, MoE from layer 2
+    assert (spec.moe_layers, spec.num_groups, spec.topk_groups, spec.renormalize) == ((2, 3), 8, 4, True)
+    assert spec.score_bias == ("gate.e_score_correction_bias", "gate.expert_bias")
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
