@@ -266,6 +266,15 @@ def _bailing_hybrid(config: dict[str, Any], mt: str) -> MoESpec:
     return dataclasses.replace(spec, score_bias=("gate.e_score_correction_bias", "gate.expert_bias"))
 
 
+def _axk2(config: dict[str, Any], mt: str) -> MoESpec:
+    """A.X K2: DeepSeek-V3.2's block without groups while `n_group` is unset (A.X-K2-Light); MoE
+    layers from `first_k_dense_replace` (default 1), every `moe_layer_freq`-th."""
+    if config.get("n_group") is not None:
+        raise UnsupportedModelError(f"{mt} with n_group set is not served: it masks the groups not chosen with 0, "
+                                    f"not -inf, which the grouped gate does not do")
+    return _deepseek_v3({"first_k_dense_replace": 1, **config}, mt)
+
+
 def _deepseek_v2(config: dict[str, Any], mt: str) -> MoESpec:
     """DeepSeek-V2: a float32 softmax over all experts, top-k over all (`topk_method` "greedy") or
     among the `topk_group` groups holding the best experts ("group_limited_greedy"), never
@@ -306,12 +315,13 @@ def _hy_v3(config: dict[str, Any], mt: str) -> MoESpec:
 
 
 def _deepseek_moe_layers(config: dict[str, Any], num_layers: int, first_dense: int = 0) -> tuple[int, ...]:
-    """`mlp_layer_types` ("dense" / "sparse" per layer, DeepSeek-V3.2) when given, else every layer
-    from `first_k_dense_replace` (default `first_dense`) on."""
+    """`mlp_layer_types` ("dense" / "sparse" per layer, DeepSeek-V3.2) when given, else every
+    `moe_layer_freq`-th layer (default 1) from `first_k_dense_replace` (default `first_dense`) on."""
     kinds = config.get("mlp_layer_types")
     if kinds:
         return tuple(i for i, kind in enumerate(kinds[:num_layers]) if kind == "sparse")
-    return tuple(range(int(config.get("first_k_dense_replace", first_dense)), num_layers))
+    first, every = int(config.get("first_k_dense_replace", first_dense)), int(config.get("moe_layer_freq") or 1)
+    return tuple(i for i in range(first, num_layers) if i % every == 0)
 
 
 def _mistral_large4_text(config: dict[str, Any], mt: str) -> MoESpec:
@@ -430,6 +440,7 @@ _FAMILIES = {
     "hy_v3": _hy_v3,
     "solar_open": _deepseek_v3,
     "glm_moe_dsa": _deepseek_v3,
+    "axk2": _axk2,
     "minimax_m2": _minimax_m2,
     "lfm2_moe": _lfm2_moe,
     "qwen3_next": _qwen3_next,
@@ -446,7 +457,6 @@ _FAMILIES = {
 NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
     "hunyuan_v1_moe": "float32 gate, a top-k per layer and a shared MLP; not wired yet",
-    "axk2": "DeepSeek-V3.2's block while n_group is unset (a set n_group masks groups with 0, not -inf); not wired yet",
     "afmoe": "DeepSeek-V3's gate with one group, the router's linear in the model dtype, its bias on the block; "
              "not wired yet",
     "qwen3_vl_moe": "Qwen3-MoE's block (always renormalised), experts stored transposed, in a vision-language "

@@ -209,6 +209,8 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("granitemoe", dict(renormalize=False)),  # the softmax over the top-k logits
     ("jamba", dict(renormalize=True)),  # never renormalised
+    ("axk2", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("axk2", dict(scaling=1.0)),
     ("bailing_hybrid", dict(num_groups=1, topk_groups=1)),
     ("bailing_hybrid", dict(renormalize=True)),  # moe_renormalize False in its tiny model
     ("kimi_linear", dict(num_groups=1, topk_groups=1)),

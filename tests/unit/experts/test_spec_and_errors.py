@@ -121,6 +121,15 @@ def test_bailing_hybrid_takes_transformers_defaults_under_kimis_names():
     assert spec.score_bias == ("gate.e_score_correction_bias", "gate.expert_bias")
 
 
+def test_axk2_is_served_without_groups_and_reads_moe_layer_freq():
+    config = dict(model_type="axk2", hidden_size=8, num_hidden_layers=6, n_routed_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=6, moe_layer_freq=2)  # a hub config: no mlp_layer_types, n_group unset
+    spec = spec_from_config(config)
+    assert (spec.moe_layers, spec.num_groups) == ((2, 4), 1)  # from first_k_dense_replace (default 1), every 2nd
+    with pytest.raises(UnsupportedModelError, match="axk2 with n_group set is not served: it masks"):
+        spec_from_config({**config, "n_group": 4, "topk_group": 2})
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
