@@ -314,6 +314,20 @@ def _hy_v3(config: dict[str, Any], mt: str) -> MoESpec:
                                checkpoint_gates=("router.gate",), checkpoint_shared=("shared_mlp",))
 
 
+def _afmoe(config: dict[str, Any], mt: str) -> MoESpec:
+    """AFMoE (Arcee Trinity): DeepSeek-V3's gate with one group, always renormalised, x `route_scale`;
+    `num_shared_experts`; MoE layers from `num_dense_layers` (default 1). Its router's linear sits at
+    `router.gate`, its score bias on the block (`expert_bias`)."""
+    common = _common(config, mt)
+    moe_size = int(_get(config, "moe_intermediate_size", mt))
+    return MoESpec(**common, moe_layers=tuple(range(int(config.get("num_dense_layers", 1)), common["num_layers"])),
+                   num_experts=int(_get(config, "num_experts", mt)), intermediate_size=moe_size,
+                   scoring="sigmoid_grouped", renormalize=True, scaling=float(config.get("route_scale") or 1.0),
+                   has_score_bias=True, score_bias=("expert_bias",), gate_attr="router",
+                   checkpoint_gates=("router.gate",), shared_attr="shared_experts",
+                   shared_intermediate_size=moe_size * int(config.get("num_shared_experts") or 0))
+
+
 def _deepseek_moe_layers(config: dict[str, Any], num_layers: int, first_dense: int = 0) -> tuple[int, ...]:
     """`mlp_layer_types` ("dense" / "sparse" per layer, DeepSeek-V3.2) when given, else every
     `moe_layer_freq`-th layer (default 1) from `first_k_dense_replace` (default `first_dense`) on."""
@@ -438,6 +452,7 @@ _FAMILIES = {
     "mimo_v2_flash": _deepseek_v3,
     "exaone_moe": _exaone_moe,
     "hy_v3": _hy_v3,
+    "afmoe": _afmoe,
     "solar_open": _deepseek_v3,
     "glm_moe_dsa": _deepseek_v3,
     "axk2": _axk2,
@@ -457,8 +472,6 @@ _FAMILIES = {
 NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
     "hunyuan_v1_moe": "float32 gate, a top-k per layer and a shared MLP; not wired yet",
-    "afmoe": "DeepSeek-V3's gate with one group, the router's linear in the model dtype, its bias on the block; "
-             "not wired yet",
     "qwen3_vl_moe": "Qwen3-MoE's block (always renormalised), experts stored transposed, in a vision-language "
                     "model; not wired yet",
     "qwen3_omni_moe": "Qwen3-MoE's block in the thinker's text model; the talker's differs (a gated shared "

@@ -39,13 +39,16 @@ def test_every_moe_layer_matches_transformers_fp32(zoo, family, layout):
 
 
 def _gate(block, spec, x, token_ids=None):
-    """transformers' gate of `block` on x: (logits, weights, ids); MiniMax-M2 and LFM2-MoE keep their
-    score bias on the block and hand it to the gate; DeepSeek-V4's hash layers take the token ids."""
+    """transformers' gate of `block` on x [T, H]: (logits [T, E], weights [T, k], ids [T, k]);
+    MiniMax-M2, LFM2-MoE and AFMoE keep their score bias on the block and hand it to the gate;
+    DeepSeek-V4's hash layers take the token ids."""
     gate = getattr(block, spec.gate_attr)
     bias = getattr(block, "e_score_correction_bias", None)
     bias = getattr(block, "expert_bias", None) if bias is None else bias
     if token_ids is not None:
         return gate(x, token_ids)
+    if spec.model_type == "afmoe":  # its router takes [B, S, H]
+        return gate(x[None], bias)
     return gate(x) if bias is None else gate(x, bias)
 
 
@@ -209,6 +212,8 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("granitemoe", dict(renormalize=False)),  # the softmax over the top-k logits
     ("jamba", dict(renormalize=True)),  # never renormalised
+    ("afmoe", dict(renormalize=False)),  # always renormalised
+    ("afmoe", dict(scaling=1.0)),  # x route_scale
     ("axk2", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("axk2", dict(scaling=1.0)),
     ("bailing_hybrid", dict(num_groups=1, topk_groups=1)),

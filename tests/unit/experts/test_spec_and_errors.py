@@ -130,6 +130,14 @@ def test_axk2_is_served_without_groups_and_reads_moe_layer_freq():
         spec_from_config({**config, "n_group": 4, "topk_group": 2})
 
 
+def test_afmoe_reads_its_router_and_dense_layers():
+    config = dict(model_type="afmoe", hidden_size=8, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=6, num_shared_experts=2, route_scale=2.5)
+    spec = spec_from_config(config)  # MoE from num_dense_layers, default 1
+    assert (spec.moe_layers, spec.scaling, spec.renormalize, spec.shared_intermediate_size) == ((1, 2), 2.5, True, 12)
+    assert (spec.checkpoint_gates, spec.score_bias) == (("router.gate",), ("expert_bias",))
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
