@@ -57,6 +57,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                   num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
                                   attn_layer_period=4, attn_layer_offset=1, mamba_d_state=4,
                                   mamba_dt_rank=8)),  # MoE in layer 1 (attention) and 3 (Mamba)
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                                num_hidden_layers=3, moe_num_experts=8, moe_k=3,
+                                                moe_num_shared_experts=1, moe_norm_min=0.9)),  # a clamp that bites
     "olmoe": ("OlmoeConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,
                                   num_experts_per_tok=2)),
     "flex_olmo": ("FlexOlmoConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,
@@ -221,6 +224,8 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
                 param.normal_(0.0, 0.2)
             elif name.endswith(("router.bias", "gate_up_proj_bias", "down_proj_bias")):  # gpt-oss
                 param.normal_(0.0, 0.5)
+            elif name.endswith(("e_score_correction_bias", "expert_bias")):  # Ernie 4.5's, AFMoE's: parameters
+                param.uniform_(-0.1, 0.1)
         for name, buffer in model.named_buffers():
             if name.endswith(("e_score_correction_bias", "expert_bias")):  # DeepSeek-V3's, LFM2-MoE's
                 buffer.uniform_(-0.1, 0.1)

@@ -205,10 +205,15 @@ class CheckpointReader:
             return GateWeights(weight, token_experts=self._token_experts(f"{block}{spec.gate_attr}.tid2eid"))
         bias = logit_bias = None
         if spec.has_score_bias:
-            bias = self._read(self._first_present(block, list(spec.score_bias)), (spec.num_experts,))[0].float()
+            bias = self._vector(self._first_present(block, list(spec.score_bias)), spec.num_experts)
         if spec.has_gate_bias:
             logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
         return GateWeights(weight, bias, logit_bias)
+
+    def _vector(self, name: str, size: int) -> torch.Tensor:
+        """A [size] float32 vector stored as [size] or [1, size] (Ernie 4.5's score bias)."""
+        shape = (1, size) if self._file(name).shape(name) == (1, size) else (size,)
+        return self._read(name, shape)[0].reshape(size).float()
 
     def _token_experts(self, name: str) -> torch.Tensor:
         """A hash layer's table [vocab, k] int64 of the experts each token id goes to, checked."""

@@ -44,7 +44,7 @@ class Gate:
         if spec.scoring == "sigmoid_grouped":
             logits = x.float() @ self.weight.float().t()
             return topk_sigmoid_grouped(logits, self.bias, spec.top_k, spec.num_groups, spec.topk_groups,
-                                        spec.renormalize, spec.scaling)
+                                        spec.renormalize, spec.scaling, spec.renorm_min)
         logits = self._logits(x)  # [T, E]
         if spec.scoring == "sqrtsoftplus" and self.token_experts is not None:
             ids = self._hashed_ids(token_ids, x.shape[0]).to(logits.device)
@@ -54,8 +54,8 @@ class Gate:
         if spec.scoring == "topk_then_sigmoid":
             return topk_then_sigmoid(logits, spec.top_k)
         if spec.scoring == "softmax_grouped":
-            return topk_softmax_grouped(logits, spec.top_k, spec.num_groups, spec.topk_groups, spec.group_best,
-                                        spec.renormalize, spec.scaling)
+            return topk_softmax_grouped(logits, self.bias, spec.top_k, spec.num_groups, spec.topk_groups,
+                                        spec.group_best, spec.renormalize, spec.scaling, spec.renorm_min)
         weights, ids = topk_softmax(logits, spec.top_k, spec.renormalize)
         return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
 

@@ -47,6 +47,7 @@ class MoESpec:
     topk_groups: int = 1
     group_best: int = 2             # a group is scored by the sum of its best 1 or 2 experts' scores
     scaling: float = 1.0
+    renorm_min: float = 1e-20       # renormalised by max(sum of the top-k weights, this) (Ernie 4.5: moe_norm_min)
     has_score_bias: bool = False    # DeepSeek-V3 e_score_correction_bias
     is_router_fp32: bool = False    # the router's logits are computed in float32 whatever the model dtype
     shared_intermediate_size: int = 0   # 0: no shared expert
@@ -195,6 +196,26 @@ def _qwen2_moe(config: dict[str, Any], mt: str) -> MoESpec:
                    intermediate_size=int(_get(config, "moe_intermediate_size", mt)),
                    scoring="softmax", renormalize=bool(config.get("norm_topk_prob", False)),
                    shared_intermediate_size=shared, has_shared_gate=shared > 0)
+
+
+def _ernie4_5_moe(config: dict[str, Any], mt: str) -> MoESpec:
+    """Ernie 4.5 MoE: a float32 softmax, a score bias for the choice only, top-k, renormalised by
+    max(their sum, `moe_norm_min`); `moe_num_shared_experts`; MoE layers every `moe_layer_interval`-th
+    from `moe_layer_start_index` to `moe_layer_end_index` (-1: the last). Its names: `moe_num_experts`,
+    `moe_k`; the bias published as `mlp.moe_statics.e_score_correction_bias` [1, E]."""
+    config = _renamed(config, dict(num_experts_per_tok="moe_k", num_experts="moe_num_experts"))
+    common = _common(config, mt)
+    last = int(config.get("moe_layer_end_index", -1))
+    first, every = int(config.get("moe_layer_start_index", 1)), int(config.get("moe_layer_interval", 1))
+    last = common["num_layers"] - 1 if last == -1 else last
+    moe_size = int(_get(config, "moe_intermediate_size", mt))
+    return MoESpec(**common, moe_layers=tuple(i for i in range(first, last + 1) if (i + 1) % every == 0),
+                   num_experts=int(_get(config, "num_experts", mt)), intermediate_size=moe_size,
+                   scoring="softmax_grouped", renormalize=True, renorm_min=float(config.get("moe_norm_min", 1e-12)),
+                   is_router_fp32=True, has_score_bias=True,
+                   score_bias=("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias"),
+                   shared_intermediate_size=moe_size * int(config.get("moe_num_shared_experts") or 0),
+                   shared_attr="shared_experts")
 
 
 def _jamba(config: dict[str, Any], mt: str) -> MoESpec:
@@ -437,6 +458,7 @@ _FAMILIES = {
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
     "jamba": _jamba,
+    "ernie4_5_moe": _ernie4_5_moe,
     "mellum": _qwen3_moe,
     "olmoe": _olmoe,
     "flex_olmo": _olmoe,
@@ -499,7 +521,6 @@ NOT_SERVED: dict[str, str] = {
     "phimoe": "sparsemixer routing (its own top-2 weighting), which the gate kernels lack",
     "longcat_flash": "identity 'zero' experts among the routed ones",
     "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
-    "ernie4_5_moe": "a score bias for the choice only, renormalisation clamped at moe_norm_min",
     "laguna": "router logits soft-capped before the sigmoid",
     "inkling": "routed and shared scores normalised together, times route_scale x global_scale",
     # a different shape of layer

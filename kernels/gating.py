@@ -6,15 +6,17 @@ Five scoring rules cover the supported families:
 - `topk_sigmoid_grouped`: sigmoid scores, a per-expert score-correction bias used only for the choice,
   group-limited selection (best `topk_groups` of `num_groups` groups, a group scored by the sum of
   its two best experts), optional renormalisation, then `scaling` (DeepSeek-V3).
-- `topk_softmax_grouped`: softmax over all experts, group-limited selection (a group scored by its
-  best expert, DeepSeek-V2, or the sum of its best two, Mistral Large 3), optional renormalisation,
-  then `scaling`.
+- `topk_softmax_grouped`: softmax over all experts, a bias used only for the choice (Ernie 4.5),
+  group-limited selection (a group scored by its best expert, DeepSeek-V2, or the sum of its best
+  two, Mistral Large 3), optional renormalisation, then `scaling`.
 - `topk_then_sigmoid`: top-k over raw logits, then sigmoid of the chosen logits (Llama 4).
 - `topk_sqrtsoftplus`: scores sqrt(softplus(logits)), a score-correction bias used only for the
   choice, top-k, optional renormalisation, then `scaling` (DeepSeek-V4); `hashed_sqrtsoftplus`
   weighs experts picked elsewhere (V4's hash layers pick them by token id) with the same scores.
 
-Ties go to the lower expert index in every rule, in the reference and in the Triton kernels.
+Ties go to the lower expert index in every rule, in the reference and in the Triton kernels. The
+grouped rules renormalise by max(sum of the top-k weights, `renorm_min`): RENORM_MIN (1e-20, which
+leaves any sum of float32 scores as it is) unless a model says otherwise (Ernie 4.5's moe_norm_min).
 
 Shapes: T = tokens, E = experts, k = top_k.
 """
@@ -23,8 +25,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_grouped", "hashed_sqrtsoftplus", "sqrtsoftplus_scores", "topk_sigmoid_grouped", "topk_softmax",
+__all__ = ["RENORM_MIN", "check_grouped", "hashed_sqrtsoftplus", "sqrtsoftplus_scores", "topk_sigmoid_grouped", "topk_softmax",
            "topk_softmax_grouped", "topk_sqrtsoftplus", "topk_then_sigmoid"]
+
+
+RENORM_MIN = 1e-20
 
 
 def _stable_topk(scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +74,7 @@ def topk_sigmoid_grouped(
     topk_groups: int,
     renormalize: bool,
     scaling: float,
+    renorm_min: float = RENORM_MIN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 gate.
 
@@ -78,9 +84,11 @@ def topk_sigmoid_grouped(
     if logits.is_cuda:
         from kernels.triton_gating import topk_sigmoid_grouped_triton
 
-        return topk_sigmoid_grouped_triton(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
+        return topk_sigmoid_grouped_triton(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling,
+                                           renorm_min)
     check_grouped(logits, bias, top_k, num_groups, topk_groups)
-    return topk_sigmoid_grouped_reference(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
+    return topk_sigmoid_grouped_reference(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling,
+                                          renorm_min)
 
 
 def check_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
@@ -108,44 +116,51 @@ def topk_sigmoid_grouped_reference(
     topk_groups: int,
     renormalize: bool,
     scaling: float,
+    renorm_min: float = RENORM_MIN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _biased_topk(logits.float().sigmoid(), bias, top_k, num_groups, topk_groups, renormalize, scaling)
+    return _biased_topk(logits.float().sigmoid(), bias, top_k, num_groups, topk_groups, 2, renormalize, scaling,
+                        renorm_min)
 
 
-def topk_softmax_grouped(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int, group_best: int,
-                         renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-limited softmax gate: softmax over all experts in float32; the best `topk_groups` of
-    `num_groups` groups kept, a group scored by the sum of its `group_best` best experts (DeepSeek-V2:
-    1, Mistral Large 3: 2; one group: top-k over all); top-k among them, optional renormalisation,
-    then `scaling`.
+def topk_softmax_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
+                         topk_groups: int, group_best: int, renormalize: bool, scaling: float,
+                         renorm_min: float = RENORM_MIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-limited softmax gate: softmax over all experts in float32, + bias [E] (or None) for the
+    choice only (Ernie 4.5); the best `topk_groups` of `num_groups` groups kept, a group scored by
+    the sum of its `group_best` best experts (DeepSeek-V2: 1, Mistral Large 3: 2; one group: top-k
+    over all); top-k among them, optional renormalisation, then `scaling`.
 
     logits: [T, E]. Returns (weights [T, k] float32, ids [T, k] int64).
     """
     if logits.is_cuda:
         from kernels.triton_gating import topk_softmax_grouped_triton
 
-        return topk_softmax_grouped_triton(logits, top_k, num_groups, topk_groups, group_best, renormalize, scaling)
-    check_grouped(logits, None, top_k, num_groups, topk_groups, group_best)
-    return topk_softmax_grouped_reference(logits, top_k, num_groups, topk_groups, group_best, renormalize, scaling)
+        return topk_softmax_grouped_triton(logits, bias, top_k, num_groups, topk_groups, group_best, renormalize,
+                                           scaling, renorm_min)
+    check_grouped(logits, bias, top_k, num_groups, topk_groups, group_best)
+    return topk_softmax_grouped_reference(logits, bias, top_k, num_groups, topk_groups, group_best, renormalize,
+                                          scaling, renorm_min)
 
 
-def topk_softmax_grouped_reference(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
-                                   group_best: int, renormalize: bool,
-                                   scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax_grouped_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
+                                   topk_groups: int, group_best: int, renormalize: bool, scaling: float,
+                                   renorm_min: float = RENORM_MIN) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    return _grouped_topk(probs, probs, top_k, num_groups, topk_groups, group_best, renormalize, scaling)
+    return _biased_topk(probs, bias, top_k, num_groups, topk_groups, group_best, renormalize, scaling, renorm_min)
 
 
 def _biased_topk(scores: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
-                 renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 group_best: int, renormalize: bool, scaling: float,
+                 renorm_min: float = RENORM_MIN) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of scores [T, E] float32 (+ bias [E] for the choice), among the best groups."""
     # Step 1: the biased scores that only decide the choice.
     choice = scores if bias is None else scores + bias.float()
-    return _grouped_topk(scores, choice, top_k, num_groups, topk_groups, 2, renormalize, scaling)
+    return _grouped_topk(scores, choice, top_k, num_groups, topk_groups, group_best, renormalize, scaling, renorm_min)
 
 
 def _grouped_topk(scores: torch.Tensor, choice: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
-                  group_best: int, renormalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  group_best: int, renormalize: bool, scaling: float,
+                  renorm_min: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of choice [T, E] among the best `topk_groups` groups (a group scored by the sum of its
     `group_best` best choices); weights from scores [T, E]."""
     num_tokens, num_experts = scores.shape
@@ -158,12 +173,13 @@ def _grouped_topk(scores: torch.Tensor, choice: torch.Tensor, top_k: int, num_gr
     # Step 3: top-k experts among the kept groups; weights are the unbiased scores.
     ids = _stable_topk(choice, top_k)[1]
     weights = scores.gather(1, ids)
-    return _normalized(weights, renormalize, scaling), ids
+    return _normalized(weights, renormalize, scaling, renorm_min), ids
 
 
-def _normalized(weights: torch.Tensor, renormalize: bool, scaling: float) -> torch.Tensor:
+def _normalized(weights: torch.Tensor, renormalize: bool, scaling: float,
+                renorm_min: float = RENORM_MIN) -> torch.Tensor:
     if renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=renorm_min)
     return weights * scaling
 
 
@@ -209,7 +225,7 @@ def topk_sqrtsoftplus(logits: torch.Tensor, bias: torch.Tensor | None, top_k: in
 
 def topk_sqrtsoftplus_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
                                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _biased_topk(sqrtsoftplus_scores(logits), bias, top_k, 1, 1, renormalize, scaling)
+    return _biased_topk(sqrtsoftplus_scores(logits), bias, top_k, 1, 1, 2, renormalize, scaling)
 
 
 def hashed_sqrtsoftplus(logits: torch.Tensor, ids: torch.Tensor, renormalize: bool,

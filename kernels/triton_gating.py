@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gating import check_grouped
+from kernels.gating import RENORM_MIN, check_grouped
 from kernels.triton_common import check_device, tile
 
 __all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_grouped_triton", "topk_softmax_triton",
@@ -102,7 +102,7 @@ def _sqrt_softplus(logits):
 @triton.jit
 def _topk_sigmoid_grouped_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k, num_groups, topk_groups, scaling,
-    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, SOFTMAX: tl.constexpr,
+    renorm_min, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, SOFTMAX: tl.constexpr,
     GROUP_BY_BEST: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
 ):
@@ -152,7 +152,7 @@ def _topk_sigmoid_grouped_kernel(
                             tl.reshape(expert_ids, (BLOCK_T, BLOCK_GS)), tl.reshape(is_valid, (BLOCK_T, BLOCK_GS)),
                             top_k, BLOCK_T, BLOCK_K)
     if RENORMALIZE:
-        weights = weights / (tl.sum(weights, axis=1)[:, None] + 1e-20)
+        weights = weights / tl.maximum(tl.sum(weights, axis=1)[:, None], renorm_min)
     _store_topk(weights_ptr, ids_ptr, rows, is_row, weights * scaling, ids, top_k, BLOCK_K)
 
 
@@ -221,6 +221,7 @@ def topk_sigmoid_grouped_triton(
     topk_groups: int,
     renormalize: bool,
     scaling: float,
+    renorm_min: float = RENORM_MIN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 gate.
 
@@ -228,20 +229,22 @@ def topk_sigmoid_grouped_triton(
     Returns (weights [T, k] float32, ids [T, k] int64).
     """
     check_grouped(logits, bias, top_k, num_groups, topk_groups)
-    return _launch_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, "sigmoid")
+    return _launch_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, "sigmoid",
+                           renorm_min=renorm_min)
 
 
-def topk_softmax_grouped_triton(logits: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
-                                group_best: int, renormalize: bool,
-                                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax_grouped_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
+                                topk_groups: int, group_best: int, renormalize: bool, scaling: float,
+                                renorm_min: float = RENORM_MIN) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-limited softmax gate (DeepSeek-V2: groups scored by their best expert, `group_best` 1;
-    Mistral Large 3: by their best two, 2).
+    Mistral Large 3: by their best two, 2; Ernie 4.5: one group, a bias for the choice).
 
-    logits: [T, E] (scored in float32). Returns (weights [T, k] float32, ids [T, k] int64).
+    logits: [T, E] (scored in float32); bias: [E] float or None. Returns (weights [T, k] float32,
+    ids [T, k] int64).
     """
-    check_grouped(logits, None, top_k, num_groups, topk_groups, group_best)
-    return _launch_grouped(logits, None, top_k, num_groups, topk_groups, renormalize, scaling, "softmax",
-                           group_best == 1)
+    check_grouped(logits, bias, top_k, num_groups, topk_groups, group_best)
+    return _launch_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, "softmax",
+                           group_best == 1, renorm_min)
 
 
 def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, renormalize: bool,
@@ -255,8 +258,8 @@ def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, to
 
 
 def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
-                    renormalize: bool, scaling: float, scoring: str,
-                    group_by_best: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    renormalize: bool, scaling: float, scoring: str, group_by_best: bool = False,
+                    renorm_min: float = RENORM_MIN) -> tuple[torch.Tensor, torch.Tensor]:
     """The grouped kernel on checked arguments, scoring by "sigmoid", "sqrt_softplus" or "softmax"; a
     group scored by its best two experts or (group_by_best) its best one."""
     check_device(_topk_sigmoid_grouped_kernel, logits=logits, bias=bias)
@@ -268,7 +271,7 @@ def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int,
         block_t = _rows_per_program(num_tokens, block_g * block_s)
         _topk_sigmoid_grouped_kernel[(triton.cdiv(num_tokens, block_t),)](
             logits.contiguous(), logits if bias is None else bias.contiguous(), weights, ids,
-            num_tokens, num_experts, top_k, num_groups, topk_groups, float(scaling),
+            num_tokens, num_experts, top_k, num_groups, topk_groups, float(scaling), float(renorm_min),
             HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize), SQRT_SOFTPLUS=scoring == "sqrt_softplus",
             SOFTMAX=scoring == "softmax", GROUP_BY_BEST=group_by_best,
             BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k),

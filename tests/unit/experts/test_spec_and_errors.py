@@ -138,6 +138,15 @@ def test_afmoe_reads_its_router_and_dense_layers():
     assert (spec.checkpoint_gates, spec.score_bias) == (("router.gate",), ("expert_bias",))
 
 
+def test_ernie4_5_moe_reads_its_layer_range_and_norm_min():
+    config = dict(model_type="ernie4_5_moe", hidden_size=8, num_hidden_layers=6, moe_num_experts=8, moe_k=2,
+                  moe_intermediate_size=6, moe_num_shared_experts=2)
+    spec = spec_from_config(config)  # transformers' defaults: from layer 1 to the last, every layer
+    assert (spec.moe_layers, spec.renorm_min, spec.shared_intermediate_size) == ((1, 2, 3, 4, 5), 1e-12, 12)
+    spec = spec_from_config({**config, "moe_layer_interval": 2, "moe_layer_end_index": 4, "moe_norm_min": 0.5})
+    assert (spec.moe_layers, spec.renorm_min) == ((1, 3), 0.5)
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)

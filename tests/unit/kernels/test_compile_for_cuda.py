@@ -30,21 +30,26 @@ KERNELS = [
     (g._topk_softmax_kernel, pointers(logits_ptr="bf16", weights_ptr="fp32", ids_ptr="i64"),
      dict(RENORMALIZE=True, BLOCK_T=16, BLOCK_E=256, BLOCK_K=8)),
     (g._topk_sigmoid_grouped_kernel,
-     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32"),
+     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32", renorm_min="fp32"),
      dict(HAS_BIAS=True, RENORMALIZE=True, SQRT_SOFTPLUS=False, SOFTMAX=False, GROUP_BY_BEST=False, BLOCK_T=16,
           BLOCK_G=8, BLOCK_S=32, BLOCK_K=8, BLOCK_KG=4)),
     (g._topk_sigmoid_grouped_kernel,
-     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32"),
+     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32", renorm_min="fp32"),
      dict(HAS_BIAS=True, RENORMALIZE=True, SQRT_SOFTPLUS=True, SOFTMAX=False, GROUP_BY_BEST=False, BLOCK_T=16,
           BLOCK_G=1, BLOCK_S=256, BLOCK_K=8, BLOCK_KG=1)),  # DeepSeek-V4
     (g._topk_sigmoid_grouped_kernel,
-     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32"),
+     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32", renorm_min="fp32"),
      dict(HAS_BIAS=False, RENORMALIZE=False, SQRT_SOFTPLUS=False, SOFTMAX=True, GROUP_BY_BEST=True, BLOCK_T=16,
           BLOCK_G=8, BLOCK_S=32, BLOCK_K=8, BLOCK_KG=4)),  # DeepSeek-V2
     (g._topk_sigmoid_grouped_kernel,
-     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32"),
+     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32", renorm_min="fp32"),
      dict(HAS_BIAS=False, RENORMALIZE=True, SQRT_SOFTPLUS=False, SOFTMAX=True, GROUP_BY_BEST=False, BLOCK_T=16,
           BLOCK_G=8, BLOCK_S=16, BLOCK_K=4, BLOCK_KG=4)),  # Mistral Large 3, n_group > 1
+    (g._topk_sigmoid_grouped_kernel,
+     dict(pointers(logits_ptr="fp32", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32",
+          renorm_min="fp32"),
+     dict(HAS_BIAS=True, RENORMALIZE=True, SQRT_SOFTPLUS=False, SOFTMAX=True, GROUP_BY_BEST=False, BLOCK_T=16,
+          BLOCK_G=1, BLOCK_S=64, BLOCK_K=8, BLOCK_KG=1)),  # Ernie 4.5: a bias for the choice, clamped renorm
     (g._topk_then_sigmoid_kernel, pointers(logits_ptr="bf16", weights_ptr="bf16", ids_ptr="i64"),
      dict(IS_FP64=False, BLOCK_T=256, BLOCK_E=16, BLOCK_K=1)),
     (a._histogram_kernel, pointers(ids_ptr="i64", block_counts_ptr="i32"), dict(BLOCK_N=128, BLOCK_E=256)),
@@ -79,4 +84,4 @@ def test_kernels_compile_for_sm90(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 15, result.stdout
+    assert result.stdout.count("compiled") == 16, result.stdout

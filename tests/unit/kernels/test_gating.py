@@ -77,25 +77,29 @@ def test_topk_sigmoid_grouped_triton_matches_reference(
 
 
 SOFTMAX_GROUPED_CASES = [
-    # T, E, k, groups, topk_groups, group_best, renormalize, scaling, dtype, ties
-    (5, 6, 2, 2, 1, 1, False, 1.0, torch.float32, False),  # 3 experts per group
-    (5, 6, 3, 3, 2, 1, True, 2.5, torch.float32, True),
-    (4, 16, 4, 4, 2, 1, False, 16.0, torch.float32, False),  # DeepSeek-V2 shaped (its scaling 16)
-    (4, 16, 4, 4, 2, 1, False, 1.0, torch.bfloat16, True),
-    (6, 8, 2, 1, 1, 1, False, 1.0, torch.float32, True),  # one group: V2's "greedy"
-    (600, 8, 2, 2, 1, 1, False, 1.0, torch.float32, False),  # two programs
-    (4, 16, 4, 4, 2, 2, True, 1.5, torch.float32, False),  # Mistral Large 3 with groups
-    (5, 6, 3, 3, 2, 2, True, 1.0, torch.bfloat16, True),
+    # T, E, k, groups, topk_groups, group_best, renormalize, scaling, dtype, ties, bias, renorm_min
+    (5, 6, 2, 2, 1, 1, False, 1.0, torch.float32, False, False, 1e-20),  # 3 experts per group
+    (5, 6, 3, 3, 2, 1, True, 2.5, torch.float32, True, False, 1e-20),
+    (4, 16, 4, 4, 2, 1, False, 16.0, torch.float32, False, False, 1e-20),  # DeepSeek-V2 shaped (its scaling 16)
+    (4, 16, 4, 4, 2, 1, False, 1.0, torch.bfloat16, True, False, 1e-20),
+    (6, 8, 2, 1, 1, 1, False, 1.0, torch.float32, True, False, 1e-20),  # one group: V2's "greedy"
+    (600, 8, 2, 2, 1, 1, False, 1.0, torch.float32, False, False, 1e-20),  # two programs
+    (4, 16, 4, 4, 2, 2, True, 1.5, torch.float32, False, False, 1e-20),  # Mistral Large 3 with groups
+    (5, 6, 3, 3, 2, 2, True, 1.0, torch.bfloat16, True, False, 1e-20),
+    (6, 8, 3, 1, 1, 2, True, 1.0, torch.float32, True, True, 1e-12),  # Ernie 4.5: a bias for the choice
+    (6, 8, 2, 1, 1, 2, True, 1.0, torch.float32, False, True, 0.9),  # a clamp that bites: sums < 0.9
 ]
 
 
 @pytest.mark.parametrize(
-    "num_tokens,num_experts,top_k,num_groups,topk_groups,group_best,renormalize,scaling,dtype,ties",
-    SOFTMAX_GROUPED_CASES)
+    "num_tokens,num_experts,top_k,num_groups,topk_groups,group_best,renormalize,scaling,dtype,ties,has_bias,"
+    "renorm_min", SOFTMAX_GROUPED_CASES)
 def test_topk_softmax_grouped_triton_matches_reference(triton_gating, num_tokens, num_experts, top_k, num_groups,
-                                                       topk_groups, group_best, renormalize, scaling, dtype, ties):
+                                                       topk_groups, group_best, renormalize, scaling, dtype, ties,
+                                                       has_bias, renorm_min):
     logits = make_logits(num_tokens, num_experts, dtype, ties)
-    args = (logits, top_k, num_groups, topk_groups, group_best, renormalize, scaling)
+    bias = 0.1 * torch.randn(num_experts, generator=torch.Generator().manual_seed(1)) if has_bias else None
+    args = (logits, bias, top_k, num_groups, topk_groups, group_best, renormalize, scaling, renorm_min)
     got = triton_gating.topk_softmax_grouped_triton(*args)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
     assert_gate_matches(got, gating.topk_softmax_grouped_reference(*args), torch.float32)
@@ -196,13 +200,23 @@ def test_softmax_grouped_gate_keeps_the_group_with_the_best_expert():
     # expert: DeepSeek-V2 keeps group 0. Weights are the softmax over all four, not renormalised.
     logits = torch.tensor([[3.0, -3.0, 2.5, 2.5]])
     probs = torch.softmax(logits, dim=-1)
-    weights, ids = gating.topk_softmax_grouped_reference(logits, 2, 2, 1, 1, renormalize=False, scaling=2.0)
+    weights, ids = gating.topk_softmax_grouped_reference(logits, None, 2, 2, 1, 1, renormalize=False, scaling=2.0)
     assert ids.tolist() == [[0, 1]]
     assert torch.allclose(weights, 2.0 * probs[:, :2])
-    weights, ids = gating.topk_softmax_grouped_reference(logits, 2, 1, 1, 1, renormalize=False, scaling=1.0)
+    weights, ids = gating.topk_softmax_grouped_reference(logits, None, 2, 1, 1, 1, renormalize=False, scaling=1.0)
     assert ids.tolist() == [[0, 2]] and torch.allclose(weights, probs[:, [0, 2]])  # one group: greedy
-    _, ids = gating.topk_softmax_grouped_reference(logits, 2, 2, 1, 2, renormalize=True, scaling=1.0)
+    _, ids = gating.topk_softmax_grouped_reference(logits, None, 2, 2, 1, 2, renormalize=True, scaling=1.0)
     assert ids.tolist() == [[2, 3]]  # Mistral Large 3 scores a group by its best two
+
+
+def test_renormalisation_divides_by_at_least_renorm_min():
+    """Ernie 4.5 divides the chosen softmax weights by max(their sum, moe_norm_min)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(logits, dim=-1)
+    weights, _ = gating.topk_softmax_grouped_reference(logits, None, 2, 1, 1, 2, True, 1.0, renorm_min=0.95)
+    assert torch.allclose(weights, probs[:, :2] / 0.95)  # their sum, 0.91, is under the clamp
+    weights, _ = gating.topk_softmax_grouped_reference(logits, None, 2, 1, 1, 2, True, 1.0)
+    assert torch.allclose(weights, probs[:, :2] / probs[:, :2].sum())
 
 
 def test_grouped_gate_bias_steers_the_choice_not_the_weight():
@@ -228,9 +242,10 @@ ERROR_CASES = [
     ("grouped", (None, 2, 3, 4, True, 1.0), r"topk_groups must be in \[1, 3\]"),
     ("grouped", (None, 5, 3, 2, True, 1.0), "top_k=5 exceeds the experts of 2 selected groups"),
     ("grouped", (torch.zeros(5), 2, 3, 2, True, 1.0), r"bias must be \[6\]"),
-    ("softmax_grouped", (2, 4, 1, 1, False, 1.0), "num_groups must divide the 6 experts"),
-    ("softmax_grouped", (5, 3, 2, 1, False, 1.0), "top_k=5 exceeds the experts of 2 selected groups"),
-    ("softmax_grouped", (2, 3, 2, 3, False, 1.0), "group_best must be 1 or 2"),
+    ("softmax_grouped", (None, 2, 4, 1, 1, False, 1.0), "num_groups must divide the 6 experts"),
+    ("softmax_grouped", (None, 5, 3, 2, 1, False, 1.0), "top_k=5 exceeds the experts of 2 selected groups"),
+    ("softmax_grouped", (None, 2, 3, 2, 3, False, 1.0), "group_best must be 1 or 2"),
+    ("softmax_grouped", (torch.zeros(5), 2, 1, 1, 2, True, 1.0), r"bias must be \[6\]"),
     ("sqrtsoftplus", (None, 7, True, 1.0), r"top_k must be in \[1, 6\]"),
     ("sqrtsoftplus", (torch.zeros(5), 2, True, 1.0), r"bias must be \[6\]"),
 ]
