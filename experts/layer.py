@@ -44,7 +44,7 @@ class Gate:
         if spec.scoring == "sigmoid_grouped":
             logits = x.float() @ self.weight.float().t()
             return topk_sigmoid_grouped(logits, self.bias, spec.top_k, spec.num_groups, spec.topk_groups,
-                                        spec.renormalize, spec.scaling, spec.renorm_min)
+                                        spec.renormalize, spec.scaling, spec.renorm_min, spec.logit_softcap)
         logits = self._logits(x)  # [T, E]
         if spec.scoring == "sqrtsoftplus" and self.token_experts is not None:
             ids = self._hashed_ids(token_ids, x.shape[0]).to(logits.device)

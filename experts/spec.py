@@ -48,6 +48,7 @@ class MoESpec:
     group_best: int = 2             # a group is scored by the sum of its best 1 or 2 experts' scores
     scaling: float = 1.0
     renorm_min: float = 1e-20       # renormalised by max(sum of the top-k weights, this) (Ernie 4.5: moe_norm_min)
+    logit_softcap: float = 0.0      # > 0: logits soft-capped, cap * tanh(logits / cap), before the sigmoid (Laguna)
     has_score_bias: bool = False    # DeepSeek-V3 e_score_correction_bias
     is_router_fp32: bool = False    # the router's logits are computed in float32 whatever the model dtype
     shared_intermediate_size: int = 0   # 0: no shared expert
@@ -349,6 +350,23 @@ def _afmoe(config: dict[str, Any], mt: str) -> MoESpec:
                    shared_intermediate_size=moe_size * int(config.get("num_shared_experts") or 0))
 
 
+def _laguna(config: dict[str, Any], mt: str) -> MoESpec:
+    """Laguna: sigmoid scores of logits soft-capped at `moe_router_logit_softcapping`, a score bias
+    for the choice only, top-k, always renormalised, x `moe_routed_scaling_factor`; one ungated shared
+    expert of `shared_expert_intermediate_size`; MoE layers from `mlp_layer_types` (default: all but
+    the first). Published: the bias as `mlp.experts.e_score_correction_bias`, the shared expert as
+    `mlp.shared_expert`."""
+    common = _common(config, mt)
+    return MoESpec(**common, moe_layers=_deepseek_moe_layers(config, common["num_layers"], first_dense=1),
+                   num_experts=int(_get(config, "num_experts", mt)),
+                   intermediate_size=int(_get(config, "moe_intermediate_size", mt)), scoring="sigmoid_grouped",
+                   renormalize=True, scaling=float(config.get("moe_routed_scaling_factor") or 1.0),
+                   logit_softcap=float(config.get("moe_router_logit_softcapping") or 0.0), has_score_bias=True,
+                   score_bias=("gate.e_score_correction_bias", "experts.e_score_correction_bias"),
+                   shared_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
+                   shared_attr="shared_experts", checkpoint_shared=("shared_expert",))
+
+
 def _deepseek_moe_layers(config: dict[str, Any], num_layers: int, first_dense: int = 0) -> tuple[int, ...]:
     """`mlp_layer_types` ("dense" / "sparse" per layer, DeepSeek-V3.2) when given, else every
     `moe_layer_freq`-th layer (default 1) from `first_k_dense_replace` (default `first_dense`) on."""
@@ -475,6 +493,7 @@ _FAMILIES = {
     "exaone_moe": _exaone_moe,
     "hy_v3": _hy_v3,
     "afmoe": _afmoe,
+    "laguna": _laguna,
     "solar_open": _deepseek_v3,
     "glm_moe_dsa": _deepseek_v3,
     "axk2": _axk2,
@@ -521,7 +540,6 @@ NOT_SERVED: dict[str, str] = {
     "phimoe": "sparsemixer routing (its own top-2 weighting), which the gate kernels lack",
     "longcat_flash": "identity 'zero' experts among the routed ones",
     "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
-    "laguna": "router logits soft-capped before the sigmoid",
     "inkling": "routed and shared scores normalised together, times route_scale x global_scale",
     # a different shape of layer
     "diffusion_gemma": "a block-diffusion encoder-decoder, not a causal decoder",

@@ -3,9 +3,10 @@
 Five scoring rules cover the supported families:
 
 - `topk_softmax`: softmax over all experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE).
-- `topk_sigmoid_grouped`: sigmoid scores, a per-expert score-correction bias used only for the choice,
-  group-limited selection (best `topk_groups` of `num_groups` groups, a group scored by the sum of
-  its two best experts), optional renormalisation, then `scaling` (DeepSeek-V3).
+- `topk_sigmoid_grouped`: sigmoid scores (of logits soft-capped first where `softcap` > 0, Laguna),
+  a per-expert score-correction bias used only for the choice, group-limited selection (best
+  `topk_groups` of `num_groups` groups, a group scored by the sum of its two best experts), optional
+  renormalisation, then `scaling` (DeepSeek-V3).
 - `topk_softmax_grouped`: softmax over all experts, a bias used only for the choice (Ernie 4.5),
   group-limited selection (a group scored by its best expert, DeepSeek-V2, or the sum of its best
   two, Mistral Large 3), optional renormalisation, then `scaling`.
@@ -75,8 +76,9 @@ def topk_sigmoid_grouped(
     renormalize: bool,
     scaling: float,
     renorm_min: float = RENORM_MIN,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 gate.
+    """DeepSeek-V3 gate; `softcap` > 0: the logits become softcap * tanh(logits / softcap) first.
 
     logits: [T, E] (scored in float32); bias: [E] float32 or None (added for the choice only).
     Returns (weights [T, k] float32, ids [T, k] int64).
@@ -85,10 +87,10 @@ def topk_sigmoid_grouped(
         from kernels.triton_gating import topk_sigmoid_grouped_triton
 
         return topk_sigmoid_grouped_triton(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling,
-                                           renorm_min)
+                                           renorm_min, softcap)
     check_grouped(logits, bias, top_k, num_groups, topk_groups)
     return topk_sigmoid_grouped_reference(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling,
-                                          renorm_min)
+                                          renorm_min, softcap)
 
 
 def check_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
@@ -117,9 +119,12 @@ def topk_sigmoid_grouped_reference(
     renormalize: bool,
     scaling: float,
     renorm_min: float = RENORM_MIN,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _biased_topk(logits.float().sigmoid(), bias, top_k, num_groups, topk_groups, 2, renormalize, scaling,
-                        renorm_min)
+    logits = logits.float()
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    return _biased_topk(logits.sigmoid(), bias, top_k, num_groups, topk_groups, 2, renormalize, scaling, renorm_min)
 
 
 def topk_softmax_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,

@@ -102,7 +102,7 @@ def _sqrt_softplus(logits):
 @triton.jit
 def _topk_sigmoid_grouped_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k, num_groups, topk_groups, scaling,
-    renorm_min, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, SOFTMAX: tl.constexpr,
+    renorm_min, softcap, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, SOFTMAX: tl.constexpr,
     GROUP_BY_BEST: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
 ):
@@ -126,7 +126,10 @@ def _topk_sigmoid_grouped_kernel(
         exps = tl.exp(x - tl.max(tl.max(x, axis=2), axis=1)[:, None, None])
         scores = exps / tl.sum(tl.sum(exps, axis=2), axis=1)[:, None, None]
     else:
-        scores = tl.sigmoid(logits.to(tl.float32))
+        x = logits.to(tl.float32)
+        if softcap > 0.0:  # softcap * tanh(x / softcap), tanh(u) = 2 / (1 + exp(-2u)) - 1
+            x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)
+        scores = tl.sigmoid(x)
     choice = scores
     if HAS_BIAS:
         choice += tl.load(bias_ptr + experts, mask=is_expert, other=0.0).to(tl.float32)
@@ -222,15 +225,16 @@ def topk_sigmoid_grouped_triton(
     renormalize: bool,
     scaling: float,
     renorm_min: float = RENORM_MIN,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3 gate.
+    """DeepSeek-V3 gate; `softcap` > 0: the logits soft-capped first (Laguna).
 
     logits: [T, E] (scored in float32); bias: [E] float or None (added for the choice only).
     Returns (weights [T, k] float32, ids [T, k] int64).
     """
     check_grouped(logits, bias, top_k, num_groups, topk_groups)
     return _launch_grouped(logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, "sigmoid",
-                           renorm_min=renorm_min)
+                           renorm_min=renorm_min, softcap=softcap)
 
 
 def topk_softmax_grouped_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int,
@@ -259,7 +263,7 @@ def topk_sqrtsoftplus_triton(logits: torch.Tensor, bias: torch.Tensor | None, to
 
 def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_groups: int, topk_groups: int,
                     renormalize: bool, scaling: float, scoring: str, group_by_best: bool = False,
-                    renorm_min: float = RENORM_MIN) -> tuple[torch.Tensor, torch.Tensor]:
+                    renorm_min: float = RENORM_MIN, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The grouped kernel on checked arguments, scoring by "sigmoid", "sqrt_softplus" or "softmax"; a
     group scored by its best two experts or (group_by_best) its best one."""
     check_device(_topk_sigmoid_grouped_kernel, logits=logits, bias=bias)
@@ -271,7 +275,7 @@ def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int,
         block_t = _rows_per_program(num_tokens, block_g * block_s)
         _topk_sigmoid_grouped_kernel[(triton.cdiv(num_tokens, block_t),)](
             logits.contiguous(), logits if bias is None else bias.contiguous(), weights, ids,
-            num_tokens, num_experts, top_k, num_groups, topk_groups, float(scaling), float(renorm_min),
+            num_tokens, num_experts, top_k, num_groups, topk_groups, float(scaling), float(renorm_min), float(softcap),
             HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize), SQRT_SOFTPLUS=scoring == "sqrt_softplus",
             SOFTMAX=scoring == "softmax", GROUP_BY_BEST=group_by_best,
             BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_K=triton.next_power_of_2(top_k),

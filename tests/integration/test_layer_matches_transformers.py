@@ -94,7 +94,8 @@ def _transformers_subset_contribution(block, spec, x, subset):
             return block.experts(routed_in).reshape(scores.shape[1], -1, x.shape[-1]).sum(0)
         _, weights, ids = _gate(block, spec, x)
         weights = weights * torch.isin(ids, torch.tensor(subset))
-        return block.experts(x, ids, weights)
+        # Laguna scales the experts' sum after its gate; the others scale in the gate (`_gate` has it)
+        return block.experts(x, ids, weights) * (block.routed_scaling_factor if spec.model_type == "laguna" else 1.0)
 
 
 @pytest.mark.parametrize("family,layout", CASES)
@@ -213,6 +214,8 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("ernie4_5_moe", dict(renorm_min=1e-20)),  # moe_norm_min 0.9 in its tiny model
     ("granitemoe", dict(renormalize=False)),  # the softmax over the top-k logits
     ("jamba", dict(renormalize=True)),  # never renormalised
+    ("laguna", dict(logit_softcap=0.0)),  # moe_router_logit_softcapping 1.0 in its tiny model
+    ("laguna", dict(scaling=1.0)),  # x moe_routed_scaling_factor
     ("afmoe", dict(renormalize=False)),  # always renormalised
     ("afmoe", dict(scaling=1.0)),  # x route_scale
     ("axk2", dict(renormalize=True)),  # norm_topk_prob False in its tiny model

@@ -147,6 +147,14 @@ def test_ernie4_5_moe_reads_its_layer_range_and_norm_min():
     assert (spec.moe_layers, spec.renorm_min) == ((1, 3), 0.5)
 
 
+def test_laguna_reads_its_softcap_scaling_and_shared_expert():
+    config = dict(model_type="laguna", hidden_size=8, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=6, shared_expert_intermediate_size=10, moe_router_logit_softcapping=30.0,
+                  moe_routed_scaling_factor=2.5)
+    spec = spec_from_config(config)  # no mlp_layer_types: all but the first layer
+    assert (spec.moe_layers, spec.logit_softcap, spec.scaling, spec.shared_intermediate_size) == ((1, 2), 30.0, 2.5, 10)
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)

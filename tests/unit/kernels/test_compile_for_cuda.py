@@ -25,29 +25,29 @@ def pointers(**types):
     return {name: "*" + t for name, t in types.items()}
 
 
+GATE_SCALARS = dict(scaling="fp32", renorm_min="fp32", softcap="fp32")
 KERNELS = [
     # kernel, argument types (other arguments: i32), constexprs: production-sized tiles
     (g._topk_softmax_kernel, pointers(logits_ptr="bf16", weights_ptr="fp32", ids_ptr="i64"),
      dict(RENORMALIZE=True, BLOCK_T=16, BLOCK_E=256, BLOCK_K=8)),
     (g._topk_sigmoid_grouped_kernel,
-     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32", renorm_min="fp32"),
+     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), **GATE_SCALARS),
      dict(HAS_BIAS=True, RENORMALIZE=True, SQRT_SOFTPLUS=False, SOFTMAX=False, GROUP_BY_BEST=False, BLOCK_T=16,
           BLOCK_G=8, BLOCK_S=32, BLOCK_K=8, BLOCK_KG=4)),
     (g._topk_sigmoid_grouped_kernel,
-     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32", renorm_min="fp32"),
+     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), **GATE_SCALARS),
      dict(HAS_BIAS=True, RENORMALIZE=True, SQRT_SOFTPLUS=True, SOFTMAX=False, GROUP_BY_BEST=False, BLOCK_T=16,
           BLOCK_G=1, BLOCK_S=256, BLOCK_K=8, BLOCK_KG=1)),  # DeepSeek-V4
     (g._topk_sigmoid_grouped_kernel,
-     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32", renorm_min="fp32"),
+     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), **GATE_SCALARS),
      dict(HAS_BIAS=False, RENORMALIZE=False, SQRT_SOFTPLUS=False, SOFTMAX=True, GROUP_BY_BEST=True, BLOCK_T=16,
           BLOCK_G=8, BLOCK_S=32, BLOCK_K=8, BLOCK_KG=4)),  # DeepSeek-V2
     (g._topk_sigmoid_grouped_kernel,
-     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32", renorm_min="fp32"),
+     dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), **GATE_SCALARS),
      dict(HAS_BIAS=False, RENORMALIZE=True, SQRT_SOFTPLUS=False, SOFTMAX=True, GROUP_BY_BEST=False, BLOCK_T=16,
           BLOCK_G=8, BLOCK_S=16, BLOCK_K=4, BLOCK_KG=4)),  # Mistral Large 3, n_group > 1
     (g._topk_sigmoid_grouped_kernel,
-     dict(pointers(logits_ptr="fp32", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), scaling="fp32",
-          renorm_min="fp32"),
+     dict(pointers(logits_ptr="fp32", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), **GATE_SCALARS),
      dict(HAS_BIAS=True, RENORMALIZE=True, SQRT_SOFTPLUS=False, SOFTMAX=True, GROUP_BY_BEST=False, BLOCK_T=16,
           BLOCK_G=1, BLOCK_S=64, BLOCK_K=8, BLOCK_KG=1)),  # Ernie 4.5: a bias for the choice, clamped renorm
     (g._topk_then_sigmoid_kernel, pointers(logits_ptr="bf16", weights_ptr="bf16", ids_ptr="i64"),

@@ -51,26 +51,29 @@ def test_topk_softmax_triton_matches_reference(triton_gating, num_tokens, num_ex
 
 
 GROUPED_CASES = [
-    # T, E, k, groups, topk_groups, bias, renormalize, scaling, ties
-    (5, 6, 2, 2, 1, False, True, 1.0, False),  # 3 experts per group
-    (5, 6, 3, 3, 2, True, False, 2.5, True),
-    (4, 16, 4, 4, 2, True, True, 2.5, False),  # DeepSeek-V3 shaped
-    (4, 16, 4, 4, 2, False, True, 2.5, True),
-    (3, 8, 3, 8, 3, False, True, 1.0, False),  # one expert per group
-    (2, 12, 5, 3, 2, True, False, 1.0, True),
-    (6, 8, 2, 1, 1, False, True, 1.0, True),  # one group: plain sigmoid top-k
+    # T, E, k, groups, topk_groups, bias, renormalize, scaling, ties, softcap
+    (5, 6, 2, 2, 1, False, True, 1.0, False, 0.0),  # 3 experts per group
+    (5, 6, 3, 3, 2, True, False, 2.5, True, 0.0),
+    (4, 16, 4, 4, 2, True, True, 2.5, False, 0.0),  # DeepSeek-V3 shaped
+    (4, 16, 4, 4, 2, False, True, 2.5, True, 0.0),
+    (3, 8, 3, 8, 3, False, True, 1.0, False, 0.0),  # one expert per group
+    (2, 12, 5, 3, 2, True, False, 1.0, True, 0.0),
+    (6, 8, 2, 1, 1, False, True, 1.0, True, 0.0),  # one group: plain sigmoid top-k
+    (4, 16, 4, 4, 2, True, True, 2.5, False, 1.5),  # Laguna: logits soft-capped before the sigmoid
+    (6, 8, 3, 1, 1, True, True, 1.0, True, 0.5),
 ]
 
 
 @pytest.mark.parametrize(
-    "num_tokens,num_experts,top_k,num_groups,topk_groups,has_bias,renormalize,scaling,ties", GROUPED_CASES
+    "num_tokens,num_experts,top_k,num_groups,topk_groups,has_bias,renormalize,scaling,ties,softcap", GROUPED_CASES
 )
 def test_topk_sigmoid_grouped_triton_matches_reference(
-    triton_gating, num_tokens, num_experts, top_k, num_groups, topk_groups, has_bias, renormalize, scaling, ties
+    triton_gating, num_tokens, num_experts, top_k, num_groups, topk_groups, has_bias, renormalize, scaling, ties,
+    softcap
 ):
     logits = make_logits(num_tokens, num_experts, ties=ties)
     bias = 0.1 * torch.randn(num_experts, generator=torch.Generator().manual_seed(1)) if has_bias else None
-    args = (logits, bias, top_k, num_groups, topk_groups, renormalize, scaling)
+    args = (logits, bias, top_k, num_groups, topk_groups, renormalize, scaling, 1e-20, softcap)
     got = triton_gating.topk_sigmoid_grouped_triton(*args)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
     assert_gate_matches(got, gating.topk_sigmoid_grouped_reference(*args), torch.float32)
@@ -217,6 +220,15 @@ def test_renormalisation_divides_by_at_least_renorm_min():
     assert torch.allclose(weights, probs[:, :2] / 0.95)  # their sum, 0.91, is under the clamp
     weights, _ = gating.topk_softmax_grouped_reference(logits, None, 2, 1, 1, 2, True, 1.0)
     assert torch.allclose(weights, probs[:, :2] / probs[:, :2].sum())
+
+
+def test_a_softcap_bounds_the_logits_before_the_sigmoid():
+    """Laguna: scores sigmoid(cap * tanh(logits / cap)); a cap that bites changes the weights."""
+    logits = torch.tensor([[4.0, 3.0, 0.5, -1.0]])
+    weights, ids = gating.topk_sigmoid_grouped_reference(logits, None, 2, 1, 1, False, 1.0, softcap=1.0)
+    assert ids.tolist() == [[0, 1]] and torch.allclose(weights, torch.sigmoid(torch.tanh(logits[:, :2])))
+    uncapped, _ = gating.topk_sigmoid_grouped_reference(logits, None, 2, 1, 1, False, 1.0)
+    assert not torch.allclose(weights, uncapped)
 
 
 def test_grouped_gate_bias_steers_the_choice_not_the_weight():
