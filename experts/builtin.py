@@ -60,6 +60,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                                 num_hidden_layers=3, moe_num_experts=8, moe_k=3,
                                                 moe_num_shared_experts=1, moe_norm_min=0.9)),  # a clamp that bites
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=3,
+                                                  head_dim=12, num_experts=6, moe_topk=[2, 3, 1],  # a k per layer
+                                                  eos_token_id=127)),  # the seed-7 model says 2 (eos) at token 14
     "olmoe": ("OlmoeConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,
                                   num_experts_per_tok=2)),
     "flex_olmo": ("FlexOlmoConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,

@@ -64,6 +64,7 @@ class GateWeights:
     bias: torch.Tensor | None = None     # [E] float32, DeepSeek-V3 score correction (for the choice only)
     logit_bias: torch.Tensor | None = None   # [E], gpt-oss: the router linear's bias
     token_experts: torch.Tensor | None = None  # [vocab, k] int64, DeepSeek-V4's hash layers: experts per token id
+    top_k: int = 0                       # experts per token of this layer (0: the spec's top_k)
 
 
 @dataclasses.dataclass
@@ -208,7 +209,7 @@ class CheckpointReader:
             bias = self._vector(self._first_present(block, list(spec.score_bias)), spec.num_experts)
         if spec.has_gate_bias:
             logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
-        return GateWeights(weight, bias, logit_bias)
+        return GateWeights(weight, bias, logit_bias, top_k=spec.top_k_of(layer))
 
     def _vector(self, name: str, size: int) -> torch.Tensor:
         """A [size] float32 vector stored as [size] or [1, size] (Ernie 4.5's score bias)."""

@@ -31,6 +31,7 @@ class Gate:
         self.bias = weights.bias  # [E] float32 or None: for the choice only
         self.logit_bias = cast(weights.logit_bias)  # [E] or None: added to the logits (gpt-oss)
         self.token_experts = weights.token_experts  # [vocab, k] int64 or None: DeepSeek-V4's hash layers
+        self.top_k = weights.top_k or spec.top_k  # this layer's experts per token
 
     @property
     def vocab_size(self) -> int:
@@ -43,20 +44,20 @@ class Gate:
         spec = self.spec
         if spec.scoring == "sigmoid_grouped":
             logits = x.float() @ self.weight.float().t()
-            return topk_sigmoid_grouped(logits, self.bias, spec.top_k, spec.num_groups, spec.topk_groups,
+            return topk_sigmoid_grouped(logits, self.bias, self.top_k, spec.num_groups, spec.topk_groups,
                                         spec.renormalize, spec.scaling, spec.renorm_min, spec.logit_softcap)
         logits = self._logits(x)  # [T, E]
         if spec.scoring == "sqrtsoftplus" and self.token_experts is not None:
             ids = self._hashed_ids(token_ids, x.shape[0]).to(logits.device)
             return hashed_sqrtsoftplus(logits, ids, spec.renormalize, spec.scaling)
         if spec.scoring == "sqrtsoftplus":
-            return topk_sqrtsoftplus(logits, self.bias, spec.top_k, spec.renormalize, spec.scaling)
+            return topk_sqrtsoftplus(logits, self.bias, self.top_k, spec.renormalize, spec.scaling)
         if spec.scoring == "topk_then_sigmoid":
-            return topk_then_sigmoid(logits, spec.top_k)
+            return topk_then_sigmoid(logits, self.top_k)
         if spec.scoring == "softmax_grouped":
-            return topk_softmax_grouped(logits, self.bias, spec.top_k, spec.num_groups, spec.topk_groups,
+            return topk_softmax_grouped(logits, self.bias, self.top_k, spec.num_groups, spec.topk_groups,
                                         spec.group_best, spec.renormalize, spec.scaling, spec.renorm_min)
-        weights, ids = topk_softmax(logits, spec.top_k, spec.renormalize)
+        weights, ids = topk_softmax(logits, self.top_k, spec.renormalize)
         return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -200,8 +200,8 @@ def _decoder_prefix(path: Path, names: list[str], gates: tuple[str, ...]) -> str
             indices.setdefault(m.group(1), set()).add(m.group(2))
     ranked = sorted(indices, key=lambda prefix: len(indices[prefix]), reverse=True)
     if not ranked or (len(ranked) > 1 and len(indices[ranked[0]]) == len(indices[ranked[1]])):
-        raise CheckpointError(f"cannot find the decoder layers in {path}: names ending {' or '.join(suffixes)} give the "
-                              f"prefixes {sorted(indices)}")
+        raise CheckpointError(f"cannot find the decoder layers in {path}: names ending "
+                              f"{' or '.join(suffixes)} give the prefixes {sorted(indices)}")
     return ranked[0]
 
 

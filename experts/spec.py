@@ -38,7 +38,7 @@ class MoESpec:
     num_layers: int
     moe_layers: tuple[int, ...]
     num_experts: int
-    top_k: int
+    top_k: int                      # experts per token (the largest, where `layer_top_k` has one per layer)
     intermediate_size: int          # per routed expert
     activation: str
     scoring: Scoring
@@ -81,6 +81,8 @@ class MoESpec:
     # DeepSeek-V4: MoE layers whose experts a token-id table (`gate.tid2eid [vocab, k]`) picks; the
     # gate's scores only weigh them. A Forward of such a layer needs the token ids.
     hash_layers: tuple[int, ...] = ()
+    # per MoE layer (in `moe_layers`' order) its top-k, where they differ (Hunyuan-A13B's moe_topk list)
+    layer_top_k: tuple[int, ...] = ()
 
     def check_layer(self, layer: int) -> None:
         """Raise ValueError unless `layer` (a decoder-layer index) is an MoE layer."""
@@ -90,6 +92,10 @@ class MoESpec:
             kind = "dense" if 0 <= layer < self.num_layers else "out of range"
             raise ValueError(f"layer {layer} is {kind}; the MoE layers of this {self.model_type} "
                              f"model are {list(self.moe_layers)}")
+
+    def top_k_of(self, layer: int) -> int:
+        """Experts per token of MoE layer `layer`."""
+        return self.layer_top_k[self.moe_layers.index(layer)] if self.layer_top_k else self.top_k
 
     def gated_activation(self) -> "GatedActivation":
         """The experts' (and shared experts') gated activation."""
@@ -108,7 +114,7 @@ class MoESpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoESpec":
         tuples = ("moe_layers", "score_bias", "checkpoint_blocks", "expert_names", "shared_expert_names", "hash_layers",
-                  "checkpoint_gates", "checkpoint_shared", "checkpoint_fused")
+                  "checkpoint_gates", "checkpoint_shared", "checkpoint_fused", "layer_top_k")
         return cls(**{**data, **{name: tuple(data[name]) for name in tuples}})
 
 
@@ -217,6 +223,24 @@ def _ernie4_5_moe(config: dict[str, Any], mt: str) -> MoESpec:
                    score_bias=("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias"),
                    shared_intermediate_size=moe_size * int(config.get("moe_num_shared_experts") or 0),
                    shared_attr="shared_experts")
+
+
+def _hunyuan_v1_moe(config: dict[str, Any], mt: str) -> MoESpec:
+    """Hunyuan-A13B: a float32 router (`gate.wg`), softmax, top-k renormalised, `moe_topk` one k or
+    one per layer; a shared MLP of the experts' size in the block (`shared_mlp`); every layer MoE."""
+    num_layers, experts = int(_get(config, "num_hidden_layers", mt)), _get(config, "num_experts", mt)
+    if isinstance(experts, list) and len(set(experts)) > 1:
+        raise UnsupportedModelError(f"{mt} with a different num_experts per layer ({experts}) is not served")
+    top_k = _get(config, "moe_topk", mt)
+    per_layer = tuple(int(k) for k in top_k) if isinstance(top_k, list) else ()
+    if per_layer and len(per_layer) != num_layers:
+        raise UnsupportedModelError(f"{mt}: moe_topk lists {len(per_layer)} layers, the model has {num_layers}")
+    size = int(_get(config, "intermediate_size", mt))
+    common = _common({**config, "num_experts_per_tok": max(per_layer or [int(top_k)])}, mt)
+    return MoESpec(**common, moe_layers=tuple(range(num_layers)),
+                   layer_top_k=per_layer if len(set(per_layer)) > 1 else (), num_experts=int(experts[0] if isinstance(experts, list) else experts), intermediate_size=size,
+                   scoring="softmax", renormalize=True, is_router_fp32=True, checkpoint_gates=("gate.wg",),
+                   shared_intermediate_size=size, shared_attr="shared_mlp")
 
 
 def _jamba(config: dict[str, Any], mt: str) -> MoESpec:
@@ -476,6 +500,7 @@ _FAMILIES = {
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
     "jamba": _jamba,
+    "hunyuan_v1_moe": _hunyuan_v1_moe,
     "ernie4_5_moe": _ernie4_5_moe,
     "mellum": _qwen3_moe,
     "olmoe": _olmoe,
@@ -512,7 +537,6 @@ _FAMILIES = {
 # holds both to the installed transformers' MoE model folders.
 NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
-    "hunyuan_v1_moe": "float32 gate, a top-k per layer and a shared MLP; not wired yet",
     "qwen3_vl_moe": "Qwen3-MoE's block (always renormalised), experts stored transposed, in a vision-language "
                     "model; not wired yet",
     "qwen3_omni_moe": "Qwen3-MoE's block in the thinker's text model; the talker's differs (a gated shared "
@@ -569,8 +593,9 @@ def spec_from_config(config: dict[str, Any]) -> MoESpec:
     spec = _FAMILIES[model_type](config, model_type)
     if not spec.moe_layers:
         raise UnsupportedModelError(f"config.json of this {model_type} model has no MoE layer")
-    if not 1 <= spec.top_k <= spec.num_experts:
-        raise UnsupportedModelError(f"num_experts_per_tok={spec.top_k} must be in [1, {spec.num_experts}]")
+    if not all(1 <= k <= spec.num_experts for k in (spec.top_k, *spec.layer_top_k)):
+        raise UnsupportedModelError(f"num_experts_per_tok={spec.layer_top_k or spec.top_k} must be in "
+                                    f"[1, {spec.num_experts}]")
     return spec
 
 

@@ -465,7 +465,7 @@ class MeshController:
         """Tokens since start, tokens/s over the routers' window and, with `pairs`, co-activated
         pairs/s (up to 60k of them at V3's shape: only placement reads them), all routers."""
         direct = [lease.report for lease in self.leases.live(time.monotonic()).values() if lease.report]
-        return aggregate_load(await self.rec.router_reports(pairs) + direct, self.spec.top_k)
+        return aggregate_load(await self.rec.router_reports(pairs) + direct, self.spec.top_k_of)
 
     async def snapshot(self) -> bytes:
         """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive, suspect), routers,

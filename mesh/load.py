@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import msgpack
 
@@ -20,9 +20,9 @@ def _add(totals: dict, key: tuple, value: float) -> None:
     totals[key] = totals.get(key, 0) + value
 
 
-def aggregate_load(reports: list[bytes], top_k: int) -> Load:
+def aggregate_load(reports: list[bytes], top_k_of: Callable[[int], int]) -> Load:
     """Routers' `load_report()` blobs -> Load. A router's pairs/s: the share of its tokens that
-    picked both, times its tokens/s of the layer."""
+    picked both, times its tokens/s of the layer (its copies/s over the layer's top-k, `top_k_of`)."""
     load = Load({}, {}, {})
     for data in (msgpack.unpackb(r) for r in reports):
         tokens_per_s: dict[int, float] = {}  # this router's tokens (not copies) per layer
@@ -30,7 +30,7 @@ def aggregate_load(reports: list[bytes], top_k: int) -> Load:
             _add(load.tokens, (layer, expert), count)
         for layer, expert, rate in data["rates"]:
             _add(load.rates, (layer, expert), rate)
-            tokens_per_s[layer] = tokens_per_s.get(layer, 0.0) + rate / top_k
+            tokens_per_s[layer] = tokens_per_s.get(layer, 0.0) + rate / top_k_of(layer)
         for layer, a, b, share in data["pairs"]:
             _add(load.pairs, (layer, a, b), share * tokens_per_s.get(layer, 0.0))
     return load

@@ -186,7 +186,7 @@ class Router:
             out = out + await shared_task
         self.stage_s["combine"] += time.perf_counter() - start
         # Step 5: split back per caller; callers whose tokens hit a failed group get its error.
-        return self._split(out, parts, failed), table.epoch
+        return self._split(out, parts, failed, ids.shape[1]), table.epoch
 
     def _gate(self, layer: int, x: torch.Tensor, token_ids: torch.Tensor | None):
         """(weights [T, k], ids [T, k], order [N] copies sorted by expert, counts [E] per expert)."""
@@ -282,7 +282,7 @@ class Router:
         A first send hedges (router_service/hedging.py): a destination past its deadline fails here
         and goes to other copies with the retry."""
         start = time.perf_counter()
-        rows = await self._off_loop(is_large, torch.index_select, x, 0, plan.order // self.spec.top_k)  # [M, H]
+        rows = await self._off_loop(is_large, torch.index_select, x, 0, plan.order // weights.shape[1])  # [M, H]
         scale = weights.reshape(-1)[plan.order].float() if self.spec.gate_on_input else None
         y = torch.empty_like(rows)
         self.batch_stats["group_calls"] += len(plan.destinations)
@@ -353,13 +353,15 @@ class Router:
                               "batches": dict(self.batch_stats), "segments": dict(self.transport.segments),
                               "stage_s": dict(self.stage_s)})
 
-    def _split(self, out: torch.Tensor, parts: list[slice], failed: list) -> list:
+    @staticmethod
+    def _split(out: torch.Tensor, parts: list[slice], failed: list, top_k: int) -> list:
         """Per caller (rows `parts` of out [T, H]) its output, or the error of the group that failed
-        its tokens (the first such failure of its rows)."""
+        its tokens (the first such failure of its rows; `failed` holds flat copy indices, `top_k`
+        per token)."""
         if not failed:
             return [out[p] for p in parts]
         failure = torch.full((out.shape[0],), len(failed), dtype=torch.int64)  # [T]: index into failed
         for index in reversed(range(len(failed))):
-            failure[failed[index][0] // self.spec.top_k] = index
+            failure[failed[index][0] // top_k] = index
         first = [int(failure[p].min()) for p in parts]
         return [failed[i][1] if i < len(failed) else out[p] for p, i in zip(parts, first)]

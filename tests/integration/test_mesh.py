@@ -133,7 +133,7 @@ class CountingClient(MeshClient):
 
 def test_patched_model_generates_the_unpatched_tokens(family_mesh, zoo):
     """20 greedy tokens equal; prompt logits within fp32 tolerance; and the mesh really served
-    them: the router routed top_k copies of every token that the patched model sent."""
+    them: the router routed top_k copies (that layer's) of every token that the patched model sent."""
     family, path, mesh = family_mesh
     spec, reference = load_spec(path), zoo.model(family)
     patched = copy.deepcopy(reference)
@@ -154,7 +154,7 @@ def test_patched_model_generates_the_unpatched_tokens(family_mesh, zoo):
     routed = tokens_delta(before, after)
     for layer in spec.moe_layers:
         in_layer = sum(n for key, n in routed.items() if key.startswith(f"{layer}/"))
-        assert in_layer == spec.top_k * client.tokens_sent[layer], (family, layer)
+        assert in_layer == spec.top_k_of(layer) * client.tokens_sent[layer], (family, layer)
 
 
 # ---- the direct client (router core in this process) on the same meshes ----

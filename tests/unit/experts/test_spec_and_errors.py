@@ -155,6 +155,19 @@ def test_laguna_reads_its_softcap_scaling_and_shared_expert():
     assert (spec.moe_layers, spec.logit_softcap, spec.scaling, spec.shared_intermediate_size) == ((1, 2), 30.0, 2.5, 10)
 
 
+def test_hunyuan_v1_moe_takes_a_top_k_per_layer():
+    config = dict(model_type="hunyuan_v1_moe", hidden_size=8, num_hidden_layers=3, num_experts=8, intermediate_size=6,
+                  moe_topk=[2, 4, 1])
+    spec = spec_from_config(config)
+    assert (spec.top_k, spec.layer_top_k, [spec.top_k_of(i) for i in spec.moe_layers]) == (4, (2, 4, 1), [2, 4, 1])
+    assert spec.shared_intermediate_size == 6 and spec.checkpoint_gates == ("gate.wg",)
+    assert spec_from_config({**config, "moe_topk": 3}).top_k_of(1) == 3
+    with pytest.raises(UnsupportedModelError, match="moe_topk lists 2 layers, the model has 3"):
+        spec_from_config({**config, "moe_topk": [2, 4]})
+    with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=.* must be in"):
+        spec_from_config({**config, "moe_topk": [2, 9, 1]})
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
