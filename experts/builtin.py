@@ -46,6 +46,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "granitemoe_swa": ("GraniteMoeSWAConfig", dict(hidden_size=48, intermediate_size=40, num_hidden_layers=2,
                                                    num_local_experts=6, num_experts_per_tok=3,
                                                    shared_intermediate_size=32, sliding_window=4)),
+    "phimoe": ("PhimoeConfig", dict(hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_local_experts=8,
+                                    num_experts_per_tok=2, router_jitter_noise=0.3)),  # a band that holds several
     "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                          shared_expert_intermediate_size=40, num_hidden_layers=3,
                                          decoder_sparse_step=1, mlp_only_layers=[1], num_experts=6,

@@ -16,7 +16,7 @@ from experts.checkpoint import CheckpointReader, GateWeights, SharedWeights
 from experts.group import ExpertGroup, LayerExperts
 from experts.spec import MoESpec
 from kernels import (align_tokens, combine, grouped_mlp, hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_softmax,
-                     topk_softmax_grouped, topk_sqrtsoftplus, topk_then_sigmoid)
+                     topk_softmax_grouped, topk_sparsemixer, topk_sqrtsoftplus, topk_then_sigmoid)
 
 __all__ = ["Gate", "MoELayer", "SharedExpert", "DispatchedTokens", "dispatch"]
 
@@ -52,6 +52,8 @@ class Gate:
             return hashed_sqrtsoftplus(logits, ids, spec.renormalize, spec.scaling)
         if spec.scoring == "sqrtsoftplus":
             return topk_sqrtsoftplus(logits, self.bias, self.top_k, spec.renormalize, spec.scaling)
+        if spec.scoring == "sparsemixer":
+            return topk_sparsemixer(logits, spec.jitter_eps)
         if spec.scoring == "topk_then_sigmoid":
             return topk_then_sigmoid(logits, self.top_k)
         if spec.scoring == "softmax_grouped":

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["MoESpec", "NOT_SERVED", "SUPPORTED_MODEL_TYPES", "TEXT_MODELS", "load_config", "load_spec",
            "spec_from_config"]
 
-Scoring = Literal["softmax", "sigmoid_grouped", "softmax_grouped", "topk_then_sigmoid", "sqrtsoftplus"]
+Scoring = Literal["softmax", "sigmoid_grouped", "softmax_grouped", "topk_then_sigmoid", "sqrtsoftplus", "sparsemixer"]
 # How a fused checkpoint stores the experts: "rows" gate_up_proj [E, 2I, H] (gate rows, then up rows)
 # and down_proj [E, H, I]; "transposed" [E, H, 2I] and [E, I, H] (Llama 4); "transposed_interleaved"
 # as transposed with gate and up alternating along 2I (gpt-oss).
@@ -48,6 +48,7 @@ class MoESpec:
     group_best: int = 2             # a group is scored by the sum of its best 1 or 2 experts' scores
     scaling: float = 1.0
     renorm_min: float = 1e-20       # renormalised by max(sum of the top-k weights, this) (Ernie 4.5: moe_norm_min)
+    jitter_eps: float = 0.0         # sparsemixer (PhiMoE): each round's softmax keeps experts within 2x this, relative
     logit_softcap: float = 0.0      # > 0: logits soft-capped, cap * tanh(logits / cap), before the sigmoid (Laguna)
     has_score_bias: bool = False    # DeepSeek-V3 e_score_correction_bias
     is_router_fp32: bool = False    # the router's logits are computed in float32 whatever the model dtype
@@ -171,6 +172,17 @@ def _granitemoe(config: dict[str, Any], mt: str) -> MoESpec:
                                checkpoint_fused=("input_linear.weight", "output_linear.weight"))
 
 
+def _phimoe(config: dict[str, Any], mt: str) -> MoESpec:
+    """PhiMoE: the sparsemixer gate (two experts; `router_jitter_noise` sets each round's band), its
+    router at `mlp.router`, published as Mixtral's (`block_sparse_moe.gate`, experts `w1, w3, w2`)."""
+    spec = dataclasses.replace(_mixtral(config, mt), scoring="sparsemixer", renormalize=False,
+                               jitter_eps=float(config.get("router_jitter_noise", 0.01)), block_attr="mlp",
+                               gate_attr="router", checkpoint_gates=("gate",))
+    if spec.top_k != 2:
+        raise UnsupportedModelError(f"{mt} with num_experts_per_tok={spec.top_k} is not served: sparsemixer picks 2")
+    return spec
+
+
 def _minimax_m2(config: dict[str, Any], mt: str) -> MoESpec:
     """Sigmoid + score bias (kept on the block), top-k, renormalised: DeepSeek-V3's gate with one
     group and no scaling; Mixtral's names."""
@@ -238,7 +250,8 @@ def _hunyuan_v1_moe(config: dict[str, Any], mt: str) -> MoESpec:
     size = int(_get(config, "intermediate_size", mt))
     common = _common({**config, "num_experts_per_tok": max(per_layer or [int(top_k)])}, mt)
     return MoESpec(**common, moe_layers=tuple(range(num_layers)),
-                   layer_top_k=per_layer if len(set(per_layer)) > 1 else (), num_experts=int(experts[0] if isinstance(experts, list) else experts), intermediate_size=size,
+                   layer_top_k=per_layer if len(set(per_layer)) > 1 else (),
+                   num_experts=int(experts[0] if isinstance(experts, list) else experts), intermediate_size=size,
                    scoring="softmax", renormalize=True, is_router_fp32=True, checkpoint_gates=("gate.wg",),
                    shared_intermediate_size=size, shared_attr="shared_mlp")
 
@@ -494,6 +507,7 @@ _FAMILIES = {
     "mixtral": _mixtral,
     "minimax": _mixtral,
     "granitemoe": _granitemoe,
+    "phimoe": _phimoe,
     "granitemoeshared": _granitemoe,
     "granitemoehybrid": _granitemoe,
     "granitemoe_swa": _granitemoe,
@@ -561,7 +575,6 @@ NOT_SERVED: dict[str, str] = {
     "cohere2_moe": "shared experts averaged with the routed output ((routed + shared) / 2)",
     "axk1": "the block's output (routed + shared) RMS-normed before the residual",
     "dbrx": "p-norm renormalisation of the top-k weights (w1/v1/w2 storage under transformer.blocks)",
-    "phimoe": "sparsemixer routing (its own top-2 weighting), which the gate kernels lack",
     "longcat_flash": "identity 'zero' experts among the routed ones",
     "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
     "inkling": "routed and shared scores normalised together, times route_scale x global_scale",

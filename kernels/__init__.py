@@ -10,7 +10,7 @@ from kernels.align import align_tokens
 from kernels.combine import combine
 from kernels.expert_mlp import ACTIVATIONS, GatedActivation, grouped_mlp
 from kernels.gating import (hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_softmax, topk_softmax_grouped,
-                            topk_sqrtsoftplus, topk_then_sigmoid)
+                            topk_sparsemixer, topk_sqrtsoftplus, topk_then_sigmoid)
 
 __all__ = [
     "ACTIVATIONS",
@@ -22,6 +22,7 @@ __all__ = [
     "topk_sigmoid_grouped",
     "topk_softmax",
     "topk_softmax_grouped",
+    "topk_sparsemixer",
     "topk_sqrtsoftplus",
     "topk_then_sigmoid",
 ]

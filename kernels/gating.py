@@ -1,6 +1,6 @@
 """Top-k gating: which experts each token goes to, and with what weight.
 
-Five scoring rules cover the supported families:
+Six scoring rules cover the supported families:
 
 - `topk_softmax`: softmax over all experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE).
 - `topk_sigmoid_grouped`: sigmoid scores (of logits soft-capped first where `softcap` > 0, Laguna),
@@ -11,6 +11,8 @@ Five scoring rules cover the supported families:
   group-limited selection (a group scored by its best expert, DeepSeek-V2, or the sum of its best
   two, Mistral Large 3), optional renormalisation, then `scaling`.
 - `topk_then_sigmoid`: top-k over raw logits, then sigmoid of the chosen logits (Llama 4).
+- `topk_sparsemixer`: PhiMoE's sparsemixer at inference: two experts, each the best one left,
+  weighted by its softmax among the experts within a relative `2 * jitter_eps` of it.
 - `topk_sqrtsoftplus`: scores sqrt(softplus(logits)), a score-correction bias used only for the
   choice, top-k, optional renormalisation, then `scaling` (DeepSeek-V4); `hashed_sqrtsoftplus`
   weighs experts picked elsewhere (V4's hash layers pick them by token id) with the same scores.
@@ -26,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RENORM_MIN", "check_grouped", "hashed_sqrtsoftplus", "sqrtsoftplus_scores", "topk_sigmoid_grouped", "topk_softmax",
-           "topk_softmax_grouped", "topk_sqrtsoftplus", "topk_then_sigmoid"]
+__all__ = ["RENORM_MIN", "check_grouped", "hashed_sqrtsoftplus", "sqrtsoftplus_scores", "topk_sigmoid_grouped",
+           "topk_softmax", "topk_softmax_grouped", "topk_sparsemixer", "topk_sqrtsoftplus", "topk_then_sigmoid"]
 
 
 RENORM_MIN = 1e-20
@@ -204,6 +206,34 @@ def topk_then_sigmoid(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
 def topk_then_sigmoid_reference(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, ids = _stable_topk(logits, top_k)
     return values.float().sigmoid().to(logits.dtype), ids
+
+
+def topk_sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's sparsemixer gate at inference (top-2). Round j picks the best expert m_j left (ties to
+    the lower index); an expert e stays in that round's softmax unless (m_j - logit_e) / max(|logit_e|,
+    m_j) > 2 * jitter_eps; its weight is m_j's share of that softmax; round 2 leaves the first pick out.
+    Computed in the logits' dtype, as PhiMoE does (a bfloat16 band edge falls where the model's does).
+
+    logits: [T, E]. Returns (weights [T, 2] float32, ids [T, 2] int64).
+    """
+    _check_logits(logits, 2)
+    if logits.is_cuda:
+        from kernels.triton_gating import topk_sparsemixer_triton
+
+        return topk_sparsemixer_triton(logits, jitter_eps)
+    return topk_sparsemixer_reference(logits, jitter_eps)
+
+
+def topk_sparsemixer_reference(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scores, weights, ids = logits, [], []
+    for _ in range(2):
+        best, best_id = _stable_topk(scores, 1)  # [T, 1]
+        is_far = (best - logits) / logits.abs().clamp(min=best) > 2 * jitter_eps  # [T, E]
+        gates = torch.softmax(scores.masked_fill(is_far, float("-inf")), dim=-1)
+        weights.append(gates.gather(1, best_id))
+        ids.append(best_id)
+        scores = scores.scatter(1, best_id, float("-inf"))  # the next round leaves this one out
+    return torch.cat(weights, dim=1).float(), torch.cat(ids, dim=1)
 
 
 def sqrtsoftplus_scores(logits: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from kernels.gating import RENORM_MIN, check_grouped
 from kernels.triton_common import check_device, tile
 
 __all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_grouped_triton", "topk_softmax_triton",
-           "topk_sqrtsoftplus_triton", "topk_then_sigmoid_triton"]
+           "topk_sparsemixer_triton", "topk_sqrtsoftplus_triton", "topk_then_sigmoid_triton"]
 
 _NO_EXPERT = tl.constexpr(2**30)  # id of padding lanes: larger than any expert id, so never the lowest
 _MAX_TILE = 4096  # elements of one program's logits tile
@@ -102,9 +102,9 @@ def _sqrt_softplus(logits):
 @triton.jit
 def _topk_sigmoid_grouped_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k, num_groups, topk_groups, scaling,
-    renorm_min, softcap, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr, SOFTMAX: tl.constexpr,
-    GROUP_BY_BEST: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
+    renorm_min, softcap, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr,
+    SOFTMAX: tl.constexpr, GROUP_BY_BEST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KG: tl.constexpr,
 ):
     # The tile is [BT, BG, BS]: lane (g, s) holds expert g * S + s.
     group_size = num_experts // num_groups
@@ -178,6 +178,37 @@ def _topk_then_sigmoid_kernel(
     expert_ids = tl.where(is_valid, experts, _NO_EXPERT)
     values, ids, _ = _topk(logits, logits, expert_ids, is_valid, top_k, BLOCK_T, BLOCK_K)
     _store_topk(weights_ptr, ids_ptr, rows, is_row, tl.sigmoid(values.to(tl.float32)), ids, top_k, BLOCK_K)
+
+
+@triton.jit
+def _sparsemixer_kernel(
+    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, band,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    # Every step rounded to the logits' dtype, as torch computes it there; `band`: 2 * jitter_eps in that dtype.
+    dtype = logits_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    experts = tl.arange(0, BLOCK_E)[None, :]  # [1, BE]
+    is_row = rows < num_tokens
+    is_valid = tl.broadcast_to(experts < num_experts, (BLOCK_T, BLOCK_E))  # padding rows are gated too, not stored
+    logits = tl.load(logits_ptr + rows[:, None] * num_experts + experts, mask=is_row[:, None] & is_valid,
+                     other=0.0).to(tl.float32)
+    expert_ids = tl.where(is_valid, experts, _NO_EXPERT)
+    is_free = is_valid
+    for j in tl.static_range(2):
+        # Step 1: the best expert left, ties to the lower id.
+        best = tl.max(tl.where(is_free, logits, float("-inf")), axis=1)  # [BT]
+        best_id = tl.min(tl.where(is_free & (logits == best[:, None]), expert_ids, _NO_EXPERT), axis=1)  # [BT]
+        # Step 2: its share of the softmax over the experts left within the band of it (relative).
+        gap = (best[:, None] - logits).to(dtype).to(tl.float32)
+        scale = tl.maximum(tl.abs(logits), best[:, None])  # 0: torch's 0/0 or x/0 is never past the band
+        ratio = (gap / tl.where(scale > 0, scale, 1.0)).to(dtype).to(tl.float32)
+        is_far = (scale > 0) & (ratio > band)
+        exps = tl.where(is_free & ~is_far, tl.exp(logits - best[:, None]), 0.0)
+        weight = (1.0 / tl.sum(exps, axis=1)).to(dtype).to(tl.float32)  # [BT]: exp(0) over the sum
+        tl.store(weights_ptr + rows * 2 + j, weight, mask=is_row)
+        tl.store(ids_ptr + rows * 2 + j, best_id.to(tl.int64), mask=is_row)
+        is_free = is_free & (expert_ids != best_id[:, None])
 
 
 def _check_logits(logits: torch.Tensor, top_k: int) -> None:
@@ -300,5 +331,23 @@ def topk_then_sigmoid_triton(logits: torch.Tensor, top_k: int) -> tuple[torch.Te
             logits.contiguous(), weights, ids, num_tokens, num_experts, top_k,
             IS_FP64=logits.dtype == torch.float64, BLOCK_T=block_t, BLOCK_E=block_e,
             BLOCK_K=triton.next_power_of_2(top_k),
+        )
+    return weights, ids
+
+
+def topk_sparsemixer_triton(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's sparsemixer gate (kernels.gating.topk_sparsemixer). logits: [T, E] (scored in their
+    dtype). Returns (weights [T, 2] float32, ids [T, 2] int64)."""
+    _check_logits(logits, 2)
+    check_device(_sparsemixer_kernel, logits=logits)
+    num_tokens, num_experts = logits.shape
+    weights, ids = _outputs(logits, 2, torch.float32)
+    if num_tokens:
+        block_e = triton.next_power_of_2(num_experts)
+        block_t = _rows_per_program(num_tokens, block_e)
+        _sparsemixer_kernel[(triton.cdiv(num_tokens, block_t),)](
+            logits.contiguous(), weights, ids, num_tokens, num_experts,
+            float(torch.tensor(2 * jitter_eps, dtype=logits.dtype)),  # as torch compares with the scalar
+            BLOCK_T=block_t, BLOCK_E=block_e,
         )
     return weights, ids

@@ -168,6 +168,16 @@ def test_hunyuan_v1_moe_takes_a_top_k_per_layer():
         spec_from_config({**config, "moe_topk": [2, 9, 1]})
 
 
+def test_phimoe_takes_the_sparsemixer_for_two_experts_only():
+    config = dict(model_type="phimoe", hidden_size=8, num_hidden_layers=2, num_local_experts=8, num_experts_per_tok=2,
+                  intermediate_size=6)
+    spec = spec_from_config(config)  # router_jitter_noise: transformers' default 0.01
+    assert (spec.scoring, spec.jitter_eps, spec.gate_attr, spec.checkpoint_gates) == ("sparsemixer", 0.01, "router",
+                                                                                       ("gate",))
+    with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=3 is not served: sparsemixer picks 2"):
+        spec_from_config({**config, "num_experts_per_tok": 3})
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)

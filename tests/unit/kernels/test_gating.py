@@ -108,6 +108,36 @@ def test_topk_softmax_grouped_triton_matches_reference(triton_gating, num_tokens
     assert_gate_matches(got, gating.topk_softmax_grouped_reference(*args), torch.float32)
 
 
+SPARSEMIXER_CASES = [
+    # T, E, jitter_eps, dtype, ties
+    (5, 6, 0.01, torch.float32, False),
+    (5, 16, 0.01, torch.float32, True),
+    (7, 8, 0.3, torch.float32, False),  # a wide band: several experts in each softmax
+    (4, 16, 0.0, torch.bfloat16, True),
+    (6, 16, 0.3, torch.bfloat16, False),
+    (600, 8, 0.05, torch.float32, False),  # two programs
+]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,jitter_eps,dtype,ties", SPARSEMIXER_CASES)
+def test_topk_sparsemixer_triton_matches_reference(triton_gating, num_tokens, num_experts, jitter_eps, dtype, ties):
+    logits = make_logits(num_tokens, num_experts, dtype, ties)
+    got = triton_gating.topk_sparsemixer_triton(logits, jitter_eps)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
+    assert_gate_matches(got, gating.topk_sparsemixer_reference(logits, jitter_eps), dtype)
+
+
+def test_sparsemixer_reference_is_phimoes_at_inference():
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    logits = make_logits(64, 16) * 0.2  # close logits: several experts within the band of each round
+    for jitter_eps, dtype in [(0.01, torch.float32), (0.3, torch.float32), (0.3, torch.bfloat16)]:
+        ref_weights, ref_ids = sparsemixer(logits.to(dtype), jitter_eps=jitter_eps, training=False)
+        weights, ids = gating.topk_sparsemixer_reference(logits.to(dtype), jitter_eps)
+        assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights.float()), (jitter_eps, dtype)
+    assert (weights < 1).any() and (weights == 1).any()  # both cases occur: some experts in band, some alone
+
+
 THEN_SIGMOID_CASES = [
     # T, E, k, dtype, ties
     (5, 6, 1, torch.float32, True),
