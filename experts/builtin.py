@@ -65,6 +65,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=3,
                                                   head_dim=12, num_experts=6, moe_topk=[2, 3, 1],  # a k per layer
                                                   eos_token_id=127)),  # the seed-7 model says 2 (eos) at token 14
+    "qwen3_vl_moe": ("Qwen3VLMoeTextConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=32,
+                                                  num_hidden_layers=2, num_experts=6, num_experts_per_tok=3,
+                                                  head_dim=12, norm_topk_prob=False,  # ignored: always renormalised
+                                                  rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                       mrope_section=[2, 2, 2]),
+                                                  eos_token_id=127)),
     "olmoe": ("OlmoeConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,
                                   num_experts_per_tok=2)),
     "flex_olmo": ("FlexOlmoConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,
@@ -192,6 +198,11 @@ _AUTO_CLASS = {"mistral4": "AutoModelForImageTextToText"}
 # Families served as the text model of a composite (multimodal) model: the composite's auto class,
 # its config class and the config's other parts, kept tiny (the text config is FAMILIES' entry).
 _COMPOSITE: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen3_vl_moe": ("AutoModelForImageTextToText", "Qwen3VLMoeConfig",
+                     dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                             out_hidden_size=48, patch_size=14, spatial_merge_size=2,
+                                             temporal_patch_size=2, deepstack_visual_indexes=[0],
+                                             num_position_embeddings=16))),
     "glm4v_moe": ("AutoModelForImageTextToText", "Glm4vMoeConfig",
                   dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                           out_hidden_size=48, patch_size=14, spatial_merge_size=2,

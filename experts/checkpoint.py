@@ -7,7 +7,8 @@ Layouts read (per layer, detected from the tensor names):
   its shared experts' too: the spec names them);
 - fused (`save_pretrained(..., save_original_format=False)`, Llama 4 and gpt-oss always):
   `<block>.experts.gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`
-  (Llama 4: `[E, H, 2I]` and `[E, I, H]`, transposed; gpt-oss: transposed with gate and up
+  (Llama 4, Qwen3-VL as published: `[E, H, 2I]` and `[E, I, H]`, transposed, told from the stored
+  shapes; gpt-oss: transposed with gate and up
   interleaved, and biases `gate_up_proj_bias [E, 2I]`, `down_proj_bias [E, H]`).
 Quantized checkpoints as published (`experts.quantized`): block fp8 (`X.weight` e4m3 with
 `X.weight_scale_inv`) and MXFP4 (`X_blocks`, `X_scales`), dequantized one expert at a time to the
@@ -271,9 +272,9 @@ class CheckpointReader:
 
     def _fused_expert(self, block: str, expert: int) -> _OneExpert:
         """(gate_up [2I, H], down [H, I], b_gate_up [2I] | None, b_down [H] | None, checksum) of one expert."""
-        hidden, inter, layout = self.spec.hidden_size, self.spec.intermediate_size, self.spec.fused_layout
+        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
         name_gu, name_d = self.layout.fused_names(block)
-        if layout == "rows" or f"{name_gu}_blocks" in self._files:  # MXFP4 stores output rows first: [E, 2I, H]
+        if not self.layout.is_transposed(block):  # stored [E, 2I, H] and [E, H, I]
             gate_up, raw_gu = self._weight(name_gu, (2 * inter, hidden), rows=expert)
             down, raw_d = self._weight(name_d, (hidden, inter), rows=expert)
         else:  # stored [E, H, 2I] and [E, I, H]
@@ -285,7 +286,7 @@ class CheckpointReader:
             b_gate_up, raw_bgu = self._read(f"{block}experts.gate_up_proj_bias", (2 * inter,), rows=expert)
             b_down, raw_bd = self._read(f"{block}experts.down_proj_bias", (hidden,), rows=expert)
             raws += [raw_bgu, raw_bd]
-        if layout == "transposed_interleaved":  # gate, up, gate, up, ... -> gate rows, then up rows
+        if self.spec.interleaved_gate_up:  # gate, up, gate, up, ... -> gate rows, then up rows
             gate_up = torch.cat([gate_up[0::2], gate_up[1::2]])
             b_gate_up = None if b_gate_up is None else torch.cat([b_gate_up[0::2], b_gate_up[1::2]])
         return gate_up, down, b_gate_up, b_down, _sha256(raws)

@@ -265,6 +265,17 @@ class CheckpointLayout:
                 return f"{block}{gate_up}", f"{block}{down}"
         return None
 
+    def is_transposed(self, block: str) -> bool:
+        """Whether `block`'s fused experts are stored [E, H, 2I] and [E, I, H] (Llama 4, gpt-oss,
+        Qwen3-VL as published) rather than [E, 2I, H] and [E, H, I]: read from the stored shapes
+        (MXFP4 stores rows)."""
+        gate_up, down = self.fused_names(block)
+        if f"{gate_up}_blocks" in self.files:
+            return False
+        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
+        rows = {gate_up: (2 * inter, hidden), down: (hidden, inter)}
+        return any(tuple(self.file(name).shape(name)[1:]) != shape for name, shape in rows.items())
+
     def is_fused(self, block: str) -> bool:
         """Whether `block`'s experts are stored fused rather than one name each."""
         return self.fused_names(block) is not None

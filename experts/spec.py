@@ -22,10 +22,6 @@ __all__ = ["MoESpec", "NOT_SERVED", "SUPPORTED_MODEL_TYPES", "TEXT_MODELS", "loa
            "spec_from_config"]
 
 Scoring = Literal["softmax", "sigmoid_grouped", "softmax_grouped", "topk_then_sigmoid", "sqrtsoftplus", "sparsemixer"]
-# How a fused checkpoint stores the experts: "rows" gate_up_proj [E, 2I, H] (gate rows, then up rows)
-# and down_proj [E, H, I]; "transposed" [E, H, 2I] and [E, I, H] (Llama 4); "transposed_interleaved"
-# as transposed with gate and up alternating along 2I (gpt-oss).
-FusedLayout = Literal["rows", "transposed", "transposed_interleaved"]
 # What the MoE block's forward returns: "hidden" out [B, S, H]; "flat_and_router" (out [T, H], its
 # router's second output) (Llama 4); "hidden_and_router" (out [B, S, H], the same) (gpt-oss).
 BlockOutput = Literal["hidden", "flat_and_router", "hidden_and_router"]
@@ -74,7 +70,9 @@ class MoESpec:
     checkpoint_fused: tuple[str, ...] = ()
     has_gate_bias: bool = False     # gpt-oss: the router's linear has a bias (added to the logits)
     has_expert_bias: bool = False   # gpt-oss: biases on the experts' gate_up and down projections
-    fused_layout: FusedLayout = "rows"
+    # gpt-oss: gate and up alternate along 2I in fused checkpoints (the orientation, [E, 2I, H] or
+    # [E, H, 2I], the reader takes from the stored shapes)
+    interleaved_gate_up: bool = False
     swiglu_limit: float = 0.0       # > 0: gate clamped to <= limit, up to [-limit, limit] (gpt-oss, DeepSeek-V4)
     swiglu_alpha: float = 1.0       # gpt-oss: act(gate) = gate * sigmoid(alpha * gate)
     swiglu_up_offset: float = 0.0   # gpt-oss: act(gate) * (up + 1)
@@ -275,6 +273,12 @@ def _qwen3_moe(config: dict[str, Any], mt: str) -> MoESpec:
                    scoring="softmax", renormalize=bool(config.get("norm_topk_prob", True)))
 
 
+def _qwen3_vl_moe_text(config: dict[str, Any], mt: str) -> MoESpec:
+    """Qwen3-VL's text model: Qwen3-MoE's block, always renormalised (norm_topk_prob is ignored);
+    its published experts are fused and transposed ([E, H, 2I], [E, I, H])."""
+    return dataclasses.replace(_qwen3_moe(config, mt), renormalize=True)
+
+
 def _olmoe(config: dict[str, Any], mt: str) -> MoESpec:
     common = _common(config, mt)
     return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
@@ -461,7 +465,7 @@ def _llama4_text(config: dict[str, Any], mt: str) -> MoESpec:
     return MoESpec(**common, moe_layers=tuple(int(i) for i in moe_layers),
                    num_experts=int(_get(config, "num_local_experts", mt)), intermediate_size=size,
                    scoring="topk_then_sigmoid", renormalize=False, shared_intermediate_size=size,
-                   gate_on_input=True, block_attr="feed_forward", gate_attr="router", fused_layout="transposed",
+                   gate_on_input=True, block_attr="feed_forward", gate_attr="router",
                    block_output="flat_and_router")
 
 
@@ -473,7 +477,7 @@ def _gpt_oss(config: dict[str, Any], mt: str) -> MoESpec:
                    num_experts=int(_get(config, "num_local_experts|num_experts", mt)),
                    intermediate_size=int(_get(config, "intermediate_size", mt)), scoring="softmax",
                    renormalize=True, gate_attr="router", has_gate_bias=True, has_expert_bias=True,
-                   fused_layout="transposed_interleaved", swiglu_limit=float(config.get("swiglu_limit", 7.0)),
+                   interleaved_gate_up=True, swiglu_limit=float(config.get("swiglu_limit", 7.0)),
                    swiglu_alpha=float(config.get("swiglu_alpha", 1.702)), swiglu_up_offset=1.0,
                    block_output="hidden_and_router")
 
@@ -517,6 +521,7 @@ _FAMILIES = {
     "hunyuan_v1_moe": _hunyuan_v1_moe,
     "ernie4_5_moe": _ernie4_5_moe,
     "mellum": _qwen3_moe,
+    "qwen3_vl_moe_text": _qwen3_vl_moe_text,
     "olmoe": _olmoe,
     "flex_olmo": _olmoe,
     "deepseek_v2": _deepseek_v2,
@@ -551,8 +556,6 @@ _FAMILIES = {
 # holds both to the installed transformers' MoE model folders.
 NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
-    "qwen3_vl_moe": "Qwen3-MoE's block (always renormalised), experts stored transposed, in a vision-language "
-                    "model; not wired yet",
     "qwen3_omni_moe": "Qwen3-MoE's block in the thinker's text model; the talker's differs (a gated shared "
                       "expert); not wired yet",
     "qwen4_exp": "Qwen3-Next's block in the text model, hyper-connections around it; not wired and tested yet",
@@ -589,7 +592,8 @@ NOT_SERVED: dict[str, str] = {
     "switch_transformers": "an encoder-decoder model",
 }
 TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",  # multimodal: the text model is served
-               "mistral_large4": "mistral_large4_text", "glm4v_moe": "glm4v_moe_text"}
+               "mistral_large4": "mistral_large4_text", "glm4v_moe": "glm4v_moe_text",
+               "qwen3_vl_moe": "qwen3_vl_moe_text"}
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 

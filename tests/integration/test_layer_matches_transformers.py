@@ -171,6 +171,52 @@ def test_a_published_qwen3_5_layout_reads_like_the_text_model(zoo, tmp_path):
                            MoELayer.from_pretrained(source, layer=layer)(x)), layer
 
 
+def test_qwen3_vl_moe_reads_its_published_transposed_experts(zoo, tmp_path):
+    """Qwen3-VL as published: fused experts stored transposed, [E, H, 2I] and [E, I, H] (transformers
+    transposes them as it loads; save_pretrained writes them back unchanged). The reader tells the
+    orientation from the stored shapes: transformers loads this folder to the same model, and
+    MoELayer reads it to the same layer."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    source = zoo.checkpoint("qwen3_vl_moe")
+    spec = load_spec(source)
+    transposed = ("experts.gate_up_proj", "experts.down_proj")
+    save_file({name: t.transpose(1, 2).contiguous() if name.endswith(transposed) else t
+               for name, t in load_file(source / "model.safetensors").items()}, tmp_path / "model.safetensors")
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    x = torch.randn(2, 11, spec.hidden_size, generator=torch.Generator().manual_seed(4))
+    published = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    for layer in spec.moe_layers:
+        ref = block_output(moe_block(zoo.model("qwen3_vl_moe"), layer, spec.block_attr), x)
+        assert torch.equal(block_output(moe_block(published, layer, spec.block_attr), x), ref)
+        out = MoELayer.from_pretrained(tmp_path, layer=layer)(x.reshape(-1, spec.hidden_size))
+        assert _rel_err(out, ref.reshape(-1, spec.hidden_size)) <= FP32_TOL, layer
+
+
+def test_the_reader_tells_transposed_experts_where_gate_up_is_square(zoo, tmp_path):
+    """Qwen3-MoE's tiny model has H == 2I: gate_up [E, 2I, H] and its transpose have one shape; the
+    reader tells them apart by down_proj's, and reads the same experts either way."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = zoo.checkpoint("qwen3_moe", "fused")
+    spec = load_spec(source)
+    assert spec.hidden_size == 2 * spec.intermediate_size
+    transposed = ("experts.gate_up_proj", "experts.down_proj")
+    save_file({name: t.transpose(1, 2).contiguous() if name.endswith(transposed) else t
+               for name, t in load_file(source / "model.safetensors").items()}, tmp_path / "model.safetensors")
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    readers = [CheckpointReader(path) for path in (tmp_path, source)]
+    got, want = (reader.experts(spec.moe_layers[-1], [0, 5]) for reader in readers)
+    for reader in readers:
+        reader.close()
+    assert torch.equal(got.w_gate_up, want.w_gate_up) and torch.equal(got.w_down, want.w_down)
+
+
 def test_group_versions_follow_source_bytes(zoo):
     legacy = ExpertGroup.from_checkpoint(zoo.checkpoint("mixtral", "legacy"), {1: [0, 3]})
     fused = ExpertGroup.from_checkpoint(zoo.checkpoint("mixtral", "fused"), {1: [0, 3]})
@@ -215,6 +261,7 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("granitemoe", dict(renormalize=False)),  # the softmax over the top-k logits
     ("hunyuan_v1_moe", dict(renormalize=False)),
     ("jamba", dict(renormalize=True)),  # never renormalised
+    ("qwen3_vl_moe", dict(renormalize=False)),  # always renormalised (its tiny model's norm_topk_prob is False)
     ("phimoe", dict(jitter_eps=0.01)),  # router_jitter_noise 0.3 in its tiny model
     ("laguna", dict(logit_softcap=0.0)),  # moe_router_logit_softcapping 1.0 in its tiny model
     ("laguna", dict(scaling=1.0)),  # x moe_routed_scaling_factor

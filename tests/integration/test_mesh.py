@@ -70,7 +70,8 @@ def check_own_answers(path: Path, requests, outputs) -> None:
 # (test_layer_matches_transformers.py, test_client.py); the mesh path is the other family's.
 SAME_BLOCK_AS = {"minimax": "mixtral", "granitemoe": "mixtral", "granitemoeshared": "mixtral",
                  "granitemoehybrid": "mixtral", "granitemoe_swa": "mixtral", "flex_olmo": "olmoe",
-                 "jamba": "olmoe", "mellum": "qwen3_moe", "glm4_moe_lite": "glm4_moe", "solar_open": "glm4_moe",
+                 "jamba": "olmoe", "mellum": "qwen3_moe", "qwen3_vl_moe": "qwen3_moe", "glm4_moe_lite": "glm4_moe",
+                 "solar_open": "glm4_moe",
                  "glm4v_moe": "glm4_moe", "glm_moe_dsa": "deepseek_v32", "axk2": "deepseek_v32",
                  "dots1": "deepseek_v3", "exaone_moe": "deepseek_v3", "hy_v3": "deepseek_v3",
                  "mimo_v2_flash": "deepseek_v3", "kimi_linear": "deepseek_v3", "bailing_hybrid": "deepseek_v3",

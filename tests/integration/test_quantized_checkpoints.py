@@ -111,7 +111,7 @@ def test_a_group_reads_its_experts_quantized_bytes_and_scales_and_nothing_more(q
     layer, experts = spec.moe_layers[-1], [1, spec.num_experts - 1]
     group = ExpertGroup.from_checkpoint(path, {layer: experts}, torch.bfloat16)
     block = f"model.layers.{layer}.mlp.experts."
-    if spec.fused_layout == "transposed_interleaved":  # gpt-oss: fused [E, ...] tensors, one row per expert
+    if spec.interleaved_gate_up:  # gpt-oss: fused [E, ...] tensors, one row per expert
         names = [f"{block}{proj}{part}" for proj in ("gate_up_proj", "down_proj")
                  for part in ("_blocks", "_scales", "_bias")]
         expected = len(experts) * _stored_bytes(path, names, per_row=True)

@@ -43,6 +43,9 @@ SPEC_CASES = [
     ("mistral_large4", dict(text_config=dict(model_type="mistral_large4_text", hidden_size=8, num_hidden_layers=3,
                                              n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
                                              n_shared_experts=1)), ((1, 2), 8, 2, "softmax", 6)),  # 1 dense layer
+    ("qwen3_vl_moe", dict(text_config=dict(model_type="qwen3_vl_moe_text", hidden_size=8, num_hidden_layers=2,
+                                           num_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
+                                           norm_topk_prob=False)), ((0, 1), 8, 2, "softmax", 0)),
     ("deepseek_v4", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                          moe_intermediate_size=6, mlp_layer_types=["hash_moe", "moe", "moe"]),
      ((0, 1, 2), 8, 2, "sqrtsoftplus", 6)),
