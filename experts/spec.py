@@ -279,6 +279,19 @@ def _qwen3_vl_moe_text(config: dict[str, Any], mt: str) -> MoESpec:
     return dataclasses.replace(_qwen3_moe(config, mt), renormalize=True)
 
 
+def _flint(config: dict[str, Any], mt: str) -> MoESpec:
+    """Flint: a float32 router, sigmoid scores without a bias, top-k, renormalised if `norm_topk_prob`
+    (DeepSeek-V3's gate with one group and no bias); one ungated shared expert (`shared_expert`,
+    `shared_expert_intermediate_size`); MoE layers as Qwen2-MoE's, `mlp_only_layers` default [0, 1]."""
+    dense = config.get("mlp_only_layers")
+    config = {**config, "mlp_only_layers": [0, 1] if dense is None else dense}
+    return MoESpec(**_common(config, mt), moe_layers=_qwen_moe_layers(config, mt),
+                   num_experts=int(_get(config, "num_experts", mt)),
+                   intermediate_size=int(_get(config, "moe_intermediate_size", mt)), scoring="sigmoid_grouped",
+                   renormalize=bool(config.get("norm_topk_prob", True)), is_router_fp32=True,
+                   shared_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0))
+
+
 def _olmoe(config: dict[str, Any], mt: str) -> MoESpec:
     common = _common(config, mt)
     return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
@@ -522,6 +535,7 @@ _FAMILIES = {
     "ernie4_5_moe": _ernie4_5_moe,
     "mellum": _qwen3_moe,
     "qwen3_vl_moe_text": _qwen3_vl_moe_text,
+    "flint": _flint,
     "olmoe": _olmoe,
     "flex_olmo": _olmoe,
     "deepseek_v2": _deepseek_v2,
@@ -566,7 +580,6 @@ NOT_SERVED: dict[str, str] = {
     "deepseek_ocr2": "DeepSeek-V2's gate: softmax top-k never renormalised, with ungated shared experts",
     "unlimited_ocr": "DeepSeek-V2's gate: softmax top-k never renormalised, with ungated shared experts",
     "ernie4_5_vl_moe": "a selection-only bias, clamped renormalisation, and separate text and vision experts",
-    "flint": "sigmoid top-k with no score bias beside a shared expert (DeepSeek-V3's gate without its bias)",
     "glm5_next": "DeepSeek-V3's gate with routed and shared SwiGLU clamped at swiglu_limit, hyper-connections",
     "step3p7": "routed and shared experts clamped after SiLU on the layers swiglu_limits lists",
     "hy_v4": "routed experts' SwiGLU clamped at swiglu_limit, the shared expert not",

@@ -258,6 +258,7 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("lfm2_moe", dict(scaling=1.0)),
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("ernie4_5_moe", dict(renorm_min=1e-20)),  # moe_norm_min 0.9 in its tiny model
+    ("flint", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("granitemoe", dict(renormalize=False)),  # the softmax over the top-k logits
     ("hunyuan_v1_moe", dict(renormalize=False)),
     ("jamba", dict(renormalize=True)),  # never renormalised

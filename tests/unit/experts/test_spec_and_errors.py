@@ -181,6 +181,14 @@ def test_phimoe_takes_the_sparsemixer_for_two_experts_only():
         spec_from_config({**config, "num_experts_per_tok": 3})
 
 
+def test_flint_keeps_its_first_two_layers_dense_by_default():
+    config = dict(model_type="flint", hidden_size=8, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=6, shared_expert_intermediate_size=10)
+    spec = spec_from_config(config)  # mlp_only_layers: transformers' default [0, 1]
+    assert (spec.moe_layers, spec.has_score_bias, spec.shared_intermediate_size) == ((2, 3), False, 10)
+    assert spec_from_config({**config, "mlp_only_layers": []}).moe_layers == (0, 1, 2, 3)
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
