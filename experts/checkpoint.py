@@ -202,12 +202,12 @@ class CheckpointReader:
     def gate(self, layer: int) -> GateWeights:
         spec, block = self.spec, self._block(layer)
         gate = self._first_present(block, [f"{name}.weight" for name in (*spec.checkpoint_gates, spec.gate_attr)])
-        weight = self._weight(gate, (spec.num_experts, spec.hidden_size))[0]
+        weight = self._weight(gate, (spec.num_scored, spec.hidden_size))[0]
         if layer in spec.hash_layers:  # no score bias: the experts come from the token table
             return GateWeights(weight, token_experts=self._token_experts(f"{block}{spec.gate_attr}.tid2eid"))
         bias = logit_bias = None
         if spec.has_score_bias:
-            bias = self._vector(self._first_present(block, list(spec.score_bias)), spec.num_experts)
+            bias = self._vector(self._first_present(block, list(spec.score_bias)), spec.num_scored)
         if spec.has_gate_bias:
             logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
         return GateWeights(weight, bias, logit_bias, top_k=spec.top_k_of(layer))

@@ -119,8 +119,9 @@ class DispatchedTokens:
 
 
 def dispatch(spec: MoESpec, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> DispatchedTokens:
-    """Sort the copies of x [T, H] by the expert `ids` [T, k] picked, with their gate `weights`."""
-    return DispatchedTokens(x, weights, ids, spec.num_experts, spec.gate_on_input)
+    """Sort the copies of x [T, H] by the expert `ids` [T, k] picked, with their gate `weights`; the
+    copies of identity experts (ids >= num_experts) come last."""
+    return DispatchedTokens(x, weights, ids, spec.num_scored, spec.gate_on_input)
 
 
 class MoELayer(torch.nn.Module):
@@ -162,9 +163,12 @@ class MoELayer(torch.nn.Module):
         x = hidden.reshape(-1, self.spec.hidden_size).to(self.dtype)  # [T, H]
         weights, ids = self.gate(x, None if token_ids is None else token_ids.reshape(-1))  # [T, k], [T, k]
         tokens = dispatch(self.spec, x, weights, ids)
-        experts = [e for e, c in enumerate(tokens.counts) if c]
-        y = self.experts.forward(self.layer, tokens.rows, experts, [tokens.counts[e] for e in experts], tokens.scale)
-        out = tokens.combine(y)  # [T, H]
+        counts = tokens.counts[:self.spec.num_experts]
+        routed = sum(counts)  # the copies after these are identity experts': the token itself
+        experts = [e for e, c in enumerate(counts) if c]
+        y = self.experts.forward(self.layer, tokens.rows[:routed], experts, [counts[e] for e in experts],
+                                 None if tokens.scale is None else tokens.scale[:routed])
+        out = tokens.combine(torch.cat([y, tokens.rows[routed:]]))  # [T, H]
         if self.shared is not None:
             out = out + self.shared(x)
         return out.to(hidden.dtype).reshape(hidden.shape)

@@ -82,6 +82,9 @@ class MoESpec:
     hash_layers: tuple[int, ...] = ()
     # per MoE layer (in `moe_layers`' order) its top-k, where they differ (Hunyuan-A13B's moe_topk list)
     layer_top_k: tuple[int, ...] = ()
+    # LongCat-Flash's zero-compute experts: the gate scores num_experts + these; a copy picked for one
+    # (id >= num_experts) is the token itself, added by whoever gates (router, MoELayer), never sent
+    num_identity_experts: int = 0
 
     def check_layer(self, layer: int) -> None:
         """Raise ValueError unless `layer` (a decoder-layer index) is an MoE layer."""
@@ -91,6 +94,11 @@ class MoESpec:
             kind = "dense" if 0 <= layer < self.num_layers else "out of range"
             raise ValueError(f"layer {layer} is {kind}; the MoE layers of this {self.model_type} "
                              f"model are {list(self.moe_layers)}")
+
+    @property
+    def num_scored(self) -> int:
+        """Experts the gate scores: the real ones, then the identity ones."""
+        return self.num_experts + self.num_identity_experts
 
     def top_k_of(self, layer: int) -> int:
         """Experts per token of MoE layer `layer`."""
@@ -404,6 +412,23 @@ def _afmoe(config: dict[str, Any], mt: str) -> MoESpec:
                    shared_intermediate_size=moe_size * int(config.get("num_shared_experts") or 0))
 
 
+def _longcat_flash(config: dict[str, Any], mt: str) -> MoESpec:
+    """LongCat-Flash: a float32 router (`router.classifier`) over the experts and `zero_expert_num`
+    identity experts, softmax, a score bias for the choice, top-k, never renormalised, x
+    `routed_scaling_factor`; one MoE block (`mlp`) in each of its `num_layers` decoder layers."""
+    if config.get("router_bias"):
+        raise UnsupportedModelError(f"{mt} with router_bias is not served: the router's linear has no bias here")
+    config = _renamed(config, dict(num_hidden_layers="num_layers", num_experts_per_tok="moe_topk"))
+    common = _common(config, mt)
+    return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
+                   num_experts=int(_get(config, "n_routed_experts", mt)),
+                   num_identity_experts=int(config.get("zero_expert_num") or 0),
+                   intermediate_size=int(_get(config, "expert_ffn_hidden_size", mt)), scoring="softmax_grouped",
+                   renormalize=False, scaling=float(config.get("routed_scaling_factor", 1.0)), is_router_fp32=True,
+                   has_score_bias=True, score_bias=("router.e_score_correction_bias",), gate_attr="router",
+                   checkpoint_gates=("router.classifier",))
+
+
 def _laguna(config: dict[str, Any], mt: str) -> MoESpec:
     """Laguna: sigmoid scores of logits soft-capped at `moe_router_logit_softcapping`, a score bias
     for the choice only, top-k, always renormalised, x `moe_routed_scaling_factor`; one ungated shared
@@ -552,6 +577,7 @@ _FAMILIES = {
     "hy_v3": _hy_v3,
     "afmoe": _afmoe,
     "laguna": _laguna,
+    "longcat_flash": _longcat_flash,
     "solar_open": _deepseek_v3,
     "glm_moe_dsa": _deepseek_v3,
     "axk2": _axk2,
@@ -591,7 +617,6 @@ NOT_SERVED: dict[str, str] = {
     "cohere2_moe": "shared experts averaged with the routed output ((routed + shared) / 2)",
     "axk1": "the block's output (routed + shared) RMS-normed before the residual",
     "dbrx": "p-norm renormalisation of the top-k weights (w1/v1/w2 storage under transformer.blocks)",
-    "longcat_flash": "identity 'zero' experts among the routed ones",
     "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
     "inkling": "routed and shared scores normalised together, times route_scale x global_scale",
     # a different shape of layer
@@ -623,9 +648,9 @@ def spec_from_config(config: dict[str, Any]) -> MoESpec:
     spec = _FAMILIES[model_type](config, model_type)
     if not spec.moe_layers:
         raise UnsupportedModelError(f"config.json of this {model_type} model has no MoE layer")
-    if not all(1 <= k <= spec.num_experts for k in (spec.top_k, *spec.layer_top_k)):
+    if not all(1 <= k <= spec.num_scored for k in (spec.top_k, *spec.layer_top_k)):
         raise UnsupportedModelError(f"num_experts_per_tok={spec.layer_top_k or spec.top_k} must be in "
-                                    f"[1, {spec.num_experts}]")
+                                    f"[1, {spec.num_scored}]")
     return spec
 
 

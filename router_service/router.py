@@ -82,8 +82,8 @@ class Router:
         # batch, messages sent to expert groups
         self.batch_stats: collections.Counter[str] = collections.Counter()
         self.load = LoadWindow(config.load_window_s)   # (layer, expert) -> token copies
-        self.pairs = PairShares(self.spec.num_experts, config.load_window_s)  # co-activated experts
-        self.tally = TokenTally(list(self.spec.moe_layers), self.spec.num_experts)  # flushed by flush_counts
+        self.pairs = PairShares(self.spec.num_scored, config.load_window_s)  # co-activated experts
+        self.tally = TokenTally(list(self.spec.moe_layers), self.spec.num_scored)  # flushed by flush_counts
         self._batchers: dict[int, LayerBatcher] = {}
         self.inflight: collections.Counter[int] = collections.Counter()  # epoch -> batches and pinned requests
         self._turn = 0
@@ -177,10 +177,16 @@ class Router:
         counts = counts.tolist()
         self.stage_s["gate"] += time.perf_counter() - start
         # Step 3: one plan for the batch, every destination one slice; the transport sends them all.
-        y, order, failed = await self._scatter_gather(table, layer, x, weights, ids, order, counts, is_large)
+        # Identity experts' copies (sorted last) never leave: each is its token.
+        num_experts = self.spec.num_experts
+        routed = sum(counts[:num_experts])
+        y, sent, failed = await self._scatter_gather(table, layer, x, weights, ids, order[:routed],
+                                                     counts[:num_experts], is_large)
+        if routed < order.shape[0]:
+            y, sent = torch.cat([y, x[order[routed:] // ids.shape[1]]]), torch.cat([sent, order[routed:]])
         # Step 4: un-permute, weight and reduce in one pass.
         start = time.perf_counter()
-        out = await self._off_loop(is_large, combine, y, order, None if self.spec.gate_on_input else weights,
+        out = await self._off_loop(is_large, combine, y, sent, None if self.spec.gate_on_input else weights,
                                    x.shape[0])  # [T, H]
         if shared_task is not None:
             out = out + await shared_task
@@ -191,7 +197,7 @@ class Router:
     def _gate(self, layer: int, x: torch.Tensor, token_ids: torch.Tensor | None):
         """(weights [T, k], ids [T, k], order [N] copies sorted by expert, counts [E] per expert)."""
         weights, ids = self.gates[layer](x, token_ids)
-        order, counts, _ = align_tokens(ids, self.spec.num_experts)
+        order, counts, _ = align_tokens(ids, self.spec.num_scored)
         return weights, ids, order, counts
 
     @staticmethod
@@ -200,9 +206,11 @@ class Router:
 
     def flush_counts(self) -> None:
         """Move what the tally accumulated into tokens per expert, the load window, the pair shares
-        and the metrics (the load report and a timer call this; never the hot path)."""
+        and the metrics (the load report and a timer call this; never the hot path). Identity experts'
+        copies are no expert's load: only the real experts' counts go on."""
         now = time.monotonic()
         for layer, (counts, ids) in self.tally.take().items():
+            counts = counts[:self.spec.num_experts]
             per_expert = {(layer, expert): count for expert, count in enumerate(counts) if count}
             self.tokens_per_expert.update(per_expert)
             self.load.add(now, per_expert)
@@ -347,7 +355,9 @@ class Router:
         tokens = [[layer, expert, n] for (layer, expert), n in self.tokens_per_expert.items()]
         rates = [[layer, expert, r] for (layer, expert), r in self.load.rates(now).items()]
         per_layer = PAIRS_PER_EXPERT * self.spec.num_experts
-        shares = self.pairs.shares(per_layer) if pairs else {}
+        real = self.spec.num_experts  # pairs with an identity expert are no placement's concern
+        shares = {key: share for key, share in (self.pairs.shares(per_layer) if pairs else {}).items()
+                  if key[2] < real}
         return msgpack.packb({"tokens": tokens, "rates": rates,
                               "pairs": [[layer, a, b, share] for (layer, a, b), share in shares.items()],
                               "batches": dict(self.batch_stats), "segments": dict(self.transport.segments),

@@ -263,6 +263,8 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("hunyuan_v1_moe", dict(renormalize=False)),
     ("jamba", dict(renormalize=True)),  # never renormalised
     ("qwen3_vl_moe", dict(renormalize=False)),  # always renormalised (its tiny model's norm_topk_prob is False)
+    ("longcat_flash", dict(renormalize=True)),  # never renormalised
+    ("longcat_flash", dict(scaling=1.0)),
     ("phimoe", dict(jitter_eps=0.01)),  # router_jitter_noise 0.3 in its tiny model
     ("laguna", dict(logit_softcap=0.0)),  # moe_router_logit_softcapping 1.0 in its tiny model
     ("laguna", dict(scaling=1.0)),  # x moe_routed_scaling_factor

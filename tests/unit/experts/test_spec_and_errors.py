@@ -189,6 +189,16 @@ def test_flint_keeps_its_first_two_layers_dense_by_default():
     assert spec_from_config({**config, "mlp_only_layers": []}).moe_layers == (0, 1, 2, 3)
 
 
+def test_longcat_flash_scores_its_identity_experts_too():
+    config = dict(model_type="longcat_flash", hidden_size=8, num_layers=3, n_routed_experts=8, zero_expert_num=4,
+                  moe_topk=2, expert_ffn_hidden_size=6, routed_scaling_factor=6.0)
+    spec = spec_from_config(config)  # num_layers decoder layers (transformers' num_hidden_layers is twice that)
+    assert (spec.moe_layers, spec.num_experts, spec.num_identity_experts, spec.num_scored) == ((0, 1, 2), 8, 4, 12)
+    assert (spec.scaling, spec.renormalize, spec.checkpoint_gates) == (6.0, False, ("router.classifier",))
+    with pytest.raises(UnsupportedModelError, match="longcat_flash with router_bias is not served"):
+        spec_from_config({**config, "router_bias": True})
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
