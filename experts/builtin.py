@@ -48,6 +48,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                                    shared_intermediate_size=32, sliding_window=4)),
     "phimoe": ("PhimoeConfig", dict(hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_local_experts=8,
                                     num_experts_per_tok=2, router_jitter_noise=0.3)),  # a band that holds several
+    "dbrx": ("DbrxConfig", dict(d_model=48, n_heads=4, n_layers=2, max_seq_len=256,
+                                attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                                ffn_config=dict(ffn_hidden_size=24, moe_num_experts=6, moe_top_k=3,
+                                                moe_normalize_expert_weights=2.0))),  # a p-norm that bites
     "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                          shared_expert_intermediate_size=40, num_hidden_layers=3,
                                          decoder_sparse_step=1, mlp_only_layers=[1], num_experts=6,

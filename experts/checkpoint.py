@@ -253,7 +253,8 @@ class CheckpointReader:
         bad = [e for e in experts if not 0 <= e < spec.num_experts]
         if bad:
             raise ValueError(f"experts {bad} out of range: layer {layer} has {spec.num_experts} experts")
-        read_one = self._fused_expert if self.layout.is_fused(block) else self._legacy_expert
+        read_one = (self._stacked_expert if spec.checkpoint_stacked
+                    else self._fused_expert if self.layout.is_fused(block) else self._legacy_expert)
         hidden, inter = spec.hidden_size, spec.intermediate_size
         shapes = [(2 * inter, hidden), (hidden, inter)] + ([(2 * inter,), (hidden,)] if spec.has_expert_bias else [])
         stacks, checksums = [], []
@@ -290,6 +291,13 @@ class CheckpointReader:
             gate_up = torch.cat([gate_up[0::2], gate_up[1::2]])
             b_gate_up = None if b_gate_up is None else torch.cat([b_gate_up[0::2], b_gate_up[1::2]])
         return gate_up, down, b_gate_up, b_down, _sha256(raws)
+
+    def _stacked_expert(self, block: str, expert: int) -> _OneExpert:
+        """As `_fused_expert`, from DBRX's stacked gate, up and down (each expert's rows [I, H])."""
+        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
+        (gate, raw_g), (up, raw_u), (down, raw_d) = (self._weight(f"{block}{name}", (inter, hidden), rows=expert)
+                                                     for name in self.spec.checkpoint_stacked)
+        return torch.cat([gate, up]), down.t().contiguous(), None, None, _sha256(raw_g + raw_u + raw_d)
 
     def _legacy_expert(self, block: str, expert: int) -> _OneExpert:
         """As `_fused_expert`, from per-expert names (no biases)."""

@@ -59,7 +59,7 @@ class Gate:
         if spec.scoring == "softmax_grouped":
             return topk_softmax_grouped(logits, self.bias, self.top_k, spec.num_groups, spec.topk_groups,
                                         spec.group_best, spec.renormalize, spec.scaling, spec.renorm_min)
-        weights, ids = topk_softmax(logits, self.top_k, spec.renormalize)
+        weights, ids = topk_softmax(logits, self.top_k, spec.renormalize, spec.renorm_p)
         return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -193,7 +193,7 @@ def _decoder_prefix(path: Path, names: list[str], gates: tuple[str, ...]) -> str
     stacks beside it (multi-token-prediction heads: `mtp.layers.0...`); they hold fewer. Only gate
     names are matched: a regex over a V3 index's 90k names took 40 ms at every group's stage."""
     indices: dict[str, set[str]] = {}
-    match = re.compile(r"^(.*?\blayers\.)(\d+)\.").match
+    match = re.compile(r"^(.*?\b(?:layers|blocks)\.)(\d+)\.").match
     suffixes = tuple(f".{gate}.weight" for gate in gates)
     for name in [name for name in names if name.endswith(suffixes)]:
         if m := match(name):
@@ -220,6 +220,8 @@ class CheckpointLayout:
         self._closed_bytes_read = 0
         try:
             self.files = weight_files(self.path, opener, self.opened)
+            for file in self.opened.values():  # headers read to list the names
+                self._stacked_as_rows(file)
             self.layer_prefix = _decoder_prefix(self.path, list(self.files),
                                                 (*self.spec.checkpoint_gates, self.spec.gate_attr))
         except BaseException:
@@ -236,8 +238,18 @@ class CheckpointLayout:
             raise CheckpointError(f"checkpoint {self.path} has no tensor {name!r}")
         path = self.files[name]
         if path not in self.opened:
-            self.opened[path] = self.opener(path)
+            self.opened[path] = self._stacked_as_rows(self.opener(path))
         return self.opened[path]
+
+    def _stacked_as_rows(self, file: SafetensorsHeader) -> SafetensorsHeader:
+        """`file` with the spec's stacked expert tensors ([E * R, C], DBRX) described as [E, R, C]:
+        the same bytes, so one expert reads as a row, as a fused tensor's does."""
+        stacked, experts = self.spec.checkpoint_stacked, self.spec.num_experts
+        for name, entry in file.entries.items():
+            shape = entry["shape"]
+            if stacked and name.endswith(stacked) and len(shape) == 2 and shape[0] % experts == 0:
+                entry["shape"] = [experts, shape[0] // experts, shape[1]]
+        return file
 
     def close(self) -> None:
         for file in self.opened.values():
@@ -294,6 +306,8 @@ class CheckpointLayout:
         if not 0 <= expert < self.spec.num_experts:
             raise ValueError(f"expert {expert} out of range: layer {layer} has {self.spec.num_experts} experts")
         block = self.block(layer)
+        if self.spec.checkpoint_stacked:
+            return [(name, expert) for weight in self.spec.checkpoint_stacked for name in self.stored(block + weight)]
         if not self.is_fused(block):
             weights = [f"{block}experts.{expert}.{n}.weight" for n in self.spec.expert_names]
             return [(name, None) for weight in weights for name in self.stored(weight)]

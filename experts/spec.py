@@ -44,6 +44,7 @@ class MoESpec:
     group_best: int = 2             # a group is scored by the sum of its best 1 or 2 experts' scores
     scaling: float = 1.0
     renorm_min: float = 1e-20       # renormalised by max(sum of the top-k weights, this) (Ernie 4.5: moe_norm_min)
+    renorm_p: float = 1.0           # softmax: renormalised by the top-k weights' p-norm (DBRX); 1: their sum
     jitter_eps: float = 0.0         # sparsemixer (PhiMoE): each round's softmax keeps experts within 2x this, relative
     logit_softcap: float = 0.0      # > 0: logits soft-capped, cap * tanh(logits / cap), before the sigmoid (Laguna)
     has_score_bias: bool = False    # DeepSeek-V3 e_score_correction_bias
@@ -68,6 +69,8 @@ class MoESpec:
     # the fused experts' gate_up [E, 2I, H] and down [E, H, I] in vendors' checkpoints, under the
     # block (transformers' experts.gate_up_proj, experts.down_proj are read where these are absent)
     checkpoint_fused: tuple[str, ...] = ()
+    # DBRX: every expert's gate, up and down stacked along dim 0, [E * I, H] each (down transposed), under the block
+    checkpoint_stacked: tuple[str, ...] = ()
     has_gate_bias: bool = False     # gpt-oss: the router's linear has a bias (added to the logits)
     has_expert_bias: bool = False   # gpt-oss: biases on the experts' gate_up and down projections
     # gpt-oss: gate and up alternate along 2I in fused checkpoints (the orientation, [E, 2I, H] or
@@ -121,7 +124,7 @@ class MoESpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoESpec":
         tuples = ("moe_layers", "score_bias", "checkpoint_blocks", "expert_names", "shared_expert_names", "hash_layers",
-                  "checkpoint_gates", "checkpoint_shared", "checkpoint_fused", "layer_top_k")
+                  "checkpoint_gates", "checkpoint_shared", "checkpoint_fused", "checkpoint_stacked", "layer_top_k")
         return cls(**{**data, **{name: tuple(data[name]) for name in tuples}})
 
 
@@ -187,6 +190,24 @@ def _phimoe(config: dict[str, Any], mt: str) -> MoESpec:
     if spec.top_k != 2:
         raise UnsupportedModelError(f"{mt} with num_experts_per_tok={spec.top_k} is not served: sparsemixer picks 2")
     return spec
+
+
+def _dbrx(config: dict[str, Any], mt: str) -> MoESpec:
+    """DBRX: softmax, top-k, renormalised by the weights' `moe_normalize_expert_weights`-norm (none:
+    not renormalised); its decoder `transformer.blocks`, each block's `ffn` with the router's linear
+    at `router.layer` and the experts stacked as `experts.mlp.w1, v1, w2`; sizes in `ffn_config`."""
+    ffn = config.get("ffn_config") or {}
+    config = {**_renamed(config, dict(hidden_size="d_model", num_hidden_layers="n_layers")),
+              "num_experts_per_tok": _get(ffn, "moe_top_k", mt),
+              "hidden_act": (ffn.get("ffn_act_fn") or {}).get("name", "silu")}
+    common = _common(config, mt)
+    p = ffn.get("moe_normalize_expert_weights", 1.0)
+    return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
+                   num_experts=int(_get(ffn, "moe_num_experts", mt)),
+                   intermediate_size=int(_get(ffn, "ffn_hidden_size", mt)),
+                   scoring="softmax", renormalize=p is not None, renorm_p=float(p or 1.0), block_attr="ffn",
+                   gate_attr="router", checkpoint_gates=("router.layer",),
+                   checkpoint_stacked=("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2"))
 
 
 def _minimax_m2(config: dict[str, Any], mt: str) -> MoESpec:
@@ -550,6 +571,7 @@ _FAMILIES = {
     "minimax": _mixtral,
     "granitemoe": _granitemoe,
     "phimoe": _phimoe,
+    "dbrx": _dbrx,
     "granitemoeshared": _granitemoe,
     "granitemoehybrid": _granitemoe,
     "granitemoe_swa": _granitemoe,
@@ -616,7 +638,6 @@ NOT_SERVED: dict[str, str] = {
     "beam": "no shared expert, routed_scaling_factor after the sum, SwiGLU in float32",
     "cohere2_moe": "shared experts averaged with the routed output ((routed + shared) / 2)",
     "axk1": "the block's output (routed + shared) RMS-normed before the residual",
-    "dbrx": "p-norm renormalisation of the top-k weights (w1/v1/w2 storage under transformer.blocks)",
     "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
     "inkling": "routed and shared scores normalised together, times route_scale x global_scale",
     # a different shape of layer

@@ -2,7 +2,8 @@
 
 Six scoring rules cover the supported families:
 
-- `topk_softmax`: softmax over all experts, top-k, optional renormalisation (Mixtral, Qwen-MoE, OLMoE).
+- `topk_softmax`: softmax over all experts, top-k, optional renormalisation by the weights' sum or
+  their p-norm (Mixtral, Qwen-MoE, OLMoE; DBRX's moe_normalize_expert_weights).
 - `topk_sigmoid_grouped`: sigmoid scores (of logits soft-capped first where `softcap` > 0, Laguna),
   a per-expert score-correction bias used only for the choice, group-limited selection (best
   `topk_groups` of `num_groups` groups, a group scored by the sum of its two best experts), optional
@@ -48,24 +49,30 @@ def _check_logits(logits: torch.Tensor, top_k: int) -> None:
         raise ValueError(f"top_k must be in [1, {logits.shape[1]}] (number of experts), got {top_k}")
 
 
-def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k gate.
+def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool,
+                 renorm_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k gate; renormalised by the top-k weights' `renorm_p`-norm (1: their sum).
 
     logits: [T, E] any float dtype. Returns (weights [T, k] float32, ids [T, k] int64).
     """
     _check_logits(logits, top_k)
+    if renorm_p <= 0:
+        raise ValueError(f"renorm_p must be > 0, got {renorm_p}")
     if logits.is_cuda:
         from kernels.triton_gating import topk_softmax_triton
 
-        return topk_softmax_triton(logits, top_k, renormalize)
-    return topk_softmax_reference(logits, top_k, renormalize)
+        return topk_softmax_triton(logits, top_k, renormalize, renorm_p)
+    return topk_softmax_reference(logits, top_k, renormalize, renorm_p)
 
 
-def topk_softmax_reference(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax_reference(logits: torch.Tensor, top_k: int, renormalize: bool,
+                           renorm_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = _stable_topk(probs, top_k)
     if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        norm = weights.sum(dim=-1, keepdim=True) if renorm_p == 1 else \
+            torch.linalg.vector_norm(weights, ord=renorm_p, dim=-1, keepdim=True)
+        weights = weights / norm
     return weights, ids
 
 

@@ -65,7 +65,7 @@ def _store_topk(weights_ptr, ids_ptr, rows, is_row, weights, ids, top_k, BLOCK_K
 
 @triton.jit
 def _topk_softmax_kernel(
-    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k,
+    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k, renorm_p,
     RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
@@ -82,7 +82,12 @@ def _topk_softmax_kernel(
     expert_ids = tl.where(is_valid, experts, _NO_EXPERT)
     weights, ids, _ = _topk(probs, probs, expert_ids, is_valid, top_k, BLOCK_T, BLOCK_K)
     if RENORMALIZE:
-        weights = weights / tl.sum(weights, axis=1)[:, None]
+        if renorm_p == 1.0:
+            norm = tl.sum(weights, axis=1)
+        else:  # (sum w^p)^(1/p); empty slots (w = 0) add nothing
+            powers = tl.where(weights > 0, tl.exp(renorm_p * tl.log(tl.where(weights > 0, weights, 1.0))), 0.0)
+            norm = tl.exp(tl.log(tl.sum(powers, axis=1)) / renorm_p)
+        weights = weights / norm[:, None]
     _store_topk(weights_ptr, ids_ptr, rows, is_row, weights, ids, top_k, BLOCK_K)
 
 
@@ -231,9 +236,13 @@ def _rows_per_program(num_tokens: int, lanes_per_row: int) -> int:
     return tile(num_tokens, 1, max(1, _MAX_TILE // lanes_per_row))
 
 
-def topk_softmax_triton(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k gate. logits: [T, E] any float dtype. Returns (weights [T, k] float32, ids [T, k] int64)."""
+def topk_softmax_triton(logits: torch.Tensor, top_k: int, renormalize: bool,
+                        renorm_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax top-k gate, renormalised by the `renorm_p`-norm. logits: [T, E] any float dtype.
+    Returns (weights [T, k] float32, ids [T, k] int64)."""
     _check_logits(logits, top_k)
+    if renorm_p <= 0:
+        raise ValueError(f"renorm_p must be > 0, got {renorm_p}")
     check_device(_topk_softmax_kernel, logits=logits)
     num_tokens, num_experts = logits.shape
     weights, ids = _outputs(logits, top_k, torch.float32)
@@ -241,7 +250,7 @@ def topk_softmax_triton(logits: torch.Tensor, top_k: int, renormalize: bool) -> 
         block_e = triton.next_power_of_2(num_experts)
         block_t = _rows_per_program(num_tokens, block_e)
         _topk_softmax_kernel[(triton.cdiv(num_tokens, block_t),)](
-            logits.contiguous(), weights, ids, num_tokens, num_experts, top_k,
+            logits.contiguous(), weights, ids, num_tokens, num_experts, top_k, float(renorm_p),
             RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
         )
     return weights, ids

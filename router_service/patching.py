@@ -106,12 +106,16 @@ def _mismatch(spec: MoESpec, info: MeshInfo) -> str | None:
 
 
 def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
-    """`model.model.layers`, or `model.model.language_model.layers` (the text model of a composite)."""
+    """`model.model.layers`, `model.model.language_model.layers` (the text model of a composite), or
+    `model.transformer.blocks` (DBRX)."""
     inner = getattr(model, "model", None)
     layers = getattr(getattr(inner, "language_model", inner), "layers", None)
     if layers is None:
+        layers = getattr(getattr(model, "transformer", None), "blocks", None)
+    if layers is None:
         raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{type(model).__name__} has no model.layers (or model.language_model.layers) to patch")
+                              f"{type(model).__name__} has no model.layers (or model.language_model.layers, "
+                              f"transformer.blocks) to patch")
     return layers
 
 

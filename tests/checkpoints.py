@@ -13,7 +13,10 @@ LAYOUTS = ("legacy", "fused")
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers: `model.model.layers`, or the text model's of a composite model."""
+    """The decoder layers: `model.model.layers`, the text model's of a composite model, or DBRX's
+    `model.transformer.blocks`."""
+    if hasattr(model, "transformer"):
+        return model.transformer.blocks
     inner = model.model
     return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
 

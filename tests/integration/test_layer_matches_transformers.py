@@ -49,6 +49,9 @@ def _gate(block, spec, x, token_ids=None):
         return gate(x, token_ids)
     if spec.model_type == "afmoe":  # its router takes [B, S, H]
         return gate(x[None], bias)
+    if spec.model_type == "dbrx":  # its router gives the logits, its block routes them
+        logits = gate(x)
+        return logits, *block.route_tokens_to_experts(logits)
     return gate(x) if bias is None else gate(x, bias)
 
 
@@ -95,7 +98,8 @@ def _transformers_subset_contribution(block, spec, x, subset):
         _, weights, ids = _gate(block, spec, x)
         weights = weights * torch.isin(ids, torch.tensor(subset))
         # Laguna scales the experts' sum after its gate; the others scale in the gate (`_gate` has it)
-        return block.experts(x, ids, weights) * (block.routed_scaling_factor if spec.model_type == "laguna" else 1.0)
+        out = block.experts(x, ids, weights).reshape(x.shape)  # DBRX's experts give [T, 1, H]
+        return out * (block.routed_scaling_factor if spec.model_type == "laguna" else 1.0)
 
 
 @pytest.mark.parametrize("family,layout", CASES)
@@ -257,6 +261,7 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("hy_v3", dict(scaling=1.0)),  # x router_scaling_factor
     ("lfm2_moe", dict(scaling=1.0)),
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("dbrx", dict(renorm_p=1.0)),  # moe_normalize_expert_weights 2 in its tiny model
     ("ernie4_5_moe", dict(renorm_min=1e-20)),  # moe_norm_min 0.9 in its tiny model
     ("flint", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("granitemoe", dict(renormalize=False)),  # the softmax over the top-k logits

@@ -199,6 +199,17 @@ def test_longcat_flash_scores_its_identity_experts_too():
         spec_from_config({**config, "router_bias": True})
 
 
+def test_dbrx_reads_its_ffn_config():
+    config = dict(model_type="dbrx", d_model=8, n_layers=2, ffn_config=dict(ffn_hidden_size=6, moe_num_experts=4,
+                                                                          moe_top_k=2, ffn_act_fn=dict(name="silu")))
+    spec = spec_from_config(config)  # moe_normalize_expert_weights: transformers' default 1 (their sum)
+    assert (spec.hidden_size, spec.moe_layers, spec.num_experts, spec.top_k) == (8, (0, 1), 4, 2)
+    assert spec.intermediate_size == 6
+    assert (spec.renormalize, spec.renorm_p, spec.block_attr) == (True, 1.0, "ffn")
+    config["ffn_config"]["moe_normalize_expert_weights"] = None
+    assert not spec_from_config(config).renormalize
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)

@@ -15,7 +15,8 @@ from experts.quantized import quantize_checkpoint
 from experts.safetensors import CheckpointLayout
 from tests.checkpoints import LAYOUTS, zoo  # noqa: F401
 
-CASES = [(family, layout) for family in ("mixtral", "deepseek_v3", "llama4", "gpt_oss") for layout in LAYOUTS]
+CASES = [(family, layout) for family in ("mixtral", "deepseek_v3", "llama4", "gpt_oss", "granitemoe", "dbrx")
+         for layout in LAYOUTS]  # granitemoe: vendor fused names; dbrx: stacked experts
 
 
 def _assert_same(path) -> None:

@@ -28,7 +28,7 @@ def pointers(**types):
 GATE_SCALARS = dict(scaling="fp32", renorm_min="fp32", softcap="fp32")
 KERNELS = [
     # kernel, argument types (other arguments: i32), constexprs: production-sized tiles
-    (g._topk_softmax_kernel, pointers(logits_ptr="bf16", weights_ptr="fp32", ids_ptr="i64"),
+    (g._topk_softmax_kernel, dict(pointers(logits_ptr="bf16", weights_ptr="fp32", ids_ptr="i64"), renorm_p="fp32"),
      dict(RENORMALIZE=True, BLOCK_T=16, BLOCK_E=256, BLOCK_K=8)),
     (g._topk_sigmoid_grouped_kernel,
      dict(pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), **GATE_SCALARS),

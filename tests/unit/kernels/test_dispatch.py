@@ -38,7 +38,7 @@ def _cuda(tensor: torch.Tensor) -> torch.Tensor:
 ROUTES = [
     # public module, function, Triton module, launcher, reference, arguments (first tensor decides)
     ("gating", "topk_softmax", "triton_gating", "topk_softmax_triton", "topk_softmax_reference",
-     lambda cast: (cast(torch.zeros(3, 4)), 2, True)),
+     lambda cast: (cast(torch.zeros(3, 4)), 2, True, 1.0)),
     ("gating", "topk_sigmoid_grouped", "triton_gating", "topk_sigmoid_grouped_triton",
      "topk_sigmoid_grouped_reference",
      lambda cast: (cast(torch.zeros(3, 4)), None, 2, 2, 1, True, 1.0, 1e-20, 0.0)),

@@ -30,22 +30,25 @@ def assert_gate_matches(got, ref, dtype):
 
 
 SOFTMAX_CASES = [
-    # T, E, k, renormalize, dtype, ties
-    (5, 6, 2, True, torch.float32, False),
-    (5, 6, 2, False, torch.float32, True),
-    (3, 8, 8, True, torch.float32, True),  # k == E
-    (1, 3, 1, False, torch.float32, False),
-    (7, 20, 4, True, torch.bfloat16, True),
-    (9, 6, 1, False, torch.bfloat16, False),
-    (1100, 6, 2, True, torch.float32, True),  # three programs of 512 tokens
+    # T, E, k, renormalize, dtype, ties, renorm_p
+    (5, 6, 2, True, torch.float32, False, 1.0),
+    (5, 6, 2, False, torch.float32, True, 1.0),
+    (3, 8, 8, True, torch.float32, True, 1.0),  # k == E
+    (1, 3, 1, False, torch.float32, False, 1.0),
+    (7, 20, 4, True, torch.bfloat16, True, 1.0),
+    (9, 6, 1, False, torch.bfloat16, False, 1.0),
+    (1100, 6, 2, True, torch.float32, True, 1.0),  # three programs of 512 tokens
+    (5, 16, 4, True, torch.float32, True, 2.0),  # DBRX-style p-norm
+    (6, 8, 3, True, torch.bfloat16, False, 1.5),
 ]
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,renormalize,dtype,ties", SOFTMAX_CASES)
-def test_topk_softmax_triton_matches_reference(triton_gating, num_tokens, num_experts, top_k, renormalize, dtype, ties):
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,renormalize,dtype,ties,renorm_p", SOFTMAX_CASES)
+def test_topk_softmax_triton_matches_reference(triton_gating, num_tokens, num_experts, top_k, renormalize, dtype, ties,
+                                               renorm_p):
     logits = make_logits(num_tokens, num_experts, dtype, ties)
-    got = triton_gating.topk_softmax_triton(logits, top_k, renormalize)
-    ref = gating.topk_softmax_reference(logits, top_k, renormalize)
+    got = triton_gating.topk_softmax_triton(logits, top_k, renormalize, renorm_p)
+    ref = gating.topk_softmax_reference(logits, top_k, renormalize, renorm_p)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
     assert_gate_matches(got, ref, torch.float32)
 
@@ -250,6 +253,15 @@ def test_renormalisation_divides_by_at_least_renorm_min():
     assert torch.allclose(weights, probs[:, :2] / 0.95)  # their sum, 0.91, is under the clamp
     weights, _ = gating.topk_softmax_grouped_reference(logits, None, 2, 1, 1, 2, True, 1.0)
     assert torch.allclose(weights, probs[:, :2] / probs[:, :2].sum())
+
+
+def test_a_p_norm_renormalises_as_dbrx_does():
+    logits = make_logits(7, 8)
+    for p in (1.0, 2.0):
+        weights, ids = gating.topk_softmax_reference(logits, 3, True, p)
+        top = torch.softmax(logits, dim=-1).gather(1, ids)
+        assert torch.allclose(weights, top / torch.norm(top, p=p, dim=-1, keepdim=True))
+    assert torch.allclose(weights.norm(dim=-1), torch.ones(7))  # p = 2: unit length, not unit sum
 
 
 def test_a_softcap_bounds_the_logits_before_the_sigmoid():
