@@ -52,6 +52,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                                 ffn_config=dict(ffn_hidden_size=24, moe_num_experts=6, moe_top_k=3,
                                                 moe_normalize_expert_weights=2.0))),  # a p-norm that bites
+    "cohere2_moe": ("Cohere2MoeConfig", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=2, num_experts=6,
+                                             num_experts_per_tok=2, num_shared_experts=1, sliding_window=4,
+                                             shared_expert_combination_strategy="average")),
     "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                          shared_expert_intermediate_size=40, num_hidden_layers=3,
                                          decoder_sparse_step=1, mlp_only_layers=[1], num_experts=6,

@@ -55,7 +55,8 @@ class Gate:
         if spec.scoring == "sparsemixer":
             return topk_sparsemixer(logits, spec.jitter_eps)
         if spec.scoring == "topk_then_sigmoid":
-            return topk_then_sigmoid(logits, self.top_k)
+            weights, ids = topk_then_sigmoid(logits, self.top_k)
+            return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
         if spec.scoring == "softmax_grouped":
             return topk_softmax_grouped(logits, self.bias, self.top_k, spec.num_groups, spec.topk_groups,
                                         spec.group_best, spec.renormalize, spec.scaling, spec.renorm_min)
@@ -90,6 +91,7 @@ class SharedExpert:
         self.w_gate_up = cast(weights.w_gate_up).unsqueeze(0).contiguous()  # [1, 2S, H]
         self.w_down = cast(weights.w_down).unsqueeze(0).contiguous()        # [1, H, S]
         self.gate = None if weights.gate is None else cast(weights.gate)    # [1, H]
+        self.scale = spec.shared_scale  # Cohere2-MoE's average: 0.5
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] in the weights' dtype. Returns [T, H]."""
@@ -97,7 +99,7 @@ class SharedExpert:
         out = grouped_mlp(x, self.w_gate_up, self.w_down, counts, self.activation)
         if self.gate is not None:
             out = torch.sigmoid(x @ self.gate.t()) * out
-        return out
+        return out if self.scale == 1.0 else out * self.scale
 
 
 class DispatchedTokens:

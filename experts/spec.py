@@ -52,6 +52,7 @@ class MoESpec:
     shared_intermediate_size: int = 0   # 0: no shared expert
     has_shared_gate: bool = False   # Qwen2-MoE: sigmoid(x @ w) scales the shared expert
     shared_attr: str = "shared_expert"  # attribute of the MoE block holding the shared expert(s)
+    shared_scale: float = 1.0       # the shared experts' output x this (Cohere2-MoE's average: 0.5, routed x 0.5 too)
     # where the score bias is, under the block: the first of these names that the checkpoint has
     score_bias: tuple[str, ...] = ("gate.e_score_correction_bias",)
     # other names of the block in checkpoints (vendors' own); "": the gate and experts sit directly
@@ -190,6 +191,29 @@ def _phimoe(config: dict[str, Any], mt: str) -> MoESpec:
     if spec.top_k != 2:
         raise UnsupportedModelError(f"{mt} with num_experts_per_tok={spec.top_k} is not served: sparsemixer picks 2")
     return spec
+
+
+def _cohere2_moe(config: dict[str, Any], mt: str) -> MoESpec:
+    """Cohere2-MoE: top-k of the logits, then their softmax (`expert_selection_fn` "softmax") or their
+    sigmoid ("sigmoid", not renormalised); `num_shared_experts` of the experts' size, added to the
+    routed output, or averaged with it (`shared_expert_combination_strategy` "average": both x 0.5);
+    MoE layers from `mlp_layer_types` (else from `first_k_dense_replace`, default 0)."""
+    selection = config.get("expert_selection_fn", "softmax")
+    strategy = config.get("shared_expert_combination_strategy", "average")
+    if selection == "sigmoid" and config.get("norm_topk_prob", True) or selection not in ("softmax", "sigmoid"):
+        raise UnsupportedModelError(f"{mt} with expert_selection_fn={selection!r} (norm_topk_prob="
+                                    f"{config.get('norm_topk_prob', True)}) is not served: softmax, or sigmoid "
+                                    f"without renormalisation")
+    if strategy not in ("sum", "average"):
+        raise UnsupportedModelError(f"{mt}: shared_expert_combination_strategy={strategy!r} is not 'sum' or 'average'")
+    common, size = _common(config, mt), int(_get(config, "intermediate_size", mt))
+    shared = size * int(config.get("num_shared_experts") or 0)
+    half = 0.5 if shared and strategy == "average" else 1.0
+    return MoESpec(**common, moe_layers=_deepseek_moe_layers(config, common["num_layers"]),
+                   num_experts=int(_get(config, "num_experts", mt)), intermediate_size=size,
+                   scoring="softmax" if selection == "softmax" else "topk_then_sigmoid",
+                   renormalize=selection == "softmax", scaling=half, shared_intermediate_size=shared,
+                   shared_attr="shared_experts", shared_scale=half)
 
 
 def _dbrx(config: dict[str, Any], mt: str) -> MoESpec:
@@ -572,6 +596,7 @@ _FAMILIES = {
     "granitemoe": _granitemoe,
     "phimoe": _phimoe,
     "dbrx": _dbrx,
+    "cohere2_moe": _cohere2_moe,
     "granitemoeshared": _granitemoe,
     "granitemoehybrid": _granitemoe,
     "granitemoe_swa": _granitemoe,
@@ -636,7 +661,6 @@ NOT_SERVED: dict[str, str] = {
     "minimax_m3_vl": "gpt-oss's clamped SwiGLU without biases, sigmoid + bias routing, x 2, a shared expert",
     "muse_spark": "router logits scaled before the sigmoid, experts at a narrower width with norms around them",
     "beam": "no shared expert, routed_scaling_factor after the sum, SwiGLU in float32",
-    "cohere2_moe": "shared experts averaged with the routed output ((routed + shared) / 2)",
     "axk1": "the block's output (routed + shared) RMS-normed before the residual",
     "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
     "inkling": "routed and shared scores normalised together, times route_scale x global_scale",

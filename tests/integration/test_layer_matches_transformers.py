@@ -15,6 +15,9 @@ FP32_TOL = 1e-5   # max abs error <= FP32_TOL * max|ref|
 BF16_TOL = 3e-2   # bf16 keeps 8 mantissa bits; both sides round differently in the combine
 
 CASES = [(family, layout) for family in FAMILIES for layout in LAYOUTS]
+# blocks that scale the experts' sum after their gate (the others scale in it, where `_gate` has it):
+# Laguna's routed_scaling_factor, Cohere2-MoE's average with its shared expert
+SCALED_AFTER_THE_GATE = ("laguna", "cohere2_moe")
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -97,9 +100,8 @@ def _transformers_subset_contribution(block, spec, x, subset):
             return block.experts(routed_in).reshape(scores.shape[1], -1, x.shape[-1]).sum(0)
         _, weights, ids = _gate(block, spec, x)
         weights = weights * torch.isin(ids, torch.tensor(subset))
-        # Laguna scales the experts' sum after its gate; the others scale in the gate (`_gate` has it)
         out = block.experts(x, ids, weights).reshape(x.shape)  # DBRX's experts give [T, 1, H]
-        return out * (block.routed_scaling_factor if spec.model_type == "laguna" else 1.0)
+        return out * (spec.scaling if spec.model_type in SCALED_AFTER_THE_GATE else 1.0)
 
 
 @pytest.mark.parametrize("family,layout", CASES)
@@ -261,6 +263,7 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("hy_v3", dict(scaling=1.0)),  # x router_scaling_factor
     ("lfm2_moe", dict(scaling=1.0)),
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("cohere2_moe", dict(scaling=1.0)),  # the average: routed x 0.5 (and shared x 0.5)
     ("dbrx", dict(renorm_p=1.0)),  # moe_normalize_expert_weights 2 in its tiny model
     ("ernie4_5_moe", dict(renorm_min=1e-20)),  # moe_norm_min 0.9 in its tiny model
     ("flint", dict(renormalize=True)),  # norm_topk_prob False in its tiny model

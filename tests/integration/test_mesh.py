@@ -70,13 +70,13 @@ def check_own_answers(path: Path, requests, outputs) -> None:
 # (test_layer_matches_transformers.py, test_client.py); the mesh path is the other family's.
 SAME_BLOCK_AS = {"minimax": "mixtral", "granitemoe": "mixtral", "granitemoeshared": "mixtral",
                  "granitemoehybrid": "mixtral", "granitemoe_swa": "mixtral", "flex_olmo": "olmoe",
-                 "jamba": "olmoe", "mellum": "qwen3_moe", "qwen3_vl_moe": "qwen3_moe", "glm4_moe_lite": "glm4_moe",
-                 "solar_open": "glm4_moe",
-                 "glm4v_moe": "glm4_moe", "glm_moe_dsa": "deepseek_v32", "axk2": "deepseek_v32",
-                 "dots1": "deepseek_v3", "exaone_moe": "deepseek_v3", "hy_v3": "deepseek_v3",
-                 "mimo_v2_flash": "deepseek_v3", "kimi_linear": "deepseek_v3", "bailing_hybrid": "deepseek_v3",
-                 "afmoe": "deepseek_v3", "flint": "deepseek_v3", "mistral4": "mistral_large4", "lfm2_moe": "minimax_m2",
-                 "ernie4_5_moe": "deepseek_v2", "laguna": "deepseek_v3"}
+                 "jamba": "olmoe", "mellum": "qwen3_moe", "qwen3_vl_moe": "qwen3_moe", "cohere2_moe": "qwen2_moe",
+                 "glm4_moe_lite": "glm4_moe", "solar_open": "glm4_moe", "glm4v_moe": "glm4_moe",
+                 "glm_moe_dsa": "deepseek_v32", "axk2": "deepseek_v32", "dots1": "deepseek_v3",
+                 "exaone_moe": "deepseek_v3", "hy_v3": "deepseek_v3", "mimo_v2_flash": "deepseek_v3",
+                 "kimi_linear": "deepseek_v3", "bailing_hybrid": "deepseek_v3", "afmoe": "deepseek_v3",
+                 "flint": "deepseek_v3", "laguna": "deepseek_v3", "ernie4_5_moe": "deepseek_v2",
+                 "mistral4": "mistral_large4", "lfm2_moe": "minimax_m2"}
 MESH_FAMILIES = [family for family in FAMILIES if family not in SAME_BLOCK_AS]
 
 

@@ -210,6 +210,20 @@ def test_dbrx_reads_its_ffn_config():
     assert not spec_from_config(config).renormalize
 
 
+def test_cohere2_moe_averages_with_its_shared_expert():
+    config = dict(model_type="cohere2_moe", hidden_size=8, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                  intermediate_size=6, num_shared_experts=1)
+    spec = spec_from_config(config)  # transformers' defaults: softmax selection, "average"
+    assert (spec.scoring, spec.renormalize, spec.scaling, spec.shared_scale, spec.shared_intermediate_size) == \
+        ("softmax", True, 0.5, 0.5, 6)
+    summed = spec_from_config({**config, "shared_expert_combination_strategy": "sum"})
+    assert (summed.scaling, summed.shared_scale) == (1.0, 1.0)
+    sigmoid = spec_from_config({**config, "expert_selection_fn": "sigmoid", "norm_topk_prob": False})
+    assert (sigmoid.scoring, sigmoid.renormalize) == ("topk_then_sigmoid", False)
+    with pytest.raises(UnsupportedModelError, match="expert_selection_fn='sigmoid' .* is not served"):
+        spec_from_config({**config, "expert_selection_fn": "sigmoid"})
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
