@@ -141,6 +141,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                     shared_expert_intermediate_size=40, num_hidden_layers=3, head_dim=12,
                                     num_experts=8, num_experts_per_tok=3, moe_routed_scaling_factor=2.5,
                                     moe_router_logit_softcapping=1.0)),  # a cap that bites
+    "beam": ("BeamConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+                                head_dim=12, num_experts=8, num_experts_per_tok=3, n_group=2, topk_group=1,
+                                routed_scaling_factor=2.5, norm_topk_prob=False, sliding_window=4,
+                                mlp_layer_types=["dense", "sparse", "sparse"],
+                                eos_token_id=127)),  # the seed-7 model says 2 (eos) at token 11
     "deepseek_v2": ("DeepseekV2Config", dict(_DEEPSEEK, topk_method="group_limited_greedy")),
     "deepseek_v3": ("DeepseekV3Config", _DEEPSEEK),
     "deepseek_v32": ("DeepseekV32Config", dict(_DEEPSEEK, index_topk=4, index_head_dim=16, index_n_heads=2)),

@@ -404,6 +404,14 @@ def _axk2(config: dict[str, Any], mt: str) -> MoESpec:
     return _deepseek_v3({"first_k_dense_replace": 1, **config}, mt)
 
 
+def _beam(config: dict[str, Any], mt: str) -> MoESpec:
+    """Beam: DeepSeek-V3's gate and experts (8 groups, the best 4, MoE after 3 dense layers, x 2.5 by
+    default), no shared expert; its routed_scaling_factor applied to the experts' sum (the same
+    product); SwiGLU evaluated in float32 (bf16 weights: within the bf16 tolerance here)."""
+    defaults = {"n_group": 8, "topk_group": 4, "first_k_dense_replace": 3, "routed_scaling_factor": 2.5}
+    return _deepseek_v3({**defaults, **{k: v for k, v in config.items() if v is not None}}, mt)
+
+
 def _deepseek_v2(config: dict[str, Any], mt: str) -> MoESpec:
     """DeepSeek-V2: a float32 softmax over all experts, top-k over all (`topk_method` "greedy") or
     among the `topk_group` groups holding the best experts ("group_limited_greedy"), never
@@ -608,6 +616,7 @@ _FAMILIES = {
     "mellum": _qwen3_moe,
     "qwen3_vl_moe_text": _qwen3_vl_moe_text,
     "flint": _flint,
+    "beam": _beam,
     "olmoe": _olmoe,
     "flex_olmo": _olmoe,
     "deepseek_v2": _deepseek_v2,
@@ -660,7 +669,6 @@ NOT_SERVED: dict[str, str] = {
     "kolibri1": "top-k over raw logits + bias, weights the sigmoid of those logits, no renormalisation by default",
     "minimax_m3_vl": "gpt-oss's clamped SwiGLU without biases, sigmoid + bias routing, x 2, a shared expert",
     "muse_spark": "router logits scaled before the sigmoid, experts at a narrower width with norms around them",
-    "beam": "no shared expert, routed_scaling_factor after the sum, SwiGLU in float32",
     "axk1": "the block's output (routed + shared) RMS-normed before the residual",
     "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
     "inkling": "routed and shared scores normalised together, times route_scale x global_scale",

@@ -16,8 +16,8 @@ BF16_TOL = 3e-2   # bf16 keeps 8 mantissa bits; both sides round differently in 
 
 CASES = [(family, layout) for family in FAMILIES for layout in LAYOUTS]
 # blocks that scale the experts' sum after their gate (the others scale in it, where `_gate` has it):
-# Laguna's routed_scaling_factor, Cohere2-MoE's average with its shared expert
-SCALED_AFTER_THE_GATE = ("laguna", "cohere2_moe")
+# Laguna's and Beam's routed_scaling_factor, Cohere2-MoE's average with its shared expert
+SCALED_AFTER_THE_GATE = ("laguna", "cohere2_moe", "beam")
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -263,6 +263,9 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("hy_v3", dict(scaling=1.0)),  # x router_scaling_factor
     ("lfm2_moe", dict(scaling=1.0)),
     ("mellum", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("beam", dict(num_groups=1, topk_groups=1)),
+    ("beam", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("beam", dict(scaling=1.0)),  # x routed_scaling_factor, after the experts' sum
     ("cohere2_moe", dict(scaling=1.0)),  # the average: routed x 0.5 (and shared x 0.5)
     ("dbrx", dict(renorm_p=1.0)),  # moe_normalize_expert_weights 2 in its tiny model
     ("ernie4_5_moe", dict(renorm_min=1e-20)),  # moe_norm_min 0.9 in its tiny model

@@ -224,6 +224,14 @@ def test_cohere2_moe_averages_with_its_shared_expert():
         spec_from_config({**config, "expert_selection_fn": "sigmoid"})
 
 
+def test_beam_takes_transformers_defaults():
+    config = dict(model_type="beam", hidden_size=8, num_hidden_layers=5, num_experts=16, num_experts_per_tok=2,
+                  moe_intermediate_size=6)
+    spec = spec_from_config(config)  # 8 groups, the best 4, MoE after 3 dense layers, x 2.5
+    assert (spec.moe_layers, spec.num_groups, spec.topk_groups, spec.scaling) == ((3, 4), 8, 4, 2.5)
+    assert spec.shared_intermediate_size == 0
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
