@@ -146,6 +146,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                 routed_scaling_factor=2.5, norm_topk_prob=False, sliding_window=4,
                                 mlp_layer_types=["dense", "sparse", "sparse"],
                                 eos_token_id=127)),  # the seed-7 model says 2 (eos) at token 11
+    "hy_v4": ("HYV4Config", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+                                 num_key_value_heads=4, head_dim=12, n_routed_experts=8, n_shared_experts=1,
+                                 num_experts_per_tok=3, routed_scaling_factor=2.5, n_group=2, topk_group=1,
+                                 norm_topk_prob=False, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                                 qk_rope_head_dim=4, v_head_dim=12, index_topk=4, index_head_dim=16, index_n_heads=2,
+                                 swiglu_limit=0.5)),  # a limit that bites the routed experts
     "deepseek_v2": ("DeepseekV2Config", dict(_DEEPSEEK, topk_method="group_limited_greedy")),
     "deepseek_v3": ("DeepseekV3Config", _DEEPSEEK),
     "deepseek_v32": ("DeepseekV32Config", dict(_DEEPSEEK, index_topk=4, index_head_dim=16, index_n_heads=2)),

@@ -87,7 +87,7 @@ class SharedExpert:
 
     def __init__(self, spec: MoESpec, weights: SharedWeights, dtype: torch.dtype | None = None):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-        self.activation = spec.gated_activation()
+        self.activation = spec.gated_activation(shared=True)
         self.w_gate_up = cast(weights.w_gate_up).unsqueeze(0).contiguous()  # [1, 2S, H]
         self.w_down = cast(weights.w_down).unsqueeze(0).contiguous()        # [1, H, S]
         self.gate = None if weights.gate is None else cast(weights.gate)    # [1, H]

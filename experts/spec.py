@@ -78,6 +78,7 @@ class MoESpec:
     # [E, H, 2I], the reader takes from the stored shapes)
     interleaved_gate_up: bool = False
     swiglu_limit: float = 0.0       # > 0: gate clamped to <= limit, up to [-limit, limit] (gpt-oss, DeepSeek-V4)
+    shared_clamped: bool = True     # the shared experts' SwiGLU clamped too (HY-V4 clamps the routed experts' only)
     swiglu_alpha: float = 1.0       # gpt-oss: act(gate) = gate * sigmoid(alpha * gate)
     swiglu_up_offset: float = 0.0   # gpt-oss: act(gate) * (up + 1)
     block_output: BlockOutput = "hidden"
@@ -108,11 +109,12 @@ class MoESpec:
         """Experts per token of MoE layer `layer`."""
         return self.layer_top_k[self.moe_layers.index(layer)] if self.layer_top_k else self.top_k
 
-    def gated_activation(self) -> "GatedActivation":
-        """The experts' (and shared experts') gated activation."""
+    def gated_activation(self, shared: bool = False) -> "GatedActivation":
+        """The routed experts' gated activation, or (`shared`) the shared experts'."""
         from kernels.expert_mlp import GatedActivation  # spec itself stays free of torch
 
-        return GatedActivation(self.activation, self.swiglu_limit, self.swiglu_alpha, self.swiglu_up_offset)
+        limit = self.swiglu_limit if self.shared_clamped or not shared else 0.0
+        return GatedActivation(self.activation, limit, self.swiglu_alpha, self.swiglu_up_offset)
 
     def config_hash(self) -> str:
         """sha256 of the spec's fields: two servers agree on the model's MoE layout iff equal."""
@@ -434,6 +436,15 @@ def _deepseek_v2(config: dict[str, Any], mt: str) -> MoESpec:
                    shared_attr="shared_experts")
 
 
+def _hy_v4(config: dict[str, Any], mt: str) -> MoESpec:
+    """HY-V4: DeepSeek-V3's block (MoE from layer 1 by default) beside DeepSeek-V4's hyper-connections;
+    the routed experts' SwiGLU clamped at `swiglu_limit` (default 10), the shared expert's not; its
+    published shared expert's gate is `linear_gate`."""
+    return dataclasses.replace(_deepseek_v3({"first_k_dense_replace": 1, **config}, mt),
+                               swiglu_limit=float(config.get("swiglu_limit", 10.0)), shared_clamped=False,
+                               shared_expert_names=("linear_gate", "up_proj", "down_proj"))
+
+
 def _exaone_moe(config: dict[str, Any], mt: str) -> MoESpec:
     """DeepSeek-V3's block; its published checkpoints keep the score bias on the block
     (`mlp.e_score_correction_bias`), transformers' fused layout under the gate."""
@@ -631,6 +642,7 @@ _FAMILIES = {
     "mimo_v2_flash": _deepseek_v3,
     "exaone_moe": _exaone_moe,
     "hy_v3": _hy_v3,
+    "hy_v4": _hy_v4,
     "afmoe": _afmoe,
     "laguna": _laguna,
     "longcat_flash": _longcat_flash,
@@ -664,7 +676,6 @@ NOT_SERVED: dict[str, str] = {
     "ernie4_5_vl_moe": "a selection-only bias, clamped renormalisation, and separate text and vision experts",
     "glm5_next": "DeepSeek-V3's gate with routed and shared SwiGLU clamped at swiglu_limit, hyper-connections",
     "step3p7": "routed and shared experts clamped after SiLU on the layers swiglu_limits lists",
-    "hy_v4": "routed experts' SwiGLU clamped at swiglu_limit, the shared expert not",
     "inkling2": "soft-capped SwiGLU experts (tanh caps on gate and up)",
     "kolibri1": "top-k over raw logits + bias, weights the sigmoid of those logits, no renormalisation by default",
     "minimax_m3_vl": "gpt-oss's clamped SwiGLU without biases, sigmoid + bias routing, x 2, a shared expert",

@@ -312,6 +312,28 @@ def test_the_tiny_models_routing_options_each_change_the_output(zoo, family, cha
     assert _rel_err(altered(x), ref) > 100 * FP32_TOL, changed
 
 
+def test_hy_v4_clamps_the_routed_experts_swiglu_not_the_shared_one(tmp_path):
+    """With the shared expert's weights scaled up so that its limit would bite too: clamping the shared
+    expert, or not clamping the routed ones, each moves the block by more than 100x the fp32 tolerance."""
+    from experts.builtin import build_model, save_checkpoint
+
+    model = build_model("hy_v4")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".shared_experts." in name:
+                param.mul_(20.0)
+    path = save_checkpoint(model, tmp_path / "hy_v4")
+    spec = load_spec(path)
+    layer = spec.moe_layers[0]
+    x = torch.randn(3, 11, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    ref = block_output(moe_block(model, layer, spec.block_attr), x)
+    shared_clamped, routed_unclamped = (MoELayer.from_pretrained(path, layer=layer) for _ in range(2))
+    shared_clamped.shared.activation = spec.gated_activation()
+    routed_unclamped.experts.activation = spec.gated_activation(shared=True)
+    assert _rel_err(MoELayer.from_pretrained(path, layer=layer)(x), ref) <= FP32_TOL
+    assert _rel_err(shared_clamped(x), ref) > 100 * FP32_TOL and _rel_err(routed_unclamped(x), ref) > 100 * FP32_TOL
+
+
 def test_a_grouped_mistral_large4_matches_transformers(tmp_path):
     """Mistral Large 3 with n_group > 1: transformers' group-limited softmax (a group scored by its
     best two), in both layouts; without the groups the block differs by > 100x the tolerance."""

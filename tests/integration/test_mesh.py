@@ -75,7 +75,8 @@ SAME_BLOCK_AS = {"minimax": "mixtral", "granitemoe": "mixtral", "granitemoeshare
                  "glm_moe_dsa": "deepseek_v32", "axk2": "deepseek_v32", "dots1": "deepseek_v3",
                  "exaone_moe": "deepseek_v3", "hy_v3": "deepseek_v3", "mimo_v2_flash": "deepseek_v3",
                  "kimi_linear": "deepseek_v3", "bailing_hybrid": "deepseek_v3", "afmoe": "deepseek_v3",
-                 "flint": "deepseek_v3", "laguna": "deepseek_v3", "beam": "deepseek_v3", "ernie4_5_moe": "deepseek_v2",
+                 "flint": "deepseek_v3", "laguna": "deepseek_v3", "beam": "deepseek_v3",
+                 "hy_v4": "deepseek_v3", "ernie4_5_moe": "deepseek_v2",
                  "mistral4": "mistral_large4", "lfm2_moe": "minimax_m2"}
 MESH_FAMILIES = [family for family in FAMILIES if family not in SAME_BLOCK_AS]
 

@@ -232,6 +232,14 @@ def test_beam_takes_transformers_defaults():
     assert spec.shared_intermediate_size == 0
 
 
+def test_hy_v4_clamps_its_routed_experts_only():
+    config = dict(model_type="hy_v4", hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=6, n_shared_experts=1)
+    spec = spec_from_config(config)  # transformers' defaults: MoE from layer 1, swiglu_limit 10
+    assert (spec.moe_layers, spec.swiglu_limit, spec.shared_clamped) == ((1, 2), 10.0, False)
+    assert (spec.gated_activation().limit, spec.gated_activation(shared=True).limit) == (10.0, 0.0)
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)
