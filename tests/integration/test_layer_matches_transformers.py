@@ -252,6 +252,24 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("family,changed", [
+    ("mixtral", dict(renormalize=False)),  # always renormalised
+    ("qwen2_moe", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("qwen3_moe", dict(renormalize=False)),
+    ("olmoe", dict(renormalize=True)),  # norm_topk_prob False by default
+    ("qwen3_next", dict(renormalize=False)),  # True by default
+    ("qwen3_5_moe", dict(renormalize=False)),  # always renormalised
+    ("minimax_m2", dict(renormalize=False)),
+    ("gpt_oss", dict(renormalize=False)),  # softmax over the top-k
+    ("deepseek_v3", dict(num_groups=1, topk_groups=1)),
+    ("deepseek_v3", dict(scaling=1.0)),
+    ("deepseek_v3", dict(renormalize=False)),
+    ("deepseek_v32", dict(num_groups=1, topk_groups=1)),
+    ("glm4_moe", dict(num_groups=1, topk_groups=1)),
+    ("glm4_moe", dict(scaling=1.0)),
+    ("mistral_large4", dict(scaling=1.0)),
+    ("mistral_large4", dict(renormalize=False)),
+    ("deepseek_v4", dict(scaling=1.0)),
+    ("deepseek_v4", dict(renormalize=False)),
     ("deepseek_v2", dict(num_groups=1, topk_groups=1)),  # group-limited, not greedy
     ("deepseek_v2", dict(renormalize=True)),  # V2 never renormalises
     ("deepseek_v2", dict(scaling=1.0)),  # x routed_scaling_factor
@@ -305,7 +323,7 @@ def test_the_tiny_models_routing_options_each_change_the_output(zoo, family, cha
     path = zoo.checkpoint(family)
     spec = load_spec(path)
     x = torch.randn(3, 11, spec.hidden_size, generator=torch.Generator().manual_seed(0))
-    layer = spec.moe_layers[0]
+    layer = next(i for i in spec.moe_layers if i not in spec.hash_layers)  # a layer its gate routes
     ref = block_output(moe_block(zoo.model(family), layer, spec.block_attr), x)
     altered = MoELayer.from_pretrained(path, layer=layer)
     altered.gate.spec = dataclasses.replace(spec, **changed)
