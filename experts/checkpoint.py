@@ -207,7 +207,9 @@ class CheckpointReader:
             return GateWeights(weight, token_experts=self._token_experts(f"{block}{spec.gate_attr}.tid2eid"))
         bias = logit_bias = None
         if spec.has_score_bias:
-            bias = self._vector(self._first_present(block, list(spec.score_bias)), spec.num_scored)
+            layer_prefix = f"{self.layout.layer_prefix}{layer}."
+            names = [layer_prefix + name[3:] if name.startswith("../") else block + name for name in spec.score_bias]
+            bias = self._vector(next((n for n in names if n in self._files), names[-1]), spec.num_scored)
         if spec.has_gate_bias:
             logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
         return GateWeights(weight, bias, logit_bias, top_k=spec.top_k_of(layer))

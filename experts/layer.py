@@ -55,7 +55,7 @@ class Gate:
         if spec.scoring == "sparsemixer":
             return topk_sparsemixer(logits, spec.jitter_eps)
         if spec.scoring == "topk_then_sigmoid":
-            weights, ids = topk_then_sigmoid(logits, self.top_k)
+            weights, ids = topk_then_sigmoid(logits, self.top_k, self.bias, spec.renormalize)
             return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
         if spec.scoring == "softmax_grouped":
             return topk_softmax_grouped(logits, self.bias, self.top_k, spec.num_groups, spec.topk_groups,

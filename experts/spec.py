@@ -53,7 +53,8 @@ class MoESpec:
     has_shared_gate: bool = False   # Qwen2-MoE: sigmoid(x @ w) scales the shared expert
     shared_attr: str = "shared_expert"  # attribute of the MoE block holding the shared expert(s)
     shared_scale: float = 1.0       # the shared experts' output x this (Cohere2-MoE's average: 0.5, routed x 0.5 too)
-    # where the score bias is, under the block: the first of these names that the checkpoint has
+    # where the score bias is, under the block: the first of these names that the checkpoint has (a
+    # name starting "../" is under the decoder layer instead: Kolibri's `moe.router.expert_bias`)
     score_bias: tuple[str, ...] = ("gate.e_score_correction_bias",)
     # other names of the block in checkpoints (vendors' own); "": the gate and experts sit directly
     # in the decoder layer (Mistral's `layers.N.gate.weight`)
@@ -332,6 +333,21 @@ def _qwen3_vl_moe_text(config: dict[str, Any], mt: str) -> MoESpec:
     """Qwen3-VL's text model: Qwen3-MoE's block, always renormalised (norm_topk_prob is ignored);
     its published experts are fused and transposed ([E, H, 2I], [E, I, H])."""
     return dataclasses.replace(_qwen3_moe(config, mt), renormalize=True)
+
+
+def _kolibri1(config: dict[str, Any], mt: str) -> MoESpec:
+    """Kolibri: a float32 router; top-k of the logits + a score bias (for the choice only), weights the
+    sigmoid of the chosen logits, renormalised if `norm_topk_prob` (default off); one ungated shared
+    expert block (`shared_experts`, `shared_expert_intermediate_size`); every layer MoE. Its bias is
+    published beside the block, `moe.router.expert_bias`."""
+    common = _common(config, mt)
+    return MoESpec(**common, moe_layers=tuple(range(common["num_layers"])),
+                   num_experts=int(_get(config, "num_local_experts|num_experts", mt)),
+                   intermediate_size=int(_get(config, "moe_intermediate_size", mt)), scoring="topk_then_sigmoid",
+                   renormalize=bool(config.get("norm_topk_prob", False)), is_router_fp32=True, has_score_bias=True,
+                   score_bias=("gate.e_score_correction_bias", "../moe.router.expert_bias"),
+                   shared_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
+                   shared_attr="shared_experts")
 
 
 def _flint(config: dict[str, Any], mt: str) -> MoESpec:
@@ -627,6 +643,7 @@ _FAMILIES = {
     "mellum": _qwen3_moe,
     "qwen3_vl_moe_text": _qwen3_vl_moe_text,
     "flint": _flint,
+    "kolibri1": _kolibri1,
     "beam": _beam,
     "olmoe": _olmoe,
     "flex_olmo": _olmoe,
@@ -677,7 +694,6 @@ NOT_SERVED: dict[str, str] = {
     "glm5_next": "DeepSeek-V3's gate with routed and shared SwiGLU clamped at swiglu_limit, hyper-connections",
     "step3p7": "routed and shared experts clamped after SiLU on the layers swiglu_limits lists",
     "inkling2": "soft-capped SwiGLU experts (tanh caps on gate and up)",
-    "kolibri1": "top-k over raw logits + bias, weights the sigmoid of those logits, no renormalisation by default",
     "minimax_m3_vl": "gpt-oss's clamped SwiGLU without biases, sigmoid + bias routing, x 2, a shared expert",
     "muse_spark": "router logits scaled before the sigmoid, experts at a narrower width with norms around them",
     "axk1": "the block's output (routed + shared) RMS-normed before the residual",

@@ -11,7 +11,8 @@ Six scoring rules cover the supported families:
 - `topk_softmax_grouped`: softmax over all experts, a bias used only for the choice (Ernie 4.5),
   group-limited selection (a group scored by its best expert, DeepSeek-V2, or the sum of its best
   two, Mistral Large 3), optional renormalisation, then `scaling`.
-- `topk_then_sigmoid`: top-k over raw logits, then sigmoid of the chosen logits (Llama 4).
+- `topk_then_sigmoid`: top-k over raw logits (+ a bias for the choice, Kolibri), then sigmoid of the
+  chosen logits, optionally renormalised (Llama 4, Cohere2-MoE's sigmoid selection, Kolibri).
 - `topk_sparsemixer`: PhiMoE's sparsemixer at inference: two experts, each the best one left,
   weighted by its softmax among the experts within a relative `2 * jitter_eps` of it.
 - `topk_sqrtsoftplus`: scores sqrt(softplus(logits)), a score-correction bias used only for the
@@ -197,22 +198,31 @@ def _normalized(weights: torch.Tensor, renormalize: bool, scaling: float,
     return weights * scaling
 
 
-def topk_then_sigmoid(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Llama 4 gate: top-k of the raw logits, weights = sigmoid(chosen logits).
+def topk_then_sigmoid(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+                      renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4 gate: top-k of the raw logits (+ bias [E] float32, for the choice only: Kolibri),
+    weights = sigmoid(chosen logits), optionally renormalised.
 
     logits: [T, E]. Returns (weights [T, k] in logits.dtype, ids [T, k] int64).
     """
     _check_logits(logits, top_k)
+    if bias is not None and bias.shape != (logits.shape[1],):
+        raise ValueError(f"bias must be [{logits.shape[1]}], got shape {tuple(bias.shape)}")
     if logits.is_cuda:
         from kernels.triton_gating import topk_then_sigmoid_triton
 
-        return topk_then_sigmoid_triton(logits, top_k)
-    return topk_then_sigmoid_reference(logits, top_k)
+        return topk_then_sigmoid_triton(logits, top_k, bias, renormalize)
+    return topk_then_sigmoid_reference(logits, top_k, bias, renormalize)
 
 
-def topk_then_sigmoid_reference(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    values, ids = _stable_topk(logits, top_k)
-    return values.float().sigmoid().to(logits.dtype), ids
+def topk_then_sigmoid_reference(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+                                renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    choice = logits if bias is None else logits.float() + bias.float()
+    ids = _stable_topk(choice, top_k)[1]
+    weights = logits.gather(1, ids).float().sigmoid()
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), ids
 
 
 def topk_sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,8 +166,9 @@ def _topk_sigmoid_grouped_kernel(
 
 @triton.jit
 def _topk_then_sigmoid_kernel(
-    logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k,
-    IS_FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, top_k,
+    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     experts = tl.arange(0, BLOCK_E)[None, :]  # [1, BE]
@@ -181,8 +182,15 @@ def _topk_then_sigmoid_kernel(
     else:
         logits = logits.to(tl.float32)
     expert_ids = tl.where(is_valid, experts, _NO_EXPERT)
-    values, ids, _ = _topk(logits, logits, expert_ids, is_valid, top_k, BLOCK_T, BLOCK_K)
-    _store_topk(weights_ptr, ids_ptr, rows, is_row, tl.sigmoid(values.to(tl.float32)), ids, top_k, BLOCK_K)
+    keys = logits
+    if HAS_BIAS:  # Kolibri: the bias decides the choice only, as the reference adds it in float32
+        keys = logits.to(tl.float32) + tl.load(bias_ptr + experts, mask=experts < num_experts, other=0.0)
+    values, ids, _ = _topk(keys, logits, expert_ids, is_valid, top_k, BLOCK_T, BLOCK_K)
+    slots = tl.arange(0, BLOCK_K)[None, :]
+    weights = tl.where(slots < top_k, tl.sigmoid(values.to(tl.float32)), 0.0)
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, axis=1)[:, None]
+    _store_topk(weights_ptr, ids_ptr, rows, is_row, weights, ids, top_k, BLOCK_K)
 
 
 @triton.jit
@@ -324,20 +332,25 @@ def _launch_grouped(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int,
     return weights, ids
 
 
-def topk_then_sigmoid_triton(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Llama 4 gate: top-k of the raw logits, weights = sigmoid(chosen logits).
+def topk_then_sigmoid_triton(logits: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+                             renormalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4 gate: top-k of the raw logits (+ bias [E] for the choice), weights = sigmoid(chosen
+    logits), optionally renormalised.
 
     logits: [T, E]. Returns (weights [T, k] in logits.dtype, ids [T, k] int64).
     """
     _check_logits(logits, top_k)
-    check_device(_topk_then_sigmoid_kernel, logits=logits)
+    if bias is not None and bias.shape != (logits.shape[1],):
+        raise ValueError(f"bias must be [{logits.shape[1]}], got shape {tuple(bias.shape)}")
+    check_device(_topk_then_sigmoid_kernel, logits=logits, bias=bias)
     num_tokens, num_experts = logits.shape
     weights, ids = _outputs(logits, top_k, logits.dtype)
     if num_tokens:
         block_e = triton.next_power_of_2(num_experts)
         block_t = _rows_per_program(num_tokens, block_e)
         _topk_then_sigmoid_kernel[(triton.cdiv(num_tokens, block_t),)](
-            logits.contiguous(), weights, ids, num_tokens, num_experts, top_k,
+            logits.contiguous(), logits if bias is None else bias.float().contiguous(), weights, ids, num_tokens,
+            num_experts, top_k, HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize),
             IS_FP64=logits.dtype == torch.float64, BLOCK_T=block_t, BLOCK_E=block_e,
             BLOCK_K=triton.next_power_of_2(top_k),
         )

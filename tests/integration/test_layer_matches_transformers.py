@@ -292,6 +292,7 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("hunyuan_v1_moe", dict(renormalize=False)),
     ("jamba", dict(renormalize=True)),  # never renormalised
     ("qwen3_vl_moe", dict(renormalize=False)),  # always renormalised (its tiny model's norm_topk_prob is False)
+    ("kolibri1", dict(renormalize=False)),  # norm_topk_prob True in its tiny model
     ("longcat_flash", dict(renormalize=True)),  # never renormalised
     ("longcat_flash", dict(scaling=1.0)),
     ("phimoe", dict(jitter_eps=0.01)),  # router_jitter_noise 0.3 in its tiny model

@@ -240,6 +240,14 @@ def test_hy_v4_clamps_its_routed_experts_only():
     assert (spec.gated_activation().limit, spec.gated_activation(shared=True).limit) == (10.0, 0.0)
 
 
+def test_kolibri1_reads_its_bias_beside_the_block():
+    config = dict(model_type="kolibri1", hidden_size=8, num_hidden_layers=2, num_local_experts=8,
+                  num_experts_per_tok=2, moe_intermediate_size=6, shared_expert_intermediate_size=10)
+    spec = spec_from_config(config)  # norm_topk_prob: transformers' default False
+    assert (spec.scoring, spec.renormalize, spec.has_score_bias) == ("topk_then_sigmoid", False, True)
+    assert spec.score_bias[-1] == "../moe.router.expert_bias"  # under the decoder layer, as published
+
+
 def test_deepseek_v2_reads_its_topk_method():
     config = dict(model_type="deepseek_v2", hidden_size=8, num_hidden_layers=2, n_routed_experts=8,
                   num_experts_per_tok=2, moe_intermediate_size=6, n_group=4, topk_group=2)

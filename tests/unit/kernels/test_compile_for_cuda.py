@@ -52,8 +52,10 @@ KERNELS = [
           BLOCK_G=1, BLOCK_S=64, BLOCK_K=8, BLOCK_KG=1)),  # Ernie 4.5: a bias for the choice, clamped renorm
     (g._sparsemixer_kernel, dict(pointers(logits_ptr="bf16", weights_ptr="fp32", ids_ptr="i64"), band="fp32"),
      dict(BLOCK_T=256, BLOCK_E=16)),  # PhiMoE
-    (g._topk_then_sigmoid_kernel, pointers(logits_ptr="bf16", weights_ptr="bf16", ids_ptr="i64"),
-     dict(IS_FP64=False, BLOCK_T=256, BLOCK_E=16, BLOCK_K=1)),
+    (g._topk_then_sigmoid_kernel, pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="bf16", ids_ptr="i64"),
+     dict(HAS_BIAS=False, RENORMALIZE=False, IS_FP64=False, BLOCK_T=256, BLOCK_E=16, BLOCK_K=1)),
+    (g._topk_then_sigmoid_kernel, pointers(logits_ptr="fp32", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"),
+     dict(HAS_BIAS=True, RENORMALIZE=True, IS_FP64=False, BLOCK_T=16, BLOCK_E=512, BLOCK_K=8)),  # Kolibri
     (a._histogram_kernel, pointers(ids_ptr="i64", block_counts_ptr="i32"), dict(BLOCK_N=128, BLOCK_E=256)),
     (a._scan_blocks_kernel, pointers(block_counts_ptr="i32", counts_ptr="i64"), dict(BLOCK_B=64)),
     (a._place_kernel, pointers(ids_ptr="i64", counts_ptr="i64", block_starts_ptr="i32", order_ptr="i64",
@@ -86,4 +88,4 @@ def test_kernels_compile_for_sm90(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 17, result.stdout
+    assert result.stdout.count("compiled") == 18, result.stdout

@@ -47,7 +47,7 @@ ROUTES = [
     ("gating", "topk_softmax_grouped", "triton_gating", "topk_softmax_grouped_triton",
      "topk_softmax_grouped_reference", lambda cast: (cast(torch.zeros(3, 4)), None, 2, 2, 1, 2, True, 1.0, 1e-20)),
     ("gating", "topk_then_sigmoid", "triton_gating", "topk_then_sigmoid_triton", "topk_then_sigmoid_reference",
-     lambda cast: (cast(torch.zeros(3, 4)), 1)),
+     lambda cast: (cast(torch.zeros(3, 4)), 1, None, False)),
     ("align", "align_tokens", "triton_align", "align_tokens_triton", "align_tokens_reference",
      lambda cast: (cast(torch.zeros(3, 2, dtype=torch.int64)), 4)),
     ("expert_mlp", "grouped_mlp", "triton_expert_mlp", "grouped_mlp_triton", "grouped_mlp_reference",

@@ -142,21 +142,26 @@ def test_sparsemixer_reference_is_phimoes_at_inference():
 
 
 THEN_SIGMOID_CASES = [
-    # T, E, k, dtype, ties
-    (5, 6, 1, torch.float32, True),
-    (5, 6, 2, torch.float32, False),
-    (4, 16, 3, torch.bfloat16, True),
-    (3, 5, 5, torch.float16, False),
-    (3, 7, 2, torch.float64, True),
+    # T, E, k, dtype, ties, bias, renormalize
+    (5, 6, 1, torch.float32, True, False, False),
+    (5, 6, 2, torch.float32, False, False, False),
+    (4, 16, 3, torch.bfloat16, True, False, False),
+    (3, 5, 5, torch.float16, False, False, False),
+    (3, 7, 2, torch.float64, True, False, False),
+    (6, 16, 3, torch.float32, True, True, True),  # Kolibri: a bias for the choice, renormalised
+    (5, 8, 2, torch.float32, False, True, False),
+    (4, 8, 3, torch.float32, False, False, True),
 ]
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,dtype,ties", THEN_SIGMOID_CASES)
-def test_topk_then_sigmoid_triton_matches_reference(triton_gating, num_tokens, num_experts, top_k, dtype, ties):
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,dtype,ties,has_bias,renormalize", THEN_SIGMOID_CASES)
+def test_topk_then_sigmoid_triton_matches_reference(triton_gating, num_tokens, num_experts, top_k, dtype, ties,
+                                                    has_bias, renormalize):
     logits = make_logits(num_tokens, num_experts, dtype, ties)
-    got = triton_gating.topk_then_sigmoid_triton(logits, top_k)
+    bias = 0.5 * torch.randn(num_experts, generator=torch.Generator().manual_seed(1)) if has_bias else None
+    got = triton_gating.topk_then_sigmoid_triton(logits, top_k, bias, renormalize)
     assert got[0].dtype == dtype and got[1].dtype == torch.int64
-    assert_gate_matches(got, gating.topk_then_sigmoid_reference(logits, top_k), dtype)
+    assert_gate_matches(got, gating.topk_then_sigmoid_reference(logits, top_k, bias, renormalize), dtype)
 
 
 SQRTSOFTPLUS_CASES = [
