@@ -209,7 +209,7 @@ class CheckpointReader:
         if spec.has_score_bias:
             layer_prefix = f"{self.layout.layer_prefix}{layer}."
             names = [layer_prefix + name[3:] if name.startswith("../") else block + name for name in spec.score_bias]
-            bias = self._vector(next((n for n in names if n in self._files), names[-1]), spec.num_scored)
+            bias = self._vector(self._first_present("", names), spec.num_scored)
         if spec.has_gate_bias:
             logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
         return GateWeights(weight, bias, logit_bias, top_k=spec.top_k_of(layer))
