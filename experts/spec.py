@@ -198,15 +198,13 @@ def _phimoe(config: dict[str, Any], mt: str) -> MoESpec:
 
 def _cohere2_moe(config: dict[str, Any], mt: str) -> MoESpec:
     """Cohere2-MoE: top-k of the logits, then their softmax (`expert_selection_fn` "softmax") or their
-    sigmoid ("sigmoid", not renormalised); `num_shared_experts` of the experts' size, added to the
-    routed output, or averaged with it (`shared_expert_combination_strategy` "average": both x 0.5);
+    sigmoid ("sigmoid", renormalised if `norm_topk_prob`); `num_shared_experts` of the experts' size,
+    added to the routed output, or averaged with it (`shared_expert_combination_strategy` "average": both x 0.5);
     MoE layers from `mlp_layer_types` (else from `first_k_dense_replace`, default 0)."""
     selection = config.get("expert_selection_fn", "softmax")
     strategy = config.get("shared_expert_combination_strategy", "average")
-    if selection == "sigmoid" and config.get("norm_topk_prob", True) or selection not in ("softmax", "sigmoid"):
-        raise UnsupportedModelError(f"{mt} with expert_selection_fn={selection!r} (norm_topk_prob="
-                                    f"{config.get('norm_topk_prob', True)}) is not served: softmax, or sigmoid "
-                                    f"without renormalisation")
+    if selection not in ("softmax", "sigmoid"):
+        raise UnsupportedModelError(f"{mt}: expert_selection_fn={selection!r} is not 'softmax' or 'sigmoid'")
     if strategy not in ("sum", "average"):
         raise UnsupportedModelError(f"{mt}: shared_expert_combination_strategy={strategy!r} is not 'sum' or 'average'")
     common, size = _common(config, mt), int(_get(config, "intermediate_size", mt))
@@ -215,7 +213,8 @@ def _cohere2_moe(config: dict[str, Any], mt: str) -> MoESpec:
     return MoESpec(**common, moe_layers=_deepseek_moe_layers(config, common["num_layers"]),
                    num_experts=int(_get(config, "num_experts", mt)), intermediate_size=size,
                    scoring="softmax" if selection == "softmax" else "topk_then_sigmoid",
-                   renormalize=selection == "softmax", scaling=half, shared_intermediate_size=shared,
+                   renormalize=selection == "softmax" or bool(config.get("norm_topk_prob", True)), scaling=half,
+                   shared_intermediate_size=shared,
                    shared_attr="shared_experts", shared_scale=half)
 
 

@@ -353,6 +353,26 @@ def test_hy_v4_clamps_the_routed_experts_swiglu_not_the_shared_one(tmp_path):
     assert _rel_err(shared_clamped(x), ref) > 100 * FP32_TOL and _rel_err(routed_unclamped(x), ref) > 100 * FP32_TOL
 
 
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_cohere2_moes_sigmoid_selection_matches_transformers(tmp_path, norm_topk_prob):
+    """Cohere2-MoE with expert_selection_fn "sigmoid": the top-k-then-sigmoid gate, renormalised or
+    not as norm_topk_prob says; the other one differs by > 100x the tolerance."""
+    import dataclasses
+
+    from experts.builtin import build_model, save_checkpoint
+
+    model = build_model("cohere2_moe", expert_selection_fn="sigmoid", norm_topk_prob=norm_topk_prob)
+    path = save_checkpoint(model, tmp_path / "sigmoid")
+    spec = load_spec(path)
+    x = torch.randn(3, 11, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    for layer in spec.moe_layers:
+        ref = block_output(moe_block(model, layer, spec.block_attr), x)
+        layer_out = MoELayer.from_pretrained(path, layer=layer)
+        assert _rel_err(layer_out(x), ref) <= FP32_TOL, layer
+        layer_out.gate.spec = dataclasses.replace(spec, renormalize=not norm_topk_prob)
+        assert _rel_err(layer_out(x), ref) > 100 * FP32_TOL, layer
+
+
 def test_a_grouped_mistral_large4_matches_transformers(tmp_path):
     """Mistral Large 3 with n_group > 1: transformers' group-limited softmax (a group scored by its
     best two), in both layouts; without the groups the block differs by > 100x the tolerance."""

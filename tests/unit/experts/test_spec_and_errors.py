@@ -220,8 +220,9 @@ def test_cohere2_moe_averages_with_its_shared_expert():
     assert (summed.scaling, summed.shared_scale) == (1.0, 1.0)
     sigmoid = spec_from_config({**config, "expert_selection_fn": "sigmoid", "norm_topk_prob": False})
     assert (sigmoid.scoring, sigmoid.renormalize) == ("topk_then_sigmoid", False)
-    with pytest.raises(UnsupportedModelError, match="expert_selection_fn='sigmoid' .* is not served"):
-        spec_from_config({**config, "expert_selection_fn": "sigmoid"})
+    assert spec_from_config({**config, "expert_selection_fn": "sigmoid"}).renormalize  # norm_topk_prob: True
+    with pytest.raises(UnsupportedModelError, match="expert_selection_fn='relu' is not 'softmax' or 'sigmoid'"):
+        spec_from_config({**config, "expert_selection_fn": "relu"})
 
 
 def test_beam_takes_transformers_defaults():
