@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from experts.spec import text_config_path
 
 __all__ = ["FAMILIES", "VOCAB_SIZE", "build_model", "builtin_model_dir", "save_checkpoint"]
 
@@ -78,6 +81,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                                   rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                                                        mrope_section=[2, 2, 2]),
                                                   eos_token_id=127)),
+    "qwen3_omni_moe": ("Qwen3OmniMoeTextConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=32,
+                                                      num_hidden_layers=2, num_experts=6, num_experts_per_tok=3,
+                                                      head_dim=12, norm_topk_prob=False,
+                                                      rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                           mrope_section=[2, 2, 2]))),
     "flint": ("FlintConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                   shared_expert_intermediate_size=40, num_hidden_layers=3, head_dim=12, num_experts=8,
                                   num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[0], sliding_window=4)),
@@ -225,7 +233,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 _AUTO_CLASS = {"mistral4": "AutoModelForImageTextToText"}
 
 # Families served as the text model of a composite (multimodal) model: the composite's auto class,
-# its config class and the config's other parts, kept tiny (the text config is FAMILIES' entry).
+# its config class and the config's other parts, kept tiny (the text config is FAMILIES' entry, put
+# where `text_config_path` says).
 _COMPOSITE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3_vl_moe": ("AutoModelForImageTextToText", "Qwen3VLMoeConfig",
                      dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
@@ -236,6 +245,16 @@ _COMPOSITE: dict[str, tuple[str, str, dict[str, Any]]] = {
                   dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                                           out_hidden_size=48, patch_size=14, spatial_merge_size=2,
                                           temporal_patch_size=2))),
+    "qwen3_omni_moe": ("AutoModelForMultimodalLM", "Qwen3OmniMoeConfig",  # the thinker alone: no talker
+                       dict(enable_audio_output=False, thinker_config=dict(
+                           vision_start_token_id=120,  # generate() reads it; the config class has no default
+                           vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                              out_hidden_size=48, patch_size=14, spatial_merge_size=2,
+                                              temporal_patch_size=2, deepstack_visual_indexes=[0],
+                                              num_position_embeddings=16),
+                           audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                                             encoder_ffn_dim=64, output_dim=48, num_mel_bins=16, n_window=4,
+                                             downsample_hidden_size=16)))),
     "mistral_large4": ("AutoModelForImageTextToText", "MistralLarge4Config",
                        dict(vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=1, num_attention_heads=2, head_dim=16,
@@ -264,7 +283,12 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
     auto_class = _AUTO_CLASS.get(family, "AutoModelForCausalLM")
     if family in _COMPOSITE:
         auto_class, composite_class, parts = _COMPOSITE[family]
-        config = getattr(transformers, composite_class)(text_config=config.to_dict(), **parts)
+        *outer, last = text_config_path(family)
+        composite = where = copy.deepcopy(parts)
+        for key in outer:
+            where = where.setdefault(key, {})
+        where[last] = config.to_dict()
+        config = getattr(transformers, composite_class)(**composite)
     torch.manual_seed(seed)
     model = getattr(transformers, auto_class).from_config(config).eval()
     with torch.no_grad():

@@ -186,16 +186,17 @@ def _confined(folder: Path, file: object) -> Path:
     return resolved
 
 
-def _decoder_prefix(path: Path, names: list[str], gates: tuple[str, ...]) -> str:
+def _decoder_prefix(path: Path, names: list[str], gates: tuple[str, ...], root: str = "") -> str:
     """The name prefix of the decoder layers ('model.layers.', 'layers.',
-    'model.language_model.layers.'): of the prefixes followed by a layer index and, further on, the
-    family's gate weight, the one with the most such layers. Published checkpoints carry other
-    stacks beside it (multi-token-prediction heads: `mtp.layers.0...`); they hold fewer. Only gate
-    names are matched: a regex over a V3 index's 90k names took 40 ms at every group's stage."""
+    'model.language_model.layers.'): of the prefixes starting with `root` (the spec's
+    `checkpoint_root`) followed by a layer index and, further on, the family's gate weight, the one
+    with the most such layers. Published checkpoints carry other stacks beside it (multi-token-prediction
+    heads: `mtp.layers.0...`); they hold fewer. Only gate names are matched: a regex over a V3
+    index's 90k names took 40 ms at every group's stage."""
     indices: dict[str, set[str]] = {}
     match = re.compile(r"^(.*?\b(?:layers|blocks)\.)(\d+)\.").match
     suffixes = tuple(f".{gate}.weight" for gate in gates)
-    for name in [name for name in names if name.endswith(suffixes)]:
+    for name in [name for name in names if name.endswith(suffixes) and name.startswith(root)]:
         if m := match(name):
             indices.setdefault(m.group(1), set()).add(m.group(2))
     ranked = sorted(indices, key=lambda prefix: len(indices[prefix]), reverse=True)
@@ -223,7 +224,8 @@ class CheckpointLayout:
             for file in self.opened.values():  # headers read to list the names
                 self._stacked_as_rows(file)
             self.layer_prefix = _decoder_prefix(self.path, list(self.files),
-                                                (*self.spec.checkpoint_gates, self.spec.gate_attr))
+                                                (*self.spec.checkpoint_gates, self.spec.gate_attr),
+                                                self.spec.checkpoint_root)
         except BaseException:
             self.close()
             raise

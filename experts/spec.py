@@ -1,8 +1,8 @@
 """MoESpec: what one MoE model's expert layers are, derived from its config.json.
 
 The families served are `_FAMILIES`' keys (SUPPORTED_MODEL_TYPES), each a function from its
-config.json to the spec; a composite (vision-language) model in TEXT_MODELS is served through its
-`text_config`. `NOT_SERVED` names the others examined, with the reason.
+config.json to the spec; a composite (multimodal) model in TEXT_MODELS is served through its text
+model's config. `NOT_SERVED` names the others examined, with the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from kernels.expert_mlp import GatedActivation
 
 __all__ = ["MoESpec", "NOT_SERVED", "SUPPORTED_MODEL_TYPES", "TEXT_MODELS", "load_config", "load_spec",
-           "spec_from_config"]
+           "spec_from_config", "text_config_path"]
 
 Scoring = Literal["softmax", "sigmoid_grouped", "softmax_grouped", "topk_then_sigmoid", "sqrtsoftplus", "sparsemixer"]
 # What the MoE block's forward returns: "hidden" out [B, S, H]; "flat_and_router" (out [T, H], its
@@ -91,6 +91,9 @@ class MoESpec:
     # LongCat-Flash's zero-compute experts: the gate scores num_experts + these; a copy picked for one
     # (id >= num_experts) is the token itself, added by whoever gates (router, MoELayer), never sent
     num_identity_experts: int = 0
+    # the decoder's names in checkpoints start with this (Qwen3-Omni: "thinker.", its talker's MoE
+    # layers beside it are another model's, not served)
+    checkpoint_root: str = ""
 
     def check_layer(self, layer: int) -> None:
         """Raise ValueError unless `layer` (a decoder-layer index) is an MoE layer."""
@@ -332,6 +335,12 @@ def _qwen3_vl_moe_text(config: dict[str, Any], mt: str) -> MoESpec:
     """Qwen3-VL's text model: Qwen3-MoE's block, always renormalised (norm_topk_prob is ignored);
     its published experts are fused and transposed ([E, H, 2I], [E, I, H])."""
     return dataclasses.replace(_qwen3_moe(config, mt), renormalize=True)
+
+
+def _qwen3_omni_moe_text(config: dict[str, Any], mt: str) -> MoESpec:
+    """Qwen3-Omni's thinker: Qwen3-MoE's block (`norm_topk_prob` read), its decoder under `thinker.`
+    in checkpoints; the talker's MoE layers beside it (a gated shared expert) stay in the model."""
+    return dataclasses.replace(_qwen3_moe(config, mt), checkpoint_root="thinker.")
 
 
 def _kolibri1(config: dict[str, Any], mt: str) -> MoESpec:
@@ -641,6 +650,7 @@ _FAMILIES = {
     "ernie4_5_moe": _ernie4_5_moe,
     "mellum": _qwen3_moe,
     "qwen3_vl_moe_text": _qwen3_vl_moe_text,
+    "qwen3_omni_moe_text": _qwen3_omni_moe_text,
     "flint": _flint,
     "kolibri1": _kolibri1,
     "beam": _beam,
@@ -680,8 +690,6 @@ _FAMILIES = {
 # holds both to the installed transformers' MoE model folders.
 NOT_SERVED: dict[str, str] = {
     # the same block as a served family, not wired and tested yet
-    "qwen3_omni_moe": "Qwen3-MoE's block in the thinker's text model; the talker's differs (a gated shared "
-                      "expert); not wired yet",
     "qwen4_exp": "Qwen3-Next's block in the text model, hyper-connections around it; not wired and tested yet",
     "dots3_note": "dots1's block in a vision-language model, shared experts sized by their own field; not wired yet",
     "aria": "top-k then softmax in the model dtype, experts stored transposed, in a vision-language model; "
@@ -708,17 +716,27 @@ NOT_SERVED: dict[str, str] = {
     "nllb_moe": "an encoder-decoder model",
     "switch_transformers": "an encoder-decoder model",
 }
-TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",  # multimodal: the text model is served
+# Composite (multimodal) models: the text model is served, its config at `text_config` (Qwen3-Omni's
+# at `thinker_config.text_config`: `_TEXT_CONFIG_AT`).
+TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",
                "mistral_large4": "mistral_large4_text", "glm4v_moe": "glm4v_moe_text",
-               "qwen3_vl_moe": "qwen3_vl_moe_text"}
+               "qwen3_vl_moe": "qwen3_vl_moe_text", "qwen3_omni_moe": "qwen3_omni_moe_text"}
+_TEXT_CONFIG_AT = {"qwen3_omni_moe": ("thinker_config", "text_config")}
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+
+
+def text_config_path(model_type: str) -> tuple[str, ...]:
+    """Where the config.json of a composite model (in TEXT_MODELS) keeps its text model's config."""
+    return _TEXT_CONFIG_AT.get(model_type, ("text_config",))
 
 
 def spec_from_config(config: dict[str, Any]) -> MoESpec:
     """Derive the MoE spec from a config.json dict; UnsupportedModelError for other architectures."""
     model_type = config.get("model_type")
     if model_type in TEXT_MODELS:
-        config, model_type = config.get("text_config") or {}, TEXT_MODELS[model_type]
+        for key in text_config_path(model_type):
+            config = (config.get(key) if isinstance(config, dict) else None) or {}
+        model_type = TEXT_MODELS[model_type]
     if model_type in NOT_SERVED:
         raise UnsupportedModelError(f"model_type {model_type!r} is not served: {NOT_SERVED[model_type]}")
     if model_type not in _FAMILIES:

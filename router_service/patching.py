@@ -24,7 +24,7 @@ from protos.errors import MeshClientError, MeshError
 from experts.spec import BlockOutput, MoESpec, spec_from_config
 from router_service.client import MeshInfo
 
-__all__ = ["MoEClient", "RemoteMoE", "patch_model"]
+__all__ = ["MoEClient", "RemoteMoE", "decoder_layers", "patch_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +105,11 @@ def _mismatch(spec: MoESpec, info: MeshInfo) -> str | None:
     return "the mesh serves a different model: " + "; ".join(parts)
 
 
-def _decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
-    """`model.model.layers`, `model.model.language_model.layers` (the text model of a composite), or
-    `model.transformer.blocks` (DBRX)."""
-    inner = getattr(model, "model", None)
+def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    """`model.model.layers`, `model.model.language_model.layers` (the text model of a composite; of
+    Qwen3-Omni's thinker: `model.thinker.model.language_model.layers`), or `model.transformer.blocks`
+    (DBRX)."""
+    inner = getattr(getattr(model, "thinker", model), "model", None)
     layers = getattr(getattr(inner, "language_model", inner), "layers", None)
     if layers is None:
         layers = getattr(getattr(model, "transformer", None), "blocks", None)
@@ -139,7 +140,7 @@ def patch_model(model: torch.nn.Module, client: MoEClient, keep_router: bool = F
         difference = f"the model is {dtype_name}; the mesh accepts {', '.join(info.dtypes)}"
     if difference is not None:
         raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, difference, _name(client))
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     for i in spec.moe_layers:
         block = getattr(layers[i], spec.block_attr)
         router = None

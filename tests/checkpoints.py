@@ -8,17 +8,23 @@ import pytest
 import torch
 
 from experts.builtin import FAMILIES, VOCAB_SIZE, build_model, save_checkpoint
+from router_service.patching import decoder_layers
 
 LAYOUTS = ("legacy", "fused")
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers: `model.model.layers`, the text model's of a composite model, or DBRX's
-    `model.transformer.blocks`."""
-    if hasattr(model, "transformer"):
-        return model.transformer.blocks
-    inner = model.model
-    return inner.language_model.layers if hasattr(inner, "language_model") else inner.layers
+PROMPT = [[1, 17, 42, 99, 5, 63, 8, 120, 33]]
+NUM_NEW_TOKENS = 20
+
+
+def generate_greedy(model: torch.nn.Module, num_new_tokens: int = NUM_NEW_TOKENS) -> list[int]:
+    """`num_new_tokens` greedy tokens after PROMPT (Qwen3-Omni's text comes from its thinker, whose
+    generate takes the usual arguments)."""
+    input_ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        out = getattr(model, "thinker", model).generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                                        max_new_tokens=num_new_tokens, do_sample=False)
+    return out[0, input_ids.shape[1]:].tolist()
 
 
 def moe_block(model: torch.nn.Module, layer: int, block_attr: str) -> torch.nn.Module:

@@ -177,6 +177,29 @@ def test_a_published_qwen3_5_layout_reads_like_the_text_model(zoo, tmp_path):
                            MoELayer.from_pretrained(source, layer=layer)(x)), layer
 
 
+def test_qwen3_omni_moe_reads_the_thinker_not_the_talker_beside_it(zoo, tmp_path):
+    """Qwen3-Omni as published: the thinker's decoder under `thinker.model.layers.`, and the talker's
+    MoE layers beside it under `talker.model.layers.`, here more of them than the thinker has and
+    with other weights. The reader takes the thinker's (`checkpoint_root`), so the layers read equal
+    the thinker's own."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = zoo.checkpoint("qwen3_omni_moe")
+    spec = load_spec(source)
+    tensors = load_file(source / "model.safetensors")
+    talker = {name.replace("thinker.model.layers.0.", f"talker.model.layers.{i}."): -t
+              for name, t in tensors.items() if name.startswith("thinker.model.layers.0.")
+              for i in range(spec.num_layers + 1)}
+    save_file({**tensors, **talker}, tmp_path / "model.safetensors")
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    x = torch.randn(11, spec.hidden_size, generator=torch.Generator().manual_seed(4))
+    for layer in spec.moe_layers:
+        ref = block_output(moe_block(zoo.model("qwen3_omni_moe"), layer, spec.block_attr), x[None])[0]
+        assert _rel_err(MoELayer.from_pretrained(tmp_path, layer=layer)(x), ref) <= FP32_TOL, layer
+
+
 def test_qwen3_vl_moe_reads_its_published_transposed_experts(zoo, tmp_path):
     """Qwen3-VL as published: fused experts stored transposed, [E, H, 2I] and [E, I, H] (transformers
     transposes them as it loads; save_pretrained writes them back unchanged). The reader tells the
@@ -292,6 +315,7 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("hunyuan_v1_moe", dict(renormalize=False)),
     ("jamba", dict(renormalize=True)),  # never renormalised
     ("qwen3_vl_moe", dict(renormalize=False)),  # always renormalised (its tiny model's norm_topk_prob is False)
+    ("qwen3_omni_moe", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("kolibri1", dict(renormalize=False)),  # norm_topk_prob True in its tiny model
     ("longcat_flash", dict(renormalize=True)),  # never renormalised
     ("longcat_flash", dict(scaling=1.0)),

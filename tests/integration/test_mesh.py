@@ -30,14 +30,13 @@ from cluster.local import start_mesh
 from experts import ExpertGroup, MoELayer, load_spec
 from mesh.config import MeshConfig
 from router_service import AsyncMeshClient, DirectClient, MeshClient, RemoteMoE, patch_model
-from tests.checkpoints import FAMILIES, block_output, moe_block, token_ids_for
+from tests.checkpoints import (FAMILIES, NUM_NEW_TOKENS, PROMPT, block_output, generate_greedy, moe_block,
+                               token_ids_for)
 from tests.integration.mesh_helpers import (FP32_TOL, MeshUp, call_concurrently, free_port, gate_counts, load_report,
                                              mesh_cli, rel_err, stats_delta, tokens_delta)
 from protos.errors import MeshClientError
 
 NUM_CALLERS = 32
-NUM_NEW_TOKENS = 20
-PROMPT = [[1, 17, 42, 99, 5, 63, 8, 120, 33]]
 # max_wait_ms holds a batch open for 5 ms: 32 callers released together merge reliably (with 0, an
 # idle router sends each request at once, and whether they merge depends on timing)
 BATCH16 = {"router": {"batching": {"max_batch_tokens": 16, "max_wait_ms": 50.0}}}  # chunks of callers merge
@@ -70,7 +69,8 @@ def check_own_answers(path: Path, requests, outputs) -> None:
 # (test_layer_matches_transformers.py, test_client.py); the mesh path is the other family's.
 SAME_BLOCK_AS = {"minimax": "mixtral", "granitemoe": "mixtral", "granitemoeshared": "mixtral",
                  "granitemoehybrid": "mixtral", "granitemoe_swa": "mixtral", "flex_olmo": "olmoe",
-                 "jamba": "olmoe", "mellum": "qwen3_moe", "qwen3_vl_moe": "qwen3_moe", "cohere2_moe": "qwen2_moe",
+                 "jamba": "olmoe", "mellum": "qwen3_moe", "qwen3_vl_moe": "qwen3_moe",
+                 "qwen3_omni_moe": "qwen3_moe", "cohere2_moe": "qwen2_moe",
                  "glm4_moe_lite": "glm4_moe", "solar_open": "glm4_moe", "glm4v_moe": "glm4_moe",
                  "glm_moe_dsa": "deepseek_v32", "axk2": "deepseek_v32", "dots1": "deepseek_v3",
                  "exaone_moe": "deepseek_v3", "hy_v3": "deepseek_v3", "mimo_v2_flash": "deepseek_v3",
@@ -113,14 +113,6 @@ def test_every_moe_layer_equals_the_transformers_block(family_mesh, zoo):
     assert info.epoch >= 1 and "float32" in info.dtypes
 
 
-def _generate(model: torch.nn.Module) -> list[int]:
-    input_ids = torch.tensor(PROMPT)
-    with torch.no_grad():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NUM_NEW_TOKENS,
-                             do_sample=False)
-    return out[0, input_ids.shape[1]:].tolist()
-
-
 class CountingClient(MeshClient):
     """A MeshClient that counts the tokens it sends per layer."""
 
@@ -142,14 +134,14 @@ def test_patched_model_generates_the_unpatched_tokens(family_mesh, zoo):
     before = mesh.status()
     with CountingClient(mesh.address) as client:
         assert patch_model(patched, client) == len(spec.moe_layers)
-        tokens = _generate(patched)
+        tokens = generate_greedy(patched)
         with torch.no_grad():
             logits = patched(torch.tensor(PROMPT)).logits
     after = mesh.status()
     with torch.no_grad():
         ref_logits = reference(torch.tensor(PROMPT)).logits
     assert all(isinstance(moe_block(patched, i, spec.block_attr), RemoteMoE) for i in spec.moe_layers)
-    assert len(tokens) == NUM_NEW_TOKENS and tokens == _generate(reference), family
+    assert len(tokens) == NUM_NEW_TOKENS and tokens == generate_greedy(reference), family
     assert rel_err(logits, ref_logits) <= FP32_TOL, family
     # prefill (9) + 19 single-token decode steps + the logits pass (9), per MoE layer
     assert client.tokens_sent == {layer: 2 * len(PROMPT[0]) + NUM_NEW_TOKENS - 1 for layer in spec.moe_layers}
@@ -191,7 +183,7 @@ def test_direct_client_equals_transformers_and_generates_the_unpatched_tokens(fa
             assert rel_err(out, ref) <= FP32_TOL, (family, transport, layer)
         patched = copy.deepcopy(model)
         assert patch_model(patched, client) == len(spec.moe_layers)
-        assert _generate(patched) == _generate(model), (family, transport)
+        assert generate_greedy(patched) == generate_greedy(model), (family, transport)
         assert set(segments) == {transport} and segments[transport] > 0, dict(segments)
         assert client.name in [c["name"] for c in mesh.status()["direct_clients"]]
     assert client.name not in [c["name"] for c in mesh.status()["direct_clients"]]  # close() ended the lease

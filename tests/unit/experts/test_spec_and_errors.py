@@ -46,6 +46,9 @@ SPEC_CASES = [
     ("qwen3_vl_moe", dict(text_config=dict(model_type="qwen3_vl_moe_text", hidden_size=8, num_hidden_layers=2,
                                            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
                                            norm_topk_prob=False)), ((0, 1), 8, 2, "softmax", 0)),
+    ("qwen3_omni_moe", dict(thinker_config=dict(text_config=dict(
+        model_type="qwen3_omni_moe_text", hidden_size=8, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=6, mlp_only_layers=[0]))), ((1, 2), 8, 2, "softmax", 0)),
     ("deepseek_v4", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                          moe_intermediate_size=6, mlp_layer_types=["hash_moe", "moe", "moe"]),
      ((0, 1, 2), 8, 2, "sqrtsoftplus", 6)),
