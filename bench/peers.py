@@ -97,7 +97,7 @@ class LocalFrontend:
                 offset += size
         out = tokens.combine(y)
         if self.shared is not None:
-            out = out + self.shared(x)
+            out = out + self.shared(x, tokens.shared_weights)
         return out
 
 

@@ -12,6 +12,7 @@ _EXPORTS = {
     "SharedWeights": "checkpoint",
     "ExpertGroup": "group", "LayerExperts": "group",
     "Gate": "layer", "MoELayer": "layer", "SharedExpert": "layer", "dispatch": "layer",
+    "split_shared": "layer",
     "QuantizedTensor": "quantized", "quantize_checkpoint": "quantized",
     "SUPPORTED_MODEL_TYPES": "spec", "MoESpec": "spec", "load_spec": "spec", "spec_from_config": "spec",
 }

@@ -89,6 +89,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "flint": ("FlintConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                   shared_expert_intermediate_size=40, num_hidden_layers=3, head_dim=12, num_experts=8,
                                   num_experts_per_tok=3, norm_topk_prob=False, mlp_only_layers=[0], sliding_window=4)),
+    "inkling_text": ("InklingTextConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                               num_hidden_layers=2, head_dim=12, swa_num_attention_heads=4,
+                                               swa_num_key_value_heads=2, swa_head_dim=12, sliding_window_size=4,
+                                               rel_extent=16, d_rel=4, n_routed_experts=8, num_experts_per_tok=3,
+                                               n_shared_experts=2, route_scale=2.5,
+                                               mlp_layer_types=["dense", "sparse"])),
     "kolibri1": ("Kolibri1Config", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                         shared_expert_intermediate_size=40, num_hidden_layers=2, head_dim=12,
                                         num_experts=8, num_experts_per_tok=3, norm_topk_prob=True)),
@@ -293,8 +299,10 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
     model = getattr(transformers, auto_class).from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight", "gate_up_proj", "down_proj")):
-                param.normal_(0.0, 0.2)
+            if name.endswith(("gate.weight", "router.weight", "gate_up_proj", "down_proj", "gate_proj", "up_proj")):
+                param.normal_(0.0, 0.2)  # the last two: Inkling's stacked shared experts
+            elif name.endswith("gate.global_scale"):  # Inkling's learned scale: away from its 1.0 default
+                param.fill_(1.5)
             elif name.endswith(("router.bias", "gate_up_proj_bias", "down_proj_bias")):  # gpt-oss
                 param.normal_(0.0, 0.5)
             elif name.endswith(("e_score_correction_bias", "expert_bias")):  # Ernie 4.5's, AFMoE's: parameters

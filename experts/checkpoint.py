@@ -66,11 +66,12 @@ class GateWeights:
     logit_bias: torch.Tensor | None = None   # [E], gpt-oss: the router linear's bias
     token_experts: torch.Tensor | None = None  # [vocab, k] int64, DeepSeek-V4's hash layers: experts per token id
     top_k: int = 0                       # experts per token of this layer (0: the spec's top_k)
+    scale: float = 1.0                   # Inkling: the layer's learned gate.global_scale, on every weight
 
 
 @dataclasses.dataclass
 class SharedWeights:
-    w_gate_up: torch.Tensor              # [2S, H]
+    w_gate_up: torch.Tensor              # [2S, H] (Inkling's n experts: gate rows expert by expert, then up rows)
     w_down: torch.Tensor                 # [H, S]
     gate: torch.Tensor | None = None     # [1, H], Qwen2-MoE shared_expert_gate
 
@@ -202,7 +203,7 @@ class CheckpointReader:
     def gate(self, layer: int) -> GateWeights:
         spec, block = self.spec, self._block(layer)
         gate = self._first_present(block, [f"{name}.weight" for name in (*spec.checkpoint_gates, spec.gate_attr)])
-        weight = self._weight(gate, (spec.num_scored, spec.hidden_size))[0]
+        weight = self._weight(gate, (spec.gate_rows, spec.hidden_size))[0]
         if layer in spec.hash_layers:  # no score bias: the experts come from the token table
             return GateWeights(weight, token_experts=self._token_experts(f"{block}{spec.gate_attr}.tid2eid"))
         bias = logit_bias = None
@@ -212,7 +213,8 @@ class CheckpointReader:
             bias = self._vector(self._first_present("", names), spec.num_scored)
         if spec.has_gate_bias:
             logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
-        return GateWeights(weight, bias, logit_bias, top_k=spec.top_k_of(layer))
+        scale = float(self._read(f"{block}{spec.gate_attr}.global_scale", (1,))[0]) if spec.num_shared_scored else 1.0
+        return GateWeights(weight, bias, logit_bias, top_k=spec.top_k_of(layer), scale=scale)
 
     def _vector(self, name: str, size: int) -> torch.Tensor:
         """A [size] float32 vector stored as [size] or [1, size] (Ernie 4.5's score bias)."""
@@ -238,6 +240,8 @@ class CheckpointReader:
         if not spec.shared_intermediate_size:
             return None
         hidden, size = spec.hidden_size, spec.shared_intermediate_size
+        if spec.num_shared_scored:
+            return self._stacked_shared(f"{block}{spec.shared_attr}.")
         mlp, names = next(((f"{block}{attr}.", n) for attr in (*spec.checkpoint_shared, spec.shared_attr)
                            for n in (spec.shared_expert_names, _HF_NAMES)
                            if f"{block}{attr}.{n[0]}.weight" in self._files),
@@ -247,6 +251,17 @@ class CheckpointReader:
         down = self._weight(f"{mlp}{names[2]}.weight", (hidden, size))[0]
         gate = self._weight(f"{block}shared_expert_gate.weight", (1, hidden))[0] if spec.has_shared_gate else None
         return SharedWeights(torch.cat([gate_proj, up_proj]), down, gate)
+
+    def _stacked_shared(self, mlp: str) -> SharedWeights:
+        """Inkling's shared experts, stored stacked: `gate_proj`, `up_proj` [n, I, H] and `down_proj`
+        [n, H, I] (no `.weight`), as one MLP of n * I: gate rows expert by expert, then up rows."""
+        spec = self.spec
+        n, hidden = spec.num_shared_scored, spec.hidden_size
+        inter = spec.shared_intermediate_size // n
+        gate_proj = self._read(f"{mlp}gate_proj", (n, inter, hidden))[0].reshape(n * inter, hidden)
+        up_proj = self._read(f"{mlp}up_proj", (n, inter, hidden))[0].reshape(n * inter, hidden)
+        down = self._read(f"{mlp}down_proj", (n, hidden, inter))[0].permute(1, 0, 2).reshape(hidden, n * inter)
+        return SharedWeights(torch.cat([gate_proj, up_proj]), down)
 
     def experts(self, layer: int, experts: list[int] | None = None) -> ExpertWeights:
         """Weights of `experts` (default: all) of `layer`, reading only their bytes."""

@@ -15,10 +15,10 @@ import torch
 from experts.checkpoint import CheckpointReader, GateWeights, SharedWeights
 from experts.group import ExpertGroup, LayerExperts
 from experts.spec import MoESpec
-from kernels import (align_tokens, combine, grouped_mlp, hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_softmax,
-                     topk_softmax_grouped, topk_sparsemixer, topk_sqrtsoftplus, topk_then_sigmoid)
+from kernels import (align_tokens, combine, grouped_mlp, hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_sigmoid_sink,
+                     topk_softmax, topk_softmax_grouped, topk_sparsemixer, topk_sqrtsoftplus, topk_then_sigmoid)
 
-__all__ = ["Gate", "MoELayer", "SharedExpert", "DispatchedTokens", "dispatch"]
+__all__ = ["Gate", "MoELayer", "SharedExpert", "DispatchedTokens", "dispatch", "split_shared"]
 
 
 class Gate:
@@ -32,6 +32,7 @@ class Gate:
         self.logit_bias = cast(weights.logit_bias)  # [E] or None: added to the logits (gpt-oss)
         self.token_experts = weights.token_experts  # [vocab, k] int64 or None: DeepSeek-V4's hash layers
         self.top_k = weights.top_k or spec.top_k  # this layer's experts per token
+        self.scale = weights.scale  # Inkling's learned global_scale
 
     @property
     def vocab_size(self) -> int:
@@ -40,7 +41,8 @@ class Gate:
 
     def __call__(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H]; token_ids: [T] int64, needed by a hash-routed layer (ignored by the others).
-        Returns (weights [T, k] float, ids [T, k] int64)."""
+        Returns (weights [T, k] float, ids [T, k] int64); a gate that weighs the shared experts too
+        (Inkling's) returns weights [T, k + S], the shared experts' last (`split_shared`)."""
         spec = self.spec
         if spec.scoring == "sigmoid_grouped":
             logits = x.float() @ self.weight.float().t()
@@ -54,6 +56,9 @@ class Gate:
             return topk_sqrtsoftplus(logits, self.bias, self.top_k, spec.renormalize, spec.scaling)
         if spec.scoring == "sparsemixer":
             return topk_sparsemixer(logits, spec.jitter_eps)
+        if spec.scoring == "sigmoid_sink":
+            return topk_sigmoid_sink(logits.float(), self.bias, self.top_k, spec.num_shared_scored,
+                                     spec.scaling * self.scale)
         if spec.scoring == "topk_then_sigmoid":
             weights, ids = topk_then_sigmoid(logits, self.top_k, self.bias, spec.renormalize)
             return (weights if spec.scaling == 1.0 else weights * spec.scaling), ids
@@ -83,30 +88,48 @@ class Gate:
 
 class SharedExpert:
     """The always-on expert(s) of a layer (Qwen2-MoE with its sigmoid gate, DeepSeek-V3, Llama 4,
-    Mistral Large 3)."""
+    Mistral Large 3): one MLP; Inkling's n shared experts: n MLPs, each weighted by the gate."""
 
     def __init__(self, spec: MoESpec, weights: SharedWeights, dtype: torch.dtype | None = None):
         cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
         self.activation = spec.gated_activation(shared=True)
-        self.w_gate_up = cast(weights.w_gate_up).unsqueeze(0).contiguous()  # [1, 2S, H]
-        self.w_down = cast(weights.w_down).unsqueeze(0).contiguous()        # [1, H, S]
+        n = max(1, spec.num_shared_scored)  # MLPs of S / n each
+        size = weights.w_down.shape[1] // n
+        gate, up = cast(weights.w_gate_up).reshape(2, n, size, -1).unbind(0)
+        self.w_gate_up = torch.cat([gate, up], dim=1).contiguous()  # [n, 2S / n, H]
+        self.w_down = cast(weights.w_down).reshape(-1, n, size).transpose(0, 1).contiguous()  # [n, H, S / n]
         self.gate = None if weights.gate is None else cast(weights.gate)    # [1, H]
         self.scale = spec.shared_scale  # Cohere2-MoE's average: 0.5
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, H] in the weights' dtype. Returns [T, H]."""
-        counts = torch.tensor([x.shape[0]], dtype=torch.int64)
-        out = grouped_mlp(x, self.w_gate_up, self.w_down, counts, self.activation)
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, H] in the weights' dtype; weights: [T, n], each MLP's weight per token (Inkling's
+        gate gives them; None for the others). Returns [T, H]."""
+        n = self.w_down.shape[0]
+        counts = torch.full((n,), x.shape[0], dtype=torch.int64)
+        out = grouped_mlp(x if n == 1 else x.repeat(n, 1), self.w_gate_up, self.w_down, counts, self.activation)
+        if weights is not None:  # [n * T, H] -> [T, H]
+            out = (out.view(n, *x.shape) * weights.t().to(out.dtype).unsqueeze(-1)).sum(dim=0)
         if self.gate is not None:
             out = torch.sigmoid(x @ self.gate.t()) * out
         return out if self.scale == 1.0 else out * self.scale
 
 
+def split_shared(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A gate's weights [T, k] or [T, k + S] (ids [T, k]) as the routed experts' [T, k] and the shared
+    experts' [T, S] (None: the gate weighs no shared expert)."""
+    k = ids.shape[1]
+    if weights.shape[1] == k:
+        return weights, None
+    return weights[:, :k].contiguous(), weights[:, k:]
+
+
 class DispatchedTokens:
-    """Token copies sorted by expert, and what `combine` needs to undo it."""
+    """Token copies sorted by expert, and what `combine` needs to undo it; `shared_weights` [T, S]: the
+    shared experts' weights where the gate gives them (Inkling), else None."""
 
     def __init__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
                  gate_on_input: bool):
+        weights, self.shared_weights = split_shared(weights, ids)
         self.num_tokens, self.top_k = ids.shape
         self.order, counts, _ = align_tokens(ids, num_experts)  # [N], [E]
         self.counts = counts.tolist()
@@ -121,8 +144,8 @@ class DispatchedTokens:
 
 
 def dispatch(spec: MoESpec, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> DispatchedTokens:
-    """Sort the copies of x [T, H] by the expert `ids` [T, k] picked, with their gate `weights`; the
-    copies of identity experts (ids >= num_experts) come last."""
+    """Sort the copies of x [T, H] by the expert `ids` [T, k] picked, with their gate `weights` ([T, k],
+    or [T, k + S] with the shared experts'); the copies of identity experts (ids >= num_experts) come last."""
     return DispatchedTokens(x, weights, ids, spec.num_scored, spec.gate_on_input)
 
 
@@ -172,5 +195,5 @@ class MoELayer(torch.nn.Module):
                                  None if tokens.scale is None else tokens.scale[:routed])
         out = tokens.combine(torch.cat([y, tokens.rows[routed:]]))  # [T, H]
         if self.shared is not None:
-            out = out + self.shared(x)
+            out = out + self.shared(x, tokens.shared_weights)
         return out.to(hidden.dtype).reshape(hidden.shape)

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["MoESpec", "NOT_SERVED", "SUPPORTED_MODEL_TYPES", "TEXT_MODELS", "load_config", "load_spec",
            "spec_from_config", "text_config_path"]
 
-Scoring = Literal["softmax", "sigmoid_grouped", "softmax_grouped", "topk_then_sigmoid", "sqrtsoftplus", "sparsemixer"]
+Scoring = Literal["softmax", "sigmoid_grouped", "softmax_grouped", "topk_then_sigmoid", "sqrtsoftplus", "sparsemixer",
+                  "sigmoid_sink"]
 # What the MoE block's forward returns: "hidden" out [B, S, H]; "flat_and_router" (out [T, H], its
 # router's second output) (Llama 4); "hidden_and_router" (out [B, S, H], the same) (gpt-oss).
 BlockOutput = Literal["hidden", "flat_and_router", "hidden_and_router"]
@@ -91,6 +92,10 @@ class MoESpec:
     # LongCat-Flash's zero-compute experts: the gate scores num_experts + these; a copy picked for one
     # (id >= num_experts) is the token itself, added by whoever gates (router, MoELayer), never sent
     num_identity_experts: int = 0
+    # Inkling ("sigmoid_sink"): the gate scores this many shared experts after the routed ones (its
+    # weight [E + S, H]), each shared expert (of the routed experts' size) scaled by its own weight,
+    # and every weight x the layer's learned `gate.global_scale`
+    num_shared_scored: int = 0
     # the decoder's names in checkpoints start with this (Qwen3-Omni: "thinker.", its talker's MoE
     # layers beside it are another model's, not served)
     checkpoint_root: str = ""
@@ -106,8 +111,13 @@ class MoESpec:
 
     @property
     def num_scored(self) -> int:
-        """Experts the gate scores: the real ones, then the identity ones."""
+        """Experts the gate picks from: the real ones, then the identity ones."""
         return self.num_experts + self.num_identity_experts
+
+    @property
+    def gate_rows(self) -> int:
+        """Rows of the gate's weight: the experts it picks from, then the shared ones it scores (Inkling)."""
+        return self.num_scored + self.num_shared_scored
 
     def top_k_of(self, layer: int) -> int:
         """Experts per token of MoE layer `layer`."""
@@ -341,6 +351,30 @@ def _qwen3_omni_moe_text(config: dict[str, Any], mt: str) -> MoESpec:
     """Qwen3-Omni's thinker: Qwen3-MoE's block (`norm_topk_prob` read), its decoder under `thinker.`
     in checkpoints; the talker's MoE layers beside it (a gated shared expert) stay in the model."""
     return dataclasses.replace(_qwen3_moe(config, mt), checkpoint_root="thinker.")
+
+
+def _inkling_text(config: dict[str, Any], mt: str) -> MoESpec:
+    """Inkling: a float32 router scoring the routed and the `n_shared_experts` shared experts by
+    sigmoid; top-k routed by score + bias (for the choice only); the chosen and the shared scores
+    normalised together, x `route_scale` x the layer's learned `gate.global_scale`; each shared
+    expert, of the routed experts' size, weighted by its own score. MoE layers: the "sparse" of
+    `mlp_layer_types` (hub configs: all from `dense_mlp_idx`, whose `intermediate_size` is then the
+    experts' width beside `dense_intermediate_size`)."""
+    common = _common(config, mt)
+    num_shared = int(config.get("n_shared_experts") or 0)
+    if num_shared < 1:
+        raise UnsupportedModelError(f"{mt} with n_shared_experts={num_shared} is not served: its router's "
+                                    f"scores end with the shared experts'")
+    first_sparse = int(config.get("dense_mlp_idx") or 0)
+    kinds = config.get("mlp_layer_types") or ["dense" if i < first_sparse else "sparse"
+                                              for i in range(common["num_layers"])]
+    size = _get(config, "intermediate_size" if "dense_intermediate_size" in config else "moe_intermediate_size", mt)
+    return MoESpec(**common, moe_layers=tuple(i for i, kind in enumerate(kinds[:common["num_layers"]])
+                                              if kind == "sparse"),
+                   num_experts=int(_get(config, "n_routed_experts|num_local_experts", mt)), intermediate_size=int(size),
+                   scoring="sigmoid_sink", renormalize=True, scaling=float(config.get("route_scale", 8.0)),
+                   is_router_fp32=True, has_score_bias=True, shared_intermediate_size=int(size) * num_shared,
+                   shared_attr="shared_experts", num_shared_scored=num_shared)
 
 
 def _kolibri1(config: dict[str, Any], mt: str) -> MoESpec:
@@ -652,6 +686,7 @@ _FAMILIES = {
     "qwen3_vl_moe_text": _qwen3_vl_moe_text,
     "qwen3_omni_moe_text": _qwen3_omni_moe_text,
     "flint": _flint,
+    "inkling_text": _inkling_text,
     "kolibri1": _kolibri1,
     "beam": _beam,
     "olmoe": _olmoe,
@@ -704,8 +739,9 @@ NOT_SERVED: dict[str, str] = {
     "minimax_m3_vl": "gpt-oss's clamped SwiGLU without biases, sigmoid + bias routing, x 2, a shared expert",
     "muse_spark": "router logits scaled before the sigmoid, experts at a narrower width with norms around them",
     "axk1": "the block's output (routed + shared) RMS-normed before the residual",
+    "inkling_mm_model": "multimodal Inkling: its published names (model.llm.layers, experts.w13_weight with gate "
+                        "and up interleaved) are not read; its text model, inkling_text, is served",
     "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
-    "inkling": "routed and shared scores normalised together, times route_scale x global_scale",
     # a different shape of layer
     "diffusion_gemma": "a block-diffusion encoder-decoder, not a causal decoder",
     "openai_privacy_filter": "a bidirectional encoder for token classification, not a causal decoder",

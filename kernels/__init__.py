@@ -9,8 +9,8 @@ reference (`*_reference`, same signature) otherwise.
 from kernels.align import align_tokens
 from kernels.combine import combine
 from kernels.expert_mlp import ACTIVATIONS, GatedActivation, grouped_mlp
-from kernels.gating import (hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_softmax, topk_softmax_grouped,
-                            topk_sparsemixer, topk_sqrtsoftplus, topk_then_sigmoid)
+from kernels.gating import (hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_sigmoid_sink, topk_softmax,
+                            topk_softmax_grouped, topk_sparsemixer, topk_sqrtsoftplus, topk_then_sigmoid)
 
 __all__ = [
     "ACTIVATIONS",
@@ -20,6 +20,7 @@ __all__ = [
     "grouped_mlp",
     "hashed_sqrtsoftplus",
     "topk_sigmoid_grouped",
+    "topk_sigmoid_sink",
     "topk_softmax",
     "topk_softmax_grouped",
     "topk_sparsemixer",

@@ -1,6 +1,6 @@
 """Top-k gating: which experts each token goes to, and with what weight.
 
-Six scoring rules cover the supported families:
+Seven scoring rules cover the supported families:
 
 - `topk_softmax`: softmax over all experts, top-k, optional renormalisation by the weights' sum or
   their p-norm (Mixtral, Qwen-MoE, OLMoE; DBRX's moe_normalize_expert_weights).
@@ -15,6 +15,9 @@ Six scoring rules cover the supported families:
   chosen logits, optionally renormalised (Llama 4, Cohere2-MoE's sigmoid selection, Kolibri).
 - `topk_sparsemixer`: PhiMoE's sparsemixer at inference: two experts, each the best one left,
   weighted by its softmax among the experts within a relative `2 * jitter_eps` of it.
+- `topk_sigmoid_sink`: Inkling's: sigmoid scores of the routed and the shared experts' logits, top-k
+  routed by score + bias, then the chosen routed and every shared expert's score normalised
+  together (the shared experts are a sink in the sum), x `scaling`.
 - `topk_sqrtsoftplus`: scores sqrt(softplus(logits)), a score-correction bias used only for the
   choice, top-k, optional renormalisation, then `scaling` (DeepSeek-V4); `hashed_sqrtsoftplus`
   weighs experts picked elsewhere (V4's hash layers pick them by token id) with the same scores.
@@ -31,7 +34,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["RENORM_MIN", "check_grouped", "hashed_sqrtsoftplus", "sqrtsoftplus_scores", "topk_sigmoid_grouped",
-           "topk_softmax", "topk_softmax_grouped", "topk_sparsemixer", "topk_sqrtsoftplus", "topk_then_sigmoid"]
+           "topk_sigmoid_sink", "topk_softmax", "topk_softmax_grouped", "topk_sparsemixer", "topk_sqrtsoftplus",
+           "topk_then_sigmoid"]
 
 
 RENORM_MIN = 1e-20
@@ -223,6 +227,45 @@ def topk_then_sigmoid_reference(logits: torch.Tensor, top_k: int, bias: torch.Te
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(logits.dtype), ids
+
+
+def check_sink(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_shared: int) -> None:
+    """ValueError unless logits [T, E + num_shared] and bias [E] or None fit a sink gate of top_k."""
+    if num_shared < 1:
+        raise ValueError(f"num_shared must be >= 1, got {num_shared}")
+    if logits.dim() != 2 or logits.shape[1] <= num_shared:
+        raise ValueError(f"logits must be [T, E + {num_shared}] with E >= 1, got shape {tuple(logits.shape)}")
+    num_experts = logits.shape[1] - num_shared
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}] (number of routed experts), got {top_k}")
+    if bias is not None and bias.shape != (num_experts,):
+        raise ValueError(f"bias must be [{num_experts}], got shape {tuple(bias.shape)}")
+
+
+def topk_sigmoid_sink(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_shared: int,
+                      scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inkling gate: the routed experts' top-k by sigmoid score + bias (the bias only for the
+    choice); the chosen and the `num_shared` shared experts' sigmoid scores normalised by their
+    sum together, x `scaling`.
+
+    logits: [T, E + S] float32 (the routed experts', then the shared ones'); bias: [E] or None.
+    Returns (weights [T, k + S] float32: the routed experts', then the shared ones'; ids [T, k] int64).
+    """
+    check_sink(logits, bias, top_k, num_shared)
+    if logits.is_cuda:
+        from kernels.triton_gating import topk_sigmoid_sink_triton
+
+        return topk_sigmoid_sink_triton(logits, bias, top_k, num_shared, scaling)
+    return topk_sigmoid_sink_reference(logits, bias, top_k, num_shared, scaling)
+
+
+def topk_sigmoid_sink_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_shared: int,
+                                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = logits.float().sigmoid()
+    routed, shared = scores[:, :-num_shared], scores[:, -num_shared:]
+    ids = _stable_topk(routed if bias is None else routed + bias.float(), top_k)[1]
+    weights = torch.cat([routed.gather(1, ids), shared], dim=1)
+    return weights / weights.sum(dim=-1, keepdim=True) * scaling, ids
 
 
 def topk_sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,11 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gating import RENORM_MIN, check_grouped
+from kernels.gating import RENORM_MIN, check_grouped, check_sink
 from kernels.triton_common import check_device, tile
 
-__all__ = ["topk_sigmoid_grouped_triton", "topk_softmax_grouped_triton", "topk_softmax_triton",
-           "topk_sparsemixer_triton", "topk_sqrtsoftplus_triton", "topk_then_sigmoid_triton"]
+__all__ = ["topk_sigmoid_grouped_triton", "topk_sigmoid_sink_triton", "topk_softmax_grouped_triton",
+           "topk_softmax_triton", "topk_sparsemixer_triton", "topk_sqrtsoftplus_triton", "topk_then_sigmoid_triton"]
 
 _NO_EXPERT = tl.constexpr(2**30)  # id of padding lanes: larger than any expert id, so never the lowest
 _MAX_TILE = 4096  # elements of one program's logits tile
@@ -194,6 +194,39 @@ def _topk_then_sigmoid_kernel(
 
 
 @triton.jit
+def _topk_sigmoid_sink_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, num_shared, top_k, scaling,
+    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # logits rows are [E + S]: the routed experts' lanes [BT, BE], then the shared experts' [BT, BS].
+    width = num_experts + num_shared
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
+    experts = tl.arange(0, BLOCK_E)[None, :]  # [1, BE]
+    shared = tl.arange(0, BLOCK_S)[None, :]  # [1, BS]
+    is_row = rows < num_tokens
+    is_valid = tl.broadcast_to(experts < num_experts, (BLOCK_T, BLOCK_E))  # padding rows are gated too, not stored
+    is_shared = is_row[:, None] & (shared < num_shared)
+    routed = tl.load(logits_ptr + rows[:, None] * width + experts, mask=is_row[:, None] & is_valid, other=0.0)
+    sink = tl.load(logits_ptr + rows[:, None] * width + num_experts + shared, mask=is_shared, other=0.0)
+    # Step 1: sigmoid scores; the routed experts' + bias decide the choice.
+    scores = tl.sigmoid(routed.to(tl.float32))
+    sink = tl.where(is_shared, tl.sigmoid(sink.to(tl.float32)), 0.0)
+    choice = scores
+    if HAS_BIAS:
+        choice += tl.load(bias_ptr + experts, mask=experts < num_experts, other=0.0).to(tl.float32)
+    expert_ids = tl.where(is_valid, experts, _NO_EXPERT)
+    weights, ids, _ = _topk(choice, scores, expert_ids, is_valid, top_k, BLOCK_T, BLOCK_K)
+    # Step 2: the chosen and the shared scores normalised together, x scaling.
+    norm = (tl.sum(weights, axis=1) + tl.sum(sink, axis=1))[:, None] / scaling
+    slots = tl.arange(0, BLOCK_K)[None, :]
+    out = rows[:, None] * (top_k + num_shared)
+    tl.store(weights_ptr + out + slots, weights / norm, mask=is_row[:, None] & (slots < top_k))
+    tl.store(weights_ptr + out + top_k + shared, sink / norm, mask=is_shared)
+    tl.store(ids_ptr + rows[:, None] * top_k + slots, ids.to(tl.int64), mask=is_row[:, None] & (slots < top_k))
+
+
+@triton.jit
 def _sparsemixer_kernel(
     logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, band,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -353,6 +386,26 @@ def topk_then_sigmoid_triton(logits: torch.Tensor, top_k: int, bias: torch.Tenso
             num_experts, top_k, HAS_BIAS=bias is not None, RENORMALIZE=bool(renormalize),
             IS_FP64=logits.dtype == torch.float64, BLOCK_T=block_t, BLOCK_E=block_e,
             BLOCK_K=triton.next_power_of_2(top_k),
+        )
+    return weights, ids
+
+
+def topk_sigmoid_sink_triton(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, num_shared: int,
+                             scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inkling gate (kernels.gating.topk_sigmoid_sink). logits: [T, E + S]; bias: [E] or None.
+    Returns (weights [T, k + S] float32, ids [T, k] int64)."""
+    check_sink(logits, bias, top_k, num_shared)
+    check_device(_topk_sigmoid_sink_kernel, logits=logits, bias=bias)
+    num_tokens, num_experts = logits.shape[0], logits.shape[1] - num_shared
+    weights = torch.empty(num_tokens, top_k + num_shared, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    if num_tokens:
+        block_e = triton.next_power_of_2(num_experts)
+        block_t = _rows_per_program(num_tokens, block_e)
+        _topk_sigmoid_sink_kernel[(triton.cdiv(num_tokens, block_t),)](
+            logits.contiguous(), logits if bias is None else bias.float().contiguous(), weights, ids, num_tokens,
+            num_experts, num_shared, top_k, float(scaling), HAS_BIAS=bias is not None, BLOCK_T=block_t,
+            BLOCK_E=block_e, BLOCK_S=triton.next_power_of_2(num_shared), BLOCK_K=triton.next_power_of_2(top_k),
         )
     return weights, ids
 

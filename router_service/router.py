@@ -19,7 +19,7 @@ from pathlib import Path
 import msgpack
 import torch
 
-from experts import CheckpointReader, Gate, GateWeights, MoESpec, SharedExpert, SharedWeights
+from experts import CheckpointReader, Gate, GateWeights, MoESpec, SharedExpert, SharedWeights, split_shared
 from protos.errors import ExpertTimeoutError, ExpertUnavailableError, HedgedError, NoRoutingTableError
 from kernels import align_tokens, combine
 from router_service.batcher import LayerBatcher
@@ -165,14 +165,16 @@ class Router:
 
     async def _run_batch(self, table: RoutingTable, layer: int, x: torch.Tensor, parts: list[slice],
                          token_ids: torch.Tensor | None) -> tuple[list[torch.Tensor | BaseException], int]:
-        # Step 1: shared experts start at once, in a thread, while the routed tokens travel.
-        shared = self.shared.get(layer)
-        shared_task = asyncio.get_running_loop().run_in_executor(None, shared, x) if shared else None
-        # Step 2: gate; token copies sorted by expert (indices only). A large batch's math runs in
+        # Step 1: gate; token copies sorted by expert (indices only). A large batch's math runs in
         # a thread, so that health, admin and small requests are not held behind it.
         is_large = x.numel() >= LARGE_BATCH_ELEMENTS
         start = time.perf_counter()
         weights, ids, order, counts = await self._off_loop(is_large, self._gate, layer, x, token_ids)
+        weights, shared_weights = split_shared(weights, ids)  # the shared experts' weights: Inkling's gate
+        # Step 2: shared experts start at once, in a thread, while the routed tokens travel.
+        shared = self.shared.get(layer)
+        shared_task = (asyncio.get_running_loop().run_in_executor(None, shared, x, shared_weights) if shared
+                       else None)
         self.tally.add(layer, counts, ids)  # on the event loop, as flush_counts: no lost counts
         counts = counts.tolist()
         self.stage_s["gate"] += time.perf_counter() - start
@@ -195,7 +197,8 @@ class Router:
         return self._split(out, parts, failed, ids.shape[1]), table.epoch
 
     def _gate(self, layer: int, x: torch.Tensor, token_ids: torch.Tensor | None):
-        """(weights [T, k], ids [T, k], order [N] copies sorted by expert, counts [E] per expert)."""
+        """(weights [T, k] or [T, k + S] (`Gate`), ids [T, k], order [N] copies sorted by expert, counts
+        [E] per expert)."""
         weights, ids = self.gates[layer](x, token_ids)
         order, counts, _ = align_tokens(ids, self.spec.num_scored)
         return weights, ids, order, counts

@@ -43,6 +43,7 @@ def test_every_moe_layer_matches_transformers_fp32(zoo, family, layout):
 
 def _gate(block, spec, x, token_ids=None):
     """transformers' gate of `block` on x [T, H]: (logits [T, E], weights [T, k], ids [T, k]);
+    Inkling's logits are [T, E + S], the shared experts' last;
     MiniMax-M2, LFM2-MoE and AFMoE keep their score bias on the block and hand it to the gate;
     DeepSeek-V4's hash layers take the token ids."""
     gate = getattr(block, spec.gate_attr)
@@ -55,7 +56,7 @@ def _gate(block, spec, x, token_ids=None):
     if spec.model_type == "dbrx":  # its router gives the logits, its block routes them
         logits = gate(x)
         return logits, *block.route_tokens_to_experts(logits)
-    return gate(x) if bias is None else gate(x, bias)
+    return (gate(x) if bias is None else gate(x, bias))[:3]  # Inkling's gives the shared experts' weights 4th
 
 
 def _router_logits(block, spec, x, token_ids=None):
@@ -317,6 +318,7 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("qwen3_vl_moe", dict(renormalize=False)),  # always renormalised (its tiny model's norm_topk_prob is False)
     ("qwen3_omni_moe", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("kolibri1", dict(renormalize=False)),  # norm_topk_prob True in its tiny model
+    ("inkling_text", dict(scaling=1.0)),  # x route_scale
     ("longcat_flash", dict(renormalize=True)),  # never renormalised
     ("longcat_flash", dict(scaling=1.0)),
     ("phimoe", dict(jitter_eps=0.01)),  # router_jitter_noise 0.3 in its tiny model

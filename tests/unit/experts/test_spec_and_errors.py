@@ -49,6 +49,12 @@ SPEC_CASES = [
     ("qwen3_omni_moe", dict(thinker_config=dict(text_config=dict(
         model_type="qwen3_omni_moe_text", hidden_size=8, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
         moe_intermediate_size=6, mlp_only_layers=[0]))), ((1, 2), 8, 2, "softmax", 0)),
+    ("inkling_text", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                          moe_intermediate_size=6, n_shared_experts=2, mlp_layer_types=["dense", "sparse", "sparse"]),
+     ((1, 2), 8, 2, "sigmoid_sink", 12)),
+    ("inkling_text", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
+                          intermediate_size=6, dense_intermediate_size=32, n_shared_experts=1, dense_mlp_idx=1),
+     ((1, 2), 8, 2, "sigmoid_sink", 6)),  # a hub config: intermediate_size is the experts' width
     ("deepseek_v4", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                          moe_intermediate_size=6, mlp_layer_types=["hash_moe", "moe", "moe"]),
      ((0, 1, 2), 8, 2, "sqrtsoftplus", 6)),

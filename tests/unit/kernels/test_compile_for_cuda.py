@@ -50,6 +50,9 @@ KERNELS = [
      dict(pointers(logits_ptr="fp32", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"), **GATE_SCALARS),
      dict(HAS_BIAS=True, RENORMALIZE=True, SQRT_SOFTPLUS=False, SOFTMAX=True, GROUP_BY_BEST=False, BLOCK_T=16,
           BLOCK_G=1, BLOCK_S=64, BLOCK_K=8, BLOCK_KG=1)),  # Ernie 4.5: a bias for the choice, clamped renorm
+    (g._topk_sigmoid_sink_kernel, dict(pointers(logits_ptr="fp32", bias_ptr="fp32", weights_ptr="fp32", ids_ptr="i64"),
+                                        scaling="fp32"),
+     dict(HAS_BIAS=True, BLOCK_T=16, BLOCK_E=256, BLOCK_S=2, BLOCK_K=8)),  # Inkling
     (g._sparsemixer_kernel, dict(pointers(logits_ptr="bf16", weights_ptr="fp32", ids_ptr="i64"), band="fp32"),
      dict(BLOCK_T=256, BLOCK_E=16)),  # PhiMoE
     (g._topk_then_sigmoid_kernel, pointers(logits_ptr="bf16", bias_ptr="fp32", weights_ptr="bf16", ids_ptr="i64"),
@@ -88,4 +91,4 @@ def test_kernels_compile_for_sm90(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 18, result.stdout
+    assert result.stdout.count("compiled") == 19, result.stdout

@@ -42,6 +42,8 @@ ROUTES = [
     ("gating", "topk_sigmoid_grouped", "triton_gating", "topk_sigmoid_grouped_triton",
      "topk_sigmoid_grouped_reference",
      lambda cast: (cast(torch.zeros(3, 4)), None, 2, 2, 1, True, 1.0, 1e-20, 0.0)),
+    ("gating", "topk_sigmoid_sink", "triton_gating", "topk_sigmoid_sink_triton", "topk_sigmoid_sink_reference",
+     lambda cast: (cast(torch.zeros(3, 6)), None, 2, 2, 1.0)),
     ("gating", "topk_sparsemixer", "triton_gating", "topk_sparsemixer_triton", "topk_sparsemixer_reference",
      lambda cast: (cast(torch.zeros(3, 4)), 0.01)),
     ("gating", "topk_softmax_grouped", "triton_gating", "topk_softmax_grouped_triton",

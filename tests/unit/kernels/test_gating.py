@@ -164,6 +164,51 @@ def test_topk_then_sigmoid_triton_matches_reference(triton_gating, num_tokens, n
     assert_gate_matches(got, gating.topk_then_sigmoid_reference(logits, top_k, bias, renormalize), dtype)
 
 
+SINK_CASES = [
+    # T, E, S (shared experts), k, bias, scaling, ties
+    (5, 8, 2, 3, True, 2.5, False),  # Inkling shaped
+    (5, 8, 2, 3, False, 1.0, True),
+    (4, 6, 1, 6, True, 8.0, True),  # k == E
+    (3, 16, 3, 4, True, 1.0, False),
+    (1100, 8, 2, 2, True, 2.5, False),  # several programs
+]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,num_shared,top_k,has_bias,scaling,ties", SINK_CASES)
+def test_topk_sigmoid_sink_triton_matches_reference(triton_gating, num_tokens, num_experts, num_shared, top_k,
+                                                    has_bias, scaling, ties):
+    logits = make_logits(num_tokens, num_experts + num_shared, ties=ties)
+    bias = 0.1 * torch.randn(num_experts, generator=torch.Generator().manual_seed(1)) if has_bias else None
+    got = triton_gating.topk_sigmoid_sink_triton(logits, bias, top_k, num_shared, scaling)
+    ref = gating.topk_sigmoid_sink_reference(logits, bias, top_k, num_shared, scaling)
+    assert got[0].shape == (num_tokens, top_k + num_shared) and got[1].shape == (num_tokens, top_k)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
+    assert_gate_matches(got, ref, torch.float32)
+
+
+def test_sigmoid_sink_reference_is_inklings_router():
+    """The reference's weights and choice are Inkling's router's (its log-sigmoid softmax over the
+    chosen routed and the shared logits, x route_scale x global_scale): checked on its own module."""
+    from transformers import InklingTextConfig
+    from transformers.models.inkling.modeling_inkling import InklingTopkRouter
+
+    config = InklingTextConfig(hidden_size=16, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
+                               route_scale=2.5)
+    router = InklingTopkRouter(config)
+    with torch.no_grad():
+        router.weight.normal_(0.0, 0.5)
+        router.e_score_correction_bias.uniform_(-0.1, 0.1)
+        router.global_scale.fill_(1.5)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    _, ref_weights, ref_ids, ref_shared = router(x)
+    weights, ids = gating.topk_sigmoid_sink_reference(x @ router.weight.t(), router.e_score_correction_bias, 3, 2,
+                                                      2.5 * 1.5)
+    order = ref_ids.argsort(dim=1)  # Inkling's top-k is unsorted
+    assert torch.equal(ids.sort(dim=1).values, ref_ids.gather(1, order))
+    assert relative_error(weights[:, :3].gather(1, ids.argsort(dim=1)), ref_weights.gather(1, order)) <= 1e-5
+    assert relative_error(weights[:, 3:], ref_shared) <= 1e-5
+
+
 SQRTSOFTPLUS_CASES = [
     # T, E, k, bias, renormalize, scaling, dtype, ties
     (5, 8, 2, True, True, 1.5, torch.float32, False),  # DeepSeek-V4 shaped
