@@ -50,14 +50,14 @@ def grouped_mlp_packed(x: torch.Tensor, packed: PackedExperts, counts: torch.Ten
         raise ValueError(f"x must be [N, {packed.hidden}] {packed.dtype}, got {tuple(x.shape)} {x.dtype}")
     if counts.shape != (packed.num_experts,) or int(counts.sum()) != x.shape[0]:
         raise ValueError(f"counts must be [{packed.num_experts}] summing to {x.shape[0]}, got {counts.tolist()}")
-    act, inter = gated(activation), packed.inter
+    act = gated(activation)
     out = torch.empty_like(x)
     start = 0
     for expert, count in enumerate(counts.tolist()):
         if count == 0:
             continue
         rows = slice(start, start + count)
-        gate_up = _linear(x[rows], packed.gate_up[expert], packed.b_gate_up[expert])  # [n, 2I]
-        out[rows] = _linear(act(gate_up[:, :inter], gate_up[:, inter:]), packed.down[expert], packed.b_down[expert])
+        gate_up = _linear(x[rows], packed.gate_up[expert], packed.b_gate_up[expert])  # [n, 2I] ([n, I] non-gated)
+        out[rows] = _linear(act.of(gate_up), packed.down[expert], packed.b_down[expert])
         start += count
     return out

@@ -1,9 +1,10 @@
-"""Grouped expert MLP over aligned tokens: for each expert e, y = down_e(act(gate_e(x)) * up_e(x)).
+"""Grouped expert MLP over aligned tokens: for each expert e, y = down_e(act(gate_e(x)) * up_e(x)), or
+y = down_e(act(up_e(x))) for non-gated experts (Nemotron-H's relu^2).
 
-Shapes: N = token copies (sorted by expert), H = hidden, I = expert intermediate size,
-E = experts held here. Weights use the transformers in-memory layout:
-w_gate_up [E, 2I, H] (gate rows first, then up rows), w_down [E, H, I]; optional biases
-b_gate_up [E, 2I] and b_down [E, H] (gpt-oss).
+Shapes: N = token copies (sorted by expert), H = hidden (the experts' input width), I = expert
+intermediate size, E = experts held here. Weights use the transformers in-memory layout:
+w_gate_up [E, 2I, H] (gate rows first, then up rows; [E, I, H], up rows only, for non-gated
+experts), w_down [E, H, I]; optional biases b_gate_up [E, 2I] and b_down [E, H] (gpt-oss).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # Nemotron-H's experts (non-gated)
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class GatedActivation:
-    """h = act(gate) * (up + up_offset), the gated activation of an expert.
+    """h = act(gate) * (up + up_offset), the gated activation of an expert; h = act(up) where not
+    `gated` (Nemotron-H: its experts have no gate projection).
 
     With limit > 0, gate is first clamped to <= limit and up to [-limit, limit] (DeepSeek-V4,
     gpt-oss). For silu, alpha scales the sigmoid's input: gate * sigmoid(alpha * gate) (gpt-oss:
@@ -36,6 +39,7 @@ class GatedActivation:
     limit: float = 0.0
     alpha: float = 1.0
     up_offset: float = 0.0
+    gated: bool = True
 
     def __post_init__(self):
         if self.name not in ACTIVATIONS:
@@ -44,6 +48,20 @@ class GatedActivation:
             raise ValueError(f"the clamp limit must be >= 0 (0: none), got {self.limit}")
         if self.alpha != 1.0 and self.name != "silu":
             raise ValueError(f"alpha applies to silu only, got alpha={self.alpha} with {self.name!r}")
+        if not self.gated and (self.limit or self.alpha != 1.0 or self.up_offset):
+            raise ValueError("a non-gated activation takes no limit, alpha or up_offset")
+
+    @property
+    def projections(self) -> int:
+        """Rows of w_gate_up per intermediate unit: 2 (gate and up), or 1 (up) where not gated."""
+        return 2 if self.gated else 1
+
+    def of(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """h [n, I] from the gate_up projection [n, 2I] (gate columns first), or [n, I] (up) where not gated."""
+        if not self.gated:
+            return ACTIVATIONS[self.name](gate_up)
+        inter = gate_up.shape[1] // 2
+        return self(gate_up[:, :inter], gate_up[:, inter:])
 
     def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """gate, up: [n, I]. Returns h [n, I]."""
@@ -62,16 +80,18 @@ def gated(activation: str | GatedActivation) -> GatedActivation:
 
 
 def check_shapes(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
-                 b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None) -> None:
-    """ValueError naming the shapes unless x [N, H], w_gate_up [E, 2I, H], w_down [E, H, I],
-    counts [E] and the biases (both or neither) [E, 2I], [E, H]."""
+                 b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None, projections: int = 2) -> None:
+    """ValueError naming the shapes unless x [N, H], w_gate_up [E, 2I, H] ([E, I, H] with
+    `projections` 1: non-gated), w_down [E, H, I], counts [E] and the biases (both or neither)
+    [E, 2I], [E, H]."""
+    rows = "2I" if projections == 2 else "I"
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
-        raise ValueError(f"expected x [N, H], w_gate_up [E, 2I, H], w_down [E, H, I]; got "
+        raise ValueError(f"expected x [N, H], w_gate_up [E, {rows}, H], w_down [E, H, I]; got "
                          f"{tuple(x.shape)}, {tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
     num_experts, two_i, hidden = w_gate_up.shape
-    if x.shape[1] != hidden or w_down.shape != (num_experts, hidden, two_i // 2) or two_i % 2:
+    if x.shape[1] != hidden or w_down.shape != (num_experts, hidden, two_i // projections) or two_i % projections:
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)}, "
-                         f"w_down {tuple(w_down.shape)} (want [N, H], [E, 2I, H], [E, H, I])")
+                         f"w_down {tuple(w_down.shape)} (want [N, H], [E, {rows}, H], [E, H, I])")
     if (b_gate_up is None) != (b_down is None):
         raise ValueError("b_gate_up and b_down come together (both or neither)")
     if b_gate_up is not None and (b_gate_up.shape != (num_experts, two_i) or b_down.shape != (num_experts, hidden)):
@@ -86,13 +106,13 @@ def grouped_mlp(
     activation: str | GatedActivation = "silu", b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gated MLP of each expert over its contiguous rows.
+    """Gated (or, as `activation` says, non-gated) MLP of each expert over its contiguous rows.
 
     x: [N, H] sorted by expert; counts: [E] int64, sum == N; b_gate_up [E, 2I] and b_down [E, H]
     or None. Returns [N, H] in x.dtype.
     """
     activation = gated(activation)
-    check_shapes(x, w_gate_up, w_down, counts, b_gate_up, b_down)
+    check_shapes(x, w_gate_up, w_down, counts, b_gate_up, b_down, activation.projections)
     if x.is_cuda:
         from kernels.triton_expert_mlp import grouped_mlp_triton
 
@@ -106,7 +126,6 @@ def grouped_mlp_reference(
     b_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
     act = gated(activation)
-    inter = w_down.shape[2]
     out = torch.empty_like(x)
     start = 0
     if counts.numel() and int(counts.min()) < 0:
@@ -115,13 +134,11 @@ def grouped_mlp_reference(
         if count == 0:
             continue
         rows = slice(start, start + count)
-        gate_up = x[rows] @ w_gate_up[expert].t()  # [n, 2I]
+        gate_up = x[rows] @ w_gate_up[expert].t()  # [n, 2I] ([n, I] non-gated)
         if b_gate_up is None:
-            torch.mm(act(gate_up[:, :inter], gate_up[:, inter:]), w_down[expert].t(), out=out[rows])
+            torch.mm(act.of(gate_up), w_down[expert].t(), out=out[rows])
         else:
-            gate_up = gate_up + b_gate_up[expert]
-            torch.addmm(b_down[expert], act(gate_up[:, :inter], gate_up[:, inter:]), w_down[expert].t(),
-                        out=out[rows])
+            torch.addmm(b_down[expert], act.of(gate_up + b_gate_up[expert]), w_down[expert].t(), out=out[rows])
         start += count
     if start != x.shape[0]:
         raise ValueError(f"counts sum to {start} but x has {x.shape[0]} rows")

@@ -23,7 +23,7 @@ from kernels.triton_common import check_device, is_interpreted, tile
 
 __all__ = ["grouped_mlp_triton"]
 
-KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu")  # `_activate`; = kernels.expert_mlp.ACTIVATIONS
+KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "relu2", "silu")  # `_activate`; = kernels.expert_mlp.ACTIVATIONS
 
 
 @triton.jit
@@ -36,6 +36,9 @@ def _activate(x, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr):
     elif ACTIVATION == "gelu_pytorch_tanh":
         inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         y = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))  # tanh(u) = 2 sigmoid(2u) - 1
+    elif ACTIVATION == "relu2":
+        y = tl.maximum(x, 0.0)
+        y = y * y
     else:
         tl.static_assert(ACTIVATION == "relu")
         y = tl.maximum(x, 0.0)
@@ -82,11 +85,12 @@ def _gate_up_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, num_experts, hidden, inter,
     stride_xm, stride_xh, stride_we, stride_wn, stride_wh, stride_be, stride_hm, stride_hi,
     ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr,
-    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """h[rows, cols] = act(gate) * (up + UP_OFFSET), cols of I, with gate = x[rows] @ w_gate[e, cols].T
-    (+ bias) clamped to <= LIMIT and up = x[rows] @ w_up[e, cols].T (+ bias) to [-LIMIT, LIMIT] (LIMIT > 0)."""
+    (+ bias) clamped to <= LIMIT and up = x[rows] @ w_up[e, cols].T (+ bias) to [-LIMIT, LIMIT] (LIMIT > 0);
+    not GATED: h = act(up), w holding the up rows only."""
     expert, row_start, row_end = _expert_rows(counts_ptr, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
@@ -94,25 +98,31 @@ def _gate_up_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     is_row = rows < row_end
     is_col = cols < inter
-    w_gate = w_ptr + expert * stride_we  # [2I, H]: gate rows, then up rows
-    w_up = w_gate + inter * stride_wn
+    w_gate = w_ptr + expert * stride_we  # [2I, H]: gate rows, then up rows ([I, H], up rows, not GATED)
+    w_up = w_gate + inter * stride_wn if GATED else w_gate
+    up_bias = inter if GATED else 0
     gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(0, hidden, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         is_k = ks < hidden
         x = _load_a(x_ptr, stride_xm, stride_xh, rows, is_row, ks, is_k, UPCAST_DOT)  # [BM, BK]
-        gate = tl.dot(x, _load_b(w_gate, stride_wn, stride_wh, cols, is_col, ks, is_k, UPCAST_DOT), gate,
-                      input_precision="ieee")
+        if GATED:
+            gate = tl.dot(x, _load_b(w_gate, stride_wn, stride_wh, cols, is_col, ks, is_k, UPCAST_DOT), gate,
+                          input_precision="ieee")
         up = tl.dot(x, _load_b(w_up, stride_wn, stride_wh, cols, is_col, ks, is_k, UPCAST_DOT), up,
                     input_precision="ieee")
     if HAS_BIAS:
-        gate += tl.load(b_ptr + expert * stride_be + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
-        up += tl.load(b_ptr + expert * stride_be + inter + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
-    if LIMIT > 0:
-        gate = tl.minimum(gate, LIMIT)
-        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
-    h = _activate(gate, ACTIVATION, ALPHA) * (up + UP_OFFSET)
+        if GATED:
+            gate += tl.load(b_ptr + expert * stride_be + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(b_ptr + expert * stride_be + up_bias + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
+    if not GATED:
+        h = _activate(up, ACTIVATION, ALPHA)
+    else:
+        if LIMIT > 0:
+            gate = tl.minimum(gate, LIMIT)
+            up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        h = _activate(gate, ACTIVATION, ALPHA) * (up + UP_OFFSET)
     tl.store(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hi, h.to(h_ptr.dtype.element_ty),
              mask=is_row[:, None] & is_col[None, :])
 
@@ -149,7 +159,7 @@ def _down_kernel(
 def _check(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
            activation: GatedActivation, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None) -> None:
     """What the kernels need beyond `kernels.expert_mlp`'s shape checks: one float dtype, integer counts."""
-    check_shapes(x, w_gate_up, w_down, counts, b_gate_up, b_down)
+    check_shapes(x, w_gate_up, w_down, counts, b_gate_up, b_down, activation.projections)
     if activation.name not in KERNEL_ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(KERNEL_ACTIVATIONS)}, got {activation.name!r}")
     if counts.is_floating_point():
@@ -176,9 +186,9 @@ def grouped_mlp_triton(
     activation: str | GatedActivation = "silu", b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gated MLP of each expert over its contiguous rows.
+    """Gated (or, as `activation` says, non-gated) MLP of each expert over its contiguous rows.
 
-    x: [N, H] sorted by expert; w_gate_up: [E, 2I, H]; w_down: [E, H, I]; b_gate_up [E, 2I] and
+    x: [N, H] sorted by expert; w_gate_up: [E, 2I, H] ([E, I, H] non-gated); w_down: [E, H, I]; b_gate_up [E, 2I] and
     b_down [E, H] or None (one float dtype); counts: [E] integers, sum == N, on any device.
     Returns [N, H] in x.dtype.
     """
@@ -206,7 +216,7 @@ def grouped_mlp_triton(
         x, w_gate_up, b_gate_up, h, counts, num_experts, hidden, inter,
         *x.stride(), *w_gate_up.stride(), b_gate_up.stride(0), *h.stride(),
         ACTIVATION=activation.name, ALPHA=float(activation.alpha), LIMIT=float(activation.limit),
-        UP_OFFSET=float(activation.up_offset), BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        UP_OFFSET=float(activation.up_offset), GATED=activation.gated, BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )
     block_n, block_k = tile(hidden, 16, 64), tile(inter, 16, max_k)
     _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](

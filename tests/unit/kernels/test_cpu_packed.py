@@ -46,6 +46,20 @@ def test_packed_with_biases_and_clamps_matches_reference(dtype, tol):
     assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()) <= tol
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_packed_non_gated_matches_reference(dtype, tol):
+    """Nemotron-H's experts: up rows only, relu^2, no gate."""
+    gen = torch.Generator().manual_seed(2)
+    hidden, inter, counts = 24, 20, torch.tensor([3, 0, 5, 2])
+    w_up = (torch.randn(4, inter, hidden, generator=gen) * 0.3).to(dtype)
+    w_down = (torch.randn(4, hidden, inter, generator=gen) * 0.3).to(dtype)
+    x = torch.randn(int(counts.sum()), hidden, generator=gen).to(dtype)
+    act = GatedActivation("relu2", gated=False)
+    ref = grouped_mlp_reference(x, w_up, w_down, counts, act)
+    out = cpu_packed.grouped_mlp_packed(x, cpu_packed.PackedExperts(w_up, w_down), counts, act)
+    assert ((out.float() - ref.float()).abs().max() / ref.float().abs().max()) <= tol
+
+
 def test_bad_counts_are_refused():
     packed = cpu_packed.PackedExperts(torch.randn(2, 8, 6), torch.randn(2, 6, 4))
     with pytest.raises(ValueError, match="counts must be"):

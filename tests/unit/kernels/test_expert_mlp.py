@@ -161,7 +161,60 @@ def test_grouped_mlp_triton_clamps_and_biases_like_the_reference(triton_expert_m
     assert relative_error(got, ref) <= TOL[dtype]
 
 
+RELU2 = GatedActivation("relu2", gated=False)  # Nemotron-H's experts: down(relu(up x)^2)
+
+NON_GATED_CASES = [
+    # counts, H, I, biases, dtype
+    ([3, 0, 2, 5], 24, 20, False, torch.float32),
+    ([20, 3], 32, 24, False, torch.bfloat16),
+    ([0, 4, 1], 72, 36, True, torch.float32),
+]
+
+
+def _up_only(w_gate_up: torch.Tensor, b_gate_up: torch.Tensor | None):
+    """The up half of gated weights [E, 2I, H] (and bias [E, 2I]): non-gated weights [E, I, H]."""
+    inter = w_gate_up.shape[1] // 2
+    return w_gate_up[:, inter:].contiguous(), None if b_gate_up is None else b_gate_up[:, inter:].contiguous()
+
+
+@pytest.mark.parametrize("counts,hidden,inter,has_bias,dtype", NON_GATED_CASES)
+def test_non_gated_triton_matches_reference(triton_expert_mlp, counts, hidden, inter, has_bias, dtype):
+    x, w_gate_up, w_down, counts_t = make_mlp(counts, hidden, inter, dtype)
+    b_gate_up, b_down = make_biases(len(counts), hidden, inter, dtype) if has_bias else (None, None)
+    w_up, b_up = _up_only(w_gate_up, b_gate_up)
+    got = triton_expert_mlp.grouped_mlp_triton(x, w_up, w_down, counts_t, RELU2, b_up, b_down)
+    ref = expert_mlp.grouped_mlp_reference(x, w_up, w_down, counts_t, RELU2, b_up, b_down)
+    assert got.dtype == dtype and relative_error(got, ref) <= TOL[dtype]
+
+
+def test_non_gated_reference_is_nemotron_h_experts():
+    """down(relu(up x)^2) per expert, as transformers' NemotronHExperts computes it (weight 1 per copy)."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    config = NemotronHConfig(hidden_size=24, n_routed_experts=3, moe_intermediate_size=20, moe_latent_size=None,
+                             layers_block_type=["moe"])
+    experts = NemotronHExperts(config)
+    x, w_gate_up, w_down, counts = make_mlp([2, 0, 3], 24, 20)
+    with torch.no_grad():
+        experts.up_proj.copy_(_up_only(w_gate_up, None)[0])
+        experts.down_proj.copy_(w_down)
+        ids = torch.repeat_interleave(torch.arange(3), counts)[:, None]  # one copy per row, in expert order
+        ref = experts(x, ids, torch.ones(x.shape[0], 1))
+    got = expert_mlp.grouped_mlp_reference(x, experts.up_proj.detach(), w_down, counts, RELU2)
+    assert relative_error(got, ref) <= 1e-6
+
+
+def test_weights_that_do_not_fit_the_activation_are_refused():
+    x, w_gate_up, w_down, counts = make_mlp([1, 1], 12, 10)
+    with pytest.raises(ValueError, match=r"\[E, I, H\]"):
+        expert_mlp.grouped_mlp(x, w_gate_up, w_down, counts, RELU2)  # gated weights, non-gated activation
+    with pytest.raises(ValueError, match=r"\[E, 2I, H\]"):
+        expert_mlp.grouped_mlp(x, w_gate_up[:, 10:], w_down, counts, "silu")
+
+
 @pytest.mark.parametrize("bad,match", [
+    (dict(name="relu2", gated=False, limit=7.0), "non-gated activation takes no limit"),
     (dict(name="swish"), "activation must be one of"),
     (dict(limit=-1.0), "limit must be >= 0"),
     (dict(name="gelu", alpha=1.702), "alpha applies to silu only"),
