@@ -23,7 +23,8 @@ from kernels.triton_common import check_device, is_interpreted, tile
 
 __all__ = ["grouped_mlp_triton"]
 
-KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "relu2", "silu")  # `_activate`; = kernels.expert_mlp.ACTIVATIONS
+# `_activate`'s; = kernels.expert_mlp.ACTIVATIONS
+KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "relu2", "silu")
 
 
 @triton.jit
