@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {
     "CheckpointReader": "checkpoint", "ExpertWeights": "checkpoint", "GateWeights": "checkpoint",
-    "SharedWeights": "checkpoint",
+    "SharedWeights": "checkpoint", "LatentWeights": "checkpoint", "Latent": "layer",
     "ExpertGroup": "group", "LayerExperts": "group",
     "Gate": "layer", "MoELayer": "layer", "SharedExpert": "layer", "dispatch": "layer",
     "split_shared": "layer",

@@ -94,7 +94,7 @@ class ExpertGroupServer:
 
     async def Compute(self, request: pb.ExpertBatch, context) -> pb.ExpertResult:
         start = time.perf_counter()
-        rows, scale, experts, counts = validate_batch(request, self.group.spec.hidden_size)
+        rows, scale, experts, counts = validate_batch(request, self.group.spec.expert_width)
         decoded = time.perf_counter()
         try:
             out = await self.compute(request.layer, rows, experts, counts, scale, list(request.versions) or None)
@@ -167,9 +167,9 @@ class ExpertGroupActor:
         from experts.channel import ChannelWorker, channel_nbytes
 
         spec = self.server_impl.group.spec
-        self._check_channel_budget(router, channel_nbytes(spec.num_experts, max_rows, spec.hidden_size, DTYPES[dtype]))
+        self._check_channel_budget(router, channel_nbytes(spec.num_experts, max_rows, spec.expert_width, DTYPES[dtype]))
         worker = ChannelWorker(channel_id, host, port, self.server_impl.compute_sync, spec.num_experts,
-                               spec.hidden_size, DTYPES[dtype], max_rows,
+                               spec.expert_width, DTYPES[dtype], max_rows,
                                self.server_impl.delay_s, self.server_impl.stage_s)
         await asyncio.to_thread(worker.connect)
         old = self._channels.pop(router, None)
@@ -202,7 +202,7 @@ class ExpertGroupActor:
             group = self.server_impl.group
             with self._changing:
                 group.add_experts(layer, weights)
-            probe = torch.zeros(len(experts), group.spec.hidden_size)
+            probe = torch.zeros(len(experts), group.spec.expert_width)
             with torch.inference_mode():
                 group.forward(layer, probe, sorted(experts), [1] * len(experts))
             return [group.version(layer, e) for e in experts]

@@ -95,6 +95,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                                rel_extent=16, d_rel=4, n_routed_experts=8, num_experts_per_tok=3,
                                                n_shared_experts=2, route_scale=2.5,
                                                mlp_layer_types=["dense", "sparse"])),
+    "nemotron_h": ("NemotronHConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
+                                           moe_shared_expert_intermediate_size=40, moe_latent_size=32, head_dim=12,
+                                           layers_block_type=["mamba", "moe", "attention", "moe"], n_routed_experts=8,
+                                           num_experts_per_tok=3, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                                           norm_topk_prob=False, mamba_num_heads=8, mamba_head_dim=12,
+                                           ssm_state_size=8, n_groups=2, chunk_size=16)),
     "kolibri1": ("Kolibri1Config", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                         shared_expert_intermediate_size=40, num_hidden_layers=2, head_dim=12,
                                         num_experts=8, num_experts_per_tok=3, norm_topk_prob=True)),
@@ -301,6 +307,8 @@ def build_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module
         for name, param in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight", "gate_up_proj", "down_proj", "gate_proj", "up_proj")):
                 param.normal_(0.0, 0.2)  # the last two: Inkling's stacked shared experts
+            elif name.endswith("latent_proj.weight"):  # Nemotron-H's: its init leaves the experts' input tiny
+                param.normal_(0.0, 0.2)
             elif name.endswith("gate.global_scale"):  # Inkling's learned scale: away from its 1.0 default
                 param.fill_(1.5)
             elif name.endswith(("router.bias", "gate_up_proj_bias", "down_proj_bias")):  # gpt-oss

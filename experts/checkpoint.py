@@ -31,7 +31,7 @@ from experts.quantized import QuantizationConfig, QuantizedTensor
 from experts.safetensors import CheckpointLayout, SafetensorsHeader
 from experts.spec import MoESpec, load_config, spec_from_config
 
-__all__ = ["CheckpointReader", "ExpertWeights", "GateWeights", "SafetensorsFile", "SharedWeights"]
+__all__ = ["CheckpointReader", "ExpertWeights", "GateWeights", "LatentWeights", "SafetensorsFile", "SharedWeights"]
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
@@ -77,9 +77,17 @@ class SharedWeights:
 
 
 @dataclasses.dataclass
+class LatentWeights:
+    """Nemotron-H's projections around the experts, run where the gate runs."""
+    into: torch.Tensor                   # [L, H]: tokens to the experts' width (fc1_latent_proj)
+    out_of: torch.Tensor                 # [H, L]: the combined expert output back (fc2_latent_proj)
+
+
+@dataclasses.dataclass
 class ExpertWeights:
     experts: list[int]                   # which experts of the layer, in this order
-    w_gate_up: torch.Tensor              # [n, 2I, H]
+    w_gate_up: torch.Tensor              # [n, 2I, H] ([n, I, H], up only, for non-gated experts; H: the
+                                         # experts' width, the latent one where the model has one)
     w_down: torch.Tensor                 # [n, H, I]
     checksums: list[str]                 # sha256 of each expert's source bytes
     b_gate_up: torch.Tensor | None = None    # [n, 2I], gpt-oss
@@ -244,13 +252,23 @@ class CheckpointReader:
             return self._stacked_shared(f"{block}{spec.shared_attr}.")
         mlp, names = next(((f"{block}{attr}.", n) for attr in (*spec.checkpoint_shared, spec.shared_attr)
                            for n in (spec.shared_expert_names, _HF_NAMES)
-                           if f"{block}{attr}.{n[0]}.weight" in self._files),
+                           if f"{block}{attr}.{n[-1]}.weight" in self._files),
                           (f"{block}{spec.shared_attr}.", _HF_NAMES))
-        gate_proj = self._weight(f"{mlp}{names[0]}.weight", (size, hidden))[0]
-        up_proj = self._weight(f"{mlp}{names[1]}.weight", (size, hidden))[0]
-        down = self._weight(f"{mlp}{names[2]}.weight", (hidden, size))[0]
+        if not spec.gated_experts:  # up and down only
+            names = names[1:]
+        gate_up = [self._weight(f"{mlp}{name}.weight", (size, hidden))[0] for name in names[:-1]]
+        down = self._weight(f"{mlp}{names[-1]}.weight", (hidden, size))[0]
         gate = self._weight(f"{block}shared_expert_gate.weight", (1, hidden))[0] if spec.has_shared_gate else None
-        return SharedWeights(torch.cat([gate_proj, up_proj]), down, gate)
+        return SharedWeights(torch.cat(gate_up), down, gate)
+
+    def latent(self, layer: int) -> LatentWeights | None:
+        """The latent projections of `layer` (None: the model has none)."""
+        spec, block = self.spec, self._block(layer)
+        if not spec.latent_size:
+            return None
+        hidden, latent = spec.hidden_size, spec.latent_size
+        return LatentWeights(self._weight(f"{block}fc1_latent_proj.weight", (latent, hidden))[0],
+                             self._weight(f"{block}fc2_latent_proj.weight", (hidden, latent))[0])
 
     def _stacked_shared(self, mlp: str) -> SharedWeights:
         """Inkling's shared experts, stored stacked: `gate_proj`, `up_proj` [n, I, H] and `down_proj`
@@ -272,8 +290,8 @@ class CheckpointReader:
             raise ValueError(f"experts {bad} out of range: layer {layer} has {spec.num_experts} experts")
         read_one = (self._stacked_expert if spec.checkpoint_stacked
                     else self._fused_expert if self.layout.is_fused(block) else self._legacy_expert)
-        hidden, inter = spec.hidden_size, spec.intermediate_size
-        shapes = [(2 * inter, hidden), (hidden, inter)] + ([(2 * inter,), (hidden,)] if spec.has_expert_bias else [])
+        width, inter, rows = spec.expert_width, spec.intermediate_size, spec.gate_up_rows
+        shapes = [(rows, width), (width, inter)] + ([(rows,), (width,)] if spec.has_expert_bias else [])
         stacks, checksums = [], []
         for i, expert in enumerate(experts):  # into one tensor each, as they are read: no second copy
             *tensors, checksum = read_one(block, expert)
@@ -289,19 +307,21 @@ class CheckpointReader:
         return ExpertWeights(experts, stacks[0], stacks[1], checksums, *stacks[2:])
 
     def _fused_expert(self, block: str, expert: int) -> _OneExpert:
-        """(gate_up [2I, H], down [H, I], b_gate_up [2I] | None, b_down [H] | None, checksum) of one expert."""
-        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
+        """(gate_up [2I, H] ([I, H] non-gated), down [H, I], b_gate_up [2I] | None, b_down [H] | None,
+        checksum) of one expert."""
+        hidden, inter = self.spec.expert_width, self.spec.intermediate_size
+        rows = self.spec.gate_up_rows
         name_gu, name_d = self.layout.fused_names(block)
         if not self.layout.is_transposed(block):  # stored [E, 2I, H] and [E, H, I]
-            gate_up, raw_gu = self._weight(name_gu, (2 * inter, hidden), rows=expert)
+            gate_up, raw_gu = self._weight(name_gu, (rows, hidden), rows=expert)
             down, raw_d = self._weight(name_d, (hidden, inter), rows=expert)
         else:  # stored [E, H, 2I] and [E, I, H]
-            gate_up, raw_gu = self._weight(name_gu, (hidden, 2 * inter), rows=expert)
+            gate_up, raw_gu = self._weight(name_gu, (hidden, rows), rows=expert)
             down, raw_d = self._weight(name_d, (inter, hidden), rows=expert)
             gate_up, down = gate_up.t().contiguous(), down.t().contiguous()
         raws, b_gate_up, b_down = raw_gu + raw_d, None, None
         if self.spec.has_expert_bias:
-            b_gate_up, raw_bgu = self._read(f"{block}experts.gate_up_proj_bias", (2 * inter,), rows=expert)
+            b_gate_up, raw_bgu = self._read(f"{block}experts.gate_up_proj_bias", (rows,), rows=expert)
             b_down, raw_bd = self._read(f"{block}experts.down_proj_bias", (hidden,), rows=expert)
             raws += [raw_bgu, raw_bd]
         if self.spec.interleaved_gate_up:  # gate, up, gate, up, ... -> gate rows, then up rows
@@ -317,14 +337,14 @@ class CheckpointReader:
         return torch.cat([gate, up]), down.t().contiguous(), None, None, _sha256(raw_g + raw_u + raw_d)
 
     def _legacy_expert(self, block: str, expert: int) -> _OneExpert:
-        """As `_fused_expert`, from per-expert names (no biases)."""
-        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
-        names = self.spec.expert_names
+        """As `_fused_expert`, from per-expert names (no biases): gate, up, down (up, down non-gated)."""
+        hidden, inter = self.spec.expert_width, self.spec.intermediate_size
+        *names, down_name = self.spec.stored_expert_names
         prefix = f"{block}experts.{expert}."
-        gate, raw_g = self._weight(f"{prefix}{names[0]}.weight", (inter, hidden))
-        up, raw_u = self._weight(f"{prefix}{names[1]}.weight", (inter, hidden))
-        down, raw_d = self._weight(f"{prefix}{names[2]}.weight", (hidden, inter))
-        return torch.cat([gate, up]), down, None, None, _sha256(raw_g + raw_u + raw_d)
+        gate_up = [self._weight(f"{prefix}{name}.weight", (inter, hidden)) for name in names]
+        down, raw_d = self._weight(f"{prefix}{down_name}.weight", (hidden, inter))
+        raws = [raw for _, parts in gate_up for raw in parts] + raw_d
+        return torch.cat([w for w, _ in gate_up]), down, None, None, _sha256(raws)
 
 
 def _sha256(raws: list[bytearray]) -> str:

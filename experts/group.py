@@ -139,8 +139,8 @@ class ExpertGroup:
         """
         if sum(counts) != x.shape[0] or len(counts) != len(experts):
             raise ValueError(f"counts {counts} do not match {x.shape[0]} rows for experts {experts}")
-        if x.dim() != 2 or x.shape[1] != self.spec.hidden_size:
-            raise ValueError(f"x must be [N, {self.spec.hidden_size}], got shape {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[1] != self.spec.expert_width:
+            raise ValueError(f"x must be [N, {self.spec.expert_width}], got shape {tuple(x.shape)}")
         if experts != sorted(experts):
             raise ValueError(f"experts must come in ascending order, got {experts}")
         runs = self._runs(layer, experts, counts, versions)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from experts.checkpoint import CheckpointReader, GateWeights, SharedWeights
+from experts.checkpoint import CheckpointReader, GateWeights, LatentWeights, SharedWeights
 from experts.group import ExpertGroup, LayerExperts
 from experts.spec import MoESpec
 from kernels import (align_tokens, combine, grouped_mlp, hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_sigmoid_sink,
                      topk_softmax, topk_softmax_grouped, topk_sparsemixer, topk_sqrtsoftplus, topk_then_sigmoid)
 
-__all__ = ["Gate", "MoELayer", "SharedExpert", "DispatchedTokens", "dispatch", "split_shared"]
+__all__ = ["Gate", "Latent", "MoELayer", "SharedExpert", "DispatchedTokens", "dispatch", "split_shared"]
 
 
 class Gate:
@@ -95,8 +95,8 @@ class SharedExpert:
         self.activation = spec.gated_activation(shared=True)
         n = max(1, spec.num_shared_scored)  # MLPs of S / n each
         size = weights.w_down.shape[1] // n
-        gate, up = cast(weights.w_gate_up).reshape(2, n, size, -1).unbind(0)
-        self.w_gate_up = torch.cat([gate, up], dim=1).contiguous()  # [n, 2S / n, H]
+        projections = cast(weights.w_gate_up).reshape(self.activation.projections, n, size, -1).unbind(0)
+        self.w_gate_up = torch.cat(projections, dim=1).contiguous()  # [n, 2S / n, H] (gate, up; up: not gated)
         self.w_down = cast(weights.w_down).reshape(-1, n, size).transpose(0, 1).contiguous()  # [n, H, S / n]
         self.gate = None if weights.gate is None else cast(weights.gate)    # [1, H]
         self.scale = spec.shared_scale  # Cohere2-MoE's average: 0.5
@@ -112,6 +112,23 @@ class SharedExpert:
         if self.gate is not None:
             out = torch.sigmoid(x @ self.gate.t()) * out
         return out if self.scale == 1.0 else out * self.scale
+
+
+class Latent:
+    """Nemotron-H's projections around a layer's experts: tokens into the experts' width, the
+    combined expert output back; run where the gate runs."""
+
+    def __init__(self, weights: LatentWeights, dtype: torch.dtype | None = None):
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+        self.w_into, self.w_out_of = cast(weights.into), cast(weights.out_of)  # [L, H], [H, L]
+
+    def into(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]. Returns [T, L]."""
+        return x @ self.w_into.t()
+
+    def out_of(self, y: torch.Tensor) -> torch.Tensor:
+        """y: [T, L]. Returns [T, H]."""
+        return y @ self.w_out_of.t()
 
 
 def split_shared(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -152,10 +169,11 @@ def dispatch(spec: MoESpec, x: torch.Tensor, weights: torch.Tensor, ids: torch.T
 class MoELayer(torch.nn.Module):
     """A whole MoE layer in-process; call on [T, H] or [B, S, H], output in the input's dtype."""
 
-    def __init__(self, spec: MoESpec, layer: int, gate: Gate, experts: ExpertGroup, shared: SharedExpert | None):
+    def __init__(self, spec: MoESpec, layer: int, gate: Gate, experts: ExpertGroup, shared: SharedExpert | None,
+                 latent: Latent | None = None):
         super().__init__()
         self.spec, self.layer = spec, layer
-        self.gate, self.experts, self.shared = gate, experts, shared
+        self.gate, self.experts, self.shared, self.latent = gate, experts, shared, latent
 
     @classmethod
     def from_pretrained(cls, path: str | Path, layer: int, dtype: torch.dtype | None = None) -> "MoELayer":
@@ -166,10 +184,12 @@ class MoELayer(torch.nn.Module):
             gate = Gate(reader.spec, reader.gate(layer), dtype)
             shared_weights = reader.shared(layer)
             shared = None if shared_weights is None else SharedExpert(reader.spec, shared_weights, dtype)
+            latent_weights = reader.latent(layer)
+            latent = None if latent_weights is None else Latent(latent_weights, dtype)
             held = LayerExperts.from_weights(reader.experts(layer), dtype)
         finally:
             reader.close()
-        return cls(reader.spec, layer, gate, ExpertGroup(reader.spec, {layer: held}), shared)
+        return cls(reader.spec, layer, gate, ExpertGroup(reader.spec, {layer: held}), shared, latent)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,13 +207,15 @@ class MoELayer(torch.nn.Module):
                              f"got {list(token_ids.shape)}")
         x = hidden.reshape(-1, self.spec.hidden_size).to(self.dtype)  # [T, H]
         weights, ids = self.gate(x, None if token_ids is None else token_ids.reshape(-1))  # [T, k], [T, k]
-        tokens = dispatch(self.spec, x, weights, ids)
+        tokens = dispatch(self.spec, x if self.latent is None else self.latent.into(x), weights, ids)
         counts = tokens.counts[:self.spec.num_experts]
         routed = sum(counts)  # the copies after these are identity experts': the token itself
         experts = [e for e, c in enumerate(counts) if c]
         y = self.experts.forward(self.layer, tokens.rows[:routed], experts, [counts[e] for e in experts],
                                  None if tokens.scale is None else tokens.scale[:routed])
-        out = tokens.combine(torch.cat([y, tokens.rows[routed:]]))  # [T, H]
+        out = tokens.combine(torch.cat([y, tokens.rows[routed:]]))  # [T, H] ([T, L] latent)
+        if self.latent is not None:
+            out = self.latent.out_of(out)
         if self.shared is not None:
             out = out + self.shared(x, tokens.shared_weights)
         return out.to(hidden.dtype).reshape(hidden.shape)

@@ -286,8 +286,8 @@ class CheckpointLayout:
         gate_up, down = self.fused_names(block)
         if f"{gate_up}_blocks" in self.files:
             return False
-        hidden, inter = self.spec.hidden_size, self.spec.intermediate_size
-        rows = {gate_up: (2 * inter, hidden), down: (hidden, inter)}
+        hidden, inter = self.spec.expert_width, self.spec.intermediate_size
+        rows = {gate_up: (self.spec.gate_up_rows, hidden), down: (hidden, inter)}
         return any(tuple(self.file(name).shape(name)[1:]) != shape for name, shape in rows.items())
 
     def is_fused(self, block: str) -> bool:
@@ -311,7 +311,7 @@ class CheckpointLayout:
         if self.spec.checkpoint_stacked:
             return [(name, expert) for weight in self.spec.checkpoint_stacked for name in self.stored(block + weight)]
         if not self.is_fused(block):
-            weights = [f"{block}experts.{expert}.{n}.weight" for n in self.spec.expert_names]
+            weights = [f"{block}experts.{expert}.{n}.weight" for n in self.spec.stored_expert_names]
             return [(name, None) for weight in weights for name in self.stored(weight)]
         parts = [(name, expert) for weight in self.fused_names(block) for name in self.stored(weight)]
         if self.spec.has_expert_bias:

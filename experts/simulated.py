@@ -165,5 +165,5 @@ class SimulatedGroupFactory:
     def create(self, name: str, options: dict, own: dict[int, list[int]], model_path: str, spec, groups):
         import ray
 
-        cost = CostModel(spec.hidden_size, spec.intermediate_size, self.tflops, self.latency_ms)
+        cost = CostModel(spec.expert_width, spec.intermediate_size, self.tflops, self.latency_ms)
         return ray.remote(SimulatedGroupActor).options(**options).remote(name, own, cost)

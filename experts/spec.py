@@ -96,6 +96,12 @@ class MoESpec:
     # weight [E + S, H]), each shared expert (of the routed experts' size) scaled by its own weight,
     # and every weight x the layer's learned `gate.global_scale`
     num_shared_scored: int = 0
+    # Nemotron-H: the experts (and shared experts) are not gated, down(act(up x)); per expert, the
+    # checkpoint holds `expert_names[1:]` (up, down)
+    gated_experts: bool = True
+    # > 0 (Nemotron-H's moe_latent_size): the router projects the tokens to this width for the
+    # experts (the block's `fc1_latent_proj`) and their combined output back (`fc2_latent_proj`)
+    latent_size: int = 0
     # the decoder's names in checkpoints start with this (Qwen3-Omni: "thinker.", its talker's MoE
     # layers beside it are another model's, not served)
     checkpoint_root: str = ""
@@ -119,6 +125,21 @@ class MoESpec:
         """Rows of the gate's weight: the experts it picks from, then the shared ones it scores (Inkling)."""
         return self.num_scored + self.num_shared_scored
 
+    @property
+    def expert_width(self) -> int:
+        """The width of the rows the experts take and give: the latent width where there is one, else H."""
+        return self.latent_size or self.hidden_size
+
+    @property
+    def gate_up_rows(self) -> int:
+        """Rows of one expert's gate_up weight: 2I (gate, then up), or I (up) for non-gated experts."""
+        return (2 if self.gated_experts else 1) * self.intermediate_size
+
+    @property
+    def stored_expert_names(self) -> tuple[str, ...]:
+        """Per-expert weight names a checkpoint holds: gate, up, down; up, down for non-gated experts."""
+        return self.expert_names if self.gated_experts else self.expert_names[1:]
+
     def top_k_of(self, layer: int) -> int:
         """Experts per token of MoE layer `layer`."""
         return self.layer_top_k[self.moe_layers.index(layer)] if self.layer_top_k else self.top_k
@@ -128,7 +149,7 @@ class MoESpec:
         from kernels.expert_mlp import GatedActivation  # spec itself stays free of torch
 
         limit = self.swiglu_limit if self.shared_clamped or not shared else 0.0
-        return GatedActivation(self.activation, limit, self.swiglu_alpha, self.swiglu_up_offset)
+        return GatedActivation(self.activation, limit, self.swiglu_alpha, self.swiglu_up_offset, self.gated_experts)
 
     def config_hash(self) -> str:
         """sha256 of the spec's fields: two servers agree on the model's MoE layout iff equal."""
@@ -375,6 +396,33 @@ def _inkling_text(config: dict[str, Any], mt: str) -> MoESpec:
                    scoring="sigmoid_sink", renormalize=True, scaling=float(config.get("route_scale", 8.0)),
                    is_router_fp32=True, has_score_bias=True, shared_intermediate_size=int(size) * num_shared,
                    shared_attr="shared_experts", num_shared_scored=num_shared)
+
+
+def _nemotron_h(config: dict[str, Any], mt: str) -> MoESpec:
+    """Nemotron-H: the MoE block is the `mixer` of the "moe" layers of `layers_block_type` (hub
+    configs: the "E"s of `hybrid_override_pattern`); DeepSeek-V3's gate (a float32 sigmoid + score
+    bias, `n_group` / `topk_group`, renormalised if `norm_topk_prob`, x `routed_scaling_factor`);
+    non-gated experts (`mlp_hidden_act`: relu^2) on the tokens projected to `moe_latent_size` where
+    set (the block's `fc1_latent_proj`, back through `fc2_latent_proj`); one non-gated shared expert
+    of `moe_shared_expert_intermediate_size` on the tokens themselves. Published fused as
+    `experts.up_proj` [E, I, L] and `experts.down_proj` [E, L, I]."""
+    kinds = config.get("layers_block_type") or config.get("layer_types")
+    if not kinds:
+        kinds = ["moe" if kind == "E" else "other" for kind in str(_get(config, "hybrid_override_pattern", mt))]
+    if config.get("mlp_bias"):
+        raise UnsupportedModelError(f"{mt} with mlp_bias=True is not served: its latent projections and shared "
+                                    f"expert would carry biases")
+    config = {**config, "num_hidden_layers": len(kinds), "hidden_act": config.get("mlp_hidden_act", "relu2")}
+    return MoESpec(**_common(config, mt), moe_layers=tuple(i for i, kind in enumerate(kinds) if kind == "moe"),
+                   num_experts=int(_get(config, "n_routed_experts|num_local_experts", mt)),
+                   intermediate_size=int(_get(config, "moe_intermediate_size", mt)), scoring="sigmoid_grouped",
+                   num_groups=int(config.get("n_group") or 1), topk_groups=int(config.get("topk_group") or 1),
+                   renormalize=bool(config.get("norm_topk_prob", True)),
+                   scaling=float(config.get("routed_scaling_factor") or 1.0), is_router_fp32=True, has_score_bias=True,
+                   shared_intermediate_size=int(_get(config, "moe_shared_expert_intermediate_size", mt)),
+                   shared_attr="shared_experts", block_attr="mixer", gated_experts=False,
+                   latent_size=int(config.get("moe_latent_size") or 0),
+                   checkpoint_fused=("experts.up_proj", "experts.down_proj"))
 
 
 def _kolibri1(config: dict[str, Any], mt: str) -> MoESpec:
@@ -686,6 +734,7 @@ _FAMILIES = {
     "qwen3_vl_moe_text": _qwen3_vl_moe_text,
     "qwen3_omni_moe_text": _qwen3_omni_moe_text,
     "flint": _flint,
+    "nemotron_h": _nemotron_h,
     "inkling_text": _inkling_text,
     "kolibri1": _kolibri1,
     "beam": _beam,
@@ -741,7 +790,6 @@ NOT_SERVED: dict[str, str] = {
     "axk1": "the block's output (routed + shared) RMS-normed before the residual",
     "inkling_mm_model": "multimodal Inkling: its published names (model.llm.layers, experts.w13_weight with gate "
                         "and up interleaved) are not read; its text model, inkling_text, is served",
-    "nemotron_h": "non-gated relu^2 experts with latent projections inside the block",
     # a different shape of layer
     "diffusion_gemma": "a block-diffusion encoder-decoder, not a causal decoder",
     "openai_privacy_filter": "a bidirectional encoder for token classification, not a causal decoder",

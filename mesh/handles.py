@@ -127,7 +127,7 @@ class ExpertGroupFactory:
         self.actor_class = actor_class
 
     def expert_bytes(self, spec, dtype: str) -> int:
-        return 3 * spec.hidden_size * spec.intermediate_size * _BYTES[dtype] * 2  # + the packed copy
+        return (spec.gate_up_rows + spec.intermediate_size) * spec.expert_width * _BYTES[dtype] * 2  # + the packed copy
 
     def create(self, name: str, options: dict, own: dict[int, list[int]], model_path: str, spec, groups):
         import ray

@@ -60,7 +60,7 @@ class SwapVerifier:
         self.layer, self.source, self.dtype = layer, source, dtype
         self.sampled = probe_sample(experts, num_sampled, seed=layer)
         generator = torch.Generator().manual_seed(layer)
-        rows = torch.randn(len(self.sampled) * PROBE_ROWS_PER_EXPERT, spec.hidden_size, generator=generator)
+        rows = torch.randn(len(self.sampled) * PROBE_ROWS_PER_EXPERT, spec.expert_width, generator=generator)
         self._probe = dict(zip(self.sampled, rows.to(dtype).split(PROBE_ROWS_PER_EXPERT)))
         self._expected = {e: self._reference(e) for e in self.sampled}
         logger.info("swap of layer %d: %d experts hashed (%.1f MB), %d probed, in %.1f s", layer,

@@ -19,7 +19,8 @@ from pathlib import Path
 import msgpack
 import torch
 
-from experts import CheckpointReader, Gate, GateWeights, MoESpec, SharedExpert, SharedWeights, split_shared
+from experts import (CheckpointReader, Gate, GateWeights, Latent, LatentWeights, MoESpec, SharedExpert, SharedWeights,
+                     split_shared)
 from protos.errors import ExpertTimeoutError, ExpertUnavailableError, HedgedError, NoRoutingTableError
 from kernels import align_tokens, combine
 from router_service.batcher import LayerBatcher
@@ -40,13 +41,14 @@ RETRIES = 2  # sends after the first for copies whose group failed: three groups
 
 @dataclasses.dataclass(frozen=True)
 class RouterWeights:
-    """What a router holds of a model: its spec, every MoE layer's gate and the shared experts of
-    the layers that have them. Read from a checkpoint, or handed over (the controller gives them
-    to a direct client whose node cannot read the checkpoint)."""
+    """What a router holds of a model: its spec, every MoE layer's gate, and the shared experts and
+    latent projections (Nemotron-H) of the layers that have them. Read from a checkpoint, or handed
+    over (the controller gives them to a direct client whose node cannot read the checkpoint)."""
 
     spec: MoESpec
     gates: dict[int, GateWeights]
     shared: dict[int, SharedWeights]
+    latent: dict[int, LatentWeights] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> "RouterWeights":
@@ -54,8 +56,10 @@ class RouterWeights:
         try:
             layers = reader.spec.moe_layers
             shared = {layer: reader.shared(layer) for layer in layers}
+            latent = {layer: reader.latent(layer) for layer in layers}
             return cls(reader.spec, {layer: reader.gate(layer) for layer in layers},
-                       {layer: w for layer, w in shared.items() if w is not None})
+                       {layer: w for layer, w in shared.items() if w is not None},
+                       {layer: w for layer, w in latent.items() if w is not None})
         finally:
             reader.close()
 
@@ -69,6 +73,7 @@ class Router:
         self.spec: MoESpec = weights.spec
         self.gates = {layer: Gate(self.spec, w, dtype) for layer, w in weights.gates.items()}
         self.shared = {layer: SharedExpert(self.spec, w, dtype) for layer, w in weights.shared.items()}
+        self.latent = {layer: Latent(w, dtype) for layer, w in weights.latent.items()}
         # layers that pick experts by token id (DeepSeek-V4) -> token ids their table covers
         self.vocab_sizes = {layer: gate.vocab_size for layer, gate in self.gates.items() if gate.vocab_size}
         self.dtype = dtype
@@ -178,18 +183,23 @@ class Router:
         self.tally.add(layer, counts, ids)  # on the event loop, as flush_counts: no lost counts
         counts = counts.tolist()
         self.stage_s["gate"] += time.perf_counter() - start
-        # Step 3: one plan for the batch, every destination one slice; the transport sends them all.
-        # Identity experts' copies (sorted last) never leave: each is its token.
+        # Step 3: one plan for the batch, every destination one slice; the transport sends them all
+        # (the rows of z: the tokens, or their latent projection, Nemotron-H's). Identity experts'
+        # copies (sorted last) never leave: each is its token.
+        latent = self.latent.get(layer)
+        z = x if latent is None else latent.into(x)  # [T, H] or [T, L]
         num_experts = self.spec.num_experts
         routed = sum(counts[:num_experts])
-        y, sent, failed = await self._scatter_gather(table, layer, x, weights, ids, order[:routed],
+        y, sent, failed = await self._scatter_gather(table, layer, z, weights, ids, order[:routed],
                                                      counts[:num_experts], is_large)
         if routed < order.shape[0]:
-            y, sent = torch.cat([y, x[order[routed:] // ids.shape[1]]]), torch.cat([sent, order[routed:]])
+            y, sent = torch.cat([y, z[order[routed:] // ids.shape[1]]]), torch.cat([sent, order[routed:]])
         # Step 4: un-permute, weight and reduce in one pass.
         start = time.perf_counter()
         out = await self._off_loop(is_large, combine, y, sent, None if self.spec.gate_on_input else weights,
-                                   x.shape[0])  # [T, H]
+                                   x.shape[0])  # [T, H] ([T, L] latent)
+        if latent is not None:
+            out = latent.out_of(out)
         if shared_task is not None:
             out = out + await shared_task
         self.stage_s["combine"] += time.perf_counter() - start

@@ -23,7 +23,7 @@ from protos.errors import MeshClientError
 
 # The channel moves rows of H whatever the family: one plain family and the one that scales its
 # inputs (Llama 4); every family's math is checked over grpc (test_mesh.py).
-FAMILIES = ["mixtral", "llama4"]
+FAMILIES = ["mixtral", "llama4", "nemotron_h"]  # nemotron_h: latent rows on the wire, L != H
 TIMEOUT_S = 1.0
 COLLECTIVE = {"transport": "collective", "collective_timeout_s": TIMEOUT_S, "port": 0}
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experts import CheckpointReader, ExpertGroup, MoELayer, dispatch, load_spec
-from experts.layer import Gate
+from experts.layer import Gate, Latent
 from tests.checkpoints import FAMILIES, LAYOUTS, block_output, moe_block, token_ids_for
 
 FP32_TOL = 1e-5   # max abs error <= FP32_TOL * max|ref|
@@ -101,6 +101,8 @@ def _transformers_subset_contribution(block, spec, x, subset):
             return block.experts(routed_in).reshape(scores.shape[1], -1, x.shape[-1]).sum(0)
         _, weights, ids = _gate(block, spec, x)
         weights = weights * torch.isin(ids, torch.tensor(subset))
+        if spec.latent_size:  # Nemotron-H: the experts work on the latent projection
+            return block.fc2_latent_proj(block.experts(block.fc1_latent_proj(x), ids, weights))
         out = block.experts(x, ids, weights).reshape(x.shape)  # DBRX's experts give [T, 1, H]
         return out * (spec.scaling if spec.model_type in SCALED_AFTER_THE_GATE else 1.0)
 
@@ -118,7 +120,9 @@ def test_expert_group_subset_gives_those_experts_contribution(zoo, family, layou
     group = ExpertGroup.from_checkpoint(path, {layer: subset})
     assert group.layers[layer].experts == sorted(subset)
     weights, ids = gate(x)
-    tokens = dispatch(spec, x, weights, ids)
+    latent = reader.latent(layer)
+    latent = None if latent is None else Latent(latent)
+    tokens = dispatch(spec, x if latent is None else latent.into(x), weights, ids)
     y = torch.zeros_like(tokens.rows)
     start = 0
     for expert, count in enumerate(tokens.counts):  # the rows of experts not held stay zero
@@ -127,8 +131,9 @@ def test_expert_group_subset_gives_those_experts_contribution(zoo, family, layou
             scale = None if tokens.scale is None else tokens.scale[rows]
             y[rows] = group.forward(layer, tokens.rows[rows], [expert], [count], scale)
         start += count
+    out = tokens.combine(y)
     assert ref.abs().max() > 0
-    assert _rel_err(tokens.combine(y), ref) <= FP32_TOL
+    assert _rel_err(out if latent is None else latent.out_of(out), ref) <= FP32_TOL
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -319,6 +324,9 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("qwen3_omni_moe", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("kolibri1", dict(renormalize=False)),  # norm_topk_prob True in its tiny model
     ("inkling_text", dict(scaling=1.0)),  # x route_scale
+    ("nemotron_h", dict(scaling=1.0)),  # x routed_scaling_factor
+    ("nemotron_h", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
+    ("nemotron_h", dict(num_groups=1, topk_groups=1)),
     ("longcat_flash", dict(renormalize=True)),  # never renormalised
     ("longcat_flash", dict(scaling=1.0)),
     ("phimoe", dict(jitter_eps=0.01)),  # router_jitter_noise 0.3 in its tiny model

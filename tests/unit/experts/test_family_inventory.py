@@ -80,7 +80,7 @@ def test_the_readme_lists_what_the_spec_serves_and_refuses():
     assert readme_not_served() == NOT_SERVED
 
 
-@pytest.mark.parametrize("model_type", ["nemotron_h", "nllb_moe"])
+@pytest.mark.parametrize("model_type", ["doge", "nllb_moe"])
 def test_a_refused_family_says_why_by_name(model_type):
     with pytest.raises(UnsupportedModelError) as caught:
         spec_from_config({"model_type": model_type, "hidden_size": 8})

@@ -55,6 +55,12 @@ SPEC_CASES = [
     ("inkling_text", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                           intermediate_size=6, dense_intermediate_size=32, n_shared_experts=1, dense_mlp_idx=1),
      ((1, 2), 8, 2, "sigmoid_sink", 6)),  # a hub config: intermediate_size is the experts' width
+    ("nemotron_h", dict(hidden_size=8, layers_block_type=["mamba", "moe", "attention", "moe"], n_routed_experts=8,
+                        num_experts_per_tok=2, moe_intermediate_size=6, moe_shared_expert_intermediate_size=10,
+                        moe_latent_size=4), ((1, 3), 8, 2, "sigmoid_grouped", 10)),
+    ("nemotron_h", dict(hidden_size=8, hybrid_override_pattern="M-E*E", n_routed_experts=8, num_experts_per_tok=2,
+                        moe_intermediate_size=6, moe_shared_expert_intermediate_size=10),  # a hub config.json
+     ((2, 4), 8, 2, "sigmoid_grouped", 10)),
     ("deepseek_v4", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                          moe_intermediate_size=6, mlp_layer_types=["hash_moe", "moe", "moe"]),
      ((0, 1, 2), 8, 2, "sqrtsoftplus", 6)),
@@ -72,6 +78,19 @@ def test_deepseek_v4_hash_layers(config, hash_layers):
     spec = spec_from_config({**base, **config})
     assert spec.hash_layers == hash_layers and spec.moe_layers == (0, 1, 2, 3)
     assert (spec.swiglu_limit, spec.scaling, spec.renormalize) == (10.0, 1.5, True)
+
+
+def test_nemotron_h_reads_its_latent_width_and_non_gated_relu2_experts():
+    spec = spec_from_config(dict(model_type="nemotron_h", hidden_size=8, hybrid_override_pattern="ME",
+                                 n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
+                                 moe_shared_expert_intermediate_size=10, moe_latent_size=4, n_group=2, topk_group=1))
+    assert (spec.expert_width, spec.gate_up_rows, spec.stored_expert_names) == (4, 6, ("up_proj", "down_proj"))
+    assert spec.gated_activation().name == "relu2" and not spec.gated_activation().gated
+    assert (spec.num_groups, spec.topk_groups, spec.block_attr) == (2, 1, "mixer")
+    with pytest.raises(UnsupportedModelError, match="mlp_bias"):
+        spec_from_config(dict(model_type="nemotron_h", hidden_size=8, hybrid_override_pattern="E", mlp_bias=True,
+                              n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=6,
+                              moe_shared_expert_intermediate_size=10))
 
 
 def test_deepseek_v4_with_another_scoring_func_is_refused():
