@@ -72,6 +72,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(hidden_size=48, intermediate_size=64, moe_intermediate_size=24,
                                                 num_hidden_layers=3, moe_num_experts=8, moe_k=3,
                                                 moe_num_shared_experts=1, moe_norm_min=0.9)),  # a clamp that bites
+    "ernie4_5_vl_moe": ("Ernie4_5_VLMoeTextConfig", dict(hidden_size=48, intermediate_size=64,
+                                                         moe_intermediate_size=[24, 16], num_hidden_layers=3,
+                                                         moe_num_experts=8, moe_k=3, moe_num_shared_experts=1,
+                                                         moe_norm_min=0.9,  # a clamp that bites
+                                                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                              mrope_section=[2, 2, 2]))),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(hidden_size=48, intermediate_size=24, num_hidden_layers=3,
                                                   head_dim=12, num_experts=6, moe_topk=[2, 3, 1],  # a k per layer
                                                   eos_token_id=127)),  # the seed-7 model says 2 (eos) at token 14
@@ -267,6 +273,8 @@ _COMPOSITE: dict[str, tuple[str, str, dict[str, Any]]] = {
                            audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2,
                                              encoder_ffn_dim=64, output_dim=48, num_mel_bins=16, n_window=4,
                                              downsample_hidden_size=16)))),
+    "ernie4_5_vl_moe": ("AutoModelForImageTextToText", "Ernie4_5_VLMoeConfig",
+                        dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2))),
     "mistral_large4": ("AutoModelForImageTextToText", "MistralLarge4Config",
                        dict(vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
                                                num_hidden_layers=1, num_attention_heads=2, head_dim=16,

@@ -206,18 +206,25 @@ class CheckpointReader:
         error, when none is there)."""
         return next((prefix + n for n in names if prefix + n in self._files), prefix + names[-1])
 
+    def _under(self, block: str, layer: int, name: str) -> str:
+        """The full name of `name` under `block`, or (a name starting "../") under the decoder layer."""
+        return f"{self.layout.layer_prefix}{layer}.{name[3:]}" if name.startswith("../") else block + name
+
     # -- MoE parts -------------------------------------------------------------------------------
 
     def gate(self, layer: int) -> GateWeights:
         spec, block = self.spec, self._block(layer)
         gate = self._first_present(block, [f"{name}.weight" for name in (*spec.checkpoint_gates, spec.gate_attr)])
-        weight = self._weight(gate, (spec.gate_rows, spec.hidden_size))[0]
+        rows, hidden = spec.gate_rows, spec.hidden_size
+        if rows != hidden and self._file(gate).shape(gate) == (hidden, rows):  # Ernie 4.5-VL's, published [H, E]
+            weight = self._weight(gate, (hidden, rows))[0].t().contiguous()
+        else:
+            weight = self._weight(gate, (rows, hidden))[0]
         if layer in spec.hash_layers:  # no score bias: the experts come from the token table
             return GateWeights(weight, token_experts=self._token_experts(f"{block}{spec.gate_attr}.tid2eid"))
         bias = logit_bias = None
         if spec.has_score_bias:
-            layer_prefix = f"{self.layout.layer_prefix}{layer}."
-            names = [layer_prefix + name[3:] if name.startswith("../") else block + name for name in spec.score_bias]
+            names = [self._under(block, layer, name) for name in spec.score_bias]
             bias = self._vector(self._first_present("", names), spec.num_scored)
         if spec.has_gate_bias:
             logit_bias = self._read(f"{block}{spec.gate_attr}.bias", (spec.num_experts,))[0]
@@ -225,9 +232,11 @@ class CheckpointReader:
         return GateWeights(weight, bias, logit_bias, top_k=spec.top_k_of(layer), scale=scale)
 
     def _vector(self, name: str, size: int) -> torch.Tensor:
-        """A [size] float32 vector stored as [size] or [1, size] (Ernie 4.5's score bias)."""
-        shape = (1, size) if self._file(name).shape(name) == (1, size) else (size,)
-        return self._read(name, shape)[0].reshape(size).float()
+        """A [size] float32 vector stored as [size], or the first row of [n, size] (Ernie 4.5's score
+        bias [1, E]; Ernie 4.5-VL's [2, E]: the text experts', then the vision experts')."""
+        stored = self._file(name).shape(name)
+        shape = stored if len(stored) == 2 and stored[1] == size else (size,)
+        return self._read(name, shape)[0].reshape(-1, size)[0].float()
 
     def _token_experts(self, name: str) -> torch.Tensor:
         """A hash layer's table [vocab, k] int64 of the experts each token id goes to, checked."""
@@ -250,12 +259,12 @@ class CheckpointReader:
         hidden, size = spec.hidden_size, spec.shared_intermediate_size
         if spec.num_shared_scored:
             return self._stacked_shared(f"{block}{spec.shared_attr}.")
-        mlp, names = next(((f"{block}{attr}.", n) for attr in (*spec.checkpoint_shared, spec.shared_attr)
+        stored = (lambda names: names if spec.gated_experts else names[1:])  # non-gated: up and down only
+        mlp, names = next(((f"{prefix}.", stored(n)) for attr in (*spec.checkpoint_shared, spec.shared_attr)
+                           for prefix in [self._under(block, layer, attr)]
                            for n in (spec.shared_expert_names, _HF_NAMES)
-                           if f"{block}{attr}.{n[-1]}.weight" in self._files),
-                          (f"{block}{spec.shared_attr}.", _HF_NAMES))
-        if not spec.gated_experts:  # up and down only
-            names = names[1:]
+                           if f"{prefix}.{stored(n)[0]}.weight" in self._files),
+                          (f"{block}{spec.shared_attr}.", stored(_HF_NAMES)))
         gate_up = [self._weight(f"{mlp}{name}.weight", (size, hidden))[0] for name in names[:-1]]
         down = self._weight(f"{mlp}{names[-1]}.weight", (hidden, size))[0]
         gate = self._weight(f"{block}shared_expert_gate.weight", (1, hidden))[0] if spec.has_shared_gate else None

@@ -68,7 +68,9 @@ class MoESpec:
     block_attr: str = "mlp"         # attribute of the decoder layer holding the MoE block
     gate_attr: str = "gate"         # attribute of the MoE block holding the router
     checkpoint_gates: tuple[str, ...] = ()   # other names of the router in checkpoints, tried first
-    checkpoint_shared: tuple[str, ...] = ()  # other names of the shared expert module in checkpoints
+    # other names of the shared expert module in checkpoints, under the block ("../": under the decoder
+    # layer, Ernie 4.5-VL's beside its text_moe)
+    checkpoint_shared: tuple[str, ...] = ()
     # the fused experts' gate_up [E, 2I, H] and down [E, H, I] in vendors' checkpoints, under the
     # block (transformers' experts.gate_up_proj, experts.down_proj are read where these are absent)
     checkpoint_fused: tuple[str, ...] = ()
@@ -102,6 +104,9 @@ class MoESpec:
     # > 0 (Nemotron-H's moe_latent_size): the router projects the tokens to this width for the
     # experts (the block's `fc1_latent_proj`) and their combined output back (`fc2_latent_proj`)
     latent_size: int = 0
+    # Ernie 4.5-VL: the block's text experts are served; its vision experts (for image and video
+    # tokens, of another width) are not, and patch_model refuses a forward that carries such tokens
+    text_experts_only: bool = False
     # the decoder's names in checkpoints start with this (Qwen3-Omni: "thinker.", its talker's MoE
     # layers beside it are another model's, not served)
     checkpoint_root: str = ""
@@ -322,6 +327,23 @@ def _ernie4_5_moe(config: dict[str, Any], mt: str) -> MoESpec:
                    score_bias=("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction_bias"),
                    shared_intermediate_size=moe_size * int(config.get("moe_num_shared_experts") or 0),
                    shared_attr="shared_experts")
+
+
+def _ernie4_5_vl_moe_text(config: dict[str, Any], mt: str) -> MoESpec:
+    """Ernie 4.5-VL's text model: Ernie 4.5's gate and experts, in the `text_moe` of each MoE block
+    (`text_experts_only`: its `vision_moe` is not served); `moe_intermediate_size` [text, vision];
+    MoE layers: the "sparse" of `mlp_layer_types` (default: all but the first); the shared experts
+    beside `text_moe`. Published: the text experts are `mlp.experts.0..E-1` (the vision ones follow),
+    the gate `mlp.gate.weight` [H, E] (the reader transposes it), the bias
+    `mlp.moe_statics.e_score_correction_bias` [2, E] (row 0: text)."""
+    sizes = config.get("moe_intermediate_size") or [1536, 512]
+    num_layers = int(_get(config, "num_hidden_layers", mt))
+    kinds = config.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers - 1)
+    text = {**config, "moe_intermediate_size": sizes[0] if isinstance(sizes, list) else sizes}
+    return dataclasses.replace(_ernie4_5_moe(text, mt),
+                               moe_layers=tuple(i for i, kind in enumerate(kinds[:num_layers]) if kind == "sparse"),
+                               checkpoint_blocks=("mlp.text_moe",), checkpoint_shared=("../mlp.shared_experts",),
+                               text_experts_only=True)
 
 
 def _hunyuan_v1_moe(config: dict[str, Any], mt: str) -> MoESpec:
@@ -730,6 +752,7 @@ _FAMILIES = {
     "jamba": _jamba,
     "hunyuan_v1_moe": _hunyuan_v1_moe,
     "ernie4_5_moe": _ernie4_5_moe,
+    "ernie4_5_vl_moe_text": _ernie4_5_vl_moe_text,
     "mellum": _qwen3_moe,
     "qwen3_vl_moe_text": _qwen3_vl_moe_text,
     "qwen3_omni_moe_text": _qwen3_omni_moe_text,
@@ -781,7 +804,6 @@ NOT_SERVED: dict[str, str] = {
     # a gate or expert the kernels do not have
     "deepseek_ocr2": "DeepSeek-V2's gate: softmax top-k never renormalised, with ungated shared experts",
     "unlimited_ocr": "DeepSeek-V2's gate: softmax top-k never renormalised, with ungated shared experts",
-    "ernie4_5_vl_moe": "a selection-only bias, clamped renormalisation, and separate text and vision experts",
     "glm5_next": "DeepSeek-V3's gate with routed and shared SwiGLU clamped at swiglu_limit, hyper-connections",
     "step3p7": "routed and shared experts clamped after SiLU on the layers swiglu_limits lists",
     "inkling2": "soft-capped SwiGLU experts (tanh caps on gate and up)",
@@ -804,7 +826,8 @@ NOT_SERVED: dict[str, str] = {
 # at `thinker_config.text_config`: `_TEXT_CONFIG_AT`).
 TEXT_MODELS = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text",
                "mistral_large4": "mistral_large4_text", "glm4v_moe": "glm4v_moe_text",
-               "qwen3_vl_moe": "qwen3_vl_moe_text", "qwen3_omni_moe": "qwen3_omni_moe_text"}
+               "qwen3_vl_moe": "qwen3_vl_moe_text", "qwen3_omni_moe": "qwen3_omni_moe_text",
+               "ernie4_5_vl_moe": "ernie4_5_vl_moe_text"}
 _TEXT_CONFIG_AT = {"qwen3_omni_moe": ("thinker_config", "text_config")}
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 

@@ -120,13 +120,24 @@ def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
     return layers
 
 
+def _refuse_vision_tokens(layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Ernie 4.5-VL's decoder layers name image and video tokens (`moe_mm_token_type_ids` != 0); the
+    mesh serves the text experts only, so such a forward is refused rather than answered by them."""
+    types = kwargs.get("moe_mm_token_type_ids")
+    if types is not None and bool(types.any()):
+        raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"{int((types != 0).sum())} image or video tokens in this forward: the mesh serves "
+                              f"this model's text experts only (its vision experts are not served)")
+
+
 def patch_model(model: torch.nn.Module, client: MoEClient, keep_router: bool = False) -> int:
     """Replace every sparse MoE block of `model` (in place) with a RemoteMoE calling `client`.
 
     Checks first, through `client.info()`, that the client serves this model (same MoE spec hash and
     MoE layers) and accepts its dtype; MeshClientError FAILED_PRECONDITION naming the difference
-    otherwise. `keep_router` keeps each block's router module (see RemoteMoE). Returns the number of
-    blocks replaced.
+    otherwise. `keep_router` keeps each block's router module (see RemoteMoE). A model whose vision
+    experts are not served (`MoESpec.text_experts_only`, Ernie 4.5-VL) refuses a forward with image or
+    video tokens afterwards (MeshClientError FAILED_PRECONDITION). Returns the number of blocks replaced.
     """
     config = model.config.to_dict()
     try:
@@ -141,6 +152,9 @@ def patch_model(model: torch.nn.Module, client: MoEClient, keep_router: bool = F
     if difference is not None:
         raise MeshClientError(grpc.StatusCode.FAILED_PRECONDITION, difference, _name(client))
     layers = decoder_layers(model)
+    if spec.text_experts_only:
+        for i in spec.moe_layers:
+            layers[i].register_forward_pre_hook(_refuse_vision_tokens, with_kwargs=True)
     for i in spec.moe_layers:
         block = getattr(layers[i], spec.block_attr)
         router = None

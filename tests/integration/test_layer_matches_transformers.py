@@ -41,11 +41,17 @@ def test_every_moe_layer_matches_transformers_fp32(zoo, family, layout):
         assert torch.equal(flat, out.reshape(-1, spec.hidden_size))
 
 
+def _routed(block, spec):
+    """The module holding `block`'s gate and routed experts: itself, or Ernie 4.5-VL's `text_moe`."""
+    return block.text_moe if spec.text_experts_only else block
+
+
 def _gate(block, spec, x, token_ids=None):
     """transformers' gate of `block` on x [T, H]: (logits [T, E], weights [T, k], ids [T, k]);
     Inkling's logits are [T, E + S], the shared experts' last;
     MiniMax-M2, LFM2-MoE and AFMoE keep their score bias on the block and hand it to the gate;
     DeepSeek-V4's hash layers take the token ids."""
+    block = _routed(block, spec)
     gate = getattr(block, spec.gate_attr)
     bias = getattr(block, "e_score_correction_bias", None)
     bias = getattr(block, "expert_bias", None) if bias is None else bias
@@ -103,7 +109,7 @@ def _transformers_subset_contribution(block, spec, x, subset):
         weights = weights * torch.isin(ids, torch.tensor(subset))
         if spec.latent_size:  # Nemotron-H: the experts work on the latent projection
             return block.fc2_latent_proj(block.experts(block.fc1_latent_proj(x), ids, weights))
-        out = block.experts(x, ids, weights).reshape(x.shape)  # DBRX's experts give [T, 1, H]
+        out = _routed(block, spec).experts(x, ids, weights).reshape(x.shape)  # DBRX's experts give [T, 1, H]
         return out * (spec.scaling if spec.model_type in SCALED_AFTER_THE_GATE else 1.0)
 
 
@@ -324,6 +330,7 @@ def test_a_vendor_deepseek_v4_layout_reads_like_the_saved_one(zoo, tmp_path):
     ("qwen3_omni_moe", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("kolibri1", dict(renormalize=False)),  # norm_topk_prob True in its tiny model
     ("inkling_text", dict(scaling=1.0)),  # x route_scale
+    ("ernie4_5_vl_moe", dict(renorm_min=1e-20)),  # moe_norm_min 0.9 in its tiny model
     ("nemotron_h", dict(scaling=1.0)),  # x routed_scaling_factor
     ("nemotron_h", dict(renormalize=True)),  # norm_topk_prob False in its tiny model
     ("nemotron_h", dict(num_groups=1, topk_groups=1)),

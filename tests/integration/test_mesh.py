@@ -77,6 +77,7 @@ SAME_BLOCK_AS = {"minimax": "mixtral", "granitemoe": "mixtral", "granitemoeshare
                  "kimi_linear": "deepseek_v3", "bailing_hybrid": "deepseek_v3", "afmoe": "deepseek_v3",
                  "flint": "deepseek_v3", "laguna": "deepseek_v3", "beam": "deepseek_v3",
                  "hy_v4": "deepseek_v3", "ernie4_5_moe": "deepseek_v2",
+                 "ernie4_5_vl_moe": "deepseek_v2",
                  "mistral4": "mistral_large4", "lfm2_moe": "minimax_m2"}
 MESH_FAMILIES = [family for family in FAMILIES if family not in SAME_BLOCK_AS]
 

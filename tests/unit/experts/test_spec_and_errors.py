@@ -55,6 +55,9 @@ SPEC_CASES = [
     ("inkling_text", dict(hidden_size=8, num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2,
                           intermediate_size=6, dense_intermediate_size=32, n_shared_experts=1, dense_mlp_idx=1),
      ((1, 2), 8, 2, "sigmoid_sink", 6)),  # a hub config: intermediate_size is the experts' width
+    ("ernie4_5_vl_moe", dict(text_config=dict(model_type="ernie4_5_vl_moe_text", hidden_size=8, num_hidden_layers=3,
+                                              moe_num_experts=8, moe_k=2, moe_intermediate_size=[6, 4],
+                                              moe_num_shared_experts=2)), ((1, 2), 8, 2, "softmax_grouped", 12)),
     ("nemotron_h", dict(hidden_size=8, layers_block_type=["mamba", "moe", "attention", "moe"], n_routed_experts=8,
                         num_experts_per_tok=2, moe_intermediate_size=6, moe_shared_expert_intermediate_size=10,
                         moe_latent_size=4), ((1, 3), 8, 2, "sigmoid_grouped", 10)),

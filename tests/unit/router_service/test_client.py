@@ -362,6 +362,30 @@ def test_patched_model_generates_the_same_tokens(zoo, family):
     assert tokens == generate_greedy(reference)
 
 
+def test_ernie4_5_vl_refuses_image_tokens_it_would_send_to_the_text_experts(zoo):
+    """Ernie 4.5-VL's vision experts are not served: through patch_model, a forward whose tokens are
+    marked image or video (moe_mm_token_type_ids != 0) is refused before any expert runs, where the
+    unpatched model answers it; text tokens still equal the unpatched model's."""
+    servicer = InProcessExpertMesh(zoo.checkpoint("ernie4_5_vl_moe"))
+    reference = zoo.model("ernie4_5_vl_moe")
+    patched = copy.deepcopy(reference)
+    input_ids = torch.tensor(PROMPT)
+    image = torch.zeros_like(input_ids)
+    image[0, 2:5] = 1
+    with serving(servicer) as (address, _), MeshClient(address) as client:
+        patch_model(patched, client)
+        with torch.no_grad():
+            text = patched.model.language_model(input_ids, moe_mm_token_type_ids=torch.zeros_like(input_ids))
+            ref = reference.model.language_model(input_ids, moe_mm_token_type_ids=torch.zeros_like(input_ids))
+            reference.model.language_model(input_ids, moe_mm_token_type_ids=image)  # answered unpatched
+            forwards = servicer.num_forwards
+            with pytest.raises(MeshClientError, match="3 image or video tokens") as caught:
+                patched.model.language_model(input_ids, moe_mm_token_type_ids=image)
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION and servicer.num_forwards == forwards
+    scale = ref.last_hidden_state.abs().max()
+    assert (text.last_hidden_state - ref.last_hidden_state).abs().max() <= LOGITS_TOL * scale
+
+
 def test_llama4_feed_forward_keeps_the_block_tuple(zoo):
     """Llama 4's decoder layer unpacks feed_forward's (out [T, H], router_logits) and drops the
     logits; with keep_router the logits are the original router's, and output_router_logits works."""
