@@ -101,11 +101,12 @@ class ExpertWeights:
         return ExpertWeights([self.experts[i] for i in rows], self.w_gate_up[rows], self.w_down[rows],
                              [self.checksums[i] for i in rows], pick(self.b_gate_up), pick(self.b_down))
 
-    def cast(self, dtype: torch.dtype | None) -> "ExpertWeights":
-        """The same experts in `dtype`, contiguous; None: the weights' dtype, which the biases take
-        too (an MXFP4 checkpoint's weights are dequantized, its biases stored as they are)."""
+    def cast(self, dtype: torch.dtype | None, device: torch.device | str | None = None) -> "ExpertWeights":
+        """The same experts in `dtype`, contiguous, on `device` (None: where they are); dtype None:
+        the weights' dtype, which the biases take too (an MXFP4 checkpoint's weights are dequantized,
+        its biases stored as they are)."""
         dtype = dtype or self.w_gate_up.dtype
-        to = (lambda t: None if t is None else t.to(dtype).contiguous())
+        to = (lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous())
         return ExpertWeights(self.experts, to(self.w_gate_up), to(self.w_down), self.checksums,
                              to(self.b_gate_up), to(self.b_down))
 
@@ -290,8 +291,10 @@ class CheckpointReader:
         down = self._read(f"{mlp}down_proj", (n, hidden, inter))[0].permute(1, 0, 2).reshape(hidden, n * inter)
         return SharedWeights(torch.cat([gate_proj, up_proj]), down)
 
-    def experts(self, layer: int, experts: list[int] | None = None) -> ExpertWeights:
-        """Weights of `experts` (default: all) of `layer`, reading only their bytes."""
+    def experts(self, layer: int, experts: list[int] | None = None,
+                device: torch.device | str | None = None) -> ExpertWeights:
+        """Weights of `experts` (default: all) of `layer`, reading only their bytes, on `device`
+        (default: the host): each expert goes there as it is read, so the host holds one at a time."""
         spec, block = self.spec, self._block(layer)
         experts = list(range(spec.num_experts)) if experts is None else [int(e) for e in experts]
         bad = [e for e in experts if not 0 <= e < spec.num_experts]
@@ -306,13 +309,13 @@ class CheckpointReader:
             *tensors, checksum = read_one(block, expert)
             checksums.append(checksum)
             if len(experts) == 1:  # the one read itself
-                stacks = [t.unsqueeze(0) for t in tensors[:len(shapes)]]
+                stacks = [t.unsqueeze(0).to(device) for t in tensors[:len(shapes)]]
                 break
             if not stacks:
-                stacks = [t.new_empty(len(experts), *t.shape) for t in tensors[:len(shapes)]]
+                stacks = [t.new_empty(len(experts), *t.shape, device=device) for t in tensors[:len(shapes)]]
             for stack, tensor in zip(stacks, tensors):
                 stack[i] = tensor
-        stacks = stacks or [torch.empty(0, *shape) for shape in shapes]
+        stacks = stacks or [torch.empty(0, *shape, device=device) for shape in shapes]
         return ExpertWeights(experts, stacks[0], stacks[1], checksums, *stacks[2:])
 
     def _fused_expert(self, block: str, expert: int) -> _OneExpert:

@@ -56,9 +56,11 @@ class LayerExperts:
         return ExpertWeights(self.experts, self.w_gate_up, self.w_down, self.checksums, self.b_gate_up, self.b_down)
 
     @classmethod
-    def from_weights(cls, weights: ExpertWeights, dtype: torch.dtype | None) -> "LayerExperts":
+    def from_weights(cls, weights: ExpertWeights, dtype: torch.dtype | None,
+                     device: torch.device | str | None = None) -> "LayerExperts":
+        """Held in ascending expert order, in `dtype` (None: as given), on `device` (None: where given)."""
         order = sorted(range(len(weights.experts)), key=weights.experts.__getitem__)
-        held = weights.select(order).cast(dtype)
+        held = weights.select(order).cast(dtype, device)
         return cls(held.experts, held.w_gate_up, held.w_down, held.checksums, held.b_gate_up, held.b_down)
 
 
@@ -69,25 +71,29 @@ class ExpertGroup:
     first 12 hex digits, so two loads of the same bytes have the same version.
     """
 
-    def __init__(self, spec: MoESpec, layers: dict[int, LayerExperts], dtype: torch.dtype | None = None):
+    def __init__(self, spec: MoESpec, layers: dict[int, LayerExperts], dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu"):
         self.spec = spec
         self.layers = layers
         self.dtype = dtype  # None: the checkpoint's
+        self.device = torch.device(device)  # where the weights are held and the experts compute
         self.staged: dict[int, LayerExperts] = {}  # layer -> new weights of some experts (hot swap)
         self.bytes_read = 0  # checkpoint bytes its first load read (quantized data and scales as stored)
         self.activation = spec.gated_activation()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, assignment: dict[int, list[int]],
-                        dtype: torch.dtype | None = None, reader: CheckpointReader | None = None) -> "ExpertGroup":
-        """Load only the experts in `assignment` ({layer: [expert ids]}) from a checkpoint folder."""
+                        dtype: torch.dtype | None = None, reader: CheckpointReader | None = None,
+                        device: torch.device | str = "cpu") -> "ExpertGroup":
+        """Load only the experts in `assignment` ({layer: [expert ids]}) from a checkpoint folder onto
+        `device`, one expert at a time."""
         reader = reader or CheckpointReader(path, dtype=dtype)
         try:
-            layers = {layer: LayerExperts.from_weights(reader.experts(layer, sorted(ids)), dtype)
+            layers = {layer: LayerExperts.from_weights(reader.experts(layer, sorted(ids), device), dtype, device)
                       for layer, ids in assignment.items()}
         finally:
             reader.close()
-        group = cls(reader.spec, layers, dtype)
+        group = cls(reader.spec, layers, dtype, device)
         group.bytes_read = reader.bytes_read
         return group
 
@@ -100,7 +106,7 @@ class ExpertGroup:
             if clash:
                 raise ValueError(f"this group already holds experts {clash} of layer {layer}")
             weights = held.weights().concat(weights)
-        self.layers[layer] = LayerExperts.from_weights(weights, self.dtype)
+        self.layers[layer] = LayerExperts.from_weights(weights, self.dtype, self.device)
 
     def remove_experts(self, layer: int, experts: list[int]) -> None:
         """Release copies of `experts` of `layer` (the caller has drained their traffic)."""
@@ -135,7 +141,8 @@ class ExpertGroup:
         here); counts: rows per expert, sum N; scale: [N] gate weights applied to the input
         (Llama 4) or None; versions: the weight version each expert must be computed with (the
         routing table's; during a hot swap the staged new weights or the current ones), None:
-        current. Returns [N, H] in the weights' dtype.
+        current. x may be on any device: it computes on the group's. Returns [N, H] in the weights'
+        dtype, on x's device.
         """
         if sum(counts) != x.shape[0] or len(counts) != len(experts):
             raise ValueError(f"counts {counts} do not match {x.shape[0]} rows for experts {experts}")
@@ -144,7 +151,8 @@ class ExpertGroup:
         if experts != sorted(experts):
             raise ValueError(f"experts must come in ascending order, got {experts}")
         runs = self._runs(layer, experts, counts, versions)
-        x = x.to(runs[0][0].w_gate_up.dtype)
+        given = x.device
+        x = x.to(device=self.device, dtype=runs[0][0].w_gate_up.dtype)
         if scale is not None:
             x = x * scale.to(x.dtype).unsqueeze(1)
         outs, start = [], 0
@@ -155,7 +163,7 @@ class ExpertGroup:
                 local_counts[held.slot[expert]] = count
             outs.append(held.mlp(x[start:start + rows], torch.tensor(local_counts), self.activation))
             start += rows
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(given)
 
     def _runs(self, layer: int, experts: list[int], counts: list[int],
               versions: list[str] | None) -> list[tuple[LayerExperts, list[int], list[int]]]:
@@ -182,7 +190,7 @@ class ExpertGroup:
     def stage(self, layer: int, weights: ExpertWeights) -> None:
         """Hold new weights of some experts of `layer` beside the current ones (not yet served)."""
         self._held(layer, weights.experts)
-        self.staged[layer] = LayerExperts.from_weights(weights, self.dtype)
+        self.staged[layer] = LayerExperts.from_weights(weights, self.dtype, self.device)
 
     def commit(self, layer: int) -> None:
         """The staged weights of `layer` become the current ones, the old ones released, in one
@@ -191,7 +199,7 @@ class ExpertGroup:
         staged, held = self.staged[layer], self.layers[layer]
         keep = [i for i, e in enumerate(held.experts) if e not in staged.slot]
         weights = held.weights().select(keep).concat(staged.weights()) if keep else staged.weights()
-        self.layers[layer] = LayerExperts.from_weights(weights, self.dtype)
+        self.layers[layer] = LayerExperts.from_weights(weights, self.dtype, self.device)
         del self.staged[layer]
 
     def unstage(self, layer: int) -> None:

@@ -21,16 +21,22 @@ from kernels import (align_tokens, combine, grouped_mlp, hashed_sqrtsoftplus, to
 __all__ = ["Gate", "Latent", "MoELayer", "SharedExpert", "DispatchedTokens", "dispatch", "split_shared"]
 
 
-class Gate:
-    """Top-k gate of one layer, per the model's scoring rule."""
+def _mover(dtype: torch.dtype | None, device: torch.device | str | None):
+    """t -> t in `dtype` on `device` (None: as it is), None -> None."""
+    return lambda t: t if t is None else t.to(device=device, dtype=dtype or t.dtype)
 
-    def __init__(self, spec: MoESpec, weights: GateWeights, dtype: torch.dtype | None = None):
+
+class Gate:
+    """Top-k gate of one layer, per the model's scoring rule, computed on the device its weights are on."""
+
+    def __init__(self, spec: MoESpec, weights: GateWeights, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
         self.spec = spec
-        cast = (lambda t: t if t is None or dtype is None else t.to(dtype))
+        cast, move = _mover(dtype, device), _mover(None, device)
         self.weight = cast(weights.weight)  # [E, H]
-        self.bias = weights.bias  # [E] float32 or None: for the choice only
+        self.bias = move(weights.bias)  # [E] float32 or None: for the choice only
         self.logit_bias = cast(weights.logit_bias)  # [E] or None: added to the logits (gpt-oss)
-        self.token_experts = weights.token_experts  # [vocab, k] int64 or None: DeepSeek-V4's hash layers
+        self.token_experts = move(weights.token_experts)  # [vocab, k] int64 or None: DeepSeek-V4's hash layers
         self.top_k = weights.top_k or spec.top_k  # this layer's experts per token
         self.scale = weights.scale  # Inkling's learned global_scale
 
@@ -90,8 +96,9 @@ class SharedExpert:
     """The always-on expert(s) of a layer (Qwen2-MoE with its sigmoid gate, DeepSeek-V3, Llama 4,
     Mistral Large 3): one MLP; Inkling's n shared experts: n MLPs, each weighted by the gate."""
 
-    def __init__(self, spec: MoESpec, weights: SharedWeights, dtype: torch.dtype | None = None):
-        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    def __init__(self, spec: MoESpec, weights: SharedWeights, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        cast = _mover(dtype, device)
         self.activation = spec.gated_activation(shared=True)
         n = max(1, spec.num_shared_scored)  # MLPs of S / n each
         size = weights.w_down.shape[1] // n
@@ -105,7 +112,7 @@ class SharedExpert:
         """x: [T, H] in the weights' dtype; weights: [T, n], each MLP's weight per token (Inkling's
         gate gives them; None for the others). Returns [T, H]."""
         n = self.w_down.shape[0]
-        counts = torch.full((n,), x.shape[0], dtype=torch.int64)
+        counts = torch.full((n,), x.shape[0], dtype=torch.int64, device=x.device)
         out = grouped_mlp(x if n == 1 else x.repeat(n, 1), self.w_gate_up, self.w_down, counts, self.activation)
         if weights is not None:  # [n * T, H] -> [T, H]
             out = (out.view(n, *x.shape) * weights.t().to(out.dtype).unsqueeze(-1)).sum(dim=0)
@@ -118,8 +125,9 @@ class Latent:
     """Nemotron-H's projections around a layer's experts: tokens into the experts' width, the
     combined expert output back; run where the gate runs."""
 
-    def __init__(self, weights: LatentWeights, dtype: torch.dtype | None = None):
-        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    def __init__(self, weights: LatentWeights, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        cast = _mover(dtype, device)
         self.w_into, self.w_out_of = cast(weights.into), cast(weights.out_of)  # [L, H], [H, L]
 
     def into(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,36 +184,43 @@ class MoELayer(torch.nn.Module):
         self.gate, self.experts, self.shared, self.latent = gate, experts, shared, latent
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, layer: int, dtype: torch.dtype | None = None) -> "MoELayer":
-        """Load decoder layer `layer` (as in model.model.layers[layer]) of the checkpoint at `path`."""
+    def from_pretrained(cls, path: str | Path, layer: int, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu") -> "MoELayer":
+        """Load decoder layer `layer` (as in model.model.layers[layer]) of the checkpoint at `path`
+        onto `device` (its experts one at a time)."""
         reader = CheckpointReader(path, dtype=dtype)
         try:
             reader.spec.check_layer(layer)
-            gate = Gate(reader.spec, reader.gate(layer), dtype)
+            gate = Gate(reader.spec, reader.gate(layer), dtype, device)
             shared_weights = reader.shared(layer)
-            shared = None if shared_weights is None else SharedExpert(reader.spec, shared_weights, dtype)
+            shared = None if shared_weights is None else SharedExpert(reader.spec, shared_weights, dtype, device)
             latent_weights = reader.latent(layer)
-            latent = None if latent_weights is None else Latent(latent_weights, dtype)
-            held = LayerExperts.from_weights(reader.experts(layer), dtype)
+            latent = None if latent_weights is None else Latent(latent_weights, dtype, device)
+            held = LayerExperts.from_weights(reader.experts(layer, device=device), dtype, device)
         finally:
             reader.close()
-        return cls(reader.spec, layer, gate, ExpertGroup(reader.spec, {layer: held}), shared, latent)
+        return cls(reader.spec, layer, gate, ExpertGroup(reader.spec, {layer: held}, device=device), shared, latent)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.experts.layers[self.layer].w_gate_up.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.experts.device
+
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden: [T, H] or [B, S, H]; token_ids: [T] or [B, S] int64 (hidden's leading dims), needed
-        by a hash-routed layer (DeepSeek-V4) and ignored by the others."""
+        """hidden: [T, H] or [B, S, H], on any device (the layer computes on its own and answers on
+        hidden's); token_ids: [T] or [B, S] int64 (hidden's leading dims), needed by a hash-routed
+        layer (DeepSeek-V4) and ignored by the others."""
         if hidden.dim() not in (2, 3) or hidden.shape[-1] != self.spec.hidden_size:
             raise ValueError(f"hidden must be [T, {self.spec.hidden_size}] or [B, S, {self.spec.hidden_size}], "
                              f"got shape {tuple(hidden.shape)}")
         if token_ids is not None and token_ids.shape != hidden.shape[:-1]:
             raise ValueError(f"token_ids must have hidden's leading dims {list(hidden.shape[:-1])}, "
                              f"got {list(token_ids.shape)}")
-        x = hidden.reshape(-1, self.spec.hidden_size).to(self.dtype)  # [T, H]
+        x = hidden.reshape(-1, self.spec.hidden_size).to(device=self.device, dtype=self.dtype)  # [T, H]
         weights, ids = self.gate(x, None if token_ids is None else token_ids.reshape(-1))  # [T, k], [T, k]
         tokens = dispatch(self.spec, x if self.latent is None else self.latent.into(x), weights, ids)
         counts = tokens.counts[:self.spec.num_experts]
@@ -218,4 +233,4 @@ class MoELayer(torch.nn.Module):
             out = self.latent.out_of(out)
         if self.shared is not None:
             out = out + self.shared(x, tokens.shared_weights)
-        return out.to(hidden.dtype).reshape(hidden.shape)
+        return out.to(device=hidden.device, dtype=hidden.dtype).reshape(hidden.shape)

@@ -48,9 +48,9 @@ def test_a_forward_at_any_moment_of_a_commit_finds_the_versions_it_asks_for(zoo,
     seen = []
     build = LayerExperts.from_weights.__func__
 
-    def build_and_forward(cls, weights, dtype=None):
+    def build_and_forward(cls, weights, dtype=None, device=None):
         seen.append(group.forward(1, x, [0, 2, 3], [1, 1, 1], None, versions))  # mid-commit
-        return build(cls, weights, dtype)
+        return build(cls, weights, dtype, device)
 
     monkeypatch.setattr(LayerExperts, "from_weights", classmethod(build_and_forward))
     group.commit(1)
