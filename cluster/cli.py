@@ -261,8 +261,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for group in snapshot["groups"]:
         experts = " ".join(f"L{layer}:{','.join(map(str, e))}" for layer, e in group["experts"].items())
         health = "SUSPECT" if group.get("suspect") else "live" if group["alive"] else "DEAD"
+        held = f"{group.get('device') or '?'} {group.get('nbytes', 0) / 2**20:.1f} MiB"
         print(f"  {group['name']:<16} {health:<7} node {group['node'][:12]} "
-              f"{group['endpoint']:<21} {experts}")
+              f"{group['endpoint']:<21} {held:<16} {experts}")
     tokens, rates, copies = snapshot["tokens_per_expert"], snapshot["tokens_per_s"], snapshot["copies"]
     print(f"  tokens routed since start: {sum(tokens.values())} over {len(tokens)} (layer, expert) pairs; "
           f"autoscale {'on' if snapshot['autoscale'] else 'off'}")

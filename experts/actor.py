@@ -18,7 +18,7 @@ import grpc
 import torch
 
 from protos.collector import settle_gc
-from protos.errors import ChannelRefusedError, InvalidRequestError
+from protos.errors import ChannelRefusedError, InvalidRequestError, MeshError, one_line
 from experts.group import ExpertGroup
 from experts.links import emulated_delay_s, serve_delay
 from experts.memory import keep_freed_memory
@@ -117,6 +117,28 @@ class ExpertGroupServer:
         return pb.PingReply(payload=request.payload, group=self.name)
 
 
+def group_device(device: str) -> torch.device:
+    """The device a group computes on: "cuda", the GPU Ray assigned this actor (the first CUDA device
+    it may see); "cpu", the host. MeshError when cuda is asked and this process sees no GPU."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise MeshError("this group was placed to compute on a GPU, but its process sees none "
+                        "(CUDA_VISIBLE_DEVICES, or a torch build without CUDA)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def load_group(name: str, model_path: str, assignment: dict[int, list[int]], dtype: torch.dtype | None,
+               device: torch.device) -> ExpertGroup:
+    """The group's experts from the checkpoint onto `device`; a device out of memory is a MeshError
+    naming the group, the layers and the bytes asked for."""
+    try:
+        return ExpertGroup.from_checkpoint(model_path, assignment, dtype, device=device)
+    except torch.OutOfMemoryError as exc:
+        raise MeshError(f"group {name}: {device} out of memory loading layers {sorted(assignment)} "
+                        f"({sum(map(len, assignment.values()))} experts): {one_line(exc)}") from exc
+
+
 class ExpertGroupActor:
     """Ray actor body (wrapped with ray.remote by the controller, which sets placement and name).
     `server_class`: what serves its group (a bench's subclass may echo instead of computing)."""
@@ -124,13 +146,13 @@ class ExpertGroupActor:
     server_class = ExpertGroupServer
 
     def __init__(self, name: str, model_path: str, assignment: dict[int, list[int]], dtype: str = "float32",
-                 torch_threads: int = 0, channel_budget_bytes: int = 1 << 30):
+                 torch_threads: int = 0, channel_budget_bytes: int = 1 << 30, device: str = "cpu"):
         keep_freed_memory()
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         self.name = name
         self.model_path = model_path
-        group = ExpertGroup.from_checkpoint(model_path, assignment, DTYPES[dtype])
+        group = load_group(name, model_path, assignment, DTYPES[dtype], group_device(device))
         self.server_impl = self.server_class(name, group, emulated_delay_s())
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
@@ -280,6 +302,7 @@ class ExpertGroupActor:
             "versions": {layer: [group.version(layer, e) for e in held.experts] for layer, held in group.layers.items()},
             "staged": {layer: {e: staged.version(e) for e in staged.experts} for layer, staged in group.staged.items()},
             "nbytes": group.nbytes(),
+            "device": str(group.device),
             "bytes_read": group.bytes_read,
             "tokens_served": [[layer, expert, n] for (layer, expert), n in self.server_impl.tokens_served.items()],
             "compute_s": self.server_impl.compute_s,

@@ -40,6 +40,8 @@ class GroupView:
     endpoint: str
     held: dict[tuple[int, int], str]
     staged: dict[tuple[int, int], str] = dataclasses.field(default_factory=dict)
+    device: str = ""   # where its experts compute ("cpu", "cuda:0")
+    nbytes: int = 0    # expert weight bytes it holds
 
     def serves(self, layer: int, expert: int, version: str) -> bool:
         return version in (self.held.get((layer, expert)), self.staged.get((layer, expert)))

@@ -18,7 +18,12 @@ __all__ = ["AutoscaleConfig", "GroupsConfig", "MeshConfig", "load_config"]
 class GroupsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    num_groups: int | None = Field(None, ge=1, description="Expert groups (actors); default: one per node.")
+    num_groups: int | None = Field(None, ge=1, description=(
+        "Expert groups (actors); default: one per GPU where the groups compute on GPUs, else one per node."))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "Where a group holds its experts and computes: auto, on the GPU Ray gives it where the groups' nodes "
+        "have GPUs, else the host; cpu, the host (no GPU reserved); cuda, a GPU (the mesh refuses to start "
+        "where the nodes have none)."))
     replicas: int = Field(1, ge=1, description="Copies of every expert, on distinct groups.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype experts compute in.")
     torch_threads: int = Field(0, ge=0, description="torch threads per group actor (0: torch's default).")

@@ -27,7 +27,7 @@ from mesh.admin import AdminAuth, accepted, refused
 from mesh.autoscale import plan_autoscale
 from mesh.changes import plan_copies, plan_swap
 from mesh.config import MeshConfig
-from mesh.handles import NAMESPACE, GroupFactory, RayLauncher, alive_nodes
+from mesh.handles import NAMESPACE, GroupFactory, RayLauncher, alive_nodes, default_num_groups
 from mesh.leases import Leases
 from mesh.load import Load, aggregate_load, by_name
 from mesh.placement import (initial_assignment, pick_groups, placement_report, replicate_layer, scale_count,
@@ -156,7 +156,7 @@ class MeshController:
             labels = [n.get("Labels") or {} for n in alive_nodes()]
             raise PlacementError(f"no live node carries groups.node_labels {self.config.groups.node_labels}; "
                                  f"the nodes' labels are {labels}")
-        num_groups = self.config.groups.num_groups or len(nodes)
+        num_groups = self.config.groups.num_groups or default_num_groups(self.config.groups.device, nodes)
         assignment = initial_assignment(list(self.spec.moe_layers), self.spec.num_experts, num_groups,
                                         self.config.groups.replicas, num_nodes=len(nodes))
         placement = spread_groups(num_groups, [n["NodeID"] for n in nodes])
@@ -468,14 +468,16 @@ class MeshController:
         return aggregate_load(await self.rec.router_reports(pairs) + direct, self.spec.top_k_of)
 
     async def snapshot(self) -> bytes:
-        """msgpack state: groups (name, node, endpoint, experts per layer, versions, alive, suspect), routers,
+        """msgpack state: groups (name, node, endpoint, device and weight bytes held, experts per layer,
+        versions, alive, suspect), routers,
         copies per expert in the table, tokens per expert since start and tokens/s over the load
         window, the change in progress and what has not converged yet."""
         await self.ready()
         tokens, rates, _ = await self.load()
         state, seen, named = self.rec.state, self.rec.seen, self.rec.named()
         groups = [{"name": n, "node": node, "endpoint": seen[n].endpoint if n in seen else "", "alive": n in seen,
-                   "suspect": n in self.rec.verdict.suspect, **_held_lists(named.get(n, {}))}
+                   "suspect": n in self.rec.verdict.suspect, "device": seen[n].device if n in seen else "",
+                   "nbytes": seen[n].nbytes if n in seen else 0, **_held_lists(named.get(n, {}))}
                   for n, node in state.groups.items()]
         copies = {f"{l}/{e}": len(c) for l, experts in self.rec.table.layers.items() for e, c in enumerate(experts)}
         return msgpack.packb({

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from protos.errors import GroupGoneError, UnavailableError, one_line
+from protos.errors import GroupGoneError, PlacementError, UnavailableError, one_line
 from mesh.config import MeshConfig
 from router_service.config import NAMESPACE
 
 __all__ = ["ExpertGroupFactory", "GroupFactory", "NAMESPACE", "RayGroup", "RayLauncher", "RayRouter", "alive_nodes",
-           "has_labels", "kill_named", "pinning"]
+           "default_num_groups", "gpus_per_group", "has_labels", "kill_named", "pinning"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,22 @@ def alive_nodes(labels: dict[str, str] | None = None) -> list[dict]:
 def has_labels(node_labels: dict[str, str], wanted: dict[str, str]) -> bool:
     """Whether a node's labels include every `wanted` key with its value. Pure policy."""
     return all(node_labels.get(key) == value for key, value in wanted.items())
+
+
+def gpus_per_group(device: str, nodes: list[dict]) -> int:
+    """GPUs each group reserves: 1 where it computes on one (`device` cuda, or auto on nodes with
+    GPUs), else 0. PlacementError for cuda where no node has a GPU. Pure policy."""
+    has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in nodes)
+    if device == "cuda" and not has_gpus:
+        raise PlacementError("groups.device is cuda, but no live node of groups.node_labels has a GPU")
+    return int(device != "cpu" and has_gpus)
+
+
+def default_num_groups(device: str, nodes: list[dict]) -> int:
+    """One group per GPU where the groups compute on GPUs (per `gpus_per_group`), else one per node. Pure policy."""
+    if gpus_per_group(device, nodes):
+        return sum(int(n["Resources"].get("GPU", 0)) for n in nodes)
+    return len(nodes)
 
 
 def pinning(node_id: str) -> dict:
@@ -120,8 +136,9 @@ _BYTES = {"float32": 4, "bfloat16": 2}
 
 
 class ExpertGroupFactory:
-    """Expert groups that hold the checkpoint's weights and compute (experts/actor.py), on a GPU
-    when the group's nodes have one. `actor_class`: ExpertGroupActor or a subclass of it."""
+    """Expert groups that hold the checkpoint's weights and compute (experts/actor.py), on the GPU
+    Ray gives each where `groups.device` says (`gpus_per_group`). `actor_class`: ExpertGroupActor or
+    a subclass of it."""
 
     def __init__(self, actor_class: type | None = None):
         self.actor_class = actor_class
@@ -134,9 +151,10 @@ class ExpertGroupFactory:
 
         from experts.actor import ExpertGroupActor
 
-        has_gpus = any(n["Resources"].get("GPU", 0) > 0 for n in alive_nodes(groups.node_labels))
-        return ray.remote(self.actor_class or ExpertGroupActor).options(num_gpus=1 if has_gpus else 0, **options).remote(
-            name, model_path, own, groups.dtype, groups.torch_threads, groups.channel_budget_bytes)
+        num_gpus = gpus_per_group(groups.device, alive_nodes(groups.node_labels))
+        return ray.remote(self.actor_class or ExpertGroupActor).options(num_gpus=num_gpus, **options).remote(
+            name, model_path, own, groups.dtype, groups.torch_threads, groups.channel_budget_bytes,
+            "cuda" if num_gpus else "cpu")
 
 
 class RayLauncher:

@@ -15,6 +15,7 @@ Ray actors in the controller (mesh/handles.py), fakes in unit tests. No Ray here
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Awaitable, Callable, NamedTuple, Protocol
@@ -69,10 +70,10 @@ class Launcher(Protocol):
 
 
 def view_of(info: dict) -> GroupView:
-    """GroupView from a group's `info()` ({"endpoint", "experts", "versions", "staged"})."""
+    """GroupView from a group's `info()` ({"endpoint", "experts", "versions", "staged", "device", "nbytes"})."""
     held = {(int(l), e): v for l, es in info["experts"].items() for e, v in zip(es, info["versions"][l])}
     staged = {(int(l), int(e)): v for l, vs in info.get("staged", {}).items() for e, v in vs.items()}
-    return GroupView(info["endpoint"], held, staged)
+    return GroupView(info["endpoint"], held, staged, info.get("device", ""), info.get("nbytes", 0))
 
 
 class Compared(NamedTuple):
@@ -348,7 +349,8 @@ class Reconciler:
             self.seen[group] = view
         elif group in self.seen:
             old = self.seen[group]  # a new view, never changed in place (table_is_current compares objects)
-            self.seen[group] = GroupView(old.endpoint, {**old.held, **(held or {})}, {**old.staged, **(staged or {})})
+            self.seen[group] = dataclasses.replace(old, held={**old.held, **(held or {})},
+                                                   staged={**old.staged, **(staged or {})})
 
     async def _connect(self, groups: list[str], fresh: bool) -> None:
         """Every router has a channel to each of `groups` (`fresh`: opened anew; a no-op but for the

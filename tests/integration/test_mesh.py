@@ -381,6 +381,12 @@ def test_cli_up_status_down(tmp_path):
         assert len(snapshot["groups"]) == 2 and all(g["alive"] for g in snapshot["groups"])
         assert len({g["node"] for g in snapshot["groups"]}) == 2
         assert snapshot["routers"] == [f"{name}/router-0"]
+        # no GPU here: groups.device auto computes on the host; each shows the weight bytes it holds
+        per_expert = 3 * spec.hidden_size * spec.intermediate_size * 4  # float32, w_gate_up + w_down
+        held = {g["name"]: sum(map(len, g["experts"].values())) for g in snapshot["groups"]}
+        assert all(g["device"] == "cpu" and g["nbytes"] >= held[g["name"]] * per_expert for g in snapshot["groups"])
+        printed = mesh_cli(env, "status", "--name", name)
+        assert printed.returncode == 0 and f"cpu {snapshot['groups'][0]['nbytes'] / 2**20:.1f} MiB" in printed.stdout
 
         x = torch.randn(6, spec.hidden_size, generator=torch.Generator().manual_seed(5))
         layer = spec.moe_layers[-1]

@@ -408,3 +408,20 @@ def test_the_mesh_processes_keep_freed_message_buffers():
     from experts.memory import keep_freed_memory
 
     assert keep_freed_memory() == sys.platform.startswith("linux")
+
+
+def test_experts_go_to_the_device_asked_for_as_they_are_read(tmp_path):
+    """CheckpointReader.experts(device=) fills stacks made on that device, one expert at a time (the
+    meta device stands in for a GPU here: no data, the same allocation path)."""
+    from experts import CheckpointReader
+    from experts.builtin import build_model, save_checkpoint
+
+    path = save_checkpoint(build_model("mixtral", seed=1), tmp_path / "mixtral")
+    reader = CheckpointReader(path)
+    try:
+        on_meta = reader.experts(1, [0, 3, 5], device="meta")
+        on_host = reader.experts(1, [0, 3, 5])
+    finally:
+        reader.close()
+    assert on_meta.w_gate_up.device.type == "meta" and on_meta.w_down.device.type == "meta"
+    assert on_meta.w_gate_up.shape == on_host.w_gate_up.shape and on_meta.checksums == on_host.checksums
