@@ -157,17 +157,20 @@ def gate_checks(shape: Shape, num_tokens: int, device: torch.device) -> dict[str
     }
 
 
-def mlp_inputs(shape: Shape, num_tokens: int, dtype: torch.dtype, device: torch.device):
-    """(x [N, H] sorted by expert, w_gate_up [E, 2I, H], w_down [E, H, I], counts [E]) drawn on the device."""
-    gen = torch.Generator(device).manual_seed(0)
+def expert_weights(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_gate_up [E, 2I, H], w_down [E, H, I]) drawn on the device, once per shape (V3's: 22.5 GB in bf16)."""
+    gen = torch.Generator(device).manual_seed(1)
+    w_gate_up = torch.randn(shape.experts, 2 * shape.inter, shape.hidden, generator=gen, device=device, dtype=dtype)
+    w_down = torch.randn(shape.experts, shape.hidden, shape.inter, generator=gen, device=device, dtype=dtype)
+    return w_gate_up.div_(shape.hidden ** 0.5), w_down.div_(shape.inter ** 0.5)
+
+
+def token_rows(shape: Shape, num_tokens: int, dtype: torch.dtype, device: torch.device):
+    """(x [N, H] sorted by expert, counts [E]): the copies of `num_tokens` tokens routed at random."""
+    gen = torch.Generator(device).manual_seed(num_tokens)
     ids = torch.randint(0, shape.experts, (num_tokens * shape.top_k,), generator=gen, device=device)
-    counts = torch.bincount(ids, minlength=shape.experts)
     x = torch.randn(ids.numel(), shape.hidden, generator=gen, device=device).to(dtype)
-    w_gate_up = (torch.randn(shape.experts, 2 * shape.inter, shape.hidden, generator=gen, device=device,
-                             dtype=dtype) / shape.hidden ** 0.5)
-    w_down = torch.randn(shape.experts, shape.hidden, shape.inter, generator=gen, device=device,
-                         dtype=dtype) / shape.inter ** 0.5
-    return x, w_gate_up, w_down, counts
+    return x, torch.bincount(ids, minlength=shape.experts)
 
 
 def kernel_checks(checks: Checks, shapes: tuple[Shape, ...], device: torch.device, figures: bool) -> None:
@@ -175,7 +178,10 @@ def kernel_checks(checks: Checks, shapes: tuple[Shape, ...], device: torch.devic
     from kernels.combine import combine_reference
     from kernels.expert_mlp import GatedActivation
 
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for shape in shapes:
+        w_gate_up, w_down = expert_weights(shape, dtype, device)
+        up = w_gate_up[:, shape.inter:]  # the up rows: non-gated experts' weights (a view, no copy)
         for num_tokens in shape.tokens:
             where = f"{shape.name} T={num_tokens}"
             for gate, (launcher, reference, args) in gate_checks(shape, num_tokens, device).items():
@@ -186,14 +192,12 @@ def kernel_checks(checks: Checks, shapes: tuple[Shape, ...], device: torch.devic
                 float(not all(torch.equal(g, r) for g, r in zip(triton_align.align_tokens_triton(ids, shape.experts),
                                                                align.align_tokens_reference(ids, shape.experts)))),
                 0.0))
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            x, w_gate_up, w_down, counts = mlp_inputs(shape, num_tokens, dtype, device)
+            x, counts = token_rows(shape, num_tokens, dtype, device)
             for act in (GatedActivation("silu"), GatedActivation("silu", limit=7.0, alpha=1.702, up_offset=1.0)):
                 label = "SwiGLU" if act.limit == 0 else "clamped SwiGLU (gpt-oss)"
                 checks.run(f"grouped MLP {label}, {dtype}, {where}", lambda: (rel_err(
                     triton_expert_mlp.grouped_mlp_triton(x, w_gate_up, w_down, counts, act),
                     expert_mlp.grouped_mlp_reference(x, w_gate_up, w_down, counts, act)), TOL[dtype]))
-            up = w_gate_up[:, shape.inter:].contiguous()
             relu2 = GatedActivation("relu2", gated=False)
             checks.run(f"grouped MLP relu^2 not gated, {dtype}, {where}", lambda: (rel_err(
                 triton_expert_mlp.grouped_mlp_triton(x, up, w_down, counts, relu2),
@@ -204,15 +208,15 @@ def kernel_checks(checks: Checks, shapes: tuple[Shape, ...], device: torch.devic
                 triton_combine.combine_triton(x, order, weights, num_tokens),
                 combine_reference(x, order, weights, num_tokens)), TOL[dtype]))
             if figures:
-                checks.figures.append(mlp_figure(shape, num_tokens, device))
+                checks.figures.append(mlp_figure(shape, num_tokens, x, w_gate_up, w_down, counts, device))
+        del w_gate_up, w_down, up  # the next shape's weights in their place
         checks.run(f"grouped MLP block fp8, {shape.name}",
                    lambda: "no block-fp8 Triton grouped GEMM yet: fp8 checkpoints are dequantized at load")
 
 
-def mlp_figure(shape: Shape, num_tokens: int, device: torch.device) -> str:
+def mlp_figure(shape: Shape, num_tokens: int, x, w_gate_up, w_down, counts, device: torch.device) -> str:
     from kernels import expert_mlp, triton_expert_mlp
 
-    x, w_gate_up, w_down, counts = mlp_inputs(shape, num_tokens, torch.bfloat16, device)
     flops = 6 * x.shape[0] * shape.hidden * shape.inter
     triton_s = seconds_per_call(lambda: triton_expert_mlp.grouped_mlp_triton(x, w_gate_up, w_down, counts), device)
     torch_s = seconds_per_call(lambda: expert_mlp.grouped_mlp_reference(x, w_gate_up, w_down, counts), device, 3)
