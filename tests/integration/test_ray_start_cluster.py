@@ -3,7 +3,7 @@ machine; `groups.node_labels` puts the expert groups on the workers only.
 
 Every node is a `ray start --block` in a session of its own, with its own loopback address (head
 127.0.0.2, workers 127.0.0.3 and .4), the ports Ray would otherwise fix (GCS 6379, client 10001,
-dashboard agent 52365, workers 10002-19999) picked free, and a temp dir of its own under one root
+dashboard agent 52365, workers 10002-19999) picked free below the ephemeral range, and a temp dir of its own under one root
 (nodes that share one and start together race for the same socket names). The test
 stops them by their process groups, never with `ray stop` (which stops every Ray on the machine),
 and checks that no process naming that root is left.
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,12 +46,27 @@ STOP_GRACE_S = 10  # for Ray's workers to follow their raylet
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs Linux: all of 127.0.0.0/8 on loopback, /proc")
 
 
+def fixed_port(ip: str) -> int:
+    """A port free on `ip` now and below the kernel's ephemeral range: the ports a node is told to
+    use. Ray's own processes bind port 0 (an ephemeral port) as they start; one of them once took a
+    port picked free a moment before for the client server, and the head failed to bind it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(20000, min(low, 32768)), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind((ip, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low} on {ip}")
+
+
 class RayStartCluster:
     """A head and workers, each `ray start --block` in its own process group, on loopback addresses."""
 
     def __init__(self, root: Path):
         self.root = root
-        self.address = f"{HEAD_IP}:{free_port(HEAD_IP)}"
+        self.address = f"{HEAD_IP}:{fixed_port(HEAD_IP)}"
         self.nodes: list[subprocess.Popen] = []
         self.env = self._env()
 
@@ -72,7 +89,7 @@ class RayStartCluster:
         command = [RAY, "start", "--block", "--node-ip-address", ip, "--num-cpus", "1",
                    "--object-store-memory", str(100 * 2**20), "--temp-dir", str(temp_dir),
                    "--labels", ",".join(f"{k}={v}" for k, v in labels.items()),
-                   "--dashboard-agent-listen-port", str(free_port(ip)),
+                   "--dashboard-agent-listen-port", str(fixed_port(ip)),
                    "--min-worker-port", "0", "--max-worker-port", "0", *args]  # 0: workers on random ports
         env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if join else "0"}
         temp_dir.mkdir()
@@ -83,8 +100,8 @@ class RayStartCluster:
     def start(self, worker_labels: dict[str, str], head_labels: dict[str, str]) -> None:
         port = self.address.rsplit(":", 1)[1]
         self._start(HEAD_IP, head_labels, ["--head", "--port", port, "--include-dashboard=false",
-                                           "--dashboard-port", str(free_port(HEAD_IP)),
-                                           "--ray-client-server-port", str(free_port(HEAD_IP))], join=False)
+                                           "--dashboard-port", str(fixed_port(HEAD_IP)),
+                                           "--ray-client-server-port", str(fixed_port(HEAD_IP))], join=False)
         self.wait_for_nodes(1)
         for ip in WORKER_IPS:
             self._start(ip, worker_labels, ["--address", self.address], join=True)
@@ -178,7 +195,7 @@ def test_mesh_up_address_joins_a_ray_start_cluster_and_pins_groups_by_labels(ray
     config = tmp_path / "mesh.yaml"
     config.write_text(yaml.safe_dump({"groups": {"node_labels": {ROLE: "experts"}}}))
     env = {**cluster.env, "EXPERT_MESH_STATE_DIR": str(tmp_path / "state")}
-    name, port = f"raystart-{os.getpid()}", free_port()
+    name, port = f"raystart-{os.getpid()}", fixed_port("127.0.0.1")
     with MeshUp(env, "--address", cluster.address, "--model", str(path), "--config", str(config),
                 "--port", str(port), "--name", name) as up:
         assert up.address == f"127.0.0.1:{port}"
