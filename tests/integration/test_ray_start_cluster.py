@@ -3,8 +3,9 @@ machine; `groups.node_labels` puts the expert groups on the workers only.
 
 Every node is a `ray start --block` in a session of its own, with its own loopback address (head
 127.0.0.2, workers 127.0.0.3 and .4), the ports Ray would otherwise fix (GCS 6379, client 10001,
-dashboard agent 52365, workers 10002-19999) picked free below the ephemeral range, and a temp dir of its own under one root
-(nodes that share one and start together race for the same socket names). The test
+dashboard agent 52365) picked free below the ephemeral range, workers on ephemeral ports, and a temp
+dir of its own under one root (nodes that share one and start together race for the same socket
+names). The test
 stops them by their process groups, never with `ray stop` (which stops every Ray on the machine),
 and checks that no process naming that root is left.
 
