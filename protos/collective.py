@@ -25,8 +25,10 @@ the rows sent, so both ends know them.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
+import struct
 
 import torch
 
@@ -92,26 +94,51 @@ class Header:
     split: bool
 
 
+def _write(buf: torch.Tensor, raw: bytes, offset: int = 0) -> None:
+    """`raw` into buf[offset:] (a contiguous uint8 buffer): one memmove on the host (no torch op),
+    one copy onto a device."""
+    if offset + len(raw) > buf.shape[0]:
+        raise ValueError(f"{len(raw)} bytes at {offset} do not fit a buffer of {buf.shape[0]}")
+    if buf.is_cuda:
+        buf[offset:offset + len(raw)].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    else:
+        ctypes.memmove(buf.data_ptr() + offset, raw, len(raw))
+
+
+def _read(buf: torch.Tensor, nbytes: int, offset: int = 0) -> bytes:
+    """buf[offset:offset + nbytes] as bytes (read in place on the host)."""
+    if offset + nbytes > buf.shape[0]:
+        raise ValueError(f"{nbytes} bytes at {offset} lie past a buffer of {buf.shape[0]}")
+    if buf.is_cuda:
+        buf = buf[offset:offset + nbytes].cpu()
+        offset = 0
+    return ctypes.string_at(buf.data_ptr() + offset, nbytes)
+
+
+def _int64s(raw: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(raw) // 8}q", raw)
+
+
 def pack_header(buf: torch.Tensor, num_experts: int, layer: int, epoch: int, experts, counts, versions,
                 num_rows: int, has_scale: bool, split: bool) -> torch.Tensor:
     """Write a header at the start of `buf` (uint8); returns it (a view: the split framing's first message)."""
     size = header_nbytes(num_experts)
     values = [layer, epoch, num_rows, len(experts), int(has_scale), int(split), *experts, *counts,
               *map(version_to_int, versions)]
-    values += [0] * (size // 8 - len(values))
-    buf[:size].view(torch.int64).copy_(torch.tensor(values, dtype=torch.int64))
+    raw = struct.pack(f"<{len(values)}q", *values)
+    _write(buf, raw + bytes(size - len(raw)))  # zeros past the experts' fields: nothing of an earlier batch
     return buf[:size]
 
 
 def unpack_header(buf: torch.Tensor, num_experts: int, hidden: int, dtype: torch.dtype) -> Header:
     """The header at the start of `buf`; ValueError when the request it announces would not fit."""
-    layer, epoch, num_rows, n, has_scale, split = buf[:8 * HEADER_FIXED].view(torch.int64).tolist()
+    layer, epoch, num_rows, n, has_scale, split = _int64s(_read(buf, 8 * HEADER_FIXED))
     if not 0 <= n <= num_experts or num_rows < 0 or request_nbytes(num_experts, num_rows, hidden, dtype,
                                                                    bool(has_scale)) > buf.shape[0]:
         raise ValueError(f"a request of {num_rows} rows and {n} experts does not fit this channel's buffer")
-    rest = buf[8 * HEADER_FIXED:8 * (HEADER_FIXED + 3 * n)].view(torch.int64).tolist()
-    return Header(layer, epoch, num_rows, rest[:n], rest[n:2 * n], [version_from_int(v) for v in rest[2 * n:]],
-                  bool(has_scale), bool(split))
+    rest = _int64s(_read(buf, 8 * 3 * n, 8 * HEADER_FIXED))
+    return Header(layer, epoch, num_rows, list(rest[:n]), list(rest[n:2 * n]),
+                  [version_from_int(v) for v in rest[2 * n:]], bool(has_scale), bool(split))
 
 
 def request_views(buf: torch.Tensor, num_experts: int, num_rows: int, hidden: int, dtype: torch.dtype,
@@ -137,7 +164,7 @@ def pack_request(buf: torch.Tensor, num_experts: int, layer: int, epoch: int, ex
 
 def pack_status(buf: torch.Tensor, num_rows: int) -> torch.Tensor:
     """An ok status for `num_rows` rows at the start of `buf`; returns the split reply's status message."""
-    buf[:STATUS_BYTES].view(torch.int64).copy_(torch.tensor([1, num_rows]))
+    _write(buf, struct.pack("<2q", 1, num_rows))
     return buf[:status_nbytes()]
 
 
@@ -153,18 +180,16 @@ def pack_error(buf: torch.Tensor, message: str, nbytes: int) -> torch.Tensor:
     """An error status and `message` (cut to MESSAGE_BYTES) written into `buf`; returns its first
     `nbytes` (reply_nbytes of the request's rows, or status_nbytes when it came split)."""
     raw = message.encode()[:MESSAGE_BYTES]
-    buf[:STATUS_BYTES].view(torch.int64).copy_(torch.tensor([0, len(raw)]))
-    buf[STATUS_BYTES:STATUS_BYTES + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    _write(buf, struct.pack("<2q", 0, len(raw)) + raw)
     return buf[:nbytes]
 
 
 def check_status(buf: torch.Tensor, num_rows: int) -> None:
     """ValueError with the group's message when the status at the start of `buf` is an error, or
     when it answers another number of rows than `num_rows`."""
-    ok, size = buf[:STATUS_BYTES].view(torch.int64).tolist()
+    ok, size = _int64s(_read(buf, STATUS_BYTES))
     if ok != 1:
-        raise ValueError(bytes(buf[STATUS_BYTES:STATUS_BYTES + min(size, MESSAGE_BYTES)].tolist()).decode(
-            errors="replace"))
+        raise ValueError(_read(buf, min(max(size, 0), MESSAGE_BYTES), STATUS_BYTES).decode(errors="replace"))
     if size != num_rows:
         raise ValueError(f"the group answered {size} rows for {num_rows}")
 

@@ -12,7 +12,7 @@ authenticated nor encrypted (README, Security).
     set_table -> open a channel to every group the table names that has none (in the background;
                  until it is up, that group's slices go over grpc, counted as such) -> close the
                  ones no table names, 10 s later
-    dispatch  -> one hop to the transport's thread (never the event loop) per batch: every
+    dispatch  -> one hop to the transport's thread per batch (a direct client's: none, inline): every
                  destination's request (one message: header, rows, scale) posted at once, then
                  each reply's outputs into the batch's output slice, all within one deadline of
                  `timeout_s`. A failed or timed-out channel is dropped and a new one opened.
@@ -141,8 +141,13 @@ class CollectiveTransport(Transport):
     `segments` counts the slices sent per transport ("collective", "grpc")."""
 
     def __init__(self, router: str, namespace: str, num_experts: int, max_rows: int, dtype: torch.dtype,
-                 secret: str, timeout_s: float = 2.0, grpc_timeout_s: float = 30.0):
+                 secret: str, timeout_s: float = 2.0, grpc_timeout_s: float = 30.0, inline: bool = False):
         self.router, self.namespace = router, namespace
+        # `inline`: exchanges on the event loop's own thread, for a loop that serves one process's
+        # calls (a direct client's): a batch waits for its groups (at most its deadline) with no
+        # thread hop, and other calls queue meanwhile. Else on the transport's thread, so that the
+        # loop (a router's gRPC port) keeps serving. Either way one thread: no two exchanges overlap
+        self.inline = inline
         self.num_experts, self.max_rows, self.dtype = num_experts, max_rows, dtype
         self.timeout_s = timeout_s
         self.fallback = GrpcTransport(secret, grpc_timeout_s)
@@ -195,11 +200,16 @@ class CollectiveTransport(Transport):
         for kind, num_slices in (("collective", len(calls)), ("grpc", len(others))):
             if num_slices:  # counted as sent; a failed one is taken back (_failed)
                 self.segments[kind] += num_slices
-        exchanged, grpc_sent = await asyncio.gather(
-            asyncio.get_running_loop().run_in_executor(self._thread, exchange, calls, layer, epoch, rows, scale, out,
-                                                       self.timeout_s),
-            self.fallback.dispatch(layer, epoch, rows, scale, [d for d, _ in others], out, [t for _, t in others]),
-            return_exceptions=True)
+        if self.inline:  # the exchange blocks the loop, then grpc: one thread, so no two exchanges overlap
+            exchanged = exchange(calls, layer, epoch, rows, scale, out, self.timeout_s)
+            grpc_sent = (await self.fallback.dispatch(layer, epoch, rows, scale, [d for d, _ in others], out,
+                                                      [t for _, t in others]) if others else Outcome({}, {}))
+        else:
+            exchanged, grpc_sent = await asyncio.gather(
+                asyncio.get_running_loop().run_in_executor(self._thread, exchange, calls, layer, epoch, rows, scale,
+                                                           out, self.timeout_s),
+                self.fallback.dispatch(layer, epoch, rows, scale, [d for d, _ in others], out, [t for _, t in others]),
+                return_exceptions=True)
         if isinstance(exchanged, BaseException):  # the thread itself failed: every channel's slice did
             exchanged = Outcome({d.group: exchanged for _, d, _ in calls}, {})
         if isinstance(grpc_sent, BaseException):

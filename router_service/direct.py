@@ -126,8 +126,9 @@ class _Core:
             weights = await self._controller().router_weights.remote()
         spec = weights.spec
         tls = TLSConfig(**hello["tls"]) if hello["tls"] else None
-        transport = make_transport(config, NAMESPACE, self.name, spec.num_experts,
-                                   config.batching.max_batch_tokens * spec.top_k, dtype, hello["secret"], tls)
+        transport = make_transport(config, NAMESPACE, self.name, spec.num_experts,  # its loop is ours: inline waits
+                                   config.batching.max_batch_tokens * spec.top_k, dtype, hello["secret"], tls,
+                                   inline=True)
         self.router = Router(weights, config, transport, dtype, _metrics(self.mesh))
         self.router.on_group_failure = ControllerAdmin(f"{self.mesh}/controller", NAMESPACE).group_failed
         self.router.set_table(RoutingTable.decode(hello["table"]))

@@ -153,9 +153,10 @@ async def _timed(call) -> float:
 
 
 def make_transport(config, namespace: str, router: str, num_experts: int, max_rows: int,
-                   dtype: torch.dtype, secret: str, tls: TLSConfig | None = None) -> Transport:
+                   dtype: torch.dtype, secret: str, tls: TLSConfig | None = None, inline: bool = False) -> Transport:
     """The transport `config.transport` names (config: RouterConfig); `secret`: the mesh's; `tls`:
-    how to reach the groups' ports (internal_tls)."""
+    how to reach the groups' ports (internal_tls); `inline`: the collective transport's waits on the
+    caller's event loop (a loop that serves one process's calls: CollectiveTransport)."""
     if config.transport == "grpc":
         return GrpcTransport(secret, config.expert_timeout_s, tls)
     if config.transport == "ray":
@@ -164,5 +165,5 @@ def make_transport(config, namespace: str, router: str, num_experts: int, max_ro
         from router_service.collective import CollectiveTransport
 
         return CollectiveTransport(router, namespace, num_experts, max_rows, dtype, secret,
-                                   config.collective_timeout_s, config.expert_timeout_s)
+                                   config.collective_timeout_s, config.expert_timeout_s, inline)
     raise ValueError(f"transport must be 'grpc', 'ray' or 'collective', got {config.transport!r}")

@@ -80,3 +80,15 @@ def test_a_version_that_is_not_a_sha_prefix_is_refused():
 def test_backend_follows_the_tensors_device(device, backend):
     assert backend_for(torch.device(device)) == backend
     assert exact_counts(torch.device(device)) == (backend == "nccl")
+
+
+def test_fields_are_written_and_read_within_the_buffer_only():
+    """The header and status codec writes and reads the buffer in place (no torch op): never past its end."""
+    small = torch.zeros(8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="do not fit a buffer of 8"):
+        pack_status(small, 3)
+    with pytest.raises(ValueError, match="lie past a buffer of 8"):
+        check_status(small, 3)
+    guard = torch.full((header_nbytes(8) + 8,), 7, dtype=torch.uint8)
+    pack_header(guard, 8, 1, 2, [0], [1], VERSIONS[:1], 1, False, True)
+    assert guard[header_nbytes(8):].eq(7).all()  # the byte after the header untouched
