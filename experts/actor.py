@@ -20,7 +20,6 @@ import torch
 from protos.collector import settle_gc
 from protos.errors import ChannelRefusedError, InvalidRequestError, MeshError, one_line
 from experts.group import ExpertGroup
-from experts.links import emulated_delay_s, serve_delay
 from experts.memory import keep_freed_memory
 from protos import expert_mesh_pb2 as pb
 from protos.serving import TLSConfig, bind, worker_server
@@ -59,10 +58,9 @@ def validate_batch(request: pb.ExpertBatch,
 class ExpertGroupServer:
     """Serves one ExpertGroup; the compute runs in a thread so the event loop keeps receiving."""
 
-    def __init__(self, name: str, group: ExpertGroup, delay_s: float = 0.0):
+    def __init__(self, name: str, group: ExpertGroup):
         self.name = name
         self.group = group
-        self.delay_s = delay_s  # emulated link delay of this node (experts/links.py), 0 normally
         self.tokens_served: collections.Counter[tuple[int, int]] = collections.Counter()
         self.compute_s = 0.0
         self.stage_s: collections.Counter[str] = collections.Counter()  # Compute's decode / compute / encode, calls
@@ -108,12 +106,9 @@ class ExpertGroupServer:
         stage_s["compute"] += computed - decoded
         stage_s["encode"] += time.perf_counter() - computed
         stage_s["calls"] += 1
-        if self.delay_s > 0:
-            await serve_delay(self.delay_s)
         return reply
 
     async def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
-        await serve_delay(self.delay_s)
         return pb.PingReply(payload=request.payload, group=self.name)
 
 
@@ -153,7 +148,7 @@ class ExpertGroupActor:
         self.name = name
         self.model_path = model_path
         group = load_group(name, model_path, assignment, DTYPES[dtype], group_device(device))
-        self.server_impl = self.server_class(name, group, emulated_delay_s())
+        self.server_impl = self.server_class(name, group)
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
         self._changing = threading.Lock()  # copies are added, staged and released from worker threads
@@ -190,15 +185,19 @@ class ExpertGroupActor:
 
         spec = self.server_impl.group.spec
         self._check_channel_budget(router, channel_nbytes(spec.num_experts, max_rows, spec.expert_width, DTYPES[dtype]))
-        worker = ChannelWorker(channel_id, host, port, self.server_impl.compute_sync, spec.num_experts,
-                               spec.expert_width, DTYPES[dtype], max_rows,
-                               self.server_impl.delay_s, self.server_impl.stage_s)
+        worker = ChannelWorker(channel_id, host, port, self.channel_compute(), spec.num_experts,
+                               spec.expert_width, DTYPES[dtype], max_rows, self.server_impl.stage_s)
         await asyncio.to_thread(worker.connect)
         old = self._channels.pop(router, None)
         if old is not None:
             old.close()
         self._channels[router] = worker
         worker.start()
+
+    def channel_compute(self):
+        """What a collective channel runs per batch (experts/channel.py's Compute): the server's
+        compute_sync (a subclass may wrap it: cluster/links.py's emulated far node)."""
+        return self.server_impl.compute_sync
 
     def _check_channel_budget(self, router: str, nbytes: int) -> None:
         """ChannelRefusedError when a channel of `nbytes` would take the channels' buffers past the

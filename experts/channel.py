@@ -36,11 +36,10 @@ class ChannelWorker:
     None, versions) -> [n, H]` is the group's expert computation."""
 
     def __init__(self, channel_id: str, host: str, port: int, compute: Compute, num_experts: int, hidden: int,
-                 dtype: torch.dtype, max_rows: int, delay_s: float = 0.0, stats=None,
-                 device: torch.device = torch.device("cpu")):
+                 dtype: torch.dtype, max_rows: int, stats=None, device: torch.device = torch.device("cpu")):
         self.channel_id, self.host, self.port = channel_id, host, port
         self.stats = stats  # a Counter: seconds of "compute" and "calls", as the grpc Compute counts them
-        self.compute, self.delay_s = compute, delay_s
+        self.compute = compute
         self.num_experts, self.hidden, self.dtype, self.device = num_experts, hidden, dtype, device
         self.exact = exact_counts(device)  # the header first, then the rest at its announced size
         self.request = torch.empty(request_nbytes(num_experts, max_rows, hidden, dtype), dtype=torch.uint8,
@@ -97,8 +96,6 @@ class ChannelWorker:
         if self.stats is not None:
             self.stats["compute"] += time.perf_counter() - start
             self.stats["calls"] += 1
-        if self.delay_s > 0:  # the emulated link delay of this node (experts/links.py)
-            time.sleep(self.delay_s)
         self._send([pack_status(self.reply, out.shape[0]), out.contiguous()] if header.split
                    else [pack_reply(self.reply, out)])
 

@@ -1,9 +1,9 @@
-"""Emulated slow links, for testing placement on one machine (where every link is loopback).
-
-A node started with the Ray label `expert-mesh.io/link-delay-ms=<d>` stands for a far host: every
-gRPC call served by a process on it (expert groups and latency probes alike) answers d ms later,
-whoever the caller is. The probes measure that delay like any real one; nothing tells the placement
-optimiser about the label. On real clusters no node has the label and this costs nothing.
+"""Emulated slow links, for testing placement on one machine (where every link is loopback): what
+reads a node's emulated delay. A node started with the Ray label `expert-mesh.io/link-delay-ms=<d>`
+stands for a far host when the mesh runs emulated links (cluster/links.py's EmulatedLinks, or a
+bench's simulated devices, experts/simulated.py): every gRPC call served by a process on it answers
+d ms later, whoever the caller is. The probes measure that delay like any real one; nothing tells
+the placement optimiser about the label. A mesh of real groups reads no label.
 """
 
 from __future__ import annotations

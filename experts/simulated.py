@@ -158,6 +158,7 @@ class SimulatedGroupFactory:
 
     tflops: float = 1.0      # device throughput the cost model assumes
     latency_ms: float = 0.2  # fixed cost of one batch on a device
+    probe_class = None       # the nodes' latency probes: mesh.probes.LatencyProbe
 
     def expert_bytes(self, spec, dtype: str) -> int:
         return 0

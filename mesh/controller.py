@@ -97,7 +97,7 @@ class MeshController:
                               start_timeout_s=self.config.group_start_timeout_s,
                               restart_settle_s=self.config.health_period_s)
         self.started_at = time.time()
-        self.probes = ProbeFleet(self.config.name)
+        self.probes = ProbeFleet(self.config.name, self.rec.launcher.factory.probe_class)
         self.auth = AdminAuth(self.config.admin_token, self.config.read_token)
         self._tasks: list[asyncio.Task] = []
         self._recovering: asyncio.Future | None = None

@@ -120,8 +120,11 @@ class RayRouter:
 
 
 class GroupFactory(Protocol):
-    """What runs as an expert group: ExpertGroupFactory in a mesh, a bench's simulated devices
-    (experts.simulated.SimulatedGroupFactory) where the launcher is handed one."""
+    """What runs on a mesh's nodes: its expert groups (ExpertGroupFactory; a bench's simulated
+    devices, experts.simulated.SimulatedGroupFactory; cluster.links.EmulatedLinks' far nodes) and,
+    with `probe_class`, the latency probe of each node (None: mesh.probes.LatencyProbe)."""
+
+    probe_class: type | None
 
     def expert_bytes(self, spec, dtype: str) -> int:
         """Memory one expert copy takes on its node (0: none, the memory check passes)."""
@@ -138,10 +141,10 @@ _BYTES = {"float32": 4, "bfloat16": 2}
 class ExpertGroupFactory:
     """Expert groups that hold the checkpoint's weights and compute (experts/actor.py), on the GPU
     Ray gives each where `groups.device` says (`gpus_per_group`). `actor_class`: ExpertGroupActor or
-    a subclass of it."""
+    a subclass of it; `probe_class`: LatencyProbe or a subclass of it (None: LatencyProbe)."""
 
-    def __init__(self, actor_class: type | None = None):
-        self.actor_class = actor_class
+    def __init__(self, actor_class: type | None = None, probe_class: type | None = None):
+        self.actor_class, self.probe_class = actor_class, probe_class
 
     def expert_bytes(self, spec, dtype: str) -> int:
         return (spec.gate_up_rows + spec.intermediate_size) * spec.expert_width * _BYTES[dtype] * 2  # + the packed copy

@@ -14,12 +14,11 @@ import time
 
 import grpc
 
-from experts.links import emulated_delay_s, serve_delay
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
 from protos.serving import TLSConfig, add_service, bind, channel, require_secret, secret_metadata
 
-__all__ = ["LINKS_EVERY_S", "PROBE_TIMEOUT_S", "LatencyProbe", "ProbeFleet", "link_matrix"]
+__all__ = ["LINKS_EVERY_S", "PROBE_TIMEOUT_S", "LatencyProbe", "ProbeEcho", "ProbeFleet", "link_matrix"]
 
 PROBE_TIMEOUT_S = 60.0  # a latency probe starts, or measures every link, within this (a pending one fails the plan)
 LINKS_EVERY_S = 10.0  # links measured at most this often (Placement, rebalance): each measurement loads every node
@@ -29,17 +28,21 @@ BANDWIDTH_BYTES = 1 << 20
 _OPTIONS = [("grpc.max_receive_message_length", 4 * BANDWIDTH_BYTES)]
 
 
-class _Echo:
-    def __init__(self, node_id: str, delay_s: float):
-        self.node_id, self.delay_s = node_id, delay_s
+class ProbeEcho:
+    """The MeshProbe service of a node's probe: the payload's first ECHO_BYTES back, with the node id."""
+
+    def __init__(self, node_id: str):
+        self.node_id = node_id
 
     async def Echo(self, request: pb.PingRequest, context) -> pb.PingReply:
-        await serve_delay(self.delay_s)
         return pb.PingReply(payload=request.payload[:ECHO_BYTES], group=self.node_id)
 
 
 class LatencyProbe:
-    """Ray actor body, pinned to one node by the controller (`<mesh>/probe-<node id[:12]>`)."""
+    """Ray actor body, pinned to one node by the controller (`<mesh>/probe-<node id[:12]>`).
+    `echo_class`: what serves its echoes (an emulated far node's answers late: cluster/links.py)."""
+
+    echo_class = ProbeEcho
 
     def __init__(self):
         import ray
@@ -57,7 +60,7 @@ class LatencyProbe:
         "ip:port")."""
         if self._server is None:
             self._server = grpc.aio.server(options=_OPTIONS, maximum_concurrent_rpcs=16)
-            add_service(self._server, "MeshProbe", _Echo(self.node_id, emulated_delay_s()), require_secret(secret))
+            add_service(self._server, "MeshProbe", self.echo_class(self.node_id), require_secret(secret))
             self._metadata = secret_metadata(secret)
             self._tls = TLSConfig(**tls) if tls else None
             port = bind(self._server, f"{self.host}:0", self._tls)
@@ -100,10 +103,12 @@ def link_matrix(nodes: list[str], rows: list[list[tuple[float, float]]]) -> dict
 class ProbeFleet:
     """The latency probes of mesh `name` (one LatencyProbe actor per live node, `<name>/probe-<node>`,
     started on first use, dropped with their node) and the link matrix they measure: at most once
-    per LINKS_EVERY_S (each measurement loads every node), sooner the last one."""
+    per LINKS_EVERY_S (each measurement loads every node), sooner the last one. `probe_class`:
+    LatencyProbe or a subclass (None: LatencyProbe)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, probe_class: type | None = None):
         self.name = name
+        self.probe_class = probe_class or LatencyProbe
         self.probes: dict[str, object] = {}  # node id -> LatencyProbe handle
         self._links: tuple[float, dict] | None = None  # (when, link matrix) of the last measurement
 
@@ -139,7 +144,7 @@ class ProbeFleet:
         self.probes = {n: p for n, p in self.probes.items() if n in nodes}
         for node in nodes:
             if node not in self.probes:
-                self.probes[node] = ray.remote(LatencyProbe).options(
+                self.probes[node] = ray.remote(self.probe_class).options(
                     name=f"{self.name}/probe-{node[:12]}", namespace=NAMESPACE, lifetime="detached",
                     num_cpus=0, get_if_exists=True, **pinning(node)).remote()
         started = await asyncio.wait_for(asyncio.gather(*(self.probes[n].start.remote(secret, tls) for n in nodes)),

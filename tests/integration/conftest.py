@@ -41,13 +41,14 @@ class MeshFactory:
         self.modules: dict[str, str] = {}  # key -> the test module that started it
         self._started = 0  # names are never reused, even after stop()
 
-    def get(self, model_path, key: str | None = None, **config):
+    def get(self, model_path, key: str | None = None, group_factory=None, **config):
+        """The mesh of `key`, started at its first call (`group_factory`: mesh.handles.GroupFactory)."""
         key = key or str(model_path)
         if key not in self.meshes:
             name = f"t{self._started}"
             self._started += 1
             config.setdefault("router", {}).setdefault("port", 0)
-            self.meshes[key] = start_mesh(MeshConfig(name=name, **config), model_path)
+            self.meshes[key] = start_mesh(MeshConfig(name=name, **config), model_path, group_factory=group_factory)
             self.modules[key] = _MODULE
         return self.meshes[key]
 

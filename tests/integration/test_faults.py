@@ -21,6 +21,7 @@ import ray
 import torch
 
 from experts import MoELayer
+from cluster.links import EmulatedLinks
 from experts.links import LINK_DELAY_LABEL
 from mesh.handles import NAMESPACE
 from mesh.state import MeshState
@@ -50,7 +51,8 @@ def world(ray_cluster, meshes, tmp_path_factory):
     old, new = small_checkpoints(tmp_path_factory.mktemp("faults"), old=0, new=5).values()
     far = ray_cluster.add_node(num_cpus=2, labels={LINK_DELAY_LABEL: "30"})
     ray_cluster.wait_for_nodes()
-    mesh = meshes.get(old, key="faults", admin_token=TOKEN, num_routers=2, drain_s=0.5, placement_balance=1.0,
+    mesh = meshes.get(old, key="faults", group_factory=EmulatedLinks(), admin_token=TOKEN, num_routers=2,
+                      drain_s=0.5, placement_balance=1.0,
                       groups={"replicas": 2, "num_groups": 4}, router={"load_window_s": 5})
     yield World(ray_cluster, mesh, old, new, far.node_id)
     meshes.stop("faults")

@@ -1,8 +1,9 @@
 """Placement by measured latency on heterogeneous links.
 
 Ray cannot run across network namespaces here (no CAP_NET_ADMIN for `tc netem`), so a far host is
-emulated: a node added with the label `expert-mesh.io/link-delay-ms=60` answers every gRPC call
-60 ms late (expert groups and probes alike, experts/links.py). The probes measure that; the
+emulated: in a mesh started with cluster/links.py's EmulatedLinks, a node added with the label
+`expert-mesh.io/link-delay-ms=60` answers every gRPC call 60 ms late (expert groups and probes
+alike). The probes measure that; the
 optimiser sees only their matrix. Under load whose tokens all pick experts held on the far node
 (among others), `mesh rebalance` must move them off it and the measured mean Forward latency drop.
 """
@@ -20,6 +21,7 @@ import torch
 from cluster.cli import format_placement
 from experts import MoELayer
 from experts.builtin import build_model, save_checkpoint
+from cluster.links import EmulatedLinks
 from experts.links import LINK_DELAY_LABEL
 from protos import expert_mesh_pb2 as pb
 from protos import expert_mesh_pb2_grpc as pb_grpc
@@ -39,7 +41,8 @@ def far_mesh(request, ray_cluster, meshes, tmp_path_factory):
     far = ray_cluster.add_node(num_cpus=2, labels={LINK_DELAY_LABEL: str(DELAY_MS)})
     ray_cluster.wait_for_nodes()
     transport = request.param
-    mesh = meshes.get(path, key=f"placement-{transport}", groups={"num_groups": 4}, admin_token=TOKEN, drain_s=0.3,
+    mesh = meshes.get(path, key=f"placement-{transport}", group_factory=EmulatedLinks(), groups={"num_groups": 4},
+                      admin_token=TOKEN, drain_s=0.3,
                       placement_balance=1.0, router={"load_window_s": 30, "transport": transport})
     yield mesh, path, far.node_id
     meshes.stop(f"placement-{transport}")
