@@ -29,12 +29,13 @@ from mesh.changes import plan_copies, plan_swap
 from mesh.config import MeshConfig
 from mesh.handles import NAMESPACE, GroupFactory, RayLauncher, alive_nodes, default_num_groups
 from mesh.leases import Leases
-from mesh.load import Load, aggregate_load, by_name
+from mesh.load import Load, aggregate_load
 from mesh.placement import (initial_assignment, pick_groups, placement_report, replicate_layer, scale_count,
-                            shared_nodes, spread_groups)
+                            spread_groups)
 from mesh.probes import ProbeFleet
 from mesh.reconciler import Reconciler
 from mesh.state import MeshState
+from mesh.status import status_report
 from mesh.store import GcsKVStore, StateStore
 from mesh.verify import hand_back_large_frees
 
@@ -62,17 +63,6 @@ def _log_to_stderr() -> None:
         mesh_logger.addHandler(handler)
         mesh_logger.setLevel(logging.INFO)
         mesh_logger.propagate = False
-
-
-def _held_lists(named: dict[tuple[int, int], str]) -> dict:
-    """{"experts": {"layer": [experts ascending]}, "versions": {"layer": [their versions]}} of one
-    group's named copies ((layer, expert) -> version), the snapshot's form."""
-    experts: dict[str, list[int]] = {}
-    versions: dict[str, list[str]] = {}
-    for (layer, expert), version in sorted(named.items()):
-        experts.setdefault(str(layer), []).append(expert)
-        versions.setdefault(str(layer), []).append(version)
-    return {"experts": experts, "versions": versions}
 
 
 def _call_ready_soon() -> None:
@@ -468,28 +458,11 @@ class MeshController:
         return aggregate_load(await self.rec.router_reports(pairs) + direct, self.spec.top_k_of)
 
     async def snapshot(self) -> bytes:
-        """msgpack state: groups (name, node, endpoint, device and weight bytes held, experts per layer,
-        versions, alive, suspect), routers,
-        copies per expert in the table, tokens per expert since start and tokens/s over the load
-        window, the change in progress and what has not converged yet."""
+        """msgpack of `mesh status` (mesh/status.py)."""
         await self.ready()
-        tokens, rates, _ = await self.load()
-        state, seen, named = self.rec.state, self.rec.seen, self.rec.named()
-        groups = [{"name": n, "node": node, "endpoint": seen[n].endpoint if n in seen else "", "alive": n in seen,
-                   "suspect": n in self.rec.verdict.suspect, "device": seen[n].device if n in seen else "",
-                   "nbytes": seen[n].nbytes if n in seen else 0, **_held_lists(named.get(n, {}))}
-                  for n, node in state.groups.items()]
-        copies = {f"{l}/{e}": len(c) for l, experts in self.rec.table.layers.items() for e, c in enumerate(experts)}
-        return msgpack.packb({
-            "mesh": self.config.name, "model": self.model_path, "model_type": self.spec.model_type,
-            "epoch": self.rec.epoch, "revision": state.revision, "uptime_s": time.time() - self.started_at,
-            "autoscale": state.autoscale, "groups": groups, "routers": list(self.rec.routers), "copies": copies,
-            "direct_clients": self.leases.describe(time.monotonic()), "last_push": self.rec.last_push,
-            "sources": {f"{l}/{e}": rs[0].source for (l, e), rs in state.copies.items() if rs[0].source},
-            "tokens_per_expert": by_name(tokens), "tokens_per_s": by_name(rates), **self.rec.pending(),
-            "copies_sharing_a_node": [f"{l}/{e}" for l, e in shared_nodes(
-                {key: [r.group for r in rs] for key, rs in state.copies.items()}, state.groups)],
-        })
+        header = {"mesh": self.config.name, "model": self.model_path, "model_type": self.spec.model_type,
+                  "uptime_s": time.time() - self.started_at}
+        return msgpack.packb(status_report(self.rec, header, await self.load(), self.leases.describe(time.monotonic())))
 
     async def shutdown(self) -> None:
         """Stop the routers and kill every group and probe of this mesh."""
