@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import time
 from collections import deque
 from typing import Any, Protocol
@@ -114,8 +115,8 @@ class LayerBatcher:
                                  f"max_queue_tokens={self._max_queue_tokens}")
         loop = asyncio.get_running_loop()
         step = self._config.max_batch_tokens
-        chunks = torch.split(x, step)
-        id_chunks = [None] * len(chunks) if token_ids is None else torch.split(token_ids, step)
+        chunks = _chunks(x, step)
+        id_chunks = [None] * len(chunks) if token_ids is None else _chunks(token_ids, step)
         entries = [_Entry(chunk, loop.create_future(), caller, ids, pin)
                    for chunk, ids in zip(chunks, id_chunks, strict=True)]
         lane = self._idle_lane(caller) if len(entries) == 1 else None
@@ -208,7 +209,7 @@ class LayerBatcher:
         try:
             sizes = [e.x.shape[0] for e in batch]
             x = batch[0].x if len(batch) == 1 else torch.cat([e.x for e in batch])
-            bounds = torch.tensor([0, *sizes]).cumsum(0).tolist()
+            bounds = [0, *itertools.accumulate(sizes)]
             parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
             self._runner.observe_batch(x.shape[0], len(batch))
             try:
@@ -227,6 +228,11 @@ class LayerBatcher:
             self._busy -= collections.Counter({e.caller for e in batch})  # -= drops callers left at 0
             self._free[lane] += 1
             self._wakeup.set()
+
+
+def _chunks(t: torch.Tensor, step: int) -> tuple[torch.Tensor, ...]:
+    """t split along its first dim into chunks of `step` rows (itself when it fits one: no torch op)."""
+    return (t,) if t.shape[0] <= step else torch.split(t, step)
 
 
 def _joined(token_ids: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -176,7 +176,8 @@ class _Core:
     async def forward(self, layer: Any, hidden: Any, token_ids: Any, caller: str) -> tuple[torch.Tensor, int]:
         try:
             x, ids = self.check(layer, hidden, token_ids)
-            out, epoch = await asyncio.wait_for(self.router.forward(layer, x.cpu(), caller, ids), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # a timer, not a task per call (wait_for's)
+                out, epoch = await self.router.forward(layer, x.cpu(), caller, ids)
         except Exception as exc:
             raise _error(exc) from exc
         return out.reshape(hidden.shape).to(hidden.device), epoch
