@@ -210,8 +210,53 @@ def kernel_checks(checks: Checks, shapes: tuple[Shape, ...], device: torch.devic
             if figures:
                 checks.figures.append(mlp_figure(shape, num_tokens, x, w_gate_up, w_down, counts, device))
         del w_gate_up, w_down, up  # the next shape's weights in their place
-        checks.run(f"grouped MLP block fp8, {shape.name}",
-                   lambda: "no block-fp8 Triton grouped GEMM yet: fp8 checkpoints are dequantized at load")
+        fp8_checks(checks, shape, device, figures)
+
+
+def fp8_checks(checks: Checks, shape: Shape, device: torch.device, figures: bool) -> None:
+    """The grouped MLP over block fp8 weights (read as stored) against the torch reference over the
+    same weights dequantized to bf16 (fp32 on the CPU), every T of the shape."""
+    from kernels import expert_mlp, triton_expert_mlp
+
+    block = (128, 128) if device.type == "cuda" else (32, 32)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    w_gate_up, w_down, scales = fp8_weights(shape, block, device)
+    reference = (expert_mlp.dequantize_blocks(w_gate_up, scales.gate_up, block, dtype),
+                 expert_mlp.dequantize_blocks(w_down, scales.down, block, dtype))
+    for num_tokens in shape.tokens:
+        x, counts = token_rows(shape, num_tokens, dtype, device)
+        checks.run(f"grouped MLP block fp8 {list(block)}, {shape.name} T={num_tokens}", lambda: (rel_err(
+            triton_expert_mlp.grouped_mlp_triton(x, w_gate_up, w_down, counts, scales=scales),
+            expert_mlp.grouped_mlp_reference(x, *reference, counts)), TOL[dtype]))
+        if figures:
+            flops = 6 * x.shape[0] * shape.hidden * shape.inter
+            fp8_s = seconds_per_call(lambda: triton_expert_mlp.grouped_mlp_triton(x, w_gate_up, w_down, counts,
+                                                                                  scales=scales), device)
+            bf16_s = seconds_per_call(lambda: triton_expert_mlp.grouped_mlp_triton(x, *reference, counts), device)
+            checks.figures.append(f"grouped MLP block fp8 {shape.name} T={num_tokens}: {flops / fp8_s / 1e12:.1f} "
+                                  f"TFLOP/s ({fp8_s * 1e3:.2f} ms), bf16 weights {flops / bf16_s / 1e12:.1f} TFLOP/s")
+
+
+def fp8_weights(shape: Shape, block: tuple[int, int], device: torch.device):
+    """(w_gate_up, w_down float8_e4m3fn, BlockScales): random weights quantized on the device a few
+    experts at a time (each block's max |w| maps to 448, as checkpoints quantize)."""
+    from kernels.expert_mlp import BlockScales
+
+    def quantized(rows: int, cols: int):
+        q = torch.empty(shape.experts, rows, cols, dtype=torch.float8_e4m3fn, device=device)
+        s = torch.empty(shape.experts, rows // block[0], cols // block[1], device=device)
+        gen = torch.Generator(device).manual_seed(rows)
+        for start in range(0, shape.experts, 8):
+            w = torch.randn(min(8, shape.experts - start), rows, cols, generator=gen, device=device) / cols ** 0.5
+            tiles = w.view(w.shape[0], rows // block[0], block[0], cols // block[1], block[1])
+            scale = tiles.abs().amax(dim=(2, 4)) / 448.0
+            q[start:start + w.shape[0]] = (tiles / scale[:, :, None, :, None]).view_as(w).to(torch.float8_e4m3fn)
+            s[start:start + w.shape[0]] = scale
+        return q, s
+
+    (w_gate_up, s_gate_up), (w_down, s_down) = quantized(2 * shape.inter, shape.hidden), quantized(shape.hidden,
+                                                                                                     shape.inter)
+    return w_gate_up, w_down, BlockScales(s_gate_up, s_down, block)
 
 
 def mlp_figure(shape: Shape, num_tokens: int, x, w_gate_up, w_down, counts, device: torch.device) -> str:

@@ -21,6 +21,7 @@ from protos.collector import settle_gc
 from protos.errors import ChannelRefusedError, InvalidRequestError, MeshError, one_line
 from experts.group import ExpertGroup
 from experts.memory import keep_freed_memory
+from experts.quantized import fp8_on
 from protos import expert_mesh_pb2 as pb
 from protos.serving import TLSConfig, bind, worker_server
 from protos.wire import DTYPES, from_proto, to_proto
@@ -134,6 +135,13 @@ def load_group(name: str, model_path: str, assignment: dict[int, list[int]], dty
                         f"({sum(map(len, assignment.values()))} experts): {one_line(exc)}") from exc
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """Which values of t are finite; float8_e4m3fn has no Inf and one NaN pattern (S.1111.111)."""
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8) & 0x7F != 0x7F
+    return torch.isfinite(t)
+
+
 class ExpertGroupActor:
     """Ray actor body (wrapped with ray.remote by the controller, which sets placement and name).
     `server_class`: what serves its group (a bench's subclass may echo instead of computing)."""
@@ -233,15 +241,17 @@ class ExpertGroupActor:
     def _read(self, layer: int, experts: list[int], source: str | None):
         from experts.checkpoint import CheckpointReader
 
-        reader = CheckpointReader(source or self.model_path, dtype=self.server_impl.group.dtype)
+        group = self.server_impl.group
+        reader = CheckpointReader(source or self.model_path, dtype=group.dtype, keep_fp8=fp8_on(group.device))
         try:
-            if reader.spec != self.server_impl.group.spec:
+            if reader.spec != group.spec:
                 raise ValueError(f"checkpoint {source} is not the same architecture as the served model")
             weights = reader.experts(layer, experts)
         finally:
             reader.close()
         parts = [t for t in (weights.w_gate_up, weights.w_down, weights.b_gate_up, weights.b_down) if t is not None]
-        finite = torch.stack([torch.isfinite(t.flatten(1)).all(dim=1) for t in parts]).all(dim=0)  # [n]
+        parts += [weights.scales.gate_up, weights.scales.down] if weights.scales else []
+        finite = torch.stack([_finite(t.flatten(1)).all(dim=1) for t in parts]).all(dim=0)  # [n]
         if not finite.all():
             bad = [e for e, ok in zip(weights.experts, finite.tolist()) if not ok]
             raise ValueError(f"checkpoint {source or self.model_path}: layer {layer} experts {bad} have NaN or Inf "

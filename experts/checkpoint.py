@@ -28,6 +28,7 @@ import torch
 
 from protos.errors import CheckpointError
 from experts.quantized import QuantizationConfig, QuantizedTensor
+from kernels.expert_mlp import BlockScales, dequantize_blocks
 from experts.safetensors import CheckpointLayout, SafetensorsHeader
 from experts.spec import MoESpec, load_config, spec_from_config
 
@@ -92,30 +93,52 @@ class ExpertWeights:
     checksums: list[str]                 # sha256 of each expert's source bytes
     b_gate_up: torch.Tensor | None = None    # [n, 2I], gpt-oss
     b_down: torch.Tensor | None = None       # [n, H]
+    scales: BlockScales | None = None        # block fp8 weights kept as stored (float8_e4m3fn: fp8_on)
 
     def select(self, rows: list[int]) -> "ExpertWeights":
         """The experts at positions `rows`, in that order (itself, not a copy, for all in order)."""
         if rows == list(range(len(self.experts))):
             return self
         pick = (lambda t: None if t is None else t[rows])
+        scales = self.scales and BlockScales(self.scales.gate_up[rows], self.scales.down[rows], self.scales.block)
         return ExpertWeights([self.experts[i] for i in rows], self.w_gate_up[rows], self.w_down[rows],
-                             [self.checksums[i] for i in rows], pick(self.b_gate_up), pick(self.b_down))
+                             [self.checksums[i] for i in rows], pick(self.b_gate_up), pick(self.b_down), scales)
 
     def cast(self, dtype: torch.dtype | None, device: torch.device | str | None = None) -> "ExpertWeights":
         """The same experts in `dtype`, contiguous, on `device` (None: where they are); dtype None:
         the weights' dtype, which the biases take too (an MXFP4 checkpoint's weights are dequantized,
-        its biases stored as they are)."""
+        its biases stored as they are). Block fp8 weights stay fp8 (and their scales float32): only moved."""
         dtype = dtype or self.w_gate_up.dtype
-        to = (lambda t: None if t is None else t.to(device=device, dtype=dtype).contiguous())
-        return ExpertWeights(self.experts, to(self.w_gate_up), to(self.w_down), self.checksums,
-                             to(self.b_gate_up), to(self.b_down))
+        to = (lambda t, kind=dtype: None if t is None else t.to(device=device, dtype=kind).contiguous())
+        if self.scales is None:
+            return ExpertWeights(self.experts, to(self.w_gate_up), to(self.w_down), self.checksums,
+                                 to(self.b_gate_up), to(self.b_down))
+        s = self.scales
+        return ExpertWeights(self.experts, to(self.w_gate_up, None), to(self.w_down, None), self.checksums,
+                             to(self.b_gate_up), to(self.b_down), BlockScales(to(s.gate_up, None), to(s.down, None),
+                                                                              s.block))
+
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> "ExpertWeights":
+        """Block fp8 weights in `dtype` (itself where they are not fp8)."""
+        if self.scales is None:
+            return self
+        s = self.scales
+        return ExpertWeights(self.experts, dequantize_blocks(self.w_gate_up, s.gate_up, s.block, dtype),
+                             dequantize_blocks(self.w_down, s.down, s.block, dtype), self.checksums,
+                             self.b_gate_up, self.b_down)
 
     def concat(self, other: "ExpertWeights") -> "ExpertWeights":
-        """These experts, then `other`'s (in this one's dtype)."""
+        """These experts, then `other`'s (in this one's dtype; fp8 beside another form or block size:
+        both dequantized)."""
+        if (self.scales and self.scales.block) != (other.scales and other.scales.block):
+            dtype = next((w.w_gate_up.dtype for w in (self, other) if w.scales is None), torch.bfloat16)
+            return self.dequantized(dtype).concat(other.dequantized(dtype))
         cat = (lambda a, b: None if a is None else torch.cat([a, b.to(a.dtype)]))
+        scales = self.scales and BlockScales(cat(self.scales.gate_up, other.scales.gate_up),
+                                             cat(self.scales.down, other.scales.down), self.scales.block)
         return ExpertWeights(self.experts + other.experts, cat(self.w_gate_up, other.w_gate_up),
                              cat(self.w_down, other.w_down), self.checksums + other.checksums,
-                             cat(self.b_gate_up, other.b_gate_up), cat(self.b_down, other.b_down))
+                             cat(self.b_gate_up, other.b_gate_up), cat(self.b_down, other.b_down), scales)
 
 
 # one expert as read: (gate_up [2I, H], down [H, I], b_gate_up [2I] | None, b_down [H] | None, checksum)
@@ -126,10 +149,14 @@ class CheckpointReader:
     """The MoE tensors of one checkpoint folder; reads lazily and only what is asked for.
 
     `dtype`: what quantized weights are dequantized to (default bfloat16); others come as stored.
+    `keep_fp8`: block fp8 experts come as stored, with their scales (`ExpertWeights.scales`), where
+    the layout allows (see `_fp8_layout`); what will compute them is a device with fp8 (`fp8_on`).
     """
 
-    def __init__(self, path: str | Path, spec: MoESpec | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, path: str | Path, spec: MoESpec | None = None, dtype: torch.dtype | None = None,
+                 keep_fp8: bool = False):
         self.path = Path(path)
+        self.keep_fp8 = keep_fp8
         config = load_config(self.path)
         self.spec = spec or spec_from_config(config)
         try:
@@ -300,10 +327,12 @@ class CheckpointReader:
         bad = [e for e in experts if not 0 <= e < spec.num_experts]
         if bad:
             raise ValueError(f"experts {bad} out of range: layer {layer} has {spec.num_experts} experts")
-        read_one = (self._stacked_expert if spec.checkpoint_stacked
+        fp8 = bool(experts) and self._fp8_layout(block, experts[0])
+        read_one = (self._fp8_expert if fp8 else self._stacked_expert if spec.checkpoint_stacked
                     else self._fused_expert if self.layout.is_fused(block) else self._legacy_expert)
         width, inter, rows = spec.expert_width, spec.intermediate_size, spec.gate_up_rows
         shapes = [(rows, width), (width, inter)] + ([(rows,), (width,)] if spec.has_expert_bias else [])
+        shapes += [()] * 2 if fp8 else []  # the scale grids
         stacks, checksums = [], []
         for i, expert in enumerate(experts):  # into one tensor each, as they are read: no second copy
             *tensors, checksum = read_one(block, expert)
@@ -316,7 +345,45 @@ class CheckpointReader:
             for stack, tensor in zip(stacks, tensors):
                 stack[i] = tensor
         stacks = stacks or [torch.empty(0, *shape, device=device) for shape in shapes]
+        if fp8:
+            return ExpertWeights(experts, stacks[0], stacks[1], checksums,
+                                 scales=BlockScales(stacks[2], stacks[3], self.quantization.block))
         return ExpertWeights(experts, stacks[0], stacks[1], checksums, *stacks[2:])
+
+    def _fp8_layout(self, block: str, expert: int) -> bool:
+        """Whether `block`'s experts come as stored block fp8 (`keep_fp8`): an fp8 checkpoint whose
+        expert weights are stored [R, C] as the kernels read them (fused [E, 2I, H] / [E, H, I], or per
+        expert with the gate and up blocks meeting at a block boundary: I a multiple of the block's
+        rows), and `expert`'s weights are quantized."""
+        spec, rows_per = self.spec, self.quantization.block[0]
+        fused = self.layout.is_fused(block)
+        if (not self.keep_fp8 or self.quantization.method != "fp8" or spec.checkpoint_stacked
+                or spec.interleaved_gate_up or spec.has_expert_bias or (fused and self.layout.is_transposed(block))
+                or (not fused and spec.intermediate_size % rows_per)):
+            return False
+        names = self.layout.fused_names(block) if fused else [
+            f"{block}experts.{expert}.{name}.weight" for name in spec.stored_expert_names]
+        return all(f"{name}_scale_inv" in self._files for name in names)
+
+    def _fp8_expert(self, block: str, expert: int) -> tuple:
+        """(gate_up fp8 [2I, H], down fp8 [H, I], their scales float32, checksum) of one expert as
+        stored (`_fp8_layout`); the checksum is the dequantizing read's (the same bytes, in order)."""
+        hidden, inter, rows = self.spec.expert_width, self.spec.intermediate_size, self.spec.gate_up_rows
+        if self.layout.is_fused(block):
+            name_gu, name_d = self.layout.fused_names(block)
+            parts = [self.quantized(name_gu, (rows, hidden), expert), self.quantized(name_d, (hidden, inter), expert)]
+        else:
+            *names, down_name = self.spec.stored_expert_names
+            prefix = f"{block}experts.{expert}."
+            parts = [self.quantized(f"{prefix}{name}.weight", (inter, hidden)) for name in names]
+            parts.append(self.quantized(f"{prefix}{down_name}.weight", (hidden, inter)))
+        if any(part is None for part in parts):
+            raise CheckpointError(f"{block} expert {expert}: some of its weights are not block fp8, its first "
+                                  f"expert's are")
+        raws = [raw for _, stored in parts for raw in stored]
+        *gate_up, down = [q for q, _ in parts]
+        return (torch.cat([q.data for q in gate_up]), down.data, torch.cat([q.scales for q in gate_up]).float(),
+                down.scales.float(), _sha256(raws))
 
     def _fused_expert(self, block: str, expert: int) -> _OneExpert:
         """(gate_up [2I, H] ([I, H] non-gated), down [H, I], b_gate_up [2I] | None, b_down [H] | None,

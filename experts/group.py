@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from experts.checkpoint import CheckpointReader, ExpertWeights
+from experts.quantized import fp8_on
 from experts.spec import MoESpec
 from kernels import cpu_packed, grouped_mlp
-from kernels.expert_mlp import GatedActivation
+from kernels.expert_mlp import BlockScales, GatedActivation
 
 __all__ = ["ExpertGroup", "LayerExperts"]
 
@@ -33,6 +34,8 @@ class LayerExperts:
     checksums: list[str]
     b_gate_up: torch.Tensor | None = None  # [n, 2I], gpt-oss
     b_down: torch.Tensor | None = None     # [n, H]
+    scales: BlockScales | None = None      # the weights are block fp8, kept as stored (a GPU with fp8)
+    compute_dtype: torch.dtype = torch.bfloat16  # what block fp8 weights compute in (the rows' dtype)
     slot: dict[int, int] = dataclasses.field(init=False)
     packed: cpu_packed.PackedExperts | None = dataclasses.field(init=False, default=None)
 
@@ -42,6 +45,18 @@ class LayerExperts:
                 and self.w_down[0].numel() >= PACK_MIN_ELEMENTS and cpu_packed.is_available():
             self.packed = cpu_packed.PackedExperts(self.w_gate_up, self.w_down, self.b_gate_up, self.b_down)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype rows are computed in: the weights' (block fp8: `compute_dtype`)."""
+        return self.w_gate_up.dtype if self.scales is None else self.compute_dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: weights, biases, block scales and the packed copy of the CPU path."""
+        parts = [self.b_gate_up, self.b_down] + ([self.scales.gate_up, self.scales.down] if self.scales else [])
+        weights = (self.w_gate_up.nbytes + self.w_down.nbytes) * (2 if self.packed else 1)
+        return weights + sum(t.nbytes for t in parts if t is not None)
+
     def version(self, expert: int) -> str:
         """Weight version of a held expert: the first 12 hex digits of its source bytes' sha256."""
         return self.checksums[self.slot[expert]][:12]
@@ -50,18 +65,25 @@ class LayerExperts:
         """Grouped MLP of x [N, H] sorted by slot, counts [n] rows per held expert."""
         if self.packed is not None:
             return cpu_packed.grouped_mlp_packed(x, self.packed, counts, activation)
-        return grouped_mlp(x, self.w_gate_up, self.w_down, counts, activation, self.b_gate_up, self.b_down)
+        return grouped_mlp(x, self.w_gate_up, self.w_down, counts, activation, self.b_gate_up, self.b_down,
+                           self.scales)
 
     def weights(self) -> ExpertWeights:
-        return ExpertWeights(self.experts, self.w_gate_up, self.w_down, self.checksums, self.b_gate_up, self.b_down)
+        return ExpertWeights(self.experts, self.w_gate_up, self.w_down, self.checksums, self.b_gate_up, self.b_down,
+                             self.scales)
 
     @classmethod
     def from_weights(cls, weights: ExpertWeights, dtype: torch.dtype | None,
                      device: torch.device | str | None = None) -> "LayerExperts":
-        """Held in ascending expert order, in `dtype` (None: as given), on `device` (None: where given)."""
+        """Held in ascending expert order, in `dtype` (None: as given), on `device` (None: where given);
+        block fp8 weights stay fp8 where the device has fp8 (`fp8_on`), computing in `dtype` (None:
+        bfloat16), and are dequantized to it elsewhere."""
         order = sorted(range(len(weights.experts)), key=weights.experts.__getitem__)
-        held = weights.select(order).cast(dtype, device)
-        return cls(held.experts, held.w_gate_up, held.w_down, held.checksums, held.b_gate_up, held.b_down)
+        target = torch.device(device) if device is not None else weights.w_gate_up.device
+        held = weights.select(order)
+        held = (held if fp8_on(target) else held.dequantized(dtype or torch.bfloat16)).cast(dtype, device)
+        return cls(held.experts, held.w_gate_up, held.w_down, held.checksums, held.b_gate_up, held.b_down,
+                   held.scales, dtype or torch.bfloat16)
 
 
 class ExpertGroup:
@@ -87,7 +109,7 @@ class ExpertGroup:
                         device: torch.device | str = "cpu") -> "ExpertGroup":
         """Load only the experts in `assignment` ({layer: [expert ids]}) from a checkpoint folder onto
         `device`, one expert at a time."""
-        reader = reader or CheckpointReader(path, dtype=dtype)
+        reader = reader or CheckpointReader(path, dtype=dtype, keep_fp8=fp8_on(device))
         try:
             layers = {layer: LayerExperts.from_weights(reader.experts(layer, sorted(ids), device), dtype, device)
                       for layer, ids in assignment.items()}
@@ -115,7 +137,7 @@ class ExpertGroup:
         if not keep:
             del self.layers[layer]
             return
-        self.layers[layer] = LayerExperts.from_weights(held.weights().select(keep), None)
+        self.layers[layer] = LayerExperts.from_weights(held.weights().select(keep), self.dtype)
 
     def version(self, layer: int, expert: int) -> str:
         return self.layers[layer].version(expert)
@@ -130,8 +152,7 @@ class ExpertGroup:
 
     def nbytes(self) -> int:
         """Bytes of expert weights held, counting the packed copy that the CPU path keeps."""
-        biases = sum(t.nbytes for h in self.layers.values() for t in (h.b_gate_up, h.b_down) if t is not None)
-        return biases + sum((h.w_gate_up.nbytes + h.w_down.nbytes) * (2 if h.packed else 1) for h in self.layers.values())
+        return sum(held.nbytes for held in self.layers.values())
 
     def forward(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int],
                 scale: torch.Tensor | None = None, versions: list[str] | None = None) -> torch.Tensor:
@@ -152,7 +173,7 @@ class ExpertGroup:
             raise ValueError(f"experts must come in ascending order, got {experts}")
         runs = self._runs(layer, experts, counts, versions)
         given = x.device
-        x = x.to(device=self.device, dtype=runs[0][0].w_gate_up.dtype)
+        x = x.to(device=self.device, dtype=runs[0][0].dtype)
         if scale is not None:
             x = x * scale.to(x.dtype).unsqueeze(1)
         outs, start = [], 0

@@ -14,6 +14,7 @@ import torch
 
 from experts.checkpoint import CheckpointReader, GateWeights, LatentWeights, SharedWeights
 from experts.group import ExpertGroup, LayerExperts
+from experts.quantized import fp8_on
 from experts.spec import MoESpec
 from kernels import (align_tokens, combine, grouped_mlp, hashed_sqrtsoftplus, topk_sigmoid_grouped, topk_sigmoid_sink,
                      topk_softmax, topk_softmax_grouped, topk_sparsemixer, topk_sqrtsoftplus, topk_then_sigmoid)
@@ -188,7 +189,7 @@ class MoELayer(torch.nn.Module):
                         device: torch.device | str = "cpu") -> "MoELayer":
         """Load decoder layer `layer` (as in model.model.layers[layer]) of the checkpoint at `path`
         onto `device` (its experts one at a time)."""
-        reader = CheckpointReader(path, dtype=dtype)
+        reader = CheckpointReader(path, dtype=dtype, keep_fp8=fp8_on(device))
         try:
             reader.spec.check_layer(layer)
             gate = Gate(reader.spec, reader.gate(layer), dtype, device)
@@ -203,7 +204,7 @@ class MoELayer(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.experts.layers[self.layer].w_gate_up.dtype
+        return self.experts.layers[self.layer].dtype
 
     @property
     def device(self) -> torch.device:

@@ -25,7 +25,9 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["QuantizedTensor", "QuantizationConfig", "dequantize_fp8_block", "dequantize_mxfp4",
+from kernels.expert_mlp import dequantize_blocks
+
+__all__ = ["QuantizedTensor", "QuantizationConfig", "dequantize_fp8_block", "dequantize_mxfp4", "fp8_on",
            "quantize_checkpoint", "quantize_fp8_block", "quantize_mxfp4"]
 
 Format = Literal["fp8", "mxfp4"]
@@ -63,6 +65,14 @@ class QuantizationConfig:
         return cls(method, (block[0], block[1]))
 
 
+def fp8_on(device: torch.device | str | None) -> bool:
+    """Whether block fp8 experts stay fp8 on `device` (the grouped GEMM reads them as stored): a
+    CUDA device of compute capability 8.9 or later (Ada, Hopper, Blackwell). Elsewhere they are
+    dequantized at load."""
+    device = torch.device(device or "cpu")
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 @dataclasses.dataclass
 class QuantizedTensor:
     """One weight in its stored form: fp8 `data` [R, C] with float `scales` [ceil(R/b0), ceil(C/b1)],
@@ -98,8 +108,7 @@ def dequantize_fp8_block(data: torch.Tensor, scale_inv: torch.Tensor, block: tup
     if data.dtype != torch.float8_e4m3fn or tuple(scale_inv.shape) != grid:
         raise ValueError(f"block fp8 needs float8_e4m3fn data with a {list(grid)} scale grid for {block} blocks; "
                          f"got {data.dtype} {list(data.shape)} with scales {list(scale_inv.shape)}")
-    scales = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return (data.float() * scales).to(dtype)
+    return dequantize_blocks(data, scale_inv, block, dtype)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -5,6 +5,10 @@ Shapes: N = token copies (sorted by expert), H = hidden (the experts' input widt
 intermediate size, E = experts held here. Weights use the transformers in-memory layout:
 w_gate_up [E, 2I, H] (gate rows first, then up rows; [E, I, H], up rows only, for non-gated
 experts), w_down [E, H, I]; optional biases b_gate_up [E, 2I] and b_down [E, H] (gpt-oss).
+
+Block fp8 experts (DeepSeek-V3's published form) pass their weights as float8_e4m3fn with
+`BlockScales`: on a GPU the Triton kernels read them as they are (half the bytes of bf16) and scale
+each tile as they load it; elsewhere they are dequantized first (`dequantize_blocks`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "GatedActivation", "check_shapes", "gated", "grouped_mlp"]
+__all__ = ["ACTIVATIONS", "BlockScales", "GatedActivation", "check_shapes", "dequantize_blocks", "gated",
+           "grouped_mlp"]
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -74,6 +79,35 @@ class GatedActivation:
         return act * (up + self.up_offset) if self.up_offset else act * up
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockScales:
+    """The scales of block fp8 expert weights (`weight_scale_inv`): w[e, r, c] = q[e, r, c] *
+    scale[e, r // block[0], c // block[1]], a dimension's last block partial where it does not divide.
+    gate_up: [E, ceil(2I / b0), ceil(H / b1)] ([E, ceil(I / b0), ...] non-gated); down: [E, ceil(H / b0),
+    ceil(I / b1)]; float32."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    block: tuple[int, int] = (128, 128)
+
+    def check(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
+        """ValueError naming what does not match: float8_e4m3fn weights, one scale per block."""
+        for name, w, scale in (("w_gate_up", w_gate_up, self.gate_up), ("w_down", w_down, self.down)):
+            grid = (w.shape[0], -(-w.shape[1] // self.block[0]), -(-w.shape[2] // self.block[1]))
+            if w.dtype != torch.float8_e4m3fn or tuple(scale.shape) != grid or scale.dtype != torch.float32:
+                raise ValueError(f"block fp8 {name} must be float8_e4m3fn with float32 scales {list(grid)} for "
+                                 f"{list(self.block)} blocks; got {w.dtype} {list(w.shape)}, scales {scale.dtype} "
+                                 f"{list(scale.shape)}")
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """q: float8_e4m3fn [E, R, C] (or [R, C]); scale: float [E, ceil(R / b0), ceil(C / b1)] (or [...]).
+    Returns w in dtype: each value times its block's scale, in float32, then rounded."""
+    rows, cols = q.shape[-2:]
+    scales = scale.float().repeat_interleave(block[0], -2)[..., :rows, :].repeat_interleave(block[1], -1)[..., :cols]
+    return (q.float() * scales).to(dtype)
+
+
 def gated(activation: str | GatedActivation) -> GatedActivation:
     """An activation name ("silu") stands for its plain gated form."""
     return activation if isinstance(activation, GatedActivation) else GatedActivation(activation)
@@ -104,28 +138,33 @@ def check_shapes(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
 def grouped_mlp(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
     activation: str | GatedActivation = "silu", b_gate_up: torch.Tensor | None = None,
-    b_down: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None, scales: BlockScales | None = None,
 ) -> torch.Tensor:
     """Gated (or, as `activation` says, non-gated) MLP of each expert over its contiguous rows.
 
     x: [N, H] sorted by expert; counts: [E] int64, sum == N; b_gate_up [E, 2I] and b_down [E, H]
-    or None. Returns [N, H] in x.dtype.
+    or None; `scales`: the weights are block fp8 (float8_e4m3fn). Returns [N, H] in x.dtype.
     """
     activation = gated(activation)
     check_shapes(x, w_gate_up, w_down, counts, b_gate_up, b_down, activation.projections)
+    if scales is not None:
+        scales.check(w_gate_up, w_down)
     if x.is_cuda:
         from kernels.triton_expert_mlp import grouped_mlp_triton
 
-        return grouped_mlp_triton(x, w_gate_up, w_down, counts, activation, b_gate_up, b_down)
-    return grouped_mlp_reference(x, w_gate_up, w_down, counts, activation, b_gate_up, b_down)
+        return grouped_mlp_triton(x, w_gate_up, w_down, counts, activation, b_gate_up, b_down, scales)
+    return grouped_mlp_reference(x, w_gate_up, w_down, counts, activation, b_gate_up, b_down, scales)
 
 
 def grouped_mlp_reference(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
     activation: str | GatedActivation = "silu", b_gate_up: torch.Tensor | None = None,
-    b_down: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None, scales: BlockScales | None = None,
 ) -> torch.Tensor:
     act = gated(activation)
+    if scales is not None:  # block fp8: the weights dequantized to x's dtype first
+        w_gate_up = dequantize_blocks(w_gate_up, scales.gate_up, scales.block, x.dtype)
+        w_down = dequantize_blocks(w_down, scales.down, scales.block, x.dtype)
     out = torch.empty_like(x)
     start = 0
     if counts.numel() and int(counts.min()) < 0:

@@ -14,11 +14,13 @@ Shapes: N = token copies, H = hidden, I = expert intermediate size, E = experts.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.expert_mlp import GatedActivation, check_shapes, gated
+from kernels.expert_mlp import BlockScales, GatedActivation, check_shapes, gated
 from kernels.triton_common import check_device, is_interpreted, tile
 
 __all__ = ["grouped_mlp_triton"]
@@ -72,10 +74,18 @@ def _load_a(ptr, stride_m, stride_k, rows, is_row, ks, is_k, UPCAST_DOT: tl.cons
 
 
 @triton.jit
-def _load_b(ptr, stride_n, stride_k, cols, is_col, ks, is_k, UPCAST_DOT: tl.constexpr):
-    """The [BK, BN] tile w[cols, ks].T of a weight stored [N, K] (torch Linear layout)."""
-    b = tl.load(ptr + ks[:, None] * stride_k + cols[None, :] * stride_n, mask=is_k[:, None] & is_col[None, :],
+def _load_b(w_ptr, stride_n, stride_k, s_ptr, stride_sn, stride_sk, n0, cols, is_col, ks, is_k, k, x_ptr,
+            SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The [BK, BN] tile w[n0 + cols, ks].T of one expert's weight stored [N, K] (torch Linear layout),
+    in x's dtype. SCALED: w is block fp8 (e4m3), each value times the scale s[(n0 + c) // SCALE_N,
+    k // SCALE_K] of its block, rounded to x's dtype as the dequantized reference is (the tile lies
+    within one block along k: BK divides SCALE_K)."""
+    rows = n0 + cols
+    b = tl.load(w_ptr + ks[:, None] * stride_k + rows[None, :] * stride_n, mask=is_k[:, None] & is_col[None, :],
                 other=0.0)
+    if SCALED:
+        scale = tl.load(s_ptr + (k // SCALE_K) * stride_sk + (rows // SCALE_N) * stride_sn, mask=is_col, other=0.0)
+        b = (b.to(tl.float32) * scale[None, :]).to(x_ptr.dtype.element_ty)
     if UPCAST_DOT:
         b = b.to(tl.float32)
     return b
@@ -83,15 +93,18 @@ def _load_b(ptr, stride_n, stride_k, cols, is_col, ks, is_k, UPCAST_DOT: tl.cons
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, num_experts, hidden, inter,
+    x_ptr, w_ptr, b_ptr, h_ptr, counts_ptr, s_ptr, num_experts, hidden, inter,
     stride_xm, stride_xh, stride_we, stride_wn, stride_wh, stride_be, stride_hm, stride_hi,
+    stride_se, stride_sn, stride_sk,
     ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    SCALED: tl.constexpr, SCALE_N: tl.constexpr, SCALE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """h[rows, cols] = act(gate) * (up + UP_OFFSET), cols of I, with gate = x[rows] @ w_gate[e, cols].T
     (+ bias) clamped to <= LIMIT and up = x[rows] @ w_up[e, cols].T (+ bias) to [-LIMIT, LIMIT] (LIMIT > 0);
-    not GATED: h = act(up), w holding the up rows only."""
+    not GATED: h = act(up), w holding the up rows only. SCALED: w block fp8, s its scales [E, 2I / SCALE_N,
+    H / SCALE_K] (rounded up)."""
     expert, row_start, row_end = _expert_rows(counts_ptr, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
@@ -99,9 +112,9 @@ def _gate_up_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     is_row = rows < row_end
     is_col = cols < inter
-    w_gate = w_ptr + expert * stride_we  # [2I, H]: gate rows, then up rows ([I, H], up rows, not GATED)
-    w_up = w_gate + inter * stride_wn if GATED else w_gate
-    up_bias = inter if GATED else 0
+    w = w_ptr + expert * stride_we  # [2I, H]: gate rows, then up rows ([I, H], up rows, not GATED)
+    s = s_ptr + expert * stride_se
+    up_row = inter if GATED else 0  # the first up row of w (and of the bias)
     gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(0, hidden, BLOCK_K):
@@ -109,14 +122,14 @@ def _gate_up_kernel(
         is_k = ks < hidden
         x = _load_a(x_ptr, stride_xm, stride_xh, rows, is_row, ks, is_k, UPCAST_DOT)  # [BM, BK]
         if GATED:
-            gate = tl.dot(x, _load_b(w_gate, stride_wn, stride_wh, cols, is_col, ks, is_k, UPCAST_DOT), gate,
-                          input_precision="ieee")
-        up = tl.dot(x, _load_b(w_up, stride_wn, stride_wh, cols, is_col, ks, is_k, UPCAST_DOT), up,
-                    input_precision="ieee")
+            gate = tl.dot(x, _load_b(w, stride_wn, stride_wh, s, stride_sn, stride_sk, 0, cols, is_col, ks, is_k, k,
+                                     x_ptr, SCALED, SCALE_N, SCALE_K, UPCAST_DOT), gate, input_precision="ieee")
+        up = tl.dot(x, _load_b(w, stride_wn, stride_wh, s, stride_sn, stride_sk, up_row, cols, is_col, ks, is_k, k,
+                               x_ptr, SCALED, SCALE_N, SCALE_K, UPCAST_DOT), up, input_precision="ieee")
     if HAS_BIAS:
         if GATED:
             gate += tl.load(b_ptr + expert * stride_be + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
-        up += tl.load(b_ptr + expert * stride_be + up_bias + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(b_ptr + expert * stride_be + up_row + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
     if not GATED:
         h = _activate(up, ACTIVATION, ALPHA)
     else:
@@ -130,12 +143,15 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w_ptr, b_ptr, out_ptr, counts_ptr, num_experts, hidden, inter,
+    h_ptr, w_ptr, b_ptr, out_ptr, counts_ptr, s_ptr, num_experts, hidden, inter,
     stride_hm, stride_hi, stride_we, stride_wn, stride_wi, stride_be, stride_om, stride_oh,
-    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    stride_se, stride_sn, stride_sk,
+    HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, SCALED: tl.constexpr, SCALE_N: tl.constexpr,
+    SCALE_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
-    """out[rows, cols] = h[rows] @ w_down[e, cols].T (+ bias[e, cols]), cols of H."""
+    """out[rows, cols] = h[rows] @ w_down[e, cols].T (+ bias[e, cols]), cols of H. SCALED: w_down block
+    fp8, s its scales [E, H / SCALE_N, I / SCALE_K] (rounded up)."""
     expert, row_start, row_end = _expert_rows(counts_ptr, num_experts, BLOCK_M, BLOCK_E)
     if expert >= num_experts:
         return
@@ -144,13 +160,14 @@ def _down_kernel(
     is_row = rows < row_end
     is_col = cols < hidden
     w_down = w_ptr + expert * stride_we  # [H, I]
+    s = s_ptr + expert * stride_se
     out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(0, inter, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         is_k = ks < inter
         h = _load_a(h_ptr, stride_hm, stride_hi, rows, is_row, ks, is_k, UPCAST_DOT)  # [BM, BK]
-        out = tl.dot(h, _load_b(w_down, stride_wn, stride_wi, cols, is_col, ks, is_k, UPCAST_DOT), out,
-                     input_precision="ieee")
+        out = tl.dot(h, _load_b(w_down, stride_wn, stride_wi, s, stride_sn, stride_sk, 0, cols, is_col, ks, is_k,
+                                k, h_ptr, SCALED, SCALE_N, SCALE_K, UPCAST_DOT), out, input_precision="ieee")
     if HAS_BIAS:
         out += tl.load(b_ptr + expert * stride_be + cols, mask=is_col, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_oh, out.to(out_ptr.dtype.element_ty),
@@ -158,9 +175,16 @@ def _down_kernel(
 
 
 def _check(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
-           activation: GatedActivation, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None) -> None:
-    """What the kernels need beyond `kernels.expert_mlp`'s shape checks: one float dtype, integer counts."""
+           activation: GatedActivation, b_gate_up: torch.Tensor | None, b_down: torch.Tensor | None,
+           scales: BlockScales | None) -> None:
+    """What the kernels need beyond `kernels.expert_mlp`'s shape checks: one float dtype (block fp8
+    weights: theirs, scaled into x's), integer counts."""
     check_shapes(x, w_gate_up, w_down, counts, b_gate_up, b_down, activation.projections)
+    if scales is not None:
+        scales.check(w_gate_up, w_down)
+        if scales.block[1] % 16:
+            raise ValueError(f"block fp8 blocks must hold a multiple of 16 columns, got {list(scales.block)}")
+        w_gate_up, w_down = x, x  # the weights' dtype is fp8: x's is the one the rest must share
     if activation.name not in KERNEL_ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(KERNEL_ACTIVATIONS)}, got {activation.name!r}")
     if counts.is_floating_point():
@@ -185,18 +209,20 @@ def _check_counts(counts: torch.Tensor, num_rows: int) -> None:
 def grouped_mlp_triton(
     x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: torch.Tensor,
     activation: str | GatedActivation = "silu", b_gate_up: torch.Tensor | None = None,
-    b_down: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None, scales: BlockScales | None = None,
 ) -> torch.Tensor:
     """Gated (or, as `activation` says, non-gated) MLP of each expert over its contiguous rows.
 
     x: [N, H] sorted by expert; w_gate_up: [E, 2I, H] ([E, I, H] non-gated); w_down: [E, H, I]; b_gate_up [E, 2I] and
-    b_down [E, H] or None (one float dtype); counts: [E] integers, sum == N, on any device.
-    Returns [N, H] in x.dtype.
+    b_down [E, H] or None (one float dtype); counts: [E] integers, sum == N, on any device; `scales`:
+    the weights are block fp8, read as stored and scaled tile by tile (the dequantized weights,
+    rounded to x's dtype, are what the GEMMs multiply). Returns [N, H] in x.dtype.
     """
     activation = gated(activation)
-    _check(x, w_gate_up, w_down, counts, activation, b_gate_up, b_down)
+    _check(x, w_gate_up, w_down, counts, activation, b_gate_up, b_down, scales)
     has_bias = b_gate_up is not None
-    check_device(_gate_up_kernel, x=x, w_gate_up=w_gate_up, w_down=w_down, b_gate_up=b_gate_up, b_down=b_down)
+    check_device(_gate_up_kernel, x=x, w_gate_up=w_gate_up, w_down=w_down, b_gate_up=b_gate_up, b_down=b_down,
+                 scales_gate_up=scales and scales.gate_up, scales_down=scales and scales.down)
     _check_counts(counts, x.shape[0])
     num_rows, hidden = x.shape
     num_experts, inter = w_down.shape[0], w_down.shape[2]
@@ -212,17 +238,23 @@ def grouped_mlp_triton(
                   BLOCK_E=triton.next_power_of_2(num_experts))
     b_gate_up, b_down = (b_gate_up, b_down) if has_bias else (x, x)  # never read without HAS_BIAS
     max_k = 64 if x.element_size() <= 2 else 32  # keeps the pipelined float32 tiles within shared memory
-    block_n, block_k = tile(inter, 16, 64), tile(hidden, 16, max_k)
+    # block fp8: a k tile within one scale block (block[1] a multiple of 16: gcd >= 16)
+    k_divides = scales.block[1] if scales is not None else max_k
+    s_gate_up, s_down = (scales.gate_up, scales.down) if scales is not None else (x.new_empty(1, 1, 1),) * 2
+    scaled = dict(SCALED=scales is not None, SCALE_N=scales.block[0] if scales else 1,
+                  SCALE_K=scales.block[1] if scales else 1)
+    block_n, block_k = tile(inter, 16, 64), math.gcd(tile(hidden, 16, max_k), k_divides)
     _gate_up_kernel[(num_blocks, triton.cdiv(inter, block_n))](
-        x, w_gate_up, b_gate_up, h, counts, num_experts, hidden, inter,
-        *x.stride(), *w_gate_up.stride(), b_gate_up.stride(0), *h.stride(),
+        x, w_gate_up, b_gate_up, h, counts, s_gate_up, num_experts, hidden, inter,
+        *x.stride(), *w_gate_up.stride(), b_gate_up.stride(0), *h.stride(), *s_gate_up.stride(),
         ACTIVATION=activation.name, ALPHA=float(activation.alpha), LIMIT=float(activation.limit),
-        UP_OFFSET=float(activation.up_offset), GATED=activation.gated, BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        UP_OFFSET=float(activation.up_offset), GATED=activation.gated, BLOCK_N=block_n, BLOCK_K=block_k,
+        **scaled, **common,
     )
-    block_n, block_k = tile(hidden, 16, 64), tile(inter, 16, max_k)
+    block_n, block_k = tile(hidden, 16, 64), math.gcd(tile(inter, 16, max_k), k_divides)
     _down_kernel[(num_blocks, triton.cdiv(hidden, block_n))](
-        h, w_down, b_down, out, counts, num_experts, hidden, inter,
-        *h.stride(), *w_down.stride(), b_down.stride(0), *out.stride(),
-        BLOCK_N=block_n, BLOCK_K=block_k, **common,
+        h, w_down, b_down, out, counts, s_down, num_experts, hidden, inter,
+        *h.stride(), *w_down.stride(), b_down.stride(0), *out.stride(), *s_down.stride(),
+        BLOCK_N=block_n, BLOCK_K=block_k, **scaled, **common,
     )
     return out

@@ -27,7 +27,8 @@ def test_gpu_check_passes_on_cpu_without_ray_or_pydantic():
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
     assert "all checks passed" in out and "FAIL" not in out
     for check in ("gate sigmoid sink", "gate sparsemixer", "align", "grouped MLP SwiGLU", "grouped MLP clamped",
-                  "grouped MLP relu^2 not gated", "combine", "MoELayer on cpu vs the host, nemotron_h"):
+                  "grouped MLP relu^2 not gated", "grouped MLP block fp8", "combine",
+                  "MoELayer on cpu vs the host, nemotron_h"):
         assert f"PASS {check}" in out, check
     assert "imported: []" in out
 

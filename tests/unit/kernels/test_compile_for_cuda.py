@@ -25,6 +25,9 @@ def pointers(**types):
     return {name: "*" + t for name, t in types.items()}
 
 
+BF16_GATE_UP = pointers(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", h_ptr="bf16", counts_ptr="i64", s_ptr="fp32")
+UNSCALED = dict(SCALED=False, SCALE_N=1, SCALE_K=1)
+FP8 = dict(SCALED=True, SCALE_N=128, SCALE_K=128)
 GATE_SCALARS = dict(scaling="fp32", renorm_min="fp32", softcap="fp32")
 KERNELS = [
     # kernel, argument types (other arguments: i32), constexprs: production-sized tiles
@@ -63,19 +66,26 @@ KERNELS = [
     (a._scan_blocks_kernel, pointers(block_counts_ptr="i32", counts_ptr="i64"), dict(BLOCK_B=64)),
     (a._place_kernel, pointers(ids_ptr="i64", counts_ptr="i64", block_starts_ptr="i32", order_ptr="i64",
                                offsets_ptr="i64"), dict(BLOCK_N=128, BLOCK_E=256)),
-    (m._gate_up_kernel, pointers(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", h_ptr="bf16", counts_ptr="i64"),
+    (m._gate_up_kernel, BF16_GATE_UP,
      dict(ACTIVATION="silu", ALPHA=1.0, LIMIT=0.0, UP_OFFSET=0.0, GATED=True, HAS_BIAS=False, UPCAST_DOT=False,
-          BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=256)),
-    (m._gate_up_kernel, pointers(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", h_ptr="bf16", counts_ptr="i64"),
+          **UNSCALED, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=256)),
+    (m._gate_up_kernel, BF16_GATE_UP,
      dict(ACTIVATION="silu", ALPHA=1.702, LIMIT=7.0, UP_OFFSET=1.0, GATED=True, HAS_BIAS=True, UPCAST_DOT=False,
-          BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=128)),  # gpt-oss
-    (m._gate_up_kernel, pointers(x_ptr="bf16", w_ptr="bf16", b_ptr="bf16", h_ptr="bf16", counts_ptr="i64"),
+          **UNSCALED, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=128)),  # gpt-oss
+    (m._gate_up_kernel, BF16_GATE_UP,
      dict(ACTIVATION="relu2", ALPHA=1.0, LIMIT=0.0, UP_OFFSET=0.0, GATED=False, HAS_BIAS=False, UPCAST_DOT=False,
-          BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=128)),  # Nemotron-H
-    (m._down_kernel, pointers(h_ptr="fp32", w_ptr="fp32", b_ptr="fp32", out_ptr="fp32", counts_ptr="i64"),
-     dict(HAS_BIAS=False, UPCAST_DOT=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, BLOCK_E=8)),
-    (m._down_kernel, pointers(h_ptr="bf16", w_ptr="bf16", b_ptr="bf16", out_ptr="bf16", counts_ptr="i64"),
-     dict(HAS_BIAS=True, UPCAST_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=128)),
+          **UNSCALED, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=128)),  # Nemotron-H
+    (m._down_kernel, pointers(h_ptr="fp32", w_ptr="fp32", b_ptr="fp32", out_ptr="fp32", counts_ptr="i64", s_ptr="fp32"),
+     dict(HAS_BIAS=False, UPCAST_DOT=False, **UNSCALED, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, BLOCK_E=8)),
+    (m._down_kernel, pointers(h_ptr="bf16", w_ptr="bf16", b_ptr="bf16", out_ptr="bf16", counts_ptr="i64", s_ptr="fp32"),
+     dict(HAS_BIAS=True, UPCAST_DOT=False, **UNSCALED, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=128)),
+    (m._gate_up_kernel, pointers(x_ptr="bf16", w_ptr="fp8e4nv", b_ptr="bf16", h_ptr="bf16", counts_ptr="i64",
+                                 s_ptr="fp32"),
+     dict(ACTIVATION="silu", ALPHA=1.0, LIMIT=0.0, UP_OFFSET=0.0, GATED=True, HAS_BIAS=False, UPCAST_DOT=False,
+          **FP8, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=256)),  # DeepSeek-V3, block fp8
+    (m._down_kernel, pointers(h_ptr="bf16", w_ptr="fp8e4nv", b_ptr="bf16", out_ptr="bf16", counts_ptr="i64",
+                              s_ptr="fp32"),
+     dict(HAS_BIAS=False, UPCAST_DOT=False, **FP8, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_E=256)),
     (c._invert_kernel, pointers(order_ptr="i64", rows_ptr="i64"), dict(BLOCK=1024)),
     (c._combine_kernel, pointers(y_ptr="bf16", rows_ptr="i64", weights_ptr="fp32", out_ptr="bf16"),
      dict(HAS_WEIGHTS=True, BLOCK_H=1024)),
@@ -94,4 +104,4 @@ def test_kernels_compile_for_sm90(tmp_path):
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 20, result.stdout
+    assert result.stdout.count("compiled") == 22, result.stdout

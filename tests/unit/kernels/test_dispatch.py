@@ -54,7 +54,7 @@ ROUTES = [
      lambda cast: (cast(torch.zeros(3, 2, dtype=torch.int64)), 4)),
     ("expert_mlp", "grouped_mlp", "triton_expert_mlp", "grouped_mlp_triton", "grouped_mlp_reference",
      lambda cast: (cast(torch.zeros(2, 8)), torch.zeros(2, 6, 8), torch.zeros(2, 8, 3), torch.tensor([1, 1]),
-                    GatedActivation(), None, None)),
+                    GatedActivation(), None, None, None)),
     ("combine", "combine", "triton_combine", "combine_triton", "combine_reference",
      lambda cast: (cast(torch.zeros(4, 8)), torch.arange(4), None, 2)),
 ]

@@ -231,3 +231,55 @@ def test_one_bias_without_the_other_is_refused():
         expert_mlp.grouped_mlp(x, w_gate_up, w_down, counts, "silu", b_gate_up, None)
     with pytest.raises(ValueError, match=r"b_gate_up \[2, 20\]"):
         expert_mlp.grouped_mlp(x, w_gate_up, w_down, counts, "silu", b_gate_up[:, :4], torch.zeros(2, 12))
+
+
+# -- block fp8 weights (DeepSeek-V3's published form), read as stored by the kernels ---------------
+
+def make_fp8(counts: list[int], hidden: int, inter: int, block: tuple[int, int], dtype=torch.bfloat16, seed: int = 0):
+    """(x [N, H] in dtype, fp8 w_gate_up [E, 2I, H], fp8 w_down [E, H, I], counts, BlockScales): each
+    block's scale its max |w| / 448, as checkpoints quantize."""
+    x, w_gate_up, w_down, counts = make_mlp(counts, hidden, inter, torch.float32, seed)
+    quantized = [_quantize(w, block) for w in (w_gate_up, w_down)]
+    scales = expert_mlp.BlockScales(quantized[0][1], quantized[1][1], block)
+    return x.to(dtype), quantized[0][0], quantized[1][0], counts, scales
+
+
+def _quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    from experts.quantized import quantize_fp8_block
+
+    pairs = [quantize_fp8_block(expert, block) for expert in w]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs]).float()
+
+
+FP8_CASES = [
+    # counts, H, I, block: partial blocks (H=40 over 16-column blocks, 2I=48 over 32-row ones), k tiles of one block
+    ([3, 0, 2, 5], 40, 24, (32, 16), torch.bfloat16),
+    ([20, 3], 32, 32, (16, 32), torch.float32),  # expert 0 over two row blocks; a k tile as wide as a block
+]
+
+
+@pytest.mark.parametrize("counts,hidden,inter,block,dtype", FP8_CASES)
+def test_block_fp8_kernels_equal_the_dequantized_reference(triton_expert_mlp, counts, hidden, inter, block, dtype):
+    x, w_gate_up, w_down, counts_t, scales = make_fp8(counts, hidden, inter, block, dtype)
+    got = triton_expert_mlp.grouped_mlp_triton(x, w_gate_up, w_down, counts_t, "silu", scales=scales)
+    ref = expert_mlp.grouped_mlp(x, w_gate_up, w_down, counts_t, "silu", scales=scales)  # dequantized, on the CPU
+    assert got.dtype == dtype and got.shape == ref.shape
+    assert relative_error(got, ref) <= TOL[dtype]
+    unscaled = expert_mlp.grouped_mlp_reference(x, w_gate_up.to(dtype), w_down.to(dtype), counts_t)
+    assert relative_error(unscaled, ref) > 100 * TOL[dtype]  # the scales matter: the test would see them missing
+
+
+def test_block_fp8_dequantization_follows_the_block_grid():
+    q = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]).to(torch.float8_e4m3fn)
+    scale = torch.tensor([[1.0, 10.0], [100.0, 1000.0]])  # 2 x 2 blocks over 3 x 3: the last ones partial
+    got = expert_mlp.dequantize_blocks(q, scale, (2, 2), torch.float32)
+    assert torch.equal(got, torch.tensor([[1.0, 2.0, 30.0], [4.0, 5.0, 60.0], [700.0, 800.0, 9000.0]]))
+
+
+def test_block_fp8_scales_of_another_grid_are_refused():
+    x, w_gate_up, w_down, counts, scales = make_fp8([2, 1], 32, 16, (16, 16))
+    wrong = expert_mlp.BlockScales(scales.gate_up[:, :1], scales.down, scales.block)
+    with pytest.raises(ValueError, match="w_gate_up must be float8_e4m3fn with float32 scales"):
+        expert_mlp.grouped_mlp(x, w_gate_up, w_down, counts, scales=wrong)
+    with pytest.raises(ValueError, match="w_down must be float8_e4m3fn"):
+        expert_mlp.grouped_mlp(x, w_gate_up, w_down.to(torch.bfloat16), counts, scales=scales)
