@@ -166,14 +166,14 @@ def grouped_mlp_reference(
         w_gate_up = dequantize_blocks(w_gate_up, scales.gate_up, scales.block, x.dtype)
         w_down = dequantize_blocks(w_down, scales.down, scales.block, x.dtype)
     out = torch.empty_like(x)
-    start = 0
-    if counts.numel() and int(counts.min()) < 0:
-        raise ValueError(f"counts must be >= 0, got {counts.tolist()}")
-    for expert, count in enumerate(counts.tolist()):
+    start, per_expert = 0, counts.tolist()  # one host list: no torch op per check (small batches run cold)
+    if min(per_expert, default=0) < 0:
+        raise ValueError(f"counts must be >= 0, got {per_expert}")
+    for expert, count in enumerate(per_expert):
         if count == 0:
             continue
         rows = slice(start, start + count)
-        gate_up = x[rows] @ w_gate_up[expert].t()  # [n, 2I] ([n, I] non-gated)
+        gate_up = F.linear(x[rows], w_gate_up[expert])  # [n, 2I] ([n, I] non-gated)
         if b_gate_up is None:
             torch.mm(act.of(gate_up), w_down[expert].t(), out=out[rows])
         else:
