@@ -238,20 +238,18 @@ def fp8_checks(checks: Checks, shape: Shape, device: torch.device, figures: bool
 
 
 def fp8_weights(shape: Shape, block: tuple[int, int], device: torch.device):
-    """(w_gate_up, w_down float8_e4m3fn, BlockScales): random weights quantized on the device a few
-    experts at a time (each block's max |w| maps to 448, as checkpoints quantize)."""
+    """(w_gate_up, w_down float8_e4m3fn, BlockScales): random weights quantized on the device one
+    expert at a time, as checkpoints are (experts.quantized.quantize_fp8_block)."""
+    from experts.quantized import quantize_fp8_block
     from kernels.expert_mlp import BlockScales
 
     def quantized(rows: int, cols: int):
         q = torch.empty(shape.experts, rows, cols, dtype=torch.float8_e4m3fn, device=device)
-        s = torch.empty(shape.experts, rows // block[0], cols // block[1], device=device)
+        s = torch.empty(shape.experts, -(-rows // block[0]), -(-cols // block[1]), device=device)
         gen = torch.Generator(device).manual_seed(rows)
-        for start in range(0, shape.experts, 8):
-            w = torch.randn(min(8, shape.experts - start), rows, cols, generator=gen, device=device) / cols ** 0.5
-            tiles = w.view(w.shape[0], rows // block[0], block[0], cols // block[1], block[1])
-            scale = tiles.abs().amax(dim=(2, 4)) / 448.0
-            q[start:start + w.shape[0]] = (tiles / scale[:, :, None, :, None]).view_as(w).to(torch.float8_e4m3fn)
-            s[start:start + w.shape[0]] = scale
+        for expert in range(shape.experts):
+            w = torch.randn(rows, cols, generator=gen, device=device) / cols ** 0.5
+            q[expert], s[expert] = quantize_fp8_block(w, block)
         return q, s
 
     (w_gate_up, s_gate_up), (w_down, s_down) = quantized(2 * shape.inter, shape.hidden), quantized(shape.hidden,

@@ -132,7 +132,7 @@ def quantize_fp8_block(weight: torch.Tensor, block: tuple[int, int] = (128, 128)
     each block scaled so that its largest magnitude is FP8_MAX."""
     rows, cols = weight.shape
     grid = (-(-rows // block[0]), -(-cols // block[1]))
-    padded = torch.zeros(grid[0] * block[0], grid[1] * block[1])
+    padded = weight.new_zeros(grid[0] * block[0], grid[1] * block[1], dtype=torch.float32)  # on its device
     padded[:rows, :cols] = weight.float()
     tiles = padded.reshape(grid[0], block[0], grid[1], block[1])
     amax = tiles.abs().amax(dim=(1, 3))  # [gr, gc]
