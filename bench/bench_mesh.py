@@ -18,7 +18,9 @@ cannot win), beside the issue's goals.
 (d) CPU per tiny Forward (T=8, H=64), summed over the processes on the path (this process as the
     client, the router actor, the expert-group actors; from /proc), beside the design's floor from
     the same run: the in-process MoELayer + one grpc echo (client -> router) + per destination one
-    grpc echo (grpc transport) or one gloo send/recv (collective); see bench/cpu.py.
+    grpc echo (grpc transport) or one gloo send/recv (collective); see bench/cpu.py. Beside it, the
+    same four paths as the design's plainest implementation (bench/skeleton.py: plain processes,
+    the same math, no mesh protocol), so "x skeleton" is what the mesh adds to what the design costs.
 (e) one layer of DeepSeek-V3's shape (58 MoE layers x 256 experts, top-8, H=64, bf16) on 32 simulated
     groups over 4 nodes, T=64, router and direct, beside as many concurrent grpc echoes of the same
     bytes to as many plain servers.
@@ -61,6 +63,7 @@ import torch  # noqa: E402
 import cpu  # noqa: E402  (bench/ is the script's folder)
 import floors  # noqa: E402
 import peers  # noqa: E402
+import skeleton  # noqa: E402
 from cluster.local import start_local_cluster, start_mesh  # noqa: E402
 from experts import MoELayer  # noqa: E402
 from experts.builtin import build_model, save_checkpoint  # noqa: E402
@@ -277,6 +280,7 @@ class Results:
         self.breakdown: dict[str, dict[str, float]] = {}         # column -> stage -> us per tiny Forward
         self.cpu_floors: cpu.CpuFloors | None = None
         self.cpu_rows: list[cpu.CpuRow] = []
+        self.cpu_skeletons: dict[str, cpu.CpuRow] = {}            # mesh row label -> the skeleton's same path
         self.v3: dict[str, float] = {}                            # "router" / "direct" / "floor" -> p50 ms per layer
         self.v3_destinations, self.v3_bytes = 0.0, 0
         self.failures: list[str] = []
@@ -820,6 +824,10 @@ def bench_cpu(models: dict[str, Model], effort: Effort, r: Results) -> None:
             for row in rows:
                 r.cpu_rows.append(row)
                 progress(f"CPU {row.label}: {row.total_us:.0f} us per Forward {row.cpu_us}, floor {row.floor_us:.0f}")
+    progress("measuring the skeleton: the same paths as plain processes with no mesh protocol (bench/skeleton.py)")
+    for row in skeleton.skeleton_rows(tiny.path, x, effort.cpu_calls, r.cpu_floors):
+        r.cpu_skeletons[row.label.removeprefix("skeleton ")] = row
+        progress(f"CPU {row.label}: {row.total_us:.0f} us per Forward {row.cpu_us}, floor {row.floor_us:.0f}")
 
 
 def _warm_direct(router, forward: Callable[[], object], timeout_s: float = 60.0) -> None:
@@ -838,8 +846,9 @@ def _warm_direct(router, forward: Callable[[], object], timeout_s: float = 60.0)
 
 def print_cpu(r: Results) -> None:
     if r.cpu_floors and r.cpu_rows:
-        cpu.print_rows(r.cpu_rows, r.cpu_floors, f"(d) CPU per tiny Forward (T={OVERHEAD_TOKENS}, H=64), microseconds, "
-                       f"summed over the processes on the path (median of {cpu.WINDOWS} windows)")
+        cpu.print_rows(r.cpu_rows + list(r.cpu_skeletons.values()), r.cpu_floors,
+                       f"(d) CPU per tiny Forward (T={OVERHEAD_TOKENS}, H=64), microseconds, "
+                       f"summed over the processes on the path (median of {cpu.WINDOWS} windows)", r.cpu_skeletons)
 
 
 # ---- DeepSeek-V3's shape on simulated devices ----

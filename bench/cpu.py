@@ -23,8 +23,8 @@ from typing import Callable
 
 import floors  # bench/ is the script's folder
 
-__all__ = ["CpuFloors", "CpuRow", "TINY_BYTES", "cpu_per_call", "cpu_row", "cpu_s", "measure_cpu_floors",
-           "median_window", "process_cpu_s"]
+__all__ = ["CpuFloors", "CpuRow", "TINY_BYTES", "cpu_by_role", "cpu_per_call", "cpu_row", "cpu_s", "floor_us",
+           "measure_cpu_floors", "median_window", "process_cpu_s"]
 
 TINY_BYTES = 8 * 64 * 4
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -188,30 +188,44 @@ def cpu_row(label: str, pids: dict[str, list[int]], call: Callable[[], object], 
     """CPU per call() summed over the processes `pids` ({role: pids}), beside its floor: the layer,
     `client_hops` grpc echoes and, per destination (the count `destinations()` grows by over the
     calls), one round trip of `wire_floor_us`."""
-    roles = {pid: role for role, role_pids in pids.items() for pid in role_pids}
     sent = destinations()
-    per_pid = median_window(list(roles), call, n)
+    cpu_us = cpu_by_role(pids, call, n)
     per_call = (destinations() - sent) / (n * WINDOWS)
+    return CpuRow(label, cpu_us, per_call, floor_us(cpu_floors, client_hops, per_call, wire_floor_us))
+
+
+def cpu_by_role(pids: dict[str, list[int]], call: Callable[[], object], n: int) -> dict[str, float]:
+    """CPU microseconds per call() of each role's processes ({role: pids}), median of WINDOWS windows."""
+    roles = {pid: role for role, role_pids in pids.items() for pid in role_pids}
     cpu_us = dict.fromkeys(pids, 0.0)
-    for pid, seconds in per_pid.items():
+    for pid, seconds in median_window(list(roles), call, n).items():
         cpu_us[roles[pid]] += seconds * 1e6
-    floor_us = cpu_floors.layer_us + client_hops * cpu_floors.grpc_us + per_call * wire_floor_us
-    return CpuRow(label, cpu_us, per_call, floor_us)
+    return cpu_us
 
 
-def print_rows(rows: list[CpuRow], cpu_floors: CpuFloors, title: str) -> None:
+def floor_us(cpu_floors: CpuFloors, client_hops: int, destinations: float, wire_floor_us: float) -> float:
+    """The design's floor of one call: the layer, `client_hops` grpc echoes, a wire round trip per destination."""
+    return cpu_floors.layer_us + client_hops * cpu_floors.grpc_us + destinations * wire_floor_us
+
+
+def print_rows(rows: list[CpuRow], cpu_floors: CpuFloors, title: str,
+               skeletons: dict[str, CpuRow] | None = None) -> None:
+    """The rows beside their floors and, where `skeletons` ({row label: row}) has one, beside the
+    design's plainest implementation measured in the same run (bench/skeleton.py)."""
+    skeletons = skeletons or {}
     roles = list(dict.fromkeys(role for row in rows for role in row.cpu_us))
     print(title)
     print(f"  floors (CPU us per call): grpc.aio echo {cpu_floors.grpc_us:.0f}, gloo send/recv {cpu_floors.gloo_us:.0f} "
           f"({TINY_BYTES} B, both processes); in-process MoELayer {cpu_floors.layer_us:.0f}")
     label_w = max(len("path"), *(len(row.label) for row in rows))
     head = [f"{'path':<{label_w}}", f"{'CPU us':>8}", *(f"{role:>8}" for role in roles), f"{'dests':>5}",
-            f"{'floor us':>8}", f"{'x floor':>7}"]
+            f"{'floor us':>8}", f"{'x floor':>7}", f"{'x skeleton':>10}"]
     print("  " + " | ".join(head))
     for row in rows:
         cells = [f"{row.label:<{label_w}}", f"{row.total_us:>8.0f}",
                  *(f"{row.cpu_us[r]:>8.0f}" if r in row.cpu_us else f"{'':>8}" for r in roles),
-                 f"{row.destinations:>5.2f}", f"{row.floor_us:>8.0f}", f"{row.ratio:>7.2f}"]
+                 f"{row.destinations:>5.2f}", f"{row.floor_us:>8.0f}", f"{row.ratio:>7.2f}",
+                 f"{row.total_us / skeletons[row.label].total_us:>10.2f}" if row.label in skeletons else f"{'':>10}"]
         print("  " + " | ".join(cells))
 
 

@@ -38,3 +38,24 @@ def test_a_row_sums_its_roles_and_sets_its_floor():
     row = cpu.cpu_row("x", {"client": [os.getpid()]}, lambda: _spin(0.005), 2, lambda: next(sent), 1, 100.0, floors)
     assert row.destinations == 3.0
     assert row.floor_us == 300.0 + 400.0 + 3 * 100.0  # (its measured CPU is test_cpu_per_call's)
+
+
+def test_the_skeleton_plans_what_the_layer_computes(tmp_path):
+    """bench/skeleton.py's split of a Forward over its groups, each computed by the group that owns
+    those experts, combines to MoELayer's own answer: the skeleton does the whole work."""
+    import torch
+
+    skeleton = pytest.importorskip("skeleton")
+    from experts import MoELayer
+    from experts.builtin import build_model, save_checkpoint
+    from experts.group import ExpertGroup
+
+    save_checkpoint(build_model("mixtral", seed=0, hidden_size=64, intermediate_size=128, num_local_experts=8,
+                                num_experts_per_tok=2, num_hidden_layers=1), tmp_path)
+    layer = MoELayer.from_pretrained(tmp_path, 0)
+    groups = [ExpertGroup.from_checkpoint(tmp_path, {0: list(skeleton.owned(8, g))}) for g in range(skeleton.NUM_GROUPS)]
+    x = torch.randn(skeleton.TOKENS, 64, generator=torch.Generator().manual_seed(0))
+    plan = skeleton.Plan(layer, x)
+    ys = [skeleton.compute(groups[g], counts, rows) for g, (counts, rows) in plan.sends.items()]
+    assert sum(rows.shape[0] for _, rows in plan.sends.values()) == skeleton.TOKENS * 2
+    torch.testing.assert_close(plan.combine(ys), layer(x), rtol=1e-5, atol=1e-6)
