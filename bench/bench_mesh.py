@@ -796,8 +796,13 @@ def _group_calls(mesh) -> int:
 
 
 def bench_cpu(models: dict[str, Model], effort: Effort, r: Results) -> None:
-    """(d) CPU per tiny Forward over each path, beside its floor (bench/cpu.py)."""
-    tiny = models["tiny"]
+    """(d) CPU per tiny Forward over each path, beside its floor (bench/cpu.py); this process (the
+    client) at one torch thread, as the actors, the floors and the skeleton."""
+    with cpu.torch_threads(1):
+        _bench_cpu(models["tiny"], effort, r)
+
+
+def _bench_cpu(tiny: Model, effort: Effort, r: Results) -> None:
     x = _tokens(OVERHEAD_TOKENS, tiny.hidden_size)
     progress("measuring the CPU floors (grpc.aio echo, gloo send/recv, in-process MoELayer)")
     r.cpu_floors = cpu.measure_cpu_floors(tiny.reference, x, effort.cpu_floor_calls)

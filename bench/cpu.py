@@ -14,6 +14,7 @@ Every round trip carries TINY_BYTES (a tiny request: 8 tokens x H=64 fp32).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import multiprocessing as mp
@@ -24,7 +25,7 @@ from typing import Callable
 import floors  # bench/ is the script's folder
 
 __all__ = ["CpuFloors", "CpuRow", "TINY_BYTES", "cpu_by_role", "cpu_per_call", "cpu_row", "cpu_s", "floor_us",
-           "measure_cpu_floors", "median_window", "process_cpu_s"]
+           "measure_cpu_floors", "median_window", "process_cpu_s", "torch_threads"]
 
 TINY_BYTES = 8 * 64 * 4
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -146,19 +147,27 @@ def gloo_cpu_s(n: int, size: int = TINY_BYTES) -> float:
         peer.join(30)
 
 
-def layer_cpu_s(layer: Callable[[object], object], x, n: int, threads: int = 1) -> float:
-    """CPU of this process per layer(x), on `threads` torch threads (as a Ray actor's default of
-    one: at two, a tiny layer's parallel regions spin ~10x its CPU on this 2-core machine)."""
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """This process at `n` torch threads inside the block. Every CPU figure is taken at one, as a Ray
+    actor's default: at two, a tiny op's parallel region leaves a worker spinning for its turn, up
+    to ~10x the op's CPU on this 2-core machine."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(n)
     try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def layer_cpu_s(layer: Callable[[object], object], x, n: int, threads: int = 1) -> float:
+    """CPU of this process per layer(x), on `threads` torch threads (see torch_threads)."""
+    with torch_threads(threads):
         for _ in range(n // 10 + 2):
             layer(x)
         return sum(median_window([os.getpid()], lambda: layer(x), n).values())
-    finally:
-        torch.set_num_threads(before)
 
 
 def measure_cpu_floors(layer: Callable[[object], object], x, n: int = 2000) -> CpuFloors:

@@ -238,8 +238,8 @@ def _store():
 
 def skeleton_rows(path: str, x: torch.Tensor, n: int, floors: cpu.CpuFloors) -> list[cpu.CpuRow]:
     """CPU per Forward of x through the skeleton's four paths (router and direct, grpc and
-    collective), each beside the same floor formula as the mesh's rows."""
-    torch.set_num_threads(1)
+    collective), each beside the same floor formula as the mesh's rows. This process (the client)
+    runs at the caller's torch threads; the others at one."""
     layer = MoELayer.from_pretrained(path, LAYER)
     reference = layer(x)
     destinations = float(len(Plan(layer, x).sends))
@@ -312,6 +312,7 @@ if __name__ == "__main__":
     layer0 = MoELayer.from_pretrained(checkpoint, LAYER)
     tokens = torch.randn(TOKENS, layer0.spec.hidden_size)
     calls = int(os.environ.get("SKELETON_CALLS", "300"))
-    measured = cpu.measure_cpu_floors(layer0, tokens, 1000)
-    cpu.print_rows(skeleton_rows(checkpoint, tokens, calls, measured), measured,
-                   f"CPU per Forward (T={TOKENS}), microseconds, the skeleton's processes")
+    with cpu.torch_threads(1):
+        measured = cpu.measure_cpu_floors(layer0, tokens, 1000)
+        cpu.print_rows(skeleton_rows(checkpoint, tokens, calls, measured), measured,
+                       f"CPU per Forward (T={TOKENS}), microseconds, the skeleton's processes")
