@@ -5,7 +5,11 @@ A change is an Intent (mesh/state.py) with one of these step lists:
     copies   (scale, autoscale, rebalance):  load -> connect -> publish -> drain -> release
     swap:                                    stage -> publish -> drain -> commit
     restart  (a dead or diverged group):     start -> connect -> publish
+    deploy   (the first groups):              start -> adopt -> publish
+    settings (autoscale on/off, a router):    record
 
+"adopt": a deploy's copies are what its groups report holding (the model's own weights, at the
+versions they read). "record": the settings are put in force and persisted, nothing else.
 "connect": every router has a channel to each group that gains copies (the collective transport;
 a restarted group's channels are opened anew) before the first table that routes to it.
 
@@ -23,12 +27,14 @@ from mesh.state import Intent, MeshState, Replica, held_by
 from protos.collector import paused_gc
 from router_service.routing import Copy
 
-__all__ = ["GroupView", "STEPS", "Tidy", "named_versions", "plan_copies", "plan_restart", "plan_swap",
-           "published_state", "rows_match", "table_layers", "tidy"]
+__all__ = ["GroupView", "STEPS", "Tidy", "adopted", "named_versions", "plan_copies", "plan_deploy", "plan_restart",
+           "plan_settings", "plan_swap", "published_state", "rows_match", "table_layers", "tidy"]
 
 STEPS = {"copies": ("load", "connect", "publish", "drain", "release"),
          "swap": ("stage", "publish", "drain", "commit"),
-         "restart": ("start", "connect", "publish")}
+         "restart": ("start", "connect", "publish"),
+         "deploy": ("start", "adopt", "publish"),
+         "settings": ("record",)}
 
 Assignment = dict[str, dict[int, list[int]]]  # {group: {layer: experts}}
 
@@ -115,10 +121,36 @@ def plan_restart(state: MeshState, nodes: dict[str, str], change_id: str) -> Int
                   summary=f"restart {where}")
 
 
+def plan_deploy(groups: dict[str, tuple[str, dict[int, list[int]]]], settings: dict, change_id: str) -> Intent:
+    """Start every group (name -> (node, {layer: experts}), the model's own weights) and publish
+    epoch 1 with the copies they report; `settings`: the desired state's other fields (autoscale, secret)."""
+    loads = tuple((g, l, tuple(e), None) for g, (_, held) in groups.items() for l, e in sorted(held.items()))
+    return Intent(change_id, "deploy", STEPS["deploy"], loads=loads, nodes={g: node for g, (node, _) in groups.items()},
+                  settings=dict(settings), summary=f"deploy {len(groups)} groups")
+
+
+def adopted(nodes: dict[str, str], seen: dict[str, GroupView]) -> dict[tuple[int, int], tuple[Replica, ...]]:
+    """The copies the groups of `nodes` were seen holding, in `nodes`' order (a deploy's target)."""
+    copies: dict[tuple[int, int], list[Replica]] = {}
+    for group in nodes:
+        for (layer, expert), version in sorted(seen[group].held.items()):
+            copies.setdefault((layer, expert), []).append(Replica(group, None, version))
+    return {key: tuple(replicas) for key, replicas in copies.items()}
+
+
+def plan_settings(state: MeshState, kind: str, change_id: str, **settings) -> Intent | None:
+    """A change of the desired state's other fields (autoscale=, routers=) that takes no step but
+    its recording. None when they already hold those values."""
+    changed = {k: v for k, v in settings.items() if getattr(state, k) != v}
+    if not changed:
+        return None
+    return Intent(change_id, kind, STEPS["settings"], settings=changed, summary=f"{kind}: {sorted(changed)} set")
+
+
 def published_state(state: MeshState, intent: Intent) -> MeshState:
-    """`state` once `intent` publishes: its target copies in force, moved groups on their nodes."""
+    """`state` once `intent` publishes: its target copies in force, moved groups on their nodes, its settings set."""
     return state.replace(copies={**state.copies, **intent.target}, groups={**state.groups, **intent.nodes},
-                         intent=dataclasses.replace(intent, flipped=True))
+                         intent=dataclasses.replace(intent, flipped=True), **intent.settings)
 
 
 def table_layers(state: MeshState, seen: dict[str, GroupView], moe_layers: list[int],

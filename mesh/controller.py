@@ -25,7 +25,7 @@ from protos.collector import settle_gc
 from protos.errors import AdminError, MeshError, PlacementError
 from mesh.admin import AdminAuth, accepted, refused
 from mesh.autoscale import plan_autoscale
-from mesh.changes import plan_copies, plan_swap
+from mesh.changes import plan_copies, plan_deploy, plan_swap
 from mesh.config import MeshConfig
 from mesh.handles import NAMESPACE, GroupFactory, RayLauncher, alive_nodes, default_num_groups
 from mesh.leases import Leases
@@ -119,6 +119,9 @@ class MeshController:
         start = time.perf_counter()
         self.rec.launcher.secret = state.secret
         self.rec.adopt(state)
+        if not state.groups:  # never deployed: a deploy that failed, or stopped before its publish (rolled back)
+            await self.rec.resume()
+            return False
         await self.rec.observe()
         await self.rec.resume()
         await self.rec.publish()  # a new epoch: never one a previous incarnation used
@@ -130,13 +133,10 @@ class MeshController:
 
     async def deploy(self) -> bytes:
         """Create every expert group (or adopt them after a controller restart), wait until all
-        serve, persist the desired state, publish epoch 1; returns the table. Under the change lock:
-        two deploys at once create the groups once."""
-        if await self.ready():
-            return self.rec.table.encode()
-        async with self.rec.lock:
-            if self.rec.state.revision == 0:
-                await self._create_groups()
+        serve, persist the desired state, publish epoch 1 (one change); returns the table. Two deploys
+        at once create the groups once."""
+        if not await self.ready():
+            await self._create_groups()
         self._start_loops()
         return self.rec.table.encode()
 
@@ -152,9 +152,16 @@ class MeshController:
         placement = spread_groups(num_groups, [n["NodeID"] for n in nodes])
         self._check_memory(assignment, placement, nodes)
         names = [f"{self.config.name}/group-{k}" for k in range(num_groups)]
-        secret = self.rec.launcher.secret = secrets.token_urlsafe(32)  # the data plane's, persisted by deploy
-        await self.rec.deploy({n: (node, held) for n, held, node in zip(names, assignment, placement)},
-                              MeshState(autoscale=self.config.autoscale.enabled, secret=secret))
+        groups = {n: (node, held) for n, held, node in zip(names, assignment, placement)}
+
+        async def plan(state: MeshState):  # under the change lock: a concurrent deploy's groups stand
+            if state.groups:
+                return None
+            secret = self.rec.launcher.secret = secrets.token_urlsafe(32)  # the data plane's, persisted at publish
+            return plan_deploy(groups, {"autoscale": self.config.autoscale.enabled, "secret": secret},
+                               f"deploy-{state.revision + 1}")
+
+        await self.rec.submit(plan)
 
     def _check_memory(self, assignment: list[dict], placement: list[str], nodes: list[dict]) -> None:
         groups, per_expert = self.config.groups, self.rec.launcher.expert_bytes()
@@ -375,8 +382,7 @@ class MeshController:
 
     async def set_autoscale(self, token: str, enabled: bool) -> dict:
         async def change():
-            await self.rec.update(lambda state: state.replace(autoscale=enabled))
-            return f"autoscale {'on' if enabled else 'off'}", ""
+            return f"autoscale {'on' if enabled else 'off'}", await self.rec.set_autoscale(enabled)
 
         return await self._admin("autoscale", token, change)
 

@@ -21,7 +21,8 @@ import time
 from typing import Awaitable, Callable, NamedTuple, Protocol
 
 from protos.errors import GroupGoneError, StepError, StepUnavailableError, UnavailableError
-from mesh.changes import GroupView, Tidy, named_versions, plan_restart, published_state, rows_match, table_layers, tidy
+from mesh.changes import (GroupView, Tidy, adopted, named_versions, plan_restart, plan_settings,
+                          published_state, rows_match, table_layers, tidy)
 from mesh.health import Verdict, default_max_timeout_deaths, judge
 from mesh.placement import restore_node
 from mesh.state import Intent, MeshState, Replica, held_by
@@ -195,40 +196,27 @@ class Reconciler:
             self.save(self.state.with_intent(intent))
             return await self._carry_out(intent, verifier)
 
-    async def update(self, change: Callable[[MeshState], MeshState]) -> None:
-        """A change of the desired state that takes no steps (autoscale on or off): under the change
-        lock, so it never lands between a change's steps; persisted before it returns."""
-        async with self.lock:
-            self.save(change(self.state))
-
     async def add_router(self, name: str, handle: RouterHandle, port: int) -> bool:
-        """Register router `name` (serving on `port`) under the change lock, then push it the table in
-        force outside it, within start_timeout_s (its warm-up opens a channel to every group; a
+        """Register router `name` (serving on `port`) as a change, then push it the table in force
+        outside the lock, within start_timeout_s (its warm-up opens a channel to every group; a
         router ignores a table older than its own, and the reconcile loop pushes to one behind);
         returns whether it serves."""
-        async with self.lock:
-            self.routers[name] = handle
-            self.save(self.state.replace(routers={**self.state.routers, name: port}))
-            blob = self.table.encode()
-        return await asyncio.wait_for(handle.set_table(blob), self.start_timeout_s)
+        self.routers[name] = handle
+        await self.submit(self._settings("router", routers=lambda state: {**state.routers, name: port}))
+        return await asyncio.wait_for(handle.set_table(self.table.encode()), self.start_timeout_s)
 
-    async def deploy(self, groups: dict[str, tuple[str, dict[int, list[int]]]], base: MeshState) -> None:
-        """Start every group (name -> (node, {layer: experts}), the model's own weights), together,
-        each within start_timeout_s; then persist `base` (revision 0) + the groups and the copies
-        they report as revision 1, and publish epoch 1 (revision 2). Call under the change lock."""
-        names = list(groups)
-        handles = await asyncio.gather(*(self._call(self.launcher.start_group(n, groups[n][0], [
-            (l, e, None) for l, e in groups[n][1].items()]), timeout_s=self.start_timeout_s) for n in names))
-        views = [view_of(info) for info in await asyncio.gather(*(self._call(h.info()) for h in handles))]
-        copies: dict[tuple[int, int], list[Replica]] = {}
-        for name, view in zip(names, views):
-            for (layer, expert), version in sorted(view.held.items()):
-                copies.setdefault((layer, expert), []).append(Replica(name, None, version))
-        self.groups, self.seen = dict(zip(names, handles)), dict(zip(names, views))
-        self._seen_seq += 1
-        self.save(base.replace(groups={n: groups[n][0] for n in names},  # revision 1
-                               copies={k: tuple(v) for k, v in copies.items()}))
-        await self.publish()
+    async def set_autoscale(self, enabled: bool) -> str:
+        """Autoscale on or off, as a change; returns its id ("" when it already was)."""
+        intent = await self.submit(self._settings("autoscale", autoscale=lambda state: enabled))
+        return "" if intent is None else intent.change_id
+
+    @staticmethod
+    def _settings(kind: str, **settings: Callable[[MeshState], object]):
+        """The planner of a settings change: each field's value made from the state in force."""
+        async def plan(state: MeshState) -> Intent | None:
+            return plan_settings(state, kind, f"{kind}-{state.revision + 1}",
+                                 **{field: value(state) for field, value in settings.items()})
+        return plan
 
     async def resume(self) -> None:
         """After a restart: the change in progress rolls back (not yet published) or forward."""
@@ -279,6 +267,10 @@ class Reconciler:
             await self._stage(intent, verifier)
         elif step == "start":
             await self._start(intent)
+        elif step == "adopt":  # a deploy's copies: what its groups hold
+            self.save(self.state.with_intent(dataclasses.replace(intent, target=adopted(intent.nodes, self.seen))))
+        elif step == "record":
+            self.save(published_state(self.state, intent))
         elif step == "connect":  # routers have channels to the groups before a table routes to them
             restarted = intent.kind == "restart"
             await self._connect(list(intent.nodes) if restarted else sorted({g for g, *_ in intent.loads}), restarted)
@@ -377,6 +369,13 @@ class Reconciler:
         """Undo what the steps before the publish may have done: loaded copies, staged weights. A
         group a restart started stays (it holds the named copies): routers' channels to it are
         opened anew, since their old ones reach the dead incarnation."""
+        if intent.kind == "deploy":  # nothing serves yet: the groups it started go
+            for group in intent.nodes:
+                handle = self.groups.pop(group, None) or self.launcher.find_group(group)
+                self.seen.pop(group, None)
+                if handle is not None:
+                    handle.kill()
+            return
         if intent.kind == "restart" and intent.next_step > 0:
             await self._connect([g for g in intent.nodes if g in self.groups], True)
         if "load" in intent.steps[:intent.next_step + 1]:

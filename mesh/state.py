@@ -6,21 +6,25 @@ MeshState:  groups (name -> node), copies ((layer, expert) -> replicas, each wit
             published routing table, a revision of its own, the change in progress (Intent) and the
             ids of the last changes done.
 Intent:     one change as the planner made it (mesh/changes.py): its steps, the next one to run,
-            what to load / stage / release, and the copies in force once it publishes.
+            what to load / stage / release, the copies in force once it publishes and the settings it sets.
+            Every change of the desired state is one: deploy, scale, swap, restart, router
+            registration and the autoscale toggle.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import msgpack
 from protos.errors import StateError
 from protos.collector import paused_gc
 
-__all__ = ["Intent", "MeshState", "Replica", "SCHEMA", "held_by"]
+__all__ = ["COMMIT_STEPS", "Intent", "MeshState", "Replica", "SCHEMA", "held_by"]
 
 SCHEMA = 1  # version of the persisted snapshot's layout
 APPLIED_KEPT = 64  # change ids remembered, so that a repeated call is recognised
+COMMIT_STEPS = ("publish", "record")  # the step of an Intent from which it rolls forward
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -43,8 +47,9 @@ class Intent:
     run next (len(steps): done). loads: (group, layer, experts, source) to load ("load"), stage
     ("stage") or start with ("start"); releases: (group, layer, experts) to release after the drain.
     target: the copies of the (layer, expert)s this change touches, as they are once it publishes;
-    nodes: groups that (re)start on another node. A crash before "publish" rolls back; at or after
-    it, rolls forward."""
+    nodes: groups that (re)start on another node; settings: other fields of the desired state it sets
+    (autoscale, routers; a deploy's secret). A crash before "publish" ("record") rolls back; at or
+    after it, rolls forward."""
 
     change_id: str
     kind: str
@@ -56,11 +61,14 @@ class Intent:
     nodes: dict[str, str] = dataclasses.field(default_factory=dict)
     summary: str = ""
     flipped: bool = False  # the publish step has put `target` in force (and persisted it)
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)  # MeshState fields it sets
 
     @property
     def published(self) -> bool:
-        """Whether the publish step has started: from then on the change rolls forward."""
-        return self.flipped or self.next_step > self.steps.index("publish")
+        """Whether the step that puts it in force ("publish", or "record" for a change that takes no
+        other step) has started: from then on the change rolls forward."""
+        commit = next(i for i, step in enumerate(self.steps) if step in COMMIT_STEPS)
+        return self.flipped or self.next_step > commit
 
     @property
     def step(self) -> str | None:
@@ -158,7 +166,8 @@ def _intent_out(intent: Intent | None) -> dict | None:
     return {"change_id": intent.change_id, "kind": intent.kind, "steps": list(intent.steps),
             "next_step": intent.next_step, "loads": [list(x) for x in intent.loads],
             "releases": [list(x) for x in intent.releases], "target": _copies_out(intent.target),
-            "nodes": intent.nodes, "summary": intent.summary, "flipped": intent.flipped}
+            "nodes": intent.nodes, "summary": intent.summary, "flipped": intent.flipped,
+            "settings": intent.settings}
 
 
 def _intent_in(data: dict | None) -> Intent | None:
@@ -169,4 +178,4 @@ def _intent_in(data: dict | None) -> Intent | None:
                   loads=tuple((g, l, tuple(e), s) for g, l, e, s in data["loads"]),
                   releases=tuple((g, l, tuple(e)) for g, l, e in data["releases"]),
                   target=_copies_in(data["target"]), nodes=dict(data["nodes"]), summary=data["summary"],
-                  flipped=bool(data["flipped"]))
+                  flipped=bool(data["flipped"]), settings=dict(data.get("settings") or {}))

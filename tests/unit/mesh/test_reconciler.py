@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from protos.errors import GroupGoneError, StateError, StepError, StepUnavailableError
-from mesh.changes import STEPS, plan_copies, plan_swap, tidy
+from mesh.changes import STEPS, plan_copies, plan_deploy, plan_swap, tidy
 from mesh.reconciler import Reconciler
 from mesh.state import Intent, MeshState, Replica, held_by
 from mesh.store import StateStore
@@ -64,6 +64,9 @@ class FakeGroupActor:
     def die(self):
         """The actor is gone: Ray reports it dead, and what it held is lost."""
         self.alive, self.held = False, {}
+
+    def kill(self):
+        self.die()
 
     def _check(self):
         if not self.alive:
@@ -631,25 +634,32 @@ def test_a_lost_nodes_groups_restore_as_one_change_started_together():
     asyncio.run(main())
 
 
+def _deploy(groups, settings):
+    async def plan(state):
+        return None if state.groups else plan_deploy(groups, settings, f"deploy-{state.revision + 1}")
+    return plan
+
+
 def test_deploy_starts_the_groups_together_persists_what_they_report_and_publishes_epoch_1():
     async def main():
         kv, world = FakeKVStore(), FakeLauncher()
         rec = reconciler(kv, world)
         groups = {f"g{k}": (NODES[k], {l: [e for e in range(NUM_EXPERTS) if e % 3 == k] for l in LAYERS})
                   for k in range(3)}
-        async with rec.lock:
-            await rec.deploy(groups, MeshState(autoscale=True, secret="s"))
+        intent = await rec.submit(_deploy(groups, {"autoscale": True, "secret": "s"}))
+        assert intent.kind == "deploy" and rec.state.applied == (intent.change_id,) and rec.state.intent is None
         assert sorted(world.starts) == ["g0", "g1", "g2"]
-        assert rec.state.revision == 2 and rec.table.epoch == 1 and rec.state.autoscale and rec.state.secret == "s"
+        assert rec.table.epoch == 1 and rec.state.autoscale and rec.state.secret == "s"
         assert StateStore(kv, "m").load() == rec.state
         assert {k: [r.group for r in rs] for k, rs in rec.state.copies.items()} == {
             (l, e): [f"g{e % 3}"] for l in LAYERS for e in range(NUM_EXPERTS)}
         assert rec.table_is_current() and rec.table.missing_experts() == []
+        assert await rec.submit(_deploy(groups, {})) is None and world.starts.count("g0") == 1  # deployed once
 
     asyncio.run(main())
 
 
-def test_a_deploy_whose_group_never_starts_gives_up_at_the_start_timeout_and_persists_nothing():
+def test_a_deploy_whose_group_never_starts_gives_up_at_the_start_timeout_and_kills_what_it_started():
     async def main():
         kv, world = FakeKVStore(), FakeLauncher()
         rec = reconciler(kv, world)
@@ -663,10 +673,55 @@ def test_a_deploy_whose_group_never_starts_gives_up_at_the_start_timeout_and_per
 
         world.start_group = pending
         groups = {f"g{k}": (NODES[k], {0: [k]}) for k in range(3)}
-        with pytest.raises(asyncio.TimeoutError):
-            async with rec.lock:
-                await rec.deploy(groups, MeshState())
-        assert kv.data == {} and rec.state.revision == 0 and not rec.lock.locked()
+        with pytest.raises(StepError, match="deploy-1 failed at start"):
+            await rec.submit(_deploy(groups, {"secret": "s"}))
+        state = StateStore(kv, "m").load()
+        assert state.groups == {} and state.copies == {} and state.intent is None and state.epoch == 0
+        assert not world.actors["g0"].alive and not world.actors["g2"].alive and not rec.lock.locked()
+
+    asyncio.run(main())
+
+
+def test_a_controller_that_stops_mid_deploy_rolls_it_back_when_it_comes_back():
+    async def main():
+        kv, world = FakeKVStore(), FakeLauncher()
+        rec = reconciler(kv, world)
+        groups = {f"g{k}": (NODES[k], {0: [k]}) for k in range(3)}
+        run_step = rec._run_step
+
+        async def crash_at_publish(intent, verifier):  # the controller ends there: groups started, nothing published
+            if intent.step == "publish":
+                raise FakeCrash()
+            await run_step(intent, verifier)
+
+        rec._run_step = crash_at_publish
+        with pytest.raises(FakeCrash):
+            await rec.submit(_deploy(groups, {"secret": "s"}))
+        assert StateStore(kv, "m").load().intent.step == "publish"
+        again = reconciler(kv, world)
+        again.adopt(StateStore(kv, "m").load())
+        await again.resume()
+        assert again.state.intent is None and again.state.groups == {}
+        assert not any(actor.alive for actor in world.actors.values())
+
+    asyncio.run(main())
+
+
+def test_router_registration_and_the_autoscale_toggle_are_changes_recorded_under_the_lock():
+    async def main():
+        kv, world, rec = await started()
+        world.router_actors["r2"] = FakeRouterActor(world)
+        async with rec.lock:  # a change in progress: neither lands between its steps
+            registering = asyncio.ensure_future(rec.add_router("r2", world.router_actors["r2"], 3))
+            toggling = asyncio.ensure_future(rec.set_autoscale(True))
+            await asyncio.sleep(0.01)
+            assert not registering.done() and not toggling.done() and rec.state.routers == {"r0": 1, "r1": 2}
+        assert await registering and await toggling
+        state = StateStore(kv, "m").load()
+        assert state.routers == {"r0": 1, "r1": 2, "r2": 3} and state.autoscale and state.intent is None
+        assert [c.split("-")[0] for c in state.applied] == ["router", "autoscale"]
+        assert world.router_actors["r2"].epoch_ == rec.table.epoch
+        assert await rec.set_autoscale(True) == ""  # already on: no change
 
     asyncio.run(main())
 
