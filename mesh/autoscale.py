@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["plan_autoscale"]
+from mesh.placement import Assignment, replicate_layer
+
+__all__ = ["autoscaled", "plan_autoscale"]
 
 
 def plan_autoscale(rates: dict[tuple[int, int], float], copies: dict[tuple[int, int], int],
@@ -31,3 +33,17 @@ def plan_autoscale(rates: dict[tuple[int, int], float], copies: dict[tuple[int, 
         elif want < current and rate < target_per_copy * (1 - hysteresis) * (current - 1):
             changes[key] = want
     return changes
+
+
+def autoscaled(assignment: Assignment, copies: dict[tuple[int, int], int], rates: dict[tuple[int, int], float],
+               target_per_copy: float, max_copies: int, hysteresis: float, num_experts: int,
+               nodes: dict[str, str]) -> Assignment:
+    """`assignment` (the live groups') with every layer that plan_autoscale names re-planned by
+    replicate_layer for its new total of copies (equal slots per group, copies on distinct nodes)."""
+    most = min(max_copies or len(assignment), len(assignment))
+    wanted = {**copies, **plan_autoscale(rates, copies, target_per_copy, most, hysteresis)}
+    plan = assignment
+    for layer in sorted({l for (l, e), n in wanted.items() if n != copies[(l, e)]}):
+        total = sum(n for (l, _), n in wanted.items() if l == layer)
+        plan = replicate_layer(plan, layer, rates, total, num_experts, most, nodes)
+    return plan

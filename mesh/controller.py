@@ -24,14 +24,13 @@ from experts import load_spec
 from protos.collector import settle_gc
 from protos.errors import AdminError, MeshError, PlacementError
 from mesh.admin import AdminAuth, accepted, refused
-from mesh.autoscale import plan_autoscale
+from mesh.autoscale import autoscaled
 from mesh.changes import plan_copies, plan_deploy, plan_swap
 from mesh.config import MeshConfig
 from mesh.handles import NAMESPACE, GroupFactory, RayLauncher, alive_nodes, default_num_groups
 from mesh.leases import Leases
 from mesh.load import Load, aggregate_load
-from mesh.placement import (initial_assignment, pick_groups, placement_report, replicate_layer, scale_count,
-                            spread_groups)
+from mesh.placement import initial_assignment, placement_report, scaled, spread_groups
 from mesh.probes import ProbeFleet
 from mesh.reconciler import Reconciler
 from mesh.state import MeshState
@@ -326,13 +325,8 @@ class MeshController:
             rates = (await self.load()).rates
 
             async def make_plan():
-                plan = self.rec.live_holdings()
-                count = scale_count(replicas, len(self.rec.state.copies.get((layer, expert), ())),
-                                    sum(expert in e.get(layer, []) for e in plan.values()))
-                for group in pick_groups(plan, rates, layer, expert, count, self.rec.state.groups):
-                    experts = plan[group].setdefault(layer, [])
-                    experts.append(expert) if count > 0 else experts.remove(expert)
-                return plan
+                return scaled(self.rec.live_holdings(), rates, layer, expert, replicas,
+                              len(self.rec.state.copies.get((layer, expert), ())), self.rec.state.groups)
 
             change_id = await self._submit_copies("scale", make_plan)
             return f"layer {layer} expert {expert}: {replicas} copies", change_id
@@ -397,14 +391,9 @@ class MeshController:
         before = self.rec.copy_counts()
 
         async def make_plan():
-            plan = self.rec.live_holdings()
-            counts = {(l, e): len(rs) for (l, e), rs in self.rec.state.copies.items()}
-            most = min(settings.max_copies or len(plan), len(plan))
-            wanted = {**counts, **plan_autoscale(rates, counts, settings.target_tokens_per_s, most, settings.hysteresis)}
-            for layer in sorted({l for (l, e), n in wanted.items() if n != counts[(l, e)]}):
-                total = sum(n for (l, _), n in wanted.items() if l == layer)
-                plan = replicate_layer(plan, layer, rates, total, self.spec.num_experts, most, self.rec.state.groups)
-            return plan
+            counts = {key: len(replicas) for key, replicas in self.rec.state.copies.items()}
+            return autoscaled(self.rec.live_holdings(), counts, rates, settings.target_tokens_per_s,
+                              settings.max_copies, settings.hysteresis, self.spec.num_experts, self.rec.state.groups)
 
         await self._submit_copies("autoscale", make_plan)
         changes = {f"{l}/{e}": n for (l, e), n in self.rec.copy_counts().items() if n != before.get((l, e))}

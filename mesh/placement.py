@@ -349,6 +349,18 @@ def pick_groups(assignment: Assignment, load: dict[tuple[int, int], float], laye
     return picked
 
 
+def scaled(assignment: Assignment, load: dict[tuple[int, int], float], layer: int, expert: int, replicas: int,
+           named: int, nodes: dict[str, str]) -> Assignment:
+    """`assignment` (the live groups') with `replicas` copies of (layer, expert) in all, `named` of
+    which the desired state names now (scale_count); the groups that gain or lose one by pick_groups."""
+    plan = {g: {l: list(e) for l, e in held.items()} for g, held in assignment.items()}
+    count = scale_count(replicas, named, sum(expert in held.get(layer, []) for held in plan.values()))
+    for group in pick_groups(plan, load, layer, expert, count, nodes):
+        experts = plan[group].setdefault(layer, [])
+        experts.append(expert) if count > 0 else experts.remove(expert)
+    return plan
+
+
 def scale_count(replicas: int, named: int, live: int) -> int:
     """Copies to add (> 0) on live groups, or remove (< 0) from them, for `replicas` copies in all:
     `named` copies the desired state names (a dead group's among them: its restart brings it back),
