@@ -10,9 +10,10 @@ nothing that needs Ray or pydantic (the lent GPU machine has neither).
 Each check prints one line as it finishes: PASS or FAIL, its worst error beside the tolerance, its
 seconds; one that runs past LIMIT_S fails with a timeout and the others still run. Figures (cuda):
 each grouped-MLP shape's TFLOP/s, Triton beside torch's per-expert reference and beside a plain
-bf16 matmul of 8192^3 measured in the same run (the device's practical peak). Exit status 1 when a
-check failed. Not built yet, and said so in the output: the block-fp8 grouped GEMM, and the router
-core and a group's worker as two processes over grpc.
+bf16 matmul of 8192^3 measured in the same run (the device's practical peak); the two-process
+check's ms per layer beside the in-process layer's. Exit status 1 when a check failed. Not built
+yet: `router.device` (the router core gates, plans and combines on the host), NCCL channels.
+The two-process check needs pydantic: carry its wheels (bench/gpu_wheels.sh says how).
 
 Shapes: T = tokens, k = experts per token, N = T * k copies, H = hidden, I = expert intermediate size.
 """
@@ -24,6 +25,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -304,6 +306,25 @@ def layer_error(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> flo
     return float(per_token.sort().values[-1 if dtype == torch.float32 else -2])
 
 
+def two_process_check(checks: Checks, device: torch.device) -> None:
+    """bench/gpu_two_processes.py in a process of its own (it needs pydantic; this one imports none):
+    its error and figures, or a SKIP naming what to carry when pydantic is missing there."""
+    def check():
+        script = Path(__file__).with_name("gpu_two_processes.py")
+        result = subprocess.run([sys.executable, str(script), "--device", device.type], capture_output=True,
+                                text=True, timeout=checks.limit_s - 5)
+        if result.returncode and "No module named 'pydantic" in result.stderr:  # or pydantic_core
+            return "pydantic is not installed here: carry its wheels (bench/gpu_wheels.sh)"
+        if result.returncode:
+            raise RuntimeError(f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+        lines = result.stdout.splitlines()
+        checks.figures += [line.removeprefix("FIGURE ") for line in lines if line.startswith("FIGURE ")]
+        error, tolerance = next(line.split()[1:] for line in lines if line.startswith("RESULT "))
+        return float(error), float(tolerance)
+
+    checks.run(f"router core (host) and a group's worker ({device.type}), two processes over grpc", check)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -318,8 +339,7 @@ def main() -> int:
     print(f"gpu_check on {name}, torch {torch.__version__}", flush=True)
     kernel_checks(checks, CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES, device, device.type == "cuda")
     layer_checks(checks, device)
-    checks.run("router core and a group's worker, two processes over grpc",
-               lambda: "not built yet: the worker server and the router's transport need a Ray-free start")
+    two_process_check(checks, device)
     if device.type == "cuda":
         checks.figures.insert(0, matmul_peak(device))
     for line in checks.figures:

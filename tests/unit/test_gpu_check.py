@@ -1,6 +1,7 @@
 """bench/gpu_check.py, the check prepared for a GPU machine, run here on CPU (Triton interpreted,
 small shapes): every check passes, each kernel family is among them, and it imports neither Ray
-nor pydantic (the lent GPU machine has neither)."""
+nor pydantic (the lent GPU machine has neither; its two-process check, which needs pydantic, runs
+in a process of its own)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def test_gpu_check_passes_on_cpu_without_ray_or_pydantic():
     assert "all checks passed" in out and "FAIL" not in out
     for check in ("gate sigmoid sink", "gate sparsemixer", "align", "grouped MLP SwiGLU", "grouped MLP clamped",
                   "grouped MLP relu^2 not gated", "grouped MLP block fp8", "combine",
-                  "MoELayer on cpu vs the host, nemotron_h"):
+                  "MoELayer on cpu vs the host, nemotron_h",
+                  "router core (host) and a group's worker (cpu), two processes over grpc"):
         assert f"PASS {check}" in out, check
     assert "imported: []" in out
 
