@@ -38,4 +38,4 @@ def combine_reference(y: torch.Tensor, order: torch.Tensor, weights: torch.Tenso
     copies = unsorted.view(num_tokens, -1, hidden)  # [T, k, H]
     if weights is None:
         return copies.sum(dim=1, dtype=torch.float32).to(y.dtype)
-    return torch.einsum("tkh,tk->th", copies.float(), weights.float()).to(y.dtype)
+    return torch.bmm(weights.float().unsqueeze(1), copies.float()).squeeze(1).to(y.dtype)  # [T, 1, k] @ [T, k, H]
