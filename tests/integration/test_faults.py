@@ -454,13 +454,15 @@ def test_l_a_swap_under_load_at_a_size_groups_pack_and_thread(ray_cluster, meshe
 
 
 def _pending_starts(controller, times: int, timeout_s: float) -> None:
-    """Runs inside the controller: group starts time out after `timeout_s`, and the next `times` of
-    them wait on an actor that no node can place (it asks for a resource none has), as a start does
-    on a cluster with no free GPU."""
+    """Runs inside the controller: the next `times` group starts wait on an actor that no node can
+    place (it asks for a resource none has), as a start does on a cluster with no free GPU, and time
+    out after `timeout_s`; the starts after them run with the mesh's own start timeout (a real start
+    takes 4-6 s on 2 busy cores). times=0 puts everything back."""
     import ray
 
     launcher, left = controller.rec.launcher, [times]
     start_group = getattr(launcher.start_group, "original", launcher.start_group)
+    configured_s = getattr(launcher.start_group, "configured_s", controller.rec.start_timeout_s)
 
     async def start(name, node, loads):
         if left[0] > 0:
@@ -470,10 +472,12 @@ def _pending_starts(controller, times: int, timeout_s: float) -> None:
                 await blocker.ping.remote()  # pending until the reconciler's start timeout cancels it
             finally:
                 ray.kill(blocker)
+                if not left[0]:
+                    controller.rec.start_timeout_s = configured_s
         return await start_group(name, node, loads)
-    start.original = start_group
+    start.original, start.configured_s = start_group, configured_s
     launcher.start_group = start
-    controller.rec.start_timeout_s = timeout_s
+    controller.rec.start_timeout_s = timeout_s if times else configured_s
 
 
 class _Unplaceable:
@@ -504,4 +508,4 @@ def test_m_a_pending_group_start_blocks_no_later_change(world):
         check_answers(load, w)
         actual_matches_desired(w)
     finally:
-        ray.get(w.mesh.controller.__ray_call__.remote(_pending_starts, 0, 300.0))
+        ray.get(w.mesh.controller.__ray_call__.remote(_pending_starts, 0, 0.0))
