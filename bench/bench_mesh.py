@@ -830,8 +830,8 @@ def _bench_cpu(tiny: Model, effort: Effort, r: Results) -> None:
                 r.cpu_rows.append(row)
                 progress(f"CPU {row.label}: {row.total_us:.0f} us per Forward {row.cpu_us}, floor {row.floor_us:.0f}")
     progress("measuring the skeleton: the same paths as plain processes with no mesh protocol (bench/skeleton.py)")
-    for row in skeleton.skeleton_rows(tiny.path, x, effort.cpu_calls, r.cpu_floors):
-        r.cpu_skeletons[row.label.removeprefix("skeleton ")] = row
+    r.cpu_skeletons = skeleton.skeleton_rows(tiny.path, x, effort.cpu_calls, r.cpu_floors)
+    for row in r.cpu_skeletons.values():
         progress(f"CPU {row.label}: {row.total_us:.0f} us per Forward {row.cpu_us}, floor {row.floor_us:.0f}")
 
 

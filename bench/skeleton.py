@@ -16,6 +16,7 @@ torch; the mesh's rows are read beside it (bench_mesh.py (d)).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -29,7 +30,7 @@ import cpu  # bench/ is the script's folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experts import MoELayer  # noqa: E402
+from experts import MoELayer, load_spec  # noqa: E402
 from experts.group import ExpertGroup  # noqa: E402
 from experts.layer import dispatch  # noqa: E402
 
@@ -82,8 +83,8 @@ def compute(group: ExpertGroup, counts: list[int], rows: torch.Tensor) -> torch.
 
 def _grpc_group(path: str, index: int, ports) -> None:
     torch.set_num_threads(1)
-    spec_layer = MoELayer.from_pretrained(path, LAYER)
-    num_experts, hidden = spec_layer.spec.num_experts, spec_layer.spec.hidden_size
+    spec = load_spec(path)
+    num_experts, hidden = spec.num_experts, spec.hidden_size
     group = ExpertGroup.from_checkpoint(path, {LAYER: list(owned(num_experts, index))})
 
     async def forward(request: bytes, context) -> bytes:
@@ -181,7 +182,7 @@ def _gloo_group(path: str, index: int, store_port: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    spec = MoELayer.from_pretrained(path, LAYER).spec
+    spec = load_spec(path)
     group = ExpertGroup.from_checkpoint(path, {LAYER: list(owned(spec.num_experts, index))})
     store = dist.TCPStore("127.0.0.1", store_port, NUM_GROUPS + 1, is_master=False,
                           timeout=datetime.timedelta(seconds=60))
@@ -236,70 +237,70 @@ def _store():
                          timeout=datetime.timedelta(seconds=60))
 
 
-def skeleton_rows(path: str, x: torch.Tensor, n: int, floors: cpu.CpuFloors) -> list[cpu.CpuRow]:
-    """CPU per Forward of x through the skeleton's four paths (router and direct, grpc and
-    collective), each beside the same floor formula as the mesh's rows. This process (the client)
-    runs at the caller's torch threads; the others at one."""
+def skeleton_rows(path: str, x: torch.Tensor, n: int, floors: cpu.CpuFloors) -> dict[str, cpu.CpuRow]:
+    """CPU per Forward of x through the skeleton's four paths, {"router, grpc": row, ...} (the
+    mesh's row labels), each beside the same floor formula as the mesh's rows. This process (the
+    client) runs at the caller's torch threads; the others at one."""
     layer = MoELayer.from_pretrained(path, LAYER)
     reference = layer(x)
     destinations = float(len(Plan(layer, x).sends))
-    rows = []
+    rows = {}
     for transport, wire_us in (("grpc", floors.grpc_us), ("collective", floors.gloo_us)):
-        rows += _transport_rows(path, layer, x, reference, n, transport, wire_us, destinations, floors)
+        for role, hops in (("direct", 0), ("router", 1)):
+            with _path(path, layer, x, transport, role) as (pids, call):
+                torch.testing.assert_close(call(), reference, rtol=1e-5, atol=1e-5)
+                for _ in range(n // 5 + 20):
+                    call()
+                label = f"{role}, {transport}"
+                rows[label] = cpu.CpuRow(f"skeleton {label}", cpu.cpu_by_role(pids, call, n), destinations,
+                                         cpu.floor_us(floors, hops, destinations, wire_us))
     return rows
 
 
-def _transport_rows(path, layer, x, reference, n, transport, wire_us, destinations, floors) -> list[cpu.CpuRow]:
-    import grpc
-
-    ctx = mp.get_context("spawn")
+@contextlib.contextmanager
+def _path(path: str, layer: MoELayer, x: torch.Tensor, transport: str, role: str):
+    """One path's processes started: yields ({role: pids}, call() -> the Forward of x); all stopped after."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # grpc.aio's stubs look the loop up when made
-    rows, processes = [], []
+    store = _store() if transport == "collective" else None
+    groups, group_ports = _start_groups(path, transport, store)
+    processes, pids = list(groups), {"client": [os.getpid()], "groups": [g.pid for g in groups]}
     try:
-        for role in ("direct", "router"):
-            store, ports = (_store(), None) if transport == "collective" else (None, ctx.Queue())
-            if transport == "grpc":
-                groups = [_spawn(_grpc_group, path, g, ports) for g in range(NUM_GROUPS)]
-                group_ports = [port for _, port in sorted(ports.get(timeout=120) for _ in groups)]
-            else:
-                groups = [_spawn(_gloo_group, path, g, store.port) for g in range(NUM_GROUPS)]
-                group_ports = []
-            processes += groups
-            pids = {"client": [os.getpid()], "groups": [g.pid for g in groups]}
-            if role == "direct":
-                if transport == "grpc":
-                    fanout = loop.run_until_complete(_async(lambda: GrpcFanout(layer, group_ports)))
-                    call = lambda: loop.run_until_complete(fanout.forward(x))  # noqa: E731
-                else:
-                    fanout = GlooFanout(layer, store.port)
-                    call = lambda: fanout.forward(x)  # noqa: E731
-                hops = 0
-            else:
-                router_ports = ctx.Queue()
-                router = _spawn(_router, path, transport, group_ports, store.port if store else 0, router_ports)
-                processes.append(router)
-                channel = loop.run_until_complete(_async(
-                    lambda: grpc.aio.insecure_channel(f"127.0.0.1:{router_ports.get(timeout=120)[1]}")))
-                stub = channel.unary_unary(f"/{SERVICE}/Forward")
-                hidden = layer.spec.hidden_size
-                call = lambda: _frombuffer(loop.run_until_complete(stub(x.numpy().tobytes())),  # noqa: E731
-                                           torch.float32).view(-1, hidden)
-                pids = {"client": pids["client"], "router": [router.pid], "groups": pids["groups"]}
-                hops = 1
-            torch.testing.assert_close(call(), reference, rtol=1e-5, atol=1e-5)
-            for _ in range(n // 5 + 20):
-                call()
-            rows.append(cpu.CpuRow(f"skeleton {role}, {transport}", cpu.cpu_by_role(pids, call, n), destinations,
-                                   cpu.floor_us(floors, hops, destinations, wire_us)))
-            if role == "direct" and transport == "collective":
-                fanout.close()
+        if role == "router":
+            router_ports = mp.get_context("spawn").Queue()
+            processes.append(_spawn(_router, path, transport, group_ports, store.port if store else 0, router_ports))
+            pids["router"] = [processes[-1].pid]
+            yield pids, _router_call(loop, router_ports.get(timeout=120)[1], x)
+        elif transport == "grpc":
+            fanout = loop.run_until_complete(_async(lambda: GrpcFanout(layer, group_ports)))
+            yield pids, lambda: loop.run_until_complete(fanout.forward(x))
+        else:
+            fanout = GlooFanout(layer, store.port)
+            yield pids, lambda: fanout.forward(x)
+            fanout.close()
     finally:
         for process in processes:
             process.terminate()
         asyncio.set_event_loop(None)
         loop.close()
-    return rows
+
+
+def _start_groups(path: str, transport: str, store) -> tuple[list[mp.Process], list[int]]:
+    """The expert-group processes of `transport`, and their grpc ports in group order (none over gloo)."""
+    if transport == "collective":
+        return [_spawn(_gloo_group, path, g, store.port) for g in range(NUM_GROUPS)], []
+    ports = mp.get_context("spawn").Queue()
+    groups = [_spawn(_grpc_group, path, g, ports) for g in range(NUM_GROUPS)]
+    return groups, [port for _, port in sorted(ports.get(timeout=120) for _ in groups)]
+
+
+def _router_call(loop: asyncio.AbstractEventLoop, port: int, x: torch.Tensor):
+    """call() -> the Forward of x through the router process on `port` (one grpc.aio hop)."""
+    import grpc
+
+    channel = loop.run_until_complete(_async(lambda: grpc.aio.insecure_channel(f"127.0.0.1:{port}")))
+    stub = channel.unary_unary(f"/{SERVICE}/Forward")
+    return lambda: _frombuffer(loop.run_until_complete(stub(x.numpy().tobytes())), torch.float32).view(x.shape)
 
 
 async def _async(make):
@@ -314,5 +315,5 @@ if __name__ == "__main__":
     calls = int(os.environ.get("SKELETON_CALLS", "300"))
     with cpu.torch_threads(1):
         measured = cpu.measure_cpu_floors(layer0, tokens, 1000)
-        cpu.print_rows(skeleton_rows(checkpoint, tokens, calls, measured), measured,
+        cpu.print_rows(list(skeleton_rows(checkpoint, tokens, calls, measured).values()), measured,
                        f"CPU per Forward (T={TOKENS}), microseconds, the skeleton's processes")
