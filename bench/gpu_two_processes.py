@@ -1,9 +1,9 @@
 """gpu_check's two-process check: a group's worker (ExpertGroupServer, every expert of one layer on
 the device, behind its ExpertWorker port with the mesh's secret) and the router core (Router with
 GrpcTransport and a fixed routing table) in two plain processes over grpc on 127.0.0.1, no Ray.
-The hidden states start and end on the device; the router core gates, plans and combines on the
-host (`router.device` is not built), so rows cross the host both ways. Its answer is checked
-against MoELayer on the device.
+The hidden states start and end on the device. The router core gates, plans and combines on the
+device (`router.device`; its rows cross the host through pinned buffers, grpc's), then again on
+the host (a CPU router with GPU groups). Each answer is checked against MoELayer on the device.
 
 It needs pydantic (the configs are pydantic models): on the GPU machine, carry its wheels
 (bench/gpu_wheels.sh). Prints `RESULT <error> <tolerance>` and `FIGURE ...` lines for gpu_check.
@@ -60,27 +60,31 @@ async def _route(path: str, device: torch.device, port: int, versions: list[str]
 
     spec = load_spec(path)
     layer = spec.moe_layers[-1]
-    router = Router(RouterWeights.from_checkpoint(path), RouterConfig(transport="grpc"), GrpcTransport(SECRET))
-    router.set_table(RoutingTable(1, {layer: [[Copy("group-0", f"127.0.0.1:{port}", v)] for v in versions]}))
+    table = RoutingTable(1, {layer: [[Copy("group-0", f"127.0.0.1:{port}", v)] for v in versions]})
     reference = MoELayer.from_pretrained(path, layer, device=device)
+    worst = 0.0
+    for router_device in dict.fromkeys([device, torch.device("cpu")]):
+        router = Router(RouterWeights.from_checkpoint(path), RouterConfig(transport="grpc"), GrpcTransport(SECRET),
+                        device=router_device)
+        router.set_table(table)
 
-    async def forward(x: torch.Tensor) -> torch.Tensor:
-        out, _ = await router.forward(layer, x.cpu())  # the router core on the host
-        return out.to(x.device)
+        async def forward(x: torch.Tensor) -> torch.Tensor:
+            return (await router.forward(layer, x))[0]  # on x's device, whatever the router's
 
-    try:
-        worst = 0.0
-        for num_tokens in TOKENS:
-            x = torch.randn(num_tokens, spec.hidden_size, generator=torch.Generator().manual_seed(num_tokens)).to(device)
-            out, ref = await forward(x), reference(x)
-            if out.device != x.device:
-                raise AssertionError(f"the answer is on {out.device}, not {x.device}")
-            worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
-            print(f"FIGURE two processes over grpc, T={num_tokens}: {await _ms(forward, x, device):.2f} ms per layer, "
-                  f"beside {await _ms(_sync_call(reference), x, device):.2f} ms in-process on {device.type}", flush=True)
-        print(f"RESULT {worst:.3e} {TOLERANCE:.0e}", flush=True)
-    finally:
-        await router.close()
+        try:
+            for num_tokens in TOKENS:
+                x = torch.randn(num_tokens, spec.hidden_size,
+                                generator=torch.Generator().manual_seed(num_tokens)).to(device)
+                out, ref = await forward(x), reference(x)
+                if out.device != x.device:
+                    raise AssertionError(f"the answer is on {out.device}, not {x.device}")
+                worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
+                print(f"FIGURE two processes over grpc, router on {router_device.type}, T={num_tokens}: "
+                      f"{await _ms(forward, x, device):.2f} ms per layer, beside "
+                      f"{await _ms(_sync_call(reference), x, device):.2f} ms in-process on {device.type}", flush=True)
+        finally:
+            await router.close()
+    print(f"RESULT {worst:.3e} {TOLERANCE:.0e}", flush=True)
 
 
 def _sync_call(layer):

@@ -169,7 +169,7 @@ def _start_router(config: MeshConfig, router_config, index: int, model_path: str
 
     router = ray.remote(RouterActor).options(
         name=f"{config.name}/router-{index}", namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-        max_concurrency=1000, max_restarts=-1, get_if_exists=adopt, **options,
+        num_gpus=router_config.num_gpus, max_concurrency=1000, max_restarts=-1, get_if_exists=adopt, **options,
     ).remote(config.name, model_path, router_config.model_dump(), NAMESPACE, config.router_dtype,
              f"{config.name}/controller")
     return router, ray.get(router.start.remote())  # start() is idempotent: an adopted router keeps its port

@@ -26,7 +26,7 @@ from protos import expert_mesh_pb2 as pb
 from protos.serving import TLSConfig, bind, worker_server
 from protos.wire import DTYPES, from_proto, to_proto
 
-__all__ = ["ExpertGroupActor", "ExpertGroupServer"]
+__all__ = ["ExpertGroupActor", "ExpertGroupServer", "compute_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +113,14 @@ class ExpertGroupServer:
         return pb.PingReply(payload=request.payload, group=self.name)
 
 
-def group_device(device: str) -> torch.device:
-    """The device a group computes on: "cuda", the GPU Ray assigned this actor (the first CUDA device
-    it may see); "cpu", the host. MeshError when cuda is asked and this process sees no GPU."""
-    if device == "cpu":
+def compute_device(device: str, who: str, num_assigned_gpus: int = 1) -> torch.device:
+    """The device an actor (`who`: "group x", "router x") computes on: "cuda", the GPU Ray assigned it
+    (the first CUDA device it may see); "cpu", the host; "auto", cuda where Ray assigned it a GPU
+    (`num_assigned_gpus`), else the host. MeshError when cuda is asked and this process sees no GPU."""
+    if device == "cpu" or (device == "auto" and not num_assigned_gpus):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise MeshError("this group was placed to compute on a GPU, but its process sees none "
+        raise MeshError(f"{who} was placed to compute on a GPU, but its process sees none "
                         "(CUDA_VISIBLE_DEVICES, or a torch build without CUDA)")
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -155,7 +156,7 @@ class ExpertGroupActor:
             torch.set_num_threads(torch_threads)
         self.name = name
         self.model_path = model_path
-        group = load_group(name, model_path, assignment, DTYPES[dtype], group_device(device))
+        group = load_group(name, model_path, assignment, DTYPES[dtype], compute_device(device, f"group {name}"))
         self.server_impl = self.server_class(name, group)
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
@@ -184,17 +185,26 @@ class ExpertGroupActor:
     def ping(self) -> str:
         return self.name
 
+    def device_id(self) -> str:
+        """The group's device as a collective channel's router weighs it (protos.collective.wire_device)."""
+        from protos.collective import device_id
+
+        return device_id(self.server_impl.group.device)
+
     async def open_channel(self, channel_id: str, router: str, host: str, port: int, max_rows: int,
-                           dtype: str) -> None:
+                           dtype: str, wire: str = "cpu") -> None:
         """Collective transport: join the channel `channel_id` whose store the router `router`
-        hosts at host:port, and serve it from a thread (buffers for `max_rows` rows of
-        `dtype`). A new channel from the same router replaces its old one."""
+        hosts at host:port, and serve it from a thread (buffers for `max_rows` rows of `dtype`, on
+        the group's GPU where `wire` is "cuda" (NCCL), else on the host (gloo)). A new channel from
+        the same router replaces its old one."""
         from experts.channel import ChannelWorker, channel_nbytes
 
-        spec = self.server_impl.group.spec
+        group = self.server_impl.group
+        spec = group.spec
         self._check_channel_budget(router, channel_nbytes(spec.num_experts, max_rows, spec.expert_width, DTYPES[dtype]))
         worker = ChannelWorker(channel_id, host, port, self.channel_compute(), spec.num_experts,
-                               spec.expert_width, DTYPES[dtype], max_rows, self.server_impl.stage_s)
+                               spec.expert_width, DTYPES[dtype], max_rows, self.server_impl.stage_s,
+                               group.device if wire == "cuda" else torch.device("cpu"))
         await asyncio.to_thread(worker.connect)
         old = self._channels.pop(router, None)
         if old is not None:

@@ -350,6 +350,10 @@ class CheckpointReader:
                                  scales=BlockScales(stacks[2], stacks[3], self.quantization.block))
         return ExpertWeights(experts, stacks[0], stacks[1], checksums, *stacks[2:])
 
+    def fp8_block(self, layer: int) -> tuple[int, int] | None:
+        """The block of `layer`'s experts where they come as stored block fp8 (`keep_fp8`), else None."""
+        return self.quantization.block if self._fp8_layout(self._block(layer), 0) else None
+
     def _fp8_layout(self, block: str, expert: int) -> bool:
         """Whether `block`'s experts come as stored block fp8 (`keep_fp8`): an fp8 checkpoint whose
         expert weights are stored [R, C] as the kernels read them (fused [E, 2I, H] / [E, H, I], or per

@@ -17,11 +17,25 @@ from experts.spec import MoESpec
 from kernels import cpu_packed, grouped_mlp
 from kernels.expert_mlp import BlockScales, GatedActivation
 
-__all__ = ["ExpertGroup", "LayerExperts"]
+__all__ = ["ExpertGroup", "LayerExperts", "expert_nbytes"]
 
 # Pack weights for oneDNN only from this size of one expert's down matrix (H * I elements): below
 # it a packed call costs more than it saves (measured: 3x slower at H=64, I=128).
 PACK_MIN_ELEMENTS = 1 << 20
+
+
+def expert_nbytes(spec: MoESpec, dtype: torch.dtype, on_gpu: bool, fp8_block: tuple[int, int] | None = None) -> int:
+    """Bytes one expert copy of `spec` takes where a group holds it, before loading it: block fp8 kept
+    as stored (`fp8_block`: rows x columns per scale, on a GPU with fp8) one byte a weight and a
+    float32 scale a block; else `dtype`'s bytes a weight, twice on the host where the CPU path packs
+    a copy (PACK_MIN_ELEMENTS). Biases are not counted (H + 2I values)."""
+    gate_up, down = (spec.gate_up_rows, spec.expert_width), (spec.expert_width, spec.intermediate_size)
+    if on_gpu and fp8_block is not None:
+        rows, cols = fp8_block
+        return sum(r * c + 4 * -(-r // rows) * -(-c // cols) for r, c in (gate_up, down))
+    weights = (gate_up[0] * gate_up[1] + down[0] * down[1]) * dtype.itemsize
+    is_packed = not on_gpu and down[0] * down[1] >= PACK_MIN_ELEMENTS and dtype in (torch.float32, torch.bfloat16)
+    return weights * (2 if is_packed else 1)
 
 
 @dataclasses.dataclass

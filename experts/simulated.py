@@ -160,7 +160,7 @@ class SimulatedGroupFactory:
     latency_ms: float = 0.2  # fixed cost of one batch on a device
     probe_class = None       # the nodes' latency probes: mesh.probes.LatencyProbe
 
-    def expert_bytes(self, spec, dtype: str) -> int:
+    def expert_bytes(self, spec, dtype: str, on_gpu: bool, fp8_block: tuple[int, int] | None) -> int:
         return 0
 
     def create(self, name: str, options: dict, own: dict[int, list[int]], model_path: str, spec, groups):

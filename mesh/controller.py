@@ -27,10 +27,10 @@ from mesh.admin import AdminAuth, accepted, refused
 from mesh.autoscale import autoscaled
 from mesh.changes import plan_copies, plan_deploy, plan_swap
 from mesh.config import MeshConfig
-from mesh.handles import NAMESPACE, GroupFactory, RayLauncher, alive_nodes, default_num_groups
+from mesh.handles import NAMESPACE, GroupFactory, RayLauncher, alive_nodes, default_num_groups, gpus_per_group
 from mesh.leases import Leases
 from mesh.load import Load, aggregate_load
-from mesh.placement import initial_assignment, placement_report, scaled, spread_groups
+from mesh.placement import check_memory, initial_assignment, placement_report, scaled, spread_groups
 from mesh.probes import ProbeFleet
 from mesh.reconciler import Reconciler
 from mesh.state import MeshState
@@ -149,8 +149,8 @@ class MeshController:
         assignment = initial_assignment(list(self.spec.moe_layers), self.spec.num_experts, num_groups,
                                         self.config.groups.replicas, num_nodes=len(nodes))
         placement = spread_groups(num_groups, [n["NodeID"] for n in nodes])
-        self._check_memory(assignment, placement, nodes)
         names = [f"{self.config.name}/group-{k}" for k in range(num_groups)]
+        await self._check_memory(names, assignment, placement, nodes)
         groups = {n: (node, held) for n, held, node in zip(names, assignment, placement)}
 
         async def plan(state: MeshState):  # under the change lock: a concurrent deploy's groups stand
@@ -162,19 +162,21 @@ class MeshController:
 
         await self.rec.submit(plan)
 
-    def _check_memory(self, assignment: list[dict], placement: list[str], nodes: list[dict]) -> None:
-        groups, per_expert = self.config.groups, self.rec.launcher.expert_bytes()
+    async def _check_memory(self, names: list[str], assignment: list[dict], placement: list[str],
+                            nodes: list[dict]) -> None:
+        """The groups' weights against their GPU's memory (groups on GPUs: each GPU measured, fp8 where
+        it stays fp8) or their node's host memory (mesh.placement.check_memory)."""
+        launcher, groups = self.rec.launcher, self.config.groups
+        copies = [sum(len(v) for v in experts.values()) for experts in assignment]
+        if gpus_per_group(groups.device, nodes):
+            gpus = await launcher.measure_gpus(sorted(set(placement)))
+            need = [launcher.expert_bytes(gpus[node]) * n for node, n in zip(placement, copies)]
+            gpu_bytes = {node: gpu.memory_bytes for node, gpu in gpus.items()}
+            check_memory(names, need, placement, {}, gpu_bytes, groups.memory_fraction)
+            return
+        per_expert = launcher.expert_bytes()
         memory = {n["NodeID"]: n["Resources"].get("memory", 0) for n in nodes}
-        need: dict[str, int] = {}
-        for experts, node in zip(assignment, placement):
-            need[node] = need.get(node, 0) + per_expert * sum(len(v) for v in experts.values())
-        for node, nbytes in need.items():
-            allowed = memory[node] * groups.memory_fraction
-            if nbytes > allowed:
-                raise PlacementError(
-                    f"expert groups on node {node[:12]} need {nbytes / 2**30:.2f} GiB of weights, more than "
-                    f"memory_fraction={groups.memory_fraction} of its {memory[node] / 2**30:.2f} GiB Ray memory; "
-                    f"add nodes or groups, or lower groups.replicas")
+        check_memory(names, [per_expert * n for n in copies], placement, memory, None, groups.memory_fraction)
 
     def _start_loops(self) -> None:
         if self._tasks:

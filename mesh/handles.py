@@ -4,14 +4,14 @@ the launcher that starts groups pinned to nodes."""
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from protos.errors import GroupGoneError, PlacementError, UnavailableError, one_line
 from mesh.config import MeshConfig
 from router_service.config import NAMESPACE
 
-__all__ = ["ExpertGroupFactory", "GroupFactory", "NAMESPACE", "RayGroup", "RayLauncher", "RayRouter", "alive_nodes",
-           "default_num_groups", "gpus_per_group", "has_labels", "kill_named", "pinning"]
+__all__ = ["ExpertGroupFactory", "GpuInfo", "GroupFactory", "NAMESPACE", "RayGroup", "RayLauncher", "RayRouter",
+           "alive_nodes", "default_num_groups", "gpus_per_group", "has_labels", "kill_named", "pinning"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,9 @@ class GroupFactory(Protocol):
 
     probe_class: type | None
 
-    def expert_bytes(self, spec, dtype: str) -> int:
-        """Memory one expert copy takes on its node (0: none, the memory check passes)."""
+    def expert_bytes(self, spec, dtype: str, on_gpu: bool, fp8_block: tuple[int, int] | None) -> int:
+        """Memory one expert copy takes where its group holds it: on a GPU (`fp8_block`: block fp8
+        kept as stored there) or its node's host (0: none, the memory check passes)."""
 
     def create(self, name: str, options: dict, own: dict[int, list[int]], model_path: str, spec, groups):
         """A new Ray actor `name` (`options`: name, pinning, lifetime...) holding the model's own
@@ -135,7 +136,18 @@ class GroupFactory(Protocol):
         `groups`: the mesh's GroupsConfig."""
 
 
-_BYTES = {"float32": 4, "bfloat16": 2}
+class GpuInfo(NamedTuple):
+    """One GPU of a node, measured before the groups take its GPUs (`RayLauncher.measure_gpus`)."""
+
+    memory_bytes: int
+    capability: tuple[int, int]
+
+
+def _measure_gpu() -> GpuInfo:  # CUDA only: not run here
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return GpuInfo(props.total_memory, (props.major, props.minor))
 
 
 class ExpertGroupFactory:
@@ -146,8 +158,12 @@ class ExpertGroupFactory:
     def __init__(self, actor_class: type | None = None, probe_class: type | None = None):
         self.actor_class, self.probe_class = actor_class, probe_class
 
-    def expert_bytes(self, spec, dtype: str) -> int:
-        return (spec.gate_up_rows + spec.intermediate_size) * spec.expert_width * _BYTES[dtype] * 2  # + the packed copy
+    def expert_bytes(self, spec, dtype: str, on_gpu: bool, fp8_block: tuple[int, int] | None) -> int:
+        import torch
+
+        from experts.group import expert_nbytes
+
+        return expert_nbytes(spec, getattr(torch, dtype), on_gpu, fp8_block)
 
     def create(self, name: str, options: dict, own: dict[int, list[int]], model_path: str, spec, groups):
         import ray
@@ -168,9 +184,36 @@ class RayLauncher:
         self.factory = factory or ExpertGroupFactory()
         self.secret = ""  # the mesh's data-plane secret: the controller sets it (deploy, adoption)
 
-    def expert_bytes(self) -> int:
-        """Memory one expert copy takes on its node."""
-        return self.factory.expert_bytes(self.spec, self.config.groups.dtype)
+    def expert_bytes(self, gpu: GpuInfo | None = None) -> int:
+        """Memory one expert copy takes on `gpu` (block fp8 stays fp8 where it has fp8), or on its node's host."""
+        fp8_block = self._fp8_block() if gpu is not None and gpu.capability >= (8, 9) else None
+        return self.factory.expert_bytes(self.spec, self.config.groups.dtype, gpu is not None, fp8_block)
+
+    def _fp8_block(self) -> tuple[int, int] | None:
+        from experts.checkpoint import CheckpointReader
+
+        reader = CheckpointReader(self.model_path, keep_fp8=True)
+        try:
+            return reader.fp8_block(self.spec.moe_layers[0])
+        finally:
+            reader.close()
+
+    async def measure_gpus(self, nodes: list[str], timeout_s: float = 60.0) -> dict[str, GpuInfo]:
+        """Per node, one of its GPUs as a short Ray task on a sliver of it sees it (before the groups
+        take the GPUs). PlacementError naming the nodes where none was free within `timeout_s`."""
+        import asyncio
+
+        import ray
+
+        measure = ray.remote(num_cpus=0, num_gpus=0.01)(_measure_gpu)
+        refs = [measure.options(**pinning(node)).remote() for node in nodes]
+        try:
+            return dict(zip(nodes, await asyncio.wait_for(asyncio.gather(*refs), timeout_s)))
+        except asyncio.TimeoutError:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            raise PlacementError(f"could not measure the GPUs of nodes {[n[:12] for n in nodes]} within {timeout_s:.0f} "
+                                 f"s (no GPU free for a moment?); groups.device cpu places by host memory") from None
 
     def alive_nodes(self) -> list[str]:
         """The live nodes groups may run on (groups.node_labels)."""

@@ -33,9 +33,9 @@ import struct
 import torch
 
 __all__ = ["HEADER_FIXED", "MESSAGE_BYTES", "SPLIT_MIN_BYTES", "Header", "backend_for", "check_status",
-           "exact_counts", "header_nbytes", "pack_error", "pack_header", "pack_reply", "pack_request", "pack_status",
-           "process_group", "reply_nbytes", "request_nbytes", "request_views", "status_nbytes", "unpack_header",
-           "unpack_reply", "version_from_int", "version_to_int"]
+           "device_id", "exact_counts", "header_nbytes", "pack_error", "pack_header", "pack_reply", "pack_request",
+           "pack_status", "process_group", "reply_nbytes", "request_nbytes", "request_views", "status_nbytes", "unpack_header",
+           "unpack_reply", "version_from_int", "version_to_int", "wire_device"]
 
 HEADER_FIXED = 6
 STATUS_BYTES = 16
@@ -203,6 +203,26 @@ def unpack_reply(buf: torch.Tensor, num_rows: int, hidden: int, dtype: torch.dty
 def backend_for(device: torch.device) -> str:
     """NCCL for CUDA tensors, gloo for CPU tensors: one code path, the backend by the device."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def device_id(device: torch.device | str) -> str:
+    """What a channel's end tells the other of its device: "cpu", or "cuda:" and the GPU's UUID (two
+    processes on one GPU see different indices for it, never different UUIDs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    return f"cuda:{torch.cuda.get_device_properties(device).uuid}"  # CUDA only: not run here
+
+
+def wire_device(router_id: str, group_id: str) -> tuple[str, str]:
+    """The device type a channel's tensors travel on, and why: "cuda" (NCCL, GPU to GPU, no host copy)
+    where both ends compute on distinct GPUs; else "cpu" (gloo; rows on a GPU cross the host). NCCL
+    refuses two ranks on one GPU: such a pair falls back to gloo. Pure policy (ids: `device_id`)."""
+    if not (router_id.startswith("cuda:") and group_id.startswith("cuda:")):
+        return "cpu", "gloo: an end computes on the host"
+    if router_id == group_id:
+        return "cpu", "gloo: both ends on one GPU (NCCL refuses two ranks on one device)"
+    return "cuda", "nccl"
 
 
 def process_group(store, rank: int, device: torch.device, timeout_s: float):

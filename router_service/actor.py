@@ -14,6 +14,7 @@ import torch
 
 from protos.collector import settle_gc
 from protos.errors import MeshError, UnavailableError, one_line
+from experts.actor import compute_device
 from experts.memory import keep_freed_memory
 from protos.serving import TLSConfig
 from protos.wire import DTYPES
@@ -126,15 +127,17 @@ class RouterActor:
         from experts import load_spec
 
         spec = load_spec(self.model_path)
+        name = ray.get_runtime_context().get_actor_name() or "router"
+        device = compute_device(self.config.device, f"router {name}", len(ray.get_gpu_ids()))
         secret, tls = "", None
         if self.controller:
             controller = ray.get_actor(self.controller, namespace=self.namespace)
             secret, tls = await controller.data_secret.remote(), await controller.internal_tls.remote()
-        transport = make_transport(self.config, self.namespace, ray.get_runtime_context().get_actor_name() or "router",
-                                   spec.num_experts, self.config.batching.max_batch_tokens * spec.top_k, self.dtype,
-                                   secret, TLSConfig(**tls) if tls else None)
+        transport = make_transport(self.config, self.namespace, name, spec.num_experts,
+                                   self.config.batching.max_batch_tokens * spec.top_k, self.dtype, secret,
+                                   TLSConfig(**tls) if tls else None, device=device)
         router = Router(RouterWeights.from_checkpoint(self.model_path, self.dtype), self.config, transport, self.dtype,
-                        metrics)
+                        metrics, device)
         admin = ControllerAdmin(self.controller, self.namespace) if self.controller else None
         if admin is not None:
             router.on_group_failure = admin.group_failed

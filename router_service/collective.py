@@ -1,6 +1,10 @@
 """The collective transport: torch.distributed send/recv over one 2-rank process group per
-(router, group) channel: gloo for CPU tensors, NCCL for CUDA tensors, one code path. The wire
-contract is protos/collective.py; the group's end is experts/channel.py.
+(router, group) channel, one code path: NCCL with device buffers where both ends compute on distinct
+GPUs (rows go GPU to GPU; torch orders each send after the work on the current stream, and a wait
+orders the stream after the receive), else gloo with host buffers (rows on a GPU are copied into
+the request buffer: they cross the host). `protos.collective.wire_device` decides, from what each
+end tells of its device. The wire contract is protos/collective.py; the group's end is
+experts/channel.py.
 
 Rendezvous goes through Ray: the router hosts a TCPStore on its node (port 0: the OS picks) and
 asks the group actor, by a Ray call, to join it under a channel id with 128 random bits that only
@@ -32,8 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from protos.errors import ChannelRefusedError, ExpertTimeoutError, ExpertUnavailableError
-from protos.collective import (SPLIT_MIN_BYTES, check_status, exact_counts, header_nbytes, pack_header, pack_request,
-                               process_group, reply_nbytes, request_nbytes, status_nbytes, unpack_reply)
+from protos.collective import (SPLIT_MIN_BYTES, check_status, device_id, exact_counts, header_nbytes, pack_header,
+                               pack_request, process_group, reply_nbytes, request_nbytes, status_nbytes, unpack_reply,
+                               wire_device)
 from router_service.routing import Destination, RoutingTable
 from router_service.transport import GrpcTransport, Outcome, Transport
 
@@ -100,8 +105,9 @@ class Channel:
             out[a:b] = unpack_reply(self.reply, b - a, out.shape[1], out.dtype)
 
     def _is_split(self, rows: torch.Tensor) -> bool:
-        """Whether `rows` travel split (protos/collective.py): always over NCCL, else from SPLIT_MIN_BYTES."""
-        return self.exact or rows.numel() * rows.element_size() >= SPLIT_MIN_BYTES
+        """Whether `rows` travel split (protos/collective.py): always over NCCL, else from SPLIT_MIN_BYTES
+        where they are on the channel's device (rows on a GPU over gloo cross the host in the buffer)."""
+        return self.exact or (rows.device == self.device and rows.numel() * rows.element_size() >= SPLIT_MIN_BYTES)
 
     def close(self) -> None:
         self.pg = self.store = None
@@ -141,8 +147,11 @@ class CollectiveTransport(Transport):
     `segments` counts the slices sent per transport ("collective", "grpc")."""
 
     def __init__(self, router: str, namespace: str, num_experts: int, max_rows: int, dtype: torch.dtype,
-                 secret: str, timeout_s: float = 2.0, grpc_timeout_s: float = 30.0, inline: bool = False):
+                 secret: str, timeout_s: float = 2.0, grpc_timeout_s: float = 30.0, inline: bool = False,
+                 device: torch.device | str = "cpu"):
         self.router, self.namespace = router, namespace
+        self.device = torch.device(device)  # the router's: channels to groups on other GPUs are NCCL (wire_device)
+        self._wires: collections.Counter[str] = collections.Counter()  # channels opened, by wire_device's reason
         # `inline`: exchanges on the event loop's own thread, for a loop that serves one process's
         # calls (a direct client's): a batch waits for its groups (at most its deadline) with no
         # thread hop, and other calls queue meanwhile. Else on the transport's thread, so that the
@@ -184,6 +193,20 @@ class CollectiveTransport(Transport):
                 self._failed_at.pop(group, None)
         await asyncio.gather(*(self._opening.get(g) or self._start_open(g) for g in groups if g not in self.channels),
                              return_exceptions=True)
+
+    @property
+    def wires(self) -> dict[str, int]:
+        return dict(self._wires)
+
+    def to(self, device: torch.device | str) -> None:
+        """The router computes on `device` now: channels are opened anew for it (grpc meanwhile)."""
+        if torch.device(device) == self.device:
+            return
+        self.device = torch.device(device)
+        for group, channel in list(self.channels.items()):
+            self._drop(group, channel)
+            self._failed_at.pop(group, None)
+            self._open_soon(group)
 
     def _close_unnamed(self, group: str) -> None:
         if group not in self._named and group in self.channels:
@@ -271,15 +294,18 @@ class CollectiveTransport(Transport):
 
         try:
             actor = ray.get_actor(group, namespace=self.namespace)
+            wire, why = wire_device(device_id(self.device), await asyncio.wait_for(actor.device_id.remote(),
+                                                                                   OPEN_TIMEOUT_S))
+            local = self.device if wire == "cuda" else torch.device("cpu")  # this end's buffers and backend
             host = ray.util.get_node_ip_address()
             store = dist.TCPStore(host, 0, 2, is_master=True, wait_for_workers=False,
                                   timeout=datetime.timedelta(seconds=OPEN_TIMEOUT_S))
             channel_id = f"{self.router}/{group}/{next(self._ids)}/{secrets.token_hex(16)}"  # told by a Ray call only
             joined = actor.open_channel.remote(channel_id, self.router, host, store.port, self.max_rows,
-                                               _dtype_name(self.dtype))
+                                               _dtype_name(self.dtype), wire)
             joining = asyncio.ensure_future(asyncio.wait_for(joined, OPEN_TIMEOUT_S))
             forming = asyncio.ensure_future(asyncio.to_thread(
-                process_group, dist.PrefixStore(channel_id + "/", store), 0, torch.device("cpu"), OPEN_TIMEOUT_S))
+                process_group, dist.PrefixStore(channel_id + "/", store), 0, local, OPEN_TIMEOUT_S))
             await asyncio.wait([joining, forming], return_when=asyncio.FIRST_EXCEPTION)
             if joining.done() and joining.exception() is not None:  # refused: the rendezvous would wait in vain
                 self._abandoned.add(forming)  # it times out on its own (close cancels the wait for it)
@@ -291,8 +317,9 @@ class CollectiveTransport(Transport):
             old = self.channels.get(group)
             if old is not None:
                 old.close()
-            self.channels[group] = Channel(group, pg, store, self.num_experts, self.timeout_s)
-            logger.info("collective channel to %s open (%s)", group, channel_id)
+            self.channels[group] = Channel(group, pg, store, self.num_experts, self.timeout_s, local)
+            self._wires[why] += 1
+            logger.info("collective channel to %s open (%s; %s)", group, channel_id, why)
         except ChannelRefusedError as exc:  # over the group's budget: grpc for this caller, asked again later
             self._failed_at[group] = time.monotonic() + REFUSED_RETRY_S
             self.refused[group] = str(getattr(exc, "cause", exc))  # a RayTaskError carries the group's error

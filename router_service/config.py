@@ -50,6 +50,11 @@ class RouterConfig(BaseModel):
     transport: Literal["grpc", "ray", "collective"] = Field("grpc", description=(
         "How token batches reach expert groups: grpc, ray (actor calls) or collective "
         "(torch.distributed send/recv per router-group channel: gloo on CPU, NCCL on CUDA)."))
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "Where the router gates, plans and combines: auto, on the GPU Ray gave it (num_gpus) where it has "
+        "one, else the host; cpu, the host; cuda, a GPU (the router refuses to start where it sees none)."))
+    num_gpus: float = Field(0.0, ge=0, le=1, description=(
+        "GPU (share) Ray reserves for each router actor; 0: none, so auto computes on the host."))
     collective_timeout_s: float = Field(2.0, gt=0, description=(
         "Collective transport: a call to a group that does not complete within this fails (retried "
         "on another copy) and its channel is recreated."))

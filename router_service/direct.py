@@ -91,8 +91,9 @@ def _join_ray(mesh: str, address: str | None) -> None:
 class _Core:
     """What runs in the client's event loop: the Router, its transport, the poll and flush tasks."""
 
-    def __init__(self, mesh: str, transport: str | None, timeout_s: float):
+    def __init__(self, mesh: str, transport: str | None, timeout_s: float, device: str | torch.device | None):
         self.mesh, self.transport_name, self.timeout_s = mesh, transport, timeout_s
+        self.device = device  # None: the first Forward's (the router core moves there once)
         self.name = f"{mesh}/direct-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.router: Router | None = None
         self.lease_s = 10.0
@@ -126,10 +127,11 @@ class _Core:
             weights = await self._controller().router_weights.remote()
         spec = weights.spec
         tls = TLSConfig(**hello["tls"]) if hello["tls"] else None
+        device = torch.device("cpu" if self.device is None else self.device)
         transport = make_transport(config, NAMESPACE, self.name, spec.num_experts,  # its loop is ours: inline waits
                                    config.batching.max_batch_tokens * spec.top_k, dtype, hello["secret"], tls,
-                                   inline=True)
-        self.router = Router(weights, config, transport, dtype, _metrics(self.mesh))
+                                   inline=True, device=device)
+        self.router = Router(weights, config, transport, dtype, _metrics(self.mesh), device)
         self.router.on_group_failure = ControllerAdmin(f"{self.mesh}/controller", NAMESPACE).group_failed
         self.router.set_table(RoutingTable.decode(hello["table"]))
         loop = asyncio.get_running_loop()
@@ -176,11 +178,15 @@ class _Core:
     async def forward(self, layer: Any, hidden: Any, token_ids: Any, caller: str) -> tuple[torch.Tensor, int]:
         try:
             x, ids = self.check(layer, hidden, token_ids)
+            if self.device is None:  # the router core follows its first caller's device, once
+                self.device = x.device
+                if x.device != self.router.device:
+                    self.router.to(x.device)
             async with asyncio.timeout(self.timeout_s):  # a timer, not a task per call (wait_for's)
-                out, epoch = await self.router.forward(layer, x.cpu(), caller, ids)
+                out, epoch = await self.router.forward(layer, x, caller, ids)  # on x's device
         except Exception as exc:
             raise _error(exc) from exc
-        return out.reshape(hidden.shape).to(hidden.device), epoch
+        return out.reshape(hidden.shape), epoch
 
     async def info(self) -> MeshInfo:
         return MeshInfo.from_proto(info_of(self.router))
@@ -211,15 +217,17 @@ class _DirectBase:
     """The event loop thread the router core runs in, shared by the blocking and async clients."""
 
     def __init__(self, mesh: str = "mesh", address: str | None = None, transport: str | None = None,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, device: str | torch.device | None = None):
         """`mesh`: the mesh's name; `address`: the Ray cluster as `ray.init` takes it (None: this
         process's Ray connection, else the running `mesh up`'s); `transport`: "grpc" or
-        "collective" (None: the mesh's router.transport); `timeout_s`: the deadline of one call."""
+        "collective" (None: the mesh's router.transport); `timeout_s`: the deadline of one call;
+        `device`: where the client gates, plans and combines (None: the device of the first hidden
+        states it is given, so that a model server's stay on its GPU)."""
         if transport not in (None, "grpc", "collective"):
             raise MeshClientError(grpc.StatusCode.INVALID_ARGUMENT,
                                   f"transport must be 'grpc', 'collective' or None, got {transport!r}")
         _join_ray(mesh, address)
-        self._core = _Core(mesh, transport, timeout_s)
+        self._core = _Core(mesh, transport, timeout_s, device)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"direct-{mesh}", daemon=True)
         self._thread.start()

@@ -97,8 +97,9 @@ class TokenTally:
     (copies per expert) and a list of the batches' picks; `take` hands them over and resets, off
     the hot path (the router flushes on its load report and on a timer, so the list stays short)."""
 
-    def __init__(self, layers: list[int], num_experts: int):
-        self.counts = {layer: torch.zeros(num_experts, dtype=torch.int64) for layer in layers}  # [E] per layer
+    def __init__(self, layers: list[int], num_experts: int, device: torch.device | str = "cpu"):
+        # [E] per layer, on the router's device (where the batches' counts are)
+        self.counts = {layer: torch.zeros(num_experts, dtype=torch.int64, device=device) for layer in layers}
         self.ids: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}               # [T, k] per batch
 
     def add(self, layer: int, counts: torch.Tensor, ids: torch.Tensor) -> None:
@@ -107,11 +108,12 @@ class TokenTally:
         self.ids[layer].append(ids)
 
     def take(self) -> dict[int, tuple[list[int], torch.Tensor]]:
-        """{layer: (copies per expert, picks [sum T, k])} of the layers that routed anything since the last take."""
+        """{layer: (copies per expert, picks [sum T, k] on the host)} of the layers that routed anything since
+        the last take."""
         out = {}
         for layer, picks in self.ids.items():
             if picks:
-                out[layer] = (self.counts[layer].tolist(), torch.cat(picks) if len(picks) > 1 else picks[0])
+                out[layer] = (self.counts[layer].tolist(), (torch.cat(picks) if len(picks) > 1 else picks[0]).cpu())
                 self.counts[layer].zero_()
                 self.ids[layer] = []
         return out

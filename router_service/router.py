@@ -66,19 +66,19 @@ class RouterWeights:
 
 class Router:
     """Holds the gates and shared experts of every MoE layer; the experts live elsewhere. Run by the
-    router actor behind its gRPC port, and by a DirectClient in its caller's process."""
+    router actor behind its gRPC port, and by a DirectClient in its caller's process. Gate, plan and
+    combine run on `device` (the rows go to the groups from there: transport.py)."""
 
     def __init__(self, weights: RouterWeights, config: RouterConfig, transport: Transport,
-                 dtype: torch.dtype = torch.float32, metrics=None):
+                 dtype: torch.dtype = torch.float32, metrics=None, device: torch.device | str = "cpu"):
         self.spec: MoESpec = weights.spec
-        self.gates = {layer: Gate(self.spec, w, dtype) for layer, w in weights.gates.items()}
-        self.shared = {layer: SharedExpert(self.spec, w, dtype) for layer, w in weights.shared.items()}
-        self.latent = {layer: Latent(w, dtype) for layer, w in weights.latent.items()}
-        # layers that pick experts by token id (DeepSeek-V4) -> token ids their table covers
-        self.vocab_sizes = {layer: gate.vocab_size for layer, gate in self.gates.items() if gate.vocab_size}
+        self.weights = weights
         self.dtype = dtype
         self.config = config
         self.transport = transport
+        self.to(device)
+        # layers that pick experts by token id (DeepSeek-V4) -> token ids their table covers
+        self.vocab_sizes = {layer: gate.vocab_size for layer, gate in self.gates.items() if gate.vocab_size}
         self.metrics = metrics
         self.hedging = Hedging(config.hedging)
         self.table: RoutingTable | None = None
@@ -88,7 +88,6 @@ class Router:
         self.batch_stats: collections.Counter[str] = collections.Counter()
         self.load = LoadWindow(config.load_window_s)   # (layer, expert) -> token copies
         self.pairs = PairShares(self.spec.num_scored, config.load_window_s)  # co-activated experts
-        self.tally = TokenTally(list(self.spec.moe_layers), self.spec.num_scored)  # flushed by flush_counts
         self._batchers: dict[int, LayerBatcher] = {}
         self.inflight: collections.Counter[int] = collections.Counter()  # epoch -> batches and pinned requests
         self._turn = 0
@@ -96,6 +95,16 @@ class Router:
         # seconds spent per stage since start (gate, plan, dispatch, combine; the server adds
         # decode, router, encode): bench_mesh's breakdown of one Forward
         self.stage_s: collections.Counter[str] = collections.Counter()
+
+    def to(self, device: torch.device | str) -> None:
+        """Gates, shared experts, latent projections and the token tally onto `device`, before the first
+        batch: the router computes there (a DirectClient moves it once, to its first caller's device)."""
+        weights, dtype, self.device = self.weights, self.dtype, torch.device(device)
+        self.gates = {layer: Gate(self.spec, w, dtype, self.device) for layer, w in weights.gates.items()}
+        self.shared = {layer: SharedExpert(self.spec, w, dtype, self.device) for layer, w in weights.shared.items()}
+        self.latent = {layer: Latent(w, dtype, self.device) for layer, w in weights.latent.items()}
+        self.tally = TokenTally(list(self.spec.moe_layers), self.spec.num_scored, self.device)  # flush_counts
+        self.transport.to(self.device)
 
     def set_table(self, table: RoutingTable) -> bool:
         """Install `table` unless a newer one is in force (pushes may arrive out of order); returns
@@ -121,19 +130,21 @@ class Router:
                       token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """x: [T, H] (already validated) from `caller` (callers take turns in a batch); token_ids: [T]
         int64, for a layer in `vocab_sizes` (validated). Returns (output [T, H] in x.dtype, epoch of
-        the table). A request larger than one batch is served in chunks, all by the table in force now."""
+        the table; on x's device). A request larger than one batch is served in chunks, all by the table
+        in force now. The router computes on its own device: x comes there and its answer goes back."""
         batcher = self._batchers.get(layer)
         if batcher is None:
             batcher = self._batchers[layer] = LayerBatcher(self, layer, self.config.batching,
                                                            self.config.max_queue_tokens)
-        ids = token_ids if layer in self.vocab_sizes else None
+        ids = token_ids.to(self.device) if layer in self.vocab_sizes else None
+        rows = x.to(self.device, self.dtype)
         if x.shape[0] <= self.config.batching.max_batch_tokens or self.table is None:
-            out, epoch = await batcher.submit(x.to(self.dtype), caller, ids)
-            return out.to(x.dtype), epoch
+            out, epoch = await batcher.submit(rows, caller, ids)
+            return out.to(x.device, x.dtype), epoch
         pinned = self.table
         with self._in_flight(pinned.epoch):
-            out, epoch = await batcher.submit(x.to(self.dtype), caller, ids, pinned)
-        return out.to(x.dtype), epoch
+            out, epoch = await batcher.submit(rows, caller, ids, pinned)
+        return out.to(x.device, x.dtype), epoch
 
     @contextlib.contextmanager
     def _in_flight(self, epoch: int):
@@ -246,7 +257,7 @@ class Router:
             return y, plan.order, []
         failed_groups, kept_y, kept_order = dict(errors), [], []
         for attempt in range(RETRIES + 1):
-            is_kept = torch.ones(plan.order.shape[0], dtype=torch.bool)
+            is_kept = torch.ones(plan.order.shape[0], dtype=torch.bool, device=plan.order.device)
             for d in plan.destinations:
                 if d.group in errors:
                     is_kept[d.start:d.stop] = False
@@ -283,7 +294,7 @@ class Router:
                layer: int) -> list[tuple[torch.Tensor, BaseException]]:
         """The copies (flat indices) left with no live copy after the retry, grouped by who failed
         them: the group of the first plan that failed them, else (no copy at all) ExpertUnavailableError."""
-        is_left = torch.zeros(ids.numel(), dtype=torch.bool)
+        is_left = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
         is_left[copies] = True
         failed = []
         for d in plan.destinations:
@@ -357,6 +368,7 @@ class Router:
                     "batches": {"batches", "entries", "tokens", "max_tokens", "group_calls", "hedges",
                                 "ejections"} since start,
                     "segments": {transport: destination slices sent over it} since start,
+                    "wires": {what a channel travels on and why: channels opened} (collective's),
                     "stage_s": {stage: seconds spent in it since start; "forwards": Forwards served}}
         (entries: requests, or their chunks, merged into the batches; group_calls: messages sent to
         expert groups; hedges: slices cancelled past their deadline and sent elsewhere; ejections:
@@ -374,6 +386,7 @@ class Router:
         return msgpack.packb({"tokens": tokens, "rates": rates,
                               "pairs": [[layer, a, b, share] for (layer, a, b), share in shares.items()],
                               "batches": dict(self.batch_stats), "segments": dict(self.transport.segments),
+                              "wires": self.transport.wires,
                               "stage_s": dict(self.stage_s)})
 
     @staticmethod
@@ -383,7 +396,7 @@ class Router:
         per token)."""
         if not failed:
             return [out[p] for p in parts]
-        failure = torch.full((out.shape[0],), len(failed), dtype=torch.int64)  # [T]: index into failed
+        failure = torch.full((out.shape[0],), len(failed), dtype=torch.int64, device=out.device)  # [T]: into failed
         for index in reversed(range(len(failed))):
             failure[failed[index][0] // top_k] = index
         first = [int(failure[p].min()) for p in parts]

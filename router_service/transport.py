@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import contextlib
 import time
 from typing import NamedTuple
 
@@ -29,7 +30,7 @@ from protos.serving import TLSConfig, secret_metadata
 from protos.wire import decode_into, to_proto
 from router_service.routing import Destination
 
-__all__ = ["GrpcTransport", "Outcome", "RayTransport", "Transport", "make_transport"]
+__all__ = ["GrpcTransport", "HostStaging", "Outcome", "RayTransport", "Transport", "make_transport"]
 
 _MAX_MESSAGE = 1 << 30
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
@@ -70,15 +71,50 @@ class Transport(abc.ABC):
     async def open(self, groups: list[str], fresh: bool = False) -> None:
         """Channels to `groups` now; `fresh`: replacing any (a transport without channels: nothing)."""
 
+    def to(self, device: torch.device | str) -> None:
+        """The router computes on `device` now (a transport whose channels depend on it reopens them)."""
+
+    @property
+    def wires(self) -> dict[str, int]:
+        """Channels opened, by what they travel on and why (protos.collective.wire_device); none here."""
+        return {}
+
     async def close(self) -> None:
         """Release connections."""
 
 
+class HostStaging:
+    """Where a slice on a GPU crosses the host for grpc: pinned host buffers per destination, grown
+    to its largest slice, each lent to one call at a time (batches in flight may share a destination).
+    A slice on the host is used as it is."""
+
+    def __init__(self):
+        self._free: dict[str, list[torch.Tensor]] = collections.defaultdict(list)  # destination -> uint8 buffers
+
+    @contextlib.contextmanager
+    def lend(self, key: str, like: torch.Tensor):
+        """A host tensor of like's dtype and shape [n, H]: `like` itself on the host, else a view of
+        one of key's pinned buffers (given back on exit)."""
+        if like.device.type == "cpu":
+            yield like
+            return
+        nbytes, free = like.numel() * like.element_size(), self._free[key]
+        buf = free.pop() if free else torch.empty(0, dtype=torch.uint8)
+        if buf.shape[0] < nbytes:
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # CUDA only: not run here
+        try:
+            yield buf[:nbytes].view(like.dtype).view(like.shape)
+        finally:
+            free.append(buf)
+
+
 class GrpcTransport(Transport):
-    """ExpertWorker.Compute per destination, every call carrying the mesh's `secret`."""
+    """ExpertWorker.Compute per destination, every call carrying the mesh's `secret`. Rows on a GPU
+    go through one pinned host buffer per destination (`HostStaging`), each way."""
 
     def __init__(self, secret: str, timeout_s: float = 30.0, tls: TLSConfig | None = None):
         self.segments: collections.Counter[str] = collections.Counter()
+        self._staging = HostStaging()
         self._metadata = secret_metadata(secret)
         self._tls = tls
         self._timeout_s = timeout_s
@@ -97,16 +133,23 @@ class GrpcTransport(Transport):
         self.segments["grpc"] += 1
         request = pb.ExpertBatch(layer=layer, experts=dest.experts, counts=dest.counts, epoch=epoch,
                                  versions=dest.versions)
-        to_proto(rows[dest.start:dest.stop], request.hidden)  # one copy: the slice's bytes
-        if scale is not None:
-            to_proto(scale[dest.start:dest.stop], request.scale)
-        try:
-            reply = await self._stub(dest.endpoint).Compute(request, timeout=timeout_s or self._timeout_s,
-                                                            metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            kind = ExpertTimeoutError if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ExpertUnavailableError
-            raise kind(f"expert group {dest.group} at {dest.endpoint}: {exc.code().name} {exc.details()}") from exc
-        decode_into(reply.hidden, out[dest.start:dest.stop], "ExpertResult.hidden")  # one copy
+        part, into = rows[dest.start:dest.stop], out[dest.start:dest.stop]
+        with self._staging.lend(dest.endpoint, part) as host:
+            staged = host is not part
+            if staged:
+                host.copy_(part)  # blocking, on the stream that made the rows: after their work
+            to_proto(host, request.hidden)  # one copy: the slice's bytes
+            if scale is not None:
+                to_proto(scale[dest.start:dest.stop], request.scale)
+            try:
+                reply = await self._stub(dest.endpoint).Compute(request, timeout=timeout_s or self._timeout_s,
+                                                                metadata=self._metadata)
+            except grpc.aio.AioRpcError as exc:
+                kind = ExpertTimeoutError if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ExpertUnavailableError
+                raise kind(f"expert group {dest.group} at {dest.endpoint}: {exc.code().name} {exc.details()}") from exc
+            decode_into(reply.hidden, host if staged else into, "ExpertResult.hidden")  # one copy
+            if staged:
+                into.copy_(host)  # blocking: the buffer is free again once this returns
 
     async def close(self) -> None:
         for channel in self._channels:
@@ -153,10 +196,12 @@ async def _timed(call) -> float:
 
 
 def make_transport(config, namespace: str, router: str, num_experts: int, max_rows: int,
-                   dtype: torch.dtype, secret: str, tls: TLSConfig | None = None, inline: bool = False) -> Transport:
+                   dtype: torch.dtype, secret: str, tls: TLSConfig | None = None, inline: bool = False,
+                   device: torch.device | str = "cpu") -> Transport:
     """The transport `config.transport` names (config: RouterConfig); `secret`: the mesh's; `tls`:
     how to reach the groups' ports (internal_tls); `inline`: the collective transport's waits on the
-    caller's event loop (a loop that serves one process's calls: CollectiveTransport)."""
+    caller's event loop (a loop that serves one process's calls: CollectiveTransport); `device`: the
+    router's (the collective transport's channels to groups on other GPUs are NCCL)."""
     if config.transport == "grpc":
         return GrpcTransport(secret, config.expert_timeout_s, tls)
     if config.transport == "ray":
@@ -165,5 +210,5 @@ def make_transport(config, namespace: str, router: str, num_experts: int, max_ro
         from router_service.collective import CollectiveTransport
 
         return CollectiveTransport(router, namespace, num_experts, max_rows, dtype, secret,
-                                   config.collective_timeout_s, config.expert_timeout_s, inline)
+                                   config.collective_timeout_s, config.expert_timeout_s, inline, device)
     raise ValueError(f"transport must be 'grpc', 'ray' or 'collective', got {config.transport!r}")

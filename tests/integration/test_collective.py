@@ -63,6 +63,8 @@ def test_every_moe_layer_over_collective_equals_the_in_process_layer(ray_cluster
         after = segments(mesh)
         assert after.get("grpc", 0) == before.get("grpc", 0), after  # nothing fell back after warm-up
         assert after["collective"] > before.get("collective", 0)
+        wires = msgpack.unpackb(ray.get(mesh.router.load_report.remote()))["wires"]
+        assert wires == {"gloo: an end computes on the host": 3}, wires  # CPU groups: gloo, one channel each
     finally:
         mesh.stop()
 

@@ -4,12 +4,15 @@ the held experts compute what the dequantized ones do; on the CPU they are dequa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from experts.builtin import build_model, save_checkpoint
 from experts.checkpoint import CheckpointReader
-from experts.group import LayerExperts
+from experts.group import LayerExperts, expert_nbytes
+from experts.spec import load_spec
 from experts.quantized import fp8_on, quantize_checkpoint
 from kernels.expert_mlp import GatedActivation
 
@@ -74,3 +77,40 @@ def test_blocks_that_split_gate_from_up_are_dequantized(tmp_path):
     plain = save_checkpoint(build_model("deepseek_v3", seed=2), tmp_path / "plain")
     path = quantize_checkpoint(plain, tmp_path / "fp8", "fp8", block=(16, 16))  # I=24: a block spans gate and up
     assert _read(path, keep_fp8=True).scales is None
+
+
+def test_the_memory_estimate_is_what_a_group_holds(fp8_path):
+    """The controller's estimate per expert copy (expert_nbytes) against the bytes the held experts
+    take: fp8 kept as stored (one byte a weight, a float32 scale a block) and dequantized fp32."""
+    reader = CheckpointReader(fp8_path, keep_fp8=True)
+    try:
+        spec, block = reader.spec, reader.fp8_block(LAYER)
+    finally:
+        reader.close()
+    kept, plain = _read(fp8_path, keep_fp8=True), _read(fp8_path)
+    fp8 = LayerExperts(kept.experts, kept.w_gate_up, kept.w_down, kept.checksums, scales=kept.scales)
+    dense = LayerExperts.from_weights(plain, torch.float32, "cpu")
+    assert block == (8, 16)
+    assert expert_nbytes(spec, torch.bfloat16, on_gpu=True, fp8_block=block) * len(EXPERTS) == fp8.nbytes
+    assert expert_nbytes(spec, torch.float32, on_gpu=False) * len(EXPERTS) == dense.nbytes
+    assert expert_nbytes(spec, torch.float32, on_gpu=True) * len(EXPERTS) == dense.nbytes  # too small to pack
+
+
+def test_the_host_estimate_counts_the_packed_copy_of_large_experts(fp8_path):
+    spec = dataclasses.replace(load_spec(fp8_path), hidden_size=4096, intermediate_size=2048)  # V3's I, H < 7168
+    weights = 3 * 4096 * 2048
+    assert expert_nbytes(spec, torch.bfloat16, on_gpu=True) == 2 * weights
+    assert expert_nbytes(spec, torch.bfloat16, on_gpu=False) == 2 * 2 * weights  # and oneDNN's packed copy
+    assert expert_nbytes(spec, torch.bfloat16, on_gpu=True, fp8_block=(128, 128)) == weights + 4 * 3 * 32 * 16
+
+
+def test_only_a_kept_layout_reports_an_fp8_block(fp8_path, tmp_path):
+    plain = save_checkpoint(build_model("deepseek_v3", seed=2), tmp_path / "plain")
+    split = quantize_checkpoint(plain, tmp_path / "fp8", "fp8", block=(16, 16))
+    for path, block, keep in [(fp8_path, (8, 16), True), (fp8_path, None, False), (split, None, True),
+                              (plain, None, True)]:
+        reader = CheckpointReader(path, keep_fp8=keep)
+        try:
+            assert reader.fp8_block(LAYER) == block, (path, keep)
+        finally:
+            reader.close()
