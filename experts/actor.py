@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -26,7 +27,7 @@ from protos import expert_mesh_pb2 as pb
 from protos.serving import TLSConfig, bind, worker_server
 from protos.wire import DTYPES, from_proto, to_proto
 
-__all__ = ["ExpertGroupActor", "ExpertGroupServer", "compute_device"]
+__all__ = ["ExpertGroupActor", "ExpertGroupServer", "compute_device", "out_of_memory_named"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +126,22 @@ def compute_device(device: str, who: str, num_assigned_gpus: int = 1) -> torch.d
     return torch.device("cuda", torch.cuda.current_device())
 
 
+@contextlib.contextmanager
+def out_of_memory_named(name: str, device: torch.device, what: str):
+    """A device out of memory inside as a MeshError naming the group, what it was loading (`what`)
+    and the bytes asked for (torch's message)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise MeshError(f"group {name}: {device} out of memory loading {what}: {one_line(exc)}") from exc
+
+
 def load_group(name: str, model_path: str, assignment: dict[int, list[int]], dtype: torch.dtype | None,
                device: torch.device) -> ExpertGroup:
-    """The group's experts from the checkpoint onto `device`; a device out of memory is a MeshError
-    naming the group, the layers and the bytes asked for."""
-    try:
+    """The group's experts from the checkpoint onto `device` (out_of_memory_named)."""
+    with out_of_memory_named(name, device, f"layers {sorted(assignment)} ({sum(map(len, assignment.values()))} "
+                                           f"experts)"):
         return ExpertGroup.from_checkpoint(model_path, assignment, dtype, device=device)
-    except torch.OutOfMemoryError as exc:
-        raise MeshError(f"group {name}: {device} out of memory loading layers {sorted(assignment)} "
-                        f"({sum(map(len, assignment.values()))} experts): {one_line(exc)}") from exc
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
@@ -237,10 +245,11 @@ class ExpertGroupActor:
         beside what is served; returns their versions. A probe batch runs through them first (warm-up)."""
 
         def load():
-            weights = self._read(layer, experts, source)
             group = self.server_impl.group
-            with self._changing:
-                group.add_experts(layer, weights)
+            with out_of_memory_named(self.name, group.device, f"layer {layer} experts {sorted(experts)}"):
+                weights = self._read(layer, experts, source)
+                with self._changing:
+                    group.add_experts(layer, weights)
             probe = torch.zeros(len(experts), group.spec.expert_width)
             with torch.inference_mode():
                 group.forward(layer, probe, sorted(experts), [1] * len(experts))
@@ -256,7 +265,7 @@ class ExpertGroupActor:
         try:
             if reader.spec != group.spec:
                 raise ValueError(f"checkpoint {source} is not the same architecture as the served model")
-            weights = reader.experts(layer, experts)
+            weights = reader.experts(layer, experts, group.device)  # one at a time onto the device
         finally:
             reader.close()
         parts = [t for t in (weights.w_gate_up, weights.w_down, weights.b_gate_up, weights.b_down) if t is not None]
@@ -276,10 +285,11 @@ class ExpertGroupActor:
         outputs [len(probed) * n, H] or None}; nothing is served yet."""
 
         def stage():
-            weights = self._read(layer, experts, source)
             group = self.server_impl.group
-            with self._changing:
-                group.stage(layer, weights)
+            with out_of_memory_named(self.name, group.device, f"layer {layer} experts {sorted(experts)}"):
+                weights = self._read(layer, experts, source)
+                with self._changing:
+                    group.stage(layer, weights)
             staged = group.staged[layer]
             versions = [staged.version(e) for e in sorted(experts)]
             out = None

@@ -25,7 +25,8 @@ class GroupsConfig(BaseModel):
         "have GPUs, else the host; cpu, the host (no GPU reserved); cuda, a GPU (the mesh refuses to start "
         "where the nodes have none)."))
     replicas: int = Field(1, ge=1, description="Copies of every expert, on distinct groups.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype experts compute in.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "Dtype experts are held and compute in; auto: bfloat16 where the groups compute on GPUs, else float32."))
     torch_threads: int = Field(0, ge=0, description="torch threads per group actor (0: torch's default).")
     num_cpus: float = Field(0.0, ge=0, description="Ray CPUs reserved per group actor.")
     node_labels: dict[str, str] = Field(default_factory=dict, description=(

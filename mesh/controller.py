@@ -352,7 +352,7 @@ class MeshController:
             if not wanted or not all(0 <= e < self.spec.num_experts for e in wanted):
                 raise ValueError(f"experts must be a non-empty subset of [0, {self.spec.num_experts}), got {wanted}")
             verifier = await asyncio.to_thread(SwapVerifier, self.spec, resolved, layer, wanted,
-                                               DTYPES[self.config.groups.dtype], self.config.swap_probe_experts)
+                                               DTYPES[self.rec.launcher.dtype()], self.config.swap_probe_experts)
 
             async def plan(state: MeshState):
                 return plan_swap(state, layer, verifier.versions(), resolved, set(self.rec.seen),

@@ -11,7 +11,7 @@ from mesh.config import MeshConfig
 from router_service.config import NAMESPACE
 
 __all__ = ["ExpertGroupFactory", "GpuInfo", "GroupFactory", "NAMESPACE", "RayGroup", "RayLauncher", "RayRouter",
-           "alive_nodes", "default_num_groups", "gpus_per_group", "has_labels", "kill_named", "pinning"]
+           "alive_nodes", "default_num_groups", "group_dtype", "gpus_per_group", "has_labels", "kill_named", "pinning"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,14 @@ def gpus_per_group(device: str, nodes: list[dict]) -> int:
     if device == "cuda" and not has_gpus:
         raise PlacementError("groups.device is cuda, but no live node of groups.node_labels has a GPU")
     return int(device != "cpu" and has_gpus)
+
+
+def group_dtype(groups, nodes: list[dict]) -> str:
+    """The dtype groups hold their experts in (groups: GroupsConfig): its `dtype`, or for auto
+    bfloat16 where they compute on GPUs (per `gpus_per_group`), else float32. Pure policy."""
+    if groups.dtype != "auto":
+        return groups.dtype
+    return "bfloat16" if gpus_per_group(groups.device, nodes) else "float32"
 
 
 def default_num_groups(device: str, nodes: list[dict]) -> int:
@@ -170,9 +178,10 @@ class ExpertGroupFactory:
 
         from experts.actor import ExpertGroupActor
 
-        num_gpus = gpus_per_group(groups.device, alive_nodes(groups.node_labels))
+        nodes = alive_nodes(groups.node_labels)
+        num_gpus = gpus_per_group(groups.device, nodes)
         return ray.remote(self.actor_class or ExpertGroupActor).options(num_gpus=num_gpus, **options).remote(
-            name, model_path, own, groups.dtype, groups.torch_threads, groups.channel_budget_bytes,
+            name, model_path, own, group_dtype(groups, nodes), groups.torch_threads, groups.channel_budget_bytes,
             "cuda" if num_gpus else "cpu")
 
 
@@ -187,7 +196,11 @@ class RayLauncher:
     def expert_bytes(self, gpu: GpuInfo | None = None) -> int:
         """Memory one expert copy takes on `gpu` (block fp8 stays fp8 where it has fp8), or on its node's host."""
         fp8_block = self._fp8_block() if gpu is not None and gpu.capability >= (8, 9) else None
-        return self.factory.expert_bytes(self.spec, self.config.groups.dtype, gpu is not None, fp8_block)
+        return self.factory.expert_bytes(self.spec, self.dtype(), gpu is not None, fp8_block)
+
+    def dtype(self) -> str:
+        """The dtype the groups hold their experts in (group_dtype, over the live nodes)."""
+        return group_dtype(self.config.groups, alive_nodes(self.config.groups.node_labels))
 
     def _fp8_block(self) -> tuple[int, int] | None:
         from experts.checkpoint import CheckpointReader
@@ -212,8 +225,9 @@ class RayLauncher:
         except asyncio.TimeoutError:
             for ref in refs:
                 ray.cancel(ref, force=True)
-            raise PlacementError(f"could not measure the GPUs of nodes {[n[:12] for n in nodes]} within {timeout_s:.0f} "
-                                 f"s (no GPU free for a moment?); groups.device cpu places by host memory") from None
+            raise PlacementError(f"could not measure the GPUs of nodes {[n[:12] for n in nodes]} within "
+                                 f"{timeout_s:.0f} s (no GPU free for a moment?); groups.device cpu places by host "
+                                 f"memory") from None
 
     def alive_nodes(self) -> list[str]:
         """The live nodes groups may run on (groups.node_labels)."""

@@ -70,7 +70,8 @@ def check_memory(names: list[str], need: list[int], placement: list[str], node_b
             if nbytes > fraction * gpu_bytes[node]:
                 raise PlacementError(
                     f"expert group {name} needs {nbytes / 2**30:.2f} GiB of weights on its GPU, more than "
-                    f"memory_fraction={fraction} of the {gpu_bytes[node] / 2**30:.2f} GiB of a GPU of node {node[:12]}; "
+                    f"memory_fraction={fraction} of the {gpu_bytes[node] / 2**30:.2f} GiB of a GPU of node "
+                    f"{node[:12]}; "
                     f"add GPUs, or lower groups.replicas")
         return
     on_node: dict[str, list[int]] = collections.defaultdict(list)

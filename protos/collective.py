@@ -32,9 +32,9 @@ import struct
 
 import torch
 
-__all__ = ["HEADER_FIXED", "MESSAGE_BYTES", "SPLIT_MIN_BYTES", "Header", "backend_for", "check_status",
-           "device_id", "exact_counts", "header_nbytes", "pack_error", "pack_header", "pack_reply", "pack_request",
-           "pack_status", "process_group", "reply_nbytes", "request_nbytes", "request_views", "status_nbytes", "unpack_header",
+__all__ = ["HEADER_FIXED", "MESSAGE_BYTES", "SPLIT_MIN_BYTES", "Header", "backend_for", "check_status", "device_id",
+           "exact_counts", "header_nbytes", "pack_error", "pack_header", "pack_reply", "pack_request", "pack_status",
+           "process_group", "reply_nbytes", "request_nbytes", "request_views", "status_nbytes", "unpack_header",
            "unpack_reply", "version_from_int", "version_to_int", "wire_device"]
 
 HEADER_FIXED = 6

@@ -30,8 +30,10 @@ def test_gpu_check_passes_on_cpu_without_ray_or_pydantic():
     for check in ("gate sigmoid sink", "gate sparsemixer", "align", "grouped MLP SwiGLU", "grouped MLP clamped",
                   "grouped MLP relu^2 not gated", "grouped MLP block fp8", "combine",
                   "MoELayer on cpu vs the host, nemotron_h",
-                  "router core (host) and a group's worker (cpu), two processes over grpc"):
+                  "router core (on the host) and a group's worker (cpu), two processes over grpc, three layers"):
         assert f"PASS {check}" in out, check
+    for layer in ("small_Mixtral_checkpoint", "tiny_Mixtral", "tiny_V3"):  # each layer's answer checked
+        assert f"two processes, {layer}: error" in out, layer
     assert "imported: []" in out
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experts.actor import compute_device
+from experts.actor import compute_device, out_of_memory_named
 from mesh.config import MeshConfig
-from mesh.handles import default_num_groups, gpus_per_group
+from mesh.handles import default_num_groups, gpus_per_group, group_dtype
 from mesh.placement import check_memory
 from protos.collective import device_id, wire_device
 from protos.errors import MeshError, PlacementError
@@ -110,3 +110,21 @@ def test_the_router_device_defaults_to_auto_without_a_gpu_share():
         RouterConfig(device="tpu")
     with pytest.raises(ValueError, match="num_gpus"):
         RouterConfig(num_gpus=2)
+
+
+@pytest.mark.parametrize("dtype,device,nodes,held", [
+    ("auto", "auto", GPU_NODES, "bfloat16"),  # bf16 on GPUs unless configured
+    ("auto", "auto", CPU_NODES, "float32"),
+    ("auto", "cpu", GPU_NODES, "float32"),    # on the host of GPU nodes
+    ("float32", "cuda", GPU_NODES, "float32"),
+    ("bfloat16", "auto", CPU_NODES, "bfloat16"),
+])
+def test_groups_hold_bf16_on_gpus_unless_configured(dtype, device, nodes, held):
+    assert group_dtype(MeshConfig(groups={"dtype": dtype, "device": device}).groups, nodes) == held
+
+
+def test_a_device_out_of_memory_names_the_group_what_it_loaded_and_the_bytes():
+    with pytest.raises(MeshError, match=r"group m/group-3: cuda:0 out of memory loading layer 5 experts \[1, 2\]: "
+                                        r"OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"):
+        with out_of_memory_named("m/group-3", torch.device("cuda", 0), "layer 5 experts [1, 2]"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
