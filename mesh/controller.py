@@ -168,15 +168,15 @@ class MeshController:
         it stays fp8) or their node's host memory (mesh.placement.check_memory)."""
         launcher, groups = self.rec.launcher, self.config.groups
         copies = [sum(len(v) for v in experts.values()) for experts in assignment]
-        if gpus_per_group(groups.device, nodes):
+        on_gpus = bool(gpus_per_group(groups.device, nodes))
+        if on_gpus:
             gpus = await launcher.measure_gpus(sorted(set(placement)))
             need = [launcher.expert_bytes(gpus[node]) * n for node, n in zip(placement, copies)]
-            gpu_bytes = {node: gpu.memory_bytes for node, gpu in gpus.items()}
-            check_memory(names, need, placement, {}, gpu_bytes, groups.memory_fraction)
-            return
-        per_expert = launcher.expert_bytes()
-        memory = {n["NodeID"]: n["Resources"].get("memory", 0) for n in nodes}
-        check_memory(names, [per_expert * n for n in copies], placement, memory, None, groups.memory_fraction)
+            capacity = {node: gpu.memory_bytes for node, gpu in gpus.items()}
+        else:
+            need = [launcher.expert_bytes() * n for n in copies]
+            capacity = {n["NodeID"]: n["Resources"].get("memory", 0) for n in nodes}
+        check_memory(names, need, placement, capacity, on_gpus, groups.memory_fraction)
 
     def _start_loops(self) -> None:
         if self._tasks:

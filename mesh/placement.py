@@ -59,30 +59,30 @@ def spread_groups(num_groups: int, node_ids: list[str]) -> list[str]:
     return [node_ids[k % len(node_ids)] for k in range(num_groups)]
 
 
-def check_memory(names: list[str], need: list[int], placement: list[str], node_bytes: dict[str, float],
-                 gpu_bytes: dict[str, float] | None, fraction: float) -> None:
-    """need[k]: bytes of the weights of group names[k], placed on node placement[k]. With `gpu_bytes`
-    (the memory of one GPU of each node: the groups compute on GPUs, one each) every group must fit
-    `fraction` of its GPU; else each node's groups together `fraction` of its Ray memory (`node_bytes`).
-    PlacementError naming the first group (or node, and its groups) that would not fit. Pure policy."""
-    if gpu_bytes is not None:
+def check_memory(names: list[str], need: list[int], placement: list[str], capacity: dict[str, float],
+                 on_gpus: bool, fraction: float) -> None:
+    """need[k]: bytes of the weights of group names[k], placed on node placement[k]; capacity: per node,
+    the memory of one of its GPUs (`on_gpus`: the groups compute on GPUs, one each), else its Ray
+    memory. On GPUs every group must fit `fraction` of its GPU; on hosts each node's groups together
+    `fraction` of the node's. PlacementError naming the first group (or node, and its groups) that
+    would not fit. Pure policy."""
+    if on_gpus:
         for name, nbytes, node in zip(names, need, placement):
-            if nbytes > fraction * gpu_bytes[node]:
+            if nbytes > fraction * capacity[node]:
                 raise PlacementError(
                     f"expert group {name} needs {nbytes / 2**30:.2f} GiB of weights on its GPU, more than "
-                    f"memory_fraction={fraction} of the {gpu_bytes[node] / 2**30:.2f} GiB of a GPU of node "
-                    f"{node[:12]}; "
-                    f"add GPUs, or lower groups.replicas")
+                    f"memory_fraction={fraction} of the {capacity[node] / 2**30:.2f} GiB of a GPU of node "
+                    f"{node[:12]}; add GPUs, or lower groups.replicas")
         return
     on_node: dict[str, list[int]] = collections.defaultdict(list)
     for k, node in enumerate(placement):
         on_node[node].append(k)
     for node, groups in on_node.items():
         nbytes = sum(need[k] for k in groups)
-        if nbytes > fraction * node_bytes[node]:
+        if nbytes > fraction * capacity[node]:
             raise PlacementError(
                 f"expert groups {', '.join(names[k] for k in groups)} on node {node[:12]} need {nbytes / 2**30:.2f} "
-                f"GiB of weights, more than memory_fraction={fraction} of its {node_bytes[node] / 2**30:.2f} GiB "
+                f"GiB of weights, more than memory_fraction={fraction} of its {capacity[node] / 2**30:.2f} GiB "
                 f"Ray memory; add nodes or groups, or lower groups.replicas")
 
 

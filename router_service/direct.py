@@ -93,7 +93,8 @@ class _Core:
 
     def __init__(self, mesh: str, transport: str | None, timeout_s: float, device: str | torch.device | None):
         self.mesh, self.transport_name, self.timeout_s = mesh, transport, timeout_s
-        self.device = device  # None: the first Forward's (the router core moves there once)
+        self.device = device
+        self.follows = device is None  # until the first Forward, whose device the router core moves to
         self.name = f"{mesh}/direct-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.router: Router | None = None
         self.lease_s = 10.0
@@ -178,8 +179,8 @@ class _Core:
     async def forward(self, layer: Any, hidden: Any, token_ids: Any, caller: str) -> tuple[torch.Tensor, int]:
         try:
             x, ids = self.check(layer, hidden, token_ids)
-            if self.device is None:  # the router core follows its first caller's device, once
-                self.device = x.device
+            if self.follows:  # the router core follows its first caller's device, once
+                self.follows = False
                 if x.device != self.router.device:
                     self.router.to(x.device)
             async with asyncio.timeout(self.timeout_s):  # a timer, not a task per call (wait_for's)

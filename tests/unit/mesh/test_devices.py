@@ -55,17 +55,17 @@ GIB = 1 << 30
 def test_on_gpus_each_group_must_fit_its_own_gpu_and_the_misfit_is_named():
     placement = ["node-a", "node-a", "node-b"]
     gpu_bytes = {"node-a": 80 * GIB, "node-b": 40 * GIB}
-    check_memory(NAMES, [60 * GIB, 60 * GIB, 30 * GIB], placement, {}, gpu_bytes, 0.8)  # each fits its own GPU
+    check_memory(NAMES, [60 * GIB, 60 * GIB, 30 * GIB], placement, gpu_bytes, True, 0.8)  # each fits its own GPU
     with pytest.raises(PlacementError, match=r"expert group m/group-2 needs 33.00 GiB .* 40.00 GiB of a GPU"):
-        check_memory(NAMES, [60 * GIB, 60 * GIB, 33 * GIB], placement, {}, gpu_bytes, 0.8)
+        check_memory(NAMES, [60 * GIB, 60 * GIB, 33 * GIB], placement, gpu_bytes, True, 0.8)
 
 
 def test_on_hosts_a_nodes_groups_share_its_memory_and_are_named():
     placement = ["node-a", "node-a", "node-b"]
     node_bytes = {"node-a": 100 * GIB, "node-b": 100 * GIB}
-    check_memory(NAMES, [40 * GIB, 40 * GIB, 80 * GIB], placement, node_bytes, None, 0.8)
+    check_memory(NAMES, [40 * GIB, 40 * GIB, 80 * GIB], placement, node_bytes, False, 0.8)
     with pytest.raises(PlacementError, match=r"expert groups m/group-0, m/group-1 on node node-a need 82.00 GiB"):
-        check_memory(NAMES, [41 * GIB, 41 * GIB, 0], placement, node_bytes, None, 0.8)
+        check_memory(NAMES, [41 * GIB, 41 * GIB, 0], placement, node_bytes, False, 0.8)
 
 
 @pytest.mark.parametrize("setting,assigned,device", [
